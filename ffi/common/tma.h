@@ -1,0 +1,60 @@
+// Host-side TMA tensor-map encoding. The driver entry point is looked up once through the
+// runtime, so the library does not link libcuda directly.
+#pragma once
+#include <cuda.h>
+#include <cudaTypedefs.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "common/status.h"
+
+namespace jax_ds {
+
+inline PFN_cuTensorMapEncodeTiled_v12000 TensorMapEncoder() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult status;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault,
+                                         &status) != cudaSuccess ||
+        status != cudaDriverEntryPointSuccess) {
+      ptr = nullptr;
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr);
+  }();
+  return fn;
+}
+
+// A row-major [rows, cols] matrix moved in boxes of [box_rows, box_cols] with the 128-byte
+// swizzle (box_cols * elem_bytes must be 128): the layout WGMMA descriptors expect for loads, and
+// a bank-conflict-free staging layout for stores. Loads past the edges read zeros and stores
+// past them are dropped, which is how M/N tails cost nothing in the kernels.
+inline ffi::Error EncodeTileMap(CUtensorMap* map, CUtensorMapDataType dtype, size_t elem_bytes,
+                                const void* base, uint64_t rows, uint64_t cols, uint32_t box_rows,
+                                uint32_t box_cols) {
+  auto encode = TensorMapEncoder();
+  if (encode == nullptr) {
+    return ffi::Error::Internal("jax_ds: cuTensorMapEncodeTiled is not available from the driver");
+  }
+  const cuuint64_t dims[2] = {cols, rows};
+  const cuuint64_t strides[1] = {cols * elem_bytes};  // bytes between rows
+  const cuuint32_t box[2] = {box_cols, box_rows};
+  const cuuint32_t elem_strides[2] = {1, 1};
+  CUresult res = encode(map, dtype, 2, const_cast<void*>(base), dims,
+                        strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                        CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                        CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (res != CUDA_SUCCESS) {
+    return ffi::Error::Internal("jax_ds: cuTensorMapEncodeTiled failed with CUresult " +
+                                std::to_string(static_cast<int>(res)));
+  }
+  return ffi::Error::Success();
+}
+
+inline ffi::Error EncodeFp8TileMap(CUtensorMap* map, const void* base, uint64_t rows,
+                                   uint64_t cols, uint32_t box_rows, uint32_t box_cols) {
+  return EncodeTileMap(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, base, rows, cols, box_rows, box_cols);
+}
+
+}  // namespace jax_ds

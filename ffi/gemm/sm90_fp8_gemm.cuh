@@ -1,0 +1,306 @@
+// sm90_fp8_gemm: D[M,N] = (A[M,K] * sa[M,K/128]) @ (B[N,K] * sb[N/128,K/128])^T on Hopper.
+//
+// DeepSeek-V3's FP8 recipe: A is scaled per 1x128 token group, B per 128x128 block, and each
+// 128-wide K slice is accumulated by the tensor cores (WGMMA, FP8 in, FP32 out) and then
+// "promoted": scaled by sa*sb and added to a second FP32 accumulator on the CUDA cores, so
+// the tensor cores' limited-precision accumulation never spans more than 128 products.
+//
+// Structure (one CTA per SM, persistent):
+//   warpgroup 0       producer: one thread issues TMA loads of A and B tiles into a ring of
+//                     shared-memory stages (full/empty mbarriers), running ahead across tiles;
+//   warpgroups 1..W   consumers: each owns 64 rows of the BM x BN tile, issues 4 WGMMAs of
+//                     m64nBNk32 per stage, releases the stage, promotes, and at the end of a
+//                     tile writes bf16/f32 with row/column guards (M and N tails).
+// BN divides 128, so a tile sees a single B scale per K block.
+#pragma once
+#include <cuda.h>
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+#include "common/sm90.cuh"
+#include "common/wgmma_fp8.cuh"
+
+namespace jax_ds::gemm {
+
+constexpr int kBlockK = 128;  // one scale block of K per pipeline stage (128 B per FP8 row)
+
+// Persistent-grid tile order for one dense problem: bands of kGroupM row blocks walked
+// column by column, so the CTAs running at once share A rows and B columns in L2.
+struct DenseTileScheduler {
+  static constexpr int kGroupM = 8;
+  int num_m_blocks, num_n_blocks;
+
+  __device__ __forceinline__ int num_tiles() const { return num_m_blocks * num_n_blocks; }
+  __device__ __forceinline__ void tile(int t, int& m_block, int& n_block) const {
+    const int band = kGroupM * num_n_blocks;
+    const int first_m = (t / band) * kGroupM;
+    const int rows = min(num_m_blocks - first_m, kGroupM);
+    const int in_band = t % band;
+    m_block = first_m + in_band % rows;
+    n_block = in_band / rows;
+  }
+};
+
+template <int BM, int BN, typename OutT>
+struct GemmSmem {
+  static constexpr int kConsumers = BM / 64;
+  static constexpr int kThreads = 128 * (kConsumers + 1);
+  static constexpr int kStageBytes = (BM + BN) * kBlockK;
+  // Output staging for the TMA store: the tile in 128-byte-wide column boxes, 128-byte swizzled
+  // (see stage_tile). Tiles narrower than one box store straight from registers instead.
+  static constexpr int kBoxCols = 128 / sizeof(OutT);
+  static constexpr bool kTmaStore = BN % kBoxCols == 0;
+  static constexpr int kOutBytes = kTmaStore ? BM * BN * sizeof(OutT) : 0;
+  // Dynamic shared memory for `stages` stages: 1 KB alignment slack (128-byte swizzle atoms
+  // must be 1024-byte aligned) + output tile + tiles + two mbarriers per stage.
+  static constexpr int bytes(int stages) { return 1024 + kOutBytes + stages * (kStageBytes + 16); }
+};
+
+template <typename T>
+__device__ __forceinline__ void store_pair(T* out, int row, int col, int M, int N, float v0,
+                                           float v1, bool even_n);
+
+template <>
+__device__ __forceinline__ void store_pair<__nv_bfloat16>(__nv_bfloat16* out, int row, int col,
+                                                          int M, int N, float v0, float v1,
+                                                          bool even_n) {
+  if (row >= M || col >= N) return;
+  __nv_bfloat16* p = out + static_cast<int64_t>(row) * N + col;
+  if (even_n) {  // col is even, so the pair is 4-byte aligned and col+1 < N
+    *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(v0, v1);
+  } else {
+    p[0] = __float2bfloat16_rn(v0);
+    if (col + 1 < N) p[1] = __float2bfloat16_rn(v1);
+  }
+}
+
+template <>
+__device__ __forceinline__ void store_pair<float>(float* out, int row, int col, int M, int N,
+                                                  float v0, float v1, bool even_n) {
+  if (row >= M || col >= N) return;
+  float* p = out + static_cast<int64_t>(row) * N + col;
+  if (even_n) {
+    *reinterpret_cast<float2*>(p) = make_float2(v0, v1);
+  } else {
+    p[0] = v0;
+    if (col + 1 < N) p[1] = v1;
+  }
+}
+
+// Writes one consumer's 64 x BN slice of the finished tile into the swizzled staging buffer:
+// column box b holds columns [b*kBoxCols, (b+1)*kBoxCols) of 64 rows, 128 bytes per row, with
+// 16-byte chunk c of row r stored at chunk c ^ (r % 8) (TMA's 128-byte swizzle). A warp's
+// stores of one accumulator column group then hit 8 different chunks: no bank conflicts.
+template <int BN, typename OutT, int kRegs>
+__device__ __forceinline__ void stage_tile(uint8_t* slice, const float* total, int warp, int lane) {
+  constexpr int kBoxCols = 128 / sizeof(OutT);
+  const int r0 = warp * 16 + lane / 4;
+#pragma unroll
+  for (int j = 0; j < kRegs / 4; ++j) {
+    const int col = 8 * j + (lane % 4) * 2;
+    const int box = col / kBoxCols;
+    const int byte = (col % kBoxCols) * sizeof(OutT);
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int r = r0 + 8 * half;
+      uint8_t* p = slice + box * 64 * 128 + r * 128 + (((byte / 16) ^ (r % 8)) * 16) + byte % 16;
+      const float v0 = total[4 * j + 2 * half], v1 = total[4 * j + 2 * half + 1];
+      if constexpr (sizeof(OutT) == 2) {
+        *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(v0, v1);
+      } else {
+        *reinterpret_cast<float2*>(p) = make_float2(v0, v1);
+      }
+    }
+  }
+}
+
+// One k block for a consumer: wait for the stage, issue its 4 WGMMAs into `acc`, commit.
+template <int BN>
+__device__ __forceinline__ void issue_k_block(float* acc, uint64_t* full_bar, uint32_t parity,
+                                              const uint8_t* tile_a, const uint8_t* tile_b) {
+  using Mma = WgmmaFp8<BN>;
+  sm90::mbar_wait(full_bar, parity);
+  const uint64_t desc_a = sm90::sw128_kmajor_desc(tile_a);
+  const uint64_t desc_b = sm90::sw128_kmajor_desc(tile_b);
+#pragma unroll
+  for (int i = 0; i < Mma::kRegs; ++i) sm90::fence_operand(acc[i]);
+  sm90::wgmma_fence();
+#pragma unroll
+  for (int k = 0; k < kBlockK / 32; ++k) {
+    // 32 FP8 = 32 bytes of K per WGMMA: advance the start address by 2 x 16 bytes.
+    Mma::mma(acc, desc_a + 2 * k, desc_b + 2 * k, k > 0 ? 1u : 0u);
+  }
+  sm90::wgmma_commit();
+}
+
+template <int BM, int BN, typename OutT>
+__global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
+    sm90_fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a,    // A [M, K] e4m3
+                         const __grid_constant__ CUtensorMap tmap_b,    // B [N, K] e4m3
+                         const __grid_constant__ CUtensorMap tmap_out,  // out [M, N] (if TMA)
+                         const float* __restrict__ a_scale,             // [M, K/128]
+                         const float* __restrict__ b_scale,             // [ceil(N/128), K/128]
+                         OutT* __restrict__ out,                        // [M, N]
+                         int M, int N, int K, int num_stages, bool out_aligned) {
+  static_assert(BM == 64 || BM == 128, "BM is 64 rows per consumer warpgroup");
+  static_assert(128 % BN == 0 && BN >= 16, "BN must divide the 128-wide B scale block");
+  using Smem = GemmSmem<BM, BN, OutT>;
+  constexpr int kAccRegs = WgmmaFp8<BN>::kRegs;
+  constexpr int kATileBytes = BM * kBlockK;
+  constexpr int kBTileBytes = BN * kBlockK;
+
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  uint8_t* out_tile = smem;
+  uint8_t* tiles_a = out_tile + Smem::kOutBytes;
+  uint8_t* tiles_b = tiles_a + num_stages * kATileBytes;
+  uint64_t* full = reinterpret_cast<uint64_t*>(tiles_b + num_stages * kBTileBytes);
+  uint64_t* empty = full + num_stages;
+
+  const int warpgroup = threadIdx.x / 128;
+  const int k_blocks = K / kBlockK;
+  // TMA stores need 16-byte aligned output rows; other N fall back to guarded register stores.
+  const bool tma_store = Smem::kTmaStore && out_aligned;
+  const DenseTileScheduler sched{(M + BM - 1) / BM, (N + BN - 1) / BN};
+
+  if (threadIdx.x == 0) {
+    sm90::prefetch_tensormap(&tmap_a);
+    sm90::prefetch_tensormap(&tmap_b);
+    for (int s = 0; s < num_stages; ++s) {
+      sm90::mbar_init(&full[s], 1);                      // producer's expect_tx arrival
+      sm90::mbar_init(&empty[s], Smem::kConsumers * 4);  // one arrival per consumer warp
+    }
+    sm90::fence_barrier_init();
+  }
+  __syncthreads();
+
+  if (warpgroup == 0) {
+    // ---------------- producer ----------------
+    sm90::regs_dealloc<40>();
+    if (threadIdx.x != 0) return;
+    int stage = 0;
+    uint32_t phase = 0;
+    for (int t = blockIdx.x; t < sched.num_tiles(); t += gridDim.x) {
+      int m_block, n_block;
+      sched.tile(t, m_block, n_block);
+      for (int kb = 0; kb < k_blocks; ++kb) {
+        sm90::mbar_wait(&empty[stage], phase ^ 1);  // a fresh barrier passes parity 1
+        sm90::mbar_arrive_expect_tx(&full[stage], kATileBytes + kBTileBytes);
+        sm90::tma_load_2d(tiles_a + stage * kATileBytes, &tmap_a, &full[stage], kb * kBlockK,
+                          m_block * BM);
+        sm90::tma_load_2d(tiles_b + stage * kBTileBytes, &tmap_b, &full[stage], kb * kBlockK,
+                          n_block * BN);
+        if (++stage == num_stages) stage = 0, phase ^= 1;
+      }
+    }
+    return;
+  }
+
+  // ---------------- consumers ----------------
+  sm90::regs_alloc<232>();
+  const int consumer = warpgroup - 1;
+  const int warp = (threadIdx.x / 32) % 4;
+  const int lane = threadIdx.x % 32;
+  const bool leader = threadIdx.x % 128 == 0;
+  const int row_in_tile = consumer * 64 + warp * 16 + lane / 4;  // and +8
+  const int col_in_tile = (lane % 4) * 2;                         // and +8*j, +1
+  const bool even_n = (N % 2) == 0;
+  uint8_t* out_slice = out_tile + consumer * 64 * BN * sizeof(OutT);
+
+  // Two accumulator sets: the WGMMAs of k block kb run while block kb-1 is promoted.
+  float acc[2][kAccRegs];
+  float total[kAccRegs];
+  int stage = 0;
+  uint32_t phase = 0;
+  for (int t = blockIdx.x; t < sched.num_tiles(); t += gridDim.x) {
+    int m_block, n_block;
+    sched.tile(t, m_block, n_block);
+    const int row0 = m_block * BM + row_in_tile;
+    const int row1 = row0 + 8;
+    // Rows past M read as zero through TMA; their scales are never loaded out of bounds.
+    const float* sa0 = a_scale + static_cast<int64_t>(min(row0, M - 1)) * k_blocks;
+    const float* sa1 = a_scale + static_cast<int64_t>(min(row1, M - 1)) * k_blocks;
+    const float* sb = b_scale + static_cast<int64_t>((n_block * BN) / 128) * k_blocks;
+#pragma unroll
+    for (int i = 0; i < kAccRegs; ++i) total[i] = 0.f;
+
+    auto issue = [&](float* a) {
+      issue_k_block<BN>(a, &full[stage], phase,
+                        tiles_a + stage * kATileBytes + consumer * 64 * kBlockK,
+                        tiles_b + stage * kBTileBytes);
+    };
+    // Called once the WGMMAs of k block `kb` (in `a`) have completed: free its stage, promote.
+    int release_stage = stage;
+    auto promote = [&](float* a, int kb) {
+#pragma unroll
+      for (int i = 0; i < kAccRegs; ++i) sm90::fence_operand(a[i]);
+      __syncwarp();
+      if (lane == 0) sm90::mbar_arrive(&empty[release_stage]);
+      if (++release_stage == num_stages) release_stage = 0;
+      const float s_b = __ldg(sb + kb);
+      const float s0 = __ldg(sa0 + kb) * s_b;
+      const float s1 = __ldg(sa1 + kb) * s_b;
+      // Registers 4j, 4j+1 hold row0; 4j+2, 4j+3 hold row1.
+#pragma unroll
+      for (int i = 0; i < kAccRegs; ++i) total[i] = fmaf(a[i], (i % 4) < 2 ? s0 : s1, total[i]);
+    };
+    auto advance = [&] {
+      if (++stage == num_stages) stage = 0, phase ^= 1;
+    };
+
+    issue(acc[0]);
+    advance();
+    int kb = 1;
+    for (; kb + 1 < k_blocks; kb += 2) {  // register sets must be named statically: unroll by 2
+      issue(acc[1]);
+      advance();
+      sm90::wgmma_wait<1>();
+      promote(acc[0], kb - 1);
+      issue(acc[0]);
+      advance();
+      sm90::wgmma_wait<1>();
+      promote(acc[1], kb);
+    }
+    if (kb < k_blocks) {  // k_blocks even: block kb is left, block kb-1 is in flight in acc[0]
+      issue(acc[1]);
+      advance();
+      sm90::wgmma_wait<1>();
+      promote(acc[0], kb - 1);
+      sm90::wgmma_wait<0>();
+      promote(acc[1], kb);
+    } else {
+      sm90::wgmma_wait<0>();
+      promote(acc[0], kb - 1);
+    }
+
+    if (tma_store) {
+      // The previous tile's store must have left the staging buffer before it is rewritten.
+      if (leader) sm90::tma_store_wait_read();
+      sm90::named_barrier(1 + consumer, 128);
+      stage_tile<BN, OutT, kAccRegs>(out_slice, total, warp, lane);
+      sm90::fence_proxy_async_smem();
+      sm90::named_barrier(1 + consumer, 128);
+      if (leader) {
+#pragma unroll
+        for (int box = 0; box < BN / Smem::kBoxCols; ++box) {
+          sm90::tma_store_2d(&tmap_out, out_slice + box * 64 * 128,
+                             n_block * BN + box * Smem::kBoxCols, m_block * BM + consumer * 64);
+        }
+        sm90::tma_store_commit();
+      }
+    } else {
+      const int col_base = n_block * BN + col_in_tile;
+#pragma unroll
+      for (int j = 0; j < kAccRegs / 4; ++j) {
+        const int col = col_base + 8 * j;
+        store_pair(out, row0, col, M, N, total[4 * j], total[4 * j + 1], even_n);
+        store_pair(out, row1, col, M, N, total[4 * j + 2], total[4 * j + 3], even_n);
+      }
+    }
+  }
+  if (tma_store && leader) sm90::tma_store_wait_all();
+}
+
+}  // namespace jax_ds::gemm

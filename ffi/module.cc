@@ -1,0 +1,33 @@
+// The nanobind module jax_ds._C: hands every FFI handler to Python as a capsule, and says which
+// XLA FFI API version it was compiled against (a newer one is refused by an older jaxlib).
+#include <nanobind/nanobind.h>
+
+#include "xla/ffi/api/c_api.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace nb = nanobind;
+
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxDsQuantizeFp8);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxDsFp8Gemm);
+
+namespace {
+
+template <typename T>
+nb::capsule Capsule(T* fn) {
+  static_assert(std::is_invocable_r_v<XLA_FFI_Error*, T, XLA_FFI_CallFrame*>,
+                "an XLA FFI handler");
+  return nb::capsule(reinterpret_cast<void*>(fn));
+}
+
+}  // namespace
+
+NB_MODULE(_C, m) {
+  m.def("registrations", []() {
+    nb::dict targets;
+    targets["jax_ds_quantize_fp8"] = Capsule(JaxDsQuantizeFp8);
+    targets["jax_ds_fp8_gemm"] = Capsule(JaxDsFp8Gemm);
+    return targets;
+  });
+  m.def("ffi_api_version",
+        []() { return nb::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR); });
+}

@@ -1,0 +1,166 @@
+"""Per-call timing for JAX and torch callables, and the device peaks the roofline uses.
+
+Two numbers per measurement, both the median over `repeats` of T(n calls) / n, with the inputs
+rotating among several sets so that a weight which fits in L2 (50 MB on H100) is not served from
+cache on every call:
+  per call      what a Python caller pays: one jitted call (or one torch call) after another. JAX
+                dispatch is asynchronous, so host work overlaps device work, but a kernel shorter
+                than the dispatch itself is host-bound (`dispatch_floor_s` says where that is).
+  device-bound  one call per input set inside one jitted executable (JAX) or one CUDA graph
+                (torch): a single dispatch for all of them, so the time per call is the device's.
+                This is the number comparable with kernel-level figures such as DeepGEMM's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Timing:
+    """Seconds per call: median and best of `repeats` repeats of `calls` back-to-back calls."""
+
+    median_s: float
+    min_s: float
+    calls: int
+    repeats: int
+
+
+def _calls_per_repeat(est_s, num_sets, budget_s, repeats, iters):
+    """Calls per repeat: `iters` if given, else what fills budget_s; a multiple of num_sets."""
+    if iters:
+        n = iters
+    else:
+        n = int(budget_s / repeats / max(est_s, 1e-7))
+    n = min(max(n, 2 * num_sets), 2000)
+    return num_sets * math.ceil(n / num_sets)
+
+
+def time_jax(fn, arg_sets, *, budget_s=0.3, repeats=5, iters=None):
+    """Times `fn(*args)` (a jitted function) for args rotating over `arg_sets`.
+
+    The first call per set compiles and warms up; it is not timed.
+    """
+    s = len(arg_sets)
+    for args in arg_sets:
+        jax.block_until_ready(fn(*args))
+    t0 = time.perf_counter()
+    for i in range(2 * s):
+        jax.block_until_ready(fn(*arg_sets[i % s]))
+    est = (time.perf_counter() - t0) / (2 * s)
+    n = _calls_per_repeat(est, s, budget_s, repeats, iters)
+    per_call = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for i in range(n):
+            out = fn(*arg_sets[i % s])
+        # One stream executes the calls in order: the last one done means all are done.
+        jax.block_until_ready(out)
+        per_call.append((time.perf_counter() - t0) / n)
+    return Timing(statistics.median(per_call), min(per_call), n, repeats)
+
+
+def time_torch(fn, arg_sets, *, budget_s=0.3, repeats=5, iters=None):
+    """Times `fn(*args)` on torch's current CUDA stream with CUDA events; args rotate as above."""
+    import torch
+
+    s = len(arg_sets)
+    for args in arg_sets:
+        fn(*args)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for i in range(2 * s):
+        fn(*arg_sets[i % s])
+    end.record()
+    end.synchronize()
+    est = start.elapsed_time(end) / 1e3 / (2 * s)
+    n = _calls_per_repeat(est, s, budget_s, repeats, iters)
+    per_call = []
+    for _ in range(repeats):
+        start.record()
+        for i in range(n):
+            fn(*arg_sets[i % s])
+        end.record()
+        end.synchronize()
+        per_call.append(start.elapsed_time(end) / 1e3 / n)
+    return Timing(statistics.median(per_call), min(per_call), n, repeats)
+
+
+def time_jax_launch(fn, arg_sets, **kwargs):
+    """Per-call time of one executable that calls `fn` once on each of arg_sets: one dispatch for
+    them all, so what remains is the device's time per call. The sets must be distinct arrays, or
+    XLA would merge the identical calls."""
+    many = jax.jit(lambda sets: [fn(*args) for args in sets])
+    t = time_jax(many, [(tuple(arg_sets),)], **kwargs)
+    n = len(arg_sets)
+    return Timing(t.median_s / n, t.min_s / n, t.calls * n, t.repeats)
+
+
+def time_torch_graph(fn, arg_sets, **kwargs):
+    """Per-call time of one CUDA graph that calls `fn` once on each of arg_sets: torch's device
+    time per call."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (handles, workspaces) before capturing
+        for args in arg_sets:
+            fn(*args)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [fn(*args) for args in arg_sets]
+    t = time_torch(graph.replay, [()], **kwargs)
+    del outs, graph
+    n = len(arg_sets)
+    return Timing(t.median_s / n, t.min_s / n, t.calls * n, t.repeats)
+
+
+def dispatch_floor_s(budget_s=0.2):
+    """Per-call time of a jitted near-empty function of four arrays: the host-bound floor."""
+    fn = jax.jit(lambda a, b, c, d: a + 1)
+    args = [tuple(jnp.full((8,), float(i + j)) for j in range(4)) for i in range(2)]
+    return time_jax(fn, args, budget_s=budget_s, repeats=3).median_s
+
+
+# Datasheet peaks: dense FP8 tensor-core TFLOP/s (no sparsity) and HBM TB/s. Matched in order
+# against the device name, so "H200" is tried before "H20" and the H100 variants before "H100".
+PEAKS = (
+    ("H100 PCIe", 1513.0, 2.0),
+    ("H100 NVL", 1671.0, 3.9),
+    ("H100", 1979.0, 3.35),  # SXM5 80 GB
+    ("H200", 1979.0, 4.8),
+    ("H800", 1979.0, 3.35),
+    ("H20", 296.0, 4.0),
+)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Peak:
+    """The peak a roofline is drawn against; `source` names the table row (or that none fits)."""
+
+    fp8_flops: float | None  # FLOP/s
+    hbm_bytes: float | None  # bytes/s
+    source: str
+
+
+def device_peak(device_name):
+    for key, tflops, tbs in PEAKS:
+        if key.lower() in device_name.lower():
+            source = f"{key}: {tflops:g} TFLOP/s dense FP8, {tbs:g} TB/s"
+            return Peak(tflops * 1e12, tbs * 1e12, source)
+    return Peak(None, None, f"no peak known for {device_name!r}")
+
+
+def roofline_fraction(peak, flops, nbytes, seconds):
+    """Fraction of the roofline reached: max(flops / peak, bytes / bandwidth) / measured time."""
+    if peak.fp8_flops is None or not seconds:
+        return None
+    return max(flops / peak.fp8_flops, nbytes / peak.hbm_bytes) / seconds

@@ -1,0 +1,126 @@
+"""Multi-head Latent Attention (DeepSeek-V2 sec. 2.1), the training/prefill path.
+
+Keys and values come from one low-rank latent c_kv [kv_lora_rank] per token (what a decode cache
+stores), up-projected per head; queries go through their own low-rank bottleneck. Rotary position
+lives in a separate qk_rope_dim slice ("decoupled RoPE"), one key slice shared by all heads, so the
+latent itself stays position-free and can be absorbed into the projections at decode time.
+
+Attention runs through `jax.nn.dot_product_attention` (cuDNN flash attention on GPU). That API
+wants one head dim for q, k and v, while MLA has d_qk = qk_nope + qk_rope (192 in V3) and d_v =
+v_head_dim (128): V is zero-padded to d_qk and the output sliced back, which is exact because the
+padded columns are sums of zeros. `attention_reference` is the plain-einsum oracle for that claim.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jax_ds.models.config import DeepSeekConfig
+from jax_ds.models.layers import (Dense, RMSNorm, apply_rope, attention_scale, rope_amplitude,
+                                  rope_inv_freq)
+
+log = logging.getLogger(__name__)
+_CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def attention_reference(q_BTHK, k_BSHK, v_BSHV, scale: float):
+    """Causal softmax attention in float32 with plain einsums; any head dims.
+
+    Returns [B, T, H, V] in q's dtype.
+    """
+    logits_BHTS = jnp.einsum("BTHK,BSHK->BHTS", q_BTHK.astype(jnp.float32),
+                             k_BSHK.astype(jnp.float32)) * scale
+    t, s = q_BTHK.shape[1], k_BSHK.shape[1]
+    causal_TS = jnp.arange(t)[:, None] >= jnp.arange(s)[None, :]
+    logits_BHTS = jnp.where(causal_TS, logits_BHTS, -jnp.inf)
+    probs_BHTS = jax.nn.softmax(logits_BHTS, axis=-1)
+    out = jnp.einsum("BHTS,BSHV->BTHV", probs_BHTS, v_BSHV.astype(jnp.float32))
+    return out.astype(q_BTHK.dtype)
+
+
+def _implementation(dtype) -> str:
+    """cuDNN flash attention on a CUDA GPU for 16-bit inputs; XLA's fused attention elsewhere."""
+    if jax.default_backend() == "gpu" and dtype in _CUDNN_DTYPES:
+        return "cudnn"
+    return "xla"
+
+
+def attend(q_BTHK, k_BSHK, v_BSHV, scale: float):
+    """Causal attention via `jax.nn.dot_product_attention`, V zero-padded to the q/k head dim.
+
+    Args:
+      q_BTHK, k_BSHK: queries and keys, head dim K.
+      v_BSHV: values, head dim V <= K.
+      scale: softmax scale.
+
+    Returns:
+      [B, T, H, V] in q's dtype; equals `attention_reference`.
+    """
+    kdim, vdim = q_BTHK.shape[-1], v_BSHV.shape[-1]
+    if vdim > kdim:
+        raise ValueError(f"attend: v head dim {vdim} exceeds the q/k head dim {kdim}")
+    v_pad = jnp.pad(v_BSHV, ((0, 0), (0, 0), (0, 0), (0, kdim - vdim)))
+    impl = _implementation(q_BTHK.dtype)
+    try:
+        out = jax.nn.dot_product_attention(q_BTHK, k_BSHK, v_pad, scale=scale, is_causal=True,
+                                           implementation=impl)
+    except Exception as err:  # cuDNN rejects some shapes/versions at trace time; say so once
+        if impl != "cudnn":
+            raise
+        if not getattr(attend, "_told", False):
+            attend._told = True
+            log.warning("cuDNN attention unavailable (%s); using XLA attention", err)
+        out = jax.nn.dot_product_attention(q_BTHK, k_BSHK, v_pad, scale=scale, is_causal=True,
+                                           implementation="xla")
+    return out[..., :vdim]
+
+
+class MLAttention(nnx.Module):
+    """MLA: q = W_qb RMSNorm(W_qa x), [k_nope; v] = W_kvb RMSNorm(c_kv), k_rope shared by heads."""
+
+    def __init__(self, cfg: DeepSeekConfig, *, rngs: nnx.Rngs):
+        d, h = cfg.d_model, cfg.num_heads
+        self.num_heads = h
+        self.nope, self.rope, self.vdim = cfg.qk_nope_dim, cfg.qk_rope_dim, cfg.v_head_dim
+        self.kv_rank = cfg.kv_lora_rank
+        if cfg.q_lora_rank:
+            self.wq_a = Dense(d, cfg.q_lora_rank, cfg, rngs=rngs)
+            self.q_norm = RMSNorm(cfg.q_lora_rank, cfg)
+            self.wq_b = Dense(cfg.q_lora_rank, h * cfg.qk_head_dim, cfg, rngs=rngs)
+        else:  # V2-Lite: queries straight from x
+            self.wq = Dense(d, h * cfg.qk_head_dim, cfg, rngs=rngs)
+        # One projection makes the latent and the shared rotary key slice (MQA-style).
+        self.wkv_a = Dense(d, cfg.kv_lora_rank + cfg.qk_rope_dim, cfg, rngs=rngs)
+        self.kv_norm = RMSNorm(cfg.kv_lora_rank, cfg)
+        self.wkv_b = Dense(cfg.kv_lora_rank, h * (cfg.qk_nope_dim + cfg.v_head_dim), cfg,
+                           rngs=rngs)
+        self.wo = Dense(h * cfg.v_head_dim, d, cfg, rngs=rngs)
+        self.scale = attention_scale(cfg)
+        self.amplitude = rope_amplitude(cfg.yarn)
+        self.rope_theta, self.yarn = cfg.rope_theta, cfg.yarn
+        self.q_lora = bool(cfg.q_lora_rank)
+
+    def __call__(self, x_BTD, positions_BT):
+        """x [B, T, D], positions [B, T] int -> [B, T, D] (causal self-attention)."""
+        b, t, _ = x_BTD.shape
+        h = self.num_heads
+        q = self.wq_b(self.q_norm(self.wq_a(x_BTD))) if self.q_lora else self.wq(x_BTD)
+        q_BTHK = q.reshape(b, t, h, self.nope + self.rope)
+        kv_a = self.wkv_a(x_BTD)
+        c_kv_BTC, k_rope_BTR = kv_a[..., :self.kv_rank], kv_a[..., self.kv_rank:]
+        kv_BTHX = self.wkv_b(self.kv_norm(c_kv_BTC)).reshape(b, t, h, self.nope + self.vdim)
+        k_nope_BTHN, v_BTHV = kv_BTHX[..., :self.nope], kv_BTHX[..., self.nope:]
+
+        inv_freq = rope_inv_freq(self.rope, self.rope_theta, self.yarn)
+        q_rope_BTHR = apply_rope(q_BTHK[..., self.nope:], positions_BT, inv_freq, self.amplitude)
+        k_rope_BT1R = apply_rope(k_rope_BTR[:, :, None, :], positions_BT, inv_freq,
+                                 self.amplitude)
+        q_BTHK = jnp.concatenate([q_BTHK[..., :self.nope], q_rope_BTHR], axis=-1)
+        k_BTHK = jnp.concatenate(
+            [k_nope_BTHN, jnp.broadcast_to(k_rope_BT1R, (b, t, h, self.rope))], axis=-1)
+        out_BTHV = attend(q_BTHK, k_BTHK, v_BTHV, self.scale)
+        return self.wo(out_BTHV.reshape(b, t, h * self.vdim))

@@ -1,0 +1,210 @@
+"""DeepSeekMoE (DeepSeek-V3 sec. 2.1.2): shared experts plus fine-grained routed experts.
+
+  Router        sigmoid (V3) or softmax (V2) affinities; node/group-limited top-k; the
+                aux-loss-free bias b_i shifts *selection* only -- gate weights come from the raw
+                scores -- and is moved outside the gradient by `update_router_bias`.
+  expert_ffn    every routed expert's SwiGLU over its contiguous rows: three grouped GEMMs.
+  DeepSeekMoE   router -> permute -> expert_ffn -> unpermute (+ shared experts); under a mesh the
+                routed part runs expert-parallel (`jax_ds.parallel.expert.ep_moe`).
+
+Each layer returns `MoEStats`: tokens per expert (for the bias update and for EPLB), rows dropped
+by an EP capacity budget, and the sequence-wise balance loss.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from jax_ds.models.config import DeepSeekConfig
+from jax_ds.models.layers import MLP, init_weight
+from jax_ds.parallel.expert import check_ep, ep_moe, moe_permute, moe_unpermute
+from jax_ds.parallel.mesh import EXPERT
+
+FP8_BLOCK = 128
+
+
+class RouterBias(nnx.Variable):
+    """Aux-loss-free balancing bias [E]: not an `nnx.Param`, so optimizers and grads skip it."""
+
+
+class MoEStats(NamedTuple):
+    counts: jax.Array        # [E] int32: assignments per routed expert in this batch
+    dropped: jax.Array       # [] int32: assignments dropped by the EP capacity budget
+    balance_loss: jax.Array  # [] float32: sum_i f_i P_i, averaged over sequences
+
+
+class Router(nnx.Module):
+    """Top-k routing with group limiting; returns expert ids, gate weights and raw scores."""
+
+    def __init__(self, cfg: DeepSeekConfig, *, rngs: nnx.Rngs):
+        self.weight = init_weight(rngs, (cfg.num_experts, cfg.d_model), cfg)  # [E, D]
+        self.bias = RouterBias(jnp.zeros((cfg.num_experts,), jnp.float32)) \
+            if cfg.router_bias else None
+        self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
+        self.num_groups, self.topk_groups = cfg.num_groups, cfg.topk_groups
+        self.score_func, self.norm_topk_prob = cfg.score_func, cfg.norm_topk_prob
+        self.routed_scaling = cfg.routed_scaling
+
+    def __call__(self, x_BTD):
+        """x [B, T, D] -> (topk_idx [B,T,K] int32, topk_weights [B,T,K] f32, scores [B,T,E] f32)."""
+        # Gating stays in float32 (V3 keeps it out of low precision: routing is sensitive).
+        logits_BTE = jnp.einsum("BTD,ED->BTE", x_BTD.astype(jnp.float32),
+                                self.weight[...].astype(jnp.float32))
+        if self.score_func == "sigmoid":
+            scores_BTE = jax.nn.sigmoid(logits_BTE)
+        else:
+            scores_BTE = jax.nn.softmax(logits_BTE, axis=-1)
+        select_BTE = scores_BTE
+        if self.bias is not None:
+            select_BTE = scores_BTE + jax.lax.stop_gradient(self.bias[...])
+        if self.num_groups > 1:
+            select_BTE = self._limit_groups(select_BTE)
+        _, topk_idx = jax.lax.top_k(select_BTE, self.top_k)
+        weights = jnp.take_along_axis(scores_BTE, topk_idx, axis=-1)  # bias-free gate values
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+        return topk_idx.astype(jnp.int32), weights * self.routed_scaling, scores_BTE
+
+    def _limit_groups(self, select_BTE):
+        """Keeps the topk_groups best groups of each token, masking the rest to -inf.
+
+        A group's score is the sum of its two best biased scores when the bias is on (V3: a group
+        must hold more than one good expert), else its best score (V2's device-limited routing).
+        """
+        b, t, e = select_BTE.shape
+        per_group = e // self.num_groups
+        groups_BTGX = select_BTE.reshape(b, t, self.num_groups, per_group)
+        if self.bias is not None:
+            group_BTG = jax.lax.top_k(groups_BTGX, min(2, per_group))[0].sum(-1)
+        else:
+            group_BTG = groups_BTGX.max(-1)
+        _, top_groups = jax.lax.top_k(group_BTG, self.topk_groups)
+        keep_BTG = jax.nn.one_hot(top_groups, self.num_groups, dtype=jnp.bool_).any(-2)
+        return jnp.where(keep_BTG[..., None], groups_BTGX, -jnp.inf).reshape(b, t, e)
+
+
+def balance_loss(scores_BTE, topk_idx_BTK, num_experts: int):
+    """Sequence-wise balance loss of V3 eq. 17-20 (without alpha): sum_i f_i P_i, mean over B.
+
+    f_i = E / (K T) * (tokens of the sequence routed to i); P_i = mean over the sequence of the
+    token's normalised score s_i / sum_j s_j. Gradients flow through P only.
+    """
+    t, k = topk_idx_BTK.shape[1], topk_idx_BTK.shape[2]
+    hits_BE = jax.nn.one_hot(topk_idx_BTK, num_experts, dtype=jnp.float32).sum((1, 2))
+    f_BE = num_experts / (k * t) * hits_BE
+    p_BE = (scores_BTE / scores_BTE.sum(-1, keepdims=True)).mean(1)
+    return (f_BE * p_BE).sum(-1).mean()
+
+
+def update_router_bias(bias_E, counts_E, rate: float):
+    """Aux-loss-free update (V3 sec. 2.1.2): b_i += rate * sign(mean load - load_i).
+
+    Overloaded experts become less likely to be selected, underloaded more; no gradient involved.
+    """
+    load = counts_E.astype(jnp.float32)
+    return bias_E + rate * jnp.sign(load.mean() - load)
+
+
+# ----------------------------------------------------------------------------- expert FFN
+
+
+def grouped_gemm(x_MK, w_GNK, group_sizes_G):
+    """out[rows of group g] = x[rows] @ w[g]^T (rows sorted by group; rows past the sum are zero).
+
+    `jax.lax.ragged_dot` semantics with the weight in [G, N, K] ("NT") layout.
+    """
+    dims = jax.lax.RaggedDotDimensionNumbers(
+        dot_dimension_numbers=(((1,), (2,)), ((), ())),
+        lhs_ragged_dimensions=(0,), rhs_group_dimensions=(0,))
+    out = jax.lax.ragged_dot_general(x_MK, w_GNK.astype(x_MK.dtype), group_sizes_G, dims,
+                                     preferred_element_type=jnp.float32)
+    return out.astype(x_MK.dtype)
+
+
+def _fake_quant(x, block):
+    """Rounds x through FP8 blocks and back; straight-through gradient (identity)."""
+    from jax_ds.ops import dequantize_fp8, quantize_fp8
+
+    q, s = quantize_fp8(x, block=block)
+    xq = dequantize_fp8(q, s, block, out_dtype=x.dtype)
+    return x + jax.lax.stop_gradient(xq - x)
+
+
+def grouped_gemm_fp8(x_MK, w_GNK, group_sizes_G):
+    """FP8 grouped GEMM. PLACEHOLDER until `jax_ds.ops.grouped_fp8_gemm` exists.
+
+    Simulates it: x rounded through per-(1, 128) FP8 blocks, each expert's w through (128, 128)
+    blocks, then `grouped_gemm` in the activation dtype. Numerics match an FP8 GEMM with exact
+    accumulation; speed does not (no FP8 math runs). The swap is this function's body:
+      xq, xs = quantize_fp8(x_MK, block=(1, 128)); wq, ws = quantize_fp8(w_GNK, block=(128, 128))
+      return grouped_fp8_gemm(xq, xs, wq, ws, group_sizes_G)   # b [G, N, K], as stored here
+    """
+    return grouped_gemm(_fake_quant(x_MK, (1, FP8_BLOCK)),
+                        _fake_quant(w_GNK, (FP8_BLOCK, FP8_BLOCK)), group_sizes_G)
+
+
+def expert_ffn(x_MD, group_sizes_G, w_gate_GFD, w_up_GFD, w_down_GDF, *, fp8: bool = False):
+    """SwiGLU of every expert over its contiguous rows: down(silu(gate x) * up x).
+
+    Args:
+      x_MD: [M, D] rows sorted by expert (`moe_permute` / `ep_dispatch` order).
+      group_sizes_G: [G] int32 rows per expert (sum <= M; the rest are zero rows).
+      w_gate_GFD, w_up_GFD: [G, F, D]; w_down_GDF: [G, D, F] ("NT" layout).
+      fp8: FP8 grouped GEMMs (currently simulated, see `grouped_gemm_fp8`).
+
+    Returns:
+      [M, D] in x's dtype, zero past sum(group_sizes).
+    """
+    gemm = grouped_gemm_fp8 if fp8 else grouped_gemm
+    h_MF = jax.nn.silu(gemm(x_MD, w_gate_GFD, group_sizes_G)) * gemm(x_MD, w_up_GFD, group_sizes_G)
+    return gemm(h_MF, w_down_GDF, group_sizes_G)
+
+
+# ----------------------------------------------------------------------------- the layer
+
+
+class DeepSeekMoE(nnx.Module):
+    """y = sum_shared FFN(x) + sum_{i in top-k} g_i FFN_i(x)."""
+
+    def __init__(self, cfg: DeepSeekConfig, *, rngs: nnx.Rngs, mesh: Mesh | None = None):
+        e, d, f = cfg.num_experts, cfg.d_model, cfg.expert_hidden
+        if mesh is not None:
+            check_ep(e, mesh)  # fail at construction, not deep inside a jit
+        self.router = Router(cfg, rngs=rngs)
+        self.shared = MLP(d, cfg.num_shared_experts * f, cfg, rngs=rngs) \
+            if cfg.num_shared_experts else None
+        split = (EXPERT, None, None)  # routed experts live on their EP rank
+        self.w_gate = init_weight(rngs, (e, f, d), cfg, sharding=split)
+        self.w_up = init_weight(rngs, (e, f, d), cfg, sharding=split)
+        self.w_down = init_weight(rngs, (e, d, f), cfg, sharding=split)
+        self.mesh = mesh
+        self.num_experts, self.top_k = e, cfg.top_k
+        self.fp8 = cfg.fp8
+        self.capacity_factor, self.exchange = cfg.capacity_factor, cfg.ep_exchange
+
+    def __call__(self, x_BTD):
+        """x [B, T, D] -> (y [B, T, D], MoEStats)."""
+        b, t, d = x_BTD.shape
+        topk_idx, topk_weights, scores = self.router(x_BTD)
+        weights = tuple(w[...].astype(x_BTD.dtype) for w in (self.w_gate, self.w_up, self.w_down))
+        ffn = functools.partial(expert_ffn, fp8=self.fp8)
+        if self.mesh is None:
+            x_sorted, sizes, perm = moe_permute(x_BTD.reshape(b * t, d),
+                                                topk_idx.reshape(b * t, -1), self.num_experts)
+            y = moe_unpermute(ffn(x_sorted, sizes, *weights), perm,
+                              topk_weights.reshape(b * t, -1)).reshape(b, t, d)
+            counts, dropped = sizes, jnp.zeros((), jnp.int32)
+        else:
+            y, counts, dropped = ep_moe(x_BTD, topk_idx, topk_weights, weights, ffn,
+                                        mesh=self.mesh, num_experts=self.num_experts,
+                                        capacity_factor=self.capacity_factor,
+                                        exchange=self.exchange)
+        if self.shared is not None:
+            y = y + self.shared(x_BTD)
+        return y, MoEStats(counts, dropped, balance_loss(scores, topk_idx, self.num_experts))

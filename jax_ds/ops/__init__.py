@@ -1,0 +1,18 @@
+"""jax-ds ops: each public function sits beside its pure-JAX `<op>_reference`.
+
+Every op takes `impl="auto" | "ffi" | "xla"`; JAX_DS_IMPL=xla routes all of them to the references.
+"""
+
+from jax_ds.ops.gemm import GemmConfig, fp8_gemm, fp8_gemm_reference, fp8_linear, gemm_config
+from jax_ds.ops.quant import dequantize_fp8, quantize_fp8, quantize_fp8_reference
+
+__all__ = [
+    "GemmConfig",
+    "dequantize_fp8",
+    "fp8_gemm",
+    "fp8_gemm_reference",
+    "fp8_linear",
+    "gemm_config",
+    "quantize_fp8",
+    "quantize_fp8_reference",
+]

@@ -1,0 +1,199 @@
+"""Dense FP8 GEMM with DeepSeek-V3 block scales, and an FP8 linear layer built on it.
+
+`fp8_gemm` is "NT": out[m, n] = sum_k a[m, k] * b[n, k], each operand dequantized by its block
+scales (a: one per row and 128 columns, b: one per 128x128 block). The CUDA kernel is a persistent
+grid over (ceil(M/block_m) x ceil(N/block_n)) output tiles; `gemm_config` picks the tile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_ds import _ffi
+from jax_ds.ops._checks import BLOCK_K, cdiv, check_dtype, check_fp8_gemm, prod
+from jax_ds.ops.quant import quantize_fp8
+
+TARGET = "jax_ds_fp8_gemm"
+_ffi.declare_op("fp8_gemm", TARGET)
+_ffi.declare_op("fp8_linear", TARGET)
+
+# Cost-model constants (H100/H800 SXM); leads, checked against `python -m jax_ds.bench gemm`.
+HBM_BYTES_PER_S = 3.0e12  # achievable HBM3 bandwidth
+SM_CLOCK_HZ = 1.75e9
+FP8_MMA_FLOPS_PER_CLOCK = 8192  # dense FP8 wgmma per SM per clock (2 FLOPs per multiply-add)
+SM_FILL_BYTES_PER_CLOCK = 64  # what one SM's TMA pipeline pulls from L2 into shared memory
+SM_HBM_BYTES_PER_S = 56e9  # what one SM alone can stream from HBM (latency x bytes in flight)
+TILES_M = (64, 128)
+TILES_N = (16, 32, 64, 128)  # divide the 128-wide B scale block: one B scale per tile
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GemmConfig:
+    block_m: int  # 64 or 128 rows of a per tile
+    block_n: int  # 16, 32, 64 or 128 rows of b per tile
+    num_sms: int  # persistent grid size (<= number of tiles)
+
+
+def gemm_config(m: int, n: int, k: int, num_sms: int) -> GemmConfig:
+    """Chooses the output tile for an [m, k] x [n, k]^T FP8 GEMM on `num_sms` SMs.
+
+    Time model (seconds), the largest of three floors:
+      tensor cores: waves * k-blocks * bm*bn*128*2 / (8192 FLOP/clock);
+      shared-memory fill: waves * k-blocks * (bm + bn) * 128 bytes / (64 B/clock per SM);
+      HBM: the unique bytes (a and b once) over min(HBM bandwidth, active SMs x 56 GB/s),
+    with waves = ceil(tiles / num_sms). Small m is HBM-bound on reading b, so narrow tiles that
+    keep every SM streaming win there (64x16 for m=64, n=2112: 132 tiles); large problems are
+    tensor-bound and take the largest tile. Ties go to the larger tile.
+    """
+    best_key, best = None, None
+    hbm_bytes = (m + n) * k
+    for bm in TILES_M:
+        if m <= 64 and bm == 128:
+            continue  # a 128-row tile would be half padding
+        for bn in TILES_N:
+            tiles = cdiv(m, bm) * cdiv(n, bn)
+            active = min(tiles, num_sms)
+            steps = cdiv(tiles, num_sms) * (k // BLOCK_K)
+            mma = steps * bm * bn * BLOCK_K * 2 / FP8_MMA_FLOPS_PER_CLOCK / SM_CLOCK_HZ
+            fill = steps * (bm + bn) * BLOCK_K / SM_FILL_BYTES_PER_CLOCK / SM_CLOCK_HZ
+            hbm = hbm_bytes / min(HBM_BYTES_PER_S, active * SM_HBM_BYTES_PER_S)
+            key = (max(mma, fill, hbm), -bm * bn, -bm)
+            if best_key is None or key < best_key:
+                best_key, best = key, GemmConfig(bm, bn, active)
+    return best
+
+
+def fp8_gemm_reference(a, a_scale, b, b_scale, *, out_dtype=jnp.bfloat16):
+    """Pure-JAX FP8 GEMM in float32 math; the CPU path and the kernel's oracle.
+
+    Equivalent to the following JAX code:
+
+      a32 = a.astype(f32) * jnp.repeat(a_scale, 128, axis=1)                         # [M, K]
+      b32 = b.astype(f32) * jnp.repeat(jnp.repeat(b_scale, 128, 0)[:N], 128, axis=1)  # [N, K]
+      out = (a32 @ b32.T).astype(out_dtype)             # precision HIGHEST, f32 accumulation
+
+    Args/returns as `fp8_gemm`.
+    """
+    check_fp8_gemm("fp8_gemm_reference", a, a_scale, b, b_scale, out_dtype)
+    return _gemm_reference(a, a_scale, b, b_scale, np.dtype(out_dtype))
+
+
+@functools.partial(jax.jit, static_argnums=(4,))  # one compile per shape when called eagerly
+def _gemm_reference(a, a_scale, b, b_scale, out_dtype):
+    a32 = a.astype(jnp.float32) * jnp.repeat(a_scale, BLOCK_K, axis=1)
+    sb = jnp.repeat(jnp.repeat(b_scale, BLOCK_K, axis=0)[:b.shape[0]], BLOCK_K, axis=1)
+    b32 = b.astype(jnp.float32) * sb
+    out = jnp.einsum("MK,NK->MN", a32, b32, precision=jax.lax.Precision.HIGHEST,
+                     preferred_element_type=jnp.float32)
+    return out.astype(out_dtype)
+
+
+def fp8_gemm(a, a_scale, b, b_scale, *, out_dtype=jnp.bfloat16, impl="auto"):
+    """out = (a * a_scale) @ (b * b_scale)^T with FP8 operands and float32 accumulation.
+
+    Args:
+      a: float8_e4m3fn [M, K]; K a multiple of 128, any M >= 1.
+      a_scale: float32 [M, K/128], one scale per row per 128 columns (`quantize_fp8`, (1, 128)).
+      b: float8_e4m3fn [N, K]; any N >= 1.
+      b_scale: float32 [ceil(N/128), K/128], one per 128x128 block (`quantize_fp8`, (128, 128)).
+      out_dtype: bfloat16 or float32.
+      impl: "auto" (CUDA kernel when available, else the reference), "ffi" or "xla".
+
+    Returns:
+      out_dtype [M, N].
+    """
+    op = "fp8_gemm"
+    m, n, k = check_fp8_gemm(op, a, a_scale, b, b_scale, out_dtype)
+    if _ffi.resolve_impl(op, TARGET, impl) == "xla":
+        return fp8_gemm_reference(a, a_scale, b, b_scale, out_dtype=out_dtype)
+    cfg = gemm_config(m, n, k, _ffi.num_sms())
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((m, n), out_dtype),
+                            vmap_method="sequential")
+    return call(a, a_scale, b, b_scale, block_m=np.int32(cfg.block_m),
+                block_n=np.int32(cfg.block_n), num_sms=np.int32(cfg.num_sms))
+
+
+def _pad_to(x, axis: int, multiple: int):
+    """Zero-pads `axis` of x up to a multiple of `multiple` (exact for a GEMM's reduction axis)."""
+    extra = -x.shape[axis] % multiple
+    if not extra:
+        return x
+    pads = [(0, 0)] * x.ndim
+    pads[axis] = (0, extra)
+    return jnp.pad(x, pads)
+
+
+def _gemm_out_dtype(dtype):
+    return jnp.bfloat16 if dtype == jnp.bfloat16 else jnp.float32
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _fp8_linear(x, w, impl):
+    y, _ = _fp8_linear_fwd(x, w, impl)
+    return y
+
+
+def _fp8_linear_fwd(x, w, impl):
+    k, n = x.shape[-1], w.shape[0]
+    x_MK = _pad_to(x.reshape(prod(x.shape[:-1]), k), 1, BLOCK_K)
+    w_NK = _pad_to(w, 1, BLOCK_K)
+    x_fp8, x_scale = quantize_fp8(x_MK, block=(1, BLOCK_K), impl=impl)
+    w_fp8, w_scale = quantize_fp8(w_NK, block=(BLOCK_K, BLOCK_K), impl=impl)
+    y = fp8_gemm(x_fp8, x_scale, w_fp8, w_scale, out_dtype=_gemm_out_dtype(x.dtype), impl=impl)
+    y = y.astype(x.dtype).reshape(*x.shape[:-1], n)
+    return y, (x, w, w_fp8, w_scale)  # w only for its dtype: it is alive anyway (a parameter)
+
+
+def _fp8_linear_bwd(impl, res, dy):
+    x, w, w_fp8, w_scale = res
+    k, n = x.shape[-1], w.shape[0]
+    dy_MN = dy.reshape(-1, n)
+    # dgrad dx = dy @ w: reduce over N, so dy is quantized per (1, 128) along N and w's 128x128
+    # blocks are transposed (exact: a block's scale does not care about orientation). N is
+    # zero-padded to whole blocks on both sides, which changes no sum.
+    dy_fp8, dy_scale = quantize_fp8(_pad_to(dy_MN, 1, BLOCK_K), block=(1, BLOCK_K), impl=impl)
+    w_fp8_KN = _pad_to(w_fp8.T, 1, BLOCK_K)  # [Kp, Np], the "b" operand
+    dx = fp8_gemm(dy_fp8, dy_scale, w_fp8_KN, w_scale.T, out_dtype=jnp.float32, impl=impl)
+    dx = dx[:, :k].astype(x.dtype).reshape(x.shape)
+    # wgrad dw = dy^T @ x stays in float32 through XLA (not FP8 yet).
+    dw = jnp.einsum("MN,MK->NK", dy_MN.astype(jnp.float32),
+                    x.reshape(-1, k).astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    return dx, dw.astype(w.dtype)
+
+
+_fp8_linear.defvjp(_fp8_linear_fwd, _fp8_linear_bwd)
+
+
+def fp8_linear(x, w, *, impl="auto"):
+    """y = x @ w^T with both operands quantized to FP8 on the fly, differentiable.
+
+    Forward: x per (1, 128) groups, w per (128, 128) blocks, `fp8_gemm`. Backward: dgrad
+    dx = dy @ w through the FP8 GEMM (dy quantized per (1, 128) along N, the forward's quantized
+    w reused transposed); wgrad dw = dy^T @ x in float32 through XLA (wgrad is not FP8 yet).
+    K and N need no alignment: they are zero-padded to multiples of 128, which is exact.
+
+    Args:
+      x: bf16 / f16 / f32 [..., K] activations.
+      w: bf16 / f16 / f32 [N, K] weight (PyTorch `nn.Linear` layout).
+      impl: "auto", "ffi" or "xla", applied to every quantize and GEMM inside.
+
+    Returns:
+      x.dtype [..., N].
+    """
+    op = "fp8_linear"
+    floats = (jnp.bfloat16, jnp.float16, jnp.float32)
+    check_dtype(op, "x", x, floats)
+    check_dtype(op, "w", w, floats)
+    if x.ndim < 1 or w.ndim != 2 or w.shape[1] != x.shape[-1]:
+        raise ValueError(f"{op}: expected x [..., K] and w [N, K], got x {tuple(x.shape)}, "
+                         f"w {tuple(w.shape)}")
+    if math.prod(x.shape[:-1]) == 0 or min(w.shape) == 0:
+        raise ValueError(f"{op}: x and w must be non-empty, got x {tuple(x.shape)}, "
+                         f"w {tuple(w.shape)}")
+    return _fp8_linear(x, w, impl)

@@ -1,0 +1,115 @@
+"""Device meshes: the four axis names, one constructor, and placement of a model's parameters.
+
+Axes (DeepSeek-V3 training layout):
+  data    data parallel: different sequences, parameters replicated (gradients all-reduced).
+  expert  expert parallel: routed experts split across it; attention and dense layers see it as
+          more data parallelism (each EP rank holds different tokens, as in DeepSeek's DP+EP).
+  pipe    pipeline stages (`parallel/pipeline`).
+  tensor  tensor parallel (reserved; the models here do not shard over it yet).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+DATA = "data"
+EXPERT = "expert"
+PIPE = "pipe"
+TENSOR = "tensor"
+AXES = (DATA, EXPERT, PIPE, TENSOR)
+
+# Axes a token batch is split over: every rank of `expert` also holds its own tokens.
+BATCH_AXES = (DATA, EXPERT)
+
+
+def make_mesh(*, data: int = 1, expert: int = 1, pipe: int = 1, tensor: int = 1,
+              devices=None) -> Mesh:
+    """A mesh with axes (data, expert, pipe, tensor), in that order (`tensor` varies fastest).
+
+    Every axis is present, sizes of 1 included, so specs may always name any of them. Axes are
+    `Auto` (compiler-propagated shardings); `shard_map` makes them manual where the code says so.
+
+    Args:
+      data, expert, pipe, tensor: axis sizes; their product must equal the number of devices.
+      devices: the devices to use (default: all of `jax.devices()`).
+
+    Returns:
+      jax.sharding.Mesh.
+    """
+    sizes = {DATA: data, EXPERT: expert, PIPE: pipe, TENSOR: tensor}
+    for name, size in sizes.items():
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"make_mesh: {name}={size!r} must be a positive int")
+    devices = list(jax.devices() if devices is None else devices)
+    need = math.prod(sizes.values())
+    if need != len(devices):
+        shape = " x ".join(f"{k}={v}" for k, v in sizes.items())
+        hint = ("; on CPU, set XLA_FLAGS=--xla_force_host_platform_device_count=N before jax "
+                "is imported" if devices[0].platform == "cpu" else "")
+        raise ValueError(f"make_mesh: {shape} needs {need} devices, have {len(devices)} "
+                         f"({devices[0].platform}){hint}")
+    return jax.make_mesh(tuple(sizes.values()), AXES, axis_types=(AxisType.Auto,) * len(AXES),
+                         devices=devices)
+
+
+def parse_mesh(spec: str, num_devices: int) -> dict[str, int]:
+    """'data=2,expert=4' -> {'data': 2, 'expert': 4}; one axis may be '-1' (the rest of devices)."""
+    sizes: dict[str, int] = {}
+    for part in filter(None, (s.strip() for s in spec.split(","))):
+        name, _, value = part.partition("=")
+        if name not in AXES or not value.lstrip("-").isdigit():
+            raise ValueError(f"mesh spec {spec!r}: expected comma-separated axis=size with axes "
+                             f"in {AXES}, got {part!r}")
+        sizes[name] = int(value)
+    free = [k for k, v in sizes.items() if v == -1]
+    if len(free) > 1:
+        raise ValueError(f"mesh spec {spec!r}: at most one axis may be -1")
+    if free:
+        known = math.prod(v for v in sizes.values() if v != -1)
+        if num_devices % known:
+            raise ValueError(f"mesh spec {spec!r}: {num_devices} devices do not divide by {known}")
+        sizes[free[0]] = num_devices // known
+    return sizes
+
+
+def batch_spec(mesh: Mesh, ndim: int = 2) -> P:
+    """PartitionSpec of a [B, ...] batch: B split over the mesh's batch axes, the rest whole."""
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    return P(axes, *([None] * (ndim - 1)))
+
+
+def batch_size_multiple(mesh: Mesh) -> int:
+    """The batch size must be a multiple of this (the product of the batch axes' sizes)."""
+    return math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.axis_names)
+
+
+def shard_batch(batch, mesh: Mesh):
+    """Places a host batch (numpy or jax arrays, [B, ...]) split over the batch axes."""
+    multiple = batch_size_multiple(mesh)
+
+    def put(x):
+        if x.shape[0] % multiple:
+            raise ValueError(f"shard_batch: batch size {x.shape[0]} is not a multiple of "
+                             f"data x expert = {multiple}")
+        return jax.device_put(np.asarray(x), NamedSharding(mesh, batch_spec(mesh, x.ndim)))
+
+    return jax.tree.map(put, batch)
+
+
+def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
+    """Places every variable of `model` by its `sharding_names` metadata (replicated if none).
+
+    The models annotate only what is split (routed experts over `expert`); the rest is
+    replicated, and XLA all-reduces its gradients over the batch axes.
+    """
+    state = nnx.state(model)
+    specs = nnx.get_partition_spec(state)
+    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
+    nnx.update(model, jax.device_put(state, shardings))
+    return model

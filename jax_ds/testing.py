@@ -1,0 +1,38 @@
+"""Test helpers shared by the CPU and GPU tests: one similarity metric, one tolerance table.
+
+`calc_diff` is DeepGEMM's metric, 1 - 2<x,y> / (|x|^2 + |y|^2) = |x - y|^2 / (|x|^2 + |y|^2),
+computed in float64: 0 for identical tensors, about e^2 / 2 for a relative error e per element.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+# Largest calc_diff allowed, by what limits the accuracy of the result being checked. For results
+# of a reduction over k, `tolerance` scales these by sqrt(k / 128) (random-walk rounding growth).
+TOLERANCE = {
+    # Rounding the output to bf16 (8 significant bits): diff ~ 2^-18 / 3 ~ 1.3e-6.
+    "bfloat16": 1e-5,
+    # float32 output; allows Hopper wgmma's reduced-precision FP8 accumulation inside a 128 block.
+    "float32": 1e-6,
+    # FP8 e4m3 quantization of both operands vs exact math (DeepGEMM's bound): ~3% relative error.
+    "fp8": 1e-3,
+}
+
+
+def calc_diff(x, y) -> float:
+    """1 - 2 sum(x y) / sum(x^2 + y^2), in float64. Both inputs are converted to numpy."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    denominator = float(np.sum(x * x + y * y))
+    if denominator == 0.0:
+        return 0.0
+    return 1.0 - 2.0 * float(np.sum(x * y)) / denominator
+
+
+def tolerance(kind, k: int = 128) -> float:
+    """TOLERANCE[kind] (kind: "bfloat16", "float32", "fp8" or a dtype) scaled by sqrt(k / 128)."""
+    name = kind if isinstance(kind, str) else np.dtype(kind).name
+    return TOLERANCE[name] * max(1.0, math.sqrt(k / 128))

@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Build, test, sanitize and benchmark the FP8 GEMM on a CUDA machine (no internet needed).
+#
+#   OUT=/path/to/logs scripts/device_gemm.sh [info] [build] [test] [sanitize] [bench]
+#
+# Knobs (environment): BUILD=cmake (skip `pip install -e .`), BENCH_ARGS="--shapes quick",
+# TEST_TIMEOUT / SANITIZE_TIMEOUT / BENCH_TIMEOUT (seconds; 540 / 240 / 540), PYTHON (python3).
+#
+# Run from anywhere; it works in the repo root. No step names = all five, in that order. Each step
+# logs to $OUT/<step>.log; a failing step is reported and the next one still runs. The summary
+# (step, ok/FAILED, seconds) comes last, and the exit status is the number of failed steps.
+# Benchmark JSON/PNG land in $OUT and are copied to benchmarks/results/.
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the source tree, with _C*.so copied in
+[ -d /usr/local/cuda/bin ] && export PATH="$PATH:/usr/local/cuda/bin"
+
+step_info() {
+  nvidia-smi
+  "$PY" - <<'EOF'
+import importlib.metadata as md, platform, sys
+print("python", platform.python_version(), sys.executable)
+for p in ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda13-pjrt", "torch", "nanobind",
+          "scikit-build-core", "numpy", "ml_dtypes"):
+    try:
+        print(f"{p:20s} {md.version(p)}")
+    except md.PackageNotFoundError:
+        print(f"{p:20s} (not installed)")
+import jax
+print("jax devices:", jax.devices())
+try:
+    import torch
+    print("torch", torch.__version__, "CUDA", torch.version.cuda,
+          "available", torch.cuda.is_available())
+except Exception as e:
+    print("torch import failed:", e)
+EOF
+  command -v nvcc && nvcc --version | tail -2
+  cmake --version | head -1
+  command -v compute-sanitizer || echo "compute-sanitizer not on PATH"
+}
+
+have_c() { "$PY" -c "import jax_ds._C" 2>/dev/null; }
+
+copy_built() {  # newest _C*.so under build/ into jax_ds/ (git ignores *.so)
+  local so
+  so=$(find build -name '_C*.so' -printf '%T@ %p\n' 2>/dev/null | sort -nr | head -1 |
+       cut -d' ' -f2)
+  [ -n "$so" ] && cp -v "$so" jax_ds/
+}
+
+step_build() {  # BUILD=cmake skips pip (leaves the Python environment untouched)
+  local how=""
+  if [ "${BUILD:-pip}" != pip ]; then
+    echo "### BUILD=${BUILD}: skipping pip install -e ."
+  elif "$PY" -m pip install --no-build-isolation --no-deps -v -e . ; then
+    if have_c; then how="pip install -e ."; elif copy_built && have_c; then
+      how="pip install -e . (+ copied the built _C into jax_ds/)"; fi
+  else
+    echo "### pip install -e . failed; falling back to cmake"
+  fi
+  if [ -z "$how" ]; then
+    cmake -S . -B build/dev -DPython_EXECUTABLE="$(command -v "$PY")" -DCMAKE_BUILD_TYPE=Release \
+      && cmake --build build/dev -j16 && copy_built && have_c && how="cmake build/dev + copy"
+  fi
+  echo "### build path: ${how:-NONE WORKED}"
+  "$PY" -m jax_ds.info
+  [ -n "$how" ]
+}
+
+step_test() {
+  timeout "${TEST_TIMEOUT:-540}" "$PY" -m pytest -m gpu -x -q -rs --durations=15 tests/
+}
+
+step_sanitize() {
+  command -v compute-sanitizer >/dev/null || { echo "compute-sanitizer not found"; return 1; }
+  XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_ALLOCATOR=platform \
+    XLA_FLAGS="--xla_gpu_autotune_level=0" \
+    timeout "${SANITIZE_TIMEOUT:-240}" compute-sanitizer --tool memcheck --target-processes all \
+    --error-exitcode 3 \
+    "$PY" scripts/sanitize_gemm.py
+}
+
+step_bench() {
+  timeout "${BENCH_TIMEOUT:-540}" "$PY" -m jax_ds.bench gemm ${BENCH_ARGS:-} --out "$OUT"
+  local rc=$?
+  mkdir -p benchmarks/results
+  cp -v "$OUT"/gemm-*.json "$OUT"/gemm-*.png benchmarks/results/ 2>/dev/null
+  return $rc
+}
+
+STEPS=("$@")
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(info build test sanitize bench)
+SUMMARY=()
+FAILED=0
+for step in "${STEPS[@]}"; do
+  if ! declare -F "step_$step" >/dev/null; then
+    echo "unknown step '$step' (steps: info build test sanitize bench)"
+    SUMMARY+=("$step|unknown|0"); FAILED=$((FAILED + 1)); continue
+  fi
+  echo "=================== $step ==================="
+  start=$(date +%s)
+  "step_$step" 2>&1 | tee "$OUT/$step.log"
+  rc=$?
+  secs=$(($(date +%s) - start))
+  if [ $rc -eq 0 ]; then status=ok; else status="FAILED (rc $rc)"; FAILED=$((FAILED + 1)); fi
+  SUMMARY+=("$step|$status|$secs")
+done
+
+echo
+echo "=================== summary ($OUT) ==================="
+printf '%-10s %-16s %8s\n' step result seconds
+for line in "${SUMMARY[@]}"; do
+  IFS='|' read -r s r t <<<"$line"
+  printf '%-10s %-16s %8s\n' "$s" "$r" "$t"
+done | tee "$OUT/summary.txt"
+exit $FAILED

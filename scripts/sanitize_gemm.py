@@ -1,0 +1,71 @@
+"""Runs the FP8 quantize and GEMM kernels once per shape and checks them, for compute-sanitizer.
+
+  XLA_PYTHON_CLIENT_ALLOCATOR=platform XLA_PYTHON_CLIENT_PREALLOCATE=false \
+    compute-sanitizer --tool memcheck --target-processes all python3 scripts/sanitize_gemm.py
+
+The platform allocator gives every buffer its own cudaMalloc, so an access past the end of one is
+an error memcheck can see (XLA's default pool would hide it inside a neighbouring buffer).
+Exit status: 0 all checks passed, 1 a check failed, 2 the kernels are not available.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_ds import _ffi
+from jax_ds.ops import fp8_gemm, fp8_gemm_reference, quantize_fp8
+from jax_ds.testing import calc_diff, tolerance
+
+SHAPES = ((7, 129, 256), (4095, 2112, 7168))  # (m, n, k): ragged tiles, then a large GEMM
+
+
+def check(m, n, k, seed):
+    ka, kb = jax.random.split(jax.random.key(seed))
+    a = jax.random.normal(ka, (m, k), jnp.bfloat16)
+    b = jax.random.normal(kb, (n, k), jnp.bfloat16)
+    failures = []
+    ops = []
+    for x, block in ((a, (1, 128)), (b, (128, 128))):
+        q, s = quantize_fp8(x, block=block, impl="ffi")
+        rq, rs = quantize_fp8(x, block=block, impl="xla")
+        if not (np.array_equal(np.asarray(q).view(np.uint8), np.asarray(rq).view(np.uint8))
+                and np.array_equal(np.asarray(s), np.asarray(rs))):
+            failures.append(f"quantize {x.shape} {block} differs from the reference")
+        ops += [q, s]
+    # The float32 reference runs on the host: under memcheck every GPU kernel is slow.
+    cpu_ops = jax.device_put(ops, jax.devices("cpu")[0])
+    ref = np.asarray(fp8_gemm_reference(*cpu_ops, out_dtype=jnp.float32))
+    for out_dtype in (jnp.bfloat16, jnp.float32):
+        out = np.asarray(fp8_gemm(*ops, out_dtype=out_dtype, impl="ffi"), np.float32)
+        diff = calc_diff(out, ref)
+        limit = tolerance(out_dtype, k)
+        name = np.dtype(out_dtype).name
+        if not np.isfinite(out).all() or not diff < limit:
+            failures.append(f"fp8_gemm -> {name}: calc_diff {diff:.2e} (limit {limit:.1e}), "
+                            f"{np.size(out) - np.isfinite(out).sum()} non-finite")
+        print(f"  fp8_gemm {m}x{n}x{k} -> {name}: calc_diff {diff:.2e}", flush=True)
+    return failures
+
+
+def main():
+    for target in ("jax_ds_quantize_fp8", "jax_ds_fp8_gemm"):
+        why = _ffi.unavailable_reason(target)
+        if why:
+            print(f"{target} unavailable: {why}")
+            return 2
+    failures = []
+    for i, (m, n, k) in enumerate(SHAPES):
+        print(f"{m}x{n}x{k}:", flush=True)
+        failures += check(m, n, k, seed=i)
+    for f in failures:
+        print("FAILED:", f)
+    print("sanitize_gemm:", "FAILED" if failures else "all checks passed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

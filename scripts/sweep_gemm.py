@@ -1,0 +1,41 @@
+"""Times every compiled tile (block_m x block_n) on the benchmark shapes; prints the best per
+shape next to gemm_config's pick and writes JSON (for tuning the cost model in ops/gemm.py)."""
+import itertools, json, os, sys
+import jax, jax.numpy as jnp, numpy as np
+from jax_ds.arg_specs import gemm_bench_shapes
+from jax_ds.bench._timing import time_jax
+from jax_ds.ops import quantize_fp8
+from jax_ds.ops import gemm
+
+def call(ops, bm, bn, sms):
+    a8 = ops[0]; b8 = ops[2]
+    f = jax.ffi.ffi_call(gemm.TARGET, jax.ShapeDtypeStruct((a8.shape[0], b8.shape[0]), jnp.bfloat16),
+                         vmap_method="sequential")
+    return f(*ops, block_m=np.int32(bm), block_n=np.int32(bn), num_sms=np.int32(sms))
+
+sms = jax.devices()[0].core_count
+rows = []
+key = jax.random.PRNGKey(1)
+for (m, n, k) in gemm_bench_shapes():
+    sets = []
+    for i in range(2):
+        key, ka, kb = jax.random.split(key, 3)
+        a8, sa = quantize_fp8(jax.random.normal(ka, (m, k), jnp.bfloat16), block=(1, 128))
+        b8, sb = quantize_fp8(jax.random.normal(kb, (n, k), jnp.bfloat16), block=(128, 128))
+        sets.append((a8, sa, b8, sb))
+    res = {}
+    for bm, bn in itertools.product(gemm.TILES_M, gemm.TILES_N):
+        if m <= 64 and bm == 128:
+            continue
+        tiles = -(-m // bm) * -(-n // bn)
+        f = jax.jit(lambda *o, bm=bm, bn=bn: call(o, bm, bn, min(tiles, sms)))
+        med = time_jax(f, sets, budget_s=0.15, repeats=3).median_s
+        res[f"{bm}x{bn}"] = 2 * m * n * k / med / 1e12
+    best = max(res, key=res.get)
+    pick = gemm.gemm_config(m, n, k, sms)
+    pk = f"{pick.block_m}x{pick.block_n}"
+    print(f"{m:5d} {n:6d} {k:6d} best {best:7s} {res[best]:7.0f}  pick {pk:7s} {res[pk]:7.0f}  "
+          + " ".join(f"{t}:{v:.0f}" for t, v in res.items()), flush=True)
+    rows.append(dict(m=m, n=n, k=k, tflops=res, best=best, pick=pk))
+out = os.environ.get("OUT", ".")
+json.dump(rows, open(os.path.join(out, "sweep.json"), "w"), indent=1)

@@ -1,0 +1,248 @@
+"""Expert parallelism: routing ops, EP = 1/2/4/8 equivalence, capacity budgets, bad layouts.
+
+Runs on 8 virtual CPU devices (tests/conftest.py). XLA:CPU has no ragged-all-to-all, so the
+"ragged" exchange is checked through its all_gather emulation ("emulated"), which shares every
+offset and budget computation with it; the real collective runs in the GPU test.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from jax_ds.models import DeepSeekConfig, DeepSeekMoE, expert_ffn
+from jax_ds.parallel import expert as ep_lib
+from jax_ds.parallel.mesh import EXPERT, make_mesh, parse_mesh, shard_model
+from jax_ds.testing import calc_diff, tolerance
+
+# Mesh tests use the 8 virtual CPU devices even on a GPU host (conftest asks for them).
+CPU = jax.devices("cpu")
+
+
+@pytest.fixture(autouse=True)
+def on_cpu(request):
+    if request.node.get_closest_marker("gpu"):
+        yield
+        return
+    with jax.default_device(CPU[0]):
+        yield
+
+
+def cpu_mesh(**sizes):
+    return make_mesh(**sizes, devices=CPU[:int(np.prod(list(sizes.values())))])
+
+
+SMALL = dict(d_model=32, expert_hidden=16, num_experts=8, top_k=2, num_groups=4,
+             topk_groups=2, num_shared_experts=1, q_lora_rank=16, kv_lora_rank=16,
+             qk_nope_dim=8, qk_rope_dim=8, v_head_dim=8, dense_hidden=64)
+
+
+def small_cfg(**changes):
+    return DeepSeekConfig.tiny(**{**SMALL, **changes})
+
+
+def dense_moe_reference(x_ND, idx_NK, w_NK, w_gate, w_up, w_down):
+    """Every expert on every token, then pick: sum_k w[n,k] FFN_{idx[n,k]}(x[n]); -1 skipped."""
+    h = jax.nn.silu(jnp.einsum("ND,EFD->NEF", x_ND, w_gate)) * jnp.einsum("ND,EFD->NEF", x_ND, w_up)
+    y_NED = jnp.einsum("NEF,EDF->NED", h, w_down)
+    picked = jnp.take_along_axis(y_NED, jnp.maximum(idx_NK, 0)[..., None], axis=1)
+    return jnp.einsum("NKD,NK->ND", picked, jnp.where(idx_NK >= 0, w_NK, 0.0))
+
+
+def random_routing(key, n, k, e):
+    """Distinct experts per token (as top-k gives), plus gate weights."""
+    k1, k2 = jax.random.split(key)
+    idx = jax.vmap(lambda kk: jax.random.permutation(kk, e)[:k])(jax.random.split(k1, n))
+    return idx.astype(jnp.int32), jax.random.uniform(k2, (n, k))
+
+
+def test_moe_permute_unpermute_roundtrip():
+    n, k, e, d = 13, 3, 5, 4
+    x = jax.random.normal(jax.random.key(0), (n, d))
+    idx, w = random_routing(jax.random.key(1), n, k, e)
+    idx = idx.at[2, 1].set(-1).at[7, 0].set(-1)  # dropped slots
+    x_sorted, sizes, perm = ep_lib.moe_permute(x, idx, e)
+    assert x_sorted.shape == (n * k, d) and sizes.shape == (e,) and perm.shape == (n, k)
+    np.testing.assert_array_equal(sizes, np.bincount(np.asarray(idx).ravel()[idx.ravel() >= 0],
+                                                     minlength=e))
+    assert int(perm[2, 1]) == -1 and int(perm[7, 0]) == -1
+    rows = np.asarray(perm)[np.asarray(idx) >= 0]
+    np.testing.assert_array_equal(x_sorted[rows], np.repeat(x, k, 0)[np.asarray(idx).ravel() >= 0])
+    np.testing.assert_array_equal(x_sorted[int(sizes.sum()):], 0)  # rows past the end
+    # Experts appear in increasing order.
+    np.testing.assert_array_equal(ep_lib.expert_of_rows(sizes, n * k)[:int(sizes.sum())],
+                                  np.repeat(np.arange(e), sizes))
+    # Identity expert: unpermute(permute(x)) = x * sum of the live weights.
+    out = ep_lib.moe_unpermute(x_sorted, perm, w)
+    np.testing.assert_allclose(out, x * jnp.where(idx >= 0, w, 0).sum(1, keepdims=True),
+                               rtol=1e-6)
+
+
+def test_expert_ffn_matches_dense_reference():
+    n, k, e, d, f = 24, 2, 4, 16, 8
+    keys = jax.random.split(jax.random.key(2), 5)
+    x = jax.random.normal(keys[0], (n, d))
+    idx, w = random_routing(keys[1], n, k, e)
+    wg, wu = (jax.random.normal(kk, (e, f, d)) / 4 for kk in keys[2:4])
+    wd = jax.random.normal(keys[4], (e, d, f)) / 3
+    x_sorted, sizes, perm = ep_lib.moe_permute(x, idx, e)
+    out = ep_lib.moe_unpermute(expert_ffn(x_sorted, sizes, wg, wu, wd), perm, w)
+    assert calc_diff(out, dense_moe_reference(x, idx, w, wg, wu, wd)) < tolerance("float32")
+
+
+def test_ragged_reference_matches_documented_example():
+    """jax.lax.ragged_all_to_all's docstring example, through the all_gather emulation."""
+    mesh = cpu_mesh(expert=2)
+    args = dict(operand=[[1, 2, 2, 0], [3, 4, 0, 0]], output=[[0] * 4, [0] * 4],
+                input_offsets=[[0, 1], [0, 1]], send_sizes=[[1, 2], [1, 1]],
+                output_offsets=[[0, 0], [1, 2]], recv_sizes=[[1, 1], [2, 1]])
+    arrays = [jnp.asarray(v, jnp.int32).reshape(-1) for v in args.values()]
+
+    def body(*a):
+        return ep_lib.ragged_all_to_all_reference(*a, axis_name=EXPERT)
+
+    out = jax.shard_map(body, mesh=mesh, in_specs=(P(EXPERT),) * 6, out_specs=P(EXPERT))(*arrays)
+    np.testing.assert_array_equal(np.asarray(out).reshape(2, 4), [[1, 3, 0, 0], [2, 2, 4, 0]])
+
+
+def _layer_value_and_grads(layer, x_BTD, r_BTD):
+    def loss_fn(layer, x):
+        y, stats = layer(x)
+        return jnp.sum(y * r_BTD), (y, stats)
+
+    grad_fn = nnx.value_and_grad(loss_fn, argnums=(nnx.DiffState(0, nnx.Param), 1), has_aux=True)
+    (_, (y, stats)), (g_layer, g_x) = nnx.jit(grad_fn)(layer, x_BTD)
+    return y, stats, g_x, jax.tree.leaves(g_layer)
+
+
+def _make_layer(cfg, mesh):
+    layer = DeepSeekMoE(cfg, rngs=nnx.Rngs(0), mesh=mesh)
+    # A non-zero selection bias, so EP must route exactly as the unsharded layer does.
+    layer.router.bias[...] = 0.05 * jax.random.normal(jax.random.key(9), (cfg.num_experts,))
+    return layer if mesh is None else shard_model(layer, mesh)
+
+
+@pytest.fixture(scope="module")
+def unsharded_result():
+    cfg = small_cfg()
+    x = jax.random.normal(jax.random.key(3), (8, 6, cfg.d_model))
+    r = jax.random.normal(jax.random.key(4), x.shape)
+    return cfg, x, r, _layer_value_and_grads(_make_layer(cfg, None), x, r)
+
+
+@pytest.mark.parametrize("ep,exchange", [(1, "padded"), (2, "padded"), (4, "padded"),
+                                         (8, "padded"), (2, "emulated"), (8, "emulated")])
+def test_ep_matches_unsharded_layer(unsharded_result, ep, exchange):
+    """EP over `expert` (the other 8/ep devices on `data`) = the unsharded layer, fwd and grads."""
+    cfg, x, r, (y0, stats0, gx0, g0) = unsharded_result
+    mesh = cpu_mesh(data=8 // ep, expert=ep)
+    layer = _make_layer(cfg.replace(ep_exchange=exchange), mesh)
+    y, stats, gx, g = _layer_value_and_grads(layer, x, r)
+    tol = tolerance("float32")
+    assert calc_diff(y, y0) < tol
+    assert calc_diff(gx, gx0) < tol
+    assert len(g) == len(g0)
+    for a, b in zip(g, g0):
+        assert a.shape == b.shape and calc_diff(a, b) < tol
+    np.testing.assert_array_equal(stats.counts, stats0.counts)
+    assert int(stats.counts.sum()) == x.shape[0] * x.shape[1] * cfg.top_k
+    assert int(stats.dropped) == 0  # the default budget is lossless
+    # Experts really are split: each device holds E / ep of them.
+    shard_shape = layer.w_gate[...].addressable_shards[0].data.shape
+    assert shard_shape[0] == cfg.num_experts // ep
+
+
+def _expected_keep(idx_NK, shards, ep, e, capacity, exchange):
+    """Numpy model of the budgets. Each source shard offers its rows in (expert, token, slot)
+    order. padded: each (source, destination) pair keeps its first `capacity` rows. ragged: each
+    destination keeps ep x capacity rows, filled from source ranks 0, 1, ... of its data replica.
+    """
+    keep = np.ones(idx_NK.shape, bool)
+    per_shard, k = idx_NK.shape[0] // shards, idx_NK.shape[1]
+    local = e // ep
+    received = {}  # (data replica, destination) -> rows taken so far (ragged)
+    for s in range(shards):
+        flat = idx_NK[s * per_shard:(s + 1) * per_shard].ravel()
+        sent = np.zeros(ep, int)
+        for pos in np.argsort(flat, kind="stable"):
+            dst = flat[pos] // local
+            if exchange == "padded":
+                ok = sent[dst] < capacity
+            else:
+                ok = received.get((s // ep, dst), 0) < ep * capacity
+                received[(s // ep, dst)] = received.get((s // ep, dst), 0) + ok
+            sent[dst] += 1
+            keep[s * per_shard + pos // k, pos % k] = ok
+    return keep
+
+
+@pytest.mark.parametrize("exchange", ["padded", "emulated"])
+def test_capacity_budget_counts_drops(exchange):
+    """A budget below the load drops rows, reports how many, and the rest is still exact."""
+    e, k, d, f, ep = 8, 2, 16, 8, 4
+    mesh = cpu_mesh(data=2, expert=ep)
+    b, t = 8, 4  # 4 tokens per shard x 2 slots = 8 rows per shard
+    keys = jax.random.split(jax.random.key(5), 6)
+    x = jax.random.normal(keys[0], (b, t, d))
+    idx, w = random_routing(keys[1], b * t, k, e)
+    idx = idx.at[: b * t // 2, 0].set(0)  # skew: many rows to expert 0 (rank 0)
+    wg, wu = (jax.random.normal(kk, (e, f, d)) / 4 for kk in keys[2:4])
+    wd = jax.random.normal(keys[4], (e, d, f)) / 3
+    factor = 0.5
+    capacity = ep_lib.ep_capacity(t * (b // 8), k, e, ep, factor)
+    y, counts, dropped = jax.jit(lambda *a: ep_lib.ep_moe(
+        *a, expert_ffn, mesh=mesh, num_experts=e, capacity_factor=factor,
+        exchange=exchange))(x, idx.reshape(b, t, k), w.reshape(b, t, k), (wg, wu, wd))
+    np.testing.assert_array_equal(counts, np.bincount(np.asarray(idx).ravel(), minlength=e))
+    keep = _expected_keep(np.asarray(idx), 8, ep, e, capacity, exchange)
+    assert int(dropped) == int((~keep).sum()) > 0
+    ref = dense_moe_reference(x.reshape(-1, d), jnp.where(keep, idx, -1), w, wg, wu, wd)
+    assert calc_diff(y.reshape(-1, d), ref) < tolerance("float32")
+
+
+def test_lossless_budget_and_factor_sizes():
+    assert ep_lib.ep_capacity(64, 8, 256, 8) == 64 * 8
+    assert ep_lib.ep_capacity(64, 8, 16, 8) == 64 * 2  # only 2 experts per rank
+    assert ep_lib.ep_capacity(64, 8, 256, 8, 1.25) == 80
+    with pytest.raises(ValueError, match="capacity_factor"):
+        ep_lib.ep_capacity(64, 8, 256, 8, 0.0)
+
+
+def test_bad_layouts_are_rejected():
+    with pytest.raises(ValueError, match="not divisible by the mesh's 'expert' axis size 8"):
+        DeepSeekMoE(small_cfg(num_experts=12, num_groups=4), rngs=nnx.Rngs(0),
+                    mesh=cpu_mesh(expert=8))
+    with pytest.raises(ValueError, match="needs 6 devices, have 8"):
+        make_mesh(data=2, expert=3, devices=CPU)
+    with pytest.raises(ValueError, match="must be a positive int"):
+        make_mesh(expert=0, data=8, devices=CPU)
+    with pytest.raises(ValueError, match="axis=size"):
+        parse_mesh("data=2,experts=4", 8)
+    assert parse_mesh("data=2,expert=-1", 8) == {"data": 2, "expert": 4}
+    layer = DeepSeekMoE(small_cfg(), rngs=nnx.Rngs(0), mesh=cpu_mesh(data=2, expert=4))
+    with pytest.raises(ValueError, match="batch size 4 is not divisible by data x expert = 8"):
+        layer(jnp.zeros((4, 2, 32)))
+    with pytest.raises(ValueError, match="exchange"):
+        ep_lib.resolve_exchange("nccl", cpu_mesh(expert=8))
+    with pytest.raises(ValueError, match="ep_exchange"):
+        small_cfg(ep_exchange="nccl")
+
+
+@pytest.mark.gpu
+def test_ragged_exchange_matches_padded_on_gpu():
+    """The real ragged_all_to_all (GPU only) against the padded path, forward and gradients."""
+    ep = jax.device_count()
+    if ep < 2 or 8 % ep:
+        pytest.skip(f"needs 2, 4 or 8 GPUs, have {ep}")
+    cfg = small_cfg()
+    x = jax.random.normal(jax.random.key(3), (8, 6, cfg.d_model))
+    r = jax.random.normal(jax.random.key(4), x.shape)
+    results = [_layer_value_and_grads(
+        _make_layer(cfg.replace(ep_exchange=ex), make_mesh(expert=ep)), x, r)
+        for ex in ("ragged", "padded")]
+    (y1, _, gx1, g1), (y2, _, gx2, g2) = results
+    assert calc_diff(y1, y2) < tolerance("float32") and calc_diff(gx1, gx2) < tolerance("float32")
+    for a, b in zip(g1, g2):
+        assert calc_diff(a, b) < tolerance("float32")

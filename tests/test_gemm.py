@@ -1,0 +1,199 @@
+"""fp8_gemm / fp8_linear on CPU: the reference against float64 numpy, validation, transforms."""
+
+import dataclasses
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_ds import _ffi, ops
+from jax_ds.testing import calc_diff, tolerance
+
+
+def random(shape, dtype=jnp.bfloat16, seed=0):
+    return jax.random.normal(jax.random.key(seed), shape, jnp.float32).astype(dtype)
+
+
+def dequant_f64(q, s, block_m):
+    """Independent float64 dequantization: q * s with s expanded over (block_m, 128) blocks."""
+    q = np.asarray(q, np.float64)
+    s = np.repeat(np.repeat(np.asarray(s, np.float64), block_m, axis=0), 128, axis=1)
+    return q * s[:q.shape[0], :q.shape[1]]
+
+
+def operands(m, n, k, seed=0, dtype=jnp.bfloat16):
+    x, w = random((m, k), dtype, seed), random((n, k), dtype, seed + 1)
+    a, a_scale = ops.quantize_fp8(x, block=(1, 128))
+    b, b_scale = ops.quantize_fp8(w, block=(128, 128))
+    return x, w, (a, a_scale, b, b_scale)
+
+
+SHAPES = [(1, 1, 128), (7, 129, 256), (130, 200, 384), (64, 300, 1024)]
+
+
+@pytest.mark.parametrize("m, n, k", SHAPES)
+@pytest.mark.parametrize("out_dtype", [jnp.bfloat16, jnp.float32])
+def test_reference_matches_float64(m, n, k, out_dtype):
+    x, w, (a, sa, b, sb) = operands(m, n, k, seed=m + n + k)
+    out = ops.fp8_gemm(a, sa, b, sb, out_dtype=out_dtype)
+    assert out.shape == (m, n) and out.dtype == out_dtype
+    truth = dequant_f64(a, sa, 1) @ dequant_f64(b, sb, 128).T
+    assert calc_diff(out, truth) < tolerance(out_dtype, k)
+    # Against the unquantized product: FP8's own error, DeepGEMM's bound.
+    exact = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
+    assert calc_diff(out, exact) < tolerance("fp8")
+
+
+def test_scale_indexing():
+    # Ones everywhere, distinct powers of two per scale block: every output is an exact sum.
+    m, n, k = 3, 260, 384
+    a = jnp.ones((m, k), jnp.float8_e4m3fn)
+    b = jnp.ones((n, k), jnp.float8_e4m3fn)
+    sa = jnp.exp2(jnp.arange(m * 3, dtype=jnp.float32).reshape(m, 3) - 4)
+    sb = jnp.exp2(-jnp.arange(3 * 3, dtype=jnp.float32).reshape(3, 3))
+    out = ops.fp8_gemm(a, sa, b, sb, out_dtype=jnp.float32)
+    expected = 128 * np.einsum("mk,nk->mn", np.asarray(sa), np.repeat(np.asarray(sb), 128, 0)[:n])
+    np.testing.assert_array_equal(np.asarray(out), expected)
+
+
+def test_jit_and_vmap():
+    _, _, args = operands(16, 48, 256, seed=1)
+    eager = ops.fp8_gemm(*args)
+    np.testing.assert_array_equal(np.asarray(jax.jit(ops.fp8_gemm)(*args)), np.asarray(eager))
+    a, sa, b, sb = args
+    batched = jax.vmap(ops.fp8_gemm)(jnp.stack([a, a[::-1]]), jnp.stack([sa, sa[::-1]]),
+                                     jnp.stack([b, b]), jnp.stack([sb, sb]))
+    assert batched.shape == (2, 16, 48)
+    np.testing.assert_array_equal(np.asarray(batched[0]), np.asarray(eager))
+    np.testing.assert_array_equal(np.asarray(batched[1]), np.asarray(eager)[::-1])
+    shared_b = jax.vmap(ops.fp8_gemm, in_axes=(0, 0, None, None))(a[None], sa[None], b, sb)
+    np.testing.assert_array_equal(np.asarray(shared_b[0]), np.asarray(eager))
+
+
+def _bad(**changes):
+    _, _, (a, sa, b, sb) = operands(8, 130, 256, seed=2)
+    args = dict(a=a, a_scale=sa, b=b, b_scale=sb, out_dtype=jnp.bfloat16)
+    args.update(changes)
+    return args
+
+
+@pytest.mark.parametrize("changes, exc, match", [
+    (dict(a=jnp.zeros((2, 8, 256), jnp.float8_e4m3fn)), ValueError,
+     r"a must be 2-D .* \(2, 8, 256\)"),
+    (dict(b=jnp.zeros((256,), jnp.float8_e4m3fn)), ValueError, r"b must be 2-D .* \(256,\)"),
+    (dict(a=jnp.zeros((8, 256), jnp.bfloat16)), TypeError, r"a must have dtype float8_e4m3fn"),
+    (dict(b=jnp.zeros((130, 256), jnp.float8_e5m2)), TypeError, r"b must have dtype float8_e4m3fn"),
+    (dict(a_scale=jnp.ones((8, 2), jnp.bfloat16)), TypeError, r"a_scale must have dtype float32"),
+    (dict(b_scale=jnp.ones((2, 2), jnp.float16)), TypeError, r"b_scale must have dtype float32"),
+    (dict(a_scale=jnp.ones((8, 3), jnp.float32)), ValueError,
+     r"a_scale has shape \(8, 3\), expected \(8, 2\)"),
+    (dict(b_scale=jnp.ones((1, 2), jnp.float32)), ValueError,
+     r"b_scale has shape \(1, 2\), expected \(2, 2\) = \[ceil\(N/128\), K/128\]"),
+    (dict(b=jnp.zeros((130, 384), jnp.float8_e4m3fn)), ValueError, r"b has shape \(130, 384\)"),
+    (dict(a=jnp.zeros((8, 200), jnp.float8_e4m3fn), b=jnp.zeros((130, 200), jnp.float8_e4m3fn)),
+     ValueError, r"K must be a positive multiple of 128, got K = 200 .* to 256"),
+    (dict(a=jnp.zeros((0, 256), jnp.float8_e4m3fn), a_scale=jnp.ones((0, 2), jnp.float32)),
+     ValueError, r"M and N must be >= 1"),
+    (dict(out_dtype=jnp.float16), TypeError, r"out_dtype must be bfloat16 or float32, got float16"),
+])
+def test_validation_errors_name_the_argument(changes, exc, match):
+    args = _bad(**changes)
+    with pytest.raises(exc, match=match):
+        ops.fp8_gemm(**args)
+    with pytest.raises(exc, match=match):
+        ops.fp8_gemm_reference(**args)
+
+
+def test_impl_choices(monkeypatch, caplog):
+    _, _, args = operands(4, 8, 128, seed=3)
+    with pytest.raises(RuntimeError, match=r'fp8_gemm\(impl="ffi"\): the FFI kernel'):
+        ops.fp8_gemm(*args, impl="ffi")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        ops.fp8_gemm(*args, impl="cutlass")
+    ref = np.asarray(ops.fp8_gemm_reference(*args))
+    np.testing.assert_array_equal(np.asarray(ops.fp8_gemm(*args, impl="xla")), ref)
+    monkeypatch.setenv("JAX_DS_IMPL", "xla")
+    np.testing.assert_array_equal(np.asarray(ops.fp8_gemm(*args, impl="ffi")), ref)
+    # The path taken is logged once per op and path, not per call.
+    monkeypatch.delenv("JAX_DS_IMPL")
+    monkeypatch.setattr(_ffi, "_logged", set())
+    with caplog.at_level(logging.INFO, logger="jax_ds"):
+        ops.fp8_gemm(*args)
+        ops.fp8_gemm(*args)
+    assert [r.getMessage() for r in caplog.records].count(
+        f"jax_ds.fp8_gemm: reference ({_ffi.unavailable_reason(ops.gemm.TARGET)})") == 1
+
+
+def test_gemm_config():
+    for m, n, k in [(1, 1, 128), (64, 2112, 7168), (128, 7168, 16384), (4096, 24576, 1536)]:
+        cfg = ops.gemm_config(m, n, k, 132)
+        assert cfg.block_m in (64, 128) and cfg.block_n in (16, 32, 64, 128)
+        tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
+        assert 0 < cfg.num_sms <= min(132, tiles)
+        if m <= 64:
+            assert cfg.block_m == 64
+    assert ops.gemm_config(4096, 7168, 16384, 132) == ops.GemmConfig(128, 128, 132)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ops.gemm_config(1, 1, 128, 132).block_m = 128
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_fp8_linear_forward_and_grads(dtype):
+    x = random((2, 5, 300), dtype, seed=4)  # ragged K: padded to 384 inside
+    w = random((200, 300), dtype, seed=5)  # ragged N: padded to 256 in the backward
+    r = random((2, 5, 200), jnp.float32, seed=6)
+
+    def loss(fn, x, w):
+        return jnp.sum(fn(x, w).astype(jnp.float32) * r)
+
+    def exact(x, w):
+        return jnp.einsum("BTK,NK->BTN", x.astype(jnp.float32), w.astype(jnp.float32),
+                          precision=jax.lax.Precision.HIGHEST)
+
+    y = ops.fp8_linear(x, w)
+    assert y.shape == (2, 5, 200) and y.dtype == dtype
+    assert calc_diff(y, exact(x, w)) < tolerance("fp8")
+    dx, dw = jax.jit(jax.grad(lambda x, w: loss(ops.fp8_linear, x, w), argnums=(0, 1)))(x, w)
+    dx_ref, dw_ref = jax.grad(lambda x, w: loss(exact, x, w), argnums=(0, 1))(x, w)
+    assert dx.shape == x.shape and dx.dtype == dtype and dw.shape == w.shape and dw.dtype == dtype
+    assert calc_diff(dx, dx_ref) < tolerance("fp8")
+    assert calc_diff(dw, dw_ref) < tolerance(dtype)  # wgrad is float32 math (not FP8)
+
+
+def test_fp8_linear_vmap_and_errors():
+    x, w = random((3, 4, 256), seed=7), random((64, 256), seed=8)
+    np.testing.assert_array_equal(np.asarray(jax.vmap(lambda v: ops.fp8_linear(v, w))(x)),
+                                  np.asarray(ops.fp8_linear(x, w)))
+    with pytest.raises(ValueError, match=r"x \[..., K\] and w \[N, K\], got x \(3, 4, 256\)"):
+        ops.fp8_linear(x, w.T)
+    with pytest.raises(TypeError, match="w must have dtype"):
+        ops.fp8_linear(x, w.astype(jnp.int8))
+    with pytest.raises(RuntimeError, match=r'quantize_fp8\(impl="ffi"\)'):
+        ops.fp8_linear(x, w, impl="ffi")
+
+
+def test_ffi_path_lowers_for_cuda(monkeypatch):
+    """The kernel path's ffi_calls (shapes, attribute types, vmap, custom_vjp) lower for CUDA even
+    on a machine without a GPU, so a broken call shows up in CPU CI."""
+    monkeypatch.setattr(_ffi, "resolve_impl", lambda op, target, impl: "ffi")
+
+    def forward(x, w):
+        q, s = ops.quantize_fp8(x)
+        wq, ws = ops.quantize_fp8(w, block=(128, 128), scale_format="ue8m0")
+        return ops.fp8_gemm(q, s, wq, ws)
+
+    def lower(fn, *args):
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+    x, w = jnp.ones((300, 256), jnp.bfloat16), jnp.ones((130, 256), jnp.bfloat16)
+    text = lower(forward, x, w)
+    assert "@jax_ds_quantize_fp8" in text and "ue8m0 = true" in text
+    assert "block_m = 128 : i32" in text
+    cfg = ops.gemm_config(300, 130, 256, _ffi.num_sms())
+    assert (f"block_m = {cfg.block_m} : i32, block_n = {cfg.block_n} : i32, "
+            f"num_sms = {cfg.num_sms} : i32") in text
+    assert lower(jax.vmap(forward, in_axes=(0, None)), x[None], w).count("custom_call") == 3
+    grad = jax.grad(lambda x, w: jnp.sum(ops.fp8_linear(x, w) ** 2), argnums=(0, 1))
+    assert lower(grad, x.astype(jnp.float32), w.astype(jnp.float32)).count("@jax_ds_fp8_gemm") == 2

@@ -1,0 +1,182 @@
+"""FP8 GEMM kernel (impl="ffi") against its float32 reference, on a CUDA GPU.
+
+Every case draws fresh random operands whose 1x128 / 128x128 blocks span magnitudes 1e-3..1e3
+(unit magnitudes where a dropped or doubled block must show), quantizes them with the reference,
+and requires of the kernel: no NaN/Inf, calc_diff within `testing.tolerance(out_dtype, k)`, and
+every element within |out - ref| <= 1e-2 |ref| + 1e-2 e, where e = sqrt(sum_k (a_mk b_nk)^2) is the
+natural size of a rounding error in that dot product. Skipped without the kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+gemm = pytest.importorskip("jax_ds.ops.gemm")
+
+import jax.numpy as jnp  # noqa: E402
+
+from jax_ds import _ffi, arg_specs, testing  # noqa: E402
+from jax_ds.ops import dequantize_fp8, fp8_gemm, fp8_gemm_reference, quantize_fp8  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+OUT_DTYPES = (jnp.bfloat16, jnp.float32)
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _kernel():
+    why = _ffi.unavailable_reason(gemm.TARGET)
+    if why:
+        pytest.skip(f"FP8 GEMM kernel unavailable: {why}")
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _operands(key, m, n, k, spread):
+    """Quantized a [m,k] (1x128) and b [n,k] (128x128), block magnitudes 10^U(-spread, spread)."""
+    ka, kb, ksa, ksb = jax.random.split(key, 4)
+    mag_a = 10.0 ** jax.random.uniform(ksa, (m, -(-k // 128)), minval=-spread, maxval=spread)
+    mag_b = 10.0 ** jax.random.uniform(ksb, (-(-n // 128), -(-k // 128)), minval=-spread,
+                                       maxval=spread)
+    a = jax.random.normal(ka, (m, k)) * jnp.repeat(mag_a, 128, 1)[:, :k]
+    b = jax.random.normal(kb, (n, k)) * jnp.repeat(jnp.repeat(mag_b, 128, 0)[:n], 128, 1)[:, :k]
+    a8, sa = quantize_fp8(a, block=(1, 128), impl="xla")
+    b8, sb = quantize_fp8(b, block=(128, 128), impl="xla")
+    return a8, sa, b8, sb
+
+
+@jax.jit
+def _reference(a8, sa, b8, sb):
+    """float32 reference and the per-element error scale sqrt(sum_k (a_mk b_nk)^2)."""
+    ref = fp8_gemm_reference(a8, sa, b8, sb, out_dtype=jnp.float32)
+    a2 = jnp.square(dequantize_fp8(a8, sa, (1, 128)))
+    b2 = jnp.square(dequantize_fp8(b8, sb, (128, 128)))
+    return ref, jnp.sqrt(jnp.einsum("MK,NK->MN", a2, b2, precision=HIGHEST))
+
+
+@functools.lru_cache(maxsize=1)
+def _case(m, n, k, spread=3.0, seed=0):
+    ops = _operands(jax.random.key(seed), m, n, k, spread)
+    ref, err_scale = _reference(*ops)
+    return ops, np.asarray(ref), np.asarray(err_scale)
+
+
+def _check(out, ref, err_scale, k, what):
+    """Asserts the kernel's `out` matches the float32 `ref` (see the module docstring)."""
+    kind = "float32" if out.dtype == jnp.float32 else "bfloat16"
+    what = f"{what} -> {kind}"
+    out = np.asarray(out, np.float32)
+    assert out.shape == ref.shape, f"{what}: shape {out.shape}, expected {ref.shape}"
+    bad = ~np.isfinite(out)
+    assert not bad.any(), f"{what}: {bad.sum()} non-finite outputs, first at {np.argwhere(bad)[0]}"
+    diff = testing.calc_diff(out, ref)
+    limit = testing.tolerance(kind, k)
+    assert diff < limit, f"{what}: calc_diff {diff:.3e} >= {limit:.1e}"
+    err = np.abs(out - ref)
+    bad = err > 1e-2 * np.abs(ref) + 1e-2 * err_scale
+    if bad.any():
+        i = tuple(np.argwhere(bad)[0])
+        pytest.fail(f"{what}: {bad.sum()} of {bad.size} elements off; first at {i}: got {out[i]}, "
+                    f"reference {ref[i]} (error scale {err_scale[i]:.3e})")
+
+
+# Full M x N at the smallest and the largest K; the two middle K on a corner subset.
+SHAPES = [(m, n, k) for k in (128, 7168)
+          for m in arg_specs.GEMM_TEST_M for n in arg_specs.GEMM_TEST_N]
+SHAPES += [(m, n, k) for k in arg_specs.GEMM_TEST_K[1:-1] for m in (7, 4096) for n in (129, 2112)]
+
+
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_fp8_gemm_matches_reference(m, n, k):
+    ops, ref, err_scale = _case(m, n, k)
+    for out_dtype in OUT_DTYPES:
+        out = jax.jit(functools.partial(fp8_gemm, out_dtype=out_dtype, impl="ffi"))(*ops)
+        assert out.dtype == out_dtype
+        _check(out, ref, err_scale, k, f"fp8_gemm {m}x{n}x{k}")
+
+
+def _ffi_gemm(ops, out_dtype, block_m, block_n, num_sms):
+    """The kernel with an explicit tile, bypassing gemm_config."""
+    a8, _, b8, _ = ops
+    call = jax.ffi.ffi_call(gemm.TARGET, jax.ShapeDtypeStruct((a8.shape[0], b8.shape[0]),
+                                                              out_dtype), vmap_method="sequential")
+    return call(*ops, block_m=np.int32(block_m), block_n=np.int32(block_n),
+                num_sms=np.int32(num_sms))
+
+
+TILES = list(itertools.product((64, 128), (16, 32, 64, 128)))
+
+
+@pytest.mark.parametrize("block_m,block_n", TILES)
+@pytest.mark.parametrize("m,n,k", [(7, 129, 256), (200, 300, 384), (4095, 2112, 1024)])
+def test_every_tile(m, n, k, block_m, block_n):
+    # Unit magnitudes: a tile or k-block dropped or counted twice moves calc_diff by >= 1e-3.
+    ops, ref, err_scale = _case(m, n, k, spread=0.0, seed=1)
+    tiles = -(-m // block_m) * -(-n // block_n)
+    for out_dtype in OUT_DTYPES:
+        for num_sms in sorted({min(tiles, _ffi.num_sms()), 3, _ffi.num_sms()}):
+            out = _ffi_gemm(ops, out_dtype, block_m, block_n, num_sms)
+            _check(out, ref, err_scale, k, f"tile {block_m}x{block_n}, {num_sms} SMs, {m}x{n}x{k}")
+
+
+def test_bad_attributes_are_errors_not_launches():
+    ops, ref, err_scale = _case(64, 128, 256, spread=0.0)
+    for block_m, block_n, num_sms in ((96, 64, 8), (64, 48, 8), (64, 64, 0)):
+        with pytest.raises(Exception, match="fp8_gemm"):
+            jax.block_until_ready(_ffi_gemm(ops, jnp.bfloat16, block_m, block_n, num_sms))
+    # ... and the device is still healthy afterwards.
+    _check(fp8_gemm(*ops, impl="ffi"), ref, err_scale, 256, "after errors")
+
+
+@pytest.mark.parametrize("m,n,k", [(4095, 129, 384), (1000, 2112, 7168), (1, 7168, 128)])
+def test_no_stale_memory(m, n, k):
+    """Output buffers XLA hands the kernel held NaNs before: every element must be written."""
+    ops, ref, err_scale = _case(m, n, k)
+    for out_dtype in OUT_DTYPES:
+        # Free NaN buffers of the output's size (and larger): the allocator reuses them.
+        dirty = [jnp.full(shape, jnp.nan, out_dtype) for shape in ((m, n), (m, n), (4096, 8192))]
+        jax.block_until_ready(dirty)
+        del dirty
+        out = jax.jit(functools.partial(fp8_gemm, out_dtype=out_dtype, impl="ffi"))(*ops)
+        _check(out, ref, err_scale, k, f"after NaN fill {m}x{n}x{k}")
+
+
+def test_jit_vmap():
+    m, n, k, batch = 100, 300, 512, 3
+    cases = [_operands(jax.random.key(10 + i), m, n, k, 3.0) for i in range(batch)]
+    a8, sa, b8, sb = (jnp.stack(x) for x in zip(*cases))
+    shared_b = jax.jit(jax.vmap(lambda a, s: fp8_gemm(a, s, b8[0], sb[0], impl="ffi")))(a8, sa)
+    all_batched = jax.jit(jax.vmap(functools.partial(fp8_gemm, impl="ffi")))(a8, sa, b8, sb)
+    for i in range(batch):
+        ref, err_scale = (np.asarray(x) for x in _reference(*cases[i]))
+        _check(all_batched[i], ref, err_scale, k, f"vmap[{i}]")
+        ref, err_scale = (np.asarray(x) for x in _reference(a8[i], sa[i], b8[0], sb[0]))
+        _check(shared_b[i], ref, err_scale, k, f"vmap, shared b, [{i}]")
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_fp8_linear_grad_matches_xla(dtype):
+    """Forward, dgrad (FP8 kernel) and wgrad agree with impl="xla" on the same quantized values."""
+    kx, kw, kg = jax.random.split(jax.random.key(3), 3)
+    x = jax.random.normal(kx, (2, 65, 300), dtype)
+    w = (jax.random.normal(kw, (520, 300)) * 0.05).astype(dtype)
+    g = jax.random.normal(kg, (2, 65, 520), dtype)
+
+    def loss(x, w, impl):
+        return jnp.vdot(gemm.fp8_linear(x, w, impl=impl).astype(jnp.float32), g.astype(jnp.float32))
+
+    def run(impl):
+        y = jax.jit(functools.partial(gemm.fp8_linear, impl=impl))(x, w)
+        return (y, *jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(x, w, impl))
+
+    for name, got, want in zip(("y", "dx", "dw"), run("ffi"), run("xla")):
+        assert got.dtype == want.dtype == dtype, name
+        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+        assert np.isfinite(got).all(), name
+        diff = testing.calc_diff(got, want)
+        assert diff < testing.tolerance(dtype, 520), f"fp8_linear {name}: calc_diff {diff:.3e}"

@@ -1,0 +1,111 @@
+"""Router: group-limited top-k, the selection-only bias, its update rule, counts, balance loss."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jax_ds.models import (DeepSeekConfig, Router, RouterBias, Transformer, balance_loss,
+                           train_step, update_router_bias)
+
+
+def make_router(e=8, groups=4, topk_groups=2, k=2, **changes):
+    """A router whose logits equal its input (weight = identity, d_model = E)."""
+    cfg = DeepSeekConfig.tiny(d_model=e, num_experts=e, num_groups=groups,
+                              topk_groups=topk_groups, top_k=k, **changes)
+    router = Router(cfg, rngs=nnx.Rngs(0))
+    router.weight[...] = jnp.eye(e)
+    return router
+
+
+def logit(p):
+    return float(np.log(p / (1 - p)))
+
+
+def test_group_limit_uses_top2_sum_per_group():
+    # Groups of 2. Group 0 holds the single best expert (0.99) but a poor partner (0.01);
+    # groups 1 and 2 hold two good experts each, so V3's top-2-sum group score drops group 0.
+    p = [0.99, 0.01, 0.8, 0.8, 0.7, 0.7, 0.1, 0.1]
+    router = make_router()
+    idx, w, scores = router(jnp.asarray([[[logit(v) for v in p]]]))
+    assert set(np.asarray(idx).ravel()) == {2, 3}
+    np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-6)  # normalised, scaling 1
+    # Without group limiting, the best single expert wins.
+    idx, _, _ = make_router(groups=1, topk_groups=1)(jnp.asarray([[[logit(v) for v in p]]]))
+    assert 0 in set(np.asarray(idx).ravel())
+
+
+def test_selected_experts_lie_in_topk_groups():
+    e, groups, topk_groups, k = 16, 8, 3, 4
+    router = make_router(e, groups, topk_groups, k)
+    x = jax.random.normal(jax.random.key(0), (4, 64, e)) * 3
+    idx, _, _ = router(x)
+    groups_used = np.asarray(idx) // (e // groups)
+    for row in groups_used.reshape(-1, k):
+        assert len(set(row)) <= topk_groups
+    assert len(set(np.asarray(idx).ravel())) > topk_groups * (e // groups)  # varies by token
+
+
+def test_bias_steers_selection_but_not_weights():
+    p = np.array([0.9, 0.8, 0.3, 0.2])
+    router = make_router(e=4, groups=1, topk_groups=1, k=2, routed_scaling=2.5)
+    x = jnp.asarray([[[logit(v) for v in p]]])
+    idx, w, _ = router(x)
+    assert set(np.asarray(idx).ravel()) == {0, 1}
+    router.bias[...] = jnp.asarray([0.0, 0.0, 1.0, 0.0])  # expert 2 now beats expert 1
+    idx, w, scores = router(x)
+    assert set(np.asarray(idx).ravel()) == {0, 2}
+    # Gate values come from the raw scores: 0.9 and 0.3, normalised, times the scaling.
+    got = dict(zip(np.asarray(idx).ravel().tolist(), np.asarray(w).ravel().tolist()))
+    np.testing.assert_allclose([got[0], got[2]], [2.5 * 0.9 / 1.2, 2.5 * 0.3 / 1.2], rtol=1e-5)
+
+
+def test_softmax_router_v2_style():
+    router = make_router(e=4, groups=2, topk_groups=1, k=2, score_func="softmax",
+                         norm_topk_prob=False, router_bias=False, bias_update_rate=0.0,
+                         routed_scaling=1.0)
+    assert router.bias is None
+    x = jnp.asarray([[[3.0, -5.0, 2.0, 2.0]]])  # group 0's max (3.0) beats group 1's (2.0)
+    idx, w, scores = router(x)
+    assert set(np.asarray(idx).ravel()) == {0, 1}
+    np.testing.assert_allclose(w, jnp.take_along_axis(scores, idx, -1), rtol=1e-6)
+    np.testing.assert_allclose(scores.sum(-1), 1.0, rtol=1e-6)
+
+
+def test_bias_update_is_sign_of_load_error():
+    bias = jnp.asarray([0.0, 0.1, -0.1, 0.0])
+    counts = jnp.asarray([10, 0, 5, 5])  # mean 5
+    np.testing.assert_allclose(update_router_bias(bias, counts, 0.01),
+                               [-0.01, 0.11, -0.1, 0.0], atol=1e-7)
+
+
+def test_balance_loss_is_one_when_balanced():
+    e, k, t = 4, 2, 8
+    scores = jnp.ones((1, t, e))  # uniform affinities: P_i = 1/E
+    idx = jnp.asarray([[[i % e, (i + 1) % e] for i in range(t)]])  # every expert 4 times
+    np.testing.assert_allclose(balance_loss(scores, idx, e), 1.0, rtol=1e-6)
+    # All load and all affinity on experts 0 and 1: f = (2, 2, 0, 0), P = (1/2, 1/2, 0, 0).
+    skewed = jnp.zeros_like(idx).at[..., 1].set(1)
+    peaked = jnp.zeros_like(scores).at[..., :2].set(1.0)
+    assert float(balance_loss(peaked, skewed, e)) == pytest.approx(2.0)
+
+
+def test_train_step_moves_bias_outside_the_gradient():
+    cfg = DeepSeekConfig.tiny(d_model=32, expert_hidden=16, num_layers=2, q_lora_rank=16,
+                              kv_lora_rank=16, qk_nope_dim=8, qk_rope_dim=8, v_head_dim=8,
+                              dense_hidden=64, bias_update_rate=0.01)
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+    # The optimizer holds no state for the biases, so it cannot move them.
+    opt_leaves = jax.tree_util.tree_leaves_with_path(nnx.state(optimizer))
+    assert not any("bias" in jax.tree_util.keystr(path) for path, _ in opt_leaves)
+    tokens = jax.random.randint(jax.random.key(1), (4, 17), 0, cfg.vocab_size)
+    metrics = nnx.jit(train_step)(model, optimizer, tokens)
+    counts = np.asarray(metrics["expert_counts"])
+    assert counts.shape == (cfg.num_moe_layers, cfg.num_experts)
+    assert (counts.sum(-1) == 4 * 16 * cfg.top_k).all()  # every MoE layer reports its counts
+    bias = np.asarray(model.moe_layers()[0].router.bias[...])
+    np.testing.assert_allclose(bias, 0.01 * np.sign(counts[0].mean() - counts[0]), atol=1e-7)
+    assert isinstance(model.moe_layers()[0].router.bias, RouterBias)
