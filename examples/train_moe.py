@@ -29,7 +29,7 @@ def parse_args():
     p.add_argument("--fp8", action="store_true", help="FP8 GEMMs (1x128 / 128x128 scaling)")
     p.add_argument("--batch", type=int, default=16, help="sequences per step")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    p.add_argument("--lr", type=float, default=8e-3, help="peak learning rate")
     p.add_argument("--warmup", type=int, default=15, help="linear warmup steps")
     p.add_argument("--mtp", type=int, default=None, help="multi-token-prediction depth")
     p.add_argument("--capacity-factor", type=float, default=None,
@@ -82,7 +82,8 @@ def main():
         raise SystemExit(f"config {args.config} has vocab {cfg.vocab_size} < 256 bytes")
     mesh = choose_mesh(args.mesh)
     counts = param_counts(cfg)
-    console.print(f"[bold]{args.config}[/]: {counts['total'] / 1e6:.2f}M parameters "
+    mtp = f" + {counts['mtp'] / 1e6:.2f}M MTP" if cfg.mtp_depth else ""
+    console.print(f"[bold]{args.config}[/]: {counts['total'] / 1e6:.2f}M parameters{mtp} "
                   f"({counts['activated'] / 1e6:.2f}M activated), {cfg.num_experts} experts "
                   f"top-{cfg.top_k}, fp8={cfg.fp8}, mtp={cfg.mtp_depth} | mesh "
                   f"{dict(mesh.shape)} on {jax.device_count()} {jax.default_backend()} devices")
@@ -134,12 +135,16 @@ def main():
                   f"{args.steps} steps in {train_time:.0f}s incl. compile; "
                   f"router bias range [{bias.min():+.3f}, {bias.max():+.3f}]; "
                   f"dropped assignments {dropped}")
-    save_plot(losses, val_ce, args.plot)
-    console.print(f"loss curve: {args.plot}")
+    if save_plot(losses, val_ce, args.plot):
+        console.print(f"loss curve: {args.plot}")
 
 
 def save_plot(losses, val_ce, path):
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        console.print("no plot: matplotlib is not installed (pip install matplotlib)")
+        return False
 
     matplotlib.use("Agg")  # files only: works without a display
     import matplotlib.pyplot as plt
@@ -148,15 +153,16 @@ def save_plot(losses, val_ce, path):
     steps = np.arange(1, len(losses) + 1)
     ax.plot(steps, losses, lw=1, alpha=0.5, label="train loss (per step)")
     window = max(1, len(losses) // 20)
-    if len(losses) > window:
+    if window > 1:
         smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
         ax.plot(steps[window - 1:], smooth, lw=2, label=f"train loss ({window}-step mean)")
     ax.axhline(val_ce, color="k", ls="--", lw=1, label=f"validation CE {val_ce:.3f}")
-    ax.set(xlabel="step", ylabel="loss (nats / byte)", title="jax-ds: tiny DeepSeek MoE")
+    ax.set(xlabel="step", ylabel="loss (nats / byte)", title=f"jax-ds: {args.config} DeepSeek MoE")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    return True
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <string>
 
 #include "common/status.h"
@@ -30,9 +31,17 @@ ffi::Error Launch(cudaStream_t stream, const void* a, const float* a_scale, cons
       std::min(kMaxStages, (kMaxSmemBytes - Smem::bytes(0)) / (Smem::kStageBytes + 16));
   const int smem_bytes = Smem::bytes(stages);
   auto kernel = sm90_fp8_gemm_kernel<BM, BN, OutT>;
-  // The dynamic shared-memory limit is per kernel and per device (cheap host call).
-  JAX_DS_CUDA_RETURN_IF_ERROR(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
+  // The dynamic shared-memory limit is per kernel and per device. Setting it costs host time
+  // that small GEMMs feel, so each (kernel, device) pair does it once.
+  static std::atomic<uint64_t> raised_on_devices{0};
+  int device = 0;
+  JAX_DS_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+  const uint64_t bit = uint64_t(1) << (device % 64);
+  if (!(raised_on_devices.load(std::memory_order_acquire) & bit)) {
+    JAX_DS_CUDA_RETURN_IF_ERROR(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
+    raised_on_devices.fetch_or(bit, std::memory_order_acq_rel);
+  }
 
   CUtensorMap map_a, map_b, map_out = {};
   if (auto err = EncodeFp8TileMap(&map_a, a, M, K, BM, kBlockK); err.failure()) return err;

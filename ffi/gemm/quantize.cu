@@ -2,8 +2,8 @@
 //
 // Per block of x (1x128 token group or 128x128 weight block):
 //   amax  = max |x| over the block's finite elements, clamped to >= 1e-4
-//   f32:    scale = amax / 448,                 q = x * (448 / amax)
-//   ue8m0:  scale = 2^ceil(log2(amax / 448)),   q = x * (1 / scale)       (exact power of two)
+//   f32:    scale = amax * (1/448),             q = x * (448 / amax)
+//   ue8m0:  scale = 2^ceil(log2(amax * (1/448))), q = x * (1 / scale)     (exact power of two)
 //   x_fp8 = e4m3(q) rounded to nearest even; NaN / +-Inf inputs become NaN (e4m3fn has no Inf),
 //   so non-finite values poison the GEMM visibly instead of being scaled away.
 // The Python reference (jax_ds/ops/quant.py) computes the same expressions in the same order.
@@ -31,9 +31,12 @@ __device__ __forceinline__ float finite_abs(float v) { return isfinite(v) ? fabs
 // Returns (scale, multiplier applied to x) for a block's amax.
 __device__ __forceinline__ float2 block_scale(float amax, bool ue8m0) {
   amax = fmaxf(amax, 1e-4f);
-  if (!ue8m0) return make_float2(amax / kFp8Max, kFp8Max / amax);
+  // amax * (1/448), not amax / 448: PyTorch (DeepGEMM's reference) and XLA both turn a division
+  // by a constant into this multiplication, and the scale must match them bit for bit.
+  const float scaled = amax * (1.f / kFp8Max);
+  if (!ue8m0) return make_float2(scaled, kFp8Max / amax);  // IEEE division (no fast math)
   int e;
-  const float mant = frexpf(amax / kFp8Max, &e);  // amax/448 = mant * 2^e, mant in [0.5, 1)
+  const float mant = frexpf(scaled, &e);  // amax/448 = mant * 2^e, mant in [0.5, 1)
   const int exp2 = mant == 0.5f ? e - 1 : e;       // ceil(log2(.)), exact
   return make_float2(ldexpf(1.f, exp2), ldexpf(1.f, -exp2));
 }

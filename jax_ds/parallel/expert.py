@@ -140,8 +140,8 @@ class EPState(NamedTuple):
     dest: jax.Array        # [M] int32 destination rank of each sorted row (ep: padding or dropped)
     slot: jax.Array        # [M] int32 row index inside the destination's chunk
     order: jax.Array       # [R] int32 received row -> local-expert-sorted position
-    sent: jax.Array        # [ep, ep] int32 rows sent, [source, destination] (after the budget)
-    offered: jax.Array     # [ep, ep] int32 rows offered, before the budget
+    sent: jax.Array | None     # ragged only: [ep, ep] int32 rows sent [source, destination]
+    offered: jax.Array | None  # ragged only: [ep, ep] int32 rows offered, before the budget
     dropped: jax.Array     # [] int32 rows of this rank that the budget dropped
     exchange: str
     capacity: int
@@ -205,13 +205,15 @@ def ep_dispatch(x, topk_idx, *, num_experts: int, axis_name: str, capacity: int,
     offered_me = group_sizes.reshape(ep, local).sum(1)  # rows to each destination
     start = _excl_cumsum(offered_me, 0)
     slot = jnp.arange(m, dtype=jnp.int32) - start[jnp.minimum(dest, ep - 1)]
-    offered = jax.lax.all_gather(offered_me, axis_name)  # [src, dst], every rank sees all
     r = ep * capacity
-    if exchange == "padded":
-        sent = jnp.minimum(offered, capacity)
-    else:  # one receive budget per destination, filled in source-rank order
+    if exchange == "padded":  # each (source, destination) pair has its own C rows
+        offered = sent = None
+        sent_me = jnp.minimum(offered_me, capacity)
+    else:  # one receive budget of ep x C rows per destination, filled in source-rank order
+        offered = jax.lax.all_gather(offered_me, axis_name)  # [src, dst]: every rank sees all
         sent = jnp.clip(r - _excl_cumsum(offered, 0), 0, offered)
-    keep = (dest < ep) & (slot < sent[me, jnp.minimum(dest, ep - 1)])
+        sent_me = sent[me]
+    keep = (dest < ep) & (slot < sent_me[jnp.minimum(dest, ep - 1)])
     dest = jnp.where(keep, dest, ep)                   # out of range: scatters drop, gathers fill
     dropped = ((expert < num_experts) & ~keep).sum().astype(jnp.int32)
 
@@ -222,7 +224,7 @@ def ep_dispatch(x, topk_idx, *, num_experts: int, axis_name: str, capacity: int,
         recv_x = jax.lax.all_to_all(send_x, axis_name, 0, 0).reshape(r, d)
         recv_e = jax.lax.all_to_all(send_e, axis_name, 0, 0).reshape(r)
     else:
-        args = (start, sent[me], _excl_cumsum(sent, 0)[me], sent[:, me])
+        args = (start, sent_me, _excl_cumsum(sent, 0)[me], sent[:, me])
         recv_x = _ragged(exchange, x_sorted, jnp.zeros((r, d), x.dtype), *args,
                          axis_name=axis_name)
         recv_e = _ragged(exchange, local_expert, jnp.full((r,), -1, jnp.int32), *args,
