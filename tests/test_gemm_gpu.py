@@ -36,7 +36,6 @@ def _kernel():
         pytest.skip(f"FP8 GEMM kernel unavailable: {why}")
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
 def _operands(key, m, n, k, spread):
     """Quantized a [m,k] (1x128) and b [n,k] (128x128), block magnitudes 10^U(-spread, spread)."""
     ka, kb, ksa, ksb = jax.random.split(key, 4)
@@ -50,7 +49,6 @@ def _operands(key, m, n, k, spread):
     return a8, sa, b8, sb
 
 
-@jax.jit
 def _reference(a8, sa, b8, sb):
     """float32 reference and the per-element error scale sqrt(sum_k (a_mk b_nk)^2)."""
     ref = fp8_gemm_reference(a8, sa, b8, sb, out_dtype=jnp.float32)
@@ -59,30 +57,45 @@ def _reference(a8, sa, b8, sb):
     return ref, jnp.sqrt(jnp.einsum("MK,NK->MN", a2, b2, precision=HIGHEST))
 
 
+# The reference's float32 dots need no autotuning; without it a compile per shape stays short.
+_jit = functools.partial(jax.jit, compiler_options={"xla_gpu_autotune_level": 0})
+_reference_jit = _jit(_reference)
+
+
+@functools.partial(_jit, static_argnums=(1, 2, 3, 4))
+def _make_case(key, m, n, k, spread):
+    ops = _operands(key, m, n, k, spread)
+    return ops, *_reference(*ops)
+
+
 @functools.lru_cache(maxsize=1)
 def _case(m, n, k, spread=3.0, seed=0):
-    ops = _operands(jax.random.key(seed), m, n, k, spread)
-    ref, err_scale = _reference(*ops)
-    return ops, np.asarray(ref), np.asarray(err_scale)
+    """(operands, reference, error scale), the last two on the device."""
+    return _make_case(jax.random.key(seed), m, n, k, spread)
+
+
+@jax.jit
+def _mismatches(out, ref, err_scale):
+    """Elements outside |out - ref| <= 1e-2 |ref| + 1e-2 err_scale (NaN included): count, first."""
+    bad = ~(jnp.abs(out.astype(jnp.float32) - ref) <= 1e-2 * jnp.abs(ref) + 1e-2 * err_scale)
+    return jnp.sum(bad), jnp.argmax(bad), jnp.sum(~jnp.isfinite(out))
 
 
 def _check(out, ref, err_scale, k, what):
     """Asserts the kernel's `out` matches the float32 `ref` (see the module docstring)."""
     kind = "float32" if out.dtype == jnp.float32 else "bfloat16"
     what = f"{what} -> {kind}"
-    out = np.asarray(out, np.float32)
     assert out.shape == ref.shape, f"{what}: shape {out.shape}, expected {ref.shape}"
-    bad = ~np.isfinite(out)
-    assert not bad.any(), f"{what}: {bad.sum()} non-finite outputs, first at {np.argwhere(bad)[0]}"
-    diff = testing.calc_diff(out, ref)
+    count, first, nonfinite = (int(v) for v in _mismatches(out, ref, err_scale))
+    assert nonfinite == 0, f"{what}: {nonfinite} non-finite outputs"
+    if count:
+        i = np.unravel_index(first, out.shape)
+        pytest.fail(f"{what}: {count} of {out.size} elements off; first at {i}: got "
+                    f"{float(out[i])}, reference {float(ref[i])} "
+                    f"(error scale {float(err_scale[i]):.3e})")
+    diff = testing.calc_diff(np.asarray(out, np.float32), np.asarray(ref))
     limit = testing.tolerance(kind, k)
     assert diff < limit, f"{what}: calc_diff {diff:.3e} >= {limit:.1e}"
-    err = np.abs(out - ref)
-    bad = err > 1e-2 * np.abs(ref) + 1e-2 * err_scale
-    if bad.any():
-        i = tuple(np.argwhere(bad)[0])
-        pytest.fail(f"{what}: {bad.sum()} of {bad.size} elements off; first at {i}: got {out[i]}, "
-                    f"reference {ref[i]} (error scale {err_scale[i]:.3e})")
 
 
 # Full M x N at the smallest and the largest K; the two middle K on a corner subset.
@@ -91,11 +104,15 @@ SHAPES = [(m, n, k) for k in (128, 7168)
 SHAPES += [(m, n, k) for k in arg_specs.GEMM_TEST_K[1:-1] for m in (7, 4096) for n in (129, 2112)]
 
 
+@jax.jit
+def _fp8_gemm_both(a8, sa, b8, sb):  # one compile per shape for both output dtypes
+    return [fp8_gemm(a8, sa, b8, sb, out_dtype=d, impl="ffi") for d in OUT_DTYPES]
+
+
 @pytest.mark.parametrize("m,n,k", SHAPES)
 def test_fp8_gemm_matches_reference(m, n, k):
     ops, ref, err_scale = _case(m, n, k)
-    for out_dtype in OUT_DTYPES:
-        out = jax.jit(functools.partial(fp8_gemm, out_dtype=out_dtype, impl="ffi"))(*ops)
+    for out_dtype, out in zip(OUT_DTYPES, _fp8_gemm_both(*ops)):
         assert out.dtype == out_dtype
         _check(out, ref, err_scale, k, f"fp8_gemm {m}x{n}x{k}")
 
@@ -148,14 +165,13 @@ def test_no_stale_memory(m, n, k):
 
 def test_jit_vmap():
     m, n, k, batch = 100, 300, 512, 3
-    cases = [_operands(jax.random.key(10 + i), m, n, k, 3.0) for i in range(batch)]
-    a8, sa, b8, sb = (jnp.stack(x) for x in zip(*cases))
+    cases = [_make_case(jax.random.key(10 + i), m, n, k, 3.0) for i in range(batch)]
+    a8, sa, b8, sb = (jnp.stack(x) for x in zip(*(ops for ops, _, _ in cases)))
     shared_b = jax.jit(jax.vmap(lambda a, s: fp8_gemm(a, s, b8[0], sb[0], impl="ffi")))(a8, sa)
     all_batched = jax.jit(jax.vmap(functools.partial(fp8_gemm, impl="ffi")))(a8, sa, b8, sb)
-    for i in range(batch):
-        ref, err_scale = (np.asarray(x) for x in _reference(*cases[i]))
+    for i, (_, ref, err_scale) in enumerate(cases):
         _check(all_batched[i], ref, err_scale, k, f"vmap[{i}]")
-        ref, err_scale = (np.asarray(x) for x in _reference(a8[i], sa[i], b8[0], sb[0]))
+        ref, err_scale = _reference_jit(a8[i], sa[i], b8[0], sb[0])
         _check(shared_b[i], ref, err_scale, k, f"vmap, shared b, [{i}]")
 
 

@@ -1,0 +1,56 @@
+"""Device time of JAX calls, read from the profiler: the sum of the GPU kernels' own durations.
+
+Wall-clock timing of small GEMMs measures the host: a jitted call costs tens of microseconds of
+dispatch, more than a 64-row FP8 GEMM runs on an H100. DeepGEMM's and FlashMLA's published figures
+are kernel times (CUPTI), so we compare like with like: run the calls under `jax.profiler`, collect
+every kernel/memcpy event on the GPU's stream lines, and divide their total duration by the number
+of calls. Multi-kernel paths (XLA's dequantize + dot) are charged all their kernels, not the gaps
+between them.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import tempfile
+
+import jax
+
+
+def _stream_events(xspace_path: str):
+    from jax.profiler import ProfileData  # jax >= 0.4.3x
+
+    data = ProfileData.from_file(xspace_path)
+    for plane in data.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            # Stream lines hold kernels and copies; "XLA Ops"/"XLA Modules" lines are annotations
+            # spanning them, and counting those too would double the time.
+            if line.name.startswith("Stream"):
+                yield from line.events
+
+
+def device_time_jax(fn, arg_sets, calls: int) -> float:
+    """Seconds of GPU kernel time per call of `fn(*args)`, args rotating over `arg_sets`.
+
+    Each set is called once first (compile, warm-up) outside the trace.
+    """
+    for args in arg_sets:
+        jax.block_until_ready(fn(*args))
+    with tempfile.TemporaryDirectory() as d:
+        jax.profiler.start_trace(d)
+        try:
+            out = None
+            for i in range(calls):
+                out = fn(*arg_sets[i % len(arg_sets)])
+            jax.block_until_ready(out)
+        finally:
+            jax.profiler.stop_trace()
+        paths = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
+        if not paths:
+            raise RuntimeError("jax.profiler wrote no trace")
+        total_ns = sum(ev.duration_ns for ev in _stream_events(paths[0]))
+    if total_ns <= 0:
+        raise RuntimeError("the trace holds no GPU kernel events (profiler unavailable?)")
+    return total_ns * 1e-9 / calls
