@@ -4,7 +4,7 @@ Byte-level language modelling on the docstrings of Python's standard library (no
 download), expert-parallel over a data x expert mesh. On a CPU-only machine it makes 8 virtual
 devices and uses mesh data=2 x expert=4; on GPUs the same command puts every GPU on `expert`.
 
-    python examples/train_moe.py                       # defaults: tiny, ~2 minutes on 2 cores
+    python examples/train_moe.py                       # tiny, 150 steps: ~1.5 min on 2 cores
     python examples/train_moe.py --steps 500 --mesh data=1,expert=8 --fp8
 """
 
@@ -35,7 +35,7 @@ def parse_args():
     p.add_argument("--capacity-factor", type=float, default=None,
                    help="EP exchange budget (default: lossless)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--plot", default="train_moe_loss.png", help="loss-curve PNG path")
+    p.add_argument("--plot", default="out/train_moe_loss.png", help="loss-curve PNG path")
     return p.parse_args()
 
 
@@ -149,6 +149,7 @@ def save_plot(losses, val_ce, path):
     matplotlib.use("Agg")  # files only: works without a display
     import matplotlib.pyplot as plt
 
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 4))
     steps = np.arange(1, len(losses) + 1)
     ax.plot(steps, losses, lw=1, alpha=0.5, label="train loss (per step)")

@@ -79,7 +79,6 @@ step_test() {
 step_sanitize() {
   command -v compute-sanitizer >/dev/null || { echo "compute-sanitizer not found"; return 1; }
   XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_ALLOCATOR=platform \
-    XLA_FLAGS="--xla_gpu_autotune_level=0" \
     timeout "${SANITIZE_TIMEOUT:-240}" compute-sanitizer --tool memcheck --target-processes all \
     --error-exitcode 3 \
     "$PY" scripts/sanitize_gemm.py

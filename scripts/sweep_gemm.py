@@ -1,9 +1,9 @@
 """Times every compiled tile (block_m x block_n) on the benchmark shapes; prints the best per
 shape next to gemm_config's pick and writes JSON (for tuning the cost model in ops/gemm.py)."""
-import itertools, json, os, sys
+import json, os
 import jax, jax.numpy as jnp, numpy as np
 from jax_ds.arg_specs import gemm_bench_shapes
-from jax_ds.bench._timing import time_jax
+from jax_ds.bench._profile import device_time_jax
 from jax_ds.ops import quantize_fp8
 from jax_ds.ops import gemm
 
@@ -24,12 +24,12 @@ for (m, n, k) in gemm_bench_shapes():
         b8, sb = quantize_fp8(jax.random.normal(kb, (n, k), jnp.bfloat16), block=(128, 128))
         sets.append((a8, sa, b8, sb))
     res = {}
-    for bm, bn in itertools.product(gemm.TILES_M, gemm.TILES_N):
+    for bm, bn in gemm.TILES:
         if m <= 64 and bm == 128:
             continue
         tiles = -(-m // bm) * -(-n // bn)
         f = jax.jit(lambda *o, bm=bm, bn=bn: call(o, bm, bn, min(tiles, sms)))
-        med = time_jax(f, sets, budget_s=0.15, repeats=3).median_s
+        med = device_time_jax(f, sets, 12)
         res[f"{bm}x{bn}"] = 2 * m * n * k / med / 1e12
     best = max(res, key=res.get)
     pick = gemm.gemm_config(m, n, k, sms)
