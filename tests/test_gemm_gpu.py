@@ -58,8 +58,10 @@ def _reference(a8, sa, b8, sb):
 
 # Two programs on purpose: inside one, XLA on GPU may fold the f32 -> e4m3 -> f32 round trip away
 # (excess precision), and the "reference" would then skip the FP8 rounding (seen: 3% off on H100).
+# Autotuning the reference's big float32 dots took ~8 s per shape; test_reference_is_exact checks
+# that the untuned dots are still exact enough.
 _operands_jit = jax.jit(_operands, static_argnums=(1, 2, 3, 4))
-_reference_jit = jax.jit(_reference)
+_reference_jit = jax.jit(_reference, compiler_options={"xla_gpu_autotune_level": 0})
 
 
 def _make_case(key, m, n, k, spread):
@@ -95,6 +97,15 @@ def _check(out, ref, err_scale, k, what):
     diff = testing.calc_diff(np.asarray(out, np.float32), np.asarray(ref))
     limit = testing.tolerance(kind, k)
     assert diff < limit, f"{what}: calc_diff {diff:.3e} >= {limit:.1e}"
+
+
+def test_reference_is_exact():
+    """The oracle itself, against float64 on the host from the same FP8 operands."""
+    (a8, sa, b8, sb), ref, _ = _case(300, 2112, 7168)
+    a64 = np.asarray(dequantize_fp8(a8, sa, (1, 128)), np.float64)
+    b64 = np.asarray(dequantize_fp8(b8, sb, (128, 128)), np.float64)
+    diff = testing.calc_diff(np.asarray(ref), a64 @ b64.T)
+    assert diff < 1e-9, f"float32 reference vs float64: calc_diff {diff:.2e}"
 
 
 # Full M x N at the smallest and the largest K; the two middle K on a corner subset.

@@ -1,0 +1,340 @@
+"""Expert-parallel load balancer (EPLB): DeepSeek's replication and placement plan, inside `jax.jit`.
+
+Given estimated loads [L, E] of E logical experts in L MoE layers, choose R >= E physical expert
+slots per layer (heavy experts get extra replicas) and place them on GPUs, R / num_gpus per GPU,
+so that per-GPU loads are balanced. Same contract and same greedy choices as DeepSeek's
+`eplb.rebalance_experts` (github.com/deepseek-ai/EPLB):
+
+  hierarchical  (num_groups % num_nodes == 0) pack the expert groups onto nodes, replicate experts
+                within each node, pack each node's replicas onto its GPUs. Group-limited routing
+                then keeps a token's traffic inside few nodes.
+  global        (otherwise) replicate over all experts, pack the replicas onto all GPUs.
+
+Both are built from two greedy steps:
+  balanced_packing   n items into m packs of exactly n / m items: items by load, heaviest first,
+                     each into the lightest pack that is not full (lowest index on ties).
+  replicate_experts  add one replica at a time to the expert with the largest load / replicas.
+
+How this differs from the reference in *implementation* (plans are the same):
+  * Replication is one `top_k`, not R - E argmax steps. The greedy picks the largest load / count;
+    expert i's successive candidates w_i / 1 > w_i / 2 > ... form a falling list, and the greedy
+    merges these lists, so its picks are the R - E largest values of {w_i / k : k >= 1}, ties
+    going to the lower expert id (the reference's argmax takes the first maximum; `top_k` the
+    lower index). This holds for loads >= 0; negative loads still give a valid plan, not
+    necessarily the reference's.
+  * Packing is a `lax.scan` over the n sorted items, all L (or L x nodes) rows at once.
+  * Loads are float32 (as the reference's `weight.float()`); integer loads are exact below 2^24.
+
+Ties. Our descending sorts are stable: equal loads go in increasing index order. The reference
+sorts with `torch.sort(descending=True)`, which on CPU is stable for rows of <= 16 items (an
+insertion sort) but not for longer rows (introsort). Replicas of one expert always tie in the
+last packing step (load w / count each), so for more than 16 slots per node the reference may
+put a different *replica rank* of an expert on a GPU: phy2log and logcnt are identical, log2phy's
+row for that expert lists the same slots in another order. With loads that tie between
+*different* experts (integer counts, say) in rows of more than 16 items, either plan is one the
+greedy rule allows, and they may differ. The README example and everything <= 16 per row match
+exactly, ties included.
+
+Differences in contract: log2phy's last dimension is static, the most replicas an expert can get
+(`max_replicas`), not the data-dependent maximum of logcnt; unused entries are -1 in both. Sizes
+the reference asserts on raise ValueError here, before tracing.
+
+Speed (2-core CPU, jax 0.11.2, torch 2.13.0; 58 layers x 256 experts onto 288 slots, 8 groups,
+4 nodes, 32 GPUs): reference 240 ms per call, this 1.1 ms per call steady state under jit.
+`python -m jax_ds.bench eplb` measures it at DeepSeek-V3 scale; results in benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class Plan(NamedTuple):
+    """A placement: what `rebalance_experts` returns (a tuple: it unpacks as the reference's)."""
+    phy2log: jax.Array  # [L, R] int32: the logical expert in each physical slot
+    log2phy: jax.Array  # [L, E, max_replicas] int32: slots of each expert by replica rank, -1 pad
+    logcnt: jax.Array   # [L, E] int32: replicas of each expert (>= 1, sums to R)
+
+
+def max_replicas(num_experts: int, num_replicas: int, num_groups: int, num_nodes: int) -> int:
+    """The most replicas one expert can get: log2phy's static last dimension."""
+    if num_groups % num_nodes == 0:  # hierarchical: replicated within a node
+        return (num_replicas - num_experts) // num_nodes + 1
+    return num_replicas - num_experts + 1
+
+
+def rebalance_experts(weight, num_replicas: int, num_groups: int, num_nodes: int,
+                      num_gpus: int) -> Plan:
+    """Replication and placement of experts that balances the loads of GPUs.
+
+    Args:
+      weight: [L, E] loads per logical expert (token counts or their moving average), any real
+        dtype, >= 0. Traced: works under jit and vmap (then it is [..., L, E] per call).
+      num_replicas: R, physical expert slots per layer; a multiple of num_gpus, >= E.
+      num_groups: expert groups of group-limited routing; E must divide by it.
+      num_nodes: server nodes; with num_groups % num_nodes == 0 the hierarchical policy is used.
+      num_gpus: GPUs in all; a multiple of num_nodes. GPU g holds slots [g R/G, (g+1) R/G).
+
+    Returns:
+      Plan(phy2log [L, R] int32, log2phy [L, E, max_replicas] int32 (-1 padded),
+           logcnt [L, E] int32).
+    """
+    sizes = dict(num_replicas=num_replicas, num_groups=num_groups, num_nodes=num_nodes,
+                 num_gpus=num_gpus)
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"rebalance_experts: {name}={value!r} must be a positive int "
+                             "(a static size, not a traced value)")
+    num_replicas, num_groups, num_nodes, num_gpus = map(operator.index, sizes.values())
+    shape = getattr(weight, "shape", None)
+    dtype = getattr(weight, "dtype", None)
+    if shape is None or len(shape) != 2:
+        raise ValueError(f"rebalance_experts: weight must be [layers, experts], got shape {shape}")
+    if dtype is None or not (jnp.issubdtype(dtype, jnp.integer) or
+                             jnp.issubdtype(dtype, jnp.floating)):
+        raise ValueError(f"rebalance_experts: weight must hold integer or float loads, got {dtype}")
+    num_experts = shape[1]
+    if num_experts % num_groups:
+        raise ValueError(f"rebalance_experts: {num_experts} experts (weight shape {shape}) do not "
+                         f"divide into num_groups={num_groups} groups")
+    if num_gpus % num_nodes:
+        raise ValueError(f"rebalance_experts: num_gpus={num_gpus} is not a multiple of "
+                         f"num_nodes={num_nodes}")
+    if num_replicas % num_gpus:
+        raise ValueError(f"rebalance_experts: num_replicas={num_replicas} is not a multiple of "
+                         f"num_gpus={num_gpus} (every GPU holds the same number of slots)")
+    if num_replicas < num_experts:
+        raise ValueError(f"rebalance_experts: num_replicas={num_replicas} is less than the "
+                         f"{num_experts} experts (weight shape {shape}): every expert needs a slot")
+    return _rebalance(weight, num_replicas, num_groups, num_nodes, num_gpus)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _rebalance(weight, num_replicas, num_groups, num_nodes, num_gpus) -> Plan:
+    num_layers, num_experts = weight.shape
+    w = weight.astype(jnp.float32)
+    w = jnp.where(w == 0, 0.0, w)  # -0.0 -> 0.0: top_k orders -0.0 below 0.0, torch does not
+    if num_groups % num_nodes:  # global policy: one node holding a single group
+        num_groups = num_nodes = 1
+    phy2log, rank, logcnt = _hierarchical(w, num_replicas, num_groups, num_nodes, num_gpus)
+    width = max_replicas(num_experts, num_replicas, num_groups, num_nodes)
+    log2phy = jnp.full((num_layers, num_experts * width), -1, jnp.int32)
+    slots = jnp.broadcast_to(jnp.arange(num_replicas, dtype=jnp.int32), phy2log.shape)
+    log2phy = _scatter_rows(log2phy, phy2log * width + rank, slots)
+    return Plan(phy2log, log2phy.reshape(num_layers, num_experts, width), logcnt)
+
+
+def _hierarchical(w_LE, num_phy, num_groups, num_nodes, num_gpus):
+    """Groups -> nodes, replicas within nodes, replicas -> GPUs. Returns (phy2log, rank, logcnt)."""
+    num_layers, num_log = w_LE.shape
+    group_size = num_log // num_groups
+    groups_per_node = num_groups // num_nodes
+    per_gpu = num_phy // num_gpus
+    log_per_node, phy_per_node = num_log // num_nodes, num_phy // num_nodes
+
+    # 1. Groups to nodes. "mlog" numbers experts node by node: node n holds [n E/N, (n+1) E/N).
+    group_load = _sum_in_order(w_LE.reshape(num_layers, num_groups, group_size))
+    group_node, group_rank = balanced_packing(group_load, num_nodes)
+    first = (group_node * groups_per_node + group_rank) * group_size            # [L, G]
+    log2mlog = (first[:, :, None] + jnp.arange(group_size, dtype=jnp.int32)).reshape(num_layers, -1)
+    mlog2log = _inverse(log2mlog)
+
+    # 2. Replicas within each node: rows are (layer, node) pairs.
+    w_mlog = jnp.take_along_axis(w_LE, mlog2log, -1).reshape(-1, log_per_node)
+    phy2mlog, phy_rank, mlog_cnt = replicate_experts(w_mlog, phy_per_node)
+
+    # 3. Each node's replicas to its GPUs; a replica carries its expert's load / replicas.
+    w_phy = jnp.take_along_axis(w_mlog / mlog_cnt, phy2mlog, -1)
+    gpu, rank_in_gpu = balanced_packing(w_phy, num_gpus // num_nodes)
+    pphy2phy = _inverse(gpu * per_gpu + rank_in_gpu)  # slot on the node -> replica
+
+    node_base = jnp.arange(num_nodes, dtype=jnp.int32)[:, None] * log_per_node
+    pphy2mlog = (jnp.take_along_axis(phy2mlog, pphy2phy, -1).reshape(num_layers, num_nodes, -1)
+                 + node_base).reshape(num_layers, num_phy)
+    phy2log = jnp.take_along_axis(mlog2log, pphy2mlog, -1)
+    rank = jnp.take_along_axis(phy_rank, pphy2phy, -1).reshape(num_layers, num_phy)
+    logcnt = jnp.take_along_axis(mlog_cnt.reshape(num_layers, num_log), log2mlog, -1)
+    return phy2log, rank, logcnt
+
+
+def gpu_loads(weight, plan, num_gpus: int):
+    """Load of each GPU under a plan, each replica carrying its expert's load / replicas.
+
+    Args:
+      weight: [L, E] loads.
+      plan: (phy2log [L, R], log2phy, logcnt [L, E]), e.g. a `Plan`.
+      num_gpus: G; GPU g holds slots [g R/G, (g+1) R/G).
+
+    Returns:
+      [L, G] float32.
+    """
+    phy2log, _, logcnt = plan
+    per_replica = jnp.asarray(weight, jnp.float32) / jnp.asarray(logcnt)
+    slot_load = jnp.take_along_axis(per_replica, jnp.asarray(phy2log), -1)
+    return slot_load.reshape(slot_load.shape[0], num_gpus, -1).sum(-1)
+
+
+def balanced_packing(weight_XN, num_packs: int):
+    """Greedy packing of N items into num_packs packs of exactly N / num_packs items per row.
+
+    Items go heaviest first (stable: equal loads in index order), each into the lightest pack that
+    is not yet full, the lowest-numbered one on ties. Pack loads add up in float32 in that order,
+    as the reference's do, so comparisons between them agree bit for bit.
+
+    Args:
+      weight_XN: [X, N] float32 loads.
+      num_packs: M, dividing N.
+
+    Returns:
+      (pack [X, N] int32 in [0, M), rank [X, N] int32: the item's position in its pack).
+    """
+    rows, n = weight_XN.shape
+    per_pack = n // num_packs
+    if per_pack == 1:  # one item per pack: item i alone in pack i, as in the reference
+        ids = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (rows, n))
+        return ids, jnp.zeros((rows, n), jnp.int32)
+    order = jnp.argsort(weight_XN, axis=-1, descending=True, stable=True).astype(jnp.int32)
+    w_sorted_NX = jnp.take_along_axis(weight_XN, order, -1).T
+    packs = jnp.arange(num_packs, dtype=jnp.int32)
+
+    def place(carry, w_X):
+        load_XM, count_XM = carry
+        is_open = count_XM < per_pack
+        lightest = jnp.min(jnp.where(is_open, load_XM, jnp.inf), -1, keepdims=True)
+        # First open pack at the minimum; if loads are inf/nan and none compares, the first open.
+        at_min = is_open & (load_XM <= lightest)
+        choice = jnp.argmax(jnp.where(at_min.any(-1, keepdims=True), at_min, is_open), -1)
+        hit = packs == choice[:, None].astype(jnp.int32)
+        rank = jnp.sum(jnp.where(hit, count_XM, 0), -1)
+        load_XM = jnp.where(hit, load_XM + w_X[:, None], load_XM)
+        return (load_XM, count_XM + hit), (choice.astype(jnp.int32), rank)
+
+    init = (jnp.zeros((rows, num_packs), jnp.float32), jnp.zeros((rows, num_packs), jnp.int32))
+    # Unrolled: each step is a few tiny ops, so a loop's per-iteration overhead would dominate.
+    _, (pack_NX, rank_NX) = jax.lax.scan(place, init, w_sorted_NX, unroll=min(n, 16))
+    return _scatter_rows(jnp.zeros((rows, n), jnp.int32), order, pack_NX.T), \
+        _scatter_rows(jnp.zeros((rows, n), jnp.int32), order, rank_NX.T)
+
+
+def replicate_experts(weight_XE, num_phy: int):
+    """Adds num_phy - E replicas, each to the expert with the largest load / replicas so far.
+
+    Args:
+      weight_XE: [X, E] float32 loads, >= 0.
+      num_phy: P >= E physical slots.
+
+    Returns:
+      (phy2log [X, P] int32: slot p < E holds expert p, slot E + t the t-th replica added;
+       rank [X, P] int32: the replica's number within its expert (0 for the first);
+       logcnt [X, E] int32 replicas per expert).
+    """
+    rows, num_log = weight_XE.shape
+    extra = num_phy - num_log
+    ids = jnp.broadcast_to(jnp.arange(num_log, dtype=jnp.int32), (rows, num_log))
+    if extra == 0:
+        return ids, jnp.zeros((rows, num_log), jnp.int32), jnp.ones((rows, num_log), jnp.int32)
+    # Candidate (i, k) is expert i's load per replica when it has k: picked, it gets replica k.
+    k = jnp.arange(1, extra + 1, dtype=jnp.float32)
+    candidates = (weight_XE[:, :, None] / k).reshape(rows, num_log * extra)
+    _, picks = jax.lax.top_k(candidates, extra)  # ties: lower (expert, k) first
+    expert, rank = picks // extra, picks % extra + 1
+    logcnt = 1 + jnp.sum(expert[:, :, None] == jnp.arange(num_log, dtype=jnp.int32), 1)
+    return (jnp.concatenate([ids, expert.astype(jnp.int32)], -1),
+            jnp.concatenate([jnp.zeros_like(ids), rank.astype(jnp.int32)], -1),
+            logcnt.astype(jnp.int32))
+
+
+def _sum_in_order(x):
+    """Sum over the last axis, left to right: the same float32 rounding as the numpy reference."""
+    total = x[..., 0]
+    for j in range(1, x.shape[-1]):
+        total = total + x[..., j]
+    return total
+
+
+def _scatter_rows(out_XN, index_XN, values_XN):
+    """out[x, index[x, n]] = values[x, n]."""
+    rows = jnp.arange(out_XN.shape[0], dtype=jnp.int32)[:, None]
+    return out_XN.at[rows, index_XN].set(values_XN, unique_indices=True)
+
+
+def _inverse(perm_XN):
+    """Row-wise inverse of permutations: inv[x, perm[x, n]] = n."""
+    n = perm_XN.shape[-1]
+    return _scatter_rows(jnp.zeros_like(perm_XN), perm_XN,
+                         jnp.broadcast_to(jnp.arange(n, dtype=perm_XN.dtype), perm_XN.shape))
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def rebalance_experts_reference(weight, num_replicas: int, num_groups: int, num_nodes: int,
+                                num_gpus: int) -> Plan:
+    """The same plan by the plain greedy loops, in numpy float32: the oracle and the baseline.
+
+    Equivalent to DeepSeek's `eplb.rebalance_experts` with its sorts made stable, and to
+    `rebalance_experts` (which must agree with it bit for bit, ties included). Returns numpy
+    arrays in a Plan; log2phy as wide as `rebalance_experts`'.
+    """
+    w = np.asarray(weight).astype(np.float32)
+    w = np.where(w == 0, np.float32(0), w)
+    layers, num_log = w.shape
+    if num_groups % num_nodes:
+        num_groups = num_nodes = 1
+    group_size, per_gpu = num_log // num_groups, num_replicas // num_gpus
+    log_per_node, phy_per_node = num_log // num_nodes, num_replicas // num_nodes
+    phy2log = np.zeros((layers, num_replicas), np.int32)
+    rank = np.zeros((layers, num_replicas), np.int32)
+    logcnt = np.zeros((layers, num_log), np.int32)
+    for layer in range(layers):
+        group_load = w[layer].reshape(num_groups, group_size)[:, 0].copy()
+        for j in range(1, group_size):
+            group_load += w[layer].reshape(num_groups, group_size)[:, j]
+        group_node, group_rank = _greedy_pack(group_load, num_nodes)
+        mlog2log = np.zeros(num_log, np.int64)  # experts numbered node by node
+        for g in range(num_groups):
+            first = (group_node[g] * (num_groups // num_nodes) + group_rank[g]) * group_size
+            mlog2log[first:first + group_size] = np.arange(g * group_size, (g + 1) * group_size)
+        for node in range(num_nodes):
+            experts = mlog2log[node * log_per_node:(node + 1) * log_per_node]
+            load = w[layer, experts]
+            cnt = np.ones(log_per_node, np.int64)
+            replicas = [(i, 0) for i in range(log_per_node)]  # (expert on the node, rank)
+            for _ in range(phy_per_node - log_per_node):
+                i = int(np.argmax(load / cnt.astype(np.float32)))
+                replicas.append((i, int(cnt[i])))
+                cnt[i] += 1
+            replica_load = np.array([load[i] / np.float32(cnt[i]) for i, _ in replicas],
+                                    np.float32)
+            gpu, slot = _greedy_pack(replica_load, num_gpus // num_nodes)
+            for (i, r), g, s in zip(replicas, gpu, slot):
+                p = node * phy_per_node + g * per_gpu + s
+                phy2log[layer, p], rank[layer, p] = experts[i], r
+            logcnt[layer, experts] = cnt
+    width = max_replicas(num_log, num_replicas, num_groups, num_nodes)
+    log2phy = np.full((layers, num_log, width), -1, np.int32)
+    for layer in range(layers):
+        log2phy[layer, phy2log[layer], rank[layer]] = np.arange(num_replicas)
+    return Plan(phy2log, log2phy, logcnt)
+
+
+def _greedy_pack(load, num_packs):
+    """One row of `balanced_packing`, item by item: -> (pack, rank) lists."""
+    n = len(load)
+    per_pack = n // num_packs
+    if per_pack == 1:
+        return list(range(n)), [0] * n
+    pack, rank = [0] * n, [0] * n
+    totals, counts = [np.float32(0)] * num_packs, [0] * num_packs
+    for i in np.argsort(-load, kind="stable"):
+        p = min((j for j in range(num_packs) if counts[j] < per_pack), key=totals.__getitem__)
+        pack[i], rank[i] = p, counts[p]
+        totals[p] = np.float32(totals[p] + load[i])
+        counts[p] += 1
+    return pack, rank

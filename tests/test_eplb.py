@@ -1,0 +1,178 @@
+"""EPLB planner: DeepSeek's README example, the plain-loop reference, invariants, jit/vmap, errors.
+
+`rebalance_experts_reference` (numpy loops) is the oracle: the jitted planner must agree with it
+bit for bit, ties included. Agreement with DeepSeek's torch `eplb.py` itself was checked outside
+the test suite (torch is not a dependency); the README example below is its published output.
+"""
+
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from jax_ds.parallel.eplb import (balanced_packing, gpu_loads, max_replicas, rebalance_experts,
+                                  rebalance_experts_reference, replicate_experts)
+
+# DeepSeek EPLB README: 2 layers x 12 experts, 16 replicas, 4 groups, 2 nodes, 8 GPUs.
+README_WEIGHT = np.array([[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
+                          [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27]])
+README_PHY2LOG = np.array([[5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
+                           [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1]])
+# The reference's other two outputs for the example (printed by its eplb.py, torch 2.13).
+README_LOGCNT = np.array([[1, 2, 1, 1, 2, 2, 1, 1, 1, 1, 2, 1],
+                          [1, 2, 1, 1, 1, 2, 2, 1, 2, 1, 1, 1]])
+README_LOG2PHY = np.array([
+    [[12, -1], [15, 13], [11, -1], [6, -1], [7, 5], [0, 2], [1, -1], [3, -1], [4, -1], [9, -1],
+     [8, 10], [14, -1]],
+    [[13, -1], [15, 11], [8, -1], [14, -1], [9, -1], [10, 12], [2, 4], [0, -1], [6, 3], [7, -1],
+     [1, -1], [5, -1]]])
+
+# (layers, experts, replicas, groups, nodes, gpus): hierarchical and global, one item per pack
+# or many, rows of more and fewer than 16 items.
+CONFIGS = [
+    (2, 12, 16, 4, 2, 8),
+    (3, 24, 32, 4, 2, 8),    # hierarchical
+    (3, 24, 36, 6, 4, 4),    # global: 6 groups on 4 nodes
+    (2, 16, 16, 4, 4, 8),    # no redundant experts
+    (4, 32, 48, 8, 8, 8),    # one group per node, one GPU per node
+    (2, 64, 96, 8, 2, 4),    # 48 replicas per node onto 2 GPUs
+]
+
+
+def check_plan(plan, weight, num_replicas):
+    """The structural invariants of any plan."""
+    phy2log, log2phy, logcnt = (np.asarray(x) for x in plan)
+    layers, num_log = np.shape(weight)
+    assert phy2log.shape == (layers, num_replicas) and logcnt.shape == (layers, num_log)
+    assert phy2log.dtype == log2phy.dtype == logcnt.dtype == np.int32
+    assert (logcnt >= 1).all() and (logcnt.sum(-1) == num_replicas).all()
+    for layer in range(layers):
+        assert (np.bincount(phy2log[layer], minlength=num_log) == logcnt[layer]).all()
+        listed = log2phy[layer][log2phy[layer] >= 0]
+        assert np.array_equal(np.sort(listed), np.arange(num_replicas))  # each slot once
+        for e in range(num_log):
+            slots = log2phy[layer, e]
+            assert (slots[:logcnt[layer, e]] >= 0).all() and (slots[logcnt[layer, e]:] == -1).all()
+            assert (phy2log[layer, slots[:logcnt[layer, e]]] == e).all()
+
+
+def test_readme_example():
+    plan = rebalance_experts(jnp.asarray(README_WEIGHT), 16, 4, 2, 8)
+    np.testing.assert_array_equal(plan.phy2log, README_PHY2LOG)
+    np.testing.assert_array_equal(plan.logcnt, README_LOGCNT)
+    # Ours is as wide as the most replicas an expert could get (3), the reference as many as one
+    # got (2): the extra column is padding.
+    assert plan.log2phy.shape == (2, 12, 3) == (2, 12, max_replicas(12, 16, 4, 2))
+    np.testing.assert_array_equal(plan.log2phy[..., :2], README_LOG2PHY)
+    assert (plan.log2phy[..., 2] == -1).all()
+    phy2log, log2phy, logcnt = rebalance_experts_reference(README_WEIGHT, 16, 4, 2, 8)
+    np.testing.assert_array_equal(phy2log, README_PHY2LOG)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+@pytest.mark.parametrize("kind", ["float", "int_ties"])
+def test_matches_reference_and_invariants(config, kind):
+    layers, e, r, groups, nodes, gpus = config
+    rng = np.random.default_rng(zlib.crc32(repr((config, kind)).encode()))
+    if kind == "float":
+        w = rng.lognormal(0, 1.5, (layers, e)).astype(np.float32)
+    else:  # few distinct values: ties everywhere (float32: one compilation per config)
+        w = rng.integers(0, 4, (layers, e)).astype(np.float32)
+    plan = rebalance_experts(jnp.asarray(w), r, groups, nodes, gpus)
+    check_plan(plan, w, r)
+    for ours, ref in zip(plan, rebalance_experts_reference(w, r, groups, nodes, gpus)):
+        np.testing.assert_array_equal(ours, ref)
+
+
+def test_replication_balances_gpus():
+    """Skewed loads: max GPU load at most that of EPLB without redundant slots, and of the
+    contiguous layout (expert e on GPU e // (E / gpus)), and within 10% of the mean."""
+    rng = np.random.default_rng(0)
+    e, gpus = 64, 8
+    w = (rng.zipf(1.3, (20, e)).clip(max=10_000) * 10).astype(np.float32)
+    contiguous = w.reshape(20, gpus, -1).sum(-1).max(-1)
+    for groups, nodes in ((8, 2), (8, 3)):
+        plain = rebalance_experts(jnp.asarray(w), e, groups, nodes, gpus)
+        plain_max = np.asarray(gpu_loads(w, plain, gpus)).max(-1)
+        plan = rebalance_experts(jnp.asarray(w), 2 * e, groups, nodes, gpus)
+        loads = np.asarray(gpu_loads(w, plan, gpus))
+        np.testing.assert_allclose(loads.sum(-1), w.sum(-1), rtol=1e-5)
+        assert (loads.max(-1) <= plain_max * (1 + 1e-6)).all()
+        assert (loads.max(-1) <= contiguous * (1 + 1e-6)).all()
+        if nodes == 3:  # global policy; hierarchical is bounded by whole groups per node
+            assert (loads.max(-1) <= 1.1 * loads.mean(-1)).all()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), config=st.sampled_from(CONFIGS[:4]), integer=st.booleans())
+def test_property_same_plan_as_reference(data, config, integer):
+    """Any loads >= 0, ties and zeros included: the reference's plan, and a valid one."""
+    layers, e, r, groups, nodes, gpus = config
+    if integer:
+        values = st.integers(0, 5)
+    else:  # no subnormals: XLA:CPU flushes them to zero, numpy does not
+        values = st.one_of(st.just(0.0), st.floats(1e-3, 1e6, width=32))
+    w = np.array(data.draw(st.lists(values, min_size=layers * e, max_size=layers * e)),
+                 np.float32).reshape(layers, e)  # float32 either way: compiled once per config
+    plan = rebalance_experts(jnp.asarray(w), r, groups, nodes, gpus)
+    check_plan(plan, w, r)
+    for ours, ref in zip(plan, rebalance_experts_reference(w, r, groups, nodes, gpus)):
+        np.testing.assert_array_equal(ours, ref)
+
+
+def test_jit_vmap_and_dtypes():
+    rng = np.random.default_rng(1)
+    w = rng.integers(0, 1000, (5, 3, 24))  # a batch of 5 [3, 24] load tables
+    one = [rebalance_experts(jnp.asarray(x), 32, 4, 2, 8) for x in w]
+    plan_fn = jax.jit(jax.vmap(lambda x: rebalance_experts(x, 32, 4, 2, 8)))
+    batched = plan_fn(jnp.asarray(w, jnp.float32))
+    for i, plan in enumerate(one):
+        for a, b in zip(plan, batched):
+            np.testing.assert_array_equal(a, b[i])
+    for dtype in (jnp.int32, jnp.bfloat16, jnp.float16):  # integer loads <= 1000: exact in all
+        for a, b in zip(one[0], rebalance_experts(jnp.asarray(w[0], dtype), 32, 4, 2, 8)):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_odd_loads_still_give_valid_plans():
+    """inf, nan, negative or all-zero loads: no meaningful balance, but never a broken plan."""
+    base = np.random.default_rng(2).random((4, 24)).astype(np.float32)
+    base[0, 3] = np.inf
+    base[1, :5] = np.nan
+    base[2] = -base[2]
+    base[3] = 0.0
+    for config in ((32, 4, 2, 8), (36, 6, 4, 4)):
+        check_plan(rebalance_experts(jnp.asarray(base), *config), base, config[0])
+    zero = rebalance_experts(jnp.zeros((1, 24)), 32, 1, 1, 4)  # ties: expert 0 gets every extra
+    assert int(zero.logcnt[0, 0]) == 9
+
+
+def test_greedy_steps():
+    # Heaviest first into the lightest open pack; two items per pack.
+    pack, rank = balanced_packing(jnp.array([[5.0, 1.0, 4.0, 2.0]]), 2)
+    np.testing.assert_array_equal(pack, [[0, 0, 1, 1]])   # 5->0, 4->1, 2->1, 1->0
+    np.testing.assert_array_equal(rank, [[0, 1, 0, 1]])
+    # Replicas to the largest load / count: 9 -> 9/2 = 4.5 < 6, so 6 next.
+    phy2log, rank, cnt = replicate_experts(jnp.array([[9.0, 6.0, 1.0]]), 5)
+    np.testing.assert_array_equal(phy2log, [[0, 1, 2, 0, 1]])
+    np.testing.assert_array_equal(rank, [[0, 0, 0, 1, 1]])
+    np.testing.assert_array_equal(cnt, [[2, 2, 1]])
+
+
+@pytest.mark.parametrize("args,match", [
+    ((np.ones((2, 12)), 16, 5, 1, 8), "do not divide into num_groups=5"),
+    ((np.ones((2, 12)), 16, 4, 3, 8), "num_gpus=8 is not a multiple of num_nodes=3"),
+    ((np.ones((2, 12)), 18, 4, 2, 8), "num_replicas=18 is not a multiple of num_gpus=8"),
+    ((np.ones((2, 12)), 8, 4, 2, 8), "num_replicas=8 is less than the 12 experts"),
+    ((np.ones(12), 16, 4, 2, 8), r"weight must be \[layers, experts\], got shape \(12,\)"),
+    ((np.ones((2, 12), bool), 16, 4, 2, 8), "integer or float loads, got bool"),
+    ((np.ones((2, 12)), 16.0, 4, 2, 8), "num_replicas=16.0 must be a positive int"),
+    ((np.ones((2, 12)), 16, 0, 2, 8), "num_groups=0 must be a positive int"),
+])
+def test_bad_arguments_raise(args, match):
+    with pytest.raises(ValueError, match=match):
+        rebalance_experts(*args)
