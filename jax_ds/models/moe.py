@@ -23,10 +23,10 @@ from jax.sharding import Mesh
 
 from jax_ds.models.config import DeepSeekConfig
 from jax_ds.models.layers import MLP, init_weight
+from jax_ds.ops.grouped_gemm import grouped_fp8_linear
 from jax_ds.parallel.expert import check_ep, ep_moe, moe_permute, moe_unpermute
 from jax_ds.parallel.mesh import EXPERT
 
-FP8_BLOCK = 128
 
 
 class RouterBias(nnx.Variable):
@@ -127,26 +127,11 @@ def grouped_gemm(x_MK, w_GNK, group_sizes_G):
     return out.astype(x_MK.dtype)
 
 
-def _fake_quant(x, block):
-    """Rounds x through FP8 blocks and back; straight-through gradient (identity)."""
-    from jax_ds.ops import dequantize_fp8, quantize_fp8
-
-    q, s = quantize_fp8(x, block=block)
-    xq = dequantize_fp8(q, s, block, out_dtype=x.dtype)
-    return x + jax.lax.stop_gradient(xq - x)
-
-
 def grouped_gemm_fp8(x_MK, w_GNK, group_sizes_G):
-    """FP8 grouped GEMM. PLACEHOLDER until `jax_ds.ops.grouped_fp8_gemm` exists.
-
-    Simulates it: x rounded through per-(1, 128) FP8 blocks, each expert's w through (128, 128)
-    blocks, then `grouped_gemm` in the activation dtype. Numerics match an FP8 GEMM with exact
-    accumulation; speed does not (no FP8 math runs). The swap is this function's body:
-      xq, xs = quantize_fp8(x_MK, block=(1, 128)); wq, ws = quantize_fp8(w_GNK, block=(128, 128))
-      return grouped_fp8_gemm(xq, xs, wq, ws, group_sizes_G)   # b [G, N, K], as stored here
-    """
-    return grouped_gemm(_fake_quant(x_MK, (1, FP8_BLOCK)),
-                        _fake_quant(w_GNK, (FP8_BLOCK, FP8_BLOCK)), group_sizes_G)
+    """FP8 grouped GEMM of the expert FFN: `jax_ds.ops.grouped_fp8_linear` (x per 1x128, each
+    expert's w per 128x128 block, FP8 dgrad, float32 wgrad). It runs the op's reference until the
+    grouped kernel is registered, and the kernel automatically after."""
+    return grouped_fp8_linear(x_MK, w_GNK, group_sizes_G.astype(jnp.int32))
 
 
 def expert_ffn(x_MD, group_sizes_G, w_gate_GFD, w_up_GFD, w_down_GDF, *, fp8: bool = False):
@@ -156,7 +141,7 @@ def expert_ffn(x_MD, group_sizes_G, w_gate_GFD, w_up_GFD, w_down_GDF, *, fp8: bo
       x_MD: [M, D] rows sorted by expert (`moe_permute` / `ep_dispatch` order).
       group_sizes_G: [G] int32 rows per expert (sum <= M; the rest are zero rows).
       w_gate_GFD, w_up_GFD: [G, F, D]; w_down_GDF: [G, D, F] ("NT" layout).
-      fp8: FP8 grouped GEMMs (currently simulated, see `grouped_gemm_fp8`).
+      fp8: FP8 grouped GEMMs (`grouped_gemm_fp8`).
 
     Returns:
       [M, D] in x's dtype, zero past sum(group_sizes).

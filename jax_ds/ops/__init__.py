@@ -4,6 +4,10 @@ Every op takes `impl="auto" | "ffi" | "xla"`; JAX_DS_IMPL=xla routes all of them
 """
 
 from jax_ds.ops.gemm import GemmConfig, fp8_gemm, fp8_gemm_reference, fp8_linear, gemm_config
+from jax_ds.ops.grouped_gemm import (grouped_fp8_gemm, grouped_fp8_gemm_reference,
+                                     grouped_fp8_linear, masked_grouped_fp8_gemm,
+                                     masked_grouped_fp8_gemm_reference)
+from jax_ds.ops.moe import moe_permute, moe_unpermute
 from jax_ds.ops.quant import dequantize_fp8, quantize_fp8, quantize_fp8_reference
 
 __all__ = [
@@ -13,6 +17,13 @@ __all__ = [
     "fp8_gemm_reference",
     "fp8_linear",
     "gemm_config",
+    "grouped_fp8_gemm",
+    "grouped_fp8_gemm_reference",
+    "grouped_fp8_linear",
+    "masked_grouped_fp8_gemm",
+    "masked_grouped_fp8_gemm_reference",
+    "moe_permute",
+    "moe_unpermute",
     "quantize_fp8",
     "quantize_fp8_reference",
 ]

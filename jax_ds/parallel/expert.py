@@ -21,7 +21,7 @@ receive budget, ep x C rows per rank, clamped in source-rank order.
 
 Sends are per (token, expert) assignment; DeepEP's de-duplication (one copy per destination rank)
 belongs to the kernel issue. `moe_permute` / `moe_unpermute` follow the contract of the coming
-`jax_ds.ops.moe` kernels (DESIGN.md), so they move there unchanged.
+routing ops of `jax_ds.ops.moe` (DESIGN.md); their kernels are the GPU 2 issue.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from jax_ds.ops.moe import moe_permute, moe_unpermute
 from jax_ds.parallel.mesh import BATCH_AXES, EXPERT
 
 log = logging.getLogger(__name__)
@@ -42,55 +43,6 @@ EXCHANGES = ("auto", "ragged", "padded", "emulated")
 
 
 # ----------------------------------------------------------------------------- routing ops
-
-
-def moe_permute(x, topk_idx, num_experts: int, *, fp8: bool = False):
-    """Sorts token copies by expert: row r of the result is one (token, expert) assignment.
-
-    Args:
-      x: [N, D] tokens.
-      topk_idx: [N, K] int expert ids in [0, num_experts); -1 marks a dropped slot.
-      num_experts: E, static.
-      fp8: also quantize the sorted rows per (1, 128) for an FP8 grouped GEMM.
-
-    Returns:
-      (x_sorted [N*K, D] in x.dtype, group_sizes [E] int32, perm [N, K] int32), or with fp8
-      (x_sorted float8_e4m3fn, scales [N*K, ceil(D/128)] f32, group_sizes, perm).
-      Rows are grouped by expert in increasing order; rows past sum(group_sizes) are zero.
-      perm[n, k] is the row holding assignment (n, k), -1 where topk_idx is -1.
-    """
-    n, k = topk_idx.shape
-    flat_e = topk_idx.reshape(n * k).astype(jnp.int32)
-    key = jnp.where(flat_e < 0, num_experts, flat_e)  # dropped slots sort after every expert
-    order = jnp.argsort(key, stable=True)  # stable: rows of one expert keep token order
-    rows = jnp.arange(n * k, dtype=jnp.int32)
-    group_sizes = jnp.bincount(key, length=num_experts + 1)[:num_experts].astype(jnp.int32)
-    x_sorted = jnp.where((rows < group_sizes.sum())[:, None], x[order // k], 0).astype(x.dtype)
-    perm = jnp.zeros(n * k, jnp.int32).at[order].set(rows)
-    perm = jnp.where(flat_e < 0, -1, perm).reshape(n, k)
-    if fp8:
-        from jax_ds.ops import quantize_fp8
-
-        x_fp8, scales = quantize_fp8(x_sorted, block=(1, 128))
-        return x_fp8, scales, group_sizes, perm
-    return x_sorted, group_sizes, perm
-
-
-def moe_unpermute(y, perm, topk_weights):
-    """The inverse of `moe_permute` fused with the top-k combine: out[n] = sum_k w[n,k] y[perm[n,k]].
-
-    Args:
-      y: [M, D] expert outputs in `moe_permute`'s row order (M >= max(perm) + 1).
-      perm: [N, K] int32 from `moe_permute`; -1 slots contribute nothing.
-      topk_weights: [N, K] gate weights.
-
-    Returns:
-      [N, D] in y.dtype, accumulated in float32.
-    """
-    rows_NKD = y[jnp.maximum(perm, 0)]
-    w_NK = jnp.where(perm >= 0, topk_weights, 0).astype(jnp.float32)
-    out = jnp.einsum("NKD,NK->ND", rows_NKD, w_NK, preferred_element_type=jnp.float32)
-    return out.astype(y.dtype)
 
 
 def expert_of_rows(group_sizes, num_rows: int):

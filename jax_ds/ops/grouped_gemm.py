@@ -1,0 +1,247 @@
+"""Grouped FP8 GEMMs for MoE experts (DeepGEMM's contiguous and masked layouts).
+
+Contiguous: the rows of `a` are sorted by expert; group g owns rows
+[sum(group_sizes[:g]), sum(group_sizes[:g+1])) and multiplies them by b[g]. Any group sizes,
+zeros included, no alignment (DeepGEMM demands 128-row-aligned groups); rows past
+sum(group_sizes) come out zero. Masked (decode): a [G, Mmax, K] with masked_m[g] valid rows.
+
+Only the pure-JAX references exist so far: on every backend `impl="auto"` takes them (and says so
+once on the "jax_ds" logger); the CUDA kernels are the GPU 2 issue and register the FFI targets
+named below. `grouped_fp8_linear` is the training op (custom_vjp, FP8 forward and dgrad).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_ds import _ffi
+from jax_ds.ops._checks import (BLOCK_K, FP8, cdiv, check_dtype, check_ndim, check_out_dtype,
+                                check_shape)
+from jax_ds.ops.gemm import _gemm_out_dtype, _pad_to
+from jax_ds.ops.quant import dequantize_fp8, quantize_fp8
+
+GROUPED_TARGET = "jax_ds_grouped_fp8_gemm"
+MASKED_TARGET = "jax_ds_masked_grouped_fp8_gemm"
+_ffi.declare_op("grouped_fp8_gemm", GROUPED_TARGET)
+_ffi.declare_op("masked_grouped_fp8_gemm", MASKED_TARGET)
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _check_grouped_b(op, b, b_scale, k):
+    check_ndim(op, "b", b, 3, "[G, N, K]")
+    check_dtype(op, "b", b, (FP8,))
+    check_dtype(op, "b_scale", b_scale, (jnp.float32,))
+    g, n, kb = b.shape
+    if kb != k:
+        raise ValueError(f"{op}: b has shape {tuple(b.shape)}, expected (G, N, {k}): its K must "
+                         f"match a's")
+    if g < 1 or n < 1:
+        raise ValueError(f"{op}: b must have G >= 1 and N >= 1, got shape {tuple(b.shape)}")
+    check_shape(op, "b_scale", b_scale, (g, cdiv(n, BLOCK_K), k // BLOCK_K),
+                "[G, ceil(N/128), K/128]")
+    return g, n
+
+
+def _check_k(op, a, k):
+    if k < BLOCK_K or k % BLOCK_K:
+        raise ValueError(f"{op}: K must be a positive multiple of {BLOCK_K}, got K = {k} "
+                         f"(a {tuple(a.shape)}); pad K with zeros (exact)")
+
+
+def check_grouped(op, a, a_scale, b, b_scale, group_sizes, out_dtype):
+    """Validates the contiguous layout; returns (m, n, k, g)."""
+    check_ndim(op, "a", a, 2, "[M, K]")
+    check_dtype(op, "a", a, (FP8,))
+    check_dtype(op, "a_scale", a_scale, (jnp.float32,))
+    check_out_dtype(op, out_dtype)
+    m, k = a.shape
+    if m < 1:
+        raise ValueError(f"{op}: a must have M >= 1 rows, got shape {tuple(a.shape)}")
+    _check_k(op, a, k)
+    check_shape(op, "a_scale", a_scale, (m, k // BLOCK_K), "[M, K/128]")
+    g, n = _check_grouped_b(op, b, b_scale, k)
+    check_shape(op, "group_sizes", group_sizes, (g,), "[G]")
+    check_dtype(op, "group_sizes", group_sizes, (jnp.int32,))
+    return m, n, k, g
+
+
+def check_masked(op, a, a_scale, b, b_scale, masked_m, out_dtype):
+    """Validates the masked layout; returns (g, mmax, n, k)."""
+    check_ndim(op, "a", a, 3, "[G, Mmax, K]")
+    check_dtype(op, "a", a, (FP8,))
+    check_dtype(op, "a_scale", a_scale, (jnp.float32,))
+    check_out_dtype(op, out_dtype)
+    g, mmax, k = a.shape
+    if mmax < 1:
+        raise ValueError(f"{op}: a must have Mmax >= 1, got shape {tuple(a.shape)}")
+    _check_k(op, a, k)
+    check_shape(op, "a_scale", a_scale, (g, mmax, k // BLOCK_K), "[G, Mmax, K/128]")
+    gb, n = _check_grouped_b(op, b, b_scale, k)
+    if gb != g:
+        raise ValueError(f"{op}: b has {gb} groups, a has {g}: shapes {tuple(b.shape)} and "
+                         f"{tuple(a.shape)}")
+    check_shape(op, "masked_m", masked_m, (g,), "[G]")
+    check_dtype(op, "masked_m", masked_m, (jnp.int32,))
+    return g, mmax, n, k
+
+
+def _clamped_sizes(group_sizes, m: int):
+    """Negative sizes count as empty groups, and groups are cut at row M (the contract asks for
+    sum(group_sizes) <= M; a traced violation must not read past a)."""
+    ends = jnp.minimum(jnp.cumsum(jnp.maximum(group_sizes, 0)), m)
+    return jnp.diff(ends, prepend=0).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=(5,))
+def _grouped_reference(a, a_scale, b, b_scale, group_sizes, out_dtype):
+    a32 = dequantize_fp8(a, a_scale, (1, BLOCK_K))
+    b32 = dequantize_fp8(b, b_scale, (BLOCK_K, BLOCK_K))
+    dims = jax.lax.RaggedDotDimensionNumbers(
+        dot_dimension_numbers=(((1,), (2,)), ((), ())),
+        lhs_ragged_dimensions=(0,), rhs_group_dimensions=(0,))
+    sizes = _clamped_sizes(group_sizes, a.shape[0])
+    out = jax.lax.ragged_dot_general(a32, b32, sizes, dims, precision=_HIGHEST,
+                                     preferred_element_type=jnp.float32)
+    valid = jnp.arange(a.shape[0]) < jnp.sum(sizes)
+    return jnp.where(valid[:, None], out, 0.0).astype(out_dtype)
+
+
+def grouped_fp8_gemm_reference(a, a_scale, b, b_scale, group_sizes, *, out_dtype=jnp.bfloat16):
+    """Pure-JAX contiguous grouped FP8 GEMM, float32 math. Equivalent to the following JAX code:
+
+      a32 = dequantize_fp8(a, a_scale, (1, 128)); b32 = dequantize_fp8(b, b_scale, (128, 128))
+      start = 0
+      for g in range(G):
+          out[start:start + group_sizes[g]] = a32[start:start + group_sizes[g]] @ b32[g].T
+          start += group_sizes[g]
+      out[start:] = 0
+    """
+    check_grouped("grouped_fp8_gemm_reference", a, a_scale, b, b_scale, group_sizes, out_dtype)
+    return _grouped_reference(a, a_scale, b, b_scale, group_sizes, np.dtype(out_dtype))
+
+
+def grouped_fp8_gemm(a, a_scale, b, b_scale, group_sizes, *, out_dtype=jnp.bfloat16,
+                     impl="auto"):
+    """Contiguous grouped FP8 GEMM: row block g of a times b[g]^T.
+
+    Args:
+      a: float8_e4m3fn [M, K], rows sorted by group; K a multiple of 128.
+      a_scale: float32 [M, K/128] (per 1x128 group).
+      b: float8_e4m3fn [G, N, K]; b_scale: float32 [G, ceil(N/128), K/128] (128x128 blocks).
+      group_sizes: int32 [G], sum <= M; zeros allowed, no alignment needed.
+      out_dtype: bfloat16 or float32.
+
+    Returns:
+      out_dtype [M, N]; rows at or past sum(group_sizes) are zero.
+    """
+    op = "grouped_fp8_gemm"
+    check_grouped(op, a, a_scale, b, b_scale, group_sizes, out_dtype)
+    _ffi.resolve_impl(op, GROUPED_TARGET, impl)  # "ffi" raises: no kernel is registered yet
+    return _grouped_reference(a, a_scale, b, b_scale, group_sizes, np.dtype(out_dtype))
+
+
+@functools.partial(jax.jit, static_argnums=(5,))
+def _masked_reference(a, a_scale, b, b_scale, masked_m, out_dtype):
+    a32 = dequantize_fp8(a, a_scale, (1, BLOCK_K))
+    b32 = dequantize_fp8(b, b_scale, (BLOCK_K, BLOCK_K))
+    out = jnp.einsum("GMK,GNK->GMN", a32, b32, precision=_HIGHEST,
+                     preferred_element_type=jnp.float32)
+    valid = jnp.arange(a.shape[1])[None, :] < masked_m[:, None]
+    return jnp.where(valid[:, :, None], out, 0.0).astype(out_dtype)
+
+
+def masked_grouped_fp8_gemm_reference(a, a_scale, b, b_scale, masked_m, *,
+                                      out_dtype=jnp.bfloat16):
+    """Pure-JAX masked grouped FP8 GEMM, float32 math. Equivalent to the following JAX code:
+
+      out[g, :masked_m[g]] = dequant(a[g, :masked_m[g]]) @ dequant(b[g]).T;  out[g, masked_m[g]:] = 0
+    """
+    check_masked("masked_grouped_fp8_gemm_reference", a, a_scale, b, b_scale, masked_m, out_dtype)
+    return _masked_reference(a, a_scale, b, b_scale, masked_m, np.dtype(out_dtype))
+
+
+def masked_grouped_fp8_gemm(a, a_scale, b, b_scale, masked_m, *, out_dtype=jnp.bfloat16,
+                            impl="auto"):
+    """Masked grouped FP8 GEMM (decode): static [G, Mmax, K] shapes, masked_m[g] valid rows.
+
+    Args:
+      a: float8_e4m3fn [G, Mmax, K]; a_scale: float32 [G, Mmax, K/128].
+      b: float8_e4m3fn [G, N, K]; b_scale: float32 [G, ceil(N/128), K/128].
+      masked_m: int32 [G], valid rows of each group (0..Mmax).
+      out_dtype: bfloat16 or float32.
+
+    Returns:
+      out_dtype [G, Mmax, N]; rows at or past masked_m[g] are zero.
+    """
+    op = "masked_grouped_fp8_gemm"
+    check_masked(op, a, a_scale, b, b_scale, masked_m, out_dtype)
+    _ffi.resolve_impl(op, MASKED_TARGET, impl)
+    return _masked_reference(a, a_scale, b, b_scale, masked_m, np.dtype(out_dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _grouped_fp8_linear(x, w, group_sizes, impl):
+    return _grouped_linear_fwd(x, w, group_sizes, impl)[0]
+
+
+def _grouped_linear_fwd(x, w, group_sizes, impl):
+    x_fp8, x_scale = quantize_fp8(_pad_to(x, 1, BLOCK_K), block=(1, BLOCK_K), impl=impl)
+    w_fp8, w_scale = quantize_fp8(_pad_to(w, 2, BLOCK_K), block=(BLOCK_K, BLOCK_K), impl=impl)
+    y = grouped_fp8_gemm(x_fp8, x_scale, w_fp8, w_scale, group_sizes,
+                         out_dtype=_gemm_out_dtype(x.dtype), impl=impl).astype(x.dtype)
+    return y, (x, w, w_fp8, w_scale, group_sizes)
+
+
+def _grouped_linear_bwd(impl, res, dy):
+    x, w, w_fp8, w_scale, group_sizes = res
+    k = x.shape[-1]
+    # dgrad: dx[rows of g] = dy @ w[g]; each expert's 128x128 blocks transpose exactly, and N is
+    # zero-padded to whole blocks on both sides (changes no sum).
+    dy_fp8, dy_scale = quantize_fp8(_pad_to(dy, 1, BLOCK_K), block=(1, BLOCK_K), impl=impl)
+    w_fp8_GKN = _pad_to(jnp.swapaxes(w_fp8, 1, 2), 2, BLOCK_K)
+    dx = grouped_fp8_gemm(dy_fp8, dy_scale, w_fp8_GKN, jnp.swapaxes(w_scale, 1, 2), group_sizes,
+                          out_dtype=jnp.float32, impl=impl)[:, :k]
+    # wgrad: dw[g] = dy[rows of g]^T x[rows of g], float32 through XLA (not FP8 yet).
+    dims = jax.lax.RaggedDotDimensionNumbers(
+        dot_dimension_numbers=(((0,), (0,)), ((), ())),
+        lhs_ragged_dimensions=(0,), rhs_group_dimensions=())
+    dw = jax.lax.ragged_dot_general(dy.astype(jnp.float32), x.astype(jnp.float32),
+                                    _clamped_sizes(group_sizes, x.shape[0]), dims,
+                                    precision=_HIGHEST, preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), dw.astype(w.dtype), None
+
+
+_grouped_fp8_linear.defvjp(_grouped_linear_fwd, _grouped_linear_bwd)
+
+
+def grouped_fp8_linear(x, w, group_sizes, *, impl="auto"):
+    """y[rows of g] = x[rows of g] @ w[g]^T with FP8 operands quantized on the fly, differentiable.
+
+    The expert-FFN building block. Forward and dgrad run `grouped_fp8_gemm` (x and dy per 1x128,
+    w per 128x128 block, transposed exactly for dgrad); wgrad is float32 through XLA's ragged dot
+    (not FP8 yet). K and N need no alignment (zero-padded, exact).
+
+    Args:
+      x: bf16 / f16 / f32 [M, K], rows sorted by group.
+      w: bf16 / f16 / f32 [G, N, K].
+      group_sizes: int32 [G], sum <= M.
+
+    Returns:
+      x.dtype [M, N], zero past sum(group_sizes). No gradient flows to group_sizes.
+    """
+    op = "grouped_fp8_linear"
+    floats = (jnp.bfloat16, jnp.float16, jnp.float32)
+    check_dtype(op, "x", x, floats)
+    check_dtype(op, "w", w, floats)
+    check_ndim(op, "x", x, 2, "[M, K]")
+    check_ndim(op, "w", w, 3, "[G, N, K]")
+    if w.shape[2] != x.shape[1]:
+        raise ValueError(f"{op}: expected x [M, K] and w [G, N, K], got x {tuple(x.shape)}, "
+                         f"w {tuple(w.shape)}")
+    check_shape(op, "group_sizes", group_sizes, (w.shape[0],), "[G]")
+    check_dtype(op, "group_sizes", group_sizes, (jnp.int32,))
+    return _grouped_fp8_linear(x, w, group_sizes, impl)

@@ -1,0 +1,111 @@
+"""Grouped FP8 GEMMs (contiguous, masked) and grouped_fp8_linear: references vs float64 numpy."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_ds import ops
+from jax_ds.testing import calc_diff
+
+KEY = jax.random.key(7)
+
+
+def _operands(key, m, n, k, g, lead=()):
+    ka, kb = jax.random.split(key)
+    a = jax.random.normal(ka, (*lead, m, k)) * 3.0
+    b = jax.random.normal(kb, (g, n, k))
+    a8, sa = ops.quantize_fp8(a, block=(1, 128))
+    b8, sb = ops.quantize_fp8(b, block=(128, 128))
+    a64 = np.asarray(ops.dequantize_fp8(a8, sa, (1, 128)), np.float64)
+    b64 = np.asarray(ops.dequantize_fp8(b8, sb, (128, 128)), np.float64)
+    return (a8, sa, b8, sb), a64, b64
+
+
+@pytest.mark.parametrize("sizes", [(5, 0, 17, 1), (0, 0, 0, 0), (40, 0, 0, 0), (3, 9, 0, 20)])
+@pytest.mark.parametrize("out_dtype", [jnp.float32, jnp.bfloat16])
+def test_grouped_matches_float64(sizes, out_dtype):
+    m, n, k = 48, 130, 256  # rows past sum(sizes) (<= 40) must come out zero
+    (a8, sa, b8, sb), a64, b64 = _operands(KEY, m, n, k, len(sizes))
+    gs = jnp.array(sizes, jnp.int32)
+    out = jax.jit(lambda *x: ops.grouped_fp8_gemm(*x, out_dtype=out_dtype))(a8, sa, b8, sb, gs)
+    assert out.shape == (m, n) and out.dtype == out_dtype
+    want = np.zeros((m, n))
+    start = 0
+    for g, size in enumerate(sizes):
+        want[start:start + size] = a64[start:start + size] @ b64[g].T
+        start += size
+    got = np.asarray(out, np.float64)
+    assert np.all(got[start:] == 0)
+    if start:
+        assert calc_diff(got, want) < (1e-9 if out_dtype == jnp.float32 else 1e-5)
+
+
+def test_grouped_sum_past_m_is_cut_at_m():
+    (a8, sa, b8, sb), a64, b64 = _operands(KEY, 8, 16, 128, 2)
+    out = ops.grouped_fp8_gemm(a8, sa, b8, sb, jnp.array([6, 10], jnp.int32), out_dtype=jnp.float32)
+    want = np.concatenate([a64[:6] @ b64[0].T, a64[6:] @ b64[1].T])
+    assert calc_diff(np.asarray(out, np.float64), want) < 1e-9
+
+
+@pytest.mark.parametrize("masked", [(0, 7, 16), (16, 16, 16)])
+def test_masked_matches_float64(masked):
+    g, mmax, n, k = len(masked), 16, 64, 384
+    (a8, sa, b8, sb), a64, b64 = _operands(KEY, mmax, n, k, g, lead=(g,))
+    out = ops.masked_grouped_fp8_gemm(a8, sa, b8, sb, jnp.array(masked, jnp.int32),
+                                      out_dtype=jnp.float32)
+    got = np.asarray(out, np.float64)
+    for i, rows in enumerate(masked):
+        assert np.all(got[i, rows:] == 0)
+        if rows:
+            assert calc_diff(got[i, :rows], a64[i, :rows] @ b64[i].T) < 1e-9
+
+
+def test_grouped_validation_names_the_argument():
+    (a8, sa, b8, sb), _, _ = _operands(KEY, 8, 16, 128, 2)
+    gs = jnp.array([4, 4], jnp.int32)
+    with pytest.raises(ValueError, match="group_sizes"):
+        ops.grouped_fp8_gemm(a8, sa, b8, sb, jnp.array([4, 4, 0], jnp.int32))
+    with pytest.raises(ValueError, match="b_scale"):
+        ops.grouped_fp8_gemm(a8, sa, b8, sb[:, :, :0], gs)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        ops.grouped_fp8_gemm(a8[:, :64], sa[:, :0], b8[:, :, :64], sb[:, :, :0], gs)
+    with pytest.raises(ValueError, match="masked_m"):
+        ops.masked_grouped_fp8_gemm(a8[None].repeat(2, 0), sa[None].repeat(2, 0), b8, sb, gs[:1])
+    with pytest.raises(RuntimeError, match="jax_ds_grouped_fp8_gemm"):
+        ops.grouped_fp8_gemm(a8, sa, b8, sb, gs, impl="ffi")
+
+
+def test_grouped_fp8_linear_grads_match_float32():
+    m, n, k, sizes = 40, 72, 200, (10, 0, 25)  # K and N unaligned: padded inside, exactly
+    kx, kw, kd = jax.random.split(KEY, 3)
+    x = jax.random.normal(kx, (m, k))
+    w = jax.random.normal(kw, (len(sizes), n, k)) * 0.1
+    dy = jax.random.normal(kd, (m, n))
+    gs = jnp.array(sizes, jnp.int32)
+
+    def exact(x, w):  # float32 grouped product, rows past the sum zero
+        rows = jnp.repeat(jnp.arange(len(sizes)), np.array(sizes), total_repeat_length=sum(sizes))
+        y = jnp.einsum("MK,MNK->MN", x[:sum(sizes)], w[rows], precision="highest")
+        return jnp.concatenate([y, jnp.zeros((m - sum(sizes), n))])
+
+    loss = lambda f: lambda x, w: jnp.sum(f(x, w) * dy)
+    got = jax.jit(jax.grad(loss(lambda x, w: ops.grouped_fp8_linear(x, w, gs)), (0, 1)))(x, w)
+    want = jax.grad(loss(exact), (0, 1))(x, w)
+    for g, e in zip(got, want):
+        assert calc_diff(np.asarray(g, np.float64), np.asarray(e, np.float64)) < 2e-3
+    assert np.all(np.asarray(got[0])[sum(sizes):] == 0)
+
+
+def test_moe_permute_roundtrip_with_dropped_slots():
+    n, d, e, topk = 12, 8, 5, 3
+    kx, ki, kw = jax.random.split(KEY, 3)
+    x = jax.random.normal(kx, (n, d))
+    idx = jax.random.randint(ki, (n, topk), -1, e)
+    w = jax.random.uniform(kw, (n, topk))
+    xs, gs, perm = ops.moe_permute(x, idx, e)
+    assert int(gs.sum()) == int((idx >= 0).sum())
+    assert np.all(np.asarray(xs)[int(gs.sum()):] == 0)
+    out = ops.moe_unpermute(xs, perm, w)
+    want = np.einsum("nk,nd->nd", np.where(np.asarray(idx) >= 0, np.asarray(w), 0), np.asarray(x))
+    np.testing.assert_allclose(np.asarray(out), want, rtol=1e-5, atol=1e-5)
