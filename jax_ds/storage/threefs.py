@@ -1,0 +1,293 @@
+"""3FS for checkpoints: mount detection, and shard-file I/O through USRBIO or plain POSIX calls.
+
+3FS (DeepSeek's Fire-Flyer File System) is reached two ways on a client node: the FUSE mount
+(POSIX calls, kernel-bounded) and USRBIO, the native user-space batch I/O client: a shared-memory
+buffer registered with the client (`iovec`), a submission/completion ring (`ioring`), and
+registered file descriptors. Its Python binding is `hf3fs_fuse.io` (over `hf3fs_py_usrbio`):
+
+    iov = make_iovec(shm, mount)                 # shm: multiprocessing.shared_memory.SharedMemory
+    ior = make_ioring(mount, entries, for_read)  # one ring per direction
+    fd = os.open(path, ...); register_fd(fd)
+    ior.prepare(iov[a:b], for_read, fd, offset, userdata=...)
+    done = ior.submit().wait(min_results=n)      # each has .result (bytes or -errno), .userdata
+    force_fsync(fd); deregister_fd(fd); os.close(fd)
+
+Facts from 3FS's design notes this module respects:
+  * a file's length is only eventually consistent while it is open for writing; close or
+    (with USRBIO) `force_fsync` makes it final, so every shard file is synced before commit;
+  * Linux 5.x FUSE serialises writes to one file, so each file has exactly one writer
+    (parallelism comes from writing many files at once);
+  * commit by writing into a temporary directory and renaming it (Orbax's default on POSIX).
+
+`shard_io(path)` picks the backend: USRBIO when the path is on a 3FS mount and the client
+imports, POSIX (`os.pwritev`/`os.preadv`, then `fsync`) otherwise. Both move a list of
+(offset, buffer) pieces of one file per call, as large batched requests.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from multiprocessing import shared_memory
+from typing import Sequence
+
+log = logging.getLogger(__name__)
+
+# The FUSE client's filesystem type in /proc/mounts ("hf3fs.<cluster> /3fs/stage fuse.hf3fs ...").
+FSTYPE = "fuse.hf3fs"
+# Where mounts are listed; tests point this at a file of their own (or set JAX_DS_3FS_MOUNTS).
+MOUNTS_FILE = "/proc/mounts"
+# Module names of the USRBIO Python client, tried in order.
+CLIENT_MODULES = ("hf3fs_fuse.io",)
+
+# Linux accepts at most IOV_MAX (1024) buffers per pwritev/preadv call.
+_IOV_MAX = 1024
+
+
+def _mounts_file(mounts_file: str | None) -> str:
+    return mounts_file or os.environ.get("JAX_DS_3FS_MOUNTS") or MOUNTS_FILE
+
+
+def _unescape(field: str) -> str:
+    # /proc/mounts writes space, tab, newline and backslash in paths as octal escapes.
+    for code, ch in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+        field = field.replace(code, ch)
+    return field
+
+
+def threefs_mounts(mounts_file: str | None = None) -> list[str]:
+    """Mount points of 3FS FUSE clients listed in a /proc/mounts-format file."""
+    try:
+        with open(_mounts_file(mounts_file)) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    points = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 3 and (fields[2] == FSTYPE or fields[0].startswith("hf3fs")):
+            points.append(_unescape(fields[1]))
+    return points
+
+
+def load_client():
+    """The USRBIO client module (`hf3fs_fuse.io`), or None when it is not importable."""
+    for name in CLIENT_MODULES:
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    return None
+
+
+def mount_point(path, *, mounts_file: str | None = None) -> str | None:
+    """The 3FS mount point holding `path` (which need not exist yet), or None.
+
+    Looks for the longest 3FS entry of the mounts file that is a prefix of the absolute path,
+    then asks the client library (`extract_mount_point`) when it is importable.
+    """
+    path = os.path.abspath(os.fspath(path))
+    best = None
+    for point in threefs_mounts(mounts_file):
+        point = os.path.normpath(point)
+        if (path == point or path.startswith(point.rstrip("/") + "/")) and (
+                best is None or len(point) > len(best)):
+            best = point
+    if best is None:
+        client = load_client()
+        if client is not None and hasattr(client, "extract_mount_point"):
+            try:
+                best = client.extract_mount_point(path) or None
+            except (OSError, ValueError):
+                best = None
+    return best
+
+
+def is_3fs_path(path, *, mounts_file: str | None = None) -> bool:
+    """True when `path` lies on a 3FS FUSE mount."""
+    return mount_point(path, mounts_file=mounts_file) is not None
+
+
+Pieces = Sequence[tuple[int, memoryview]]   # (file offset, bytes) pieces of one file
+
+
+class PosixIO:
+    """Shard files through the kernel: large vectored writes/reads, fsync before commit."""
+
+    name = "posix"
+
+    def write_file(self, path: str, pieces: Pieces) -> None:
+        """Writes `pieces` into a new file and fsyncs it (one writer per file)."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            for offset, run in _contiguous_runs(pieces):
+                _pwritev_all(fd, run, offset, path)
+            os.fsync(fd)   # data and length durable before Orbax renames the step directory
+        finally:
+            os.close(fd)
+
+    def read_file(self, path: str, pieces: Pieces) -> None:
+        """Fills each (offset, writable buffer) of `pieces` from `path`; short reads raise."""
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for offset, run in _contiguous_runs(pieces):
+                _preadv_all(fd, run, offset, path)
+        finally:
+            os.close(fd)
+
+
+class UsrbioIO:
+    """Shard files through the 3FS USRBIO client: shared-memory iovec + batched io rings.
+
+    Data is staged through one shared-memory buffer of `buffer_bytes`, cut into requests of at
+    most `request_bytes`; each batch is submitted at once and reaped with one wait.
+    """
+
+    name = "usrbio"
+
+    def __init__(self, mount: str, client=None, *, buffer_bytes: int = 256 << 20,
+                 request_bytes: int = 16 << 20, entries: int = 64):
+        self.mount = mount
+        self.client = client or load_client()
+        if self.client is None:
+            raise RuntimeError("UsrbioIO: the 3FS USRBIO client (hf3fs_fuse.io) is not importable")
+        self.buffer_bytes = buffer_bytes
+        self.request_bytes = request_bytes
+        self.entries = entries
+
+    def write_file(self, path: str, pieces: Pieces) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            self.client.register_fd(fd)
+            try:
+                self._move(fd, pieces, for_read=False, path=path)
+                # File length is eventually consistent in 3FS until synced.
+                self.client.force_fsync(fd)
+            finally:
+                self.client.deregister_fd(fd)
+        finally:
+            os.close(fd)
+
+    def read_file(self, path: str, pieces: Pieces) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            self.client.register_fd(fd)
+            try:
+                self._move(fd, pieces, for_read=True, path=path)
+            finally:
+                self.client.deregister_fd(fd)
+        finally:
+            os.close(fd)
+
+    def _move(self, fd: int, pieces: Pieces, *, for_read: bool, path: str) -> None:
+        requests = list(_split(pieces, min(self.request_bytes, self.buffer_bytes)))
+        if not requests:
+            return
+        size = min(self.buffer_bytes, sum(len(b) for _, b in requests))
+        shm = shared_memory.SharedMemory(create=True, size=max(size, 1))
+        try:
+            iov = self.client.make_iovec(shm, self.mount)
+            ring = self.client.make_ioring(self.mount, self.entries, for_read)
+            batch, used = [], 0
+            for offset, buf in requests + [(None, None)]:
+                flush = buf is None or used + len(buf) > size or len(batch) == self.entries
+                if flush and batch:
+                    self._run_batch(ring, iov, shm, fd, batch, for_read, path)
+                    batch, used = [], 0
+                if buf is not None:
+                    batch.append((offset, buf, used))
+                    used += len(buf)
+            del ring, iov
+        finally:
+            shm.close()
+            shm.unlink()
+
+    def _run_batch(self, ring, iov, shm, fd, batch, for_read, path):
+        for i, (offset, buf, at) in enumerate(batch):
+            if not for_read:
+                shm.buf[at:at + len(buf)] = buf
+            ring.prepare(iov[at:at + len(buf)], for_read, fd, offset, userdata=i)
+        done = ring.submit().wait(min_results=len(batch))
+        if len(done) != len(batch):
+            raise OSError(f"{path}: USRBIO returned {len(done)} of {len(batch)} completions")
+        for d in done:
+            offset, buf, at = batch[d.userdata]
+            if d.result < 0:
+                raise OSError(-d.result, f"USRBIO {'read' if for_read else 'write'} failed "
+                                         f"at offset {offset}", path)
+            if d.result != len(buf):
+                raise OSError(f"{path}: short USRBIO {'read' if for_read else 'write'} at "
+                              f"offset {offset}: {d.result} of {len(buf)} bytes (truncated file?)")
+            if for_read:
+                buf[:] = shm.buf[at:at + len(buf)]
+
+
+def shard_io(path, *, mounts_file: str | None = None, client=None):
+    """The I/O backend for files under `path`: UsrbioIO on 3FS with the client, else PosixIO."""
+    point = mount_point(path, mounts_file=mounts_file)
+    if point is None:
+        return PosixIO()
+    client = client or load_client()
+    if client is None:
+        log.warning("%s is on 3FS (%s) but hf3fs_fuse.io is not importable: using POSIX I/O "
+                    "through the FUSE mount", path, point)
+        return PosixIO()
+    return UsrbioIO(point, client)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _split(pieces: Pieces, limit: int):
+    """Cuts pieces into requests of at most `limit` bytes."""
+    for offset, buf in pieces:
+        buf = memoryview(buf).cast("B")
+        for start in range(0, len(buf), limit):
+            yield offset + start, buf[start:start + limit]
+
+
+def _contiguous_runs(pieces: Pieces):
+    """Groups file-contiguous pieces into (offset, [buffers]) runs of at most IOV_MAX buffers."""
+    run, start, end = [], None, None
+    for offset, buf in sorted(pieces, key=lambda p: p[0]):
+        buf = memoryview(buf).cast("B")
+        if not len(buf):
+            continue
+        if run and (offset != end or len(run) == _IOV_MAX):
+            yield start, run
+            run = []
+        if not run:
+            start, end = offset, offset
+        run.append(buf)
+        end += len(buf)
+    if run:
+        yield start, run
+
+
+def _pwritev_all(fd: int, bufs: list[memoryview], offset: int, path: str) -> None:
+    while bufs:
+        n = os.pwritev(fd, bufs, offset)
+        offset += n
+        while bufs and n >= len(bufs[0]):
+            n -= len(bufs[0])
+            bufs = bufs[1:]
+        if bufs and n:
+            bufs = [bufs[0][n:]] + bufs[1:]
+
+
+def _preadv_all(fd: int, bufs: list[memoryview], offset: int, path: str) -> None:
+    want = sum(len(b) for b in bufs)
+    got = 0
+    while bufs:
+        n = os.preadv(fd, bufs, offset)
+        if n == 0:
+            raise OSError(f"{path}: file ends at {offset}, {want - got} bytes short "
+                          f"(truncated shard file)")
+        got += n
+        offset += n
+        while bufs and n >= len(bufs[0]):
+            n -= len(bufs[0])
+            bufs = bufs[1:]
+        if bufs and n:
+            bufs = [bufs[0][n:]] + bufs[1:]

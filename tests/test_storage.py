@@ -1,0 +1,428 @@
+"""jax_ds.storage: Orbax checkpoints of a sharded train state; 3FS detection and shard I/O.
+
+Everything runs on the real filesystem (tmp_path) with real Orbax/tensorstore and real optax
+state. The one stand-in is `FakeUsrbio`, a thin double of the 3FS USRBIO client module
+(`hf3fs_fuse.io`) that mirrors its documented calls and performs them with pread/pwrite.
+"""
+
+import os
+import resource
+import signal
+import subprocess
+import sys
+import textwrap
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jax_ds.models import DeepSeekConfig, Transformer
+from jax_ds.parallel.load_stats import init_expert_load, update_expert_load
+from jax_ds.parallel.mesh import make_mesh
+from jax_ds.storage import CheckpointManager, CorruptCheckpointError, abstract_state, threefs
+
+CFG = DeepSeekConfig.tiny(num_layers=2)
+TX = optax.adamw(1e-2)
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+def _abstract_train_state():
+    model = nnx.eval_shape(lambda: Transformer(CFG, rngs=nnx.Rngs(0)))
+    opt = nnx.eval_shape(lambda: nnx.Optimizer(model, TX, wrt=nnx.Param))
+    load = jax.eval_shape(lambda: init_expert_load(CFG.num_moe_layers, CFG.num_experts))
+    plan = {"phy2log": jax.ShapeDtypeStruct((CFG.num_moe_layers, 8), jnp.int32)}
+    return {"model": nnx.state(model), "optimizer": nnx.state(opt), "load": load, "plan": plan}
+
+
+@pytest.fixture(scope="module")
+def train_state():
+    """A train state at expert=8: NNX params, optax AdamW state after a step, load stats, plan."""
+    mesh = make_mesh(expert=8)
+    rng = np.random.default_rng(0)
+    model = nnx.eval_shape(lambda: Transformer(CFG, rngs=nnx.Rngs(0)))
+    shapes = abstract_state(nnx.state(model), mesh)
+    values = jax.tree.map(lambda s: jax.device_put(
+        rng.standard_normal(s.shape).astype(s.dtype), s.sharding), shapes)
+    nnx.update(model, values)
+    opt = nnx.Optimizer(model, TX, wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, opt, seed):
+        params = nnx.state(model, nnx.Param)
+        grads = jax.tree.map(lambda p: jnp.sin(p * seed), params)
+        opt.update(model, grads)
+
+    step(model, opt, 3.0)
+    counts = jnp.asarray(rng.integers(0, 100, (CFG.num_moe_layers, CFG.num_experts)))
+    load = update_expert_load(init_expert_load(CFG.num_moe_layers, CFG.num_experts), counts)
+    phy2log = jax.device_put(jnp.tile(jnp.arange(8, dtype=jnp.int32), (CFG.num_moe_layers, 1)),
+                             NamedSharding(mesh, P(None, "expert")))
+    return {"model": nnx.state(model), "optimizer": nnx.state(opt), "load": load,
+            "plan": {"phy2log": phy2log}}
+
+
+def _assert_same(a, b):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb):
+        assert x.dtype == y.dtype
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _small_state(seed=0):
+    rng = np.random.default_rng(seed)
+    return {"w": jnp.asarray(rng.standard_normal((64, 32)), jnp.float32),
+            "b": jnp.asarray(rng.standard_normal(32), jnp.bfloat16),
+            "count": jnp.asarray(seed, jnp.int32)}
+
+
+class FakeUsrbio(types.ModuleType):
+    """Thin double of `hf3fs_fuse.io`: make_iovec, make_ioring, (de)register_fd, force_fsync,
+    extract_mount_point. I/O requests are carried out with os.pread/os.pwrite at wait()."""
+
+    def __init__(self, mount):
+        super().__init__("hf3fs_fuse.io")
+        self.mount = mount
+        self.registered, self.fsynced, self.batches = set(), [], []
+
+    def make_iovec(self, shm, hf3fs_mount_point, block_size=0, numa=-1):
+        assert hf3fs_mount_point == self.mount
+        return shm.buf   # the real iovec slices like a memoryview of the shared buffer
+
+    def make_ioring(self, hf3fs_mount_point, entries, for_read=True, io_depth=0, priority=None,
+                    timeout=None, numa=-1, flags=0):
+        return _FakeRing(self, entries, for_read)
+
+    def register_fd(self, fd):
+        self.registered.add(fd)
+
+    def deregister_fd(self, fd):
+        self.registered.remove(fd)
+
+    def force_fsync(self, fd):
+        assert fd in self.registered
+        os.fsync(fd)
+        self.fsynced.append(fd)
+
+    def extract_mount_point(self, path):
+        path = os.path.abspath(path)
+        return self.mount if path.startswith(self.mount) else None
+
+
+class _FakeRing:
+    def __init__(self, client, entries, for_read):
+        self.client, self.entries, self.for_read, self.queue = client, entries, for_read, []
+
+    def prepare(self, iov, for_read, fd, offset, userdata=None):
+        assert for_read == self.for_read, "a ring only does the direction it was made for"
+        assert fd in self.client.registered, "fd used by USRBIO before register_fd"
+        assert len(self.queue) < self.entries
+        self.queue.append((iov, fd, offset, userdata))
+
+    def submit(self):
+        return self
+
+    def wait(self, min_results=1):
+        done, self.queue = self.queue, []
+        self.client.batches.append(len(done))
+        results = []
+        for iov, fd, offset, userdata in done:
+            if self.for_read:
+                data = os.pread(fd, len(iov), offset)
+                iov[:len(data)] = data
+                n = len(data)
+            else:
+                n = os.pwrite(fd, iov, offset)
+            results.append(types.SimpleNamespace(result=n, userdata=userdata))
+        return results
+
+
+@pytest.fixture
+def on_3fs(tmp_path, monkeypatch):
+    """tmp_path/3fs is a 3FS mount (per a fake /proc/mounts) with the fake client importable."""
+    mount = tmp_path / "3fs"
+    mount.mkdir()
+    mounts = tmp_path / "mounts"
+    mounts.write_text(f"proc /proc proc rw 0 0\nhf3fs.stage {mount} fuse.hf3fs rw,nosuid 0 0\n")
+    monkeypatch.setenv("JAX_DS_3FS_MOUNTS", str(mounts))
+    client = FakeUsrbio(str(mount))
+    monkeypatch.setitem(sys.modules, "hf3fs_fuse", types.ModuleType("hf3fs_fuse"))
+    monkeypatch.setitem(sys.modules, "hf3fs_fuse.io", client)
+    return mount, client
+
+
+# ----------------------------------------------------------------------------- 3FS detection
+
+
+def test_mount_detection(tmp_path):
+    mounts = tmp_path / "mounts"
+    mounts.write_text("sysfs /sys sysfs rw 0 0\n"
+                      "hf3fs.a /mnt/3fs fuse.hf3fs rw 0 0\n"
+                      "hf3fs.b /mnt/3fs/with\\040space fuse.hf3fs rw 0 0\n"
+                      "fuse /mnt/other fuse.sshfs rw 0 0\n")
+    f = str(mounts)
+    assert threefs.mount_point("/mnt/3fs/ckpt/1", mounts_file=f) == "/mnt/3fs"
+    assert threefs.mount_point("/mnt/3fs/with space/x", mounts_file=f) == "/mnt/3fs/with space"
+    assert threefs.mount_point("/mnt/3fsx/y", mounts_file=f) is None
+    assert not threefs.is_3fs_path("/mnt/other/z", mounts_file=f)
+    assert threefs.is_3fs_path("/mnt/3fs", mounts_file=f)
+
+
+def test_mount_from_client(tmp_path, monkeypatch):
+    """With no mounts entry, the client's extract_mount_point decides."""
+    (tmp_path / "mounts").write_text("")
+    client = FakeUsrbio("/hf3fs-cluster")
+    monkeypatch.setitem(sys.modules, "hf3fs_fuse", types.ModuleType("hf3fs_fuse"))
+    monkeypatch.setitem(sys.modules, "hf3fs_fuse.io", client)
+    f = str(tmp_path / "mounts")
+    assert threefs.mount_point("/hf3fs-cluster/a/b", mounts_file=f) == "/hf3fs-cluster"
+    assert threefs.mount_point("/tmp/x", mounts_file=f) is None
+
+
+# ----------------------------------------------------------------------------- shard I/O
+
+
+def _pieces(rng):
+    # Two contiguous pieces, a gap, one more (4 KiB aligned like the handler's layout).
+    a, b, c = (rng.integers(0, 256, n, dtype=np.uint8) for n in (5000, 3192, 777))
+    return [(0, a), (5000, b), (12288, c)]
+
+
+def test_posix_io_round_trip_fsyncs(tmp_path, monkeypatch):
+    synced, real_fsync = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    pieces = _pieces(np.random.default_rng(1))
+    path = str(tmp_path / "f.bin")
+    threefs.PosixIO().write_file(path, [(o, memoryview(x)) for o, x in pieces])
+    assert len(synced) == 1 and os.path.getsize(path) == 12288 + 777
+    back = [(o, np.zeros_like(x)) for o, x in pieces]
+    threefs.PosixIO().read_file(path, [(o, memoryview(x)) for o, x in back])
+    for (_, x), (_, y) in zip(pieces, back):
+        np.testing.assert_array_equal(x, y)
+    os.truncate(path, 9000)
+    with pytest.raises(OSError, match="f.bin.*short"):
+        threefs.PosixIO().read_file(path, [(o, memoryview(x)) for o, x in back])
+
+
+def test_usrbio_io_round_trip(on_3fs):
+    mount, client = on_3fs
+    io = threefs.shard_io(mount / "x")
+    assert isinstance(io, threefs.UsrbioIO) and io.mount == str(mount)
+    io.buffer_bytes, io.request_bytes, io.entries = 8192, 2048, 3   # force many batches
+    pieces = _pieces(np.random.default_rng(2))
+    path = str(mount / "f.bin")
+    io.write_file(path, [(o, memoryview(x)) for o, x in pieces])
+    assert len(client.fsynced) == 1 and not client.registered
+    back = [(o, np.zeros_like(x)) for o, x in pieces]
+    io.read_file(path, [(o, memoryview(x)) for o, x in back])
+    for (_, x), (_, y) in zip(pieces, back):
+        np.testing.assert_array_equal(x, y)
+    assert len(client.batches) >= 4 and max(client.batches) <= 3
+    os.truncate(path, 9000)
+    with pytest.raises(OSError, match="f.bin.*short"):
+        io.read_file(path, [(o, memoryview(x)) for o, x in back])
+    assert not client.registered
+
+
+# ----------------------------------------------------------------------------- manager
+
+
+@pytest.mark.parametrize("backend", ["orbax", "posix"])
+def test_reshard_restore(train_state, tmp_path, backend):
+    """Saved at expert=8; restored at expert=4 and on one device with identical values."""
+    with CheckpointManager(tmp_path / "ckpt", backend=backend) as mngr:
+        assert mngr.save(7, train_state, meta={"data_position": 1234})
+        mngr.wait_until_finished()
+        assert mngr.latest_step() == 7
+        target = _abstract_train_state()
+        for devices, expert in ((jax.devices()[:4], 4), (jax.devices()[:1], 1)):
+            mesh = make_mesh(expert=expert, devices=devices)
+            got = mngr.restore(target=target, target_mesh=mesh)
+            assert got.step == 7 and got.meta == {"step": 7, "data_position": 1234}
+            _assert_same(got.state, train_state)
+            w = got.state["model"]["blocks"][1]["ffn"]["w_up"][...]
+            assert w.sharding.spec[0] == "expert" and w.sharding.mesh.shape["expert"] == expert
+            assert len(w.addressable_shards) == expert
+            assert got.state["plan"]["phy2log"].sharding.mesh.shape["expert"] == expert
+
+
+def test_restored_state_drives_a_model(train_state, tmp_path):
+    """The restored NNX state loads into a fresh abstract model and optimizer."""
+    with CheckpointManager(tmp_path / "ckpt", backend="posix", async_save=False) as mngr:
+        mngr.save(1, train_state)
+        got = mngr.restore(target=_abstract_train_state(), target_mesh=make_mesh(
+            devices=jax.devices()[:1]))
+    model = nnx.eval_shape(lambda: Transformer(CFG, rngs=nnx.Rngs(0)))
+    nnx.update(model, got.state["model"])
+    opt = nnx.eval_shape(lambda: nnx.Optimizer(model, TX, wrt=nnx.Param))
+    nnx.update(opt, got.state["optimizer"])
+    assert int(opt.step[...]) == 1
+    np.testing.assert_array_equal(np.asarray(model.embed[...]),
+                                  np.asarray(train_state["model"]["embed"][...]))
+
+
+@pytest.mark.parametrize("backend", ["orbax", "posix"])
+def test_async_keep_and_interval(tmp_path, backend):
+    with CheckpointManager(tmp_path / "c", backend=backend, max_to_keep=2,
+                           save_interval_steps=2, async_save=True) as mngr:
+        saved = [s for s in range(7) if mngr.save(s, _small_state(s))]
+        mngr.wait_until_finished()
+        assert saved == [0, 2, 4, 6]
+        assert mngr.all_steps() == [4, 6]
+        assert mngr.save(7, _small_state(7), force=True)
+        mngr.wait_until_finished()
+        assert mngr.all_steps() == [6, 7]
+        got = mngr.restore(6, target=_small_state())
+        _assert_same(got.state, _small_state(6))
+        if backend == "posix":   # shard format restores without a target too
+            raw = mngr.restore().state
+            np.testing.assert_array_equal(raw["['w']"], np.asarray(_small_state(7)["w"]))
+
+
+@pytest.mark.parametrize("backend", ["orbax", "posix"])
+def test_uncommitted_save_is_ignored(tmp_path, backend):
+    """A leftover temporary step directory (a save killed before commit) is invisible."""
+    root = tmp_path / "c"
+    with CheckpointManager(root, backend=backend, async_save=False) as mngr:
+        mngr.save(1, _small_state(1))
+    tmp = root / "2.orbax-checkpoint-tmp-1700000000"
+    (tmp / "state").mkdir(parents=True)
+    (tmp / "state" / "shards.p0.0.bin").write_bytes(b"\0" * 100)
+    with CheckpointManager(root, backend=backend, async_save=False) as mngr:
+        assert mngr.latest_step() == 1 and mngr.all_steps() == [1]
+        _assert_same(mngr.restore(target=_small_state()).state, _small_state(1))
+        mngr.save(2, _small_state(2))
+        assert mngr.latest_step() == 2
+        _assert_same(mngr.restore(target=_small_state()).state, _small_state(2))
+
+
+_KILL_CHILD = textwrap.dedent("""
+    import sys, time
+    import numpy as np, jax.numpy as jnp
+    from jax_ds.storage import CheckpointManager, threefs
+    real = threefs.PosixIO.write_file
+    def slow(self, path, pieces):
+        real(self, path, pieces)
+        if "tmp" in path:
+            print("WRITING", flush=True); time.sleep(60)
+    mngr = CheckpointManager(sys.argv[1], backend="posix")
+    mngr.save(1, {"w": jnp.ones((256, 256))}); mngr.wait_until_finished()
+    threefs.PosixIO.write_file = slow
+    mngr.save(2, {"w": jnp.full((256, 256), 2.0)})
+    mngr.wait_until_finished()
+""")
+
+
+def test_sigkill_during_save(tmp_path):
+    """SIGKILL mid-write: step 1 stays restorable and the directory stays usable."""
+    root = tmp_path / "c"
+    env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    child = subprocess.Popen([sys.executable, "-c", _KILL_CHILD, str(root)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = child.stdout.readline()
+        assert line.strip() == "WRITING", child.stderr.read()
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert any(".orbax-checkpoint-tmp" in p.name for p in root.iterdir())
+    with CheckpointManager(root, backend="posix", async_save=False) as mngr:
+        assert mngr.all_steps() == [1]
+        got = mngr.restore(target={"w": jnp.zeros((256, 256))})
+        np.testing.assert_array_equal(np.asarray(got.state["w"]), 1.0)
+        mngr.save(2, {"w": jnp.full((256, 256), 2.0)})
+        assert mngr.all_steps() == [1, 2]
+
+
+def test_odd_leaves_round_trip(tmp_path):
+    """Empty arrays, numpy leaves, 3-D shards split two ways, bfloat16."""
+    mesh = make_mesh(data=2, expert=4)
+    x = jax.device_put(jnp.arange(8 * 8 * 4, dtype=jnp.bfloat16).reshape(8, 8, 4),
+                       NamedSharding(mesh, P("expert", "data")))
+    state = {"x": x, "empty": jnp.zeros((0, 4)), "np": np.arange(5, dtype=np.int32)}
+    with CheckpointManager(tmp_path / "c", backend="posix", async_save=False) as mngr:
+        mngr.save(1, state)
+        got = mngr.restore(target=state, target_mesh=make_mesh(
+            data=4, expert=2)).state
+    _assert_same(got, state)
+    assert got["x"].sharding.spec == P("expert", "data")
+
+
+def _shard_file(root, step):
+    return next((root / str(step) / "state").glob("shards.*.bin"))
+
+
+def test_corruption_detected(tmp_path):
+    root = tmp_path / "c"
+    with CheckpointManager(root, backend="posix", async_save=False) as mngr:
+        mngr.save(1, _small_state(1))
+        mngr.save(2, _small_state(2))
+        f = _shard_file(root, 1)
+        data = bytearray(f.read_bytes())
+        data[-10] ^= 0x10   # inside the last shard (w)
+        f.write_bytes(bytes(data))
+        with pytest.raises(CorruptCheckpointError, match=f"{f.name}.*checksum"):
+            mngr.restore(1, target=_small_state())
+        f2 = _shard_file(root, 2)
+        os.truncate(f2, f2.stat().st_size // 2)
+        with pytest.raises(OSError, match=f"{f2.name}.*short"):
+            mngr.restore(2, target=_small_state())
+
+
+def test_disk_full_fails_the_save_only(tmp_path):
+    """A write error mid-save (a file-size limit standing in for a full disk) fails that save;
+    earlier steps and the manager survive."""
+    root = tmp_path / "c"
+    big = {"w": jnp.ones((512, 512))}   # 1 MiB of shard bytes
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # EFBIG instead of a signal
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    try:
+        with CheckpointManager(root, backend="posix") as mngr:
+            mngr.save(1, _small_state(1))
+            mngr.wait_until_finished()
+            resource.setrlimit(resource.RLIMIT_FSIZE, (256 << 10, hard))
+            with pytest.raises(Exception, match="File too large|EFBIG|errno 27"):
+                mngr.save(2, big)
+                mngr.wait_until_finished()
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            assert mngr.all_steps() == [1]
+            _assert_same(mngr.restore(target=_small_state()).state, _small_state(1))
+            mngr.save(3, big)
+            mngr.wait_until_finished()
+            assert mngr.all_steps() == [1, 3]
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
+
+
+def test_3fs_backend_via_usrbio(train_state, on_3fs):
+    mount, client = on_3fs
+    with CheckpointManager(mount / "ckpt") as mngr:
+        assert mngr.backend == "usrbio" and mngr.mount == str(mount)
+        mngr.io.buffer_bytes = 64 << 10   # smaller than the state: several batches per file
+        mngr.save(3, train_state, meta={"data_position": 9})
+        mngr.wait_until_finished()
+        got = mngr.restore(target=_abstract_train_state(),
+                           target_mesh=make_mesh(expert=4, devices=jax.devices()[:4]))
+        _assert_same(got.state, train_state)
+        assert got.meta["data_position"] == 9
+    assert client.fsynced and not client.registered and len(client.batches) > 2
+
+
+def test_3fs_without_client_uses_posix(tmp_path, monkeypatch):
+    mounts = tmp_path / "mounts"
+    mounts.write_text(f"hf3fs.stage {tmp_path} fuse.hf3fs rw 0 0\n")
+    monkeypatch.setattr(threefs, "CLIENT_MODULES", ("no_such_hf3fs_client",))
+    with CheckpointManager(tmp_path / "c", mounts_file=str(mounts)) as mngr:
+        assert mngr.backend == "posix"
+    with CheckpointManager(tmp_path / "d", mounts_file=str(tmp_path / "none")) as mngr:
+        assert mngr.backend == "orbax"
