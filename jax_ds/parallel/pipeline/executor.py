@@ -1,15 +1,19 @@
 """Runs a pipeline `Schedule` as one jitted SPMD program over the `pipe` mesh axis.
 
     loss, grads = run(schedule, stage_fn, params, batch, loss_fn, mesh)
+    out = execute(..., loss_params=head, input_grads=True)   # + head / input gradients, stats
 
 Inside `shard_map` (manual over `pipe` only; other mesh axes stay automatic), every rank loops
 over the schedule's ticks with `lax.scan`. At each tick it reads its row of the static table
 (`tables.compile_tables`) at `axis_index(pipe)`, runs its op through `lax.switch` (idle, F, B, W,
-BW or an F&B pair, specialised per local stage copy), sends its forward output and its input
-gradient to both neighbours with `ppermute`, and files whatever it received into fixed-capacity
-buffers at the slots the table names. F saves its residuals in a chunk slot; B reads them and adds
-its `wres`; W reads both (`split.StageSplit`). Program size does not depend on the number of
-micro-batches: only the scan length does.
+BW or a fused F&B pair; the row names which of the rank's stage copies), sends its forward output
+and its input gradient to both neighbours with `ppermute`, and files whatever it received into
+fixed-capacity buffers at the slots the row names. F saves its residuals in a chunk slot; B reads
+them and adds its `wres`; W reads both (`split.StageSplit`). Program size does not depend on the
+number of micro-batches: only the scan length does.
+
+SPMD runs in lockstep: a tick lasts as long as its slowest rank's op, so the program's time is
+the sum over ticks of the longest op, not the simulator's event-driven makespan.
 """
 
 from __future__ import annotations
@@ -29,9 +33,22 @@ from jax_ds.parallel.pipeline.split import StageSplit
 from jax_ds.parallel.pipeline.tables import COL, Tables, compile_tables
 
 
-class RunStats(NamedTuple):
-    """Measured by the program. peak_chunks [pp] int32: most chunk slots holding a live chunk at
-    once, per rank (compare `simulate(...).peak_activations`); capacity: slots per buffer."""
+class PipelineOutput(NamedTuple):
+    """What `execute` returns.
+
+    loss: [] the mean over micro-batches of loss_fn.
+    grads: like params ([num_stages, ...] leaves); DualPipe's two copies of a stage are summed.
+    loss_grads: like loss_params (None without them).
+    input_grads: like inputs, d loss / d inputs (None unless asked for).
+    peak_chunks: [pp] int32, measured: the most chunk slots (F residuals + B's wres) holding a live
+      chunk at once on each rank, in micro-batch x stage units; `simulate` predicts it.
+    capacity: slots per buffer ({"act", "grad", "chunk"}), the same on every rank.
+    num_ticks: scan length.
+    """
+    loss: jax.Array
+    grads: Any
+    loss_grads: Any
+    input_grads: Any
     peak_chunks: jax.Array
     capacity: dict
     num_ticks: int
@@ -61,135 +78,147 @@ def stage_placement(schedule: Schedule) -> np.ndarray:
     return idx
 
 
-def _body(tables: Tables, stage_fn, loss_fn, num_mb: int, axis: str):
-    """The per-rank program: (local params [L, ...], inputs [m, ...], targets [m, ...]) ->
-    (loss [1], grads [1, L, ...], peak [1])."""
-    table = jnp.asarray(tables.table)
-    cap = tables.capacity
+def _body(tables: Tables, stage_fn, loss_fn, num_mb: int, axis: str, input_grads: bool):
+    """The per-rank program: (local params [1, L, ...], loss params, inputs [m, ...],
+    targets [m, ...]) -> (loss, grads [1, L, ...], loss grads, input grads, peak [1])."""
+    cap, pp = tables.capacity, tables.table.shape[1]
+    right = [(i, i + 1) for i in range(pp - 1)]  # ppermute pairs: send to the right neighbour
+    left = [(i + 1, i) for i in range(pp - 1)]
 
-    def body(params_1L, inputs, targets):
+    def body(params_1L, loss_params, inputs, targets):
         params_L = _take(params_1L, 0)
-        x_aval = _take(inputs, 0)
-        split = StageSplit(stage_fn, _take(params_L, 0), x_aval)
-        x_avals = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), x_aval)
-        p_avals = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), params_L)
-        zero_x, zero_p = _zeros(x_avals), _zeros(p_avals)
+        num_local = jax.tree.leaves(params_L)[0].shape[0]
+        x_avals = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), inputs)
+        split = StageSplit(stage_fn, _take(params_L, 0), x_avals)
+        zero_x, zero_p = _zeros(x_avals), jax.tree.map(lambda a: jnp.zeros_like(a[0]), params_L)
         zero_res, zero_wres = _zeros(split.res_avals), _zeros(split.wres_avals)
-        loss_dtype = jax.eval_shape(loss_fn, x_avals, _take(targets, 0)).dtype
-        zero_loss = jnp.zeros((), loss_dtype)
+        zero_loss = jnp.zeros((), jax.eval_shape(loss_fn, loss_params, x_avals,
+                                                  _take(targets, 0)).dtype)
+        zero_lp = jax.tree.map(jnp.zeros_like, loss_params)
+
+        def stage_params(row, col):
+            # One traced copy of each phase serves both stage copies (half the compile time of
+            # specialising per copy), at the price of slicing the copy's weights per tick.
+            return _take(params_L, 0 if num_local == 1 else row[COL[col]])
 
         def loss_and_cotangent(y, mb):
-            loss, dy = jax.value_and_grad(loss_fn)(y, _take(targets, mb))
-            return loss / num_mb, jax.tree.map(lambda g: g / num_mb, dy)
+            loss, (dlp, dy) = jax.value_and_grad(loss_fn, argnums=(0, 1))(
+                loss_params, y, _take(targets, mb))
+            return loss / num_mb, jax.tree.map(lambda g: g / num_mb, (dlp, dy))
 
-        def stage_params(j, row, col):
-            if j >= 0:
-                return _take(params_L, j)
-            return _take(params_L, row[COL[col]])
-
-        def forward(j, pools, row):
-            act = _take(pools["act"], row[COL["f_in"]])
+        def forward(pools, row):
             x = jax.tree.map(lambda a, b: jnp.where(row[COL["f_first"]] == 1, a, b),
-                             _take(inputs, row[COL["f_mb"]]), act)
-            y, res = split.forward(stage_params(j, row, "f_local"), x)
-            loss, dy = jax.lax.cond(row[COL["f_last"]] == 1, loss_and_cotangent,
-                                    lambda y, mb: (zero_loss, zero_x),
-                                    y, row[COL["f_mb"]])
-            return y, res, loss, dy
+                             _take(inputs, row[COL["f_mb"]]), _take(pools["act"], row[COL["f_in"]]))
+            y, res = split.forward(stage_params(row, "f_local"), x)
+            loss, (dlp, dy) = jax.lax.cond(row[COL["f_last"]] == 1, loss_and_cotangent,
+                                           lambda y, mb: (zero_loss, (zero_lp, zero_x)),
+                                           y, row[COL["f_mb"]])
+            return y, res, (loss, dlp), dy
 
-        def backward_input(j, pools, row):
-            res = _take(pools["res"], row[COL["b_slot"]])
-            return split.backward_input(stage_params(j, row, "b_local"), res, _take(pools["grad"],
-                                                                       row[COL["b_dy"]]))
+        def backward_input(pools, row):
+            return split.backward_input(stage_params(row, "b_local"),
+                                        _take(pools["res"], row[COL["b_slot"]]),
+                                        _take(pools["grad"], row[COL["b_dy"]]))
 
-        def backward_weight(j, pools, row, wres=None):
-            res = _take(pools["res"], row[COL["w_slot"]])
-            wres = _take(pools["wres"], row[COL["w_slot"]]) if wres is None else wres
-            return split.backward_weight(stage_params(j, row, "w_local"), res, wres)
+        def backward_weight(pools, row, wres=None):
+            if wres is None:  # a deferred W: B saved its wres in the chunk's slot
+                wres = _take(pools["wres"], row[COL["w_slot"]])
+            return split.backward_weight(stage_params(row, "w_local"),
+                                         _take(pools["res"], row[COL["w_slot"]]), wres)
 
-        def branch(kind, jf, jb):
-            # -> (f_out, res, loss, dy_loss, b_out, wres, dp)
-            def run(pools, row):
-                y, res, loss, dy = zero_x, zero_res, zero_loss, zero_x
+        def branch(kind):
+            def op(pools, row):  # -> (y, res, (loss, dloss_params), dy_loss, dx, wres, dp)
+                y, res, loss, dy_loss = zero_x, zero_res, (zero_loss, zero_lp), zero_x
                 dx, wres, dp = zero_x, zero_wres, zero_p
                 if kind in ("F", "FB"):
-                    y, res, loss, dy = forward(jf, pools, row)
+                    y, res, loss, dy_loss = forward(pools, row)
                 if kind in ("B", "BW", "FB"):
-                    dx, wres = backward_input(jb, pools, row)
+                    dx, wres = backward_input(pools, row)
                 if kind in ("BW", "FB"):
-                    dp = backward_weight(jb, pools, row, wres)
+                    dp = backward_weight(pools, row, wres)
                 if kind == "W":
-                    dp = backward_weight(jb, pools, row)
-                return y, res, loss, dy, dx, wres, dp
-            return run
+                    dp = backward_weight(pools, row)
+                return y, res, loss, dy_loss, dx, wres, dp
+            return op
 
-        branches = [branch(*key) for key in tables.branches]
-        pp = tables.table.shape[1]
-        right = [(i, i + 1) for i in range(pp - 1)]
-        left = [(i + 1, i) for i in range(pp - 1)]
+        branches = [branch(kind) for kind in tables.branches]
 
         def tick(carry, rows):
-            pools, grads, loss, occupied, peak = carry
+            pools, grads, (loss, lp_grads), dxs, occupied, peak = carry
             row = rows[jax.lax.axis_index(axis)]
-            y, res, loss_inc, dy_loss, dx, wres, dp = jax.lax.switch(row[COL["branch"]], branches,
-                                                                     pools, row)
-            received = {}
+            y, res, (loss_inc, dlp), dy_loss, dx, wres, dp = jax.lax.switch(
+                row[COL["branch"]], branches, pools, row)
+            # Every rank sends its forward output and input gradient both ways; the receiver's
+            # row says where to keep what it wants (the trash slot takes the rest).
+            arrivals = {"act_local": y, "grad_local": dx, "grad_loss": dy_loss}
             for name, value, perm in (("act_l", y, right), ("act_r", y, left),
                                       ("grad_l", dx, right), ("grad_r", dx, left)):
                 if name in tables.channels:
-                    received[name] = jax.lax.ppermute(value, axis, perm)
+                    arrivals[name] = jax.lax.ppermute(value, axis, perm)
             act, grad = pools["act"], pools["grad"]
-            for name, value in (("act_l", received.get("act_l")), ("act_r", received.get("act_r")),
-                                ("act_local", y)):
-                if value is not None:
+            for name, value in arrivals.items():
+                if name.startswith("act"):
                     act = _put(act, row[COL[name]], value)
-            for name, value in (("grad_l", received.get("grad_l")),
-                                ("grad_r", received.get("grad_r")), ("grad_local", dx),
-                                ("grad_loss", dy_loss)):
-                if value is not None:
+                else:
                     grad = _put(grad, row[COL[name]], value)
             pools = dict(act=act, grad=grad, res=_put(pools["res"], row[COL["f_res"]], res),
                          wres=_put(pools["wres"], row[COL["wres_write"]], wres))
             grads = jax.tree.map(lambda g, d: g.at[row[COL["w_local"]]].add(d), grads, dp)
+            lp_grads = jax.tree.map(jnp.add, lp_grads, dlp)
+            if input_grads:  # stage 0's dx, kept by micro-batch (index num_mb is the trash)
+                at = jnp.where(row[COL["b_first"]] == 1, row[COL["b_mb"]], num_mb)
+                dxs = _put(dxs, at, dx)
+            # Live chunks: counted after this tick's F takes its slot, before W frees one.
             occupied = occupied.at[row[COL["f_res"]]].set(1)
             peak = jnp.maximum(peak, occupied[:cap["chunk"]].sum(dtype=jnp.int32))
             occupied = occupied.at[row[COL["free"]]].set(0)
-            return (pools, grads, loss + loss_inc, occupied, peak), None
+            return (pools, grads, (loss + loss_inc, lp_grads), dxs, occupied, peak), None
 
         pools = dict(act=_pool(x_avals, cap["act"]), grad=_pool(x_avals, cap["grad"]),
                      res=_pool(split.res_avals, cap["chunk"]),
                      wres=_pool(split.wres_avals, cap["chunk"]))
-        grads = jax.tree.map(jnp.zeros_like, params_L)
-        carry = (pools, grads, zero_loss, jnp.zeros(cap["chunk"] + 1, jnp.int32),
-                 jnp.zeros((), jnp.int32))
-        (_, grads, loss, _, peak), _ = jax.lax.scan(tick, carry, table)
-        loss = jax.lax.psum(loss, axis)
-        return loss, jax.tree.map(lambda g: g[None], grads), peak[None]
+        dxs = _pool(x_avals, num_mb) if input_grads else None
+        carry = (pools, jax.tree.map(jnp.zeros_like, params_L), (zero_loss, zero_lp), dxs,
+                 jnp.zeros(cap["chunk"] + 1, jnp.int32), jnp.zeros((), jnp.int32))
+        (_, grads, (loss, lp_grads), dxs, _, peak), _ = jax.lax.scan(
+            tick, carry, jnp.asarray(tables.table))
+        # The loss (and its parameters' and inputs' gradients) live on the ranks holding the
+        # last (first) stage, zeros elsewhere: a sum over the pipe axis gathers them.
+        if input_grads:
+            dxs = jax.lax.psum(jax.tree.map(lambda a: a[:num_mb], dxs), axis)
+        return (jax.lax.psum(loss, axis), jax.tree.map(lambda g: g[None], grads),
+                jax.lax.psum(lp_grads, axis), dxs, peak[None])
 
     return body
 
 
 @functools.lru_cache(maxsize=64)
-def _program(schedule: Schedule, stage_fn: Callable, loss_fn: Callable, mesh: Mesh, axis: str):
+def _program(schedule: Schedule, stage_fn: Callable, loss_fn: Callable, mesh: Mesh, axis: str,
+             input_grads: bool):
+    """(jitted program(params, loss_params, inputs, targets), tables) for one configuration."""
     tables = compile_tables(schedule)
     idx = stage_placement(schedule)
     pp, num_local = idx.shape
-    body = _body(tables, stage_fn, loss_fn, schedule.num_microbatches, axis)
-    mapped = jax.shard_map(body, mesh=mesh, in_specs=(P(axis), P(), P()),
-                           out_specs=(P(), P(axis), P(axis)), axis_names=frozenset({axis}),
-                           check_vma=False)
+    body = _body(tables, stage_fn, loss_fn, schedule.num_microbatches, axis, input_grads)
+    mapped = jax.shard_map(body, mesh=mesh, in_specs=(P(axis), P(), P(), P()),
+                           out_specs=(P(), P(axis), P(), P(), P(axis)),
+                           axis_names=frozenset({axis}), check_vma=False)
+    flat = idx.reshape(-1)
 
-    def program(params, batch):
-        inputs, targets = batch
-        # Stage copies by rank: [S, ...] -> [pp, L, ...] split over `axis`.
-        flat = idx.reshape(-1)
-        local = jax.tree.map(lambda a: jax.lax.with_sharding_constraint(
-            a[flat].reshape(pp, num_local, *a.shape[1:]), NamedSharding(mesh, P(axis))), params)
-        loss, grads_local, peak = mapped(local, inputs, targets)
+    def program(params, loss_params, inputs, targets):
+        # Stage copies by rank: [S, ...] -> [pp, L, ...] split over `axis`; the other dimensions
+        # keep whatever split they had (routed experts over `expert`, say).
+        def by_rank(a):
+            spec = P(axis, *[P.UNCONSTRAINED] * a.ndim)
+            return jax.lax.with_sharding_constraint(a[flat].reshape(pp, num_local, *a.shape[1:]),
+                                                    NamedSharding(mesh, spec))
+
+        local = jax.tree.map(by_rank, params)
+        loss, grads_local, lp_grads, dxs, peak = mapped(local, loss_params, inputs, targets)
         # Copies of one stage (DualPipe) add their gradients.
         grads = jax.tree.map(lambda p, g: jnp.zeros_like(p).at[flat].add(
             g.reshape(pp * num_local, *p.shape[1:])), params, grads_local)
-        return loss, grads, peak
+        return loss, grads, lp_grads, dxs, peak
 
     return jax.jit(program), tables
 
@@ -201,24 +230,53 @@ def _check_inputs(schedule: Schedule, params, batch, mesh: Mesh, axis: str):
         raise ValueError(f"run: schedule {schedule.name!r} has {schedule.num_ranks} ranks but the "
                          f"mesh's {axis!r} axis has size {mesh.shape[axis]}")
     for leaf in jax.tree.leaves(params):
-        if leaf.ndim < 1 or leaf.shape[0] != schedule.num_stages:
+        if jnp.ndim(leaf) < 1 or jnp.shape(leaf)[0] != schedule.num_stages:
             raise ValueError(f"run: every params leaf must be stacked over the "
-                             f"{schedule.num_stages} stages on axis 0, got shape {leaf.shape}")
+                             f"{schedule.num_stages} stages on axis 0, got shape "
+                             f"{jnp.shape(leaf)}")
     if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
         raise ValueError("run: batch must be (inputs, targets), leaves [m, micro-batch, ...]")
     for leaf in jax.tree.leaves(batch):
-        if leaf.ndim < 1 or leaf.shape[0] != schedule.num_microbatches:
+        if jnp.ndim(leaf) < 1 or jnp.shape(leaf)[0] != schedule.num_microbatches:
             raise ValueError(f"run: batch leaves must have the {schedule.num_microbatches} "
-                             f"micro-batches on axis 0, got shape {leaf.shape}")
+                             f"micro-batches on axis 0, got shape {jnp.shape(leaf)}")
 
 
-def run_with_stats(schedule: Schedule, stage_fn: Callable, params: Any, batch: Any,
-                   loss_fn: Callable, mesh: Mesh, axis: str = PIPE):
-    """`run`, also returning `RunStats` measured from the program's buffers."""
+class _WithoutParams:
+    """loss_fn(y, target) as loss_fn(loss_params, y, target); equal wrappers hash equal, so the
+    program cache hits on repeated calls."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, loss_params, y, target):
+        return self.fn(y, target)
+
+    def __eq__(self, other):
+        return isinstance(other, _WithoutParams) and other.fn == self.fn
+
+    def __hash__(self):
+        return hash((_WithoutParams, self.fn))
+
+
+def execute(schedule: Schedule, stage_fn: Callable, params: Any, batch: Any, loss_fn: Callable,
+            mesh: Mesh, axis: str = PIPE, *, loss_params: Any = None,
+            input_grads: bool = False) -> PipelineOutput:
+    """`run` with more: parameters of the loss (an output head), gradients w.r.t. the inputs
+    (for an embedding outside the pipeline), and what the program measured.
+
+    With `loss_params`, loss_fn is called as loss_fn(loss_params, y, target) and
+    `PipelineOutput.loss_grads` holds their gradients. With `input_grads=True`,
+    `PipelineOutput.input_grads` is d loss / d inputs. See `run` for the rest.
+    """
     _check_inputs(schedule, params, batch, mesh, axis)
-    program, tables = _program(schedule, stage_fn, loss_fn, mesh, axis)
-    loss, grads, peak = program(params, batch)
-    return loss, grads, RunStats(peak, dict(tables.capacity), tables.num_ticks)
+    has_loss_params = loss_params is not None
+    if not has_loss_params:
+        loss_fn, loss_params = _WithoutParams(loss_fn), ()
+    program, tables = _program(schedule, stage_fn, loss_fn, mesh, axis, bool(input_grads))
+    loss, grads, lp_grads, dxs, peak = program(params, loss_params, *batch)
+    return PipelineOutput(loss, grads, lp_grads if has_loss_params else None, dxs, peak,
+                          dict(tables.capacity), tables.num_ticks)
 
 
 def run(schedule: Schedule, stage_fn: Callable, params: Any, batch: Any, loss_fn: Callable,
@@ -236,18 +294,20 @@ def run(schedule: Schedule, stage_fn: Callable, params: Any, batch: Any, loss_fn
 
     Args:
       schedule: from `one_f_one_b`, `zb1p`, `dualpipe` or `dualpipev`.
-      stage_fn: (stage_params, x) -> y, y with x's structure, shapes and dtypes. Hashable (the
-        compiled program is cached on it): define it once, not as a fresh lambda per call.
+      stage_fn: (stage_params, x) -> y, y with x's structure, shapes and dtypes. The compiled
+        program is cached on (schedule, stage_fn, loss_fn, mesh): define the functions once, not
+        as fresh lambdas per call.
       params: pytree, every leaf [num_stages, ...] (stage s's parameters at index s).
       batch: (inputs, targets), pytrees with leaves [m, micro-batch, ...]; inputs feed stage 0,
-        targets go to loss_fn. Placed on all `axis` ranks; other mesh axes may split them.
+        targets go to loss_fn. Every `axis` rank gets them; other mesh axes (data, expert) may
+        split the micro-batch dimension.
       loss_fn: (y, target) -> scalar, on the last stage's output of one micro-batch.
       mesh: a mesh with `axis` of size schedule.num_ranks (e.g. `make_mesh(pipe=4, data=2)`).
       axis: the pipeline axis name.
 
     Returns:
-      (loss [] float32, grads like params). DualPipe holds each stage twice; the copies'
-      gradients are summed.
+      (loss [], grads like params). DualPipe holds each stage twice; the copies' gradients are
+      summed.
     """
-    loss, grads, _ = run_with_stats(schedule, stage_fn, params, batch, loss_fn, mesh, axis)
-    return loss, grads
+    out = execute(schedule, stage_fn, params, batch, loss_fn, mesh, axis)
+    return out.loss, out.grads

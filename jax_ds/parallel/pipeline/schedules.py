@@ -44,7 +44,8 @@ class Chunk(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class Op:
-    """One unit of work on one rank. FB: forward of `chunk` overlapped with full backward of `other`."""
+    """One unit of work on one rank; FB: the forward of `chunk` with the full backward of
+    `other`, overlapped."""
     kind: str
     chunk: Chunk
     other: Chunk | None = None
@@ -71,13 +72,12 @@ class Op:
         """The chunk whose weight gradient this op computes (W, BW, FB), else None."""
         return {"W": self.chunk, "BW": self.chunk, "FB": self.other}.get(self.kind)
 
-    def label(self) -> str:
-        """Short text for timelines: F3, B3, W3, BW3, F3&B1 (a trailing ' marks direction 1)."""
-        def name(c: Chunk) -> str:
-            return f"{c.mb}{chr(39) if c.direction else ''}"
+    def label(self, mark=lambda chunk: "") -> str:
+        """Short text for timelines: F3, B3, W3, BW3, F3&B1; `mark(chunk)` is appended to each
+        micro-batch number (see `Schedule.label`)."""
         if self.kind == "FB":
-            return f"F{name(self.chunk)}&B{name(self.other)}"
-        return f"{self.kind}{name(self.chunk)}"
+            return f"F{self.chunk.mb}{mark(self.chunk)}&B{self.other.mb}{mark(self.other)}"
+        return f"{self.kind}{self.chunk.mb}{mark(self.chunk)}"
 
 
 @dataclass(frozen=True)
@@ -116,6 +116,15 @@ class Schedule:
             return int(mb >= self.num_microbatches // 2)
         return 0
 
+    def label(self, op: Op) -> str:
+        """`op.label()` with a ' on chunks of the second copy: DualPipe's reverse direction,
+        DualPipeV's way back (stages pp..2pp-1)."""
+        if self.name == "dualpipe":
+            return op.label(lambda c: "'" if c.direction else "")
+        if self.name == "dualpipev":
+            return op.label(lambda c: "'" if c.stage >= self.num_ranks else "")
+        return op.label()
+
     def validate(self) -> "Schedule":
         """Checks every chunk is run forward once, backward once and weight-updated once, on its
         stage copy's rank, with F before B before W on that rank. Returns self."""
@@ -126,7 +135,7 @@ class Schedule:
                     if chunk is None:
                         continue
                     if self.rank_of(chunk) != rank:
-                        raise ValueError(f"{self.name}: {op.label()} of {chunk} runs on rank "
+                        raise ValueError(f"{self.name}: {op.kind} of {chunk} runs on rank "
                                          f"{rank}, but that stage copy lives on rank "
                                          f"{self.rank_of(chunk)}")
                     if chunk in seen[kind]:
@@ -359,3 +368,8 @@ def make_schedule(name: str, pp: int, m: int) -> Schedule:
     if name not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; choose from {sorted(SCHEDULES)}")
     return SCHEDULES[name](pp, m)
+
+
+# DESIGN.md lists `simulate` beside the schedules; it lives in `simulator` (which imports this
+# module), so it is re-exported here at the end, once every name it needs exists.
+from jax_ds.parallel.pipeline.simulator import simulate  # noqa: E402,F401

@@ -154,8 +154,9 @@ def _deadlock_message(schedule: Schedule, pos, done) -> str:
     lines = [f"{schedule.name}: deadlock; stuck ranks and what their next op waits for:"]
     for r, ops in enumerate(schedule.ops):
         if pos[r] < len(ops):
-            missing = [f"{k} of {c}" for k, c in _needs(schedule, ops[pos[r]]) if (k, c) not in done]
-            lines.append(f"  rank {r}: op #{pos[r]} {ops[pos[r]].label()} waits for "
+            missing = [f"{k} of {c}" for k, c in _needs(schedule, ops[pos[r]])
+                       if (k, c) not in done]
+            lines.append(f"  rank {r}: op #{pos[r]} {schedule.label(ops[pos[r]])} waits for "
                          f"{', '.join(missing)}")
     return "\n".join(lines)
 
@@ -170,6 +171,10 @@ def readme_bubble(name: str, num_stages: int, costs: Costs) -> float:
       ZB1P       (PP-1)(F+B-2W)
       DualPipe   (PP/2-1)(F&B+B-3W)
       DualPipeV  (PP/2-1)(F&B+B-3W)
+
+    `simulate`'s largest per-rank bubble equals these exactly when F = B - W (a forward takes as
+    long as an input-gradient backward, the zero-bubble paper's setting), W <= F and
+    max(F, B) <= F&B <= F + B; elsewhere the formulas are approximations.
     """
     pp, fb = num_stages, costs.F + costs.B if costs.FB is None else costs.FB
     return {"1f1b": (pp - 1) * (costs.F + costs.B),
@@ -181,15 +186,19 @@ def readme_bubble(name: str, num_stages: int, costs: Costs) -> float:
 # ----------------------------------------------------------------------------- display
 
 
-def timeline(schedule: Schedule, costs: Costs | Callable = unit_cost, width: int = 5) -> str:
-    """The schedule as text, one row per rank, `width` characters per unit of time."""
+def timeline(schedule: Schedule, costs: Costs | Callable = unit_cost, width: int | None = None
+             ) -> str:
+    """The schedule as text, one row per rank, `width` characters per unit of time (default: the
+    longest op label). A ' marks DualPipe's reverse direction / DualPipeV's way back."""
     sim = simulate(schedule, costs)
+    labels = [[schedule.label(op) for op in ops] for ops in schedule.ops]
+    if width is None:
+        width = 1 + max(len(text) for row in labels for text in row)
     rows = []
     for r, ops in enumerate(schedule.ops):
         line = [" "] * int(round(sim.makespan * width))
-        for op, t0, t1 in zip(ops, sim.start[r], sim.end[r]):
+        for text, t0, t1 in zip(labels[r], sim.start[r], sim.end[r]):
             a, b = int(round(t0 * width)), int(round(t1 * width))
-            cell = op.label()[: max(b - a - 1, 1)].ljust(b - a - 1, " ") + "|"
-            line[a:b] = list(cell[: b - a])
+            line[a:b] = list(text[:b - a - 1].ljust(b - a - 1) + "|")
         rows.append(f"rank {r:>2} |" + "".join(line))
     return "\n".join(rows)

@@ -14,8 +14,10 @@ Values crossing a phase boundary are saved: `res` (made by F, or x itself, read 
 twice and B runs no equation that only weight gradients need, so F + B + W is exactly the work of
 one jax.vjp; the compiled B has no weight-shaped matmuls (see the tests' HLO cost check).
 
-Limitation: control flow inside a stage (scan, while, cond) is one equation; its transpose makes
-input and weight cotangents together, so such a stage's B also computes its weight gradients.
+Limitation: an equation that is not a plain `jit` is split no further. Control flow (scan, while,
+cond), `jax.checkpoint` and nested `shard_map`s (expert parallelism's dispatch/combine) transpose
+into one equation making input and weight cotangents together: such a piece's weight gradients
+are computed in B and carried to W in `wres` (still exact; not deferred, and weight-sized).
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ CHANNELS = ("act_l", "act_r", "grad_l", "grad_r")  # from the left / right neigh
 class Tables:
     """Static program of a schedule. `table[t, r]` is rank r's row at tick t (see FIELDS).
 
-    branches: (kind, forward local, backward local) per branch index; (None, -1, -1) is idle.
+    branches: the op kind of each branch index ("idle" first, then the kinds the schedule uses).
     capacity: slots per pool (act, grad, chunk), the same on every rank (the largest need).
     peak_chunks: per rank, the most chunk slots in use at once (= simulated peak activations).
     channels: which of CHANNELS some rank ever receives on (the others are not sent).
@@ -88,8 +88,8 @@ def compile_tables(schedule: Schedule) -> Tables:
                 if chunk is not None:
                     tick[(kind, chunk)] = (t, r)
     num_ticks = int(sim.makespan)
-    trash = {}  # filled once capacities are known
-    moves = []  # (pool, chunk, producer tick, producer rank, consumer tick, consumer rank, source)
+    moves = []  # (pool, chunk, producer tick, producer rank or None for the loss, consumer tick,
+    #             consumer rank)
     chunks = [c for (kind, c) in tick if kind == "F"]
     for c in chunks:
         tf, r = tick[("F", c)]
@@ -126,26 +126,20 @@ def compile_tables(schedule: Schedule) -> Tables:
         slots.update({("chunk", c): v for c, v in s.items()})
         capacity["chunk"] = max(capacity["chunk"], n)
         peaks.append(n)
-    trash = dict(capacity)
 
     table = np.zeros((num_ticks, pp, len(FIELDS)), np.int32)
     for name in ("f_res", "wres_write", "free", "act_l", "act_r", "act_local", "grad_l", "grad_r",
                  "grad_local", "grad_loss"):
         pool = "act" if name.startswith("act") else "grad" if name.startswith("grad") else "chunk"
-        table[:, :, COL[name]] = trash[pool]
-    branches = [(None, -1, -1)]
+        table[:, :, COL[name]] = capacity[pool]  # the trash slot
+    branches = ["idle"]
     channels = set()
     for (t, r), op in ops_at.items():
         row = table[t, r]
         f, b, w = op.forward, op.backward, op.weight
-        bw = b or w
-        key = (op.kind, schedule.local_of(f) if f else -1, schedule.local_of(bw) if bw else -1)
-        import os
-        if os.environ.get("DYN"):
-            key = (op.kind, -1, -1)
-        if key not in branches:
-            branches.append(key)
-        row[COL["branch"]] = branches.index(key)
+        if op.kind not in branches:
+            branches.append(op.kind)
+        row[COL["branch"]] = branches.index(op.kind)
         if f is not None:
             row[COL["f_local"]] = schedule.local_of(f)
             row[COL["f_mb"]] = f.mb
