@@ -11,14 +11,13 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from jax.sharding import PartitionSpec as P
 
 from jax_ds.models import DeepSeekConfig, DeepSeekMoE, Transformer, train_step
 from jax_ds.models.redundant import (RedundantMoE, rebalance, round_robin_plan,
                                      with_redundant_experts)
 from jax_ds.parallel.eplb import rebalance_experts
 from jax_ds.parallel.load_stats import init_expert_load, update_expert_load
-from jax_ds.parallel.mesh import EXPERT, make_mesh, shard_batch, shard_model
+from jax_ds.parallel.mesh import EXPERT, make_mesh, shard_batch
 
 CPU = jax.devices("cpu")
 # Two MoE layers (3 layers, the first dense), 8 experts in 4 groups.
@@ -47,12 +46,10 @@ def test_rebalance_keeps_the_model_function_on_8_devices():
     mesh = make_mesh(data=2, expert=4, devices=CPU)
     tokens = shard_batch(jax.random.randint(jax.random.key(0), (8, 16), 0, cfg.vocab_size), mesh)
     forward = nnx.jit(lambda m, t: m.forward(t))
-    plain = shard_model(Transformer(cfg, rngs=nnx.Rngs(0), mesh=mesh), mesh)
-    logits0, aux0 = forward(plain, tokens)
-
     model = with_redundant_experts(Transformer(cfg, rngs=nnx.Rngs(0), mesh=mesh), 16)
     assert all(isinstance(m, RedundantMoE) for m in model.moe_layers())
-    logits1, aux1 = forward(model, tokens)  # round-robin placement: 16 slots, 4 per rank
+    logits0, aux0 = forward(model, tokens)  # round-robin placement: 16 slots, 4 per rank
+    assert aux0.expert_counts.shape == (2, 8)  # per logical expert
 
     plan = rebalance_experts(SKEWED, 16, 4, 2, 4)  # 2 nodes x 2 GPUs = the 4 expert ranks
     assert (plan.logcnt[0, [0, 4]] > 1).all() and plan.logcnt[1, 7] > 1
@@ -60,19 +57,17 @@ def test_rebalance_keeps_the_model_function_on_8_devices():
     for i, moe in enumerate(model.moe_layers()):
         np.testing.assert_array_equal(moe.phy2log[...], plan.phy2log[i])
         assert moe.w_gate[...].sharding.spec[0] == EXPERT  # moved, still split over `expert`
-    slot_weights_match(model, plain)
-    logits2, aux2 = forward(model, tokens)
-
-    for logits, aux in ((logits1, aux1), (logits2, aux2)):
-        np.testing.assert_allclose(logits, logits0, rtol=1e-5, atol=1e-6)
-        np.testing.assert_array_equal(aux.expert_counts, aux0.expert_counts)
-        assert int(aux.dropped.sum()) == 0
+    slot_weights_match(model, Transformer(cfg, rngs=nnx.Rngs(0)))
+    logits, aux = forward(model, tokens)
+    np.testing.assert_allclose(logits, logits0, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(aux.expert_counts, aux0.expert_counts)
+    assert int(aux.dropped.sum()) == 0
 
 
 def test_training_with_replicas_follows_the_plain_model():
     """Replica gradients are tied, so Adam keeps replicas identical; a rebalance mid-training
     (weights and Adam moments moved) changes nothing."""
-    cfg = DeepSeekConfig.tiny(**SMALL)
+    cfg = DeepSeekConfig.tiny(**{**SMALL, "num_layers": 2})  # one MoE layer: compiles faster
     plain = Transformer(cfg, rngs=nnx.Rngs(0))
     model = with_redundant_experts(Transformer(cfg, rngs=nnx.Rngs(0)), 12)
     tx = optax.adamw(1e-2, weight_decay=0.1)
@@ -82,7 +77,7 @@ def test_training_with_replicas_follows_the_plain_model():
     batches = jax.random.randint(jax.random.key(1), (4, 4, 17), 0, cfg.vocab_size)
     for i, batch in enumerate(batches):
         if i == 2:
-            rebalance(model, rebalance_experts(SKEWED, 12, 4, 2, 2), opt)
+            rebalance(model, rebalance_experts(SKEWED[:1], 12, 4, 2, 2), opt)
         loss_plain = float(step(plain, opt_plain, batch)["loss"])
         metrics = step(model, opt, batch)
         assert float(metrics["loss"]) == pytest.approx(loss_plain, rel=1e-5)

@@ -15,15 +15,12 @@ Both are built from two greedy steps:
                      each into the lightest pack that is not full (lowest index on ties).
   replicate_experts  add one replica at a time to the expert with the largest load / replicas.
 
-How this differs from the reference in *implementation* (plans are the same):
-  * Replication is one `top_k`, not R - E argmax steps. The greedy picks the largest load / count;
-    expert i's successive candidates w_i / 1 > w_i / 2 > ... form a falling list, and the greedy
-    merges these lists, so its picks are the R - E largest values of {w_i / k : k >= 1}, ties
-    going to the lower expert id (the reference's argmax takes the first maximum; `top_k` the
-    lower index). This holds for loads >= 0; negative loads still give a valid plan, not
-    necessarily the reference's.
-  * Packing is a `lax.scan` over the n sorted items, all L (or L x nodes) rows at once.
-  * Loads are float32 (as the reference's `weight.float()`); integer loads are exact below 2^24.
+How it runs: all L layers (L x nodes rows) at once, item-major ([items, rows]) so that every
+sequential step is elementwise over the rows. Replication is a `lax.scan` of R - E argmax steps,
+packing a `lax.scan` over the items in sorted order; the sort itself is a count of the items that
+go before each one (XLA:CPU's comparator sort is several times slower at these lengths). Loads
+become float32, as the reference's `weight.float()` (integer loads are exact below 2^24); -0.0
+and nan count as 0. Loads are meant to be >= 0; negative or infinite ones still give a valid plan.
 
 Ties. Our descending sorts are stable: equal loads go in increasing index order. The reference
 sorts with `torch.sort(descending=True)`, which on CPU is stable for rows of <= 16 items (an
@@ -77,9 +74,11 @@ def rebalance_experts(weight, num_replicas: int, num_groups: int, num_nodes: int
       weight: [L, E] loads per logical expert (token counts or their moving average), any real
         dtype, >= 0. Traced: works under jit and vmap (then it is [..., L, E] per call).
       num_replicas: R, physical expert slots per layer; a multiple of num_gpus, >= E.
-      num_groups: expert groups of group-limited routing; E must divide by it.
-      num_nodes: server nodes; with num_groups % num_nodes == 0 the hierarchical policy is used.
-      num_gpus: GPUs in all; a multiple of num_nodes. GPU g holds slots [g R/G, (g+1) R/G).
+      num_groups: expert groups of group-limited routing; E must divide by it (hierarchical).
+      num_nodes: server nodes; with num_groups % num_nodes == 0 the hierarchical policy is used,
+        else the global one (which, like the reference's, ignores groups and nodes).
+      num_gpus: GPUs in all; a multiple of num_nodes (hierarchical). GPU g holds slots
+        [g R/G, (g+1) R/G); in the hierarchical policy node n holds GPUs [n G/N, (n+1) G/N).
 
     Returns:
       Plan(phy2log [L, R] int32, log2phy [L, E, max_replicas] int32 (-1 padded),
@@ -100,10 +99,12 @@ def rebalance_experts(weight, num_replicas: int, num_groups: int, num_nodes: int
                              jnp.issubdtype(dtype, jnp.floating)):
         raise ValueError(f"rebalance_experts: weight must hold integer or float loads, got {dtype}")
     num_experts = shape[1]
-    if num_experts % num_groups:
+    # As in the reference, groups and nodes constrain only the hierarchical policy: the global
+    # one packs all replicas straight onto the GPUs.
+    if num_groups % num_nodes == 0 and num_experts % num_groups:
         raise ValueError(f"rebalance_experts: {num_experts} experts (weight shape {shape}) do not "
                          f"divide into num_groups={num_groups} groups")
-    if num_gpus % num_nodes:
+    if num_groups % num_nodes == 0 and num_gpus % num_nodes:
         raise ValueError(f"rebalance_experts: num_gpus={num_gpus} is not a multiple of "
                          f"num_nodes={num_nodes}")
     if num_replicas % num_gpus:
@@ -119,7 +120,7 @@ def rebalance_experts(weight, num_replicas: int, num_groups: int, num_nodes: int
 def _rebalance(weight, num_replicas, num_groups, num_nodes, num_gpus) -> Plan:
     num_layers, num_experts = weight.shape
     w = weight.astype(jnp.float32)
-    w = jnp.where(w == 0, 0.0, w)  # -0.0 -> 0.0: top_k orders -0.0 below 0.0, torch does not
+    w = jnp.where((w == 0) | jnp.isnan(w), 0.0, w)  # -0.0 and nan count as 0.0
     if num_groups % num_nodes:  # global policy: one node holding a single group
         num_groups = num_nodes = 1
     phy2log, rank, logcnt = _hierarchical(w, num_replicas, num_groups, num_nodes, num_gpus)
@@ -194,39 +195,15 @@ def balanced_packing(weight_XN, num_packs: int):
     Returns:
       (pack [X, N] int32 in [0, M), rank [X, N] int32: the item's position in its pack).
     """
-    rows, n = weight_XN.shape
-    per_pack = n // num_packs
-    if per_pack == 1:  # one item per pack: item i alone in pack i, as in the reference
-        ids = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (rows, n))
-        return ids, jnp.zeros((rows, n), jnp.int32)
-    order = jnp.argsort(weight_XN, axis=-1, descending=True, stable=True).astype(jnp.int32)
-    w_sorted_NX = jnp.take_along_axis(weight_XN, order, -1).T
-    packs = jnp.arange(num_packs, dtype=jnp.int32)
-
-    def place(carry, w_X):
-        load_XM, count_XM = carry
-        is_open = count_XM < per_pack
-        lightest = jnp.min(jnp.where(is_open, load_XM, jnp.inf), -1, keepdims=True)
-        # First open pack at the minimum; if loads are inf/nan and none compares, the first open.
-        at_min = is_open & (load_XM <= lightest)
-        choice = jnp.argmax(jnp.where(at_min.any(-1, keepdims=True), at_min, is_open), -1)
-        hit = packs == choice[:, None].astype(jnp.int32)
-        rank = jnp.sum(jnp.where(hit, count_XM, 0), -1)
-        load_XM = jnp.where(hit, load_XM + w_X[:, None], load_XM)
-        return (load_XM, count_XM + hit), (choice.astype(jnp.int32), rank)
-
-    init = (jnp.zeros((rows, num_packs), jnp.float32), jnp.zeros((rows, num_packs), jnp.int32))
-    # Unrolled: each step is a few tiny ops, so a loop's per-iteration overhead would dominate.
-    _, (pack_NX, rank_NX) = jax.lax.scan(place, init, w_sorted_NX, unroll=min(n, 16))
-    return _scatter_rows(jnp.zeros((rows, n), jnp.int32), order, pack_NX.T), \
-        _scatter_rows(jnp.zeros((rows, n), jnp.int32), order, rank_NX.T)
+    pack_NX, rank_NX = _pack(weight_XN.T, num_packs)
+    return pack_NX.T, rank_NX.T
 
 
 def replicate_experts(weight_XE, num_phy: int):
     """Adds num_phy - E replicas, each to the expert with the largest load / replicas so far.
 
     Args:
-      weight_XE: [X, E] float32 loads, >= 0.
+      weight_XE: [X, E] float32 loads.
       num_phy: P >= E physical slots.
 
     Returns:
@@ -234,20 +211,85 @@ def replicate_experts(weight_XE, num_phy: int):
        rank [X, P] int32: the replica's number within its expert (0 for the first);
        logcnt [X, E] int32 replicas per expert).
     """
-    rows, num_log = weight_XE.shape
-    extra = num_phy - num_log
-    ids = jnp.broadcast_to(jnp.arange(num_log, dtype=jnp.int32), (rows, num_log))
-    if extra == 0:
-        return ids, jnp.zeros((rows, num_log), jnp.int32), jnp.ones((rows, num_log), jnp.int32)
-    # Candidate (i, k) is expert i's load per replica when it has k: picked, it gets replica k.
-    k = jnp.arange(1, extra + 1, dtype=jnp.float32)
-    candidates = (weight_XE[:, :, None] / k).reshape(rows, num_log * extra)
-    _, picks = jax.lax.top_k(candidates, extra)  # ties: lower (expert, k) first
-    expert, rank = picks // extra, picks % extra + 1
-    logcnt = 1 + jnp.sum(expert[:, :, None] == jnp.arange(num_log, dtype=jnp.int32), 1)
-    return (jnp.concatenate([ids, expert.astype(jnp.int32)], -1),
-            jnp.concatenate([jnp.zeros_like(ids), rank.astype(jnp.int32)], -1),
-            logcnt.astype(jnp.int32))
+    phy2log, rank, logcnt = _replicate(weight_XE.T, num_phy)
+    return phy2log.T, rank.T, logcnt.T
+
+
+# The steps work item-major, [items, rows]: every sequential step is then elementwise over the
+# rows (layers x nodes), which XLA:CPU vectorises; reductions over items run across vectors.
+
+
+def _pack(w_NX, num_packs):
+    n, rows = w_NX.shape
+    per_pack = n // num_packs
+    if per_pack == 1:  # one item per pack: item i alone in pack i, as in the reference
+        ids = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[:, None], (n, rows))
+        return ids, jnp.zeros((n, rows), jnp.int32)
+    order_NX = _descending_rank(w_NX)  # item i is placed order[i]-th
+    cols = jnp.arange(rows, dtype=jnp.int32)
+    w_sorted = jnp.zeros_like(w_NX).at[order_NX, cols].set(w_NX, unique_indices=True)
+    packs = jnp.arange(num_packs, dtype=jnp.int32)[:, None]
+
+    def place(carry, w_X):
+        load_MX, count_MX = carry
+        is_open = count_MX < per_pack
+        masked = jnp.where(is_open, load_MX, jnp.inf)
+        lightest = masked.min(0)
+        choice = jnp.where(is_open & (masked == lightest), packs, num_packs).min(0)
+        # No open pack compared equal (inf - inf loads): take the first open one.
+        choice = jnp.where(choice < num_packs, choice,
+                           jnp.where(is_open, packs, num_packs).min(0))
+        hit = packs == choice
+        rank = jnp.where(hit, count_MX, 0).sum(0)
+        return (jnp.where(hit, load_MX + w_X, load_MX), count_MX + hit), (choice, rank)
+
+    init = (jnp.zeros((num_packs, rows), jnp.float32), jnp.zeros((num_packs, rows), jnp.int32))
+    _, (pack_sorted, rank_sorted) = jax.lax.scan(place, init, w_sorted)
+    return (jnp.take_along_axis(pack_sorted, order_NX, 0),
+            jnp.take_along_axis(rank_sorted, order_NX, 0))
+
+
+def _descending_rank(w_NX):
+    """Position of each item in a stable descending sort, per column: [N, X] int32.
+
+    XLA:CPU's sort calls a comparator per comparison; for the row lengths of EPLB, counting the
+    items that go before each one (N^2 compares, all vectorised) is several times faster.
+    """
+    n = w_NX.shape[0]
+    w_NX = jnp.where(jnp.isnan(w_NX), -jnp.inf, w_NX)  # (inf - inf): a total order all the same
+    if n > 384:
+        order = jnp.argsort(w_NX, axis=0, descending=True, stable=True).astype(jnp.int32)
+        cols = jnp.arange(w_NX.shape[1], dtype=jnp.int32)
+        return jnp.zeros_like(order).at[order, cols].set(
+            jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[:, None], order.shape),
+            unique_indices=True)
+    ids = jnp.arange(n, dtype=jnp.int32)[:, None]
+
+    def count(j, rank_NX):
+        w_j = w_NX[j]
+        goes_before = (w_j > w_NX) | ((w_j == w_NX) & (j < ids))
+        return rank_NX + goes_before.astype(jnp.int32)
+
+    return jax.lax.fori_loop(0, n, count, jnp.zeros(w_NX.shape, jnp.int32))
+
+
+def _replicate(w_EX, num_phy):
+    num_log, rows = w_EX.shape
+    ids = jnp.broadcast_to(jnp.arange(num_log, dtype=jnp.int32)[:, None], (num_log, rows))
+    if num_phy == num_log:
+        return ids, jnp.zeros_like(ids), jnp.ones_like(ids)
+
+    def add(cnt_EX, _):
+        per_replica = w_EX / cnt_EX.astype(jnp.float32)
+        best = per_replica.max(0)
+        # The first expert at the maximum, as torch's max(dim).indices and numpy's argmax.
+        pick = jnp.minimum(jnp.where(per_replica == best, ids, num_log).min(0), num_log - 1)
+        hit = ids == pick
+        rank = jnp.where(hit, cnt_EX, 0).sum(0)
+        return cnt_EX + hit, (pick, rank)
+
+    cnt, (picks, ranks) = jax.lax.scan(add, jnp.ones_like(ids), None, length=num_phy - num_log)
+    return (jnp.concatenate([ids, picks]), jnp.concatenate([jnp.zeros_like(ids), ranks]), cnt)
 
 
 def _sum_in_order(x):
@@ -283,7 +325,7 @@ def rebalance_experts_reference(weight, num_replicas: int, num_groups: int, num_
     arrays in a Plan; log2phy as wide as `rebalance_experts`'.
     """
     w = np.asarray(weight).astype(np.float32)
-    w = np.where(w == 0, np.float32(0), w)
+    w = np.where((w == 0) | np.isnan(w), np.float32(0), w)
     layers, num_log = w.shape
     if num_groups % num_nodes:
         num_groups = num_nodes = 1
