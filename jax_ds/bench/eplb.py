@@ -5,17 +5,23 @@
   ours first   `rebalance_experts`' first call for the shape: tracing + compilation + one run
   ours         steady state, per call (median), loads rotating over 4 sets, results awaited
   numpy loops  `rebalance_experts_reference`, the same greedy as plain Python loops
-  deepseek     DeepSeek's `eplb.rebalance_experts` (torch), when `--reference path/to/eplb.py`
-               is given and torch imports; the file is theirs, not shipped here
-Also whether the plans agree (ours vs numpy loops exactly; vs DeepSeek phy2log and logcnt, the
-outputs its unstable sort cannot change, see `jax_ds.parallel.eplb`), and the plan's balance:
-max / mean GPU load, averaged over layers.
+  deepseek     DeepSeek's `eplb.rebalance_experts` (torch, eager), when `--reference
+               path/to/eplb.py` is given: run by `--reference-python` (an interpreter with torch;
+               torch's and this jax's wheels may need different Pythons) on the same loads, in
+               the same run. The file is DeepSeek's (github.com/deepseek-ai/EPLB), not shipped.
+Also whether the plans agree: ours vs numpy loops, all outputs; ours vs DeepSeek, phy2log and
+logcnt (with these loads only replicas of one expert tie, and its unstable sort may order those
+differently, which permutes log2phy's rows and nothing else; see `jax_ds.parallel.eplb`). And the
+plan's balance: max / mean GPU load, averaged over layers.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import statistics
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 
 import jax
@@ -39,34 +45,55 @@ COLUMNS = ("slots", "nodes", "GPUs", "policy", "ours first ms", "ours ms", "nump
 
 def add_arguments(parser):
     parser.add_argument("--reference", default=None,
-                        help="path to DeepSeek's eplb.py (needs torch) for its column")
+                        help="path to DeepSeek's eplb.py: adds its column (needs torch)")
+    parser.add_argument("--reference-python", default=sys.executable,
+                        help="Python interpreter with torch that runs --reference")
     parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON")
     parser.add_argument("--budget", type=float, default=0.5, help="seconds per measurement")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--seed", type=int, default=0)
 
 
-def _load_reference(path):
-    if not path:
-        return None, "not requested (--reference path/to/eplb.py)"
-    try:
-        spec = importlib.util.spec_from_file_location("deepseek_eplb", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        import torch
-
-        return module, f"{path} (torch {torch.__version__}, {torch.get_num_threads()} threads)"
-    except Exception as e:  # a missing file or torch: report it in the table, keep going
-        return None, f"unavailable: {type(e).__name__}: {e}"
-
-
-def _median_ms(fn, repeats):
+# Runs in the --reference-python interpreter: times DeepSeek's planner on the saved loads.
+_REFERENCE_SCRIPT = """
+import importlib.util, json, statistics, sys, time
+import numpy as np, torch
+path, folder, configs, repeats, groups = sys.argv[1:6]
+spec = importlib.util.spec_from_file_location("deepseek_eplb", path)
+eplb = importlib.util.module_from_spec(spec); spec.loader.exec_module(eplb)
+loads = [torch.from_numpy(w) for w in np.load(folder + "/loads.npy")]
+out = {"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": []}
+for i, (r, n, g) in enumerate(json.loads(configs)):
+    args = (r, int(groups), n, g)
+    phy2log, _, logcnt = eplb.rebalance_experts(loads[0], *args)  # also the warm-up
+    np.save(f"{folder}/phy2log{i}.npy", phy2log.numpy()); np.save(f"{folder}/logcnt{i}.npy",
+                                                                  logcnt.numpy())
     times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
+    for k in range(int(repeats)):
+        t0 = time.perf_counter(); eplb.rebalance_experts(loads[k % len(loads)], *args)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    out["rows"].append({"median_ms": statistics.median(times) * 1e3, "min_ms": min(times) * 1e3})
+print(json.dumps(out))
+"""
+
+
+def run_reference(args, loads):
+    """DeepSeek's planner in a subprocess: ({config: (median ms, phy2log, logcnt)}, status)."""
+    if not args.reference:
+        return {}, "not requested (--reference path/to/eplb.py [--reference-python PY])"
+    with tempfile.TemporaryDirectory() as folder:
+        np.save(f"{folder}/loads.npy", np.stack(loads))
+        cmd = [args.reference_python, "-c", _REFERENCE_SCRIPT, args.reference, folder,
+               json.dumps(CONFIGS), str(max(5, args.repeats)), str(GROUPS)]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode:
+            return {}, f"unavailable: {done.stderr.strip().splitlines()[-1:]}"
+        report = json.loads(done.stdout.strip().splitlines()[-1])
+        rows = {config: (row["median_ms"], np.load(f"{folder}/phy2log{i}.npy"),
+                         np.load(f"{folder}/logcnt{i}.npy"))
+                for i, (config, row) in enumerate(zip(CONFIGS, report["rows"]))}
+    return rows, (f"{args.reference} (torch {report['torch']}, {report['threads']} threads, "
+                  f"{args.reference_python})")
 
 
 def bench_config(config, loads, reference, args):
@@ -81,24 +108,19 @@ def bench_config(config, loads, reference, args):
     t0 = time.perf_counter()
     loops = rebalance_experts_reference(loads[0], *plan_args)
     loops_ms = (time.perf_counter() - t0) * 1e3
-    same = all(np.array_equal(a, b) for a, b in zip(ours, loops))
+    gpu = np.asarray(gpu_loads(loads[0], ours, gpus))
     row = {"replicas": replicas, "nodes": nodes, "gpus": gpus,
            "policy": "hierarchical" if GROUPS % nodes == 0 else "global",
            "ours_first_ms": first_ms, "ours_ms": timing.median_s * 1e3,
            "ours_min_ms": timing.min_s * 1e3, "numpy_loops_ms": loops_ms,
-           "same_as_numpy_loops": same, "deepseek_ms": None, "same_as_deepseek": None,
-           "max_over_mean_gpu_load": float(np.mean(
-               np.max(gpu_loads(loads[0], ours, gpus), -1) /
-               np.mean(gpu_loads(loads[0], ours, gpus), -1)))}
-    if reference is not None:
-        import torch
-
-        w = torch.from_numpy(loads[0])
-        ref = reference.rebalance_experts(w, *plan_args)
-        row["deepseek_ms"] = _median_ms(lambda: reference.rebalance_experts(w, *plan_args),
-                                        max(3, args.repeats // 2))
-        row["same_as_deepseek"] = bool(np.array_equal(ours.phy2log, ref[0].numpy()) and
-                                       np.array_equal(ours.logcnt, ref[2].numpy()))
+           "same_as_numpy_loops": all(np.array_equal(a, b) for a, b in zip(ours, loops)),
+           "deepseek_ms": None, "same_as_deepseek": None,
+           "max_over_mean_gpu_load": float(np.mean(gpu.max(-1) / gpu.mean(-1)))}
+    if config in reference:
+        ms, phy2log, logcnt = reference[config]
+        row["deepseek_ms"] = ms
+        row["same_as_deepseek"] = bool(np.array_equal(ours.phy2log, phy2log) and
+                                       np.array_equal(ours.logcnt, logcnt))
     return row
 
 
@@ -108,10 +130,10 @@ def _fmt(value, spec=".2f"):
 
 def run(args):
     env = environment()
-    reference, ref_status = _load_reference(args.reference)
     rng = np.random.default_rng(args.seed)
     loads = [rng.lognormal(0.0, 1.0, (LAYERS, EXPERTS)).astype(np.float32) * 1000
              for _ in range(4)]
+    reference, ref_status = run_reference(args, loads)  # first: the machine is otherwise idle
     print(f"device: {env['device']} ({env['platform']}); deepseek reference: {ref_status}")
     rows = []
     for i, config in enumerate(CONFIGS):
@@ -134,6 +156,6 @@ def run(args):
     path = write_json(args.out, "eplb", env, {
         "shape": {"layers": LAYERS, "experts": EXPERTS, "groups": GROUPS},
         "loads": "lognormal(0, 1) * 1000, float32", "deepseek_reference": ref_status,
-        "rows": rows})
+        "cpu_count": os.cpu_count(), "load_average_1_5_15_min": os.getloadavg(), "rows": rows})
     print(f"wrote {path}")
     return 0

@@ -117,8 +117,8 @@ class RedundantMoE(nnx.Module):
         self.capacity_factor, self.exchange = moe.capacity_factor, moe.exchange
 
     def slots(self, topk_idx_BTK):
-        """Logical expert ids [B, T, K] -> physical slots [B, T, K]: replica hash(token, e) % cnt."""
-        b, t, k = topk_idx_BTK.shape
+        """Logical expert ids [B, T, K] -> slots [B, T, K]: replica hash(token, e) % replicas."""
+        b, t, _ = topk_idx_BTK.shape
         token = jnp.arange(b * t, dtype=jnp.uint32).reshape(b, t, 1)
         e = topk_idx_BTK.astype(jnp.uint32)
         h = _mix32(token * jnp.uint32(0x9E3779B1) + e * jnp.uint32(0x632BE5AB))
@@ -236,7 +236,7 @@ def _optimizer_slot_state(model, optimizer, layers):
              if id(node) in owner}
     found: dict[int, list] = {}
     for path, node in nnx.iter_graph(optimizer):
-        if not isinstance(node, nnx.Variable):
+        if not isinstance(node, nnx.Variable) or id(node) in owner:  # the weights themselves
             continue
         path = tuple(path)
         for start in range(1, len(path)):
