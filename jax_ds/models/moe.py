@@ -154,6 +154,26 @@ def expert_ffn(x_MD, group_sizes_G, w_gate_GFD, w_up_GFD, w_down_GDF, *, fp8: bo
 # ----------------------------------------------------------------------------- the layer
 
 
+def run_experts(layer, x_BTD, slot_BTK, topk_weights_BTK, weights, num_slots: int):
+    """Token copies -> their expert slots' SwiGLU FFNs -> the top-k weighted sum.
+
+    Locally (`layer.mesh` None) or expert-parallel through `ep_moe` over `layer.mesh`; `layer`
+    supplies fp8, mesh, capacity_factor and exchange. Returns (y [B, T, D], per-slot counts
+    [num_slots], dropped assignments).
+    """
+    b, t, d = x_BTD.shape
+    ffn = functools.partial(expert_ffn, fp8=layer.fp8)
+    if layer.mesh is None:
+        x_sorted, sizes, perm = moe_permute(x_BTD.reshape(b * t, d), slot_BTK.reshape(b * t, -1),
+                                            num_slots)
+        y = moe_unpermute(ffn(x_sorted, sizes, *weights), perm,
+                          topk_weights_BTK.reshape(b * t, -1)).reshape(b, t, d)
+        return y, sizes, jnp.zeros((), jnp.int32)
+    return ep_moe(x_BTD, slot_BTK, topk_weights_BTK, weights, ffn, mesh=layer.mesh,
+                  num_experts=num_slots, capacity_factor=layer.capacity_factor,
+                  exchange=layer.exchange)
+
+
 class DeepSeekMoE(nnx.Module):
     """y = sum_shared FFN(x) + sum_{i in top-k} g_i FFN_i(x)."""
 
@@ -175,21 +195,10 @@ class DeepSeekMoE(nnx.Module):
 
     def __call__(self, x_BTD):
         """x [B, T, D] -> (y [B, T, D], MoEStats)."""
-        b, t, d = x_BTD.shape
         topk_idx, topk_weights, scores = self.router(x_BTD)
         weights = tuple(w[...].astype(x_BTD.dtype) for w in (self.w_gate, self.w_up, self.w_down))
-        ffn = functools.partial(expert_ffn, fp8=self.fp8)
-        if self.mesh is None:
-            x_sorted, sizes, perm = moe_permute(x_BTD.reshape(b * t, d),
-                                                topk_idx.reshape(b * t, -1), self.num_experts)
-            y = moe_unpermute(ffn(x_sorted, sizes, *weights), perm,
-                              topk_weights.reshape(b * t, -1)).reshape(b, t, d)
-            counts, dropped = sizes, jnp.zeros((), jnp.int32)
-        else:
-            y, counts, dropped = ep_moe(x_BTD, topk_idx, topk_weights, weights, ffn,
-                                        mesh=self.mesh, num_experts=self.num_experts,
-                                        capacity_factor=self.capacity_factor,
-                                        exchange=self.exchange)
+        y, counts, dropped = run_experts(self, x_BTD, topk_idx, topk_weights, weights,
+                                         self.num_experts)
         if self.shared is not None:
             y = y + self.shared(x_BTD)
         return y, MoEStats(counts, dropped, balance_loss(scores, topk_idx, self.num_experts))

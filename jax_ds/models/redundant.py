@@ -31,8 +31,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jax_ds.models.moe import DeepSeekMoE, MoEStats, balance_loss, expert_ffn
-from jax_ds.parallel.expert import check_ep, ep_moe, moe_permute, moe_unpermute
+from jax_ds.models.moe import DeepSeekMoE, MoEStats, balance_loss, run_experts
+from jax_ds.parallel.expert import check_ep
 from jax_ds.parallel.mesh import EXPERT, shard_model
 
 SLOT_WEIGHTS = ("w_gate", "w_up", "w_down")
@@ -128,24 +128,13 @@ class RedundantMoE(nnx.Module):
 
     def __call__(self, x_BTD):
         """x [B, T, D] -> (y [B, T, D], MoEStats with counts per logical expert)."""
-        b, t, d = x_BTD.shape
         topk_idx, topk_weights, scores = self.router(x_BTD)
         slot = self.slots(topk_idx)
         phy2log = self.phy2log[...]
         weights = tuple(tie_replicas(getattr(self, n)[...], phy2log, self.num_experts)
                         .astype(x_BTD.dtype) for n in SLOT_WEIGHTS)
-        ffn = functools.partial(expert_ffn, fp8=self.fp8)
-        if self.mesh is None:
-            x_sorted, sizes, perm = moe_permute(x_BTD.reshape(b * t, d), slot.reshape(b * t, -1),
-                                                self.num_replicas)
-            y = moe_unpermute(ffn(x_sorted, sizes, *weights), perm,
-                              topk_weights.reshape(b * t, -1)).reshape(b, t, d)
-            slot_counts, dropped = sizes, jnp.zeros((), jnp.int32)
-        else:
-            y, slot_counts, dropped = ep_moe(x_BTD, slot, topk_weights, weights, ffn,
-                                             mesh=self.mesh, num_experts=self.num_replicas,
-                                             capacity_factor=self.capacity_factor,
-                                             exchange=self.exchange)
+        y, slot_counts, dropped = run_experts(self, x_BTD, slot, topk_weights, weights,
+                                              self.num_replicas)
         if self.shared is not None:
             y = y + self.shared(x_BTD)
         counts = jnp.zeros((self.num_experts,), jnp.int32).at[phy2log].add(slot_counts)

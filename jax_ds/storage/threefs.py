@@ -122,7 +122,7 @@ class PosixIO:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             for offset, run in _contiguous_runs(pieces):
-                _pwritev_all(fd, run, offset, path)
+                _pwritev_all(fd, run, offset)
             os.fsync(fd)   # data and length durable before Orbax renames the step directory
         finally:
             os.close(fd)
@@ -265,15 +265,19 @@ def _contiguous_runs(pieces: Pieces):
         yield start, run
 
 
-def _pwritev_all(fd: int, bufs: list[memoryview], offset: int, path: str) -> None:
+def _advance(bufs: list[memoryview], n: int) -> list[memoryview]:
+    """The buffers still to transfer after a vectored call moved n bytes."""
+    while bufs and n >= len(bufs[0]):
+        n -= len(bufs[0])
+        bufs = bufs[1:]
+    return [bufs[0][n:]] + bufs[1:] if bufs and n else bufs
+
+
+def _pwritev_all(fd: int, bufs: list[memoryview], offset: int) -> None:
     while bufs:
         n = os.pwritev(fd, bufs, offset)
         offset += n
-        while bufs and n >= len(bufs[0]):
-            n -= len(bufs[0])
-            bufs = bufs[1:]
-        if bufs and n:
-            bufs = [bufs[0][n:]] + bufs[1:]
+        bufs = _advance(bufs, n)
 
 
 def _preadv_all(fd: int, bufs: list[memoryview], offset: int, path: str) -> None:
@@ -286,8 +290,4 @@ def _preadv_all(fd: int, bufs: list[memoryview], offset: int, path: str) -> None
                           f"(truncated shard file)")
         got += n
         offset += n
-        while bufs and n >= len(bufs[0]):
-            n -= len(bufs[0])
-            bufs = bufs[1:]
-        if bufs and n:
-            bufs = [bufs[0][n:]] + bufs[1:]
+        bufs = _advance(bufs, n)
