@@ -52,7 +52,6 @@ from flax import nnx  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from jax_ds import data  # noqa: E402
 from jax_ds.models import DeepSeekConfig, Transformer, train_step  # noqa: E402
 from jax_ds.parallel.load_stats import init_expert_load, update_expert_load  # noqa: E402

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 
@@ -56,7 +55,6 @@ from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from jax_ds import data  # noqa: E402
 from jax_ds.models import DeepSeekConfig, Transformer  # noqa: E402
 from jax_ds.parallel.mesh import EXPERT, make_mesh  # noqa: E402

@@ -24,7 +24,6 @@ import numpy as np
 from rich.console import Console
 from rich.progress import Progress
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from jax_ds.parallel.eplb import gpu_loads, rebalance_experts  # noqa: E402
 from jax_ds.parallel.load_stats import init_expert_load, update_expert_load  # noqa: E402
 
