@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Build, test, sanitize and benchmark the FP8 GEMM on a CUDA machine (no internet needed).
 #
-#   OUT=/path/to/logs scripts/device_gemm.sh [info] [build] [test] [sanitize] [bench]
+#   OUT=/path/to/logs scripts/device_gemm.sh [info] [build] [test] [sanitize] [bench] [sweep]
 #
 # Knobs (environment): BUILD=cmake (skip `pip install -e .`), BENCH_ARGS="--shapes quick",
-# TEST_TIMEOUT / SANITIZE_TIMEOUT / BENCH_TIMEOUT (seconds; 540 / 240 / 540), PYTHON (python3).
+# TEST_TIMEOUT / SANITIZE_TIMEOUT / BENCH_TIMEOUT / SWEEP_TIMEOUT (seconds; 540 / 240 / 540 / 540),
+# PYTHON (python3).
 #
-# Run from anywhere; it works in the repo root. No step names = all five, in that order. Each step
+# Run from anywhere; it works in the repo root. No step names = the first five, in that order. Each step
 # logs to $OUT/<step>.log; a failing step is reported and the next one still runs. The summary
 # (step, ok/FAILED, seconds) comes last, and the exit status is the number of failed steps.
 # Benchmark JSON/PNG land in $OUT and are copied to benchmarks/results/.
@@ -92,13 +93,17 @@ step_bench() {
   return $rc
 }
 
+step_sweep() {  # every tile x cluster size on the benchmark shapes (kernel times) -> $OUT/sweep.json
+  OUT="$OUT" timeout "${SWEEP_TIMEOUT:-540}" "$PY" scripts/sweep_gemm.py
+}
+
 STEPS=("$@")
 [ ${#STEPS[@]} -eq 0 ] && STEPS=(info build test sanitize bench)
 SUMMARY=()
 FAILED=0
 for step in "${STEPS[@]}"; do
   if ! declare -F "step_$step" >/dev/null; then
-    echo "unknown step '$step' (steps: info build test sanitize bench)"
+    echo "unknown step '$step' (steps: info build test sanitize bench sweep)"
     SUMMARY+=("$step|unknown|0"); FAILED=$((FAILED + 1)); continue
   fi
   echo "=================== $step ==================="

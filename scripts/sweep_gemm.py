@@ -1,5 +1,5 @@
-"""Times every compiled tile (block_m x block_n) on the benchmark shapes; prints the best per
-shape next to gemm_config's pick and writes JSON (for tuning the cost model in ops/gemm.py)."""
+"""Times every compiled tile (block_m x block_n, cluster 1 or 2) on the benchmark shapes; prints
+the best per shape next to gemm_config's pick and writes JSON (for tuning gemm_config)."""
 import json, os
 import jax, jax.numpy as jnp, numpy as np
 from jax_ds.arg_specs import gemm_bench_shapes
@@ -7,11 +7,11 @@ from jax_ds.bench._profile import device_time_jax
 from jax_ds.ops import quantize_fp8
 from jax_ds.ops import gemm
 
-def call(ops, bm, bn, sms):
+def call(ops, bm, bn, sms, cn):
     a8 = ops[0]; b8 = ops[2]
     f = jax.ffi.ffi_call(gemm.TARGET, jax.ShapeDtypeStruct((a8.shape[0], b8.shape[0]), jnp.bfloat16),
                          vmap_method="sequential")
-    return f(*ops, block_m=np.int32(bm), block_n=np.int32(bn), num_sms=np.int32(sms))
+    return f(*ops, **gemm.GemmConfig(bm, bn, sms, cn).attrs())
 
 sms = jax.devices()[0].core_count
 rows = []
@@ -27,15 +27,15 @@ for (m, n, k) in gemm_bench_shapes():
     for bm, bn in gemm.TILES:
         if m <= 64 and bm == 128:
             continue
-        tiles = -(-m // bm) * -(-n // bn)
-        f = jax.jit(lambda *o, bm=bm, bn=bn: call(o, bm, bn, min(tiles, sms)))
-        med = device_time_jax(f, sets, 12)
-        res[f"{bm}x{bn}"] = 2 * m * n * k / med / 1e12
+        for cn in gemm.CLUSTERS:
+            f = jax.jit(lambda *o, bm=bm, bn=bn, cn=cn: call(o, bm, bn, sms, cn))
+            med = device_time_jax(f, sets, 12)
+            res[f"{bm}x{bn}c{cn}"] = 2 * m * n * k / med / 1e12
     best = max(res, key=res.get)
     pick = gemm.gemm_config(m, n, k, sms)
-    pk = f"{pick.block_m}x{pick.block_n}"
+    pk = f"{pick.block_m}x{pick.block_n}c{pick.cluster_n}"
     print(f"{m:5d} {n:6d} {k:6d} best {best:7s} {res[best]:7.0f}  pick {pk:7s} {res[pk]:7.0f}  "
           + " ".join(f"{t}:{v:.0f}" for t, v in res.items()), flush=True)
     rows.append(dict(m=m, n=n, k=k, tflops=res, best=best, pick=pk))
-out = os.environ.get("OUT", ".")
-json.dump(rows, open(os.path.join(out, "sweep.json"), "w"), indent=1)
+    # after every shape: a sweep cut short by a time limit still leaves what it measured
+    json.dump(rows, open(os.path.join(os.environ.get("OUT", "."), "sweep.json"), "w"), indent=1)

@@ -132,9 +132,12 @@ def test_gemm_config():
         assert cfg.block_m in (64, 128) and cfg.block_n in (16, 32, 64, 128)
         tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
         assert 0 < cfg.num_sms <= min(132, tiles)
+        assert cfg.cluster_n in ops.gemm.CLUSTERS
+        if -(-n // cfg.block_n) == 1:
+            assert cfg.cluster_n == 1  # nothing to pair with
         if m <= 64:
             assert cfg.block_m == 64
-    assert ops.gemm_config(4096, 7168, 16384, 132) == ops.GemmConfig(128, 128, 132)
+    assert ops.gemm_config(4096, 7168, 16384, 132) == ops.GemmConfig(128, 128, 132, 2)
     with pytest.raises(dataclasses.FrozenInstanceError):
         ops.gemm_config(1, 1, 128, 132).block_m = 128
 
@@ -193,7 +196,7 @@ def test_ffi_path_lowers_for_cuda(monkeypatch):
     assert "block_m = 128 : i32" in text
     cfg = ops.gemm_config(300, 130, 256, _ffi.num_sms())
     assert (f"block_m = {cfg.block_m} : i32, block_n = {cfg.block_n} : i32, "
-            f"num_sms = {cfg.num_sms} : i32") in text
+            f"cluster_n = {cfg.cluster_n} : i32, num_sms = {cfg.num_sms} : i32") in text
     assert lower(jax.vmap(forward, in_axes=(0, None)), x[None], w).count("custom_call") == 3
     grad = jax.grad(lambda x, w: jnp.sum(ops.fp8_linear(x, w) ** 2), argnums=(0, 1))
     assert lower(grad, x.astype(jnp.float32), w.astype(jnp.float32)).count("@jax_ds_fp8_gemm") == 2

@@ -127,35 +127,41 @@ def test_fp8_gemm_matches_reference(m, n, k):
         _check(out, ref, err_scale, k, f"fp8_gemm {m}x{n}x{k}")
 
 
-def _ffi_gemm(ops, out_dtype, block_m, block_n, num_sms):
-    """The kernel with an explicit tile, bypassing gemm_config."""
+def _ffi_gemm(ops, out_dtype, block_m, block_n, num_sms, cluster_n=1):
+    """The kernel with an explicit tile and cluster size, bypassing gemm_config."""
     a8, _, b8, _ = ops
     call = jax.ffi.ffi_call(gemm.TARGET, jax.ShapeDtypeStruct((a8.shape[0], b8.shape[0]),
                                                               out_dtype), vmap_method="sequential")
-    return call(*ops, block_m=np.int32(block_m), block_n=np.int32(block_n),
-                num_sms=np.int32(num_sms))
+    return call(*ops, **gemm.GemmConfig(block_m, block_n, num_sms, cluster_n).attrs())
 
 
 TILES = list(gemm.TILES)  # every tile compiled into the library
 
 
+@pytest.mark.parametrize("cluster_n", gemm.CLUSTERS)
 @pytest.mark.parametrize("block_m,block_n", TILES)
-@pytest.mark.parametrize("m,n,k", [(7, 129, 256), (200, 300, 384), (4095, 2112, 1024)])
-def test_every_tile(m, n, k, block_m, block_n):
+@pytest.mark.parametrize("m,n,k", [(7, 129, 256), (200, 300, 384), (4095, 2112, 1024),
+                                   (130, 48, 640)])
+def test_every_tile(m, n, k, block_m, block_n, cluster_n):
     # Unit magnitudes: a tile or k-block dropped or counted twice moves calc_diff by >= 1e-3.
+    # Odd column-block counts leave the second tile of a cluster past N; 3 and 5 SMs leave a
+    # CTA without a cluster partner (the grid is rounded down to whole clusters).
     ops, ref, err_scale = _case(m, n, k, spread=0.0, seed=1)
     tiles = -(-m // block_m) * -(-n // block_n)
     for out_dtype in OUT_DTYPES:
-        for num_sms in sorted({min(tiles, _ffi.num_sms()), 3, _ffi.num_sms()}):
-            out = _ffi_gemm(ops, out_dtype, block_m, block_n, num_sms)
-            _check(out, ref, err_scale, k, f"tile {block_m}x{block_n}, {num_sms} SMs, {m}x{n}x{k}")
+        for num_sms in sorted({min(tiles, _ffi.num_sms()), 3, 5, _ffi.num_sms()}):
+            out = _ffi_gemm(ops, out_dtype, block_m, block_n, num_sms, cluster_n)
+            _check(out, ref, err_scale, k,
+                   f"tile {block_m}x{block_n} cluster {cluster_n}, {num_sms} SMs, {m}x{n}x{k}")
 
 
 def test_bad_attributes_are_errors_not_launches():
     ops, ref, err_scale = _case(64, 128, 256, spread=0.0)
-    for block_m, block_n, num_sms in ((96, 64, 8), (64, 48, 8), (64, 64, 0)):
+    for block_m, block_n, num_sms, cluster_n in ((96, 64, 8, 1), (64, 48, 8, 1), (64, 64, 0, 1),
+                                                 (64, 64, 8, 3), (64, 64, 8, 0)):
         with pytest.raises(Exception, match="fp8_gemm"):
-            jax.block_until_ready(_ffi_gemm(ops, jnp.bfloat16, block_m, block_n, num_sms))
+            jax.block_until_ready(_ffi_gemm(ops, jnp.bfloat16, block_m, block_n, num_sms,
+                                            cluster_n))
     # ... and the device is still healthy afterwards.
     _check(fp8_gemm(*ops, impl="ffi"), ref, err_scale, 256, "after errors")
 
@@ -206,3 +212,16 @@ def test_fp8_linear_grad_matches_xla(dtype):
         assert np.isfinite(got).all(), name
         diff = testing.calc_diff(got, want)
         assert diff < testing.tolerance(dtype, 520), f"fp8_linear {name}: calc_diff {diff:.3e}"
+
+
+def test_many_gemms_in_one_program():
+    """Enough kernels in one jitted program for XLA to capture them into a CUDA graph (the
+    handlers are command-buffer compatible); run twice on new buffers, so the graph is updated."""
+    cases = [_case(m, n, 512, seed=s) for s, (m, n) in enumerate(
+        [(256, 384), (129, 2112), (4096, 256), (64, 96), (300, 130), (1, 4096), (512, 512),
+         (1024, 640)])]
+    run = jax.jit(lambda ops: [fp8_gemm(*o, impl="ffi") for o in ops])
+    for attempt in range(2):
+        outs = run([jax.tree.map(jnp.copy, c[0]) for c in cases])
+        for (ops, ref, err_scale), out in zip(cases, outs):
+            _check(out, ref, err_scale, 512, f"in one program, run {attempt}, {out.shape}")

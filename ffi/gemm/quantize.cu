@@ -165,4 +165,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxDsQuantizeFp8, jax_ds::gemm::QuantizeFp8Impl,
                                   .Ret<xla::ffi::AnyBuffer>()                   // x_fp8 (e4m3fn)
                                   .Ret<xla::ffi::Buffer<xla::ffi::F32>>()       // scales
                                   .Attr<int32_t>("block_m")
-                                  .Attr<bool>("ue8m0"));
+                                  .Attr<bool>("ue8m0"),
+                              // Only enqueues work on the stream: XLA may capture it into a CUDA
+                              // graph (command buffer) with its neighbours, which removes the
+                              // per-launch host cost from jitted programs.
+                              {xla::ffi::Traits::kCmdBufferCompatible});

@@ -5,13 +5,22 @@
 // "promoted": scaled by sa*sb and added to a second FP32 accumulator on the CUDA cores, so
 // the tensor cores' limited-precision accumulation never spans more than 128 products.
 //
-// Structure (one CTA per SM, persistent):
+// Structure (one CTA per SM, persistent; optionally clusters of 2 CTAs):
 //   warpgroup 0       producer: one thread issues TMA loads of A and B tiles into a ring of
 //                     shared-memory stages (full/empty mbarriers), running ahead across tiles;
 //   warpgroups 1..W   consumers: each owns 64 rows of the BM x BN tile, issues 4 WGMMAs of
 //                     m64nBNk32 per stage, releases the stage, promotes, and at the end of a
-//                     tile writes bf16/f32 with row/column guards (M and N tails).
+//                     tile writes bf16/f32 (TMA store, or guarded register stores for tails).
+// With kClusterN = 2 the two CTAs of a cluster compute horizontally adjacent tiles that share
+// their A rows: each CTA loads half of the A tile and multicasts it to both, so A crosses L2
+// once per pair (large shapes are bound by L2 -> SM traffic, small-M shapes re-read A per tile).
+// A stage is refilled only after the consumers of *both* CTAs released it.
 // BN divides 128, so a tile sees a single B scale per K block.
+//
+// Which tiles a CTA computes is the scheduler's business (template parameter `Sched`): the dense
+// GEMM walks one [M, N] grid, the grouped GEMMs walk per-group row ranges over shared tensors.
+// A scheduler maps a work unit (kClusterN tiles side by side in N) and a cluster rank to a
+// TileCoord; every CTA of a cluster must see the same sequence of units.
 #pragma once
 #include <cuda.h>
 #include <cuda_bf16.h>
@@ -25,20 +34,36 @@ namespace jax_ds::gemm {
 
 constexpr int kBlockK = 128;  // one scale block of K per pipeline stage (128 B per FP8 row)
 
-// Persistent-grid tile order for one dense problem: bands of kGroupM row blocks walked
-// column by column, so the CTAs running at once share A rows and B columns in L2.
-struct DenseTileScheduler {
-  static constexpr int kGroupM = 8;
-  int num_m_blocks, num_n_blocks;
+struct TileCoord {
+  int a_row;    // first row of A (and of the output) of the tile
+  int row_end;  // rows >= row_end are not stored (end of the tile's group / of the tensor)
+  int n_block;  // column block of the output (BN wide)
+  int b_row;    // first row of B of the tile (a group's B sits at group * N)
+  int sb_row;   // row of b_scale ([*, K/128]) holding this tile's 128-row block of B
+};
 
-  __device__ __forceinline__ int num_tiles() const { return num_m_blocks * num_n_blocks; }
-  __device__ __forceinline__ void tile(int t, int& m_block, int& n_block) const {
-    const int band = kGroupM * num_n_blocks;
-    const int first_m = (t / band) * kGroupM;
+// Dense problem: bands of kGroupM row blocks walked column by column, so the CTAs running at
+// once share A rows and B columns in L2.
+template <int BM, int BN, int kClusterN>
+struct DenseScheduler {
+  static constexpr int kGroupM = 8;
+  int M, N, num_m_blocks, num_n_units;
+
+  __host__ __device__ static DenseScheduler make(int M, int N) {
+    const int n_blocks = (N + BN - 1) / BN;
+    return {M, N, (M + BM - 1) / BM, (n_blocks + kClusterN - 1) / kClusterN};
+  }
+  __host__ __device__ int num_units() const { return num_m_blocks * num_n_units; }
+  __device__ __forceinline__ TileCoord tile(int unit, int rank) const {
+    const int band = kGroupM * num_n_units;
+    const int first_m = (unit / band) * kGroupM;
     const int rows = min(num_m_blocks - first_m, kGroupM);
-    const int in_band = t % band;
-    m_block = first_m + in_band % rows;
-    n_block = in_band / rows;
+    const int in_band = unit % band;
+    const int m_block = first_m + in_band % rows;
+    // The second tile of a pair may lie past N (odd block count): its B box reads as zeros
+    // and its stores are clipped; its b_scale row is clamped to stay in bounds.
+    const int n_block = (in_band / rows) * kClusterN + rank;
+    return {m_block * BM, M, n_block, n_block * BN, min(n_block * BN, N - 1) / 128};
   }
 };
 
@@ -134,21 +159,24 @@ __device__ __forceinline__ void issue_k_block(float* acc, uint64_t* full_bar, ui
   sm90::wgmma_commit();
 }
 
-template <int BM, int BN, typename OutT>
+template <int BM, int BN, int kClusterN, typename OutT, typename Sched>
 __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
     sm90_fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a,    // A [M, K] e4m3
-                         const __grid_constant__ CUtensorMap tmap_b,    // B [N, K] e4m3
+                         const __grid_constant__ CUtensorMap tmap_b,    // B [rows, K] e4m3
                          const __grid_constant__ CUtensorMap tmap_out,  // out [M, N] (if TMA)
                          const float* __restrict__ a_scale,             // [M, K/128]
-                         const float* __restrict__ b_scale,             // [ceil(N/128), K/128]
+                         const float* __restrict__ b_scale,             // [sb rows, K/128]
                          OutT* __restrict__ out,                        // [M, N]
-                         int M, int N, int K, int num_stages, bool out_aligned) {
+                         const Sched sched, int M, int N, int K, int num_stages,
+                         bool out_aligned) {
   static_assert(BM == 64 || BM == 128, "BM is 64 rows per consumer warpgroup");
   static_assert(128 % BN == 0 && BN >= 16, "BN must divide the 128-wide B scale block");
+  static_assert(kClusterN == 1 || kClusterN == 2, "clusters of 1 or 2 CTAs along N");
   using Smem = GemmSmem<BM, BN, OutT>;
   constexpr int kAccRegs = WgmmaFp8<BN>::kRegs;
   constexpr int kATileBytes = BM * kBlockK;
   constexpr int kBTileBytes = BN * kBlockK;
+  constexpr int kASliceRows = BM / kClusterN;  // rows of A each CTA of a cluster loads
 
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>(
@@ -163,144 +191,164 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
   const int k_blocks = K / kBlockK;
   // TMA stores need 16-byte aligned output rows; other N fall back to guarded register stores.
   const bool tma_store = Smem::kTmaStore && out_aligned;
-  const DenseTileScheduler sched{(M + BM - 1) / BM, (N + BN - 1) / BN};
+  const uint32_t rank = kClusterN > 1 ? sm90::cluster_ctarank() : 0;
+  const int cluster = blockIdx.x / kClusterN, num_clusters = gridDim.x / kClusterN;
 
   if (threadIdx.x == 0) {
     sm90::prefetch_tensormap(&tmap_a);
     sm90::prefetch_tensormap(&tmap_b);
     for (int s = 0; s < num_stages; ++s) {
-      sm90::mbar_init(&full[s], 1);                      // producer's expect_tx arrival
-      sm90::mbar_init(&empty[s], Smem::kConsumers * 4);  // one arrival per consumer warp
+      sm90::mbar_init(&full[s], 1);  // producer's expect_tx arrival
+      // one arrival per consumer warp of every CTA whose smem the stage's loads write into
+      sm90::mbar_init(&empty[s], Smem::kConsumers * 4 * kClusterN);
     }
     sm90::fence_barrier_init();
   }
-  __syncthreads();
+  // The peer CTA's barriers must be initialised before any multicast or remote arrival.
+  if constexpr (kClusterN > 1) sm90::cluster_sync(); else __syncthreads();
 
   if (warpgroup == 0) {
     // ---------------- producer ----------------
     sm90::regs_dealloc<40>();
-    if (threadIdx.x != 0) return;
+    if (threadIdx.x == 0) {
+      int stage = 0;
+      uint32_t phase = 0;
+      for (int u = cluster; u < sched.num_units(); u += num_clusters) {
+        const TileCoord c = sched.tile(u, rank);
+        for (int kb = 0; kb < k_blocks; ++kb) {
+          sm90::mbar_wait(&empty[stage], phase ^ 1);  // a fresh barrier passes parity 1
+          sm90::mbar_arrive_expect_tx(&full[stage], kATileBytes + kBTileBytes);
+          uint8_t* dst_a = tiles_a + stage * kATileBytes + rank * kASliceRows * kBlockK;
+          const int a_row = c.a_row + static_cast<int>(rank) * kASliceRows;
+          if constexpr (kClusterN > 1) {
+            sm90::tma_load_2d_multicast(dst_a, &tmap_a, &full[stage], (1u << kClusterN) - 1,
+                                        kb * kBlockK, a_row);
+          } else {
+            sm90::tma_load_2d(dst_a, &tmap_a, &full[stage], kb * kBlockK, a_row);
+          }
+          sm90::tma_load_2d(tiles_b + stage * kBTileBytes, &tmap_b, &full[stage], kb * kBlockK,
+                            c.b_row);
+          if (++stage == num_stages) stage = 0, phase ^= 1;
+        }
+      }
+    }
+  } else {
+    // ---------------- consumers ----------------
+    sm90::regs_alloc<232>();
+    const int consumer = warpgroup - 1;
+    const int warp = (threadIdx.x / 32) % 4;
+    const int lane = threadIdx.x % 32;
+    const bool leader = threadIdx.x % 128 == 0;
+    const int row_in_tile = consumer * 64 + warp * 16 + lane / 4;  // and +8
+    const int col_in_tile = (lane % 4) * 2;                         // and +8*j, +1
+    const bool even_n = (N % 2) == 0;
+    uint8_t* out_slice = out_tile + consumer * 64 * BN * sizeof(OutT);
+
+    // Two accumulator sets: the WGMMAs of k block kb run while block kb-1 is promoted. The
+    // scales of a block are loaded when its WGMMAs are issued, so promotion never waits on them.
+    float acc[2][kAccRegs];
+    float scale_a0[2], scale_a1[2], scale_b[2];
+    float total[kAccRegs];
     int stage = 0;
     uint32_t phase = 0;
-    for (int t = blockIdx.x; t < sched.num_tiles(); t += gridDim.x) {
-      int m_block, n_block;
-      sched.tile(t, m_block, n_block);
-      for (int kb = 0; kb < k_blocks; ++kb) {
-        sm90::mbar_wait(&empty[stage], phase ^ 1);  // a fresh barrier passes parity 1
-        sm90::mbar_arrive_expect_tx(&full[stage], kATileBytes + kBTileBytes);
-        sm90::tma_load_2d(tiles_a + stage * kATileBytes, &tmap_a, &full[stage], kb * kBlockK,
-                          m_block * BM);
-        sm90::tma_load_2d(tiles_b + stage * kBTileBytes, &tmap_b, &full[stage], kb * kBlockK,
-                          n_block * BN);
+    for (int u = cluster; u < sched.num_units(); u += num_clusters) {
+      const TileCoord c = sched.tile(u, rank);
+      const int row0 = c.a_row + row_in_tile;
+      const int row1 = row0 + 8;
+      // Rows past M read as zero through TMA; their scales are never loaded out of bounds.
+      const float* sa0 = a_scale + static_cast<int64_t>(min(row0, M - 1)) * k_blocks;
+      const float* sa1 = a_scale + static_cast<int64_t>(min(row1, M - 1)) * k_blocks;
+      const float* sb = b_scale + static_cast<int64_t>(c.sb_row) * k_blocks;
+#pragma unroll
+      for (int i = 0; i < kAccRegs; ++i) total[i] = 0.f;
+
+      auto issue = [&](int set, int kb) {
+        scale_a0[set] = __ldg(sa0 + kb);
+        scale_a1[set] = __ldg(sa1 + kb);
+        scale_b[set] = __ldg(sb + kb);
+        issue_k_block<BN>(acc[set], &full[stage], phase,
+                          tiles_a + stage * kATileBytes + consumer * 64 * kBlockK,
+                          tiles_b + stage * kBTileBytes);
         if (++stage == num_stages) stage = 0, phase ^= 1;
-      }
-    }
-    return;
-  }
-
-  // ---------------- consumers ----------------
-  sm90::regs_alloc<232>();
-  const int consumer = warpgroup - 1;
-  const int warp = (threadIdx.x / 32) % 4;
-  const int lane = threadIdx.x % 32;
-  const bool leader = threadIdx.x % 128 == 0;
-  const int row_in_tile = consumer * 64 + warp * 16 + lane / 4;  // and +8
-  const int col_in_tile = (lane % 4) * 2;                         // and +8*j, +1
-  const bool even_n = (N % 2) == 0;
-  uint8_t* out_slice = out_tile + consumer * 64 * BN * sizeof(OutT);
-
-  // Two accumulator sets: the WGMMAs of k block kb run while block kb-1 is promoted.
-  float acc[2][kAccRegs];
-  float total[kAccRegs];
-  int stage = 0;
-  uint32_t phase = 0;
-  for (int t = blockIdx.x; t < sched.num_tiles(); t += gridDim.x) {
-    int m_block, n_block;
-    sched.tile(t, m_block, n_block);
-    const int row0 = m_block * BM + row_in_tile;
-    const int row1 = row0 + 8;
-    // Rows past M read as zero through TMA; their scales are never loaded out of bounds.
-    const float* sa0 = a_scale + static_cast<int64_t>(min(row0, M - 1)) * k_blocks;
-    const float* sa1 = a_scale + static_cast<int64_t>(min(row1, M - 1)) * k_blocks;
-    const float* sb = b_scale + static_cast<int64_t>((n_block * BN) / 128) * k_blocks;
+      };
+      // Called once the WGMMAs of a block (in set `set`) have completed: free its stage in
+      // every CTA of the cluster, promote.
+      int release_stage = stage;
+      auto promote = [&](int set) {
+        float* a = acc[set];
 #pragma unroll
-    for (int i = 0; i < kAccRegs; ++i) total[i] = 0.f;
-
-    auto issue = [&](float* a) {
-      issue_k_block<BN>(a, &full[stage], phase,
-                        tiles_a + stage * kATileBytes + consumer * 64 * kBlockK,
-                        tiles_b + stage * kBTileBytes);
-    };
-    // Called once the WGMMAs of k block `kb` (in `a`) have completed: free its stage, promote.
-    int release_stage = stage;
-    auto promote = [&](float* a, int kb) {
+        for (int i = 0; i < kAccRegs; ++i) sm90::fence_operand(a[i]);
+        __syncwarp();
+        if (lane == 0) {
+          if constexpr (kClusterN > 1) {
 #pragma unroll
-      for (int i = 0; i < kAccRegs; ++i) sm90::fence_operand(a[i]);
-      __syncwarp();
-      if (lane == 0) sm90::mbar_arrive(&empty[release_stage]);
-      if (++release_stage == num_stages) release_stage = 0;
-      const float s_b = __ldg(sb + kb);
-      const float s0 = __ldg(sa0 + kb) * s_b;
-      const float s1 = __ldg(sa1 + kb) * s_b;
-      // Registers 4j, 4j+1 hold row0; 4j+2, 4j+3 hold row1.
-#pragma unroll
-      for (int i = 0; i < kAccRegs; ++i) total[i] = fmaf(a[i], (i % 4) < 2 ? s0 : s1, total[i]);
-    };
-    auto advance = [&] {
-      if (++stage == num_stages) stage = 0, phase ^= 1;
-    };
-
-    issue(acc[0]);
-    advance();
-    int kb = 1;
-    for (; kb + 1 < k_blocks; kb += 2) {  // register sets must be named statically: unroll by 2
-      issue(acc[1]);
-      advance();
-      sm90::wgmma_wait<1>();
-      promote(acc[0], kb - 1);
-      issue(acc[0]);
-      advance();
-      sm90::wgmma_wait<1>();
-      promote(acc[1], kb);
-    }
-    if (kb < k_blocks) {  // k_blocks even: block kb is left, block kb-1 is in flight in acc[0]
-      issue(acc[1]);
-      advance();
-      sm90::wgmma_wait<1>();
-      promote(acc[0], kb - 1);
-      sm90::wgmma_wait<0>();
-      promote(acc[1], kb);
-    } else {
-      sm90::wgmma_wait<0>();
-      promote(acc[0], kb - 1);
-    }
-
-    if (tma_store) {
-      // The previous tile's store must have left the staging buffer before it is rewritten.
-      if (leader) sm90::tma_store_wait_read();
-      sm90::named_barrier(1 + consumer, 128);
-      stage_tile<BN, OutT, kAccRegs>(out_slice, total, warp, lane);
-      sm90::fence_proxy_async_smem();
-      sm90::named_barrier(1 + consumer, 128);
-      if (leader) {
-#pragma unroll
-        for (int box = 0; box < BN / Smem::kBoxCols; ++box) {
-          sm90::tma_store_2d(&tmap_out, out_slice + box * 64 * 128,
-                             n_block * BN + box * Smem::kBoxCols, m_block * BM + consumer * 64);
+            for (int cta = 0; cta < kClusterN; ++cta) sm90::mbar_arrive_cluster(&empty[release_stage], cta);
+          } else {
+            sm90::mbar_arrive(&empty[release_stage]);
+          }
         }
-        sm90::tma_store_commit();
-      }
-    } else {
-      const int col_base = n_block * BN + col_in_tile;
+        if (++release_stage == num_stages) release_stage = 0;
+        const float s0 = scale_a0[set] * scale_b[set];
+        const float s1 = scale_a1[set] * scale_b[set];
+        // Registers 4j, 4j+1 hold row0; 4j+2, 4j+3 hold row1.
 #pragma unroll
-      for (int j = 0; j < kAccRegs / 4; ++j) {
-        const int col = col_base + 8 * j;
-        store_pair(out, row0, col, M, N, total[4 * j], total[4 * j + 1], even_n);
-        store_pair(out, row1, col, M, N, total[4 * j + 2], total[4 * j + 3], even_n);
+        for (int i = 0; i < kAccRegs; ++i) total[i] = fmaf(a[i], (i % 4) < 2 ? s0 : s1, total[i]);
+      };
+
+      issue(0, 0);
+      int kb = 1;
+      for (; kb + 1 < k_blocks; kb += 2) {  // register sets must be named statically: unroll by 2
+        issue(1, kb);
+        sm90::wgmma_wait<1>();
+        promote(0);
+        issue(0, kb + 1);
+        sm90::wgmma_wait<1>();
+        promote(1);
+      }
+      if (kb < k_blocks) {  // k_blocks even: block kb is left, block kb-1 is in flight in set 0
+        issue(1, kb);
+        sm90::wgmma_wait<1>();
+        promote(0);
+        sm90::wgmma_wait<0>();
+        promote(1);
+      } else {
+        sm90::wgmma_wait<0>();
+        promote(0);
+      }
+
+      // A consumer's 64 rows go out through TMA when the tensor's edge clips them (dense) or they
+      // all belong to the tile's group; otherwise through guarded register stores.
+      const int slice_row = c.a_row + consumer * 64;
+      if (tma_store && (c.row_end >= M || slice_row + 64 <= c.row_end)) {
+        // The previous tile's store must have left the staging buffer before it is rewritten.
+        if (leader) sm90::tma_store_wait_read();
+        sm90::named_barrier(1 + consumer, 128);
+        stage_tile<BN, OutT, kAccRegs>(out_slice, total, warp, lane);
+        sm90::fence_proxy_async_smem();
+        sm90::named_barrier(1 + consumer, 128);
+        if (leader) {
+#pragma unroll
+          for (int box = 0; box < BN / Smem::kBoxCols; ++box) {
+            sm90::tma_store_2d(&tmap_out, out_slice + box * 64 * 128,
+                               c.n_block * BN + box * Smem::kBoxCols, slice_row);
+          }
+          sm90::tma_store_commit();
+        }
+      } else {
+        const int col_base = c.n_block * BN + col_in_tile;
+#pragma unroll
+        for (int j = 0; j < kAccRegs / 4; ++j) {
+          const int col = col_base + 8 * j;
+          store_pair(out, row0, col, c.row_end, N, total[4 * j], total[4 * j + 1], even_n);
+          store_pair(out, row1, col, c.row_end, N, total[4 * j + 2], total[4 * j + 3], even_n);
+        }
       }
     }
+    if (tma_store && leader) sm90::tma_store_wait_all();
   }
-  if (tma_store && leader) sm90::tma_store_wait_all();
+  // No CTA may leave while its peer can still multicast into its shared memory or arrive on its
+  // barriers.
+  if constexpr (kClusterN > 1) sm90::cluster_sync();
 }
 
 }  // namespace jax_ds::gemm

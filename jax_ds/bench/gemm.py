@@ -123,7 +123,7 @@ def bench_shape(m, n, k, key, args, *, ours_na, num_sms, peak, torch_gemm):
     res = row["results"]
     try:
         cfg = gemm_config(m, n, k, num_sms)
-        row["config"] = f"{cfg.block_m}x{cfg.block_n}"
+        row["config"] = f"{cfg.block_m}x{cfg.block_n}c{cfg.cluster_n}"
     except Exception as e:  # a bad config is a row's problem, not the run's
         row["config"] = _error(e)["error"]
     try:

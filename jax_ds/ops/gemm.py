@@ -2,7 +2,9 @@
 
 `fp8_gemm` is "NT": out[m, n] = sum_k a[m, k] * b[n, k], each operand dequantized by its block
 scales (a: one per row and 128 columns, b: one per 128x128 block). The CUDA kernel is a persistent
-grid over (ceil(M/block_m) x ceil(N/block_n)) output tiles; `gemm_config` picks the tile.
+grid over (ceil(M/block_m) x ceil(N/block_n)) output tiles, optionally in clusters of two CTAs
+that compute neighbouring tiles of one row band and multicast its A rows to each other;
+`gemm_config` picks the tile and the cluster size.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ _ffi.declare_op("fp8_linear", TARGET)
 # (block_m, block_n) compiled into the library; block_n divides the 128-wide B scale block, so a
 # tile sees one B scale per k-block. 128-row tiles run two consumer warpgroups.
 TILES = ((128, 128), (128, 64), (128, 32), (128, 16), (64, 128), (64, 64), (64, 32), (64, 16))
+CLUSTERS = (1, 2)  # CTAs per cluster along N (2: the pair shares A, loaded once from L2)
 FILL_FRACTION = 0.75  # a tile shape is "wide enough" once its tiles cover this share of the SMs
 
 
@@ -33,7 +36,13 @@ FILL_FRACTION = 0.75  # a tile shape is "wide enough" once its tiles cover this 
 class GemmConfig:
     block_m: int  # rows of a per tile (64 per consumer warpgroup)
     block_n: int  # rows of b per tile; (block_m, block_n) is one of TILES
-    num_sms: int  # persistent grid size (<= number of tiles)
+    num_sms: int  # SMs the persistent grid may use (the kernel also caps it at the tile count)
+    cluster_n: int = 1  # one of CLUSTERS
+
+    def attrs(self) -> dict:
+        """The FFI attributes of the GEMM custom calls."""
+        return dict(block_m=np.int32(self.block_m), block_n=np.int32(self.block_n),
+                    cluster_n=np.int32(self.cluster_n), num_sms=np.int32(self.num_sms))
 
 
 def gemm_config(m: int, n: int, k: int, num_sms: int) -> GemmConfig:
@@ -51,7 +60,10 @@ def gemm_config(m: int, n: int, k: int, num_sms: int) -> GemmConfig:
     tiles = {t: cdiv(m, t[0]) * cdiv(n, t[1]) for t in candidates}
     wide = [t for t in candidates if tiles[t] >= FILL_FRACTION * num_sms]
     bm, bn = wide[0] if wide else max(candidates, key=lambda t: (tiles[t], t[0]))
-    return GemmConfig(bm, bn, min(tiles[(bm, bn)], num_sms))
+    # Pairs of CTAs that share (multicast) the A tile: +10-17% on m=4096 shapes, where L2 -> SM
+    # traffic bounds 128x128 tiles; a few % slower at m <= 128, where A is small (same sweep).
+    cluster_n = 2 if bm == 128 and m > 128 and cdiv(n, bn) >= 2 else 1
+    return GemmConfig(bm, bn, min(tiles[(bm, bn)], num_sms), cluster_n)
 
 
 def fp8_gemm_reference(a, a_scale, b, b_scale, *, out_dtype=jnp.bfloat16):
@@ -100,8 +112,7 @@ def fp8_gemm(a, a_scale, b, b_scale, *, out_dtype=jnp.bfloat16, impl="auto"):
     cfg = gemm_config(m, n, k, _ffi.num_sms())
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((m, n), out_dtype),
                             vmap_method="sequential")
-    return call(a, a_scale, b, b_scale, block_m=np.int32(cfg.block_m),
-                block_n=np.int32(cfg.block_n), num_sms=np.int32(cfg.num_sms))
+    return call(a, a_scale, b, b_scale, **cfg.attrs())
 
 
 def _pad_to(x, axis: int, multiple: int):
