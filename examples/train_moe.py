@@ -35,6 +35,9 @@ def parse_args():
                    help="EP exchange budget (default: lossless)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", default="out/train_moe_loss.png", help="loss-curve PNG path")
+    p.add_argument("--save-hf", default=None, metavar="DIR",
+                   help="save the trained model as a Hugging Face checkpoint "
+                        "(then: examples/generate.py --checkpoint DIR)")
     return p.parse_args()
 
 
@@ -53,7 +56,8 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
                            TimeElapsedColumn, TimeRemainingColumn)
 
 from jax_ds import data  # noqa: E402
-from jax_ds.models import DeepSeekConfig, Transformer, lm_loss, param_counts, train_step  # noqa
+from jax_ds.models import (DeepSeekConfig, Transformer, lm_loss, param_counts,  # noqa: E402
+                           save_hf_checkpoint, train_step)
 from jax_ds.parallel.mesh import make_mesh, parse_mesh, shard_batch, shard_model  # noqa: E402
 
 console = Console()
@@ -134,6 +138,9 @@ def main():
                   f"dropped assignments {dropped}")
     if save_plot(losses, val_ce, args.plot):
         console.print(f"loss curve: {args.plot}")
+    if args.save_hf:
+        save_hf_checkpoint(model, args.save_hf)
+        console.print(f"Hugging Face checkpoint: {args.save_hf}")
 
 
 def save_plot(losses, val_ce, path):

@@ -28,7 +28,9 @@ class YarnConfig:
     beta_fast: float = 32.0            # rotations per L above which a frequency is kept as is
     beta_slow: float = 1.0             # ... below which it is fully interpolated (divided by s)
     mscale: float = 1.0                # attention temperature sqrt(1/t) = 0.1 mscale ln(s) + 1
-    mscale_all_dim: float = 1.0
+    mscale_all_dim: float = 1.0        # its share on the softmax scale (0: none)
+    truncate: bool = True              # round the ramp's ends to whole pair indices
+    attention_factor: float | None = None  # amplitude of cos/sin; None: mscale / mscale_all_dim
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +79,9 @@ class DeepSeekConfig:
     dtype: str = "bfloat16"            # activations
     param_dtype: str = "float32"
     fp8: bool = False                  # FP8 (1x128 / 128x128 block-scaled) GEMMs, V3 sec. 3.3
+    # Weights held as e4m3 with float32 128x128 block scales, as an FP8 checkpoint ships them
+    # (inference: activations are quantized per 1x128 on the fly; no gradient reaches them).
+    fp8_weights: bool = False
     init_std: float = 0.006            # V3's initialisation
 
     def __post_init__(self):

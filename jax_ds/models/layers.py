@@ -1,7 +1,9 @@
 """Building blocks shared by the DeepSeek modules: RMSNorm, Dense (FP8-capable), SwiGLU, rotary.
 
 Weights are stored [out, in] ("NT", PyTorch `nn.Linear` and Hugging Face layout), so checkpoints and
-`jax_ds.ops.fp8_linear` (w [N, K], 128x128 weight blocks) take them as they are.
+`jax_ds.ops.fp8_linear` (w [N, K], 128x128 weight blocks) take them as they are. With
+cfg.fp8_weights a weight is held as float8_e4m3fn plus a `WeightScale` [ceil(N/128), ceil(K/128)]
+(w ~= w_fp8 * scale per 128x128 block: the `weight_scale_inv` of DeepSeek's FP8 release).
 """
 
 from __future__ import annotations
@@ -17,6 +19,10 @@ from jax_ds.models.config import DeepSeekConfig, YarnConfig
 FP8_BLOCK = 128
 
 
+class WeightScale(nnx.Variable):
+    """Float32 block scales of an FP8 weight. Not an `nnx.Param`: optimizers and grads skip it."""
+
+
 def init_weight(rngs: nnx.Rngs, shape, cfg: DeepSeekConfig, sharding=None) -> nnx.Param:
     """A normal(0, cfg.init_std) parameter, optionally annotated with mesh axis names."""
     value = cfg.init_std * jax.random.truncated_normal(rngs.params(), -3.0, 3.0, shape,
@@ -27,11 +33,45 @@ def init_weight(rngs: nnx.Rngs, shape, cfg: DeepSeekConfig, sharding=None) -> nn
     return nnx.Param(value, out_sharding=sharding, eager_sharding=False)
 
 
-class RMSNorm(nnx.Module):
-    """y = x / sqrt(mean(x^2) + eps) * scale, computed in float32."""
+def init_fp8_weight(rngs: nnx.Rngs, shape, cfg: DeepSeekConfig, sharding=None):
+    """`init_weight` quantized per 128x128 block: (nnx.Param e4m3 [..., N, K], WeightScale f32
+    [..., ceil(N/128), ceil(K/128)]). A checkpoint loader overwrites both."""
+    from jax_ds.ops import quantize_fp8
 
-    def __init__(self, dim: int, cfg: DeepSeekConfig):
-        self.eps = cfg.norm_eps
+    w_fp8, scale = quantize_fp8(init_weight(rngs, shape, cfg)[...], block=(FP8_BLOCK, FP8_BLOCK))
+    if sharding is None:
+        return nnx.Param(w_fp8), WeightScale(scale)
+    return (nnx.Param(w_fp8, out_sharding=sharding, eager_sharding=False),
+            WeightScale(scale, out_sharding=sharding, eager_sharding=False))
+
+
+def fp8_weight_linear(x, w_fp8_NK, scale):
+    """y = x @ (w_fp8 * scale)^T for a weight held in FP8: x is quantized per (1, 128) on the fly
+    and the product is `jax_ds.ops.fp8_gemm`, as DeepSeek-V3 serves its FP8 checkpoint.
+
+    Args:
+      x: bf16 / f32 [..., K]; K is zero-padded to a multiple of 128 (exact).
+      w_fp8_NK: float8_e4m3fn [N, K]; scale: float32 [ceil(N/128), ceil(K/128)].
+
+    Returns:
+      x.dtype [..., N]. Inference only: no gradient flows to the weight.
+    """
+    from jax_ds.ops import fp8_gemm, quantize_fp8
+    from jax_ds.ops.gemm import _gemm_out_dtype, _pad_to
+
+    k, n = x.shape[-1], w_fp8_NK.shape[0]
+    x_MK = _pad_to(x.reshape(-1, k), 1, FP8_BLOCK)
+    x_fp8, x_scale = quantize_fp8(x_MK, block=(1, FP8_BLOCK))
+    y = fp8_gemm(x_fp8, x_scale, _pad_to(w_fp8_NK, 1, FP8_BLOCK), scale,
+                 out_dtype=_gemm_out_dtype(x.dtype))
+    return y.astype(x.dtype).reshape(*x.shape[:-1], n)
+
+
+class RMSNorm(nnx.Module):
+    """y = x / sqrt(mean(x^2) + eps) * scale in float32; eps is cfg.norm_eps unless given."""
+
+    def __init__(self, dim: int, cfg: DeepSeekConfig, eps: float | None = None):
+        self.eps = cfg.norm_eps if eps is None else eps
         self.scale = nnx.Param(jnp.ones((dim,), cfg.weight_dtype))
 
     def __call__(self, x):
@@ -45,16 +85,25 @@ class Dense(nnx.Module):
 
     FP8 is used only when in_features is a multiple of 128: smaller or unaligned reductions (the
     kv latent of the tiny config, say) would mostly multiply padding, so they stay in
-    cfg.dtype, as DeepSeek-V3 keeps its small GEMMs in BF16.
+    cfg.dtype, as DeepSeek-V3 keeps its small GEMMs in BF16. With cfg.fp8_weights the weight
+    itself is FP8 (`kernel` e4m3 + `kernel_scale`) and every product goes through
+    `fp8_weight_linear`, whatever the alignment.
     """
 
     def __init__(self, in_features: int, out_features: int, cfg: DeepSeekConfig, *,
                  rngs: nnx.Rngs):
-        self.kernel = init_weight(rngs, (out_features, in_features), cfg)
+        if cfg.fp8_weights:
+            self.kernel, self.kernel_scale = init_fp8_weight(rngs, (out_features, in_features),
+                                                             cfg)
+        else:
+            self.kernel, self.kernel_scale = init_weight(rngs, (out_features, in_features),
+                                                         cfg), None
         self.fp8 = cfg.fp8 and in_features % FP8_BLOCK == 0
 
     def __call__(self, x):
         w_NK = self.kernel[...]
+        if self.kernel_scale is not None:
+            return fp8_weight_linear(x, w_NK, self.kernel_scale[...])
         if self.fp8:
             from jax_ds.ops import fp8_linear
 
@@ -101,17 +150,26 @@ def rope_inv_freq(dim: int, theta: float, yarn: YarnConfig | None = None) -> jax
         return dim * math.log(yarn.original_max_len / (rotations * 2 * math.pi)) / (
             2 * math.log(theta))
 
-    low = max(math.floor(pair_index(yarn.beta_fast)), 0)
-    high = min(math.ceil(pair_index(yarn.beta_slow)), half - 1)
-    ramp = jnp.clip((jnp.arange(half, dtype=jnp.float32) - low) / max(high - low, 1e-3), 0, 1)
+    low, high = pair_index(yarn.beta_fast), pair_index(yarn.beta_slow)
+    if yarn.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    # Bounds as DeepSeek's code and Hugging Face's clip them: the upper one to dim - 1 (not to the
+    # last pair index half - 1: for small theta the ramp then ends past the last pair).
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # a step, not a division by zero
+    ramp = jnp.clip((jnp.arange(half, dtype=jnp.float32) - low) / (high - low), 0, 1)
     keep = 1.0 - ramp  # 1: high frequency, kept; 0: low frequency, interpolated
     return freq / yarn.factor * (1.0 - keep) + freq * keep
 
 
 def rope_amplitude(yarn: YarnConfig | None) -> float:
-    """Scale of cos/sin: YaRN puts its temperature on the rotary part as mscale / mscale_all_dim."""
+    """Scale of cos/sin: YaRN puts its temperature on the rotary part as mscale / mscale_all_dim
+    (or as yarn.attention_factor when given, as a checkpoint's rope_scaling may)."""
     if yarn is None:
         return 1.0
+    if yarn.attention_factor is not None:
+        return yarn.attention_factor
     return yarn_mscale(yarn.factor, yarn.mscale) / yarn_mscale(yarn.factor, yarn.mscale_all_dim)
 
 
@@ -127,6 +185,8 @@ def apply_rope(x_BTHR, positions_BT, inv_freq_R, amplitude: float = 1.0):
     """Rotates consecutive pairs (x[2i], x[2i+1]) by positions * inv_freq[i].
 
     Interleaved pairs, as DeepSeek's released inference code (complex view of the last axis).
+    Hugging Face's DeepSeek-V3 (rope_interleave) rotates the same pairs and writes them out
+    de-interleaved (evens, then odds); q and k are permuted alike, so q.k and the model agree.
 
     Args:
       x_BTHR: [B, T, H, R] (R even).

@@ -8,7 +8,8 @@ latent itself stays position-free and can be absorbed into the projections at de
 Attention runs through `jax.nn.dot_product_attention` (cuDNN flash attention on GPU). That API
 wants one head dim for q, k and v, while MLA has d_qk = qk_nope + qk_rope (192 in V3) and d_v =
 v_head_dim (128): V is zero-padded to d_qk and the output sliced back, which is exact because the
-padded columns are sums of zeros. `attention_reference` is the plain-einsum oracle for that claim.
+padded columns are sums of zeros (q and k are padded instead where d_v is the wider).
+`attention_reference` is the plain-einsum oracle for that claim.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from jax_ds.models.layers import (Dense, RMSNorm, apply_rope, attention_scale, r
 
 log = logging.getLogger(__name__)
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+# The latent norms (q_a_layernorm, kv_a_layernorm) keep RMSNorm's default eps in DeepSeek's code
+# and in Hugging Face's, whatever the config's rms_norm_eps (which only the block norms use).
+LATENT_NORM_EPS = 1e-6
 
 
 def attention_reference(q_BTHK, k_BSHK, v_BSHV, scale: float):
@@ -50,20 +54,26 @@ def _implementation(dtype) -> str:
 
 
 def attend(q_BTHK, k_BSHK, v_BSHV, scale: float):
-    """Causal attention via `jax.nn.dot_product_attention`, V zero-padded to the q/k head dim.
+    """Causal attention via `jax.nn.dot_product_attention`, the head dims zero-padded to one.
+
+    V is padded to the q/k head dim (output sliced back), or q and k to V's when V is wider
+    (their dot products are unchanged; the scale is explicit).
 
     Args:
       q_BTHK, k_BSHK: queries and keys, head dim K.
-      v_BSHV: values, head dim V <= K.
+      v_BSHV: values, head dim V.
       scale: softmax scale.
 
     Returns:
       [B, T, H, V] in q's dtype; equals `attention_reference`.
     """
     kdim, vdim = q_BTHK.shape[-1], v_BSHV.shape[-1]
-    if vdim > kdim:
-        raise ValueError(f"attend: v head dim {vdim} exceeds the q/k head dim {kdim}")
-    v_pad = jnp.pad(v_BSHV, ((0, 0), (0, 0), (0, 0), (0, kdim - vdim)))
+    width = max(kdim, vdim)
+
+    def pad(x):
+        return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, width - x.shape[-1])))
+
+    q_BTHK, k_BSHK, v_pad = pad(q_BTHK), pad(k_BSHK), pad(v_BSHV)
     impl = _implementation(q_BTHK.dtype)
     try:
         out = jax.nn.dot_product_attention(q_BTHK, k_BSHK, v_pad, scale=scale, is_causal=True,
@@ -89,13 +99,13 @@ class MLAttention(nnx.Module):
         self.kv_rank = cfg.kv_lora_rank
         if cfg.q_lora_rank:
             self.wq_a = Dense(d, cfg.q_lora_rank, cfg, rngs=rngs)
-            self.q_norm = RMSNorm(cfg.q_lora_rank, cfg)
+            self.q_norm = RMSNorm(cfg.q_lora_rank, cfg, eps=LATENT_NORM_EPS)
             self.wq_b = Dense(cfg.q_lora_rank, h * cfg.qk_head_dim, cfg, rngs=rngs)
         else:  # V2-Lite: queries straight from x
             self.wq = Dense(d, h * cfg.qk_head_dim, cfg, rngs=rngs)
         # One projection makes the latent and the shared rotary key slice (MQA-style).
         self.wkv_a = Dense(d, cfg.kv_lora_rank + cfg.qk_rope_dim, cfg, rngs=rngs)
-        self.kv_norm = RMSNorm(cfg.kv_lora_rank, cfg)
+        self.kv_norm = RMSNorm(cfg.kv_lora_rank, cfg, eps=LATENT_NORM_EPS)
         self.wkv_b = Dense(cfg.kv_lora_rank, h * (cfg.qk_nope_dim + cfg.v_head_dim), cfg,
                            rngs=rngs)
         self.wo = Dense(h * cfg.v_head_dim, d, cfg, rngs=rngs)

@@ -22,8 +22,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jax_ds.models.config import DeepSeekConfig
-from jax_ds.models.layers import MLP, init_weight
-from jax_ds.ops.grouped_gemm import grouped_fp8_linear
+from jax_ds.models.layers import FP8_BLOCK, MLP, init_fp8_weight, init_weight
+from jax_ds.ops.grouped_gemm import grouped_fp8_gemm, grouped_fp8_linear
 from jax_ds.parallel.expert import check_ep, ep_moe, moe_permute, moe_unpermute
 from jax_ds.parallel.mesh import EXPERT
 
@@ -43,7 +43,10 @@ class Router(nnx.Module):
     """Top-k routing with group limiting; returns expert ids, gate weights and raw scores."""
 
     def __init__(self, cfg: DeepSeekConfig, *, rngs: nnx.Rngs):
-        self.weight = init_weight(rngs, (cfg.num_experts, cfg.d_model), cfg)  # [E, D]
+        # [E, D] float32 whatever param_dtype: routing is computed (and checkpoints keep it) in
+        # float32, and a bf16 copy would move near-tied experts.
+        self.weight = init_weight(rngs, (cfg.num_experts, cfg.d_model),
+                                  cfg.replace(param_dtype="float32"))
         self.bias = RouterBias(jnp.zeros((cfg.num_experts,), jnp.float32)) \
             if cfg.router_bias else None
         self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
@@ -134,6 +137,19 @@ def grouped_gemm_fp8(x_MK, w_GNK, group_sizes_G):
     return grouped_fp8_linear(x_MK, w_GNK, group_sizes_G.astype(jnp.int32))
 
 
+def grouped_fp8_weight_gemm(x_MK, w_fp8_GNK, scale_G, group_sizes_G):
+    """`grouped_gemm` for expert weights held in FP8 (e4m3 [G, N, K] + float32 block scales
+    [G, ceil(N/128), ceil(K/128)]): x is quantized per (1, 128) on the fly, then
+    `jax_ds.ops.grouped_fp8_gemm`. K is zero-padded to a multiple of 128. Inference only."""
+    from jax_ds.ops import quantize_fp8
+    from jax_ds.ops.gemm import _gemm_out_dtype, _pad_to
+
+    x_fp8, x_scale = quantize_fp8(_pad_to(x_MK, 1, FP8_BLOCK), block=(1, FP8_BLOCK))
+    y = grouped_fp8_gemm(x_fp8, x_scale, _pad_to(w_fp8_GNK, 2, FP8_BLOCK), scale_G,
+                         group_sizes_G.astype(jnp.int32), out_dtype=_gemm_out_dtype(x_MK.dtype))
+    return y.astype(x_MK.dtype)
+
+
 def expert_ffn(x_MD, group_sizes_G, w_gate_GFD, w_up_GFD, w_down_GDF, *, fp8: bool = False):
     """SwiGLU of every expert over its contiguous rows: down(silu(gate x) * up x).
 
@@ -151,6 +167,17 @@ def expert_ffn(x_MD, group_sizes_G, w_gate_GFD, w_up_GFD, w_down_GDF, *, fp8: bo
     return gemm(h_MF, w_down_GDF, group_sizes_G)
 
 
+def expert_ffn_fp8_weights(x_MD, group_sizes_G, w_gate_GFD, s_gate, w_up_GFD, s_up, w_down_GDF,
+                           s_down):
+    """`expert_ffn` with FP8-held weights, each followed by its block scales (e4m3 weights as
+    `DeepSeekMoE` holds them under cfg.fp8_weights)."""
+    def gemm(x, w, s):
+        return grouped_fp8_weight_gemm(x, w, s, group_sizes_G)
+
+    h_MF = jax.nn.silu(gemm(x_MD, w_gate_GFD, s_gate)) * gemm(x_MD, w_up_GFD, s_up)
+    return gemm(h_MF, w_down_GDF, s_down)
+
+
 # ----------------------------------------------------------------------------- the layer
 
 
@@ -158,11 +185,12 @@ def run_experts(layer, x_BTD, slot_BTK, topk_weights_BTK, weights, num_slots: in
     """Token copies -> their expert slots' SwiGLU FFNs -> the top-k weighted sum.
 
     Locally (`layer.mesh` None) or expert-parallel through `ep_moe` over `layer.mesh`; `layer`
-    supplies fp8, mesh, capacity_factor and exchange. Returns (y [B, T, D], per-slot counts
-    [num_slots], dropped assignments).
+    supplies fp8, fp8_weights, mesh, capacity_factor and exchange. Returns (y [B, T, D],
+    per-slot counts [num_slots], dropped assignments).
     """
     b, t, d = x_BTD.shape
-    ffn = functools.partial(expert_ffn, fp8=layer.fp8)
+    ffn = expert_ffn_fp8_weights if layer.fp8_weights else \
+        functools.partial(expert_ffn, fp8=layer.fp8)
     if layer.mesh is None:
         x_sorted, sizes, perm = moe_permute(x_BTD.reshape(b * t, d), slot_BTK.reshape(b * t, -1),
                                             num_slots)
@@ -185,18 +213,28 @@ class DeepSeekMoE(nnx.Module):
         self.shared = MLP(d, cfg.num_shared_experts * f, cfg, rngs=rngs) \
             if cfg.num_shared_experts else None
         split = (EXPERT, None, None)  # routed experts live on their EP rank
-        self.w_gate = init_weight(rngs, (e, f, d), cfg, sharding=split)
-        self.w_up = init_weight(rngs, (e, f, d), cfg, sharding=split)
-        self.w_down = init_weight(rngs, (e, d, f), cfg, sharding=split)
+        if cfg.fp8_weights:  # e4m3 weights, each with its WeightScale (same split)
+            self.w_gate, self.w_gate_scale = init_fp8_weight(rngs, (e, f, d), cfg, split)
+            self.w_up, self.w_up_scale = init_fp8_weight(rngs, (e, f, d), cfg, split)
+            self.w_down, self.w_down_scale = init_fp8_weight(rngs, (e, d, f), cfg, split)
+        else:
+            self.w_gate = init_weight(rngs, (e, f, d), cfg, sharding=split)
+            self.w_up = init_weight(rngs, (e, f, d), cfg, sharding=split)
+            self.w_down = init_weight(rngs, (e, d, f), cfg, sharding=split)
         self.mesh = mesh
         self.num_experts, self.top_k = e, cfg.top_k
-        self.fp8 = cfg.fp8
+        self.fp8, self.fp8_weights = cfg.fp8, cfg.fp8_weights
         self.capacity_factor, self.exchange = cfg.capacity_factor, cfg.ep_exchange
 
     def __call__(self, x_BTD):
         """x [B, T, D] -> (y [B, T, D], MoEStats)."""
         topk_idx, topk_weights, scores = self.router(x_BTD)
-        weights = tuple(w[...].astype(x_BTD.dtype) for w in (self.w_gate, self.w_up, self.w_down))
+        if self.fp8_weights:
+            weights = tuple(v[...] for v in (self.w_gate, self.w_gate_scale, self.w_up,
+                                             self.w_up_scale, self.w_down, self.w_down_scale))
+        else:
+            weights = tuple(w[...].astype(x_BTD.dtype)
+                            for w in (self.w_gate, self.w_up, self.w_down))
         y, counts, dropped = run_experts(self, x_BTD, topk_idx, topk_weights, weights,
                                          self.num_experts)
         if self.shared is not None:

@@ -100,6 +100,9 @@ class RedundantMoE(nnx.Module):
         if not isinstance(num_replicas, int) or num_replicas < e:
             raise ValueError(f"RedundantMoE: num_replicas={num_replicas!r} must be an int >= "
                              f"num_experts={e}")
+        if moe.fp8_weights:
+            raise ValueError("RedundantMoE: experts held in FP8 (cfg.fp8_weights) are not "
+                             "supported yet; load the checkpoint with fp8='dequant'")
         if moe.mesh is not None:
             check_ep(num_replicas, moe.mesh)  # R slots split evenly over the expert axis
         phy2log, log2phy, logcnt = round_robin_plan(e, num_replicas)
@@ -113,7 +116,7 @@ class RedundantMoE(nnx.Module):
         self.logcnt = ExpertPlacement(jnp.asarray(logcnt))
         self.mesh = moe.mesh
         self.num_experts, self.num_replicas, self.top_k = e, num_replicas, moe.top_k
-        self.fp8 = moe.fp8
+        self.fp8, self.fp8_weights = moe.fp8, False
         self.capacity_factor, self.exchange = moe.capacity_factor, moe.exchange
 
     def slots(self, topk_idx_BTK):

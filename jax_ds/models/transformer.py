@@ -87,7 +87,8 @@ class Transformer(nnx.Module):
                                 for i in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.d_model, cfg)
         # The output head stays out of FP8, as in V3 (sec. 3.3.1).
-        self.head = Dense(cfg.d_model, cfg.vocab_size, cfg.replace(fp8=False), rngs=rngs)
+        self.head = Dense(cfg.d_model, cfg.vocab_size, cfg.replace(fp8=False, fp8_weights=False),
+                          rngs=rngs)
         self.mtp = nnx.List([MTPModule(cfg, cfg.num_layers + k, rngs=rngs, mesh=mesh)
                              for k in range(cfg.mtp_depth)])
 

@@ -1,0 +1,122 @@
+"""Greedy generation from a Hugging Face DeepSeek-V2/V3 checkpoint (bf16, or FP8 kept as FP8).
+
+Each step runs plain causal attention over the whole prefix in a fixed-length buffer (one
+compile; positions past the prefix cannot influence it); the paged KV cache and MLA decode come
+later. Text goes through the checkpoint's tokenizer.json when the `tokenizers` package is
+installed, else through bytes (a byte-level vocabulary), or give token ids with --prompt-ids.
+
+    python examples/generate.py --checkpoint tests/data/hf_tiny/fp8 --prompt-ids 1,2,3
+    python examples/generate.py --checkpoint PATH --prompt "The capital of France is" \\
+        --max-new-tokens 32 --mesh expert=8
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="Hugging Face checkpoint folder")
+    p.add_argument("--prompt", default="DeepSeek", help="prompt text")
+    p.add_argument("--prompt-ids", default=None, help="comma-separated token ids (no tokenizer)")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--fp8", default="keep", choices=["keep", "dequant"],
+                   help="FP8 checkpoints: keep e4m3 weights (FP8 GEMMs) or dequantize")
+    p.add_argument("--mesh", default=None, help="e.g. expert=8 (routed experts split over it)")
+    p.add_argument("--devices", type=int, default=8, help="virtual CPU devices (CPU only)")
+    return p.parse_args()
+
+
+args = parse_args()
+if args.mesh and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={args.devices}").strip()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn  # noqa: E402
+
+from jax_ds.models import load_hf_checkpoint  # noqa: E402
+from jax_ds.parallel.mesh import make_mesh, parse_mesh, shard_batch  # noqa: E402
+
+console = Console()
+
+
+class Codec:
+    """tokenizer.json through `tokenizers` if both are there, else UTF-8 bytes."""
+
+    def __init__(self, folder: str, vocab_size: int):
+        self.tokenizer = None
+        path = os.path.join(folder, "tokenizer.json")
+        if os.path.exists(path):
+            try:
+                from tokenizers import Tokenizer
+
+                self.tokenizer = Tokenizer.from_file(path)
+            except ImportError:
+                console.print("tokenizer.json found but `tokenizers` is not installed: bytes")
+        self.vocab_size = vocab_size
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is not None:
+            return self.tokenizer.encode(text).ids
+        if self.vocab_size < 256:
+            raise SystemExit(f"vocabulary of {self.vocab_size} < 256 bytes: use --prompt-ids")
+        return list(text.encode())
+
+    def decode(self, ids: list[int]) -> str:
+        if self.tokenizer is not None:
+            return self.tokenizer.decode(ids)
+        return bytes(i for i in ids if i < 256).decode(errors="replace")
+
+
+def main():
+    mesh = make_mesh(**parse_mesh(args.mesh, jax.device_count())) if args.mesh else None
+    t0 = time.perf_counter()
+    model = load_hf_checkpoint(args.checkpoint, dtype=jnp.dtype(args.dtype), fp8=args.fp8,
+                               mesh=mesh)
+    cfg = model.cfg
+    console.print(f"loaded {args.checkpoint} in {time.perf_counter() - t0:.1f}s: "
+                  f"{cfg.num_layers} layers, d_model {cfg.d_model}, {cfg.num_experts} experts "
+                  f"top-{cfg.top_k}, vocab {cfg.vocab_size}, weights "
+                  f"{'FP8 (e4m3 + 128x128 scales)' if cfg.fp8_weights else args.dtype}")
+    codec = Codec(args.checkpoint, cfg.vocab_size)
+    prompt = [int(i) for i in args.prompt_ids.split(",")] if args.prompt_ids else \
+        codec.encode(args.prompt)
+    length = len(prompt) + args.max_new_tokens
+    rows = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in ("data", "expert")]))
+    buffer = np.zeros((rows, length), np.int32)  # every row the same sequence (batch sharding)
+    buffer[:, :len(prompt)] = prompt
+
+    @nnx.jit
+    def next_token(model, tokens_BL, last):
+        logits_BLV = model(tokens_BL)
+        return jnp.argmax(logits_BLV[0, last], axis=-1)
+
+    generated, start = [], time.perf_counter()
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("generating (first step compiles)", total=args.max_new_tokens)
+        for pos in range(len(prompt), length):
+            tokens = shard_batch(buffer, mesh) if mesh is not None else jnp.asarray(buffer)
+            token = int(next_token(model, tokens, pos - 1))
+            buffer[:, pos] = token
+            generated.append(token)
+            progress.update(task, advance=1, description="generating")
+    seconds = time.perf_counter() - start
+    console.print(f"[bold]prompt[/]: {codec.decode(prompt)!r}  ids {prompt}")
+    console.print(f"[bold]generated[/]: {codec.decode(generated)!r}  ids {generated}")
+    console.print(f"{len(generated)} tokens in {seconds:.1f}s incl. compile "
+                  f"({len(generated) / seconds:.1f} tok/s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""Hugging Face checkpoints: logits parity with the public reference, FP8 kept or dequantized,
+sharded indexes, MTP layers, save -> load round trips, and clear errors for bad checkpoints.
+
+The checkpoints under tests/data/hf_tiny/ were made once by scripts/make_hf_tiny.py with
+transformers' DeepseekV3ForCausalLM / DeepseekV2ForCausalLM (float32, CPU); each folder holds the
+reference's logits for its input_ids (reference.npz). See that script for what each variant
+exercises (bf16: sharded, YaRN, correction bias, MTP layer; fp8: DeepSeek's FP8 release format;
+v2: no query compression, softmax group-limited router).
+"""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from flax import nnx
+
+from jax_ds.models import CheckpointError, load_hf_checkpoint, save_hf_checkpoint
+from jax_ds.models import _safetensors as st
+from jax_ds.parallel.mesh import make_mesh
+from jax_ds.testing import calc_diff, tolerance
+
+DATA = os.path.join(os.path.dirname(__file__), "data", "hf_tiny")
+
+# Bounds on our logits vs the reference's (float32 logits of magnitude up to ~4):
+F32_MAX_ABS = 1e-5      # float32 activations: the same math, rounding only (seen: <= 7e-6)
+BF16_CALC_DIFF = 5e-4   # bf16 activations through 2-3 layers (seen: <= 1.1e-4)
+BF16_MAX_ABS = 0.15     # (seen: <= 0.06)
+# FP8 kept: activations quantized to e4m3 per 1x128 before every GEMM (as DeepSeek-V3 serves),
+# while the reference multiplies the dequantized weights by unquantized activations. Each GEMM is
+# within DeepGEMM's bound (`tolerance("fp8")`, checked below); through two layers the noise moves
+# a few near-tied router choices, so logits differ by calc_diff 0.038 (relative RMS error 27%;
+# 0.013 and 16% with float32 activations), while a wrong weight or scale layout gives ~1.
+FP8_KEPT_CALC_DIFF = 0.08
+
+
+def reference(variant):
+    ref = np.load(os.path.join(DATA, variant, "reference.npz"))
+    return jnp.asarray(ref["input_ids"]), ref["logits"]
+
+
+def logits(model, ids):
+    return np.asarray(nnx.jit(lambda m, t: m(t))(model, ids))
+
+
+def bits(x):
+    """The array's bit patterns (bf16 and float8 compared exactly, as unsigned integers)."""
+    x = np.asarray(x)
+    return x.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[x.dtype.itemsize])
+
+
+def flat_state(model):
+    return {p: v[...] for p, v in nnx.to_flat_state(nnx.state(model))}
+
+
+@pytest.mark.parametrize("variant,fp8", [("bf16", "keep"), ("v2", "keep"), ("fp8", "dequant")])
+def test_float32_logits_match_the_reference(variant, fp8):
+    ids, ref = reference(variant)
+    model = load_hf_checkpoint(os.path.join(DATA, variant), dtype=jnp.float32, fp8=fp8)
+    out = logits(model, ids)
+    assert out.shape == ref.shape
+    np.testing.assert_allclose(out, ref, rtol=0, atol=F32_MAX_ABS)
+
+
+@pytest.mark.parametrize("variant,fp8", [("bf16", "keep"), ("fp8", "dequant")])
+def test_bf16_logits_match_the_reference(variant, fp8):
+    ids, ref = reference(variant)
+    model = load_hf_checkpoint(os.path.join(DATA, variant), fp8=fp8)  # dtype bf16 by default
+    assert model.embed[...].dtype == jnp.bfloat16 and model.cfg.dtype == "bfloat16"
+    out = logits(model, ids)
+    assert calc_diff(out, ref) < BF16_CALC_DIFF
+    assert np.abs(out - ref).max() < BF16_MAX_ABS
+
+
+def test_fp8_kept_runs_the_fp8_gemms_close_to_the_reference():
+    ids, ref = reference("fp8")
+    path = os.path.join(DATA, "fp8")
+    kept = load_hf_checkpoint(path, fp8="keep")
+    assert kept.cfg.fp8_weights
+    attn, moe = kept.blocks[0].attn, kept.blocks[1].ffn
+    assert attn.wq_a.kernel[...].dtype == jnp.float8_e4m3fn
+    assert attn.wkv_a.kernel_scale[...].shape == (2, 1)  # 144 rows: a partial 128-row block
+    assert moe.w_gate[...].dtype == jnp.float8_e4m3fn and moe.w_down_scale[...].shape == (4, 1, 1)
+    assert kept.head.kernel[...].dtype == jnp.bfloat16 and moe.router.weight[...].dtype == \
+        jnp.float32
+    assert calc_diff(logits(kept, ids), ref) < FP8_KEPT_CALC_DIFF
+    # Every kept GEMM alone: within DeepGEMM's FP8 bound of the dequantized weight's product.
+    dequant = load_hf_checkpoint(path, dtype=jnp.float32, fp8="dequant")
+    x = jax.random.normal(jax.random.key(0), (2, 16, 128), jnp.float32)
+    for name in ("wq_a", "wq_b", "wkv_a", "wkv_b", "wo"):
+        ours, theirs = getattr(kept.blocks[0].attn, name), getattr(dequant.blocks[0].attn, name)
+        xi = x[..., :ours.kernel.shape[1]].astype(jnp.bfloat16)
+        assert calc_diff(ours(xi), theirs(xi.astype(jnp.float32))) < tolerance("fp8"), name
+    x = x.astype(jnp.bfloat16)
+    y_kept, y_ref = moe(x)[0], dequant.blocks[1].ffn(x.astype(jnp.float32))[0]
+    assert calc_diff(y_kept, y_ref) < 2 * tolerance("fp8")  # two GEMMs deep
+
+
+def test_sharded_checkpoint_onto_an_expert_mesh():
+    """The bf16 variant is sharded (index + 3 files); with a mesh each device gets its experts."""
+    path = os.path.join(DATA, "bf16")
+    assert os.path.exists(os.path.join(path, "model.safetensors.index.json"))
+    ids, ref = reference("bf16")
+    mesh = make_mesh(data=2, expert=4, devices=jax.devices("cpu")[:8])
+    model = load_hf_checkpoint(path, dtype=jnp.float32, mesh=mesh)
+    w = model.blocks[1].ffn.w_gate[...]
+    assert w.sharding.spec[0] == "expert" and len(w.addressable_shards) == 8
+    assert w.addressable_shards[0].data.shape == (3, 32, 64)  # 12 experts over expert=4
+    out = logits(model, jnp.tile(ids, (4, 1)))[:2]  # batch split over data x expert = 8
+    np.testing.assert_allclose(out, ref, rtol=0, atol=F32_MAX_ABS)
+
+
+def test_mtp_layer_is_skipped_unless_asked_for():
+    path = os.path.join(DATA, "bf16")
+    assert len(load_hf_checkpoint(path).mtp) == 0
+    model = load_hf_checkpoint(path, mtp=True)
+    assert model.cfg.mtp_depth == 1 and model.mtp[0].block.is_moe
+    index = json.load(open(os.path.join(path, "model.safetensors.index.json")))["weight_map"]
+    for name, ours in [("model.layers.3.eh_proj.weight", model.mtp[0].proj.kernel),
+                       ("model.layers.3.enorm.weight", model.mtp[0].emb_norm.scale)]:
+        tensor = st.SafetensorsFile(os.path.join(path, index[name])).get(name)
+        np.testing.assert_array_equal(bits(ours[...]), bits(tensor))
+
+
+@pytest.mark.parametrize("variant,fp8,dtype", [("bf16", "keep", jnp.bfloat16),
+                                               ("fp8", "keep", jnp.bfloat16),
+                                               ("v2", "keep", jnp.float32)])
+def test_save_then_load_is_exact(tmp_path, variant, fp8, dtype):
+    model = load_hf_checkpoint(os.path.join(DATA, variant), dtype=dtype, fp8=fp8,
+                               mtp=variant == "bf16")
+    save_hf_checkpoint(model, tmp_path, max_shard_bytes=200_000 if variant == "bf16" else None)
+    sharded = os.path.exists(tmp_path / "model.safetensors.index.json")
+    assert sharded == (variant == "bf16")
+    again = load_hf_checkpoint(tmp_path, dtype=dtype, fp8=fp8, mtp=variant == "bf16")
+    assert again.cfg == model.cfg
+    before, after = flat_state(model), flat_state(again)
+    assert before.keys() == after.keys()
+    for path, value in before.items():
+        assert value.dtype == after[path].dtype, path
+        np.testing.assert_array_equal(bits(value), bits(after[path]), err_msg=str(path))
+    if fp8 == "keep" and variant == "fp8":
+        cfg = json.load(open(tmp_path / "config.json"))
+        assert cfg["quantization_config"]["weight_block_size"] == [128, 128]
+
+
+# ----------------------------------------------------------------------------- bad checkpoints
+
+
+def rewrite(src, dst, change):
+    """Copies checkpoint folder src to dst with its tensors passed through change(dict)."""
+    shutil.copytree(src, dst)
+    file = st.SafetensorsFile(os.path.join(dst, "model.safetensors"))
+    tensors = change({n: np.array(file.get(n)) for n in file.keys()})
+    os.remove(os.path.join(dst, "model.safetensors"))
+    st.write(os.path.join(dst, "model.safetensors"),
+             [st.Entry(n, t.dtype, t.shape, lambda t=t: t) for n, t in tensors.items()])
+    return dst
+
+
+@pytest.mark.parametrize("variant,name,shape", [
+    ("v2", "model.layers.1.self_attn.kv_b_proj.weight", r"\(128, 32\)"),
+    ("fp8", "model.layers.0.mlp.up_proj.weight_scale_inv", r"\(2, 1\)"),  # an FP8 scale
+])
+def test_missing_tensor_is_named(tmp_path, variant, name, shape):
+    path = rewrite(os.path.join(DATA, variant), tmp_path / "c",
+                   lambda t: {n: v for n, v in t.items() if n != name})
+    with pytest.raises(CheckpointError, match=rf"missing tensor '{name}' \(shape {shape}"):
+        load_hf_checkpoint(path)
+
+
+def test_unexpected_tensor_is_named(tmp_path):
+    path = rewrite(os.path.join(DATA, "v2"), tmp_path / "c",
+                   lambda t: {**t, "model.layers.0.mlp.extra.weight": np.zeros(3, np.float32)})
+    with pytest.raises(CheckpointError, match="unexpected tensor 'model.layers.0.mlp.extra"):
+        load_hf_checkpoint(path)
+
+
+def test_shape_mismatch_names_expected_and_found(tmp_path):
+    name = "model.layers.1.mlp.experts.5.down_proj.weight"
+    path = rewrite(os.path.join(DATA, "v2"), tmp_path / "c",
+                   lambda t: {**t, name: np.zeros((64, 31), ml_dtypes.bfloat16)})
+    with pytest.raises(CheckpointError,
+                       match=rf"'{name}': expected shape \(64, 32\), found \(64, 31\)"):
+        load_hf_checkpoint(path)
+
+
+def test_unsupported_architecture_and_config(tmp_path):
+    path = shutil.copytree(os.path.join(DATA, "v2"), tmp_path / "c")
+    cfg = json.load(open(path / "config.json"))
+    json.dump({**cfg, "architectures": ["LlamaForCausalLM"], "model_type": "llama"},
+              open(path / "config.json", "w"))
+    with pytest.raises(CheckpointError, match="unsupported architecture 'LlamaForCausalLM'"):
+        load_hf_checkpoint(path)
+    json.dump({**cfg, "hidden_act": "gelu"}, open(path / "config.json", "w"))
+    with pytest.raises(CheckpointError, match="unsupported hidden_act='gelu'"):
+        load_hf_checkpoint(path)
+    json.dump({**cfg, "rope_scaling": {"type": "linear", "factor": 2.0}},
+              open(path / "config.json", "w"))
+    with pytest.raises(CheckpointError, match="rope_scaling type 'linear'"):
+        load_hf_checkpoint(path)
+    with pytest.raises(ValueError, match="fp8='fp4'"):
+        load_hf_checkpoint(path, fp8="fp4")
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_hf_checkpoint(tmp_path)
