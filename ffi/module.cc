@@ -9,6 +9,8 @@ namespace nb = nanobind;
 
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxDsQuantizeFp8);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxDsFp8Gemm);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxDsGroupedFp8Gemm);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxDsMaskedGroupedFp8Gemm);
 
 namespace {
 
@@ -26,6 +28,8 @@ NB_MODULE(_C, m) {
     nb::dict targets;
     targets["jax_ds_quantize_fp8"] = Capsule(JaxDsQuantizeFp8);
     targets["jax_ds_fp8_gemm"] = Capsule(JaxDsFp8Gemm);
+    targets["jax_ds_grouped_fp8_gemm"] = Capsule(JaxDsGroupedFp8Gemm);
+    targets["jax_ds_masked_grouped_fp8_gemm"] = Capsule(JaxDsMaskedGroupedFp8Gemm);
     return targets;
   });
   m.def("ffi_api_version",

@@ -1,4 +1,5 @@
-"""Runs the FP8 quantize and GEMM kernels once per shape and checks them, for compute-sanitizer.
+"""Runs the FP8 quantize and GEMM kernels (dense, grouped, masked) once per case and checks them,
+for compute-sanitizer.
 
   XLA_PYTHON_CLIENT_ALLOCATOR=platform XLA_PYTHON_CLIENT_PREALLOCATE=false \
     compute-sanitizer --tool memcheck --target-processes all python3 scripts/sanitize_gemm.py
@@ -51,8 +52,33 @@ def check(m, n, k, seed):
     return failures
 
 
+def check_grouped(seed):
+    """Contiguous (ragged sizes, a tail, a negative size) and masked (0 / partial / Mmax rows)."""
+    from jax_ds.ops.grouped_gemm import grouped_fp8_gemm, grouped_fp8_gemm_reference
+    from jax_ds.ops.grouped_gemm import masked_grouped_fp8_gemm, masked_grouped_fp8_gemm_reference
+
+    failures = []
+    cpu = jax.devices("cpu")[0]
+    for name, fn, ref_fn, a_shape, sizes in (
+            ("grouped", grouped_fp8_gemm, grouped_fp8_gemm_reference, (700,), [300, -2, 1, 333]),
+            ("masked", masked_grouped_fp8_gemm, masked_grouped_fp8_gemm_reference, (4, 200),
+             [0, 200, 77, 500])):
+        ka, kb = jax.random.split(jax.random.key(seed))
+        a8, sa = quantize_fp8(jax.random.normal(ka, (*a_shape, 384)), block=(1, 128), impl="xla")
+        b8, sb = quantize_fp8(jax.random.normal(kb, (4, 300, 384)), block=(128, 128), impl="xla")
+        ops = [a8, sa, b8, sb, jnp.asarray(sizes, jnp.int32)]
+        ref = np.asarray(ref_fn(*jax.device_put(ops, cpu), out_dtype=jnp.float32))
+        out = np.asarray(fn(*ops, out_dtype=jnp.float32, impl="ffi"))
+        diff = calc_diff(out, ref)
+        print(f"  {name} {a_shape}: calc_diff {diff:.2e}", flush=True)
+        if not np.isfinite(out).all() or not diff < tolerance(jnp.float32, 384):
+            failures.append(f"{name}: calc_diff {diff:.2e}")
+    return failures
+
+
 def main():
-    for target in ("jax_ds_quantize_fp8", "jax_ds_fp8_gemm"):
+    for target in ("jax_ds_quantize_fp8", "jax_ds_fp8_gemm", "jax_ds_grouped_fp8_gemm",
+                   "jax_ds_masked_grouped_fp8_gemm"):
         why = _ffi.unavailable_reason(target)
         if why:
             print(f"{target} unavailable: {why}")
@@ -61,6 +87,7 @@ def main():
     for i, (m, n, k) in enumerate(SHAPES):
         print(f"{m}x{n}x{k}:", flush=True)
         failures += check(m, n, k, seed=i)
+    failures += check_grouped(seed=len(SHAPES))
     for f in failures:
         print("FAILED:", f)
     print("sanitize_gemm:", "FAILED" if failures else "all checks passed")

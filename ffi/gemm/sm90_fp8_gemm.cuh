@@ -40,30 +40,151 @@ struct TileCoord {
   int n_block;  // column block of the output (BN wide)
   int b_row;    // first row of B of the tile (a group's B sits at group * N)
   int sb_row;   // row of b_scale ([*, K/128]) holding this tile's 128-row block of B
+  bool zero;    // no product: the tile's rows [a_row, row_end) are written as zeros
 };
 
-// Dense problem: bands of kGroupM row blocks walked column by column, so the CTAs running at
-// once share A rows and B columns in L2.
+// Work-unit order shared by the schedulers: bands of kGroupM row tiles walked column by column,
+// so the CTAs running at once share A rows and B columns in L2.
+constexpr int kBandM = 8;
+__device__ __forceinline__ void banded_order(int unit, int num_m_tiles, int num_n_units,
+                                             int& m_tile, int& n_unit) {
+  const int band = kBandM * num_n_units;
+  const int first_m = (unit / band) * kBandM;
+  const int rows = min(num_m_tiles - first_m, kBandM);
+  const int in_band = unit % band;
+  m_tile = first_m + in_band % rows;
+  n_unit = in_band / rows;
+}
+
+// Dense problem: one [M, N] grid of tiles.
 template <int BM, int BN, int kClusterN>
 struct DenseScheduler {
-  static constexpr int kGroupM = 8;
   int M, N, num_m_blocks, num_n_units;
 
+  static constexpr int extra_smem_bytes() { return 0; }
   __host__ __device__ static DenseScheduler make(int M, int N) {
     const int n_blocks = (N + BN - 1) / BN;
     return {M, N, (M + BM - 1) / BM, (n_blocks + kClusterN - 1) / kClusterN};
   }
+  __device__ __forceinline__ void init(int*) {}
   __host__ __device__ int num_units() const { return num_m_blocks * num_n_units; }
   __device__ __forceinline__ TileCoord tile(int unit, int rank) const {
-    const int band = kGroupM * num_n_units;
-    const int first_m = (unit / band) * kGroupM;
-    const int rows = min(num_m_blocks - first_m, kGroupM);
-    const int in_band = unit % band;
-    const int m_block = first_m + in_band % rows;
+    int m_block, n_unit;
+    banded_order(unit, num_m_blocks, num_n_units, m_block, n_unit);
     // The second tile of a pair may lie past N (odd block count): its B box reads as zeros
     // and its stores are clipped; its b_scale row is clamped to stay in bounds.
-    const int n_block = (in_band / rows) * kClusterN + rank;
-    return {m_block * BM, M, n_block, n_block * BN, min(n_block * BN, N - 1) / 128};
+    const int n_block = n_unit * kClusterN + static_cast<int>(rank);
+    return {m_block * BM, M, n_block, n_block * BN, min(n_block * BN, N - 1) / 128, false};
+  }
+};
+
+// Grouped problems over shared tensors: A [M, K] rows, B [G * N, K], out [M, N].
+//   contiguous (mmax == 0): group g owns rows [end[g-1], end[g]), end = min(cumsum(max(size,
+//     0)), M); rows [end[G-1], M) are a zero segment;
+//   masked (mmax > 0): group g owns rows [g*mmax, g*mmax + clamp(size[g], 0, mmax)), the rest of
+//     its mmax rows are a zero segment.
+// The row segments (2G masked, G+1 contiguous) are cut into BM-row tiles from their own first
+// row (no alignment needed), so a tile never mixes groups. Every CTA derives the segment table
+// from `sizes` in shared memory at start (warp scans), then finds a unit's segment by binary
+// search. Data-dependent sizes can only move rows inside [0, M): nothing is read or written out
+// of bounds whatever `sizes` holds.
+template <int BM, int BN, int kClusterN>
+struct GroupedScheduler {
+  static constexpr int kMaxGroups = 1024;
+  const int* sizes;  // device [G]
+  int G, M, N, mmax, num_n_units;
+  int* bound = nullptr;        // smem [G]: contiguous end rows / masked valid rows
+  int* tile_prefix = nullptr;  // smem [S + 1]: first m tile of each segment
+
+  __host__ __device__ int num_segments() const { return mmax > 0 ? 2 * G : G + 1; }
+  __host__ static int extra_smem_bytes(int G, bool masked) {
+    return 4 * (G + (masked ? 2 * G : G + 1) + 1);
+  }
+  __host__ static GroupedScheduler make(const int* sizes, int G, int M, int N, int mmax) {
+    const int n_blocks = (N + BN - 1) / BN;
+    return {sizes, G, M, N, mmax, (n_blocks + kClusterN - 1) / kClusterN};
+  }
+
+  __device__ __forceinline__ void segment(int s, int& start, int& end, int& group,
+                                          bool& zero) const {
+    if (mmax > 0) {
+      group = s / 2;
+      zero = s % 2;
+      const int base = group * mmax, valid = base + bound[group];
+      start = zero ? valid : base;
+      end = zero ? base + mmax : valid;
+    } else {
+      group = min(s, G - 1);
+      zero = s == G;
+      start = s == 0 ? 0 : bound[s - 1];
+      end = zero ? M : bound[s];
+    }
+  }
+
+  // Warp 0 of every CTA builds the tables in `smem` (the caller synchronises afterwards).
+  __device__ void init(int* smem) {
+    bound = smem;
+    tile_prefix = smem + G;
+    if (threadIdx.x >= 32) return;
+    const int lane = threadIdx.x;
+    long long carry = 0;
+    for (int base = 0; base < G; base += 32) {
+      const int g = base + lane;
+      const long long v = g < G ? max(__ldg(sizes + g), 0) : 0;
+      if (mmax > 0) {
+        if (g < G) bound[g] = static_cast<int>(min(v, static_cast<long long>(mmax)));
+      } else {
+        long long sum = v;
+#pragma unroll
+        for (int d = 1; d < 32; d *= 2) {
+          const long long o = __shfl_up_sync(0xffffffffu, sum, d);
+          if (lane >= d) sum += o;
+        }
+        if (g < G) bound[g] = static_cast<int>(min(carry + sum, static_cast<long long>(M)));
+        carry += __shfl_sync(0xffffffffu, sum, 31);
+      }
+    }
+    __syncwarp();
+    const int S = num_segments();
+    int tiles_before = 0;
+    if (lane == 0) tile_prefix[0] = 0;
+    for (int base = 0; base < S; base += 32) {
+      const int s = base + lane;
+      int count = 0;
+      if (s < S) {
+        int start, end, group;
+        bool zero;
+        segment(s, start, end, group, zero);
+        count = (end - start + BM - 1) / BM;
+      }
+#pragma unroll
+      for (int d = 1; d < 32; d *= 2) {
+        const int o = __shfl_up_sync(0xffffffffu, count, d);
+        if (lane >= d) count += o;
+      }
+      if (s < S) tile_prefix[s + 1] = tiles_before + count;
+      tiles_before += __shfl_sync(0xffffffffu, count, 31);
+    }
+  }
+
+  __device__ __forceinline__ int num_units() const {
+    return tile_prefix[num_segments()] * num_n_units;
+  }
+  __device__ __forceinline__ TileCoord tile(int unit, int rank) const {
+    int m_tile, n_unit;
+    banded_order(unit, tile_prefix[num_segments()], num_n_units, m_tile, n_unit);
+    int lo = 0, hi = num_segments() - 1;  // the segment s with prefix[s] <= m_tile < prefix[s+1]
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (tile_prefix[mid] <= m_tile) lo = mid; else hi = mid - 1;
+    }
+    int start, end, group;
+    bool zero;
+    segment(lo, start, end, group, zero);
+    const int n_block = n_unit * kClusterN + static_cast<int>(rank);
+    const int sb_rows = (N + 127) / 128;
+    return {start + (m_tile - tile_prefix[lo]) * BM, end, n_block, group * N + n_block * BN,
+            group * sb_rows + min(n_block * BN, N - 1) / 128, zero};
   }
 };
 
@@ -79,7 +200,9 @@ struct GemmSmem {
   static constexpr int kOutBytes = kTmaStore ? BM * BN * sizeof(OutT) : 0;
   // Dynamic shared memory for `stages` stages: 1 KB alignment slack (128-byte swizzle atoms
   // must be 1024-byte aligned) + output tile + tiles + two mbarriers per stage.
-  static constexpr int bytes(int stages) { return 1024 + kOutBytes + stages * (kStageBytes + 16); }
+  static constexpr int bytes(int stages, int extra = 0) {
+    return 1024 + kOutBytes + stages * (kStageBytes + 16) + extra;
+  }
 };
 
 template <typename T>
@@ -167,7 +290,7 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
                          const float* __restrict__ a_scale,             // [M, K/128]
                          const float* __restrict__ b_scale,             // [sb rows, K/128]
                          OutT* __restrict__ out,                        // [M, N]
-                         const Sched sched, int M, int N, int K, int num_stages,
+                         const Sched sched_in, int M, int N, int K, int num_stages,
                          bool out_aligned) {
   static_assert(BM == 64 || BM == 128, "BM is 64 rows per consumer warpgroup");
   static_assert(128 % BN == 0 && BN >= 16, "BN must divide the 128-wide B scale block");
@@ -186,6 +309,8 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
   uint8_t* tiles_b = tiles_a + num_stages * kATileBytes;
   uint64_t* full = reinterpret_cast<uint64_t*>(tiles_b + num_stages * kBTileBytes);
   uint64_t* empty = full + num_stages;
+  Sched sched = sched_in;
+  sched.init(reinterpret_cast<int*>(empty + num_stages));  // the scheduler's tables, if any
 
   const int warpgroup = threadIdx.x / 128;
   const int k_blocks = K / kBlockK;
@@ -215,6 +340,7 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
       uint32_t phase = 0;
       for (int u = cluster; u < sched.num_units(); u += num_clusters) {
         const TileCoord c = sched.tile(u, rank);
+        if (c.zero) continue;  // nothing to load: the consumers write zeros
         for (int kb = 0; kb < k_blocks; ++kb) {
           sm90::mbar_wait(&empty[stage], phase ^ 1);  // a fresh barrier passes parity 1
           sm90::mbar_arrive_expect_tx(&full[stage], kATileBytes + kBTileBytes);
@@ -295,25 +421,27 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
         for (int i = 0; i < kAccRegs; ++i) total[i] = fmaf(a[i], (i % 4) < 2 ? s0 : s1, total[i]);
       };
 
-      issue(0, 0);
-      int kb = 1;
-      for (; kb + 1 < k_blocks; kb += 2) {  // register sets must be named statically: unroll by 2
-        issue(1, kb);
-        sm90::wgmma_wait<1>();
-        promote(0);
-        issue(0, kb + 1);
-        sm90::wgmma_wait<1>();
-        promote(1);
-      }
-      if (kb < k_blocks) {  // k_blocks even: block kb is left, block kb-1 is in flight in set 0
-        issue(1, kb);
-        sm90::wgmma_wait<1>();
-        promote(0);
-        sm90::wgmma_wait<0>();
-        promote(1);
-      } else {
-        sm90::wgmma_wait<0>();
-        promote(0);
+      if (!c.zero) {  // a zero tile keeps total = 0 and goes straight to the stores
+        issue(0, 0);
+        int kb = 1;
+        for (; kb + 1 < k_blocks; kb += 2) {  // register sets must be named statically: unroll by 2
+          issue(1, kb);
+          sm90::wgmma_wait<1>();
+          promote(0);
+          issue(0, kb + 1);
+          sm90::wgmma_wait<1>();
+          promote(1);
+        }
+        if (kb < k_blocks) {  // k_blocks even: block kb is left, block kb-1 is in flight in set 0
+          issue(1, kb);
+          sm90::wgmma_wait<1>();
+          promote(0);
+          sm90::wgmma_wait<0>();
+          promote(1);
+        } else {
+          sm90::wgmma_wait<0>();
+          promote(0);
+        }
       }
 
       // A consumer's 64 rows go out through TMA when the tensor's edge clips them (dense) or they

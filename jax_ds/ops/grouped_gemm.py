@@ -5,9 +5,10 @@ Contiguous: the rows of `a` are sorted by expert; group g owns rows
 zeros included, no alignment (DeepGEMM demands 128-row-aligned groups); rows past
 sum(group_sizes) come out zero. Masked (decode): a [G, Mmax, K] with masked_m[g] valid rows.
 
-Only the pure-JAX references exist so far: on every backend `impl="auto"` takes them (and says so
-once on the "jax_ds" logger); the CUDA kernels are the GPU 2 issue and register the FFI targets
-named below. `grouped_fp8_linear` is the training op (custom_vjp, FP8 forward and dgrad).
+The CUDA kernels are the dense FP8 GEMM's body with a grouped tile scheduler (every CTA derives
+the row segments of the groups from `group_sizes` / `masked_m` on the device, so sizes may be
+traced values; rows are cut into tiles from each group's first row, no alignment needed).
+`grouped_fp8_linear` is the training op (custom_vjp, FP8 forward and dgrad).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 from jax_ds import _ffi
 from jax_ds.ops._checks import (BLOCK_K, FP8, cdiv, check_dtype, check_ndim, check_out_dtype,
                                 check_shape)
-from jax_ds.ops.gemm import _gemm_out_dtype, _pad_to
+from jax_ds.ops.gemm import _gemm_out_dtype, _pad_to, gemm_config
 from jax_ds.ops.quant import dequantize_fp8, quantize_fp8
 
 GROUPED_TARGET = "jax_ds_grouped_fp8_gemm"
@@ -29,6 +30,27 @@ MASKED_TARGET = "jax_ds_masked_grouped_fp8_gemm"
 _ffi.declare_op("grouped_fp8_gemm", GROUPED_TARGET)
 _ffi.declare_op("masked_grouped_fp8_gemm", MASKED_TARGET)
 _HIGHEST = jax.lax.Precision.HIGHEST
+MAX_GROUPS = 1024  # the kernels keep per-group tables in shared memory
+
+
+def grouped_config(rows_per_group: int, g: int, n: int, k: int, num_sms: int):
+    """The tile for a grouped GEMM: `gemm_config` of one group (its expected rows) with G times
+    the column blocks, since the groups' tiles share the SMs."""
+    cfg = gemm_config(max(rows_per_group, 1), n * g, k, num_sms)
+    pairs = cdiv(n, cfg.block_n) >= 2  # cluster partners must sit in the same group
+    return type(cfg)(cfg.block_m, cfg.block_n, num_sms, cfg.cluster_n if pairs else 1)
+
+
+def _ffi_grouped(target, a, a_scale, b, b_scale, sizes, out_shape, out_dtype, cfg):
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(out_shape, out_dtype),
+                            vmap_method="sequential")
+    return call(a, a_scale, b, b_scale, sizes, **cfg.attrs())
+
+
+def _check_groups(op, g):
+    if g > MAX_GROUPS:
+        raise ValueError(f"{op}: the kernel takes at most {MAX_GROUPS} groups, got {g}; use "
+                         f"impl='xla' or split the groups")
 
 
 def _check_grouped_b(op, b, b_scale, k):
@@ -139,9 +161,13 @@ def grouped_fp8_gemm(a, a_scale, b, b_scale, group_sizes, *, out_dtype=jnp.bfloa
       out_dtype [M, N]; rows at or past sum(group_sizes) are zero.
     """
     op = "grouped_fp8_gemm"
-    check_grouped(op, a, a_scale, b, b_scale, group_sizes, out_dtype)
-    _ffi.resolve_impl(op, GROUPED_TARGET, impl)  # "ffi" raises: no kernel is registered yet
-    return _grouped_reference(a, a_scale, b, b_scale, group_sizes, np.dtype(out_dtype))
+    m, n, k, g = check_grouped(op, a, a_scale, b, b_scale, group_sizes, out_dtype)
+    if _ffi.resolve_impl(op, GROUPED_TARGET, impl) == "xla":
+        return _grouped_reference(a, a_scale, b, b_scale, group_sizes, np.dtype(out_dtype))
+    _check_groups(op, g)
+    cfg = grouped_config(cdiv(m, g), g, n, k, _ffi.num_sms())
+    return _ffi_grouped(GROUPED_TARGET, a, a_scale, b, b_scale, group_sizes, (m, n), out_dtype,
+                        cfg)
 
 
 @functools.partial(jax.jit, static_argnums=(5,))
@@ -178,9 +204,13 @@ def masked_grouped_fp8_gemm(a, a_scale, b, b_scale, masked_m, *, out_dtype=jnp.b
       out_dtype [G, Mmax, N]; rows at or past masked_m[g] are zero.
     """
     op = "masked_grouped_fp8_gemm"
-    check_masked(op, a, a_scale, b, b_scale, masked_m, out_dtype)
-    _ffi.resolve_impl(op, MASKED_TARGET, impl)
-    return _masked_reference(a, a_scale, b, b_scale, masked_m, np.dtype(out_dtype))
+    g, mmax, n, k = check_masked(op, a, a_scale, b, b_scale, masked_m, out_dtype)
+    if _ffi.resolve_impl(op, MASKED_TARGET, impl) == "xla":
+        return _masked_reference(a, a_scale, b, b_scale, masked_m, np.dtype(out_dtype))
+    _check_groups(op, g)
+    cfg = grouped_config(mmax, g, n, k, _ffi.num_sms())
+    return _ffi_grouped(MASKED_TARGET, a, a_scale, b, b_scale, masked_m, (g, mmax, n), out_dtype,
+                        cfg)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

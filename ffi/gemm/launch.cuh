@@ -1,0 +1,183 @@
+// Host side shared by the FP8 GEMM handlers (dense, grouped, masked): one launcher for every
+// (tile, cluster, output type, scheduler) instance of sm90_fp8_gemm_kernel, and the dispatch
+// from runtime tile attributes to the instances compiled ahead of time.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <atomic>
+#include <string>
+
+#include "common/status.h"
+#include "common/tma.h"
+#include "gemm/sm90_fp8_gemm.cuh"
+
+namespace jax_ds::gemm {
+
+constexpr int kMaxSmemBytes = 227 * 1024;  // Hopper's per-block opt-in limit
+constexpr int kMaxStages = 32;
+
+inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <typename OutT>
+constexpr CUtensorMapDataType kOutMapType =
+    sizeof(OutT) == 2 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT32;
+
+// A 1-D launch of `grid` CTAs in clusters of `cluster_n` along x; `attr` must outlive the config.
+inline cudaLaunchConfig_t ClusterLaunch(int grid, int cluster_n, int threads, int smem_bytes,
+                                        cudaStream_t stream, cudaLaunchAttribute* attr) {
+  attr->id = cudaLaunchAttributeClusterDimension;
+  attr->val.clusterDim.x = cluster_n;
+  attr->val.clusterDim.y = 1;
+  attr->val.clusterDim.z = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(grid);
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = smem_bytes;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cfg;
+}
+
+// What a kernel asks of each device once: the shared-memory opt-in (always the whole 227 KB, so
+// that calls needing different table sizes share it; setting it costs host time that small GEMMs
+// feel) and how many of its clusters can be resident at once.
+struct KernelDeviceState {
+  std::atomic<bool> ready{false};
+  std::atomic<int> max_clusters{0};
+};
+
+// `per_device` is the kernel's own table (one static per kernel instantiation).
+template <typename Kernel>
+ffi::Error PrepareKernel(Kernel kernel, KernelDeviceState (&per_device)[64], int threads,
+                         int cluster_n, int num_sms, int* max_clusters) {
+  int device = 0;
+  JAX_DS_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+  KernelDeviceState& slot = per_device[device % 64];
+  if (!slot.ready.load(std::memory_order_acquire)) {
+    JAX_DS_CUDA_RETURN_IF_ERROR(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmemBytes));
+    int clusters = 0;
+    if (cluster_n == 1) {
+      JAX_DS_CUDA_RETURN_IF_ERROR(
+          cudaDeviceGetAttribute(&clusters, cudaDevAttrMultiProcessorCount, device));
+    } else {
+      // Clusters live inside one GPC: how many fit at once can be fewer than SMs / cluster_n.
+      cudaLaunchAttribute attr;
+      const cudaLaunchConfig_t cfg =
+          ClusterLaunch(cluster_n, cluster_n, threads, kMaxSmemBytes, nullptr, &attr);
+      JAX_DS_CUDA_RETURN_IF_ERROR(cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg));
+    }
+    if (clusters < 1) {
+      return ffi::Error::Internal("jax_ds: GEMM kernel cannot be resident (clusters of " +
+                                  std::to_string(cluster_n) + " CTAs)");
+    }
+    slot.max_clusters.store(clusters, std::memory_order_relaxed);
+    slot.ready.store(true, std::memory_order_release);
+  }
+  // num_sms (from Python) can only lower the grid: a persistent grid larger than what is
+  // resident would run its last clusters in a second wave.
+  *max_clusters = std::min(slot.max_clusters.load(std::memory_order_relaxed),
+                           std::max(1, num_sms / cluster_n));
+  return ffi::Error::Success();
+}
+
+// The operands of one launch. A is [a_rows, K], B [b_rows, K] (groups stacked), out [a_rows, N].
+template <typename OutT>
+struct GemmArgs {
+  const void* a;
+  const float* a_scale;
+  const void* b;
+  const float* b_scale;
+  OutT* out;
+  int a_rows, b_rows, N, K, num_sms;
+};
+
+// Launches one kernel instance. `max_units` bounds the scheduler's work units from above (the
+// grouped schedulers only know theirs on the device): it sizes the persistent grid.
+template <int BM, int BN, int kClusterN, typename OutT, typename Sched>
+ffi::Error LaunchGemm(cudaStream_t stream, const GemmArgs<OutT>& g, const Sched& sched,
+                      int64_t max_units, int extra_smem_bytes) {
+  using Smem = GemmSmem<BM, BN, OutT>;
+  const int stages = std::min(
+      kMaxStages, (kMaxSmemBytes - Smem::bytes(0, extra_smem_bytes)) / (Smem::kStageBytes + 16));
+  if (stages < 2) {
+    return ffi::Error::InvalidArgument("jax_ds: GEMM scheduler tables leave no room for stages");
+  }
+  const int smem_bytes = Smem::bytes(stages, extra_smem_bytes);
+  auto kernel = sm90_fp8_gemm_kernel<BM, BN, kClusterN, OutT, Sched>;
+  static KernelDeviceState per_device[64];
+  int max_clusters = 0;
+  if (auto err = PrepareKernel(kernel, per_device, Smem::kThreads, kClusterN, g.num_sms,
+                               &max_clusters);
+      err.failure())
+    return err;
+
+  CUtensorMap map_a, map_b, map_out = {};
+  // With clusters, each CTA loads (and multicasts) a 1/kClusterN slice of the A tile.
+  if (auto err = EncodeFp8TileMap(&map_a, g.a, g.a_rows, g.K, BM / kClusterN, kBlockK);
+      err.failure())
+    return err;
+  if (auto err = EncodeFp8TileMap(&map_b, g.b, g.b_rows, g.K, BN, kBlockK); err.failure())
+    return err;
+  const bool out_aligned = (static_cast<int64_t>(g.N) * sizeof(OutT)) % 16 == 0;
+  if (Smem::kTmaStore && out_aligned) {
+    if (auto err = EncodeTileMap(&map_out, kOutMapType<OutT>, sizeof(OutT), g.out, g.a_rows, g.N,
+                                 64, Smem::kBoxCols);
+        err.failure())
+      return err;
+  }
+  cudaLaunchAttribute attr;
+  const int grid = static_cast<int>(std::min<int64_t>(max_units, max_clusters) * kClusterN);
+  const cudaLaunchConfig_t cfg =
+      ClusterLaunch(grid, kClusterN, Smem::kThreads, smem_bytes, stream, &attr);
+  JAX_DS_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&cfg, kernel, map_a, map_b, map_out, g.a_scale,
+                                                 g.b_scale, g.out, sched, g.a_rows, g.N, g.K,
+                                                 stages, out_aligned));
+  JAX_DS_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return ffi::Error::Success();
+}
+
+// Calls fn(typed output pointer) for a bf16 or f32 output buffer.
+template <typename Fn>
+ffi::Error WithOutType(const char* op, ffi::Result<ffi::AnyBuffer>& out, Fn&& fn) {
+  switch (out->element_type()) {
+    case ffi::BF16:
+      return fn(reinterpret_cast<__nv_bfloat16*>(out->untyped_data()));
+    case ffi::F32:
+      return fn(reinterpret_cast<float*>(out->untyped_data()));
+    default:
+      return ffi::Error::InvalidArgument(std::string(op) + ": out dtype must be bf16 or f32");
+  }
+}
+
+template <int BM_, int BN_, int kClusterN_>
+struct TileTag {
+  static constexpr int BM = BM_, BN = BN_, kClusterN = kClusterN_;
+};
+
+// Calls fn(TileTag<BM, BN, C>{}) for the compiled instance named by the attributes; Python's
+// gemm_config() picks one per problem shape.
+template <typename Fn>
+ffi::Error DispatchTile(const char* op, int block_m, int block_n, int cluster_n, Fn&& fn) {
+#define JAX_DS_GEMM_TILE(BM_, BN_)                                                \
+  if (block_m == BM_ && block_n == BN_ && cluster_n == 1) return fn(TileTag<BM_, BN_, 1>{}); \
+  if (block_m == BM_ && block_n == BN_ && cluster_n == 2) return fn(TileTag<BM_, BN_, 2>{});
+  JAX_DS_GEMM_TILE(64, 16)
+  JAX_DS_GEMM_TILE(64, 32)
+  JAX_DS_GEMM_TILE(64, 64)
+  JAX_DS_GEMM_TILE(64, 128)
+  JAX_DS_GEMM_TILE(128, 16)
+  JAX_DS_GEMM_TILE(128, 32)
+  JAX_DS_GEMM_TILE(128, 64)
+  JAX_DS_GEMM_TILE(128, 128)
+#undef JAX_DS_GEMM_TILE
+  return ffi::Error::InvalidArgument(
+      std::string(op) + ": no compiled tile " + std::to_string(block_m) + "x" +
+      std::to_string(block_n) + " cluster " + std::to_string(cluster_n) +
+      " (block_m in {64,128}, block_n in {16,32,64,128}, cluster_n in {1,2})");
+}
+
+}  // namespace jax_ds::gemm

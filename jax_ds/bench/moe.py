@@ -1,0 +1,246 @@
+"""`python -m jax_ds.bench moe`: grouped FP8 GEMMs (MoE experts) and routing, ours vs anchors.
+
+Rows (DeepSeek-V3 expert shapes; DeepGEMM's published H800 figures where it has them):
+  contiguous  G groups x rows each (4x8192, 8x4096, 32x256), (n, k) in (4096, 7168), (7168, 2048)
+  masked      G x Mmax with every row valid (1x1024, 2x512, 4x256, 32x64..256)
+  routing     4096 tokens x 7168, top-8 of 256 experts: permute to expert-major order + FP8 cast
+Contestants, timed the same way (device-bound: one call per input set inside one jitted program
+for JAX, one CUDA graph for torch; "kernel" = our kernel time from jax.profiler):
+  ours         grouped_fp8_gemm / masked_grouped_fp8_gemm (impl="ffi"); moe_permute + quantize_fp8
+  xla_ragged   jax.lax.ragged_dot in bf16 on the dequantized operands (masked: a batched dot)
+  torch        torch._scaled_grouped_mm, FP8 with row-wise scales (when torch is importable)
+  xla_argsort  routing through argsort + gather, then the FP8 cast (XLA)
+"""
+
+from __future__ import annotations
+
+import functools
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_ds import _ffi
+from jax_ds.bench import _profile, _timing, bar_plot, environment, print_table, write_json
+from jax_ds.ops import quantize_fp8
+from jax_ds.ops.grouped_gemm import (GROUPED_TARGET, grouped_fp8_gemm, masked_grouped_fp8_gemm)
+from jax_ds.ops.moe import moe_permute
+from jax_ds.testing import calc_diff
+
+NK = ((4096, 7168), (7168, 2048))
+CONTIGUOUS = ((4, 8192), (8, 4096), (32, 256))
+MASKED = ((1, 1024), (2, 512), (4, 256), (32, 64), (32, 128), (32, 256))
+# DeepGEMM's published H800 TFLOP/s (Feb 2025 table): (kind, groups, rows, n, k) -> figure
+DEEPGEMM_H800 = {
+    ("contiguous", 4, 8192, 4096, 7168): 1297, ("contiguous", 4, 8192, 7168, 2048): 1099,
+    ("contiguous", 8, 4096, 4096, 7168): 1288, ("contiguous", 8, 4096, 7168, 2048): 1093,
+    ("masked", 1, 1024, 4096, 7168): 1233, ("masked", 1, 1024, 7168, 2048): 925,
+    ("masked", 2, 512, 4096, 7168): 1040, ("masked", 2, 512, 7168, 2048): 916,
+    ("masked", 4, 256, 4096, 7168): 932, ("masked", 4, 256, 7168, 2048): 815,
+}
+IMPLS = ("ours", "xla_ragged", "torch")
+
+
+def add_arguments(parser):
+    parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON")
+    parser.add_argument("--budget", type=float, default=0.25, help="seconds per measurement")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--sets", type=int, default=3, help="input sets per shape")
+    parser.add_argument("--quick", action="store_true", help="one shape per kind")
+    parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _operands(key, a_shape, g, n, k):
+    ka, kb = jax.random.split(key)
+    a8, sa = quantize_fp8(jax.random.normal(ka, (*a_shape, k), jnp.bfloat16), block=(1, 128))
+    b8, sb = quantize_fp8(jax.random.normal(kb, (g, n, k), jnp.bfloat16), block=(128, 128))
+    return a8, sa, b8, sb
+
+
+def _dequant_bf16(a8, sa, b8, sb):
+    n = b8.shape[1]
+    a = (a8.astype(jnp.float32) * jnp.repeat(sa, 128, axis=-1)).astype(jnp.bfloat16)
+    sbn = jnp.repeat(jnp.repeat(sb, 128, axis=-2)[:, :n], 128, axis=-1)
+    return a, (b8.astype(jnp.float32) * sbn).astype(jnp.bfloat16)
+
+
+@jax.jit
+def _xla_ragged(a, b_GNK, sizes):
+    return jax.lax.ragged_dot(a, jnp.swapaxes(b_GNK, 1, 2), sizes,
+                              preferred_element_type=jnp.bfloat16)
+
+
+@jax.jit
+def _xla_batched(a_GMK, b_GNK):
+    return jnp.einsum("GMK,GNK->GMN", a_GMK, b_GNK, preferred_element_type=jnp.bfloat16)
+
+
+def _time(fn, sets, args):
+    t = _timing.time_jax_launch(fn, sets, budget_s=args.budget, repeats=args.repeats)
+    return t.median_s
+
+
+def _torch_grouped(sets, masked):
+    """torch._scaled_grouped_mm (row-wise FP8) on the same FP8 bytes: a callable per set."""
+    import torch
+
+    fns = []
+    for a8, sa, b8, sb in sets:
+        g, n, k = b8.shape
+        a = torch.from_numpy(np.asarray(a8).view(np.uint8)).cuda().view(torch.float8_e4m3fn)
+        b = torch.from_numpy(np.asarray(b8).view(np.uint8)).cuda().view(torch.float8_e4m3fn)
+        rows = a.shape[-2] if masked else a.shape[0] // g
+        a2 = a.reshape(-1, k)
+        scale_a = torch.ones(a2.shape[0], device="cuda", dtype=torch.float32)
+        scale_b = torch.ones(g, n, device="cuda", dtype=torch.float32)
+        offs = torch.arange(1, g + 1, device="cuda", dtype=torch.int32) * rows
+        bt = b.transpose(-2, -1)  # [G, K, N], column-major as torch asks
+        fns.append(functools.partial(torch._scaled_grouped_mm, a2, bt, scale_a, scale_b,
+                                     offs=offs, out_dtype=torch.bfloat16))
+    return fns
+
+
+def _gemm_row(kind, g, rows, n, k, key, args, ours_na):
+    flops = 2 * g * rows * n * k
+    row = {"kind": kind, "groups": g, "rows": rows, "n": n, "k": k, "flops": flops,
+           "deepgemm_h800_tflops": DEEPGEMM_H800.get((kind, g, rows, n, k)), "results": {}}
+    res = row["results"]
+    a_shape = (g, rows) if kind == "masked" else (g * rows,)
+    sets = [_operands(jax.random.fold_in(key, i), a_shape, g, n, k) for i in range(args.sets)]
+    counts = jnp.full((g,), rows, jnp.int32)
+    if kind == "masked":
+        ours = jax.jit(lambda a, sa, b, sb: masked_grouped_fp8_gemm(a, sa, b, sb, counts,
+                                                                    impl="ffi"))
+    else:
+        ours = jax.jit(lambda a, sa, b, sb: grouped_fp8_gemm(a, sa, b, sb, counts, impl="ffi"))
+    deq = [_dequant_bf16(*s) for s in sets]
+    if kind == "masked":
+        xla_sets, xla_fn = [(a, b) for a, b in deq], _xla_batched
+    else:
+        xla_sets, xla_fn = [(a, b, counts) for a, b in deq], _xla_ragged
+    try:
+        res["xla_ragged"] = {"tflops": flops / _time(xla_fn, xla_sets, args) / 1e12}
+        ref = np.asarray(xla_fn(*xla_sets[0]), np.float32)
+    except Exception as e:
+        res["xla_ragged"], ref = {"error": f"{type(e).__name__}: {str(e)[:200]}"}, None
+    if ours_na:
+        res["ours"] = {"na": ours_na}
+    else:
+        try:
+            out = np.asarray(ours(*sets[0]), np.float32)
+            row["diff"] = None if ref is None else calc_diff(out.reshape(ref.shape), ref)
+            res["ours"] = {"tflops": flops / _time(ours, sets, args) / 1e12,
+                           "kernel_tflops": flops / _profile.device_time_jax(
+                               ours, sets, calls=2 * len(sets)) / 1e12}
+        except Exception as e:
+            res["ours"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+    if not args.no_torch:
+        try:
+            fns = _torch_grouped(sets, kind == "masked")
+            t = _timing.time_torch_graph(lambda f: f(), [(f,) for f in fns],
+                                         budget_s=args.budget, repeats=args.repeats)
+            res["torch"] = {"tflops": flops / t.median_s / 1e12}
+        except Exception as e:
+            res["torch"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+    return row
+
+
+def _routing_row(key, args, tokens=4096, hidden=7168, experts=256, top_k=8):
+    """Permute + FP8 cast: ours (moe_permute then quantize_fp8) vs argsort + gather + cast."""
+    kx, ki = jax.random.split(key)
+    x = jax.random.normal(kx, (tokens, hidden), jnp.bfloat16)
+    idx = jax.vmap(lambda r: jax.random.choice(r, experts, (top_k,), replace=False))(
+        jax.random.split(ki, tokens)).astype(jnp.int32)
+
+    @jax.jit
+    def ours(x, idx):
+        xs, sizes, perm = moe_permute(x, idx, experts)
+        return quantize_fp8(xs, block=(1, 128)), sizes, perm
+
+    @jax.jit
+    def xla_argsort(x, idx):
+        order = jnp.argsort(idx.reshape(-1), stable=True)
+        xs = x[order // top_k]
+        sizes = jnp.bincount(idx.reshape(-1), length=experts)
+        return quantize_fp8(xs, block=(1, 128), impl="xla"), sizes, order
+
+    sets = [(x + i, idx) for i in range(args.sets)]
+    nbytes = tokens * top_k * hidden * (2 + 1) + tokens * hidden * 2
+    row = {"kind": "routing", "tokens": tokens, "hidden": hidden, "experts": experts,
+           "top_k": top_k, "bytes": nbytes, "results": {}}
+    for name, fn in (("ours", ours), ("xla_argsort", xla_argsort)):
+        try:
+            s = _time(fn, sets, args)
+            row["results"][name] = {"us": s * 1e6, "gbps": nbytes / s / 1e9}
+        except Exception as e:
+            row["results"][name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+    return row
+
+
+def _cell(res, key="tflops"):
+    if res.get(key) is not None:
+        v = res[key]
+        return f"{v:.0f}" if v >= 100 else f"{v:.1f}"
+    return "err" if "error" in res else "n/a"
+
+
+def run(args):
+    env = environment()
+    ours_na = _ffi.unavailable_reason(GROUPED_TARGET)
+    shapes = [(kind, g, r, n, k) for kind, groups in (("contiguous", CONTIGUOUS),
+                                                       ("masked", MASKED))
+              for g, r in groups for n, k in NK]
+    if args.quick:
+        shapes = [s for s in shapes if (s[1], s[2]) in ((4, 8192), (32, 128))]
+    print(f"device: {env['device']}; ours: {ours_na or GROUPED_TARGET}", flush=True)
+    rows = []
+    for i, (kind, g, r, n, k) in enumerate(shapes):
+        row = _gemm_row(kind, g, r, n, k, jax.random.fold_in(jax.random.key(args.seed), i),
+                        args, ours_na)
+        rows.append(row)
+        print(f"[{i + 1}/{len(shapes)}] {kind} {g}x{r} n{n} k{k}: " + " ".join(
+            f"{name} {_cell(row['results'].get(name, {}))}" for name in IMPLS) +
+            f" kernel {_cell(row['results'].get('ours', {}), 'kernel_tflops')}", flush=True)
+    table = []
+    for row in rows:
+        res = row["results"]
+        ours, kern = res.get("ours", {}).get("tflops"), res.get("ours", {}).get("kernel_tflops")
+        torch_tf, xla_tf = res.get("torch", {}).get("tflops"), res.get("xla_ragged", {}).get(
+            "tflops")
+        dg = row["deepgemm_h800_tflops"]
+        table.append([row["kind"], f"{row['groups']}x{row['rows']}", str(row["n"]),
+                      str(row["k"]), _cell(res.get("ours", {})),
+                      _cell(res.get("ours", {}), "kernel_tflops"),
+                      _cell(res.get("xla_ragged", {})), _cell(res.get("torch", {})),
+                      f"{ours / torch_tf:.2f}" if ours and torch_tf else "-",
+                      f"{ours / xla_tf:.1f}" if ours and xla_tf else "-",
+                      str(dg or "-"), f"{kern / dg:.2f}" if kern and dg else "-",
+                      "-" if row.get("diff") is None else f"{row['diff']:.1e}"])
+    print_table(f"Grouped FP8 GEMM on {env['device']}, TFLOP/s (device-bound)",
+                ("kind", "GxM", "n", "k", "ours", "ours kernel", "XLA ragged bf16", "torch",
+                 "ours/torch", "ours/XLA", "DeepGEMM H800", "kernel/DeepGEMM", "diff"), table,
+                ["torch = torch._scaled_grouped_mm (row-wise scales) on the same FP8 bytes; "
+                 "XLA = jax.lax.ragged_dot (masked: batched dot) in bf16 on dequantized "
+                 "operands; diff = calc_diff(ours, XLA bf16)."])
+    routing = _routing_row(jax.random.key(args.seed + 1), args)
+    print_table("Routing: 4096 tokens x 7168, top-8 of 256, permute + FP8 cast (device-bound)",
+                ("impl", "us", "GB/s"),
+                [[name, _cell(r, "us"), _cell(r, "gbps")] for name, r in
+                 routing["results"].items()])
+    path = write_json(args.out, "moe", env, {
+        "ours": ours_na or GROUPED_TARGET,
+        "timing": {"device": "one call per input set in one jitted executable (JAX) or one "
+                             "CUDA graph (torch), time / input sets",
+                   "kernel": "ours only: GPU kernel durations from jax.profiler / calls"},
+        "rows": rows, "routing": routing})
+    print(f"wrote {path}")
+    labels = [f"{r['kind'][0]}{r['groups']}x{r['rows']} n{r['n']}" for r in rows]
+    series = {name: [r["results"].get(name, {}).get("tflops") for r in rows] for name in IMPLS}
+    plot = bar_plot(pathlib.Path(path).with_suffix(".png"), f"Grouped FP8 GEMM on "
+                    f"{env['device']}", labels, series, "TFLOP/s")
+    if plot:
+        print(f"wrote {plot}")
+    return 0

@@ -1,0 +1,170 @@
+"""Grouped FP8 GEMM kernels (contiguous and masked, impl="ffi") against a float32 numpy oracle.
+
+Fresh random operands per case; group sizes include zeros, one huge group, sizes that are no
+multiple of any tile, negative sizes and sums past M (clamped as the contract says); masked_m
+includes 0, Mmax and out-of-range values. Outputs land in buffers that held NaNs, so a row the
+kernel forgets shows. Checked per group: calc_diff against the oracle, and exact zeros wherever
+the contract says zero. Skipped without the kernels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+grouped = pytest.importorskip("jax_ds.ops.grouped_gemm")
+
+import jax.numpy as jnp  # noqa: E402
+
+from jax_ds import _ffi, testing  # noqa: E402
+from jax_ds.ops import grouped_fp8_linear, quantize_fp8  # noqa: E402
+from jax_ds.ops.gemm import CLUSTERS, TILES, GemmConfig  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _kernels():
+    for target in (grouped.GROUPED_TARGET, grouped.MASKED_TARGET):
+        why = _ffi.unavailable_reason(target)
+        if why:
+            pytest.skip(f"grouped FP8 GEMM kernels unavailable: {why}")
+
+
+def _quantized(key, a_shape, g, n, k):
+    ka, kb = jax.random.split(key)
+    a8, sa = quantize_fp8(jax.random.normal(ka, (*a_shape, k)), block=(1, 128), impl="xla")
+    b8, sb = quantize_fp8(jax.random.normal(kb, (g, n, k)), block=(128, 128), impl="xla")
+    return a8, sa, b8, sb
+
+
+def _dequant(a8, sa, b8, sb):
+    """numpy float32 dequantized operands."""
+    n = b8.shape[1]
+    a32 = np.asarray(a8).astype(np.float32) * np.repeat(np.asarray(sa), 128, axis=-1)
+    sbn = np.repeat(np.repeat(np.asarray(sb), 128, axis=-2)[:, :n], 128, axis=-1)
+    return a32, np.asarray(b8).astype(np.float32) * sbn
+
+
+def _poison(shape, dtype):
+    """Frees NaN buffers of the output's size: XLA's allocator hands them to the next call."""
+    dirty = [jnp.full(shape, jnp.nan, dtype) for _ in range(2)]
+    jax.block_until_ready(dirty)
+    del dirty
+
+
+def _check_rows(out, ref, what):
+    out = np.asarray(out, np.float32)
+    assert np.isfinite(out).all(), f"{what}: non-finite outputs"
+    if ref.size == 0:
+        return
+    diff = testing.calc_diff(out, ref)
+    assert diff < testing.tolerance(jnp.bfloat16, 128), f"{what}: calc_diff {diff:.2e}"
+
+
+def _ffi_call(target, ops, sizes, out_shape, out_dtype, cfg):
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(out_shape, out_dtype))
+    return call(*ops, sizes, **cfg.attrs())
+
+
+def _check_contiguous(out, ops, sizes):
+    a32, b32 = _dequant(*ops)
+    m = a32.shape[0]
+    ends = np.minimum(np.cumsum(np.maximum(np.asarray(sizes, np.int64), 0)), m)
+    start = 0
+    for g, end in enumerate(ends):
+        _check_rows(out[start:end], a32[start:end] @ b32[g].T, f"group {g} rows {start}:{end}")
+        start = end
+    tail = np.asarray(out[start:], np.float32)
+    assert (tail == 0).all(), f"rows {start}: past the groups must be zero"
+
+
+def _check_masked(out, ops, masked_m):
+    a32, b32 = _dequant(*ops)
+    mmax = a32.shape[1]
+    for g, valid in enumerate(np.clip(np.asarray(masked_m), 0, mmax)):
+        _check_rows(out[g, :valid], a32[g, :valid] @ b32[g].T, f"group {g} ({valid} rows)")
+        assert (np.asarray(out[g, valid:], np.float32) == 0).all(), f"group {g}: masked rows"
+
+
+CONTIGUOUS = [  # (m, n, k, group sizes)
+    (1000, 129, 256, [0, 300, 1, 599]),                       # 100 rows past the groups
+    (2048, 2112, 1024, [0, 1500, 3, 0, 200, 77, 0, 268]),     # one huge group, zeros
+    (4096, 512, 512, list(np.full(32, 128))),                 # aligned, sum == M
+    (1000, 256, 256, [-5, 700, 600]),                         # negative, sum past M
+    (64, 7168, 128, [0]),                                     # nothing but zeros
+    (3000, 64, 128, list(np.random.default_rng(0).integers(0, 20, 300))),  # many groups
+]
+
+
+@pytest.mark.parametrize("m,n,k,sizes", CONTIGUOUS)
+def test_grouped_matches_oracle(m, n, k, sizes):
+    ops = _quantized(jax.random.key(m + n), (m,), len(sizes), n, k)
+    sizes = jnp.asarray(sizes, jnp.int32)
+    for out_dtype in (jnp.bfloat16, jnp.float32):
+        _poison((m, n), out_dtype)
+        out = jax.jit(lambda *o: grouped.grouped_fp8_gemm(*o, out_dtype=out_dtype, impl="ffi"))(
+            *ops, sizes)
+        assert out.shape == (m, n) and out.dtype == out_dtype
+        _check_contiguous(out, ops, sizes)
+
+
+MASKED = [  # (g, mmax, n, k, masked_m)
+    (4, 64, 2112, 512, [0, 64, 17, 33]),
+    (32, 200, 129, 256, list(np.random.default_rng(1).integers(-3, 260, 32))),
+    (2, 512, 4096, 1024, [512, 300]),
+]
+
+
+@pytest.mark.parametrize("g,mmax,n,k,masked_m", MASKED)
+def test_masked_matches_oracle(g, mmax, n, k, masked_m):
+    ops = _quantized(jax.random.key(g * mmax), (g, mmax), g, n, k)
+    masked_m = jnp.asarray(masked_m, jnp.int32)
+    for out_dtype in (jnp.bfloat16, jnp.float32):
+        _poison((g, mmax, n), out_dtype)
+        out = grouped.masked_grouped_fp8_gemm(*ops, masked_m, out_dtype=out_dtype, impl="ffi")
+        assert out.shape == (g, mmax, n) and out.dtype == out_dtype
+        _check_masked(out, ops, masked_m)
+
+
+@pytest.mark.parametrize("cluster_n", CLUSTERS)
+@pytest.mark.parametrize("block_m,block_n", TILES)
+def test_every_tile(block_m, block_n, cluster_n):
+    sizes = jnp.asarray([100, 0, 250, 1, 300], jnp.int32)  # 49 rows past the groups
+    ops = _quantized(jax.random.key(7), (700,), 5, 300, 384)
+    masked_m = jnp.asarray([0, 90, 37], jnp.int32)
+    mops = _quantized(jax.random.key(8), (3, 90), 3, 300, 384)
+    for num_sms in (3, _ffi.num_sms()):
+        cfg = GemmConfig(block_m, block_n, num_sms, cluster_n)
+        _poison((700, 300), jnp.bfloat16)
+        out = _ffi_call(grouped.GROUPED_TARGET, ops, sizes, (700, 300), jnp.bfloat16, cfg)
+        _check_contiguous(out, ops, sizes)
+        out = _ffi_call(grouped.MASKED_TARGET, mops, masked_m, (3, 90, 300), jnp.bfloat16, cfg)
+        _check_masked(out, mops, masked_m)
+
+
+def test_grouped_linear_grads_match_reference():
+    kx, kw = jax.random.split(jax.random.key(3))
+    x = jax.random.normal(kx, (600, 256), jnp.float32)
+    w = jax.random.normal(kw, (4, 384, 256), jnp.float32) * 0.05
+    sizes = jnp.asarray([200, 0, 150, 230], jnp.int32)
+
+    def loss(x, w, impl):
+        return jnp.sum(jnp.sin(grouped_fp8_linear(x, w, sizes, impl=impl)))
+
+    grads = {impl: jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(x, w, impl)
+             for impl in ("ffi", "xla")}
+    for got, want, name in zip(grads["ffi"], grads["xla"], ("dx", "dw")):
+        diff = testing.calc_diff(got, want)
+        assert diff < 1e-3, f"{name}: calc_diff {diff:.2e}"
+
+
+def test_bad_attributes_are_errors_not_launches():
+    ops = _quantized(jax.random.key(9), (256,), 2, 128, 256)
+    sizes = jnp.asarray([100, 100], jnp.int32)
+    for cfg in (GemmConfig(96, 64, 8, 1), GemmConfig(64, 64, 0, 1), GemmConfig(64, 64, 8, 3)):
+        with pytest.raises(Exception, match="grouped_fp8_gemm"):
+            jax.block_until_ready(
+                _ffi_call(grouped.GROUPED_TARGET, ops, sizes, (256, 128), jnp.bfloat16, cfg))
+    _check_contiguous(grouped.grouped_fp8_gemm(*ops, sizes, impl="ffi"), ops, sizes)
