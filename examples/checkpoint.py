@@ -6,7 +6,7 @@ possibly mid-save. Phase 2 restores the latest committed step onto data=2 x expe
 optimizer state, the expert-load statistics and the data position, and trains to --steps. On
 a 3FS mount (--dir /3fs/...) the same code moves shard bytes through USRBIO.
 
-    python examples/checkpoint.py                      # ~1-2 min on 2 CPU cores
+    python examples/checkpoint.py                      # ~20 s on 2 CPU cores
     python examples/checkpoint.py --dir /3fs/me/ckpt --steps 40 --every 10 --kill-at 27
 """
 

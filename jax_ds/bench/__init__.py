@@ -21,6 +21,8 @@ SUITES = {  # name -> (module, one-line help)
     "gemm": ("jax_ds.bench.gemm", "dense FP8 GEMM (1x128 / 128x128 scales) vs XLA and cuBLAS"),
     "moe": ("jax_ds.bench.moe", "grouped FP8 GEMMs (contiguous, masked) and MoE routing"),
     "eplb": ("jax_ds.bench.eplb", "EPLB expert placement plan time at DeepSeek-V3 scale"),
+    "checkpoint": ("jax_ds.bench.checkpoint",
+                   "checkpoint save/restore GB/s: ours vs Orbax defaults vs raw disk"),
 }
 
 _PACKAGES = ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda13-pjrt", "jax-cuda12-plugin",
