@@ -8,43 +8,23 @@
 //   so non-finite values poison the GEMM visibly instead of being scaled away.
 // The Python reference (jax_ds/ops/quant.py) computes the same expressions in the same order.
 #include <cuda_bf16.h>
-#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
 #include <string>
 
+#include "common/fp8_quant.cuh"
 #include "common/status.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace jax_ds::gemm {
 namespace {
 
-constexpr int kGroup = 128;
-constexpr float kFp8Max = 448.f;
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-__device__ __forceinline__ float finite_abs(float v) { return isfinite(v) ? fabsf(v) : 0.f; }
-
-// Returns (scale, multiplier applied to x) for a block's amax.
-__device__ __forceinline__ float2 block_scale(float amax, bool ue8m0) {
-  amax = fmaxf(amax, 1e-4f);
-  // amax * (1/448), not amax / 448: PyTorch (DeepGEMM's reference) and XLA both turn a division
-  // by a constant into this multiplication, and the scale must match them bit for bit.
-  const float scaled = amax * (1.f / kFp8Max);
-  if (!ue8m0) return make_float2(scaled, kFp8Max / amax);  // IEEE division (no fast math)
-  int e;
-  const float mant = frexpf(scaled, &e);  // amax/448 = mant * 2^e, mant in [0.5, 1)
-  const int exp2 = mant == 0.5f ? e - 1 : e;       // ceil(log2(.)), exact
-  return make_float2(ldexpf(1.f, exp2), ldexpf(1.f, -exp2));
-}
-
-__device__ __forceinline__ uint8_t to_e4m3(float v, float mul) {
-  if (!isfinite(v)) return 0x7F;  // NaN
-  return static_cast<uint8_t>(__nv_cvt_float_to_fp8(v * mul, __NV_SATFINITE, __NV_E4M3));
-}
+using fp8::block_scale;
+using fp8::finite_abs;
+using fp8::kGroup;
+using fp8::to_e4m3;
+using fp8::to_float;
 
 // (1, 128) blocks: one warp per token group, 4 elements per lane.
 template <typename T>
@@ -53,31 +33,9 @@ __global__ void quantize_rows_kernel(const T* __restrict__ x, uint8_t* __restric
   const int k_groups = (K + kGroup - 1) / kGroup;
   const int64_t group = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   if (group >= M * k_groups) return;
-  const int lane = threadIdx.x % 32;
   const int64_t row = group / k_groups;
-  const int col0 = static_cast<int>(group % k_groups) * kGroup + lane * 4;
-  const T* xr = x + row * K;
-  float v[4];
-  float amax = 0.f;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    v[i] = col0 + i < K ? to_float(xr[col0 + i]) : 0.f;
-    amax = fmaxf(amax, finite_abs(v[i]));
-  }
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-  const float2 s = block_scale(amax, ue8m0);
-  uint8_t* qr = q + row * K;
-  if (col0 + 3 < K && K % 4 == 0) {
-    const uint32_t packed = to_e4m3(v[0], s.y) | (to_e4m3(v[1], s.y) << 8) |
-                            (to_e4m3(v[2], s.y) << 16) | (uint32_t(to_e4m3(v[3], s.y)) << 24);
-    *reinterpret_cast<uint32_t*>(qr + col0) = packed;
-  } else {
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-      if (col0 + i < K) qr[col0 + i] = to_e4m3(v[i], s.y);
-  }
-  if (lane == 0) scales[group] = s.x;
+  fp8::quantize_group_1x128(x + row * K, q + row * K, scales + group, K,
+                            static_cast<int>(group % k_groups), threadIdx.x % 32, ue8m0);
 }
 
 // (128, 128) blocks: one 256-thread CTA per block; amax pass, then cast pass (L1/L2 hits).

@@ -3,13 +3,15 @@
 Rows (DeepSeek-V3 expert shapes; DeepGEMM's published H800 figures where it has them):
   contiguous  G groups x rows each (4x8192, 8x4096, 32x256), (n, k) in (4096, 7168), (7168, 2048)
   masked      G x Mmax with every row valid (1x1024, 2x512, 4x256, 32x64..256)
-  routing     4096 tokens x 7168, top-8 of 256 experts: permute to expert-major order + FP8 cast
+  routing     4096 tokens x 7168, top-8 of 256 experts: permute to expert-major order + FP8 cast,
+              and the weighted combine
 Contestants, timed the same way (device-bound: one call per input set inside one jitted program
 for JAX, one CUDA graph for torch; "kernel" = our kernel time from jax.profiler):
-  ours         grouped_fp8_gemm / masked_grouped_fp8_gemm (impl="ffi"); moe_permute + quantize_fp8
+  ours         grouped_fp8_gemm / masked_grouped_fp8_gemm (impl="ffi"); moe_permute(fp8=True) and
+               moe_unpermute kernels
   xla_ragged   jax.lax.ragged_dot in bf16 on the dequantized operands (masked: a batched dot)
   torch        torch._scaled_grouped_mm, FP8 with row-wise scales (when torch is importable)
-  xla_argsort  routing through argsort + gather, then the FP8 cast (XLA)
+  xla_argsort  routing through argsort + gather, then the FP8 cast (XLA); combine: gather + einsum
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from jax_ds import _ffi
 from jax_ds.bench import _profile, _timing, bar_plot, environment, print_table, write_json
 from jax_ds.ops import quantize_fp8
 from jax_ds.ops.grouped_gemm import (GROUPED_TARGET, grouped_fp8_gemm, masked_grouped_fp8_gemm)
-from jax_ds.ops.moe import moe_permute
+from jax_ds.ops.moe import moe_permute, moe_unpermute
 from jax_ds.testing import calc_diff
 
 NK = ((4096, 7168), (7168, 2048))
@@ -48,6 +50,7 @@ def add_arguments(parser):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sets", type=int, default=3, help="input sets per shape")
     parser.add_argument("--quick", action="store_true", help="one shape per kind")
+    parser.add_argument("--routing-only", action="store_true", help="skip the grouped GEMMs")
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
 
@@ -157,8 +160,7 @@ def _routing_row(key, args, tokens=4096, hidden=7168, experts=256, top_k=8):
 
     @jax.jit
     def ours(x, idx):
-        xs, sizes, perm = moe_permute(x, idx, experts)
-        return quantize_fp8(xs, block=(1, 128)), sizes, perm
+        return moe_permute(x, idx, experts, fp8=True, impl="ffi")
 
     @jax.jit
     def xla_argsort(x, idx):
@@ -168,13 +170,24 @@ def _routing_row(key, args, tokens=4096, hidden=7168, experts=256, top_k=8):
         return quantize_fp8(xs, block=(1, 128), impl="xla"), sizes, order
 
     sets = [(x + i, idx) for i in range(args.sets)]
-    nbytes = tokens * top_k * hidden * (2 + 1) + tokens * hidden * 2
+    # permute: read the tokens once, write K FP8 copies; combine: read K bf16 rows, write one
+    nbytes = tokens * hidden * 2 + tokens * top_k * hidden
     row = {"kind": "routing", "tokens": tokens, "hidden": hidden, "experts": experts,
            "top_k": top_k, "bytes": nbytes, "results": {}}
-    for name, fn in (("ours", ours), ("xla_argsort", xla_argsort)):
+    _, _, perm = moe_permute(x, idx, experts, impl="xla")
+    w = jax.random.uniform(kx, (tokens, top_k))
+    y_sets = [(jnp.tile(x, (top_k, 1)) * (i + 1), perm, w) for i in range(args.sets)]
+    combine_bytes = tokens * top_k * hidden * 2 + tokens * hidden * 2
+    for name, fn, arg_sets, size in (
+            ("permute+fp8 ours", ours, sets, nbytes),
+            ("permute+fp8 xla_argsort", xla_argsort, sets, nbytes),
+            ("combine ours", jax.jit(functools.partial(moe_unpermute, impl="ffi")), y_sets,
+             combine_bytes),
+            ("combine xla", jax.jit(functools.partial(moe_unpermute, impl="xla")), y_sets,
+             combine_bytes)):
         try:
-            s = _time(fn, sets, args)
-            row["results"][name] = {"us": s * 1e6, "gbps": nbytes / s / 1e9}
+            s = _time(fn, arg_sets, args)
+            row["results"][name] = {"us": s * 1e6, "gbps": size / s / 1e9}
         except Exception as e:
             row["results"][name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
     return row
@@ -195,6 +208,8 @@ def run(args):
               for g, r in groups for n, k in NK]
     if args.quick:
         shapes = [s for s in shapes if (s[1], s[2]) in ((4, 8192), (32, 128))]
+    if args.routing_only:
+        shapes = []
     print(f"device: {env['device']}; ours: {ours_na or GROUPED_TARGET}", flush=True)
     rows = []
     for i, (kind, g, r, n, k) in enumerate(shapes):
@@ -226,7 +241,7 @@ def run(args):
                  "XLA = jax.lax.ragged_dot (masked: batched dot) in bf16 on dequantized "
                  "operands; diff = calc_diff(ours, XLA bf16)."])
     routing = _routing_row(jax.random.key(args.seed + 1), args)
-    print_table("Routing: 4096 tokens x 7168, top-8 of 256, permute + FP8 cast (device-bound)",
+    print_table("Routing: 4096 tokens x 7168, top-8 of 256 (device-bound)",
                 ("impl", "us", "GB/s"),
                 [[name, _cell(r, "us"), _cell(r, "gbps")] for name, r in
                  routing["results"].items()])
