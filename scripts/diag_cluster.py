@@ -1,6 +1,5 @@
 """One GEMM per (shape, tile, cluster) for ncu: which grid the launch got and where the time goes."""
-import sys
-import jax, jax.numpy as jnp, numpy as np
+import jax, jax.numpy as jnp
 from jax_ds.ops import gemm, quantize_fp8
 
 CASES = [((4096, 4096, 7168), (128, 128)), ((64, 2112, 7168), (64, 16))]

@@ -1,7 +1,7 @@
 """Times every compiled tile (block_m x block_n, cluster 1 or 2) on the benchmark shapes; prints
 the best per shape next to gemm_config's pick and writes JSON (for tuning gemm_config)."""
 import json, os
-import jax, jax.numpy as jnp, numpy as np
+import jax, jax.numpy as jnp
 from jax_ds.arg_specs import gemm_bench_shapes
 from jax_ds.bench._profile import device_time_jax
 from jax_ds.ops import quantize_fp8

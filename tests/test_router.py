@@ -82,7 +82,7 @@ def test_bias_update_is_sign_of_load_error():
 
 
 def test_balance_loss_is_one_when_balanced():
-    e, k, t = 4, 2, 8
+    e, t = 4, 8  # top-2
     scores = jnp.ones((1, t, e))  # uniform affinities: P_i = 1/E
     idx = jnp.asarray([[[i % e, (i + 1) % e] for i in range(t)]])  # every expert 4 times
     np.testing.assert_allclose(balance_loss(scores, idx, e), 1.0, rtol=1e-6)
