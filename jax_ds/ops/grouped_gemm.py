@@ -35,10 +35,15 @@ MAX_GROUPS = 1024  # the kernels keep per-group tables in shared memory
 
 def grouped_config(rows_per_group: int, g: int, n: int, k: int, num_sms: int):
     """The tile for a grouped GEMM: `gemm_config` of one group (its expected rows) with G times
-    the column blocks, since the groups' tiles share the SMs."""
+    the column blocks, since the groups' tiles share the SMs; then, from the H100 tile sweep of
+    the `bench moe` shapes (benchmarks/results/gemm-grouped-tiles-sweep-h100-2026-11-25.json),
+    128-row tiles from 128 rows per group on (masked 32x128: +17%), and 2-CTA clusters only for
+    groups of >= 2048 rows (c1 is 1-3% faster below)."""
     cfg = gemm_config(max(rows_per_group, 1), n * g, k, num_sms)
+    block_m = 128 if rows_per_group >= 128 else cfg.block_m
     pairs = cdiv(n, cfg.block_n) >= 2  # cluster partners must sit in the same group
-    return type(cfg)(cfg.block_m, cfg.block_n, num_sms, cfg.cluster_n if pairs else 1)
+    cluster_n = 2 if pairs and rows_per_group >= 2048 else 1
+    return type(cfg)(block_m, cfg.block_n, num_sms, cluster_n)
 
 
 def _ffi_grouped(target, a, a_scale, b, b_scale, sizes, out_shape, out_dtype, cfg):
