@@ -1,9 +1,10 @@
 """Greedy generation from a Hugging Face DeepSeek-V2/V3 checkpoint (bf16, or FP8 kept as FP8).
 
-Each step runs plain causal attention over the whole prefix in a fixed-length buffer (one
-compile; positions past the prefix cannot influence it); the paged KV cache and MLA decode come
-later. Text goes through the checkpoint's tokenizer.json when the `tokenizers` package is
-installed, else through bytes (a byte-level vocabulary), or give token ids with --prompt-ids.
+The prompt is prefilled into a paged KV cache in one call, then each step decodes one token
+over the cache (MLA with absorbed weights through `jax_ds.ops.mla_decode`: the kernel on a GPU
+for V2/V3 shapes, its reference elsewhere). Text goes through the checkpoint's tokenizer.json
+when the `tokenizers` package is installed, else through bytes (a byte-level vocabulary), or
+give token ids with --prompt-ids.
 
     python examples/generate.py --checkpoint tests/data/hf_tiny/fp8 --prompt-ids 1,2,3
     python examples/generate.py --checkpoint PATH --prompt "The capital of France is" \\
@@ -44,7 +45,7 @@ from flax import nnx  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn  # noqa: E402
 
-from jax_ds.models import load_hf_checkpoint  # noqa: E402
+from jax_ds.models import kv_cache, load_hf_checkpoint  # noqa: E402
 from jax_ds.parallel.mesh import make_mesh, parse_mesh, shard_batch  # noqa: E402
 
 console = Console()
@@ -93,24 +94,33 @@ def main():
         codec.encode(args.prompt)
     length = len(prompt) + args.max_new_tokens
     rows = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in ("data", "expert")]))
-    buffer = np.zeros((rows, length), np.int32)  # every row the same sequence (batch sharding)
-    buffer[:, :len(prompt)] = prompt
+    blocks_per_seq = -(-length // kv_cache.BLOCK_SIZE)
+    cache = model.init_cache(num_blocks=rows * blocks_per_seq, max_seqs=rows,
+                             max_blocks_per_seq=blocks_per_seq)
+    seqs = jnp.arange(rows, dtype=jnp.int32)  # every row the same sequence (batch sharding)
 
     @nnx.jit
-    def next_token(model, tokens_BL, last):
-        logits_BLV = model(tokens_BL)
-        return jnp.argmax(logits_BLV[0, last], axis=-1)
+    def step(model, tokens_BT, cache):
+        logits_BTV, cache = model.decode(tokens_BT, cache, seqs)
+        return jnp.argmax(logits_BTV[:, -1], axis=-1).astype(jnp.int32), cache
+
+    def batch(ids):
+        tokens = np.tile(np.asarray(ids, np.int32), (rows, 1))
+        return shard_batch(tokens, mesh) if mesh is not None else jnp.asarray(tokens)
 
     generated, start = [], time.perf_counter()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
     with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task("generating (first step compiles)", total=args.max_new_tokens)
-        for pos in range(len(prompt), length):
-            tokens = shard_batch(buffer, mesh) if mesh is not None else jnp.asarray(buffer)
-            token = int(next_token(model, tokens, pos - 1))
-            buffer[:, pos] = token
+        task = progress.add_task("prefill + generating (first steps compile)",
+                                 total=args.max_new_tokens)
+        tokens = batch(prompt)  # prefill: the whole prompt in one decode call
+        for _ in range(args.max_new_tokens):
+            next_B, cache = step(model, tokens, cache)
+            token = int(next_B[0])
             generated.append(token)
+            tokens = batch([token])
             progress.update(task, advance=1, description="generating")
+    kv_cache.check(cache)
     seconds = time.perf_counter() - start
     console.print(f"[bold]prompt[/]: {codec.decode(prompt)!r}  ids {prompt}")
     console.print(f"[bold]generated[/]: {codec.decode(generated)!r}  ids {generated}")

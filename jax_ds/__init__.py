@@ -9,7 +9,8 @@ __version__ = "0.1.0"
 
 from jax_ds import ops
 from jax_ds.ops import (GemmConfig, dequantize_fp8, fp8_gemm, fp8_gemm_reference, fp8_linear,
-                        gemm_config, quantize_fp8, quantize_fp8_reference)
+                        gemm_config, mla_decode, mla_decode_reference, quantize_fp8,
+                        quantize_fp8_reference)
 
 __all__ = [
     "GemmConfig",
@@ -19,6 +20,8 @@ __all__ = [
     "fp8_gemm_reference",
     "fp8_linear",
     "gemm_config",
+    "mla_decode",
+    "mla_decode_reference",
     "ops",
     "quantize_fp8",
     "quantize_fp8_reference",

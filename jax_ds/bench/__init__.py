@@ -20,6 +20,7 @@ import subprocess
 SUITES = {  # name -> (module, one-line help)
     "gemm": ("jax_ds.bench.gemm", "dense FP8 GEMM (1x128 / 128x128 scales) vs XLA and cuBLAS"),
     "moe": ("jax_ds.bench.moe", "grouped FP8 GEMMs (contiguous, masked) and MoE routing"),
+    "mla": ("jax_ds.bench.mla", "MLA decode over a paged KV cache vs the XLA reference"),
     "eplb": ("jax_ds.bench.eplb", "EPLB expert placement plan time at DeepSeek-V3 scale"),
     "checkpoint": ("jax_ds.bench.checkpoint",
                    "checkpoint save/restore GB/s: ours vs Orbax defaults vs raw disk"),

@@ -10,6 +10,13 @@ wants one head dim for q, k and v, while MLA has d_qk = qk_nope + qk_rope (192 i
 v_head_dim (128): V is zero-padded to d_qk and the output sliced back, which is exact because the
 padded columns are sums of zeros (q and k are padded instead where d_v is the wider).
 `attention_reference` is the plain-einsum oracle for that claim.
+
+`MLAttention.decode` is the inference path over a paged cache (`jax_ds.models.kv_cache`) with
+weight absorption (V2 sec. 2.1.4): W_UK is folded into the query (q_nope W_UK: one kv_lora_rank
+latent query per head), every head attends to the cached [c_kv ; k_rope] rows through
+`jax_ds.ops.mla_decode` (keys = the whole row, values = c_kv), and W_UV is applied to the latent
+output. Keys and values are never up-projected; the cache holds kv_lora_rank + qk_rope_dim per
+token and layer (576 in V2/V3).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jax_ds.models import kv_cache
 from jax_ds.models.config import DeepSeekConfig
 from jax_ds.models.layers import (Dense, RMSNorm, apply_rope, attention_scale, rope_amplitude,
                                   rope_inv_freq)
@@ -134,3 +142,70 @@ class MLAttention(nnx.Module):
             [k_nope_BTHN, jnp.broadcast_to(k_rope_BT1R, (b, t, h, self.rope))], axis=-1)
         out_BTHV = attend(q_BTHK, k_BTHK, v_BTHV, self.scale)
         return self.wo(out_BTHV.reshape(b, t, h * self.vdim))
+
+    def absorbed_weights(self):
+        """(W_UK [H, nope, C], W_UV [H, V, C]) in float32: wkv_b split per head (C = kv_lora_rank).
+
+        k_nope = W_UK c_kv and v = W_UV c_kv, so q_nope.k_nope = (W_UK^T q_nope).c_kv and
+        sum_j p_j v_j = W_UV (sum_j p_j c_kv_j).
+        """
+        w = self.wkv_b.kernel[...]
+        if self.wkv_b.kernel_scale is not None:  # FP8 checkpoint: e4m3 + 128x128 block scales
+            from jax_ds.ops import dequantize_fp8
+
+            w = dequantize_fp8(w, self.wkv_b.kernel_scale[...], block=(128, 128))
+        w_HXC = w.astype(jnp.float32).reshape(self.num_heads, self.nope + self.vdim, self.kv_rank)
+        return w_HXC[:, :self.nope], w_HXC[:, self.nope:]
+
+    def decode(self, x_BTD, positions_BT, cache: kv_cache.PagedKVCache, layer: int, seqs_B):
+        """Attention for T new tokens of sequences `seqs_B` over their cached prefix.
+
+        Writes this layer's rows [c_kv ; k_rope] of the new tokens into `cache` (blocks reserved
+        beforehand, lengths committed afterwards: see `Transformer.decode`) and attends, causally
+        among the new tokens, through the absorbed weights.
+
+        Args:
+          x_BTD: [B, T, D] normed hidden states of the new tokens.
+          positions_BT: [B, T] their positions (= the cached lengths + 0..T-1).
+          cache: the model's paged cache; layer: this layer's index in it.
+          seqs_B: [B] int32 cache slots of the sequences.
+
+        Returns:
+          ([B, T, D], cache with the rows written).
+        """
+        b, t, _ = x_BTD.shape
+        h = self.num_heads
+        q = self.wq_b(self.q_norm(self.wq_a(x_BTD))) if self.q_lora else self.wq(x_BTD)
+        q_BTHK = q.reshape(b, t, h, self.nope + self.rope)
+        kv_a = self.wkv_a(x_BTD)
+        c_kv_BTC = self.kv_norm(kv_a[..., :self.kv_rank])
+        inv_freq = rope_inv_freq(self.rope, self.rope_theta, self.yarn)
+        k_rope_BTR = apply_rope(kv_a[..., None, self.kv_rank:], positions_BT, inv_freq,
+                                self.amplitude)[:, :, 0]
+        q_rope_BTHR = apply_rope(q_BTHK[..., self.nope:], positions_BT, inv_freq, self.amplitude)
+        cache = kv_cache.write(cache, layer, seqs_B,
+                               jnp.concatenate([c_kv_BTC, k_rope_BTR], axis=-1))
+
+        w_uk_HNC, w_uv_HVC = self.absorbed_weights()
+        q_lat_BTHC = jnp.einsum("BTHN,HNC->BTHC", q_BTHK[..., :self.nope].astype(jnp.float32),
+                                w_uk_HNC)
+        q_BTHD = jnp.concatenate([q_lat_BTHC, q_rope_BTHR.astype(jnp.float32)], axis=-1)
+        out_BTHC = paged_attention(q_BTHD.astype(cache.kv.dtype), cache.kv[layer],
+                                   cache.block_table[seqs_B], cache.lengths[seqs_B] + t,
+                                   self.scale, self.kv_rank)
+        out_BTHV = jnp.einsum("BTHC,HVC->BTHV", out_BTHC.astype(jnp.float32), w_uv_HVC)
+        return self.wo(out_BTHV.astype(x_BTD.dtype).reshape(b, t, h * self.vdim)), cache
+
+
+def paged_attention(q_BTHD, kv_NPKD, block_table_BM, seqlens_B, scale: float, head_dim_v: int):
+    """`mla_decode` (kernel when available) for V2/V3's 576 = 512 + 64 rows in 64-row blocks;
+    `mla_decode_reference` for other widths (the tiny configs). Returns out [B, T, H, head_dim_v].
+    """
+    from jax_ds.ops import mla as mla_ops
+
+    kernel_shape = (q_BTHD.shape[-1] == mla_ops.HEAD_DIM_QK and head_dim_v == mla_ops.HEAD_DIM_V
+                    and kv_NPKD.shape[1] == mla_ops.BLOCK_SIZE)
+    fn = mla_ops.mla_decode if kernel_shape else mla_ops.mla_decode_reference
+    out, _ = fn(q_BTHD, kv_NPKD, block_table_BM, seqlens_B.astype(jnp.int32),
+                softmax_scale=scale, causal=True, head_dim_v=head_dim_v)
+    return out

@@ -15,6 +15,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from jax_ds.models import kv_cache
 from jax_ds.models.config import DeepSeekConfig
 from jax_ds.models.layers import MLP, Dense, RMSNorm
 from jax_ds.models.mla import MLAttention
@@ -42,6 +43,14 @@ class Block(nnx.Module):
             y_BTD, stats = self.ffn(self.ffn_norm(x_BTD))
             return x_BTD + y_BTD, stats
         return x_BTD + self.ffn(self.ffn_norm(x_BTD)), None
+
+    def decode(self, x_BTD, positions_BT, cache, layer: int, seqs_B):
+        """`__call__` for new tokens over a paged cache (see `MLAttention.decode`) -> (x, cache)."""
+        h_BTD, cache = self.attn.decode(self.attn_norm(x_BTD), positions_BT, cache, layer, seqs_B)
+        x_BTD = x_BTD + h_BTD
+        if self.is_moe:
+            return x_BTD + self.ffn(self.ffn_norm(x_BTD))[0], cache
+        return x_BTD + self.ffn(self.ffn_norm(x_BTD)), cache
 
 
 class MTPModule(nnx.Module):
@@ -129,6 +138,37 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens_BT, positions_BT=None):
         return self.forward(tokens_BT, positions_BT)[0]
+
+    # ------------------------------------------------------------------------- inference
+
+    def init_cache(self, num_blocks: int, max_seqs: int, max_blocks_per_seq: int,
+                   dtype=None) -> kv_cache.PagedKVCache:
+        """An empty paged cache for this model: rows of kv_lora_rank + qk_rope_dim per layer."""
+        cfg = self.cfg
+        return kv_cache.init_cache(cfg.num_layers, num_blocks, max_seqs, max_blocks_per_seq,
+                                   cfg.kv_lora_rank + cfg.qk_rope_dim,
+                                   dtype or cfg.activation_dtype)
+
+    def decode(self, tokens_BT, cache: kv_cache.PagedKVCache, seqs_B):
+        """Runs T new tokens of the sequences in cache slots `seqs_B` [B] after what they hold.
+
+        Prefill (the prompt, T = its length) and each generation step (T = 1, or more for MTP
+        drafts) are the same call: positions continue from cache.lengths, the new tokens attend
+        causally to each other and to the cached prefix (MLA decode with absorbed weights), and
+        their rows are appended. The MTP modules are not run.
+
+        Returns (logits [B, T, V] float32, cache); check `cache.error` (kv_cache.check) outside
+        jit if the pool may run out of blocks.
+        """
+        b, t = tokens_BT.shape
+        seqs_B = jnp.asarray(seqs_B, jnp.int32)
+        positions_BT = cache.lengths[seqs_B][:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+        cache = kv_cache.reserve(cache, seqs_B, t)
+        x_BTD = self._embed(tokens_BT)
+        for layer, block in enumerate(self.blocks):
+            x_BTD, cache = block.decode(x_BTD, positions_BT, cache, layer, seqs_B)
+        cache = kv_cache.commit(cache, seqs_B, t)
+        return self.head(self.norm(x_BTD)).astype(jnp.float32), cache
 
 
 # ----------------------------------------------------------------------------- training

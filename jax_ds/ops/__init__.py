@@ -7,6 +7,7 @@ from jax_ds.ops.gemm import GemmConfig, fp8_gemm, fp8_gemm_reference, fp8_linear
 from jax_ds.ops.grouped_gemm import (grouped_fp8_gemm, grouped_fp8_gemm_reference,
                                      grouped_fp8_linear, masked_grouped_fp8_gemm,
                                      masked_grouped_fp8_gemm_reference)
+from jax_ds.ops.mla import mla_decode, mla_decode_reference
 from jax_ds.ops.moe import moe_dispatch_layout, moe_permute, moe_unpermute
 from jax_ds.ops.quant import dequantize_fp8, quantize_fp8, quantize_fp8_reference
 
@@ -22,6 +23,8 @@ __all__ = [
     "grouped_fp8_linear",
     "masked_grouped_fp8_gemm",
     "masked_grouped_fp8_gemm_reference",
+    "mla_decode",
+    "mla_decode_reference",
     "moe_dispatch_layout",
     "moe_permute",
     "moe_unpermute",

@@ -1,0 +1,209 @@
+"""A paged KV cache for MLA decode, with a block allocator that runs inside `jit`.
+
+MLA caches one row per token and layer: [c_kv (kv_lora_rank) ; k_rope (qk_rope_dim)], post-norm and
+rotated, shared by every head (576 wide in V2/V3). Rows live in fixed 64-row blocks of a pool
+shared by all sequences; each sequence slot has a block table (the block holding rows 64j..64j+63
+is block_table[seq, j]) and a length. All layers use the same block ids, so one allocation serves
+the whole model, and `kv[layer]` is exactly the `kv_cache` argument of `jax_ds.ops.mla_decode`.
+
+Everything is a pure function of a `PagedKVCache` pytree with static shapes. A block's refcount
+counts the tables that hold it (0: free); `fork` shares the full blocks of a prefix by reference
+and copies the partial last block, so appends only ever write into blocks owned by one sequence
+and no copy-on-write is needed. Free blocks are taken lowest id first.
+
+Running out cannot raise inside `jit`; it sets a sticky bit in `cache.error` instead (OUT_OF_BLOCKS:
+the pool is empty; SEQ_TOO_LONG: a sequence needs more than max_blocks_per_seq blocks) and the rows
+that found no block are dropped: a sequence's length never exceeds the rows it has blocks for.
+`check(cache)` raises a RuntimeError naming the flags (outside jit).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+BLOCK_SIZE = 64
+OUT_OF_BLOCKS = 1
+SEQ_TOO_LONG = 2
+_FLAG_NAMES = {OUT_OF_BLOCKS: "out of blocks (the pool is exhausted)",
+               SEQ_TOO_LONG: "a sequence needs more than max_blocks_per_seq blocks"}
+
+
+@struct.dataclass
+class PagedKVCache:
+    kv: jax.Array           # [L, num_blocks, block_size, 1, W] the rows of every layer
+    block_table: jax.Array  # [S, max_blocks_per_seq] int32, -1 where no block is held
+    lengths: jax.Array      # [S] int32 rows written (committed) per sequence slot
+    refcount: jax.Array     # [num_blocks] int32 tables holding each block (0: free)
+    error: jax.Array        # [] int32 sticky OUT_OF_BLOCKS | SEQ_TOO_LONG bits
+
+    @property
+    def block_size(self) -> int:
+        return self.kv.shape[2]
+
+    @property
+    def num_blocks(self) -> int:
+        return self.kv.shape[1]
+
+
+def init_cache(num_layers: int, num_blocks: int, max_seqs: int, max_blocks_per_seq: int,
+               width: int, dtype=jnp.bfloat16, block_size: int = BLOCK_SIZE) -> PagedKVCache:
+    """An empty cache: every block free, every sequence slot empty (length 0, no blocks)."""
+    for name, v in (("num_layers", num_layers), ("num_blocks", num_blocks),
+                    ("max_seqs", max_seqs), ("max_blocks_per_seq", max_blocks_per_seq),
+                    ("width", width), ("block_size", block_size)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"init_cache: {name} must be a positive int, got {v!r}")
+    return PagedKVCache(
+        kv=jnp.zeros((num_layers, num_blocks, block_size, 1, width), dtype),
+        block_table=jnp.full((max_seqs, max_blocks_per_seq), -1, jnp.int32),
+        lengths=jnp.zeros((max_seqs,), jnp.int32),
+        refcount=jnp.zeros((num_blocks,), jnp.int32),
+        error=jnp.zeros((), jnp.int32))
+
+
+def check(cache: PagedKVCache) -> PagedKVCache:
+    """Raises RuntimeError if an allocation failed (call outside jit); returns the cache."""
+    flags = int(cache.error)
+    if flags:
+        names = [text for bit, text in _FLAG_NAMES.items() if flags & bit]
+        raise RuntimeError(f"PagedKVCache: {'; '.join(names)} (error bits {flags}); rows that "
+                           f"found no block were dropped")
+    return cache
+
+
+def num_free_blocks(cache: PagedKVCache) -> jax.Array:
+    return jnp.sum(cache.refcount == 0).astype(jnp.int32)
+
+
+def _held(cache, seq):
+    return jnp.sum(cache.block_table[seq] >= 0).astype(jnp.int32)
+
+
+def _grow_one(cache: PagedKVCache, seq, rows) -> PagedKVCache:
+    """Takes free blocks until slot `seq` holds blocks for `rows` rows (flags what it cannot)."""
+    max_blocks = cache.block_table.shape[1]
+    need = (rows + cache.block_size - 1) // cache.block_size
+    error = cache.error | jnp.where(need > max_blocks, SEQ_TOO_LONG, 0)
+    need = jnp.minimum(need, max_blocks)
+
+    def cond(state):
+        c, _ = state
+        return (_held(c, seq) < need) & (jnp.min(c.refcount) == 0)
+
+    def body(state):
+        c, _ = state
+        block = jnp.argmin(c.refcount).astype(jnp.int32)  # lowest free id (refcount 0 is min)
+        c = c.replace(block_table=c.block_table.at[seq, _held(c, seq)].set(block),
+                      refcount=c.refcount.at[block].set(1))
+        return c, 0
+
+    cache, _ = jax.lax.while_loop(cond, body, (cache.replace(error=error), 0))
+    short = _held(cache, seq) < need
+    return cache.replace(error=cache.error | jnp.where(short, OUT_OF_BLOCKS, 0))
+
+
+def reserve(cache: PagedKVCache, seqs, num_new: int) -> PagedKVCache:
+    """Ensures each slot in `seqs` [B] holds blocks for lengths + num_new rows (a decode step)."""
+    seqs = jnp.atleast_1d(jnp.asarray(seqs, jnp.int32))
+
+    def body(i, c):
+        return _grow_one(c, seqs[i], c.lengths[seqs[i]] + num_new)
+
+    return jax.lax.fori_loop(0, seqs.shape[0], body, cache)
+
+
+def _slots(cache: PagedKVCache, seqs, num_new: int):
+    """(block [B, T], row [B, T]) where the next num_new rows of each sequence go; block is
+    num_blocks (out of range: writes dropped) where no block was reserved."""
+    pos_BT = cache.lengths[seqs][:, None] + jnp.arange(num_new, dtype=jnp.int32)[None, :]
+    col_BT = pos_BT // cache.block_size
+    max_blocks = cache.block_table.shape[1]
+    block_BT = jnp.take_along_axis(cache.block_table[seqs], jnp.minimum(col_BT, max_blocks - 1),
+                                   axis=1)
+    block_BT = jnp.where((col_BT < max_blocks) & (block_BT >= 0), block_BT, cache.num_blocks)
+    return block_BT, pos_BT % cache.block_size
+
+
+def write(cache: PagedKVCache, layer: int, seqs, rows_BTW) -> PagedKVCache:
+    """Writes rows [B, T, W] of `layer` after each sequence's committed length (reserve first).
+
+    Does not move the lengths (every layer writes the same positions; `commit` once per step).
+    """
+    seqs = jnp.atleast_1d(jnp.asarray(seqs, jnp.int32))
+    block_BT, row_BT = _slots(cache, seqs, rows_BTW.shape[1])
+    kv = cache.kv.at[layer, block_BT, row_BT, 0].set(rows_BTW.astype(cache.kv.dtype),
+                                                    mode="drop")
+    return cache.replace(kv=kv)
+
+
+def commit(cache: PagedKVCache, seqs, num_new: int) -> PagedKVCache:
+    """lengths[seqs] += num_new, capped at the rows their blocks hold (failed reservations)."""
+    seqs = jnp.atleast_1d(jnp.asarray(seqs, jnp.int32))
+    capacity = jax.vmap(lambda s: _held(cache, s))(seqs) * cache.block_size
+    new = jnp.minimum(cache.lengths[seqs] + num_new, capacity)
+    return cache.replace(lengths=cache.lengths.at[seqs].set(new))
+
+
+def append(cache: PagedKVCache, seq, rows_LTW) -> PagedKVCache:
+    """Appends T rows of every layer ([L, T, W]) to slot `seq`: reserve + write + commit."""
+    t = rows_LTW.shape[1]
+    cache = reserve(cache, seq, t)
+    for layer in range(rows_LTW.shape[0]):
+        cache = write(cache, layer, seq, rows_LTW[layer][None])
+    return commit(cache, seq, t)
+
+
+def free(cache: PagedKVCache, seq) -> PagedKVCache:
+    """Releases slot `seq`: drops one reference to each of its blocks; length 0, no blocks."""
+    table = cache.block_table[seq]
+    held = table >= 0
+    refcount = cache.refcount.at[jnp.where(held, table, cache.num_blocks)].add(-1, mode="drop")
+    return cache.replace(refcount=refcount, block_table=cache.block_table.at[seq].set(-1),
+                         lengths=cache.lengths.at[seq].set(0))
+
+
+def allocate(cache: PagedKVCache, seq) -> PagedKVCache:
+    """Starts a new sequence in slot `seq` (releasing whatever it held); blocks come on append."""
+    return free(cache, seq)
+
+
+def fork(cache: PagedKVCache, src, dst) -> PagedKVCache:
+    """Slot `dst` becomes a copy of `src` (a shared prompt prefix, beam search, MTP drafts).
+
+    Full blocks are shared by reference (refcount + 1); the partial last block, which either
+    sequence's next append would write into, is copied to a fresh block for `dst`.
+    """
+    cache = free(cache, dst)
+    length = cache.lengths[src]
+    full = length // cache.block_size
+    cols = jnp.arange(cache.block_table.shape[1])
+    src_table = cache.block_table[src]
+    shared = (cols < full) & (src_table >= 0)
+    refcount = cache.refcount.at[jnp.where(shared, src_table, cache.num_blocks)].add(
+        1, mode="drop")
+    cache = cache.replace(block_table=cache.block_table.at[dst].set(jnp.where(shared, src_table,
+                                                                              -1)),
+                          refcount=refcount, lengths=cache.lengths.at[dst].set(full *
+                                                                               cache.block_size))
+    partial = length % cache.block_size
+
+    def copy_partial(c):
+        c = _grow_one(c, dst, length)
+        dst_block = c.block_table[dst, full]
+        ok = dst_block >= 0
+        src_block = src_table[full]
+        kv = c.kv.at[:, jnp.where(ok, dst_block, c.num_blocks)].set(c.kv[:, src_block],
+                                                                   mode="drop")
+        return c.replace(kv=kv, lengths=c.lengths.at[dst].set(jnp.where(ok, length,
+                                                                        c.lengths[dst])))
+
+    return jax.lax.cond(partial > 0, copy_partial, lambda c: c, cache)
+
+
+def gather(cache: PagedKVCache, layer: int, seq):
+    """The rows of slot `seq` in `layer` read through its block table: [max_blocks * bs, W]
+    (rows at or past lengths[seq] are unspecified). For tests and debugging."""
+    table = jnp.clip(cache.block_table[seq], 0, cache.num_blocks - 1)
+    return cache.kv[layer, table, :, 0].reshape(-1, cache.kv.shape[-1])

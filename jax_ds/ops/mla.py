@@ -1,0 +1,227 @@
+"""MLA decode over a paged KV cache (FlashMLA semantics), and its pure-JAX reference.
+
+With weight absorption (DeepSeek-V2 sec. 2.1.4) every query head attends to one shared cached row
+per token: [c_kv (512 latent) ; k_rope (64)] = 576 columns. Keys are the whole row, values its
+first head_dim_v = 512 columns, so one head dim d_qk = 576 and one KV head serve all Hq query
+heads. The cache is paged: kv_cache [num_blocks, 64, 1, 576] holds 64-row blocks, and row t of
+sequence b lives at kv_cache[block_table[b, t // 64], t % 64].
+
+Conventions (the reference and the kernel share them; the tests pin them):
+  softmax_scale  None means 1/sqrt(d_qk) = 1/sqrt(576), FlashMLA's default. A model passes its own
+                 scale (DeepSeek: 1/sqrt(qk_nope + qk_rope) = 1/sqrt(192), times YaRN's mscale^2),
+                 since the absorbed head dim is not the model's.
+  lse            natural log of the softmax denominator of the scaled scores,
+                 lse = log(sum_j exp(scale * q.k_j)), laid out [B, Hq, Sq] in float32.
+  causal, Sq > 1 query i (0-based) of Sq (MTP drafts) sees keys < seqlen - (Sq - 1 - i);
+                 causal=False: every query sees keys < seqlen.
+  empty rows     a query that sees no key (seqlen 0, or causal with seqlen <= Sq - 1 - i) gets
+                 out = 0 and lse = -inf.
+  unused rows    cache rows at or past a sequence's length are never read into the result (they
+                 may hold anything, NaN included).
+  clamping       (traced values cannot be checked in Python) block_table entries are clamped into
+                 [0, num_blocks - 1]; cache_seqlens into [0, max_blocks * 64]. Concrete (non-traced)
+                 cache_seqlens above max_blocks * 64 or below 0 are rejected with a ValueError.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_ds import _ffi
+from jax_ds.ops._checks import cdiv, check_dtype, check_ndim, check_shape
+
+TARGET = "jax_ds_mla_decode"
+_ffi.declare_op("mla_decode", TARGET)
+
+BLOCK_SIZE = 64  # rows per cache block (FlashMLA's page size)
+HEAD_DIM_QK = 576  # kv_lora_rank 512 + qk_rope_dim 64
+HEAD_DIM_V = 512  # V = the latent part of each cached row
+KERNEL_HEADS = (16, 128)  # Hq range the kernel takes (inclusive); the reference takes any Hq
+KERNEL_DTYPES = (jnp.bfloat16,)
+REFERENCE_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+# The reference gathers this many cache bytes (as float32) per scan step at most.
+_CHUNK_BYTES = 32 << 20
+
+
+def _check_common(op, q, kv_cache, block_table, cache_seqlens, softmax_scale, head_dim_v):
+    """Shapes, dtypes and static ranges any MLA decode needs; returns (B, Sq, Hq, D, page)."""
+    check_ndim(op, "q", q, 4, "[B, Sq, Hq, d_qk]")
+    check_ndim(op, "kv_cache", kv_cache, 4, "[num_blocks, block_size, 1, d_qk]")
+    check_ndim(op, "block_table", block_table, 2, "[B, max_blocks]")
+    check_ndim(op, "cache_seqlens", cache_seqlens, 1, "[B]")
+    check_dtype(op, "q", q, REFERENCE_DTYPES)
+    check_dtype(op, "kv_cache", kv_cache, REFERENCE_DTYPES)
+    check_dtype(op, "block_table", block_table, (jnp.int32,))
+    check_dtype(op, "cache_seqlens", cache_seqlens, (jnp.int32,))
+    if np.dtype(q.dtype) != np.dtype(kv_cache.dtype):
+        raise TypeError(f"{op}: q and kv_cache must share a dtype, got {np.dtype(q.dtype).name} "
+                        f"and {np.dtype(kv_cache.dtype).name}")
+    b, sq, hq, d = q.shape
+    n, page, hkv, dk = kv_cache.shape
+    if b < 1 or sq < 1 or hq < 1:
+        raise ValueError(f"{op}: q has shape {tuple(q.shape)}, expected [B, Sq, Hq, d_qk] with "
+                         f"B, Sq, Hq >= 1")
+    if n < 1 or page < 1:
+        raise ValueError(f"{op}: kv_cache has shape {tuple(kv_cache.shape)}, expected at least "
+                         f"one block of at least one row")
+    check_shape(op, "kv_cache", kv_cache, (n, page, 1, d), "[num_blocks, block_size, 1, d_qk] "
+                "(one shared KV head, d_qk from q)")
+    if block_table.shape[0] != b or block_table.shape[1] < 1:
+        raise ValueError(f"{op}: block_table has shape {tuple(block_table.shape)}, expected "
+                         f"({b}, max_blocks >= 1) = [B, max_blocks] (B from q)")
+    check_shape(op, "cache_seqlens", cache_seqlens, (b,), "[B] (B from q)")
+    if not isinstance(head_dim_v, (int, np.integer)) or not 1 <= head_dim_v <= d:
+        raise ValueError(f"{op}: head_dim_v must be an int in [1, d_qk = {d}], got {head_dim_v!r}")
+    if softmax_scale is not None and not float(softmax_scale) > 0:
+        raise ValueError(f"{op}: softmax_scale must be > 0 (or None for 1/sqrt(d_qk)), got "
+                         f"{softmax_scale!r}")
+    if not isinstance(cache_seqlens, jax.core.Tracer):
+        lens = np.asarray(cache_seqlens)
+        cap = block_table.shape[1] * page
+        if lens.size and (lens.max() > cap or lens.min() < 0):
+            raise ValueError(f"{op}: cache_seqlens must lie in [0, max_blocks * block_size = "
+                             f"{block_table.shape[1]} * {page} = {cap}], got min {lens.min()}, "
+                             f"max {lens.max()}")
+    return b, sq, hq, d, page
+
+
+def mla_decode_reference(q, kv_cache, block_table, cache_seqlens, *, softmax_scale=None,
+                         causal=True, head_dim_v=HEAD_DIM_V):
+    """Paged MLA decode in float32 math with an online softmax; the CPU path and the oracle.
+
+    Any d_qk, head_dim_v <= d_qk, block size and Hq (the model's tiny configs use it directly);
+    `mla_decode` pins the kernel's 576 / 512 / 64. The cache is read a chunk of blocks per step
+    (a [B, chunk * block_size, d_qk] gather, never the whole [B, max_blocks * block_size, d_qk]),
+    and only up to the longest sequence. Equivalent to the following JAX code:
+
+      rows = kv_cache[clip(block_table, 0, N - 1)].reshape(B, max_blocks * bs, d).astype(f32)
+      s = scale * einsum("BQHD,BSD->BQHS", q.astype(f32), rows)
+      limit[b, i] = clip(seqlens[b], 0, max_blocks * bs) - (Sq - 1 - i if causal else 0)
+      s = where(arange(S) < limit[:, :, None, None], s, -inf)
+      lse = logsumexp(s, -1)                         # -inf where no key is seen
+      out = where(lse > -inf, einsum("BQHS,BSV->BQHV", exp(s - lse), rows[..., :dv]), 0)
+      return out.astype(q.dtype), lse.transpose(0, 2, 1)
+
+    Args/returns as `mla_decode` (out in q's dtype; lse float32 [B, Hq, Sq]).
+    """
+    _check_common("mla_decode_reference", q, kv_cache, block_table, cache_seqlens,
+                  softmax_scale, head_dim_v)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    return _reference(q, kv_cache, block_table, cache_seqlens, np.float32(scale), bool(causal),
+                      int(head_dim_v), _chunk_blocks(q, kv_cache, block_table))
+
+
+def _chunk_blocks(q, kv_cache, block_table) -> int:
+    """Blocks per reference step: as many as fit _CHUNK_BYTES of float32 rows for the batch."""
+    b, page, d, max_blocks = q.shape[0], kv_cache.shape[1], kv_cache.shape[3], block_table.shape[1]
+    return int(max(1, min(max_blocks, _CHUNK_BYTES // (b * page * d * 4))))
+
+
+@functools.partial(jax.jit, static_argnums=(5, 6, 7))
+def _reference(q, kv_cache, block_table, cache_seqlens, scale, causal, dv, chunk):
+    b, sq, hq, d = q.shape
+    n, page = kv_cache.shape[:2]
+    max_blocks = block_table.shape[1]
+    steps = cdiv(max_blocks, chunk)
+    table = jnp.clip(block_table, 0, n - 1)
+    table = jnp.pad(table, ((0, 0), (0, steps * chunk - max_blocks)))  # masked: past every limit
+    lens_B = jnp.clip(cache_seqlens, 0, max_blocks * page)
+    # Query i sees keys < limit[b, i].
+    shift_Q = (sq - 1 - jnp.arange(sq)) if causal else jnp.zeros(sq, jnp.int32)
+    limit_BQ = lens_B[:, None] - shift_Q[None, :]
+    q32 = q.astype(jnp.float32) * scale  # scores come out scaled: lse is in their units
+    width = chunk * page
+
+    def step(c, carry):
+        m_BQH, l_BQH, acc_BQHV = carry
+        blocks_BC = jax.lax.dynamic_slice_in_dim(table, c * chunk, chunk, axis=1)
+        pos_S = c * width + jnp.arange(width)
+        rows_BSD = kv_cache[blocks_BC].reshape(b, width, d).astype(jnp.float32)
+        # Rows past a sequence's end may hold anything (NaN in unused cache memory): zero them,
+        # or 0 * NaN would reach the output through a masked probability.
+        rows_BSD = jnp.where((pos_S[None, :] < lens_B[:, None])[..., None], rows_BSD, 0.0)
+        s_BQHS = jnp.einsum("BQHD,BSD->BQHS", q32, rows_BSD,
+                            precision=jax.lax.Precision.HIGHEST)
+        seen_BQ1S = (pos_S[None, None, :] < limit_BQ[:, :, None])[:, :, None, :]
+        s_BQHS = jnp.where(seen_BQ1S, s_BQHS, -jnp.inf)
+        m_new = jnp.maximum(m_BQH, s_BQHS.max(-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # no key yet: keep exp() at 0, no NaN
+        p_BQHS = jnp.exp(s_BQHS - m_safe[..., None])
+        alpha = jnp.exp(m_BQH - m_safe)
+        l_BQH = l_BQH * alpha + p_BQHS.sum(-1)
+        acc_BQHV = acc_BQHV * alpha[..., None] + jnp.einsum(
+            "BQHS,BSV->BQHV", p_BQHS, rows_BSD[..., :dv], precision=jax.lax.Precision.HIGHEST)
+        return m_new, l_BQH, acc_BQHV
+
+    init = (jnp.full((b, sq, hq), -jnp.inf, jnp.float32), jnp.zeros((b, sq, hq), jnp.float32),
+            jnp.zeros((b, sq, hq, dv), jnp.float32))
+    # Stop after the chunk holding the longest sequence's last row (a traced bound: a while loop).
+    needed = (jnp.max(lens_B) + width - 1) // width
+    m_BQH, l_BQH, acc_BQHV = jax.lax.fori_loop(0, needed, step, init)
+    seen = l_BQH > 0
+    out = jnp.where(seen[..., None], acc_BQHV / jnp.where(seen, l_BQH, 1.0)[..., None], 0.0)
+    lse_BQH = jnp.where(seen, m_BQH + jnp.log(jnp.where(seen, l_BQH, 1.0)), -jnp.inf)
+    return out.astype(q.dtype), lse_BQH.transpose(0, 2, 1)
+
+
+def mla_decode(q, kv_cache, block_table, cache_seqlens, *, softmax_scale=None, causal=True,
+               head_dim_v=HEAD_DIM_V, impl="auto"):
+    """Multi-head latent attention decode over a paged cache (FlashMLA's flash_mla_with_kvcache).
+
+    Args:
+      q: [B, Sq, Hq, 576] bfloat16 (float32 / float16 take the reference: "auto" says so once,
+        "ffi" raises). Sq >= 1 (Sq > 1: MTP draft tokens); the kernel takes Hq in [16, 128].
+      kv_cache: [num_blocks, 64, 1, 576], q's dtype: 64-row blocks of [c_kv (512); k_rope (64)].
+      block_table: int32 [B, max_blocks]: block_table[b, j] holds rows 64j..64j+63 of sequence b
+        (entries outside [0, num_blocks) are clamped).
+      cache_seqlens: int32 [B]: cached rows per sequence, in [0, max_blocks * 64] (clamped when
+        traced, checked when concrete).
+      softmax_scale: > 0; None means 1/sqrt(576).
+      causal: with Sq > 1, query i sees keys < seqlen - (Sq - 1 - i); else all keys < seqlen.
+      head_dim_v: 512 (V = the first 512 columns of each cached row).
+      impl: "auto", "ffi" or "xla".
+
+    Returns:
+      (out [B, Sq, Hq, 512] in q's dtype, lse float32 [B, Hq, Sq]); rows that see no key are
+      out = 0, lse = -inf.
+    """
+    op = "mla_decode"
+    check_ndim(op, "q", q, 4, "[B, Sq, Hq, d_qk]")
+    if q.shape[-1] != HEAD_DIM_QK:
+        raise ValueError(f"{op}: q has shape {tuple(q.shape)}, expected last dim d_qk = "
+                         f"{HEAD_DIM_QK} (512 latent + 64 rope); use mla_decode_reference for "
+                         f"other head dims")
+    check_ndim(op, "kv_cache", kv_cache, 4, "[num_blocks, block_size, 1, d_qk]")
+    if kv_cache.shape[1] != BLOCK_SIZE:
+        raise ValueError(f"{op}: kv_cache has shape {tuple(kv_cache.shape)}, expected block size "
+                         f"{BLOCK_SIZE} in dim 1 = [num_blocks, {BLOCK_SIZE}, 1, {HEAD_DIM_QK}]")
+    b, sq, hq, d, page = _check_common(op, q, kv_cache, block_table, cache_seqlens,
+                                       softmax_scale, head_dim_v)
+    if head_dim_v != HEAD_DIM_V:
+        raise ValueError(f"{op}: head_dim_v must be {HEAD_DIM_V} (the latent width), got "
+                         f"{head_dim_v!r}")
+    scale = d ** -0.5 if softmax_scale is None else float(softmax_scale)
+    path = _ffi.resolve_impl(op, TARGET, impl)
+    if path == "ffi":
+        why = None
+        if np.dtype(q.dtype) not in [np.dtype(t) for t in KERNEL_DTYPES]:
+            why = f"the kernel takes bfloat16, got {np.dtype(q.dtype).name}"
+        elif not KERNEL_HEADS[0] <= hq <= KERNEL_HEADS[1]:
+            why = f"the kernel takes Hq in [{KERNEL_HEADS[0]}, {KERNEL_HEADS[1]}], got {hq}"
+        if why is not None:
+            if impl == "ffi":
+                raise ValueError(f'{op}(impl="ffi"): {why}')
+            _ffi._log_once(op, "reference", why)
+            path = "xla"
+    if path == "xla":
+        return _reference(q, kv_cache, block_table, cache_seqlens, np.float32(scale),
+                          bool(causal), HEAD_DIM_V, _chunk_blocks(q, kv_cache, block_table))
+    call = jax.ffi.ffi_call(TARGET, (jax.ShapeDtypeStruct((b, sq, hq, HEAD_DIM_V), q.dtype),
+                                     jax.ShapeDtypeStruct((b, hq, sq), jnp.float32)),
+                            vmap_method="sequential")
+    return call(q, kv_cache, block_table, cache_seqlens, softmax_scale=np.float32(scale),
+                causal=np.bool_(causal))

@@ -1,0 +1,114 @@
+"""The paged MLA cache and its allocator: invariants under random allocate/append/fork/free.
+
+After every operation: each block's refcount equals the number of tables holding it (no block is
+owned twice except shared full blocks after a fork), free blocks are exactly those with refcount
+0, a sequence holds ceil(length / 64) blocks, and its rows read back through the block table equal
+what was appended (a numpy shadow of every sequence).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_ds.models import kv_cache as kvc
+
+L, W, BS = 2, 8, 64
+_append = jax.jit(kvc.append)
+_fork = jax.jit(kvc.fork)
+_free = jax.jit(kvc.free)
+
+
+def invariants(cache, shadow):
+    table = np.asarray(cache.block_table)
+    refcount = np.asarray(cache.refcount)
+    lengths = np.asarray(cache.lengths)
+    counts = np.bincount(table[table >= 0], minlength=cache.num_blocks)
+    np.testing.assert_array_equal(refcount, counts)  # refcount = tables holding the block
+    for seq in range(table.shape[0]):
+        held = table[seq][table[seq] >= 0]
+        assert len(set(held.tolist())) == len(held), "a table holds one block twice"
+        assert (table[seq, :len(held)] >= 0).all(), "holes in a block table"
+        rows = shadow.get(seq, np.zeros((L, 0, W), np.float32))
+        assert lengths[seq] == rows.shape[1]
+        assert len(held) == -(-lengths[seq] // BS)
+        for layer in range(L):
+            got = np.asarray(kvc.gather(cache, layer, seq))[:lengths[seq]]
+            np.testing.assert_array_equal(got, rows[layer])
+    # A block written by appends belongs to one sequence unless it is a full shared block.
+    for block in np.flatnonzero(refcount > 1):
+        for seq in range(table.shape[0]):
+            cols = np.flatnonzero(table[seq] == block)
+            assert all((c + 1) * BS <= lengths[seq] for c in cols), "shared partial block"
+
+
+def test_random_operations_keep_invariants():
+    rng = np.random.default_rng(0)
+    cache = kvc.init_cache(L, num_blocks=24, max_seqs=4, max_blocks_per_seq=6, width=W,
+                           dtype=jnp.float32)
+    shadow = {}
+    for _ in range(40):
+        op = rng.choice(["append", "append", "append", "fork", "free"])
+        seq = int(rng.integers(4))
+        if op == "append":
+            t = int(rng.choice([1, 5, 63, 64, 65]))
+            if shadow.get(seq, np.zeros((L, 0, W))).shape[1] + t > 6 * BS:
+                continue
+            if int(kvc.num_free_blocks(cache)) < -(-t // BS) + 1:
+                continue
+            rows = rng.standard_normal((L, t, W)).astype(np.float32)
+            cache = kvc.check(_append(cache, seq, jnp.asarray(rows)))
+            shadow[seq] = np.concatenate([shadow.get(seq, np.zeros((L, 0, W), np.float32)),
+                                          rows], axis=1)
+        elif op == "fork":
+            dst = int((seq + 1 + rng.integers(3)) % 4)
+            if int(kvc.num_free_blocks(cache)) < 1:
+                continue
+            cache = kvc.check(_fork(cache, seq, dst))
+            shadow[dst] = shadow.get(seq, np.zeros((L, 0, W), np.float32)).copy()
+        else:
+            cache = _free(cache, seq)
+            shadow.pop(seq, None)
+        invariants(cache, shadow)
+
+
+def test_fork_shares_full_blocks_and_copies_the_partial_one():
+    cache = kvc.init_cache(L, num_blocks=8, max_seqs=3, max_blocks_per_seq=4, width=W,
+                           dtype=jnp.float32)
+    prefix = np.arange(L * 130 * W, dtype=np.float32).reshape(L, 130, W)
+    cache = kvc.append(cache, 0, jnp.asarray(prefix))  # 2 full blocks + 2 rows
+    cache = kvc.fork(cache, 0, 1)
+    table = np.asarray(cache.block_table)
+    assert list(table[1, :2]) == list(table[0, :2]) and table[1, 2] != table[0, 2]
+    assert list(np.asarray(cache.refcount)[table[0, :3]]) == [2, 2, 1]
+    # Appends after the fork diverge without touching each other's rows.
+    a, b = np.full((L, 1, W), 7.0, np.float32), np.full((L, 1, W), -7.0, np.float32)
+    cache = kvc.append(kvc.append(cache, 0, jnp.asarray(a)), 1, jnp.asarray(b))
+    invariants(cache, {0: np.concatenate([prefix, a], 1), 1: np.concatenate([prefix, b], 1)})
+    # Freeing the source keeps the shared blocks alive for the fork; freeing both returns all.
+    cache = kvc.free(cache, 0)
+    invariants(cache, {1: np.concatenate([prefix, b], 1)})
+    cache = kvc.free(cache, 1)
+    assert int(kvc.num_free_blocks(cache)) == 8
+    # Freed blocks are reusable: the whole pool again.
+    full = np.ones((L, 4 * BS, W), np.float32)
+    cache = kvc.check(kvc.append(kvc.append(cache, 0, jnp.asarray(full)), 2, jnp.asarray(full)))
+    assert int(kvc.num_free_blocks(cache)) == 0
+
+
+def test_out_of_blocks_and_too_long_are_flagged():
+    cache = kvc.init_cache(1, num_blocks=2, max_seqs=2, max_blocks_per_seq=3, width=W,
+                           dtype=jnp.float32)
+    cache = kvc.append(cache, 0, jnp.ones((1, 100, W)))
+    cache = jax.jit(kvc.append)(cache, 1, jnp.ones((1, 10, W)))  # both blocks are seq 0's
+    assert int(cache.error) == kvc.OUT_OF_BLOCKS
+    assert int(cache.lengths[1]) == 0 and int(cache.lengths[0]) == 100  # capped at its blocks
+    with pytest.raises(RuntimeError, match="out of blocks"):
+        kvc.check(cache)
+    cache = kvc.init_cache(1, num_blocks=8, max_seqs=1, max_blocks_per_seq=2, width=W)
+    cache = kvc.append(cache, 0, jnp.ones((1, 129, W)))
+    assert int(cache.error) == kvc.SEQ_TOO_LONG and int(cache.lengths[0]) == 128
+    with pytest.raises(RuntimeError, match="max_blocks_per_seq"):
+        kvc.check(cache)
+    with pytest.raises(ValueError, match="num_blocks must be a positive int"):
+        kvc.init_cache(1, 0, 1, 1, W)

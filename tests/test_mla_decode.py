@@ -1,0 +1,233 @@
+"""MLA decode over a paged cache: the reference against a float64 numpy oracle, and the contract.
+
+Random paged layouts (shuffled block tables, lengths 0, 1, 63, 64, 65 and longer), Sq in 1..2 with
+and without causal masking, Hq 16 and an odd small Hq; jit with traced block tables and lengths;
+every validation error; the lse and empty-row conventions; clamping of traced values.
+"""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_ds import _ffi
+from jax_ds.ops import mla_decode, mla_decode_reference
+from jax_ds.ops import mla as mla_mod
+from jax_ds.testing import calc_diff, tolerance
+
+D, DV, PAGE = 576, 512, 64
+LENGTHS = (0, 1, 63, 64, 65, 200, 256)  # 256 = max_blocks * 64: a full table
+
+
+def numpy_mla(q, kv, table, lens, scale, causal, dv=DV):
+    """Straightforward float64 attention over each sequence's gathered rows."""
+    q, kv = np.asarray(q, np.float64), np.asarray(kv, np.float64)
+    table, lens = np.asarray(table), np.asarray(lens)
+    b, sq, hq, d = q.shape
+    n, page = kv.shape[:2]
+    out = np.zeros((b, sq, hq, dv))
+    lse = np.full((b, hq, sq), -np.inf)
+    for i in range(b):
+        length = int(np.clip(lens[i], 0, table.shape[1] * page))
+        rows = kv[np.clip(table[i], 0, n - 1)].reshape(-1, d)[:length]  # [S, d]
+        for t in range(sq):
+            seen = length - (sq - 1 - t) if causal else length
+            if seen <= 0:
+                continue
+            s = scale * q[i, t] @ rows[:seen].T  # [Hq, S]
+            m = s.max(-1, keepdims=True)
+            p = np.exp(s - m)
+            out[i, t] = (p / p.sum(-1, keepdims=True)) @ rows[:seen, :dv]
+            lse[i, :, t] = m[:, 0] + np.log(p.sum(-1))
+    return out, lse
+
+
+def paged_inputs(seed, lens, hq, sq, dtype=jnp.bfloat16, max_blocks=4, d=D, page=PAGE):
+    """q, kv_cache, a shuffled block table (spare entries out of range) and the lengths."""
+    rng = np.random.default_rng(seed)
+    b = len(lens)
+    num_blocks = b * max_blocks + 3
+    perm = rng.permutation(num_blocks)
+    table = np.full((b, max_blocks), -7, np.int32)  # entries past a sequence's end are never read
+    for i, length in enumerate(lens):
+        used = -(-length // page)
+        table[i, :used] = perm[i * max_blocks:i * max_blocks + used]
+    q = jnp.asarray(rng.standard_normal((b, sq, hq, d)), dtype)
+    kv = jnp.asarray(rng.standard_normal((num_blocks, page, 1, d)), dtype)
+    return q, kv, jnp.asarray(table), jnp.asarray(np.asarray(lens, np.int32))
+
+
+def check_close(out, lse, ref_out, ref_lse, dtype):
+    out, lse = np.asarray(out, np.float64), np.asarray(lse)
+    assert np.array_equal(np.isinf(lse), np.isinf(ref_lse)), "-inf positions of lse differ"
+    np.testing.assert_allclose(lse, ref_lse, atol=1e-4, rtol=1e-5)
+    assert calc_diff(out, ref_out) < tolerance(dtype)
+    bound = 1e-2 if dtype == jnp.bfloat16 else 1e-5  # bf16 rounding of values around 1
+    np.testing.assert_allclose(out, ref_out, atol=bound, rtol=bound)
+
+
+@pytest.mark.parametrize("hq", [16, 3])
+@pytest.mark.parametrize("sq", [1, 2])
+@pytest.mark.parametrize("causal", [True, False])
+def test_matches_numpy(hq, sq, causal):
+    q, kv, table, lens = paged_inputs(hq * 10 + sq, LENGTHS, hq, sq)
+    scale = 0.07
+    out, lse = mla_decode(q, kv, table, lens, softmax_scale=scale, causal=causal)
+    assert out.shape == (len(LENGTHS), sq, hq, DV) and out.dtype == jnp.bfloat16
+    assert lse.shape == (len(LENGTHS), hq, sq) and lse.dtype == jnp.float32
+    ref_out, ref_lse = numpy_mla(q.astype(jnp.float32), kv.astype(jnp.float32), table, lens,
+                                 scale, causal)
+    check_close(out, lse, ref_out, ref_lse, jnp.bfloat16)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4])
+def test_float32_any_chunking(chunk):
+    """The online softmax gives the same answer whatever the number of blocks per step."""
+    q, kv, table, lens = paged_inputs(5, LENGTHS, 5, 2, jnp.float32)
+    out, lse = mla_mod._reference(q, kv, table, lens, np.float32(0.05), True, DV, chunk)
+    ref_out, ref_lse = numpy_mla(q, kv, table, lens, 0.05, True)
+    check_close(out, lse, ref_out, ref_lse, jnp.float32)
+
+
+def test_reference_other_head_dims():
+    """mla_decode_reference takes any d_qk / head_dim_v / block size (tiny model configs)."""
+    q, kv, table, lens = paged_inputs(6, (0, 5, 17, 40), 4, 2, jnp.float32, max_blocks=3, d=80,
+                                      page=16)
+    out, lse = mla_decode_reference(q, kv, table, lens, softmax_scale=0.1, head_dim_v=64)
+    ref_out, ref_lse = numpy_mla(q, kv, table, lens, 0.1, True, dv=64)
+    check_close(out, lse, ref_out, ref_lse, jnp.float32)
+
+
+def test_rows_past_the_length_may_hold_nan():
+    q, kv, table, lens = paged_inputs(13, (1, 63, 100), 16, 2, jnp.float32)
+    out, lse = mla_decode(q, kv, table, lens)
+    rows = np.arange(4 * PAGE)[None, :] >= np.asarray(lens)[:, None]  # [B, max_blocks * 64]
+    poison = np.zeros(kv.shape[:2], bool)
+    table_np = np.asarray(table)
+    for i in range(len(lens)):
+        for j in range(-(-int(lens[i]) // PAGE)):
+            poison[table_np[i, j]] = rows[i, j * PAGE:(j + 1) * PAGE]
+    unused = np.setdiff1d(np.arange(kv.shape[0]), table_np[table_np >= 0])
+    poison[unused] = True
+    kv_nan = jnp.where(jnp.asarray(poison)[:, :, None, None], jnp.nan, kv)
+    out2, lse2 = mla_decode(q, kv_nan, table, lens)
+    np.testing.assert_array_equal(np.asarray(out2), np.asarray(out))
+    np.testing.assert_array_equal(np.asarray(lse2), np.asarray(lse))
+
+
+def test_jit_traced_table_and_lengths():
+    q, kv, table, lens = paged_inputs(7, LENGTHS, 16, 2)
+    eager = mla_decode(q, kv, table, lens)
+    jitted = jax.jit(lambda t, s: mla_decode(q, kv, t, s))(table, lens)
+    for a, b in zip(eager, jitted):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def test_traced_values_are_clamped():
+    """Lengths past the table clamp to max_blocks * 64, negative to 0; block ids into range."""
+    q, kv, table, lens = paged_inputs(8, (64, 100, 256, 3), 16, 1, jnp.float32)
+    n = kv.shape[0]
+    table = table.at[1, 1].set(10**6).at[3, 0].set(-4)  # out of range, inside the length
+    wild = jnp.array([64, 100, 10**6, -9], jnp.int32)
+    out, lse = jax.jit(lambda s: mla_decode(q, kv, table, s))(wild)
+    clamped_lens = np.clip(np.asarray(wild), 0, 256)
+    ref_out, ref_lse = numpy_mla(q, kv, np.clip(np.asarray(table), 0, n - 1), clamped_lens,
+                                 D ** -0.5, True)
+    check_close(out, lse, ref_out, ref_lse, jnp.float32)
+    assert np.all(np.isneginf(np.asarray(lse)[3])) and not np.asarray(out)[3].any()
+
+
+def test_lse_and_empty_row_conventions():
+    """lse = log(sum exp(scale * q.k)) (natural log, scaled scores); no key: out 0, lse -inf."""
+    q, kv, table, lens = paged_inputs(9, (1, 0, 2), 16, 2, jnp.float32)
+    out, lse = mla_decode(q, kv, table, lens)  # default scale 1/sqrt(576)
+    out, lse = np.asarray(out), np.asarray(lse)
+    k0 = np.asarray(kv)[np.asarray(table)[0, 0], 0, 0]  # the single key of sequence 0
+    # Sequence 0 (one key), causal: query 0 sees nothing, query 1 sees the key with weight 1.
+    np.testing.assert_allclose(lse[0, :, 1], np.asarray(q)[0, 1] @ k0 / 24.0, rtol=1e-5,
+                               atol=1e-5)
+    np.testing.assert_allclose(out[0, 1], np.broadcast_to(k0[:DV], (16, DV)), rtol=1e-6)
+    assert np.all(np.isneginf(lse[0, :, 0])) and not out[0, 0].any()
+    assert np.all(np.isneginf(lse[1])) and not out[1].any()  # length 0
+    assert np.all(np.isfinite(lse[2])) and np.all(np.isfinite(out))
+    # Without causal masking every query of sequence 0 sees its key.
+    _, lse_nc = mla_decode(q, kv, table, lens, causal=False)
+    assert np.all(np.isfinite(np.asarray(lse_nc)[0]))
+    # Scaling: an explicit scale equal to the default gives the same result.
+    out2, lse2 = mla_decode(q, kv, table, lens, softmax_scale=1 / 24)
+    np.testing.assert_allclose(np.asarray(lse2), lse, rtol=1e-6)
+
+
+def test_impl_paths(caplog):
+    q, kv, table, lens = paged_inputs(10, (5,), 16, 1)
+    with pytest.raises(RuntimeError, match="jax_ds_mla_decode.*unavailable"):
+        mla_decode(q, kv, table, lens, impl="ffi")
+    _ffi._logged.discard(("mla_decode", "reference"))
+    with caplog.at_level(logging.INFO, logger="jax_ds"):
+        a = mla_decode(q, kv, table, lens, impl="auto")
+        mla_decode(q, kv, table, lens, impl="auto")
+    assert sum("mla_decode: reference" in r.getMessage() for r in caplog.records) == 1
+    b = mla_decode(q, kv, table, lens, impl="xla")
+    np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b[1]))
+    with pytest.raises(ValueError, match="impl must be one of"):
+        mla_decode(q, kv, table, lens, impl="cuda")
+    assert _ffi.OPS["mla_decode"] == "jax_ds_mla_decode"
+
+
+def _good():
+    return paged_inputs(11, (5, 70), 16, 1, max_blocks=2)
+
+
+def _replace(i, value):
+    args = list(_good())
+    args[i] = value
+    return args
+
+
+BF16, F32, I32 = jnp.bfloat16, jnp.float32, jnp.int32
+BAD = [
+    # (args, kwargs, error type, message fragment)
+    (_replace(0, jnp.zeros((2, 16, 576), BF16)), {}, ValueError, "q must be 4-D"),
+    (_replace(0, jnp.zeros((2, 1, 16, 512), BF16)), {}, ValueError, "q has shape"),
+    (_replace(0, jnp.zeros((2, 0, 16, 576), BF16)), {}, ValueError, "Sq, Hq >= 1"),
+    (_replace(0, jnp.zeros((2, 1, 16, 576), jnp.int8)), {}, TypeError, "q must have dtype"),
+    (_replace(0, jnp.zeros((2, 1, 16, 576), F32)), {}, TypeError, "share a dtype"),
+    (_replace(1, jnp.zeros((19, 64, 576), BF16)), {}, ValueError, "kv_cache must be 4-D"),
+    (_replace(1, jnp.zeros((19, 32, 1, 576), BF16)), {}, ValueError, "block size 64"),
+    (_replace(1, jnp.zeros((19, 64, 2, 576), BF16)), {}, ValueError, "kv_cache has shape"),
+    (_replace(2, jnp.zeros((2,), I32)), {}, ValueError, "block_table must be 2-D"),
+    (_replace(2, jnp.zeros((3, 2), I32)), {}, ValueError, "block_table has shape"),
+    (_replace(2, jnp.zeros((2, 2), jnp.int64 if jax.config.x64_enabled else jnp.int16)), {},
+     TypeError, "block_table must have dtype int32"),
+    (_replace(3, jnp.zeros((3,), I32)), {}, ValueError, "cache_seqlens has shape"),
+    (_replace(3, jnp.zeros((2,), jnp.float32)), {}, TypeError, "cache_seqlens must have dtype"),
+    (_replace(3, jnp.array([5, 129], I32)), {}, ValueError, r"\[0, max_blocks \* block_size"),
+    (_replace(3, jnp.array([-1, 5], I32)), {}, ValueError, "min -1"),
+    (list(_good()), {"head_dim_v": 256}, ValueError, "head_dim_v must be 512"),
+    (list(_good()), {"head_dim_v": 600}, ValueError, "head_dim_v must be an int"),
+    (list(_good()), {"softmax_scale": 0.0}, ValueError, "softmax_scale must be > 0"),
+    (list(_good()), {"softmax_scale": -1.0}, ValueError, "softmax_scale must be > 0"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(BAD)))
+def test_validation_errors(case):
+    args, kwargs, err, fragment = BAD[case]
+    with pytest.raises(err, match=fragment) as info:
+        mla_decode(*args, **kwargs)
+    assert "mla_decode" in str(info.value)
+
+
+def test_ffi_refuses_what_the_kernel_does_not_take(monkeypatch):
+    """Even with the kernel present, f32 or Hq outside [16, 128] cannot take impl="ffi"."""
+    monkeypatch.setattr(_ffi, "unavailable_reason", lambda target: None)
+    q, kv, table, lens = paged_inputs(12, (5,), 3, 1)
+    with pytest.raises(ValueError, match="Hq in"):
+        mla_decode(q, kv, table, lens, impl="ffi")
+    q, kv, table, lens = paged_inputs(12, (5,), 16, 1, jnp.float32)
+    with pytest.raises(ValueError, match="bfloat16"):
+        mla_decode(q, kv, table, lens, impl="ffi")
+    out, _ = mla_decode(q, kv, table, lens)  # auto: the reference serves it
+    assert out.dtype == jnp.float32

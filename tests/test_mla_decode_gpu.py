@@ -1,0 +1,85 @@
+"""The MLA decode kernel (impl="ffi") against the reference at FlashMLA's tolerances.
+
+out: |diff| <= 8e-4 + (2/128) |ref| elementwise and calc_diff < 5e-6; lse: |diff| <= 1e-6 (plus a
+float32 ulp-scale relative term); Inf/NaN at the same positions. B in (1, 33, 132), Sq in (1, 2),
+Hq in (16, 64, 128), lengths 1..16384 per row, shuffled block tables, outputs poisoned first.
+Skipped until the "jax_ds_mla_decode" kernel is built and a CUDA GPU is the default backend.
+"""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_ds import _ffi
+from jax_ds.ops import mla_decode
+from jax_ds.ops.mla import TARGET
+from jax_ds.testing import calc_diff
+
+pytestmark = pytest.mark.gpu
+
+MAX_LEN = 16384
+
+
+@pytest.fixture(autouse=True)
+def _needs_kernel():
+    why = _ffi.unavailable_reason(TARGET)
+    if why:
+        pytest.skip(why)
+
+
+def paged(seed, b, sq, hq, *, fixed_len=None):
+    rng = np.random.default_rng(seed)
+    lens = np.full(b, fixed_len) if fixed_len else rng.integers(1, MAX_LEN + 1, b)
+    max_blocks = -(-int(lens.max()) // 64)
+    num_blocks = b * max_blocks
+    table = rng.permutation(num_blocks).astype(np.int32).reshape(b, max_blocks)
+    key_q, key_kv = jax.random.split(jax.random.key(seed))
+    q = jax.random.normal(key_q, (b, sq, hq, 576), jnp.bfloat16)
+    kv = jax.random.normal(key_kv, (num_blocks, 64, 1, 576), jnp.bfloat16)
+    # Poison the rows no sequence reaches: a kernel reading past a length shows NaN.
+    pos = np.arange(max_blocks * 64)[None, :]
+    unused_rows = (pos >= lens[:, None])
+    poison = np.zeros((num_blocks, 64), bool)
+    poison[table.reshape(-1)] = unused_rows.reshape(b, max_blocks, 64).reshape(-1, 64)
+    kv = jnp.where(jnp.asarray(poison)[:, :, None, None], jnp.nan, kv)
+    return q, kv, jnp.asarray(table), jnp.asarray(lens.astype(np.int32))
+
+
+def check(out, lse, ref_out, ref_lse):
+    out, ref_out = np.asarray(out, np.float32), np.asarray(ref_out, np.float32)
+    lse, ref_lse = np.asarray(lse), np.asarray(ref_lse)
+    for name, a, r in (("out", out, ref_out), ("lse", lse, ref_lse)):
+        assert np.array_equal(np.isnan(a), np.isnan(r)), f"{name}: NaN positions differ"
+        assert np.array_equal(np.isinf(a), np.isinf(r)), f"{name}: Inf positions differ"
+    fin = np.isfinite(ref_out)
+    assert np.all(np.abs(out - ref_out)[fin] <= 8e-4 + 2 / 128 * np.abs(ref_out)[fin])
+    assert calc_diff(out[fin], ref_out[fin]) < 5e-6
+    fin = np.isfinite(ref_lse)
+    assert np.all(np.abs(lse - ref_lse)[fin] <= 1e-6 + 1e-6 * np.abs(ref_lse)[fin])
+
+
+CASES = list(itertools.product((1, 33, 132), (1, 2), (16, 64, 128), (True, False)))
+
+
+@pytest.mark.parametrize("b,sq,hq,causal", CASES)
+def test_kernel_matches_reference(b, sq, hq, causal):
+    q, kv, table, lens = paged(b * 1000 + sq * 100 + hq, b, sq, hq)
+    run = jax.jit(lambda *a, impl: mla_decode(*a, causal=causal, impl=impl),
+                  static_argnames="impl")
+    out, lse = run(q, kv, table, lens, impl="ffi")
+    ref_out, ref_lse = run(q, kv, table, lens, impl="xla")
+    assert out.shape == ref_out.shape and lse.shape == ref_lse.shape
+    check(out, lse, ref_out, ref_lse)
+
+
+@pytest.mark.parametrize("sq", [1, 2])
+def test_kernel_edge_lengths(sq):
+    """Lengths 0, 1, 63, 64, 65 and Sq - 1 (an empty causal row) in one batch."""
+    lens = np.array([0, 1, 63, 64, 65, max(sq - 1, 0), 4096], np.int32)
+    q, kv, table, _ = paged(7, len(lens), sq, 64, fixed_len=4096)
+    out, lse = mla_decode(q, kv, table, jnp.asarray(lens), impl="ffi")
+    ref_out, ref_lse = mla_decode(q, kv, table, jnp.asarray(lens), impl="xla")
+    check(out, lse, ref_out, ref_lse)
