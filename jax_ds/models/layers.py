@@ -57,13 +57,13 @@ def fp8_weight_linear(x, w_fp8_NK, scale):
       x.dtype [..., N]. Inference only: no gradient flows to the weight.
     """
     from jax_ds.ops import fp8_gemm, quantize_fp8
-    from jax_ds.ops.gemm import _gemm_out_dtype, _pad_to
+    from jax_ds.ops._checks import gemm_out_dtype, pad_to
 
     k, n = x.shape[-1], w_fp8_NK.shape[0]
-    x_MK = _pad_to(x.reshape(-1, k), 1, FP8_BLOCK)
+    x_MK = pad_to(x.reshape(-1, k), 1, FP8_BLOCK)
     x_fp8, x_scale = quantize_fp8(x_MK, block=(1, FP8_BLOCK))
-    y = fp8_gemm(x_fp8, x_scale, _pad_to(w_fp8_NK, 1, FP8_BLOCK), scale,
-                 out_dtype=_gemm_out_dtype(x.dtype))
+    y = fp8_gemm(x_fp8, x_scale, pad_to(w_fp8_NK, 1, FP8_BLOCK), scale,
+                 out_dtype=gemm_out_dtype(x.dtype))
     return y.astype(x.dtype).reshape(*x.shape[:-1], n)
 
 

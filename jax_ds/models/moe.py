@@ -142,11 +142,11 @@ def grouped_fp8_weight_gemm(x_MK, w_fp8_GNK, scale_G, group_sizes_G):
     [G, ceil(N/128), ceil(K/128)]): x is quantized per (1, 128) on the fly, then
     `jax_ds.ops.grouped_fp8_gemm`. K is zero-padded to a multiple of 128. Inference only."""
     from jax_ds.ops import quantize_fp8
-    from jax_ds.ops.gemm import _gemm_out_dtype, _pad_to
+    from jax_ds.ops._checks import gemm_out_dtype, pad_to
 
-    x_fp8, x_scale = quantize_fp8(_pad_to(x_MK, 1, FP8_BLOCK), block=(1, FP8_BLOCK))
-    y = grouped_fp8_gemm(x_fp8, x_scale, _pad_to(w_fp8_GNK, 2, FP8_BLOCK), scale_G,
-                         group_sizes_G.astype(jnp.int32), out_dtype=_gemm_out_dtype(x_MK.dtype))
+    x_fp8, x_scale = quantize_fp8(pad_to(x_MK, 1, FP8_BLOCK), block=(1, FP8_BLOCK))
+    y = grouped_fp8_gemm(x_fp8, x_scale, pad_to(w_fp8_GNK, 2, FP8_BLOCK), scale_G,
+                         group_sizes_G.astype(jnp.int32), out_dtype=gemm_out_dtype(x_MK.dtype))
     return y.astype(x_MK.dtype)
 
 

@@ -111,3 +111,18 @@ def check_fp8_gemm(op: str, a, a_scale, b, b_scale, out_dtype) -> tuple[int, int
 
 def prod(shape) -> int:
     return math.prod(int(d) for d in shape)
+
+
+def pad_to(x, axis: int, multiple: int):
+    """Zero-pads `axis` of x up to a multiple of `multiple` (exact for a GEMM's reduction axis)."""
+    extra = -x.shape[axis] % multiple
+    if not extra:
+        return x
+    pads = [(0, 0)] * x.ndim
+    pads[axis] = (0, extra)
+    return jnp.pad(x, pads)
+
+
+def gemm_out_dtype(dtype):
+    """The FP8 GEMM output dtype for activations of `dtype`: bf16 stays bf16, the rest f32."""
+    return jnp.bfloat16 if dtype == jnp.bfloat16 else jnp.float32

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_ds import _ffi
-from jax_ds.ops._checks import BLOCK_K, cdiv, check_dtype, check_fp8_gemm, prod
+from jax_ds.ops._checks import (BLOCK_K, cdiv, check_dtype, check_fp8_gemm, gemm_out_dtype,
+                                pad_to, prod)
 from jax_ds.ops.quant import quantize_fp8
 
 TARGET = "jax_ds_fp8_gemm"
@@ -115,20 +116,6 @@ def fp8_gemm(a, a_scale, b, b_scale, *, out_dtype=jnp.bfloat16, impl="auto"):
     return call(a, a_scale, b, b_scale, **cfg.attrs())
 
 
-def _pad_to(x, axis: int, multiple: int):
-    """Zero-pads `axis` of x up to a multiple of `multiple` (exact for a GEMM's reduction axis)."""
-    extra = -x.shape[axis] % multiple
-    if not extra:
-        return x
-    pads = [(0, 0)] * x.ndim
-    pads[axis] = (0, extra)
-    return jnp.pad(x, pads)
-
-
-def _gemm_out_dtype(dtype):
-    return jnp.bfloat16 if dtype == jnp.bfloat16 else jnp.float32
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _fp8_linear(x, w, impl):
     y, _ = _fp8_linear_fwd(x, w, impl)
@@ -137,11 +124,11 @@ def _fp8_linear(x, w, impl):
 
 def _fp8_linear_fwd(x, w, impl):
     k, n = x.shape[-1], w.shape[0]
-    x_MK = _pad_to(x.reshape(prod(x.shape[:-1]), k), 1, BLOCK_K)
-    w_NK = _pad_to(w, 1, BLOCK_K)
+    x_MK = pad_to(x.reshape(prod(x.shape[:-1]), k), 1, BLOCK_K)
+    w_NK = pad_to(w, 1, BLOCK_K)
     x_fp8, x_scale = quantize_fp8(x_MK, block=(1, BLOCK_K), impl=impl)
     w_fp8, w_scale = quantize_fp8(w_NK, block=(BLOCK_K, BLOCK_K), impl=impl)
-    y = fp8_gemm(x_fp8, x_scale, w_fp8, w_scale, out_dtype=_gemm_out_dtype(x.dtype), impl=impl)
+    y = fp8_gemm(x_fp8, x_scale, w_fp8, w_scale, out_dtype=gemm_out_dtype(x.dtype), impl=impl)
     y = y.astype(x.dtype).reshape(*x.shape[:-1], n)
     return y, (x, w, w_fp8, w_scale)  # w only for its dtype: it is alive anyway (a parameter)
 
@@ -153,8 +140,8 @@ def _fp8_linear_bwd(impl, res, dy):
     # dgrad dx = dy @ w: reduce over N, so dy is quantized per (1, 128) along N and w's 128x128
     # blocks are transposed (exact: a block's scale does not care about orientation). N is
     # zero-padded to whole blocks on both sides, which changes no sum.
-    dy_fp8, dy_scale = quantize_fp8(_pad_to(dy_MN, 1, BLOCK_K), block=(1, BLOCK_K), impl=impl)
-    w_fp8_KN = _pad_to(w_fp8.T, 1, BLOCK_K)  # [Kp, Np], the "b" operand
+    dy_fp8, dy_scale = quantize_fp8(pad_to(dy_MN, 1, BLOCK_K), block=(1, BLOCK_K), impl=impl)
+    w_fp8_KN = pad_to(w_fp8.T, 1, BLOCK_K)  # [Kp, Np], the "b" operand
     dx = fp8_gemm(dy_fp8, dy_scale, w_fp8_KN, w_scale.T, out_dtype=jnp.float32, impl=impl)
     dx = dx[:, :k].astype(x.dtype).reshape(x.shape)
     # wgrad dw = dy^T @ x stays in float32 through XLA (not FP8 yet).

@@ -21,8 +21,8 @@ import numpy as np
 
 from jax_ds import _ffi
 from jax_ds.ops._checks import (BLOCK_K, FP8, cdiv, check_dtype, check_ndim, check_out_dtype,
-                                check_shape)
-from jax_ds.ops.gemm import _gemm_out_dtype, _pad_to, gemm_config
+                                check_shape, gemm_out_dtype, pad_to)
+from jax_ds.ops.gemm import gemm_config
 from jax_ds.ops.quant import dequantize_fp8, quantize_fp8
 
 GROUPED_TARGET = "jax_ds_grouped_fp8_gemm"
@@ -224,10 +224,10 @@ def _grouped_fp8_linear(x, w, group_sizes, impl):
 
 
 def _grouped_linear_fwd(x, w, group_sizes, impl):
-    x_fp8, x_scale = quantize_fp8(_pad_to(x, 1, BLOCK_K), block=(1, BLOCK_K), impl=impl)
-    w_fp8, w_scale = quantize_fp8(_pad_to(w, 2, BLOCK_K), block=(BLOCK_K, BLOCK_K), impl=impl)
+    x_fp8, x_scale = quantize_fp8(pad_to(x, 1, BLOCK_K), block=(1, BLOCK_K), impl=impl)
+    w_fp8, w_scale = quantize_fp8(pad_to(w, 2, BLOCK_K), block=(BLOCK_K, BLOCK_K), impl=impl)
     y = grouped_fp8_gemm(x_fp8, x_scale, w_fp8, w_scale, group_sizes,
-                         out_dtype=_gemm_out_dtype(x.dtype), impl=impl).astype(x.dtype)
+                         out_dtype=gemm_out_dtype(x.dtype), impl=impl).astype(x.dtype)
     return y, (x, w, w_fp8, w_scale, group_sizes)
 
 
@@ -236,8 +236,8 @@ def _grouped_linear_bwd(impl, res, dy):
     k = x.shape[-1]
     # dgrad: dx[rows of g] = dy @ w[g]; each expert's 128x128 blocks transpose exactly, and N is
     # zero-padded to whole blocks on both sides (changes no sum).
-    dy_fp8, dy_scale = quantize_fp8(_pad_to(dy, 1, BLOCK_K), block=(1, BLOCK_K), impl=impl)
-    w_fp8_GKN = _pad_to(jnp.swapaxes(w_fp8, 1, 2), 2, BLOCK_K)
+    dy_fp8, dy_scale = quantize_fp8(pad_to(dy, 1, BLOCK_K), block=(1, BLOCK_K), impl=impl)
+    w_fp8_GKN = pad_to(jnp.swapaxes(w_fp8, 1, 2), 2, BLOCK_K)
     dx = grouped_fp8_gemm(dy_fp8, dy_scale, w_fp8_GKN, jnp.swapaxes(w_scale, 1, 2), group_sizes,
                           out_dtype=jnp.float32, impl=impl)[:, :k]
     # wgrad: dw[g] = dy[rows of g]^T x[rows of g], float32 through XLA (not FP8 yet).
