@@ -22,6 +22,19 @@ import sys
 import tempfile
 import time
 
+import jax
+import optax
+from flax import nnx
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+from jax_ds import data
+from jax_ds.models import DeepSeekConfig, Transformer, train_step
+from jax_ds.parallel.load_stats import init_expert_load, update_expert_load
+from jax_ds.parallel.mesh import (make_mesh, parse_mesh, request_cpu_devices, shard_batch,
+                                  shard_model)
+from jax_ds.storage import CheckpointManager
+
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -42,21 +55,7 @@ def parse_args():
 
 
 args = parse_args()
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={args.devices}").strip()
-
-import jax  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn  # noqa: E402
-
-from jax_ds import data  # noqa: E402
-from jax_ds.models import DeepSeekConfig, Transformer, train_step  # noqa: E402
-from jax_ds.parallel.load_stats import init_expert_load, update_expert_load  # noqa: E402
-from jax_ds.parallel.mesh import make_mesh, parse_mesh, shard_batch, shard_model  # noqa: E402
-from jax_ds.storage import CheckpointManager  # noqa: E402
+request_cpu_devices(args.devices)  # before the first device use
 
 console = Console()
 CFG = DeepSeekConfig.tiny()

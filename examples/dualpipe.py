@@ -17,6 +17,23 @@ import argparse
 import os
 import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.table import Table
+
+from jax_ds import data
+from jax_ds.models import DeepSeekConfig, Transformer
+from jax_ds.parallel.mesh import EXPERT, make_mesh, request_cpu_devices
+from jax_ds.parallel.pipeline import (Costs, execute, make_schedule, readme_bubble,
+                                      simulate, timeline)
+
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -40,26 +57,7 @@ def parse_args():
 
 
 args = parse_args()
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={args.devices}").strip()
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from jax_ds import data  # noqa: E402
-from jax_ds.models import DeepSeekConfig, Transformer  # noqa: E402
-from jax_ds.parallel.mesh import EXPERT, make_mesh  # noqa: E402
-from jax_ds.parallel.pipeline import (Costs, execute, make_schedule, readme_bubble,  # noqa: E402
-                                      simulate, timeline)
+request_cpu_devices(args.devices)  # CPU hosts: virtual devices (before any device use)
 
 console = Console()
 COSTS = Costs(F=1.0, B=2.0, W=1.0, FB=2.5)  # a forward = an input-gradient backward; F&B overlap

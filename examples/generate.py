@@ -17,6 +17,16 @@ import argparse
 import os
 import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+from jax_ds.models import kv_cache, load_hf_checkpoint
+from jax_ds.parallel.mesh import make_mesh, parse_mesh, request_cpu_devices, shard_batch
+
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -34,19 +44,8 @@ def parse_args():
 
 
 args = parse_args()
-if args.mesh and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={args.devices}").strip()
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn  # noqa: E402
-
-from jax_ds.models import kv_cache, load_hf_checkpoint  # noqa: E402
-from jax_ds.parallel.mesh import make_mesh, parse_mesh, shard_batch  # noqa: E402
+if args.mesh:
+    request_cpu_devices(args.devices)
 
 console = Console()
 

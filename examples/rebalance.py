@@ -24,8 +24,8 @@ import numpy as np
 from rich.console import Console
 from rich.progress import Progress
 
-from jax_ds.parallel.eplb import gpu_loads, rebalance_experts  # noqa: E402
-from jax_ds.parallel.load_stats import init_expert_load, update_expert_load  # noqa: E402
+from jax_ds.parallel.eplb import gpu_loads, rebalance_experts
+from jax_ds.parallel.load_stats import init_expert_load, update_expert_load
 
 README_WEIGHT = [[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
                  [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27]]

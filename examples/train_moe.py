@@ -14,6 +14,20 @@ import argparse
 import os
 import time
 
+import jax
+import numpy as np
+import optax
+from flax import nnx
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+
+from jax_ds import data
+from jax_ds.models import (DeepSeekConfig, Transformer, lm_loss, param_counts,
+                           save_hf_checkpoint, train_step)
+from jax_ds.parallel.mesh import (make_mesh, parse_mesh, request_cpu_devices, shard_batch,
+                                  shard_model)
+
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -42,23 +56,7 @@ def parse_args():
 
 
 args = parse_args()
-# Virtual CPU devices must be requested before jax starts; the flag is ignored on GPU hosts.
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={args.devices}").strip()
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,  # noqa: E402
-                           TimeElapsedColumn, TimeRemainingColumn)
-
-from jax_ds import data  # noqa: E402
-from jax_ds.models import (DeepSeekConfig, Transformer, lm_loss, param_counts,  # noqa: E402
-                           save_hf_checkpoint, train_step)
-from jax_ds.parallel.mesh import make_mesh, parse_mesh, shard_batch, shard_model  # noqa: E402
+request_cpu_devices(args.devices)  # CPU hosts: virtual devices (before any device use)
 
 console = Console()
 

@@ -24,32 +24,28 @@ median, the JSON every round.
 
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
+import importlib.metadata
 import os
+import shutil
+import statistics
+import tempfile
+import time
 
-# 8 virtual CPU devices (read when the backend starts, after this line); harmless on GPU.
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               " --xla_force_host_platform_device_count=8").strip()
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-import concurrent.futures  # noqa: E402
-import dataclasses  # noqa: E402
-import importlib.metadata  # noqa: E402
-import shutil  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
+from jax_ds.bench import environment, print_table, write_json
+from jax_ds.parallel.mesh import make_mesh, request_cpu_devices
+from jax_ds.storage import CheckpointManager, ShardOptions
+from jax_ds.storage.threefs import ALIGN, PosixIO, aligned_empty
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import orbax.checkpoint as ocp  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
-
-from jax_ds.bench import environment, print_table, write_json  # noqa: E402
-from jax_ds.parallel.mesh import make_mesh  # noqa: E402
-from jax_ds.storage import CheckpointManager, ShardOptions  # noqa: E402
-from jax_ds.storage.threefs import ALIGN, PosixIO, aligned_empty  # noqa: E402
+request_cpu_devices(8)  # CPU hosts: a sharded state over 8 virtual devices (GPUs ignore it)
 
 LEAVES = (  # name, share of the bytes, dtype, partition of a [rows, cols] array
     ("experts.w_gate", 0.2, jnp.bfloat16, P("expert")),

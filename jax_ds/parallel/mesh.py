@@ -11,6 +11,7 @@ Axes (DeepSeek-V3 training layout):
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 import numpy as np
@@ -26,6 +27,18 @@ AXES = (DATA, EXPERT, PIPE, TENSOR)
 
 # Axes a token batch is split over: every rank of `expert` also holds its own tokens.
 BATCH_AXES = (DATA, EXPERT)
+
+
+def request_cpu_devices(count: int) -> None:
+    """Asks XLA:CPU for `count` virtual devices (meshes on one host: examples, benchmarks).
+
+    XLA reads XLA_FLAGS when a backend starts, so this must run before the first device use
+    (`jax.devices()`, any array op), not before `import jax`. An explicit
+    --xla_force_host_platform_device_count in XLA_FLAGS wins; GPU backends ignore the flag.
+    """
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
 
 
 def make_mesh(*, data: int = 1, expert: int = 1, pipe: int = 1, tensor: int = 1,
