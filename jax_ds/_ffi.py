@@ -132,11 +132,14 @@ def _log_once(op: str, path: str, why: str) -> None:
         log.info("jax_ds.%s: %s (%s)", op, path, why)
 
 
-def resolve_impl(op: str, target: str, impl: str) -> str:
+def resolve_impl(op: str, target: str, impl: str, unsupported: str | None = None) -> str:
     """Returns "ffi" or "xla" for one call of `op`, given the caller's `impl` and JAX_DS_IMPL.
 
     JAX_DS_IMPL=xla wins over everything, `impl="ffi"` included, so a whole program can be moved to
-    the references without editing it.
+    the references without editing it. `unsupported` is the op's reason why the kernel cannot take
+    this call's inputs (a dtype, a size past a kernel limit), or None: like a missing kernel, it
+    sends "auto" to the reference (logged once); "ffi" raises RuntimeError for a missing kernel
+    and ValueError for unsupported inputs.
     """
     if impl not in IMPLS:
         raise ValueError(f"{op}: impl must be one of {IMPLS}, got {impl!r}")
@@ -149,12 +152,15 @@ def resolve_impl(op: str, target: str, impl: str) -> str:
     if impl == "xla":
         _log_once(op, "reference", 'impl="xla"')
         return "xla"
-    why = unavailable_reason(target)
+    missing = unavailable_reason(target)
+    why = missing or unsupported
     if why is None:
         _log_once(op, f"kernel {target}", f'impl="{impl}"')
         return "ffi"
     if impl == "ffi":
-        raise RuntimeError(f'{op}(impl="ffi"): the FFI kernel {target!r} is unavailable: {why}')
+        if missing:
+            raise RuntimeError(f'{op}(impl="ffi"): the FFI kernel {target!r} is unavailable: {why}')
+        raise ValueError(f'{op}(impl="ffi"): {why}')
     _log_once(op, "reference", why)
     return "xla"
 

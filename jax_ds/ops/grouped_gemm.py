@@ -52,10 +52,9 @@ def _ffi_grouped(target, a, a_scale, b, b_scale, sizes, out_shape, out_dtype, cf
     return call(a, a_scale, b, b_scale, sizes, **cfg.attrs())
 
 
-def _check_groups(op, g):
-    if g > MAX_GROUPS:
-        raise ValueError(f"{op}: the kernel takes at most {MAX_GROUPS} groups, got {g}; use "
-                         f"impl='xla' or split the groups")
+def _unsupported(g):
+    """Why the kernels cannot take G groups (None when they can)."""
+    return f"the kernel takes at most {MAX_GROUPS} groups, got {g}" if g > MAX_GROUPS else None
 
 
 def _check_grouped_b(op, b, b_scale, k):
@@ -167,9 +166,8 @@ def grouped_fp8_gemm(a, a_scale, b, b_scale, group_sizes, *, out_dtype=jnp.bfloa
     """
     op = "grouped_fp8_gemm"
     m, n, k, g = check_grouped(op, a, a_scale, b, b_scale, group_sizes, out_dtype)
-    if _ffi.resolve_impl(op, GROUPED_TARGET, impl) == "xla":
+    if _ffi.resolve_impl(op, GROUPED_TARGET, impl, _unsupported(g)) == "xla":
         return _grouped_reference(a, a_scale, b, b_scale, group_sizes, np.dtype(out_dtype))
-    _check_groups(op, g)
     cfg = grouped_config(cdiv(m, g), g, n, k, _ffi.num_sms())
     return _ffi_grouped(GROUPED_TARGET, a, a_scale, b, b_scale, group_sizes, (m, n), out_dtype,
                         cfg)
@@ -210,9 +208,8 @@ def masked_grouped_fp8_gemm(a, a_scale, b, b_scale, masked_m, *, out_dtype=jnp.b
     """
     op = "masked_grouped_fp8_gemm"
     g, mmax, n, k = check_masked(op, a, a_scale, b, b_scale, masked_m, out_dtype)
-    if _ffi.resolve_impl(op, MASKED_TARGET, impl) == "xla":
+    if _ffi.resolve_impl(op, MASKED_TARGET, impl, _unsupported(g)) == "xla":
         return _masked_reference(a, a_scale, b, b_scale, masked_m, np.dtype(out_dtype))
-    _check_groups(op, g)
     cfg = grouped_config(mmax, g, n, k, _ffi.num_sms())
     return _ffi_grouped(MASKED_TARGET, a, a_scale, b, b_scale, masked_m, (g, mmax, n), out_dtype,
                         cfg)

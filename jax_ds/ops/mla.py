@@ -205,19 +205,12 @@ def mla_decode(q, kv_cache, block_table, cache_seqlens, *, softmax_scale=None, c
         raise ValueError(f"{op}: head_dim_v must be {HEAD_DIM_V} (the latent width), got "
                          f"{head_dim_v!r}")
     scale = d ** -0.5 if softmax_scale is None else float(softmax_scale)
-    path = _ffi.resolve_impl(op, TARGET, impl)
-    if path == "ffi":
-        why = None
-        if np.dtype(q.dtype) not in [np.dtype(t) for t in KERNEL_DTYPES]:
-            why = f"the kernel takes bfloat16, got {np.dtype(q.dtype).name}"
-        elif not KERNEL_HEADS[0] <= hq <= KERNEL_HEADS[1]:
-            why = f"the kernel takes Hq in [{KERNEL_HEADS[0]}, {KERNEL_HEADS[1]}], got {hq}"
-        if why is not None:
-            if impl == "ffi":
-                raise ValueError(f'{op}(impl="ffi"): {why}')
-            _ffi._log_once(op, "reference", why)
-            path = "xla"
-    if path == "xla":
+    unsupported = None
+    if np.dtype(q.dtype) not in [np.dtype(t) for t in KERNEL_DTYPES]:
+        unsupported = f"the kernel takes bfloat16, got {np.dtype(q.dtype).name}"
+    elif not KERNEL_HEADS[0] <= hq <= KERNEL_HEADS[1]:
+        unsupported = f"the kernel takes Hq in [{KERNEL_HEADS[0]}, {KERNEL_HEADS[1]}], got {hq}"
+    if _ffi.resolve_impl(op, TARGET, impl, unsupported) == "xla":
         return _reference(q, kv_cache, block_table, cache_seqlens, np.float32(scale),
                           bool(causal), HEAD_DIM_V, _chunk_blocks(q, kv_cache, block_table))
     call = jax.ffi.ffi_call(TARGET, (jax.ShapeDtypeStruct((b, sq, hq, HEAD_DIM_V), q.dtype),

@@ -50,14 +50,11 @@ def _layout_reference(topk_idx, num_experts):
 
 
 def _use_kernel(op, target, impl, x_dtype, num_experts=1):
-    path = _ffi.resolve_impl(op, target, impl)
-    if path == "ffi" and (jnp.dtype(x_dtype) not in map(jnp.dtype, _KERNEL_DTYPES) or
-                          num_experts > MAX_EXPERTS):
-        if impl == "ffi":
-            raise ValueError(f"{op}: the kernel takes bf16 / f32 rows and at most {MAX_EXPERTS} "
-                             f"experts, got {jnp.dtype(x_dtype).name} and {num_experts}")
-        return False  # auto: the reference serves what the kernel does not
-    return path == "ffi"
+    unsupported = None
+    if jnp.dtype(x_dtype) not in map(jnp.dtype, _KERNEL_DTYPES) or num_experts > MAX_EXPERTS:
+        unsupported = (f"{op}: the kernel takes bf16 / f32 rows and at most {MAX_EXPERTS} "
+                       f"experts, got {jnp.dtype(x_dtype).name} and {num_experts}")
+    return _ffi.resolve_impl(op, target, impl, unsupported) == "ffi"
 
 
 def _layout_kernel(topk_idx, num_experts):
