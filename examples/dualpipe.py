@@ -49,8 +49,8 @@ def parse_args():
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--ep", action="store_true",
-                   help="split each stage's routed experts over the expert axis (needs ep_moe to "
-                        "accept a pipe-manual context mesh)")
+                   help="split each stage's routed experts over the expert axis (all-to-all "
+                        "dispatch inside the stage)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", default="out/dualpipe_timeline.png", help="timeline picture path")
     return p.parse_args()

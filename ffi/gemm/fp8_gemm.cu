@@ -18,7 +18,8 @@ ffi::Error Dispatch(int block_m, int block_n, int cluster_n, cudaStream_t stream
     using T = decltype(tile);
     using Sched = DenseScheduler<T::BM, T::BN, T::kClusterN>;
     const Sched sched = Sched::make(args.a_rows, args.N);
-    return LaunchGemm<T::BM, T::BN, T::kClusterN>(stream, args, sched, sched.num_units(), 0);
+    return LaunchGemm<T::BM, T::BN, T::kClusterN>(stream, args, sched, sched.num_units(),
+                                                  Sched::extra_smem_bytes());
   });
 }
 

@@ -43,7 +43,7 @@ struct TileCoord {
   bool zero;    // no product: the tile's rows [a_row, row_end) are written as zeros
 };
 
-// Work-unit order shared by the schedulers: bands of kGroupM row tiles walked column by column,
+// Work-unit order shared by the schedulers: bands of kBandM row tiles walked column by column,
 // so the CTAs running at once share A rows and B columns in L2.
 constexpr int kBandM = 8;
 __device__ __forceinline__ void banded_order(int unit, int num_m_tiles, int num_n_units,

@@ -85,11 +85,10 @@ def _permute_fwd(x, topk_idx, num_experts, use_kernel):
         rows = jnp.arange(n * k)
         x_sorted = jnp.where((rows < group_sizes.sum())[:, None], x[order // k], 0)
         x_sorted = x_sorted.astype(x.dtype)
-    return (x_sorted, group_sizes, perm), (perm, x.shape[0])
+    return (x_sorted, group_sizes, perm), perm
 
 
-def _permute_bwd(num_experts, use_kernel, res, cts):
-    perm, _ = res
+def _permute_bwd(num_experts, use_kernel, perm, cts):
     dx_sorted = cts[0]
     # x_sorted[perm[n, k]] = x[n]: the gradient sums the copies of each token.
     dx = _unpermute_reference(dx_sorted, perm, jnp.ones(perm.shape, jnp.float32))

@@ -278,5 +278,10 @@ def ep_moe(x, topk_idx, topk_weights, weights, ffn: ExpertFFN, *, mesh: Mesh, nu
 
     tokens = P(batch_axes)
     in_specs = (tokens, tokens, tokens) + (P(EXPERT),) * len(weights)
+    # Inside an outer shard_map (a pipeline stage, manual over `pipe`) the inner one must be given
+    # the context's abstract mesh, which knows which axes are already manual.
+    context = jax.sharding.get_abstract_mesh()
+    if not context.empty and context.manual_axes:
+        mesh = context
     return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=(tokens, P(), P()))(
         x, topk_idx, topk_weights, *weights)

@@ -133,7 +133,6 @@ class StageSplit:
         f = _ancestors(nodes, y_refs)
         b = _ancestors(nodes, dx_refs, stop=f)
         w = _ancestors(nodes, dp_refs, stop=f | b)
-        self.phase_sizes = {"F": len(f), "B": len(b), "W": len(w)}
         self._f, self._b, self._w = sorted(f), sorted(b), sorted(w)
         x_in = {("in", n_p + k) for k in range(n_x)}
         dy_in = {("in", n_p + n_x + k) for k in range(n_x)}
