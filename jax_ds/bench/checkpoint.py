@@ -68,6 +68,19 @@ def add_arguments(parser):
     parser.add_argument("--raw-block-mb", type=int, default=64,
                         help="bytes per pwrite/preadv call of the raw row (MiB)")
     parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON")
+    defaults = ShardOptions()
+    parser.add_argument("--threads", type=int, default=defaults.threads,
+                        help="ours: shard handler threads")
+    parser.add_argument("--file-mb", type=int, default=defaults.file_bytes >> 20,
+                        help="ours: shard file size (MiB)")
+    parser.add_argument("--read-mb", type=int, default=defaults.read_bytes >> 20,
+                        help="ours: bytes per restore read task (MiB)")
+
+
+def shard_options(args) -> ShardOptions:
+    """The shard handler's settings as the command line gives them (defaults: ShardOptions())."""
+    return dataclasses.replace(ShardOptions(), threads=args.threads,
+                               file_bytes=args.file_mb << 20, read_bytes=args.read_mb << 20)
 
 
 def build_state(size_bytes: int, mesh):
@@ -182,8 +195,8 @@ def run_orbax(folder, state, abstract, check) -> Round:
                  _same(state, got) if check else None)
 
 
-def run_ours(folder, state, abstract, check) -> Round:
-    with CheckpointManager(os.path.join(folder, "ours")) as mngr:
+def run_ours(folder, state, abstract, check, options: ShardOptions = ShardOptions()) -> Round:
+    with CheckpointManager(os.path.join(folder, "ours"), shard_options=options) as mngr:
         t0 = time.perf_counter()
         mngr.save(0, state)
         blocking_s = time.perf_counter() - t0
@@ -228,14 +241,15 @@ def run(args):
     np.concatenate(bufs, out=data[:nbytes])
     data[nbytes:] = 0
     del bufs
-    block, file_bytes = args.raw_block_mb << 20, ShardOptions().file_bytes
+    options = shard_options(args)
+    block, file_bytes = args.raw_block_mb << 20, options.file_bytes
     contestants = {
         "raw": lambda folder, check: run_raw(folder, data, block),
         "raw direct": lambda folder, check: run_raw(folder, data, block, direct=True),
         "raw direct x8": lambda folder, check: run_raw(folder, data, block, direct=True,
                                                        writers=8, file_bytes=file_bytes),
         "orbax": lambda folder, check: run_orbax(folder, state, abstract, check),
-        "ours": lambda folder, check: run_ours(folder, state, abstract, check),
+        "ours": lambda folder, check: run_ours(folder, state, abstract, check, options),
     }
     names = list(contestants)
     root = tempfile.mkdtemp(prefix="jax_ds_bench_ckpt_", dir=args.dir)
@@ -279,7 +293,7 @@ def run(args):
                             f"{s['restore_s_median']:.2f}",
                             f"{s['fsync_after_save_s_median']:.2f}",
                             {True: "yes", False: "NO", None: "-"}[s["exact"]]])
-    options, io = ShardOptions(), PosixIO()
+    io = PosixIO()
     print_table(
         f"Checkpoint of {nbytes / 1e9:.2f} GB ({jax.device_count()} {env['platform']} devices) "
         f"on {disk.get('device')} ({disk.get('fstype')}), median of {args.rounds} rounds",
@@ -290,7 +304,7 @@ def run(args):
          "% of raw: of the sequential buffered row; % of best: of the fastest raw row",
          f"raw: one writer, one file, {args.raw_block_mb} MiB pwrite/preadv; direct: O_DIRECT; "
          f"x8: {file_bytes >> 20} MiB files, 8 at a time",
-         f"orbax: CheckpointManager defaults; ours: CheckpointManager defaults = shard files, "
+         f"orbax: CheckpointManager defaults; ours: jax_ds CheckpointManager, shard files, "
          f"CRC-32 per shard, {options}, O_DIRECT={io.direct} through "
          f"{io.stage_bytes >> 20} MiB staging buffers"])
     path = write_json(args.out, "checkpoint", env, {

@@ -1,7 +1,8 @@
 """`python -m jax_ds.bench mla`: MLA decode over a paged cache, ours vs the XLA reference.
 
 Grid (FlashMLA's benchmark): b = 128, s_k in (4096, 8192, 16384), h_q in (16, 32, 64, 128),
-Sq in (1, 2), lengths fixed at s_k or variable (uniform around s_k, FlashMLA's "varlen"); bf16,
+Sq in (1, 2), lengths fixed at s_k or variable (normal(s_k, s_k / 2) clipped to [Sq, 2 s_k],
+FlashMLA's "varlen"); bf16,
 576-wide rows in 64-row blocks, causal. Columns: ours (mla_decode impl="ffi"; "n/a" and why when
 the kernel is unavailable), the XLA reference (impl="xla"); GB/s = cache bytes read (each
 sequence's rows once) + q + out per call, TFLOP/s = 2 * Hq * Sq * sum(len) * (576 + 512).

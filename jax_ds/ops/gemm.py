@@ -52,17 +52,19 @@ def gemm_config(m: int, n: int, k: int, num_sms: int) -> GemmConfig:
     The widest tile (most FLOPs per byte pulled from L2, which is what bounds large shapes) whose
     tiles still occupy at least 3/4 of the SMs; 128-row tiles first, except for m <= 128, where
     64-row tiles double the parallelism for free. When no tile fills the machine, the one with
-    the most tiles. Fitted to every tile timed on every benchmark shape on the H100
-    (scripts/sweep_gemm.py, kernel times, 2026-11-24): it picks the fastest tile, or one within
-    7%, on all 19 shapes. `k` does not change the choice (every tile streams all of K).
+    the most tiles. Checked against every tile timed on every benchmark shape on the H100
+    (scripts/sweep_gemm.py, kernel times, benchmarks/results/gemm-tiles-sweep-h100-2026-11-24.json):
+    the fastest tile, or one within 7%, on 17 of 19 shapes; 128x32768x512 is 6% and
+    128x7168x2048 12.5% behind that shape's best (128x64). `k` does not change the choice.
     """
     del k
     candidates = [t for t in TILES if m > 128 or t[0] == 64]
     tiles = {t: cdiv(m, t[0]) * cdiv(n, t[1]) for t in candidates}
     wide = [t for t in candidates if tiles[t] >= FILL_FRACTION * num_sms]
     bm, bn = wide[0] if wide else max(candidates, key=lambda t: (tiles[t], t[0]))
-    # Pairs of CTAs that share (multicast) the A tile: +10-17% on m=4096 shapes, where L2 -> SM
-    # traffic bounds 128x128 tiles; a few % slower at m <= 128, where A is small (same sweep).
+    # Pairs of CTAs that share (multicast) the A tile: +15-18% on the long-K large shapes
+    # (4096x7168x16384, 4096x4096x7168, 8192^3), where L2 -> SM traffic bounds 128x128 tiles,
+    # -2..+6% on the others; 2-15% slower at m <= 128, where A is small (same sweep).
     cluster_n = 2 if bm == 128 and m > 128 and cdiv(n, bn) >= 2 else 1
     return GemmConfig(bm, bn, min(tiles[(bm, bn)], num_sms), cluster_n)
 
