@@ -114,6 +114,23 @@ def test_sharded_checkpoint_onto_an_expert_mesh():
     np.testing.assert_allclose(out, ref, rtol=0, atol=F32_MAX_ABS)
 
 
+@pytest.mark.parametrize("variant", ["bf16", "fp8"])
+def test_mesh_load_reads_each_tensor_once(variant, monkeypatch):
+    """Devices ask for their slices in any order (data=2 x expert=4: experts 0..3, 0..3): every
+    tensor (and FP8 scale) is still read from the files once."""
+    from collections import Counter
+
+    from jax_ds.models import hf
+
+    reads = Counter()
+    get = hf.Checkpoint.get
+    monkeypatch.setattr(hf.Checkpoint, "get", lambda self, name: reads.update([name]) or
+                        get(self, name))
+    mesh = make_mesh(data=2, expert=4, devices=jax.devices("cpu")[:8])
+    load_hf_checkpoint(os.path.join(DATA, variant), fp8="keep", mesh=mesh)
+    assert reads and max(reads.values()) == 1, reads.most_common(3)
+
+
 def test_mtp_layer_is_skipped_unless_asked_for():
     path = os.path.join(DATA, "bf16")
     assert len(load_hf_checkpoint(path).mtp) == 0

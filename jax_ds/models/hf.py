@@ -36,6 +36,7 @@ releases set it false).
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -389,9 +390,11 @@ def load_hf_checkpoint(path, *, dtype=jnp.bfloat16, fp8: str = "keep", mesh: Mes
         return NamedSharding(mesh, part[vpath].get_value())
 
     for vpath, spec in specs.items():
-        reader = _Reader(ckpt, spec, flat[vpath].dtype)
         scale_path = _scale_path(vpath)
-        for which, target in enumerate([vpath] + ([scale_path] if scale_path in flat else [])):
+        targets = [vpath] + ([scale_path] if scale_path in flat else [])
+        reader = _Reader(ckpt, spec, flat[vpath].dtype,
+                         [sharding(t).devices_indices_map(flat[t].shape) for t in targets])
+        for which, target in enumerate(targets):
             var = flat[target]
             var.set_value(jax.make_array_from_callback(
                 var.shape, sharding(target),
@@ -401,11 +404,19 @@ def load_hf_checkpoint(path, *, dtype=jnp.bfloat16, fp8: str = "keep", mesh: Mes
 
 class _Reader:
     """Makes one variable (and its scales, for an FP8-held weight) from its checkpoint tensors,
-    per device slice: stacked experts are read only for the experts in the slice."""
+    per device slice: stacked experts are read only for the experts in the slice, and each slice
+    is read once. A slice stays cached until every device (of the weight and of its scales) that
+    needs it has taken it, whatever order the devices ask in."""
 
-    def __init__(self, ckpt: Checkpoint, spec: Spec, dtype):
+    def __init__(self, ckpt: Checkpoint, spec: Spec, dtype, device_indices):
         self.ckpt, self.spec, self.dtype = ckpt, spec, np.dtype(dtype)
         self.cache: dict = {}
+        self.uses = collections.Counter(self._key(index) for indices in device_indices
+                                        for index in indices.values())
+
+    def _key(self, index):
+        experts = index[0] if self.spec.stacked else slice(None)
+        return experts.start, experts.stop, experts.step
 
     def _one(self, name):
         w = self.ckpt.get(name)
@@ -419,18 +430,21 @@ class _Reader:
 
     def read(self, index, which: int):
         """A device's slice `index` of the weight (which=0) or of its scales (which=1)."""
-        experts = index[0] if self.spec.stacked else slice(None)
-        key = (experts.start, experts.stop, experts.step)
+        key = self._key(index)
         if key not in self.cache:
             if self.spec.stacked:
-                pieces = [self._one(n) for n in self.spec.names[experts]]
+                pieces = [self._one(n) for n in self.spec.names[slice(*key)]]
                 value = tuple(None if pieces[0][j] is None else np.stack([p[j] for p in pieces])
                               for j in (0, 1))
             else:
                 value = self._one(self.spec.names[0])
-            self.cache = {key: value}  # one slice at a time: a variable's devices come together
+            self.cache[key] = value
+        value = self.cache[key]
+        self.uses[key] -= 1
+        if self.uses[key] <= 0:
+            del self.cache[key]
         rest = (slice(None),) + tuple(index[1:]) if self.spec.stacked else tuple(index)
-        return self.cache[key][which][rest]
+        return value[which][rest]
 
 
 def _check(ckpt: Checkpoint, specs, copies, flat, cfg: DeepSeekConfig, num_mtp_layers: int):
