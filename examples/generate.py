@@ -1,10 +1,10 @@
 """Greedy generation from a Hugging Face DeepSeek-V2/V3 checkpoint (bf16, or FP8 kept as FP8).
 
 The prompt is prefilled into a paged KV cache in one call, then each step decodes one token
-over the cache (MLA with absorbed weights through `jax_ds.ops.mla_decode`: the kernel on a GPU
-for V2/V3 shapes, its reference elsewhere). Text goes through the checkpoint's tokenizer.json
-when the `tokenizers` package is installed, else through bytes (a byte-level vocabulary), or
-give token ids with --prompt-ids.
+over the cache (MLA with absorbed weights through `jax_ds.ops.mla_decode`; its CUDA kernel is
+not written yet, so every backend runs the op's pure-JAX reference). Text goes through the
+checkpoint's tokenizer.json when the `tokenizers` package is installed, else through bytes (a
+byte-level vocabulary), or give token ids with --prompt-ids.
 
     python examples/generate.py --checkpoint tests/data/hf_tiny/fp8 --prompt-ids 1,2,3
     python examples/generate.py --checkpoint PATH --prompt "The capital of France is" \\
@@ -14,6 +14,7 @@ give token ids with --prompt-ids.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import time
 
@@ -98,7 +99,8 @@ def main():
                              max_blocks_per_seq=blocks_per_seq)
     seqs = jnp.arange(rows, dtype=jnp.int32)  # every row the same sequence (batch sharding)
 
-    @nnx.jit
+    # The cache is donated: each step updates it in place instead of copying every layer's rows.
+    @functools.partial(nnx.jit, donate_argnames="cache")
     def step(model, tokens_BT, cache):
         logits_BTV, cache = model.decode(tokens_BT, cache, seqs)
         return jnp.argmax(logits_BTV[:, -1], axis=-1).astype(jnp.int32), cache
