@@ -151,7 +151,8 @@ class CheckpointManager:
         """
         item = ShardSave(state) if self.io is not None else ocp.args.StandardSave(state)
         meta = {"step": int(step), **(meta or {})}
-        self._purge_deleted()
+        if force or self._manager.should_save(int(step)):  # not on the steps the interval skips
+            self._purge_deleted()
         try:
             return self._manager.save(
                 int(step), args=ocp.args.Composite(state=item, meta=ocp.args.JsonSave(meta)),
