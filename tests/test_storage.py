@@ -212,6 +212,29 @@ def test_posix_io_round_trip_fsyncs(tmp_path, monkeypatch):
         threefs.PosixIO().read_file(path, [(o, memoryview(x)) for o, x in back])
 
 
+_REAL_PWRITEV = threefs._pwritev_all
+
+
+def _count_calls(calls, fn, *args):
+    calls.append(args)
+    return fn(*args)
+
+
+def _o_direct_works(folder) -> bool:
+    """Whether the filesystem under `folder` takes an aligned O_DIRECT write."""
+    try:
+        fd = os.open(os.path.join(folder, "probe"), os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
+    except OSError:
+        return False
+    try:
+        os.pwrite(fd, threefs.aligned_empty(4096), 0)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def test_posix_io_direct_and_fallback(tmp_path, monkeypatch):
     """Aligned runs go O_DIRECT (through the staging buffer, several stages per file); a
     filesystem that refuses O_DIRECT (EINVAL) gets the same bytes through buffered I/O."""
@@ -227,18 +250,26 @@ def test_posix_io_direct_and_fallback(tmp_path, monkeypatch):
             raise OSError(errno.EINVAL, "O_DIRECT refused", path)
         return real_open(path, flags, *mode)
 
+    direct_ok = _o_direct_works(tmp_path)
     for refuse in (False, True):
         opened.clear()
         monkeypatch.setattr(os, "open", functools.partial(fake_open, refuse=refuse))
         path = str(tmp_path / f"d{refuse}.bin")
         io = threefs.PosixIO(stage_bytes=8192)
+        staged = []
+        monkeypatch.setattr(threefs, "_pwritev_all", functools.partial(
+            _count_calls, staged, threefs._pwritev_all))
         io.write_file(path, pieces)
+        monkeypatch.setattr(threefs, "_pwritev_all", _REAL_PWRITEV)
         back = [threefs.aligned_empty(20480), threefs.aligned_empty(4096)]
         io.read_file(path, [(0, memoryview(back[0])), (20480, memoryview(back[1]))])
         monkeypatch.setattr(os, "open", real_open)
         assert opened[0] and opened.count(True) == 2   # the write and the read tried O_DIRECT
         if refuse:   # (a filesystem without O_DIRECT falls back the same way)
             assert opened == [True, False, True, False]
+        elif direct_ok:   # O_DIRECT really used (no silent fallback), 3 stages of 8 KiB
+            assert opened == [True, True]
+            assert len(staged) == 3
         np.testing.assert_array_equal(back[0][:20000], a)
         np.testing.assert_array_equal(back[1], b)
         assert os.path.getsize(path) == 24576

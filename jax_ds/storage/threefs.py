@@ -175,7 +175,7 @@ class PosixIO:
             if direct_io:
                 self._write_staged(fd, runs)
             else:
-                for offset, run in _contiguous_runs(pieces):
+                for offset, run in _runs(pieces, _IOV_MAX):
                     _pwritev_all(fd, run, offset)
             os.fsync(fd)   # data and length durable before Orbax renames the step dir
 
@@ -187,7 +187,7 @@ class PosixIO:
             offset % ALIGN == 0 and memoryview(buf).nbytes % ALIGN == 0 and
             np.frombuffer(buf, np.uint8).ctypes.data % ALIGN == 0 for offset, buf in pieces)
         def read(fd, direct_io):
-            for offset, run in _contiguous_runs(pieces):
+            for offset, run in _runs(pieces, _IOV_MAX):
                 _preadv_all(fd, run, offset, path)
 
         _with_fd(path, os.O_RDONLY, direct, read)
@@ -327,35 +327,20 @@ def _split(pieces: Pieces, limit: int):
             yield offset + start, buf[start:start + limit]
 
 
-def _runs(pieces: Pieces) -> list[tuple[int, list[memoryview]]]:
-    """File-contiguous runs of pieces: [(offset, [byte buffers])], in file order."""
+def _runs(pieces: Pieces, max_bufs: int | None = None) -> list[tuple[int, list[memoryview]]]:
+    """File-contiguous runs of the non-empty pieces, in file order: [(offset, [byte buffers])],
+    each of at most `max_bufs` buffers (IOV_MAX for one pwritev/preadv call) when given."""
     runs, end = [], None
     for offset, buf in sorted(pieces, key=lambda p: p[0]):
         buf = memoryview(buf).cast("B")
-        if offset == end:
+        if not len(buf):
+            continue
+        if runs and offset == end and (max_bufs is None or len(runs[-1][1]) < max_bufs):
             runs[-1][1].append(buf)
         else:
             runs.append((offset, [buf]))
         end = offset + len(buf)
     return runs
-
-
-def _contiguous_runs(pieces: Pieces):
-    """Groups file-contiguous pieces into (offset, [buffers]) runs of at most IOV_MAX buffers."""
-    run, start, end = [], None, None
-    for offset, buf in sorted(pieces, key=lambda p: p[0]):
-        buf = memoryview(buf).cast("B")
-        if not len(buf):
-            continue
-        if run and (offset != end or len(run) == _IOV_MAX):
-            yield start, run
-            run = []
-        if not run:
-            start, end = offset, offset
-        run.append(buf)
-        end += len(buf)
-    if run:
-        yield start, run
 
 
 def _advance(bufs: list[memoryview], n: int) -> list[memoryview]:
