@@ -8,10 +8,7 @@ from jax_ds.ops import quantize_fp8
 from jax_ds.ops import gemm
 
 def call(ops, bm, bn, sms, cn):
-    a8 = ops[0]; b8 = ops[2]
-    f = jax.ffi.ffi_call(gemm.TARGET, jax.ShapeDtypeStruct((a8.shape[0], b8.shape[0]), jnp.bfloat16),
-                         vmap_method="sequential")
-    return f(*ops, **gemm.GemmConfig(bm, bn, sms, cn).attrs())
+    return gemm.ffi_fp8_gemm(*ops, gemm.GemmConfig(bm, bn, sms, cn))
 
 sms = jax.devices()[0].core_count
 rows = []

@@ -20,7 +20,7 @@ for kind, groups in (("contiguous", CONTIGUOUS), ("masked", MASKED)):
             for bm, bn in [(bm, bn) for bm, bn in gemm.TILES if bn >= 64]:
                 for cn in gemm.CLUSTERS:
                     cfg = gemm.GemmConfig(bm, bn, sms, cn)
-                    f = jax.jit(lambda *o, cfg=cfg: gg._ffi_grouped(
+                    f = jax.jit(lambda *o, cfg=cfg: gg.ffi_grouped_fp8_gemm(
                         target, *o, sizes, out_shape, jnp.bfloat16, cfg))
                     t = device_time_jax(f, sets, 6)
                     res[f"{bm}x{bn}c{cn}"] = 2 * g * r * n * k / t / 1e12

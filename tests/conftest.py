@@ -35,3 +35,12 @@ def pytest_collection_modifyitems(config, items):
         skip = pytest.mark.skip(reason=reason)
         for item in gpu_items:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def no_kernels(monkeypatch):
+    """Every FFI kernel reads as unavailable, on any host: the tests of what impl="ffi" does
+    without a kernel (and of the fallback logging) hold on GPU machines too."""
+    from jax_ds import _ffi
+
+    monkeypatch.setattr(_ffi, "unavailable_reason", lambda target: "kernels disabled by the test")

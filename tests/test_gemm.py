@@ -106,7 +106,7 @@ def test_validation_errors_name_the_argument(changes, exc, match):
         ops.fp8_gemm_reference(**args)
 
 
-def test_impl_choices(monkeypatch, caplog):
+def test_impl_choices(monkeypatch, caplog, no_kernels):
     _, _, args = operands(4, 8, 128, seed=3)
     with pytest.raises(RuntimeError, match=r'fp8_gemm\(impl="ffi"\): the FFI kernel'):
         ops.fp8_gemm(*args, impl="ffi")
@@ -165,7 +165,7 @@ def test_fp8_linear_forward_and_grads(dtype):
     assert calc_diff(dw, dw_ref) < tolerance(dtype)  # wgrad is float32 math (not FP8)
 
 
-def test_fp8_linear_vmap_and_errors():
+def test_fp8_linear_vmap_and_errors(no_kernels):
     x, w = random((3, 4, 256), seed=7), random((64, 256), seed=8)
     np.testing.assert_array_equal(np.asarray(jax.vmap(lambda v: ops.fp8_linear(v, w))(x)),
                                   np.asarray(ops.fp8_linear(x, w)))

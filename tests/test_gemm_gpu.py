@@ -129,10 +129,8 @@ def test_fp8_gemm_matches_reference(m, n, k):
 
 def _ffi_gemm(ops, out_dtype, block_m, block_n, num_sms, cluster_n=1):
     """The kernel with an explicit tile and cluster size, bypassing gemm_config."""
-    a8, _, b8, _ = ops
-    call = jax.ffi.ffi_call(gemm.TARGET, jax.ShapeDtypeStruct((a8.shape[0], b8.shape[0]),
-                                                              out_dtype), vmap_method="sequential")
-    return call(*ops, **gemm.GemmConfig(block_m, block_n, num_sms, cluster_n).attrs())
+    return gemm.ffi_fp8_gemm(*ops, gemm.GemmConfig(block_m, block_n, num_sms, cluster_n),
+                             out_dtype)
 
 
 TILES = list(gemm.TILES)  # every tile compiled into the library

@@ -160,7 +160,7 @@ def test_lse_and_empty_row_conventions():
     np.testing.assert_allclose(np.asarray(lse2), lse, rtol=1e-6)
 
 
-def test_impl_paths(caplog):
+def test_impl_paths(caplog, no_kernels):
     q, kv, table, lens = paged_inputs(10, (5,), 16, 1)
     with pytest.raises(RuntimeError, match="jax_ds_mla_decode.*unavailable"):
         mla_decode(q, kv, table, lens, impl="ffi")

@@ -93,6 +93,20 @@ def test_gradients_match_plain_jax():
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_moe_permute_roundtrip_with_dropped_slots():
+    n, d, e, topk = 12, 8, 5, 3
+    kx, ki, kw = jax.random.split(jax.random.key(11), 3)
+    x = jax.random.normal(kx, (n, d))
+    idx = jax.random.randint(ki, (n, topk), -1, e)
+    w = jax.random.uniform(kw, (n, topk))
+    xs, gs, perm = moe_permute(x, idx, e)
+    assert int(gs.sum()) == int((idx >= 0).sum())
+    assert np.all(np.asarray(xs)[int(gs.sum()):] == 0)
+    out = moe_unpermute(xs, perm, w)
+    want = np.einsum("nk,nd->nd", np.where(np.asarray(idx) >= 0, np.asarray(w), 0), np.asarray(x))
+    np.testing.assert_allclose(np.asarray(out), want, rtol=1e-5, atol=1e-5)
+
+
 def test_dispatch_layout():
     idx = jnp.asarray([[0, 3], [2, -1], [7, 6], [1, 9]], jnp.int32)
     per_expert, per_rank, in_rank = moe_dispatch_layout(idx, 8, 4)

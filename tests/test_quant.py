@@ -172,7 +172,7 @@ def test_bad_inputs():
         ops.dequantize_fp8(q.astype(jnp.float32), s)
 
 
-def test_impl_ffi_without_kernel_raises():
+def test_impl_ffi_without_kernel_raises(no_kernels):
     with pytest.raises(RuntimeError, match=r'quantize_fp8\(impl="ffi"\).*jax_ds_quantize_fp8'):
         ops.quantize_fp8(random((4, 128)), impl="ffi")
 

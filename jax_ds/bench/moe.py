@@ -25,7 +25,7 @@ import numpy as np
 
 from jax_ds import _ffi
 from jax_ds.bench import _profile, _timing, bar_plot, environment, print_table, write_json
-from jax_ds.ops import quantize_fp8
+from jax_ds.ops import dequantize_fp8, quantize_fp8
 from jax_ds.ops.grouped_gemm import (GROUPED_TARGET, grouped_fp8_gemm, masked_grouped_fp8_gemm)
 from jax_ds.ops.moe import moe_permute, moe_unpermute
 from jax_ds.testing import calc_diff
@@ -64,10 +64,8 @@ def _operands(key, a_shape, g, n, k):
 
 
 def _dequant_bf16(a8, sa, b8, sb):
-    n = b8.shape[1]
-    a = (a8.astype(jnp.float32) * jnp.repeat(sa, 128, axis=-1)).astype(jnp.bfloat16)
-    sbn = jnp.repeat(jnp.repeat(sb, 128, axis=-2)[:, :n], 128, axis=-1)
-    return a, (b8.astype(jnp.float32) * sbn).astype(jnp.bfloat16)
+    return (dequantize_fp8(a8, sa, (1, 128), out_dtype=jnp.bfloat16),
+            dequantize_fp8(b8, sb, (128, 128), out_dtype=jnp.bfloat16))
 
 
 @jax.jit

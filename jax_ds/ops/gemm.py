@@ -20,7 +20,7 @@ import numpy as np
 from jax_ds import _ffi
 from jax_ds.ops._checks import (BLOCK_K, cdiv, check_dtype, check_fp8_gemm, gemm_out_dtype,
                                 pad_to, prod)
-from jax_ds.ops.quant import quantize_fp8
+from jax_ds.ops.quant import dequantize_fp8, quantize_fp8
 
 TARGET = "jax_ds_fp8_gemm"
 _ffi.declare_op("fp8_gemm", TARGET)
@@ -86,9 +86,8 @@ def fp8_gemm_reference(a, a_scale, b, b_scale, *, out_dtype=jnp.bfloat16):
 
 @functools.partial(jax.jit, static_argnums=(4,))  # one compile per shape when called eagerly
 def _gemm_reference(a, a_scale, b, b_scale, out_dtype):
-    a32 = a.astype(jnp.float32) * jnp.repeat(a_scale, BLOCK_K, axis=1)
-    sb = jnp.repeat(jnp.repeat(b_scale, BLOCK_K, axis=0)[:b.shape[0]], BLOCK_K, axis=1)
-    b32 = b.astype(jnp.float32) * sb
+    a32 = dequantize_fp8(a, a_scale, (1, BLOCK_K))
+    b32 = dequantize_fp8(b, b_scale, (BLOCK_K, BLOCK_K))
     out = jnp.einsum("MK,NK->MN", a32, b32, precision=jax.lax.Precision.HIGHEST,
                      preferred_element_type=jnp.float32)
     return out.astype(out_dtype)
@@ -112,8 +111,12 @@ def fp8_gemm(a, a_scale, b, b_scale, *, out_dtype=jnp.bfloat16, impl="auto"):
     m, n, k = check_fp8_gemm(op, a, a_scale, b, b_scale, out_dtype)
     if _ffi.resolve_impl(op, TARGET, impl) == "xla":
         return fp8_gemm_reference(a, a_scale, b, b_scale, out_dtype=out_dtype)
-    cfg = gemm_config(m, n, k, _ffi.num_sms())
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((m, n), out_dtype),
+    return ffi_fp8_gemm(a, a_scale, b, b_scale, gemm_config(m, n, k, _ffi.num_sms()), out_dtype)
+
+
+def ffi_fp8_gemm(a, a_scale, b, b_scale, cfg: GemmConfig, out_dtype=jnp.bfloat16):
+    """The kernel's custom call with an explicit tile (tests, tile sweeps); no validation."""
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((a.shape[0], b.shape[0]), out_dtype),
                             vmap_method="sequential")
     return call(a, a_scale, b, b_scale, **cfg.attrs())
 

@@ -46,7 +46,9 @@ def grouped_config(rows_per_group: int, g: int, n: int, k: int, num_sms: int):
     return type(cfg)(block_m, cfg.block_n, num_sms, cluster_n)
 
 
-def _ffi_grouped(target, a, a_scale, b, b_scale, sizes, out_shape, out_dtype, cfg):
+def ffi_grouped_fp8_gemm(target, a, a_scale, b, b_scale, sizes, out_shape, out_dtype, cfg):
+    """The grouped (GROUPED_TARGET) or masked (MASKED_TARGET) kernel's custom call with an
+    explicit tile (tests, tile sweeps); no validation."""
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(out_shape, out_dtype),
                             vmap_method="sequential")
     return call(a, a_scale, b, b_scale, sizes, **cfg.attrs())
@@ -169,8 +171,8 @@ def grouped_fp8_gemm(a, a_scale, b, b_scale, group_sizes, *, out_dtype=jnp.bfloa
     if _ffi.resolve_impl(op, GROUPED_TARGET, impl, _unsupported(g)) == "xla":
         return _grouped_reference(a, a_scale, b, b_scale, group_sizes, np.dtype(out_dtype))
     cfg = grouped_config(cdiv(m, g), g, n, k, _ffi.num_sms())
-    return _ffi_grouped(GROUPED_TARGET, a, a_scale, b, b_scale, group_sizes, (m, n), out_dtype,
-                        cfg)
+    return ffi_grouped_fp8_gemm(GROUPED_TARGET, a, a_scale, b, b_scale, group_sizes, (m, n),
+                                out_dtype, cfg)
 
 
 @functools.partial(jax.jit, static_argnums=(5,))
@@ -211,8 +213,8 @@ def masked_grouped_fp8_gemm(a, a_scale, b, b_scale, masked_m, *, out_dtype=jnp.b
     if _ffi.resolve_impl(op, MASKED_TARGET, impl, _unsupported(g)) == "xla":
         return _masked_reference(a, a_scale, b, b_scale, masked_m, np.dtype(out_dtype))
     cfg = grouped_config(mmax, g, n, k, _ffi.num_sms())
-    return _ffi_grouped(MASKED_TARGET, a, a_scale, b, b_scale, masked_m, (g, mmax, n), out_dtype,
-                        cfg)
+    return ffi_grouped_fp8_gemm(MASKED_TARGET, a, a_scale, b, b_scale, masked_m, (g, mmax, n),
+                                out_dtype, cfg)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
