@@ -82,7 +82,12 @@ step_sanitize() {
   XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_ALLOCATOR=platform \
     timeout "${SANITIZE_TIMEOUT:-240}" compute-sanitizer --tool memcheck --target-processes all \
     --error-exitcode 3 \
-    "$PY" scripts/sanitize_gemm.py
+    "$PY" scripts/sanitize_gemm.py || return $?
+  # The MoE routing kernels, through their GPU tests (small cases: memcheck is slow).
+  XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_ALLOCATOR=platform \
+    timeout "${SANITIZE_TIMEOUT:-240}" compute-sanitizer --tool memcheck --target-processes all \
+    --error-exitcode 3 \
+    "$PY" -m pytest -m gpu -q -x tests/test_moe_routing.py -k "333 or 1-1-1 or gradients"
 }
 
 step_bench() {

@@ -29,11 +29,11 @@ last packing step (load w / count each), so for more than 16 slots per node the 
 put a different *replica rank* of an expert on a GPU: phy2log and logcnt are identical, log2phy's
 row for that expert lists the same slots in another order. With loads that tie between
 *different* experts (integer counts, zeros) in rows of more than 16 items, both plans follow the
-greedy rule, and they may differ. Checked on 1,018 cases (1,000 random: both policies, 1-6 layers,
-up to 128 experts, float and integer loads; 18 at V3 scale): identical, all three outputs, to
-DeepSeek's eplb.py with `stable=True` in its sort in all 1,018; against eplb.py as published,
-phy2log and logcnt identical in all 818 cases without ties between different experts in a row
-of > 16 (log2phy rows reordered in 238 of them) and in 3 of the 200 with such ties.
+greedy rule, and they may differ. `python -m jax_ds.bench eplb --reference PATH/eplb.py` runs
+DeepSeek's planner beside this one on the bench's configurations and reports whether phy2log
+and logcnt agree. (A one-off comparison during development, whose script is not kept, found all three
+outputs identical to eplb.py with `stable=True` in its sort on 1,018 cases: 1,000 random and
+18 at V3 scale.)
 
 Differences in contract: log2phy's last dimension is static, the most replicas an expert can get
 (`max_replicas`), not the data-dependent maximum of logcnt; unused entries are -1 in both. Sizes
