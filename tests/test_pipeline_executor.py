@@ -4,7 +4,7 @@ Every schedule, on 2, 4 and 8 pipe ranks of the 8 virtual CPU devices (the rest 
 `data` or `expert`, splitting each micro-batch; one test on a 4-device mesh): the loss and every gradient equal jax.grad of the
 sequential model -- in float64 to 1e-12 on an MLP stack, in float32 to 1e-5 on the tiny
 DeepSeek-MoE blocks. Also: B really leaves the weight gradients to W (HLO cost analysis), the
-buffers' measured peak equals the simulator's, and compile time does not grow with micro-batches.
+buffers' peak equals the simulator's, and compile time does not grow with micro-batches.
 """
 
 import time
@@ -94,7 +94,7 @@ CASES = [(name, pp, m) for name, sizes in (
 
 @pytest.mark.parametrize("name, pp, m", CASES)
 def test_exact_float64(name, pp, m):
-    """pipe x data: loss and gradients to 1e-12, and the measured peak of live chunks."""
+    """pipe x data: loss and gradients to 1e-12, and the peak of live chunks."""
     with jax.enable_x64(True):
         schedule = make_schedule(name, pp, m)
         mesh = make_mesh(pipe=pp, data=8 // pp)

@@ -40,8 +40,9 @@ class PipelineOutput(NamedTuple):
     grads: like params ([num_stages, ...] leaves); DualPipe's two copies of a stage are summed.
     loss_grads: like loss_params (None without them).
     input_grads: like inputs, d loss / d inputs (None unless asked for).
-    peak_chunks: [pp] int32, measured: the most chunk slots (F residuals + B's wres) holding a live
-      chunk at once on each rank, in micro-batch x stage units; `simulate` predicts it.
+    peak_chunks: [pp] int32: the most chunk slots (F residuals + B's wres) holding a live chunk
+      at once on each rank, in micro-batch x stage units; fixed by the schedule's tables (the
+      buffers are sized by it) and equal to `simulate`'s peak_activations.
     capacity: slots per buffer ({"act", "grad", "chunk"}), the same on every rank.
     num_ticks: scan length.
     """
@@ -80,7 +81,7 @@ def stage_placement(schedule: Schedule) -> np.ndarray:
 
 def _body(tables: Tables, stage_fn, loss_fn, num_mb: int, axis: str, input_grads: bool):
     """The per-rank program: (local params [1, L, ...], loss params, inputs [m, ...],
-    targets [m, ...]) -> (loss, grads [1, L, ...], loss grads, input grads, peak [1])."""
+    targets [m, ...]) -> (loss, grads [1, L, ...], loss grads, input grads)."""
     cap, pp = tables.capacity, tables.table.shape[1]
     right = [(i, i + 1) for i in range(pp - 1)]  # ppermute pairs: send to the right neighbour
     left = [(i + 1, i) for i in range(pp - 1)]
@@ -144,7 +145,7 @@ def _body(tables: Tables, stage_fn, loss_fn, num_mb: int, axis: str, input_grads
         branches = [branch(kind) for kind in tables.branches]
 
         def tick(carry, rows):
-            pools, grads, (loss, lp_grads), dxs, occupied, peak = carry
+            pools, grads, (loss, lp_grads), dxs = carry
             row = rows[jax.lax.axis_index(axis)]
             y, res, (loss_inc, dlp), dy_loss, dx, wres, dp = jax.lax.switch(
                 row[COL["branch"]], branches, pools, row)
@@ -168,26 +169,21 @@ def _body(tables: Tables, stage_fn, loss_fn, num_mb: int, axis: str, input_grads
             if input_grads:  # stage 0's dx, kept by micro-batch (index num_mb is the trash)
                 at = jnp.where(row[COL["b_first"]] == 1, row[COL["b_mb"]], num_mb)
                 dxs = _put(dxs, at, dx)
-            # Live chunks: counted after this tick's F takes its slot, before W frees one.
-            occupied = occupied.at[row[COL["f_res"]]].set(1)
-            peak = jnp.maximum(peak, occupied[:cap["chunk"]].sum(dtype=jnp.int32))
-            occupied = occupied.at[row[COL["free"]]].set(0)
-            return (pools, grads, (loss + loss_inc, lp_grads), dxs, occupied, peak), None
+            return (pools, grads, (loss + loss_inc, lp_grads), dxs), None
 
         pools = dict(act=_pool(x_avals, cap["act"]), grad=_pool(x_avals, cap["grad"]),
                      res=_pool(split.res_avals, cap["chunk"]),
                      wres=_pool(split.wres_avals, cap["chunk"]))
         dxs = _pool(x_avals, num_mb) if input_grads else None
-        carry = (pools, jax.tree.map(jnp.zeros_like, params_L), (zero_loss, zero_lp), dxs,
-                 jnp.zeros(cap["chunk"] + 1, jnp.int32), jnp.zeros((), jnp.int32))
-        (_, grads, (loss, lp_grads), dxs, _, peak), _ = jax.lax.scan(
+        carry = (pools, jax.tree.map(jnp.zeros_like, params_L), (zero_loss, zero_lp), dxs)
+        (_, grads, (loss, lp_grads), dxs), _ = jax.lax.scan(
             tick, carry, jnp.asarray(tables.table))
         # The loss (and its parameters' and inputs' gradients) live on the ranks holding the
         # last (first) stage, zeros elsewhere: a sum over the pipe axis gathers them.
         if input_grads:
             dxs = jax.lax.psum(jax.tree.map(lambda a: a[:num_mb], dxs), axis)
         return (jax.lax.psum(loss, axis), jax.tree.map(lambda g: g[None], grads),
-                jax.lax.psum(lp_grads, axis), dxs, peak[None])
+                jax.lax.psum(lp_grads, axis), dxs)
 
     return body
 
@@ -201,7 +197,7 @@ def _program(schedule: Schedule, stage_fn: Callable, loss_fn: Callable, mesh: Me
     pp, num_local = idx.shape
     body = _body(tables, stage_fn, loss_fn, schedule.num_microbatches, axis, input_grads)
     mapped = jax.shard_map(body, mesh=mesh, in_specs=(P(axis), P(), P(), P()),
-                           out_specs=(P(), P(axis), P(), P(), P(axis)),
+                           out_specs=(P(), P(axis), P(), P()),
                            axis_names=frozenset({axis}), check_vma=False)
     flat = idx.reshape(-1)
 
@@ -214,11 +210,11 @@ def _program(schedule: Schedule, stage_fn: Callable, loss_fn: Callable, mesh: Me
                                                     NamedSharding(mesh, spec))
 
         local = jax.tree.map(by_rank, params)
-        loss, grads_local, lp_grads, dxs, peak = mapped(local, loss_params, inputs, targets)
+        loss, grads_local, lp_grads, dxs = mapped(local, loss_params, inputs, targets)
         # Copies of one stage (DualPipe) add their gradients.
         grads = jax.tree.map(lambda p, g: jnp.zeros_like(p).at[flat].add(
             g.reshape(pp * num_local, *p.shape[1:])), params, grads_local)
-        return loss, grads, lp_grads, dxs, peak
+        return loss, grads, lp_grads, dxs
 
     return jax.jit(program), tables
 
@@ -263,7 +259,7 @@ def execute(schedule: Schedule, stage_fn: Callable, params: Any, batch: Any, los
             mesh: Mesh, axis: str = PIPE, *, loss_params: Any = None,
             input_grads: bool = False) -> PipelineOutput:
     """`run` with more: parameters of the loss (an output head), gradients w.r.t. the inputs
-    (for an embedding outside the pipeline), and what the program measured.
+    (for an embedding outside the pipeline), and the buffers' sizes.
 
     With `loss_params`, loss_fn is called as loss_fn(loss_params, y, target) and
     `PipelineOutput.loss_grads` holds their gradients. With `input_grads=True`,
@@ -274,8 +270,9 @@ def execute(schedule: Schedule, stage_fn: Callable, params: Any, batch: Any, los
     if not has_loss_params:
         loss_fn, loss_params = _WithoutParams(loss_fn), ()
     program, tables = _program(schedule, stage_fn, loss_fn, mesh, axis, bool(input_grads))
-    loss, grads, lp_grads, dxs, peak = program(params, loss_params, *batch)
-    return PipelineOutput(loss, grads, lp_grads if has_loss_params else None, dxs, peak,
+    loss, grads, lp_grads, dxs = program(params, loss_params, *batch)
+    return PipelineOutput(loss, grads, lp_grads if has_loss_params else None, dxs,
+                          jnp.asarray(tables.peak_chunks, jnp.int32),
                           dict(tables.capacity), tables.num_ticks)
 
 

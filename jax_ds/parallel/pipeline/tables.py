@@ -30,7 +30,6 @@ FIELDS = (
                                                      # chunk slot, grad slot, first stage
     "wres_write",                                   # B alone: chunk slot for its wres
     "w_slot", "w_local",                            # weight gradient: chunk slot, local stage
-    "free",                                         # chunk slot released after this tick
     "act_l", "act_r", "act_local",                  # act slots for what arrives this tick
     "grad_l", "grad_r", "grad_local", "grad_loss",  # grad slots for what arrives this tick
 )
@@ -128,7 +127,7 @@ def compile_tables(schedule: Schedule) -> Tables:
         peaks.append(n)
 
     table = np.zeros((num_ticks, pp, len(FIELDS)), np.int32)
-    for name in ("f_res", "wres_write", "free", "act_l", "act_r", "act_local", "grad_l", "grad_r",
+    for name in ("f_res", "wres_write", "act_l", "act_r", "act_local", "grad_l", "grad_r",
                  "grad_local", "grad_loss"):
         pool = "act" if name.startswith("act") else "grad" if name.startswith("grad") else "chunk"
         table[:, :, COL[name]] = capacity[pool]  # the trash slot
@@ -158,7 +157,6 @@ def compile_tables(schedule: Schedule) -> Tables:
         if w is not None:
             row[COL["w_slot"]] = slots[("chunk", w)]
             row[COL["w_local"]] = schedule.local_of(w)
-            row[COL["free"]] = slots[("chunk", w)]
     for pool, c, tp, rp, _, r in moves:
         name = source(pool, rp, r)
         table[tp, r, COL[name]] = slots[(pool, c)]
