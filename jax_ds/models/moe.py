@@ -23,8 +23,11 @@ from jax.sharding import Mesh
 
 from jax_ds.models.config import DeepSeekConfig
 from jax_ds.models.layers import FP8_BLOCK, MLP, init_fp8_weight, init_weight
+from jax_ds.ops._checks import gemm_out_dtype, pad_to
 from jax_ds.ops.grouped_gemm import grouped_fp8_gemm, grouped_fp8_linear
-from jax_ds.parallel.expert import check_ep, ep_moe, moe_permute, moe_unpermute
+from jax_ds.ops.moe import moe_permute, moe_unpermute
+from jax_ds.ops.quant import quantize_fp8
+from jax_ds.parallel.expert import check_ep, ep_moe
 from jax_ds.parallel.mesh import EXPERT
 
 
@@ -137,17 +140,18 @@ def grouped_gemm_fp8(x_MK, w_GNK, group_sizes_G):
     return grouped_fp8_linear(x_MK, w_GNK, group_sizes_G.astype(jnp.int32))
 
 
-def grouped_fp8_weight_gemm(x_MK, w_fp8_GNK, scale_G, group_sizes_G):
+def grouped_fp8_weight_gemm(xq, w_fp8_GNK, scale_G, group_sizes_G, out_dtype):
     """`grouped_gemm` for expert weights held in FP8 (e4m3 [G, N, K] + float32 block scales
-    [G, ceil(N/128), ceil(K/128)]): x is quantized per (1, 128) on the fly, then
+    [G, ceil(N/128), ceil(K/128)]) and rows already quantized: xq = `_quantize_rows(x)`; then
     `jax_ds.ops.grouped_fp8_gemm`. K is zero-padded to a multiple of 128. Inference only."""
-    from jax_ds.ops import quantize_fp8
-    from jax_ds.ops._checks import gemm_out_dtype, pad_to
+    y = grouped_fp8_gemm(*xq, pad_to(w_fp8_GNK, 2, FP8_BLOCK), scale_G,
+                         group_sizes_G.astype(jnp.int32), out_dtype=gemm_out_dtype(out_dtype))
+    return y.astype(out_dtype)
 
-    x_fp8, x_scale = quantize_fp8(pad_to(x_MK, 1, FP8_BLOCK), block=(1, FP8_BLOCK))
-    y = grouped_fp8_gemm(x_fp8, x_scale, pad_to(w_fp8_GNK, 2, FP8_BLOCK), scale_G,
-                         group_sizes_G.astype(jnp.int32), out_dtype=gemm_out_dtype(x_MK.dtype))
-    return y.astype(x_MK.dtype)
+
+def _quantize_rows(x_MK):
+    """x per (1, 128), K zero-padded to whole blocks: the FP8 GEMMs' activation operand."""
+    return quantize_fp8(pad_to(x_MK, 1, FP8_BLOCK), block=(1, FP8_BLOCK))
 
 
 def expert_ffn(x_MD, group_sizes_G, w_gate_GFD, w_up_GFD, w_down_GDF, *, fp8: bool = False):
@@ -171,11 +175,12 @@ def expert_ffn_fp8_weights(x_MD, group_sizes_G, w_gate_GFD, s_gate, w_up_GFD, s_
                            s_down):
     """`expert_ffn` with FP8-held weights, each followed by its block scales (e4m3 weights as
     `DeepSeekMoE` holds them under cfg.fp8_weights)."""
-    def gemm(x, w, s):
-        return grouped_fp8_weight_gemm(x, w, s, group_sizes_G)
+    def gemm(xq, w, s):
+        return grouped_fp8_weight_gemm(xq, w, s, group_sizes_G, x_MD.dtype)
 
-    h_MF = jax.nn.silu(gemm(x_MD, w_gate_GFD, s_gate)) * gemm(x_MD, w_up_GFD, s_up)
-    return gemm(h_MF, w_down_GDF, s_down)
+    xq = _quantize_rows(x_MD)  # once for both the gate and the up projection
+    h_MF = jax.nn.silu(gemm(xq, w_gate_GFD, s_gate)) * gemm(xq, w_up_GFD, s_up)
+    return gemm(_quantize_rows(h_MF), w_down_GDF, s_down)
 
 
 # ----------------------------------------------------------------------------- the layer
