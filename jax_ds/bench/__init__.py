@@ -80,6 +80,12 @@ def write_json(out_dir, suite, env, payload):
     return path
 
 
+def error_cell(e: BaseException) -> dict:
+    """A failed measurement's result: {"error": "Type: first line of the message"}."""
+    lines = str(e).strip().splitlines()
+    return {"error": f"{type(e).__name__}: {lines[0][:300] if lines else ''}"}
+
+
 def print_table(title, columns, rows, footnotes=()):
     """Prints rows (lists of strings) under columns, with rich when it is importable."""
     try:

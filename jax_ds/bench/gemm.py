@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_ds import _ffi, arg_specs
-from jax_ds.bench import (_profile, _timing, _torch_gemm, bar_plot, environment, print_table,
-                          write_json)
+from jax_ds.bench import (_profile, _timing, _torch_gemm, bar_plot, environment, error_cell,
+                          print_table, write_json)
 from jax_ds.ops import dequantize_fp8, fp8_gemm, fp8_gemm_reference, gemm_config, quantize_fp8
 from jax_ds.testing import calc_diff
 
@@ -88,11 +88,6 @@ def xla_fp8_tensor(a8, b8, s):
         jnp.bfloat16)
 
 
-def _error(e):
-    lines = str(e).strip().splitlines()
-    return {"error": f"{type(e).__name__}: {lines[0][:300] if lines else ''}"}
-
-
 def _measure(fn, arg_sets, row, args, *, torch=False):
     """Per-call and device-bound timing of fn over arg_sets -> the result dict of one cell."""
     kw = {"budget_s": args.budget, "repeats": args.repeats}
@@ -103,7 +98,7 @@ def _measure(fn, arg_sets, row, args, *, torch=False):
         d = launch(fn, arg_sets, **kw)
         result.update(_rates("device_", d.median_s, row))
     except Exception as e:  # e.g. a graph capture torch refuses: keep the per-call number
-        result["device_error"] = _error(e)["error"]
+        result["device_error"] = error_cell(e)["error"]
     return {**_rates("", t.median_s, row), "min_us": t.min_s * 1e6, "calls": t.calls, **result}
 
 
@@ -125,13 +120,13 @@ def bench_shape(m, n, k, key, args, *, ours_na, num_sms, peak, torch_gemm):
         cfg = gemm_config(m, n, k, num_sms)
         row["config"] = f"{cfg.block_m}x{cfg.block_n}c{cfg.cluster_n}"
     except Exception as e:  # a bad config is a row's problem, not the run's
-        row["config"] = _error(e)["error"]
+        row["config"] = error_cell(e)["error"]
     try:
         count = int(np.clip(SET_BYTES // (3 * (m * k + n * k)), *SETS))
         sets = [_make_set(jax.random.fold_in(key, i), m, n, k) for i in range(count)]
         jax.block_until_ready(sets)
     except Exception as e:
-        res.update({name: _error(e) for name in IMPLS})
+        res.update({name: error_cell(e) for name in IMPLS})
         return row
     row["input_sets"] = count
     block = [s["block"] for s in sets]
@@ -139,7 +134,7 @@ def bench_shape(m, n, k, key, args, *, ours_na, num_sms, peak, torch_gemm):
         ref = np.asarray(jax.jit(functools.partial(fp8_gemm_reference, out_dtype=jnp.float32))(
             *block[0]))
     except Exception as e:  # still time everything; only the checks need the reference
-        ref, row["reference_error"] = None, _error(e)["error"]
+        ref, row["reference_error"] = None, error_cell(e)["error"]
     res["ours"] = {"na": ours_na}
     if ours_na is None:
         try:
@@ -152,15 +147,15 @@ def bench_shape(m, n, k, key, args, *, ours_na, num_sms, peak, torch_gemm):
                 t = _profile.device_time_jax(ours, block, calls=2 * len(block))
                 res["ours"].update(_rates("kernel_", t, row))
             except Exception as e:
-                res["ours"]["kernel_error"] = _error(e)["error"]
+                res["ours"]["kernel_error"] = error_cell(e)["error"]
         except Exception as e:
-            res["ours"] = _error(e)
+            res["ours"] = error_cell(e)
     for name, fn, arg_sets in (("xla_dequant", xla_dequant, block),
                                ("xla_fp8_tensor", xla_fp8_tensor, [s["tensor"] for s in sets])):
         try:
             res[name] = _measure(fn, arg_sets, row, args)
         except Exception as e:
-            res[name] = _error(e)
+            res[name] = error_cell(e)
     measure = functools.partial(_measure, row=row, args=args, torch=True)
     for name in ("torch_blockwise", "torch_rowwise"):
         res[name] = torch_gemm.measure(name, sets, ref, measure)
@@ -255,7 +250,7 @@ def run(args):
                               torch_gemm=torch_gemm)
         except Exception as e:  # keep going: the row records what broke
             row = {"m": m, "n": n, "k": k, "diff": None, "deepgemm_h800_tflops": None,
-                   "results": {name: _error(e) for name in IMPLS}}
+                   "results": {name: error_cell(e) for name in IMPLS}}
         row.pop("peak", None)
         rows.append(row)
         print(f"[{i + 1}/{len(shapes)}] per call: " + " ".join(_table_row(row)[4:9]) +

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_ds import _ffi
-from jax_ds.bench import _timing, environment, print_table, write_json
+from jax_ds.bench import _timing, environment, error_cell, print_table, write_json
 from jax_ds.ops.mla import BLOCK_SIZE, HEAD_DIM_QK, HEAD_DIM_V, TARGET, mla_decode
 
 IMPLS = ("ours", "xla")
@@ -95,7 +95,7 @@ def run(args):
             try:
                 t = _timing.time_jax(fn, [arg], budget_s=args.budget, repeats=args.repeats)
             except Exception as e:  # report and keep going: one failure is one cell
-                row["results"][name] = {"error": f"{type(e).__name__}: {e}"}
+                row["results"][name] = error_cell(e)
                 continue
             row["results"][name] = dict(us=t.median_s * 1e6, gbps=nbytes / t.median_s / 1e9,
                                         tflops=flops / t.median_s / 1e12)

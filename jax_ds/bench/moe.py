@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_ds import _ffi
-from jax_ds.bench import _profile, _timing, bar_plot, environment, print_table, write_json
+from jax_ds.bench import (_profile, _timing, bar_plot, environment, error_cell, print_table,
+                          write_json)
 from jax_ds.ops import dequantize_fp8, quantize_fp8
 from jax_ds.ops.grouped_gemm import (GROUPED_TARGET, grouped_fp8_gemm, masked_grouped_fp8_gemm)
 from jax_ds.ops.moe import moe_permute, moe_unpermute
@@ -126,7 +127,7 @@ def _gemm_row(kind, g, rows, n, k, key, args, ours_na):
         res["xla_ragged"] = {"tflops": flops / _time(xla_fn, xla_sets, args) / 1e12}
         ref = np.asarray(xla_fn(*xla_sets[0]), np.float32)
     except Exception as e:
-        res["xla_ragged"], ref = {"error": f"{type(e).__name__}: {str(e)[:200]}"}, None
+        res["xla_ragged"], ref = error_cell(e), None
     if ours_na:
         res["ours"] = {"na": ours_na}
     else:
@@ -137,7 +138,7 @@ def _gemm_row(kind, g, rows, n, k, key, args, ours_na):
                            "kernel_tflops": flops / _profile.device_time_jax(
                                ours, sets, calls=2 * len(sets)) / 1e12}
         except Exception as e:
-            res["ours"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+            res["ours"] = error_cell(e)
     if not args.no_torch:
         try:
             fns = _torch_grouped(sets, kind == "masked")
@@ -145,7 +146,7 @@ def _gemm_row(kind, g, rows, n, k, key, args, ours_na):
                                          budget_s=args.budget, repeats=args.repeats)
             res["torch"] = {"tflops": flops / t.median_s / 1e12}
         except Exception as e:
-            res["torch"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+            res["torch"] = error_cell(e)
     return row
 
 
@@ -187,7 +188,7 @@ def _routing_row(key, args, tokens=4096, hidden=7168, experts=256, top_k=8):
             s = _time(fn, arg_sets, args)
             row["results"][name] = {"us": s * 1e6, "gbps": size / s / 1e9}
         except Exception as e:
-            row["results"][name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+            row["results"][name] = error_cell(e)
     return row
 
 
