@@ -39,6 +39,7 @@ CONFIGS = [
     (2, 16, 24, 4, 1, 4),    # one node: its groups ordered by load
     (4, 32, 48, 8, 8, 8),    # one group per node, one GPU per node
     (2, 64, 96, 8, 2, 4),    # 48 replicas per node onto 2 GPUs
+    (2, 400, 400, 1, 1, 2),  # > 384 slots per node: the argsort path of _descending_rank
 ]
 
 
