@@ -15,6 +15,7 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxDsMoeLayout);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxDsMoePermute);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxDsMoePermuteFp8);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxDsMoeUnpermute);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxDsMlaDecode);
 
 namespace {
 
@@ -38,6 +39,7 @@ NB_MODULE(_C, m) {
     targets["jax_ds_moe_permute"] = Capsule(JaxDsMoePermute);
     targets["jax_ds_moe_permute_fp8"] = Capsule(JaxDsMoePermuteFp8);
     targets["jax_ds_moe_unpermute"] = Capsule(JaxDsMoeUnpermute);
+    targets["jax_ds_mla_decode"] = Capsule(JaxDsMlaDecode);
     return targets;
   });
   m.def("ffi_api_version",

@@ -213,8 +213,19 @@ def mla_decode(q, kv_cache, block_table, cache_seqlens, *, softmax_scale=None, c
     if _ffi.resolve_impl(op, TARGET, impl, unsupported) == "xla":
         return _reference(q, kv_cache, block_table, cache_seqlens, np.float32(scale),
                           bool(causal), HEAD_DIM_V, _chunk_blocks(q, kv_cache, block_table))
+    tiles = cdiv(sq * hq, 64)
+    parts = max(1, _ffi.num_sms() // tiles)  # persistent parts per head tile: one wave
+    rows = sq * hq
+    # The three trailing results are the kernel's workspace: the on-device plan (part ranges,
+    # splits per batch) and the partial outputs of batches split across parts (at most 2 per part).
     call = jax.ffi.ffi_call(TARGET, (jax.ShapeDtypeStruct((b, sq, hq, HEAD_DIM_V), q.dtype),
-                                     jax.ShapeDtypeStruct((b, hq, sq), jnp.float32)),
+                                     jax.ShapeDtypeStruct((b, hq, sq), jnp.float32),
+                                     jax.ShapeDtypeStruct((parts * 8 + 2 * b,), jnp.int32),
+                                     jax.ShapeDtypeStruct((2 * parts * rows * HEAD_DIM_V,),
+                                                          jnp.float32),
+                                     jax.ShapeDtypeStruct((2 * parts * rows,), jnp.float32)),
                             vmap_method="sequential")
-    return call(q, kv_cache, block_table, cache_seqlens, softmax_scale=np.float32(scale),
-                causal=np.bool_(causal))
+    out, lse, *_ = call(q, kv_cache, block_table, cache_seqlens,
+                        softmax_scale=np.float32(scale), causal=bool(causal),
+                        num_parts=np.int32(parts))
+    return out, lse

@@ -1,0 +1,689 @@
+// MLA decode over a paged bf16 KV cache (FlashMLA semantics) as an XLA FFI handler.
+//
+// Shapes: q [B, Sq, Hq, 576], kv [num_blocks, 64, 1, 576], block_table [B, max_blocks],
+// seqlens [B]; out [B, Sq, Hq, 512] bf16, lse [B, Hq, Sq] f32. Query rows are packed per batch as
+// row = s * Hq + h (q[b] viewed as [Sq * Hq, 576]), in tiles of 64 rows.
+//
+// Three launches on the stream, all inside the jitted program:
+//   1. PlanKernel (one CTA): splits the batch's KV blocks evenly over `num_parts` persistent parts,
+//      each a contiguous run over (batch, block) with a fixed cost per batch touched (FlashMLA's
+//      balancing idea). It writes each part's range and, per batch, its number of splits and the
+//      slot of its first partial result.
+//   2. DecodeKernel, grid (head tiles, parts): a producer thread streams 64-row KV blocks through TMA
+//      into two shared-memory stages; warpgroup 0 computes S = Q K^T (WGMMA, Q resident in shared
+//      memory), the online softmax in f32, and hands P (bf16) plus the row rescale to warpgroup 1
+//      through shared memory; both warpgroups accumulate O = P V over their half of the 512 value
+//      columns (WGMMA with V read MN-major straight from the K stage). A batch finished inside one
+//      part is written to out/lse directly; a split batch writes normalized partials and lse.
+//   3. CombineKernel: merges the partials of split batches (log-sum-exp weights).
+//
+// Guards: block ids are clamped into [0, num_blocks), lengths into [0, max_blocks * 64]; cache
+// rows at or past a length are zeroed in shared memory before P V (they may hold NaN) and masked
+// out of S; query rows that see no key give out = 0, lse = -inf.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+
+#include "common/sm90.cuh"
+#include "common/status.h"
+#include "common/tma.h"
+#include "common/wgmma_bf16.cuh"
+#include "xla/ffi/api/ffi.h"
+
+namespace jax_ds::mla {
+namespace {
+
+using namespace jax_ds::sm90;
+
+constexpr int kPage = 64;        // cache rows per block
+constexpr int kDqk = 576;        // latent 512 + rope 64
+constexpr int kDv = 512;         // value columns (the latent)
+constexpr int kTileRows = 64;    // query rows per CTA (heads x Sq packed)
+constexpr int kChunks = kDqk / 64;           // 64-column (128-byte) swizzled chunks per row
+constexpr int kChunkBytes = 64 * 128;        // one [64 rows x 64 cols] bf16 chunk
+constexpr int kTileBytes = kChunks * kChunkBytes;  // 73728: a Q tile or a KV block
+constexpr int kFixedCost = 5;    // planner: cost of touching a batch, in KV blocks
+constexpr int kPartInts = 8;     // ints per part in the plan
+constexpr int kThreads = 384;    // 2 consumer warpgroups + 1 producer warpgroup (one thread)
+
+struct Smem {
+  static constexpr int kQ = 0;
+  static constexpr int kKv = kTileBytes;                      // 2 stages
+  static constexpr int kP = kKv + 2 * kTileBytes;             // [64 x 64] bf16, swizzled
+  static constexpr int kStats = kP + kChunkBytes;             // float[64]
+  static constexpr int kBars = kStats + 64 * 4;               // mbarriers
+  static constexpr int kNumBars = 8;
+  static constexpr int kBytes = kBars + kNumBars * 8;
+  static constexpr int kAlloc = kBytes + 1024;                // slack for 1024-byte alignment
+};
+static_assert(Smem::kP % 1024 == 0, "P tile must be 1024-byte aligned");
+static_assert(Smem::kAlloc <= 232448, "shared memory");
+
+struct Params {
+  const int32_t* block_table;
+  const int32_t* seqlens;
+  __nv_bfloat16* out;
+  float* lse;
+  float* o_acc;     // [2 * num_parts, rows, 512] partials of split batches
+  float* lse_acc;   // [2 * num_parts, rows]
+  int32_t* plan;    // [num_parts * 8] part ranges, then num_splits [B], split_base [B]
+  int batch, sq, hq, rows, max_blocks, num_blocks, num_parts;
+  int causal;
+  float scale, scale_log2;
+};
+
+__device__ __forceinline__ int ClampedLen(const Params& p, int b) {
+  return min(max(p.seqlens[b], 0), p.max_blocks * kPage);
+}
+
+// ---- 1. plan ------------------------------------------------------------------------------------
+// Part i gets begin (batch, block, split index) and end (batch, block): it covers batches
+// begin_b..end_b, the first from begin_block, the last (end_b) up to end_block (exclusive; only
+// if end_block > its start). Every part but a batch's last writes a partial into a slot.
+__global__ void PlanKernel(Params p) {
+  __shared__ int total_shared;
+  int32_t* parts = p.plan;
+  int32_t* num_splits = p.plan + p.num_parts * kPartInts;
+  int32_t* split_base = num_splits + p.batch;
+  if (threadIdx.x == 0) total_shared = 0;
+  __syncthreads();
+  int local = 0;
+  for (int b = threadIdx.x; b < p.batch; b += blockDim.x) {
+    local += (ClampedLen(p, b) + kPage - 1) / kPage + kFixedCost;
+  }
+  atomicAdd(&total_shared, local);
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  const int total = total_shared;
+  const int payload = (total + p.num_parts - 1) / p.num_parts + kFixedCost;
+  int b = 0, blk = 0, split = 0, slots = 0;
+  int nb = p.batch > 0 ? (ClampedLen(p, 0) + kPage - 1) / kPage : 0;
+  for (int i = 0; i < p.num_parts; ++i) {
+    int32_t* part = parts + i * kPartInts;
+    part[0] = b;
+    part[1] = blk;
+    part[2] = split;
+    int budget = payload;
+    while (b < p.batch) {
+      const int remaining = nb - blk;
+      if (budget >= remaining + kFixedCost) {  // finishes batch b
+        budget -= remaining + kFixedCost;
+        num_splits[b] = split + 1;
+        split_base[b] = split > 0 ? slots : 0;
+        slots += split > 0 ? split + 1 : 0;
+        ++b;
+        blk = 0;
+        split = 0;
+        nb = b < p.batch ? (ClampedLen(p, b) + kPage - 1) / kPage : 0;
+      } else {
+        const int take = budget - kFixedCost;
+        if (take > 0) {
+          blk += take;
+          ++split;
+        }
+        break;
+      }
+    }
+    part[3] = b;
+    part[4] = blk;
+  }
+  // The payload bound guarantees completion; a batch left over would be a planner bug: mark it
+  // so the decode kernel writes nothing wrong silently (num_splits 0 -> the combine writes NaN).
+  for (; b < p.batch; ++b) {
+    num_splits[b] = 0;
+    split_base[b] = 0;
+  }
+}
+
+// ---- 2. decode ----------------------------------------------------------------------------------
+// Byte offset of bf16 element (row, col) in a [64 x 64] tile stored with the 128-byte swizzle.
+__device__ __forceinline__ int SwizzledOffset(int row, int col) {
+  return row * 128 + ((((col * 2) >> 4) ^ (row & 7)) << 4) + ((col * 2) & 15);
+}
+
+// Shared-memory descriptor for B read MN-major from a KV stage: value columns [64 x c, ...) of a
+// [64 tokens x 64 cols] chunk sequence; 64-column groups (chunks) 8192 B apart (leading byte
+// offset), 8-token core groups 1024 B apart (stride byte offset), 128-byte swizzle.
+__device__ __forceinline__ uint64_t Sw128MnMajorDesc(const void* tile) {
+  const uint64_t addr = smem_addr(tile);
+  uint64_t desc = (addr & 0x3FFFF) >> 4;
+  desc |= uint64_t(kChunkBytes >> 4) << 16;
+  desc |= uint64_t(1024 >> 4) << 32;
+  desc |= uint64_t(1) << 62;
+  return desc;
+}
+
+// The segments (batch, block range, split index) of one part, in order.
+struct PartIter {
+  int b, lo, hi, split;
+  int begin_b, begin_blk, begin_split, end_b, end_blk;
+
+  __device__ void init(const Params& p, int part) {
+    const int32_t* r = p.plan + part * kPartInts;
+    begin_b = r[0];
+    begin_blk = r[1];
+    begin_split = r[2];
+    end_b = r[3];
+    end_blk = r[4];
+    b = begin_b - 1;
+  }
+  // Advances to the next segment; false when the part is done.
+  __device__ bool next(const Params& p) {
+    ++b;
+    if (b >= p.batch || b > end_b) return false;
+    lo = b == begin_b ? begin_blk : 0;
+    split = b == begin_b ? begin_split : 0;
+    const int nb = (ClampedLen(p, b) + kPage - 1) / kPage;
+    if (b == end_b) {
+      hi = end_blk;
+      if (hi <= lo) return false;
+    } else {
+      hi = nb;
+    }
+    return true;
+  }
+};
+
+// Zeroes cache rows [valid, 64) of chunks [c0, c0 + 4) of a KV stage (rows past a length may hold
+// NaN, and P = 0 times NaN is NaN); 128 threads.
+__device__ __forceinline__ void ZeroTailRows(uint8_t* stage, int valid, int c0, int t) {
+  const int rows = kPage - valid;
+  for (int i = t; i < rows * 4 * 8; i += 128) {  // 16-byte pieces
+    const int chunk = c0 + i / (rows * 8);
+    const int rem = i % (rows * 8);
+    const int row = valid + rem / 8;
+    *reinterpret_cast<uint4*>(stage + chunk * kChunkBytes + row * 128 + (rem % 8) * 16) =
+        make_uint4(0, 0, 0, 0);
+  }
+}
+
+struct Bars {
+  uint64_t* full;     // [2] KV stage landed (TMA bytes)
+  uint64_t* empty;    // [2] KV stage consumed (WG0 + WG1)
+  uint64_t* q_full;   // Q tile landed
+  uint64_t* q_empty;  // WG0 done reading the Q tile
+  uint64_t* p_full;   // P + row stats published by WG0
+  uint64_t* p_empty;  // WG1 done with P + row stats
+};
+
+// Writes a warpgroup's [64 x 256] accumulator (columns col0..col0+255), scaled per row.
+template <bool kSplit>
+__device__ __forceinline__ void StoreO(const Params& p, const float* acc, const float inv[2],
+                                       int b, int tile_row0, int valid_rows, int col0,
+                                       int slot, int t) {
+  const int warp = t / 32, lane = t % 32;
+  #pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int r = warp * 16 + lane / 4 + half * 8;
+    if (r >= valid_rows) continue;
+    const int row = tile_row0 + r;
+    #pragma unroll
+    for (int g = 0; g < 32; ++g) {
+      const int col = col0 + g * 8 + (lane % 4) * 2;
+      const float v0 = acc[g * 4 + half * 2] * inv[half];
+      const float v1 = acc[g * 4 + half * 2 + 1] * inv[half];
+      if constexpr (kSplit) {
+        float2* dst = reinterpret_cast<float2*>(
+            p.o_acc + (static_cast<int64_t>(slot) * p.rows + row) * kDv + col);
+        *dst = make_float2(v0, v1);
+      } else {
+        __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(
+            p.out + (static_cast<int64_t>(b) * p.rows + row) * kDv + col);
+        *dst = __floats2bfloat162_rn(v0, v1);
+      }
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kThreads, 1)
+DecodeKernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ CUtensorMap kv_map,
+             Params p) {
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  uint8_t* q_tile = smem + Smem::kQ;
+  uint8_t* kv_stage[2] = {smem + Smem::kKv, smem + Smem::kKv + kTileBytes};
+  uint8_t* p_tile = smem + Smem::kP;
+  float* stats = reinterpret_cast<float*>(smem + Smem::kStats);
+  uint64_t* bar = reinterpret_cast<uint64_t*>(smem + Smem::kBars);
+  Bars bars{bar, bar + 2, bar + 4, bar + 5, bar + 6, bar + 7};
+
+  const int tid = threadIdx.x;
+  const int tile = blockIdx.x;
+  const int part = blockIdx.y;
+  if (tid == 0) {
+    mbar_init(&bars.full[0], 1);
+    mbar_init(&bars.full[1], 1);
+    mbar_init(&bars.empty[0], 2);
+    mbar_init(&bars.empty[1], 2);
+    mbar_init(bars.q_full, 1);
+    mbar_init(bars.q_empty, 1);
+    mbar_init(bars.p_full, 1);
+    mbar_init(bars.p_empty, 1);
+    fence_barrier_init();
+  }
+  __syncthreads();
+
+  const int tile_row0 = tile * kTileRows;
+  const int valid_rows = min(kTileRows, p.rows - tile_row0);
+  PartIter seg;
+  seg.init(p, part);
+
+  if (tid >= 256) {  // ---- producer warpgroup: one thread issues every TMA copy --------------------
+    regs_dealloc<24>();
+    if (tid != 256) return;
+    prefetch_tensormap(&q_map);
+    prefetch_tensormap(&kv_map);
+    int it = 0, nseg = 0;
+    while (seg.next(p)) {
+      if (nseg > 0) mbar_wait(bars.q_empty, (nseg - 1) & 1);
+      mbar_arrive_expect_tx(bars.q_full, kTileBytes);
+      const int qrow = seg.b * p.rows + tile_row0;
+      #pragma unroll 1
+      for (int c = 0; c < kChunks; ++c) {
+        tma_load_2d(q_tile + c * kChunkBytes, &q_map, bars.q_full, c * 64, qrow);
+      }
+      const int32_t* table = p.block_table + static_cast<int64_t>(seg.b) * p.max_blocks;
+      for (int blk = seg.lo; blk < seg.hi; ++blk, ++it) {
+        const int s = it & 1, use = it >> 1;
+        if (use > 0) mbar_wait(&bars.empty[s], (use - 1) & 1);
+        const int id = min(max(table[blk], 0), p.num_blocks - 1);
+        mbar_arrive_expect_tx(&bars.full[s], kTileBytes);
+        #pragma unroll 1
+        for (int c = 0; c < kChunks; ++c) {
+          tma_load_2d(kv_stage[s] + c * kChunkBytes, &kv_map, &bars.full[s], c * 64, id * kPage);
+        }
+      }
+      ++nseg;
+    }
+    return;
+  }
+
+  // ---- consumers: warpgroup 0 (S, softmax, O[:, :256]) and 1 (O[:, 256:]) ---------------------
+  regs_alloc<240>();
+  const int wg = tid / 128;
+  const int t = tid % 128;
+  const int warp = t / 32, lane = t % 32;
+  const int r0 = warp * 16 + lane / 4;  // this thread's rows: r0 and r0 + 8
+  float acc[128];
+  int it = 0, handoff = 0, nseg = 0;
+
+  while (seg.next(p)) {
+    const int len = ClampedLen(p, seg.b);
+    const int nb = (len + kPage - 1) / kPage;
+    const int nsplits = p.plan[p.num_parts * kPartInts + seg.b];
+    const bool split = nsplits > 1;
+    const int slot = split ? p.plan[p.num_parts * kPartInts + p.batch + seg.b] + seg.split : 0;
+    const int tail_valid = len - (nb - 1) * kPage;  // rows of the last block inside the length
+    #pragma unroll
+    for (int i = 0; i < 128; ++i) acc[i] = 0.f;
+
+    if (wg == 0) {
+      // Keys a row sees: [0, vis); rows of query s = row / Hq (causal: len - (Sq - 1 - s)).
+      int vis[2];
+      #pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int s = min((tile_row0 + r0 + h * 8) / p.hq, p.sq - 1);
+        vis[h] = p.causal ? len - (p.sq - 1 - s) : len;
+      }
+      const int min_vis = p.causal ? len - (p.sq - 1) : len;
+      const int mask_from = min_vis <= 0 ? 0 : min_vis / kPage;  // blocks from here need masking
+      float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+      mbar_wait(bars.q_full, nseg & 1);
+      const uint8_t* prev_stage = nullptr;
+      for (int blk = seg.lo; blk < seg.hi; ++blk, ++it) {
+        const int s = it & 1;
+        mbar_wait(&bars.full[s], (it >> 1) & 1);
+        float sc[32];
+        wgmma_fence();
+        #pragma unroll
+        for (int kk = 0; kk < kDqk / 16; ++kk) {
+          const int off = (kk / 4) * kChunkBytes + (kk % 4) * 32;
+          WgmmaBf16<64>::mma(sc, sw128_kmajor_desc(q_tile + off),
+                             sw128_kmajor_desc(kv_stage[s] + off), kk > 0);
+        }
+        wgmma_commit();
+        wgmma_wait<0>();  // S, and the previous block's P V
+        #pragma unroll
+        for (int i = 0; i < 32; ++i) fence_operand(sc[i]);
+        #pragma unroll
+        for (int i = 0; i < 128; ++i) fence_operand(acc[i]);
+        if (prev_stage != nullptr && t == 0) mbar_arrive(&bars.empty[s ^ 1]);
+        if (blk == seg.hi - 1 && t == 0) mbar_arrive(bars.q_empty);
+
+        if (blk >= mask_from) {
+          #pragma unroll
+          for (int g = 0; g < 8; ++g) {
+            #pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int key = blk * kPage + g * 8 + (lane % 4) * 2 + (e & 1);
+              if (key >= vis[e >> 1]) sc[g * 4 + e] = -INFINITY;
+            }
+          }
+        }
+        float scale_row[2];
+        #pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          float mx = -INFINITY;
+          #pragma unroll
+          for (int g = 0; g < 8; ++g) mx = fmaxf(mx, fmaxf(sc[g * 4 + h * 2], sc[g * 4 + h * 2 + 1]));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+          const float m_new = fmaxf(m[h], mx);
+          const float m_use = m_new == -INFINITY ? 0.f : m_new;
+          // (x - m) * c rather than x * c - m * c: the difference is exact near the max, so the
+          // exponent carries one rounding (the lse bound is 1e-6 relative).
+          scale_row[h] = exp2f((m[h] - m_use) * p.scale_log2);
+          float sum = 0.f;
+          #pragma unroll
+          for (int g = 0; g < 8; ++g) {
+            #pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              float& x = sc[g * 4 + h * 2 + e];
+              x = exp2f((x - m_use) * p.scale_log2);
+              sum += x;
+            }
+          }
+          l[h] = l[h] * scale_row[h] + sum;
+          m[h] = m_new;
+        }
+        #pragma unroll
+        for (int g = 0; g < 32; ++g) {
+          acc[g * 4 + 0] *= scale_row[0];
+          acc[g * 4 + 1] *= scale_row[0];
+          acc[g * 4 + 2] *= scale_row[1];
+          acc[g * 4 + 3] *= scale_row[1];
+        }
+        // Publish P and the row rescale once warpgroup 1 is done with the previous ones.
+        if (handoff > 0) mbar_wait(bars.p_empty, (handoff - 1) & 1);
+        #pragma unroll
+        for (int g = 0; g < 8; ++g) {
+          #pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int r = r0 + h * 8;
+            *reinterpret_cast<__nv_bfloat162*>(p_tile + SwizzledOffset(r, g * 8 + (lane % 4) * 2)) =
+                __floats2bfloat162_rn(sc[g * 4 + h * 2], sc[g * 4 + h * 2 + 1]);
+          }
+        }
+        if (lane % 4 == 0) {
+          stats[r0] = scale_row[0];
+          stats[r0 + 8] = scale_row[1];
+        }
+        if (blk == nb - 1 && tail_valid < kPage) ZeroTailRows(kv_stage[s], tail_valid, 0, t);
+        fence_proxy_async_smem();
+        named_barrier(1, 128);
+        if (t == 0) mbar_arrive(bars.p_full);
+        ++handoff;
+        wgmma_fence();
+        #pragma unroll
+        for (int kk = 0; kk < kPage / 16; ++kk) {
+          WgmmaBf16TransB<256>::mma(acc, sw128_kmajor_desc(p_tile + kk * 32),
+                                    Sw128MnMajorDesc(kv_stage[s] + kk * 2048), 1);
+        }
+        wgmma_commit();
+        prev_stage = kv_stage[s];
+      }
+      if (seg.hi == seg.lo && t == 0) mbar_arrive(bars.q_empty);  // nothing read from this Q
+      wgmma_wait<0>();
+      #pragma unroll
+      for (int i = 0; i < 128; ++i) fence_operand(acc[i]);
+      if (prev_stage != nullptr && t == 0) mbar_arrive(&bars.empty[(it - 1) & 1]);
+      // Final row stats: 1/l for warpgroup 1, lse for the output.
+      float inv[2], lse[2];
+      #pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        l[h] += __shfl_xor_sync(0xffffffff, l[h], 1);
+        l[h] += __shfl_xor_sync(0xffffffff, l[h], 2);
+        inv[h] = l[h] > 0.f ? 1.f / l[h] : 0.f;
+        lse[h] = l[h] > 0.f ? m[h] * p.scale + logf(l[h]) : -INFINITY;
+      }
+      if (handoff > 0) mbar_wait(bars.p_empty, (handoff - 1) & 1);
+      if (lane % 4 == 0) {
+        stats[r0] = inv[0];
+        stats[r0 + 8] = inv[1];
+      }
+      named_barrier(1, 128);
+      if (t == 0) mbar_arrive(bars.p_full);
+      ++handoff;
+      if (lane % 4 == 0) {
+        #pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int r = r0 + h * 8;
+          if (r >= valid_rows) continue;
+          const int row = tile_row0 + r;
+          if (split) {
+            p.lse_acc[static_cast<int64_t>(slot) * p.rows + row] = lse[h];
+          } else {
+            const int sq_i = row / p.hq, h_i = row % p.hq;
+            p.lse[(static_cast<int64_t>(seg.b) * p.hq + h_i) * p.sq + sq_i] = lse[h];
+          }
+        }
+      }
+      if (split) {
+        StoreO<true>(p, acc, inv, seg.b, tile_row0, valid_rows, 0, slot, t);
+      } else {
+        StoreO<false>(p, acc, inv, seg.b, tile_row0, valid_rows, 0, slot, t);
+      }
+    } else {
+      for (int blk = seg.lo; blk < seg.hi; ++blk, ++it) {
+        const int s = it & 1;
+        mbar_wait(&bars.full[s], (it >> 1) & 1);
+        mbar_wait(bars.p_full, handoff & 1);
+        const float rs0 = stats[r0], rs1 = stats[r0 + 8];
+        #pragma unroll
+        for (int g = 0; g < 32; ++g) {
+          acc[g * 4 + 0] *= rs0;
+          acc[g * 4 + 1] *= rs0;
+          acc[g * 4 + 2] *= rs1;
+          acc[g * 4 + 3] *= rs1;
+        }
+        if (blk == nb - 1 && tail_valid < kPage) {
+          ZeroTailRows(kv_stage[s], tail_valid, 4, t);
+          fence_proxy_async_smem();
+        }
+        named_barrier(2, 128);
+        wgmma_fence();
+        #pragma unroll
+        for (int kk = 0; kk < kPage / 16; ++kk) {
+          WgmmaBf16TransB<256>::mma(acc, sw128_kmajor_desc(p_tile + kk * 32),
+                                    Sw128MnMajorDesc(kv_stage[s] + 4 * kChunkBytes + kk * 2048),
+                                    1);
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+        #pragma unroll
+        for (int i = 0; i < 128; ++i) fence_operand(acc[i]);
+        if (t == 0) {
+          mbar_arrive(bars.p_empty);
+          mbar_arrive(&bars.empty[s]);
+        }
+        ++handoff;
+      }
+      mbar_wait(bars.p_full, handoff & 1);
+      const float inv[2] = {stats[r0], stats[r0 + 8]};
+      named_barrier(2, 128);
+      if (t == 0) mbar_arrive(bars.p_empty);
+      ++handoff;
+      if (split) {
+        StoreO<true>(p, acc, inv, seg.b, tile_row0, valid_rows, 256, slot, t);
+      } else {
+        StoreO<false>(p, acc, inv, seg.b, tile_row0, valid_rows, 256, slot, t);
+      }
+    }
+    ++nseg;
+  }
+}
+
+// ---- 3. combine ---------------------------------------------------------------------------------
+// One warp per (batch, row) of a split batch: lse = log sum_j exp(lse_j), out = sum_j
+// exp(lse_j - lse) o_j.
+__global__ void CombineKernel(Params p) {
+  const int b = blockIdx.x;
+  const int row = blockIdx.y * 4 + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= p.rows) return;
+  const int32_t* num_splits = p.plan + p.num_parts * kPartInts;
+  const int n = num_splits[b];
+  if (n == 1) return;  // written by the decode kernel
+  const int base = num_splits[p.batch + b];
+  const int sq_i = row / p.hq, h_i = row % p.hq;
+  float* lse_out = p.lse + (static_cast<int64_t>(b) * p.hq + h_i) * p.sq + sq_i;
+  __nv_bfloat16* out = p.out + (static_cast<int64_t>(b) * p.rows + row) * kDv;
+  if (n <= 0) {  // planner left the batch unassigned: never silent
+    if (lane == 0) *lse_out = NAN;
+    for (int c = lane; c < kDv; c += 32) out[c] = __float2bfloat16(NAN);
+    return;
+  }
+  float mx = -INFINITY;
+  for (int j = lane; j < n; j += 32) mx = fmaxf(mx, p.lse_acc[static_cast<int64_t>(base + j) * p.rows + row]);
+  #pragma unroll
+  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, o));
+  const float m_use = mx == -INFINITY ? 0.f : mx;
+  float sum = 0.f;
+  for (int j = lane; j < n; j += 32) {
+    sum += expf(p.lse_acc[static_cast<int64_t>(base + j) * p.rows + row] - m_use);
+  }
+  #pragma unroll
+  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, o);
+  const float lse = sum > 0.f ? m_use + logf(sum) : -INFINITY;
+  if (lane == 0) *lse_out = lse;
+  float4 o[4] = {};
+  for (int j = 0; j < n; ++j) {
+    const int64_t slot = base + j;
+    const float lj = p.lse_acc[slot * p.rows + row];
+    const float w = lse == -INFINITY ? 0.f : expf(lj - lse);
+    if (w == 0.f) continue;
+    const float4* src = reinterpret_cast<const float4*>(p.o_acc + (slot * p.rows + row) * kDv);
+    #pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const float4 v = src[lane + 32 * k];
+      o[k].x += w * v.x;
+      o[k].y += w * v.y;
+      o[k].z += w * v.z;
+      o[k].w += w * v.w;
+    }
+  }
+  #pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(out + (lane + 32 * k) * 4);
+    dst[0] = __floats2bfloat162_rn(o[k].x, o[k].y);
+    dst[1] = __floats2bfloat162_rn(o[k].z, o[k].w);
+  }
+}
+
+// ---- handler ------------------------------------------------------------------------------------
+ffi::Error PrepareDecodeKernel() {
+  static std::atomic<uint64_t> ready_mask{0};
+  int device = 0;
+  JAX_DS_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+  const uint64_t bit = uint64_t(1) << (device % 64);
+  if (!(ready_mask.load(std::memory_order_acquire) & bit)) {
+    JAX_DS_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+        DecodeKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Smem::kAlloc));
+    ready_mask.fetch_or(bit, std::memory_order_release);
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error MlaDecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer kv,
+                         ffi::Buffer<ffi::S32> block_table, ffi::Buffer<ffi::S32> seqlens,
+                         ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::Buffer<ffi::F32>> lse,
+                         ffi::Result<ffi::Buffer<ffi::S32>> plan,
+                         ffi::Result<ffi::Buffer<ffi::F32>> o_acc,
+                         ffi::Result<ffi::Buffer<ffi::F32>> lse_acc, float softmax_scale,
+                         bool causal, int32_t num_parts) {
+  auto qd = q.dimensions(), kd = kv.dimensions(), td = block_table.dimensions(),
+       sd = seqlens.dimensions(), od = out->dimensions(), ld = lse->dimensions();
+  JAX_DS_CHECK_ARG(qd.size() == 4 && kd.size() == 4 && td.size() == 2 && sd.size() == 1 &&
+                       od.size() == 4 && ld.size() == 3,
+                   "mla_decode: q [B,Sq,Hq,576], kv_cache [N,64,1,576], block_table [B,M], "
+                   "cache_seqlens [B], out [B,Sq,Hq,512], lse [B,Hq,Sq]");
+  JAX_DS_CHECK_ARG(q.element_type() == ffi::BF16 && kv.element_type() == ffi::BF16 &&
+                       out->element_type() == ffi::BF16,
+                   "mla_decode: q, kv_cache and out must be bfloat16");
+  const int64_t B = qd[0], Sq = qd[1], Hq = qd[2], NB = kd[0], MB = td[1];
+  JAX_DS_CHECK_ARG(qd[3] == kDqk && kd[1] == kPage && kd[2] == 1 && kd[3] == kDqk,
+                   "mla_decode: need q [..., 576] and kv_cache [N, 64, 1, 576]");
+  JAX_DS_CHECK_ARG(Hq >= 16 && Hq <= 128 && Sq >= 1, "mla_decode: the kernel takes Hq in [16, 128]");
+  JAX_DS_CHECK_ARG(td[0] == B && sd[0] == B, "mla_decode: block_table and cache_seqlens need B rows");
+  JAX_DS_CHECK_ARG(od[0] == B && od[1] == Sq && od[2] == Hq && od[3] == kDv && ld[0] == B &&
+                       ld[1] == Hq && ld[2] == Sq,
+                   "mla_decode: out must be [B,Sq,Hq,512] and lse [B,Hq,Sq]");
+  JAX_DS_CHECK_ARG(NB >= 1, "mla_decode: kv_cache needs at least one block");
+  JAX_DS_CHECK_ARG(num_parts >= 1, "mla_decode: num_parts must be >= 1");
+  JAX_DS_CHECK_ARG(softmax_scale > 0.f && std::isfinite(softmax_scale),
+                   "mla_decode: softmax_scale must be positive and finite");
+  const int64_t rows = Sq * Hq;
+  JAX_DS_CHECK_ARG(B * rows < (int64_t(1) << 31) && NB * kPage < (int64_t(1) << 31) &&
+                       B * MB < (int64_t(1) << 31) && MB * kPage < (int64_t(1) << 31),
+                   "mla_decode: sizes must fit in int32");
+  JAX_DS_CHECK_ARG(plan->element_count() >= num_parts * kPartInts + 2 * B &&
+                       o_acc->element_count() >= 2 * num_parts * rows * kDv &&
+                       lse_acc->element_count() >= 2 * num_parts * rows,
+                   "mla_decode: workspace buffers are too small for num_parts");
+  if (B == 0) return ffi::Error::Success();
+
+  Params p{};
+  p.block_table = block_table.typed_data();
+  p.seqlens = seqlens.typed_data();
+  p.out = reinterpret_cast<__nv_bfloat16*>(out->untyped_data());
+  p.lse = lse->typed_data();
+  p.o_acc = o_acc->typed_data();
+  p.lse_acc = lse_acc->typed_data();
+  p.plan = plan->typed_data();
+  p.batch = static_cast<int>(B);
+  p.sq = static_cast<int>(Sq);
+  p.hq = static_cast<int>(Hq);
+  p.rows = static_cast<int>(rows);
+  p.max_blocks = static_cast<int>(MB);
+  p.num_blocks = static_cast<int>(NB);
+  p.num_parts = num_parts;
+  p.causal = causal ? 1 : 0;
+  p.scale = softmax_scale;
+  p.scale_log2 = softmax_scale * 1.4426950408889634f;
+
+  CUtensorMap q_map, kv_map;
+  if (auto err = EncodeTileMap(&q_map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, q.untyped_data(),
+                               B * rows, kDqk, kTileRows, 64);
+      err.failure())
+    return err;
+  if (auto err = EncodeTileMap(&kv_map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, kv.untyped_data(),
+                               NB * kPage, kDqk, kPage, 64);
+      err.failure())
+    return err;
+  if (auto err = PrepareDecodeKernel(); err.failure()) return err;
+
+  PlanKernel<<<1, 256, 0, stream>>>(p);
+  JAX_DS_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  const int tiles = static_cast<int>((rows + kTileRows - 1) / kTileRows);
+  DecodeKernel<<<dim3(tiles, num_parts), kThreads, Smem::kAlloc, stream>>>(q_map, kv_map, p);
+  JAX_DS_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  CombineKernel<<<dim3(static_cast<unsigned>(B), static_cast<unsigned>((rows + 3) / 4)), 128, 0,
+                  stream>>>(p);
+  JAX_DS_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace jax_ds::mla
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxDsMlaDecode, jax_ds::mla::MlaDecodeImpl,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<xla::ffi::AnyBuffer>()                      // q
+                                  .Arg<xla::ffi::AnyBuffer>()                      // kv_cache
+                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()          // block_table
+                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()          // cache_seqlens
+                                  .Ret<xla::ffi::AnyBuffer>()                      // out
+                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()          // lse
+                                  .Ret<xla::ffi::Buffer<xla::ffi::S32>>()          // plan
+                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()          // o partials
+                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()          // lse partials
+                                  .Attr<float>("softmax_scale")
+                                  .Attr<bool>("causal")
+                                  .Attr<int32_t>("num_parts"),
+                              {xla::ffi::Traits::kCmdBufferCompatible});

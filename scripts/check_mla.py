@@ -1,0 +1,60 @@
+"""Device check of the MLA decode kernel against the reference: prints errors, asserts nothing.
+
+    python scripts/check_mla.py            # a few shapes; one line per case
+Columns: max |out - ref|, calc_diff, max |lse - ref| (finite), NaN/Inf mismatches, and the batch
+rows with the worst error (split batches go through the combine kernel, others do not).
+"""
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_ds.ops import mla_decode
+from jax_ds.testing import calc_diff
+
+CASES = [  # b, sq, hq, causal, max_len, fixed
+    (1, 1, 16, True, 64, True), (2, 1, 64, True, 200, False), (4, 1, 16, True, 1000, False),
+    (8, 2, 16, True, 3000, False), (33, 1, 128, True, 5000, False), (33, 2, 128, False, 5000, False),
+    (132, 2, 64, True, 16384, False), (128, 1, 128, True, 4096, True), (1, 1, 128, True, 16384, True),
+]
+
+
+def run(b, sq, hq, causal, max_len, fixed, seed=0):
+    rng = np.random.default_rng(seed)
+    lens = np.full(b, max_len) if fixed else rng.integers(1, max_len + 1, b)
+    mb = -(-int(lens.max()) // 64)
+    table = rng.permutation(b * mb).astype(np.int32).reshape(b, mb)
+    kq, kk = jax.random.split(jax.random.key(seed))
+    q = jax.random.normal(kq, (b, sq, hq, 576), jnp.bfloat16)
+    kv = jax.random.normal(kk, (b * mb, 64, 1, 576), jnp.bfloat16)
+    pos = np.arange(mb * 64)[None, :]
+    poison = np.zeros((b * mb, 64), bool)
+    poison[table.reshape(-1)] = (pos >= lens[:, None]).reshape(-1, 64)
+    kv = jnp.where(jnp.asarray(poison)[:, :, None, None], jnp.nan, kv)
+    args = (q, kv, jnp.asarray(table), jnp.asarray(lens.astype(np.int32)))
+    f = jax.jit(lambda *a, impl: mla_decode(*a, causal=causal, impl=impl), static_argnames="impl")
+    out, lse = jax.block_until_ready(f(*args, impl="ffi"))
+    ro, rl = f(*args, impl="xla")
+    out, ro = np.asarray(out, np.float32), np.asarray(ro, np.float32)
+    lse, rl = np.asarray(lse), np.asarray(rl)
+    nan = int((np.isnan(out) != np.isnan(ro)).sum() + (np.isinf(lse) != np.isinf(rl)).sum()
+              + np.isnan(lse).sum())
+    fin = np.isfinite(ro) & np.isfinite(out)
+    d = np.where(fin, np.abs(out - ro), 0)
+    per_b = d.reshape(b, -1).max(1)
+    fl = np.isfinite(rl) & np.isfinite(lse)
+    dl = np.abs(np.where(fl, lse - rl, 0)).max()
+    worst = np.argsort(per_b)[-3:][::-1]
+    print(f"b{b} sq{sq} h{hq} causal={causal} len<={max_len}: out max {d.max():.2e} "
+          f"calc_diff {calc_diff(out[fin], ro[fin]):.1e} lse {dl:.2e} nan/inf mismatch {nan} "
+          f"worst b {list(worst)} lens {list(lens[worst])} err {[f'{per_b[i]:.1e}' for i in worst]}",
+          flush=True)
+
+
+if __name__ == "__main__":
+    for c in CASES[: int(sys.argv[1]) if len(sys.argv) > 1 else None]:
+        try:
+            run(*c)
+        except Exception as e:
+            print(c, "FAILED", type(e).__name__, str(e)[:300], flush=True)
