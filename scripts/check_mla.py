@@ -52,7 +52,29 @@ def run(b, sq, hq, causal, max_len, fixed, seed=0):
           flush=True)
 
 
-if __name__ == "__main__":
+def explain_test_case(b, sq, hq, causal):
+    """Reproduces tests/test_mla_decode_gpu.py's case and prints the worst tolerance violations."""
+    sys.path.insert(0, "tests")
+    from test_mla_decode_gpu import paged
+    q, kv, table, lens = paged(b * 1000 + sq * 100 + hq, b, sq, hq)
+    f = jax.jit(lambda *a, impl: mla_decode(*a, causal=causal, impl=impl), static_argnames="impl")
+    out, lse = (np.asarray(x, np.float32) for x in f(q, kv, table, lens, impl="ffi"))
+    ro, rl = (np.asarray(x, np.float32) for x in f(q, kv, table, lens, impl="xla"))
+    excess = np.abs(out - ro) - (8e-4 + 2 / 128 * np.abs(ro))
+    idx = np.argsort(np.nan_to_num(excess, nan=1e9).ravel())[-8:][::-1]
+    lens = np.asarray(lens)
+    for i in idx:
+        bi, si, hi, ci = np.unravel_index(i, out.shape)
+        print(f"  b{bi} s{si} h{hi} col{ci}: ours {out[bi, si, hi, ci]:.6f} ref "
+              f"{ro[bi, si, hi, ci]:.6f} excess {excess.ravel()[i]:.2e} len {lens[bi]}")
+    le = np.abs(lse - rl) - (1e-6 + 1e-6 * np.abs(rl))
+    j = np.nanargmax(np.where(np.isfinite(rl), le, -1))
+    print(f"  worst lse excess {le.ravel()[j]:.2e} at {np.unravel_index(j, lse.shape)}")
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--test-case"]:
+    explain_test_case(*map(int, sys.argv[2:5]), bool(int(sys.argv[5])))
+elif __name__ == "__main__":
     for c in CASES[: int(sys.argv[1]) if len(sys.argv) > 1 else None]:
         try:
             run(*c)

@@ -46,6 +46,7 @@ constexpr int kTileRows = 64;    // query rows per CTA (heads x Sq packed)
 constexpr int kChunks = kDqk / 64;           // 64-column (128-byte) swizzled chunks per row
 constexpr int kChunkBytes = 64 * 128;        // one [64 rows x 64 cols] bf16 chunk
 constexpr int kTileBytes = kChunks * kChunkBytes;  // 73728: a Q tile or a KV block
+constexpr int kPreciseMaxLen = 1024;  // sequences up to this length get P V in two passes
 constexpr int kFixedCost = 5;    // planner: cost of touching a batch, in KV blocks
 constexpr int kPartInts = 8;     // ints per part in the plan
 constexpr int kThreads = 384;    // 2 consumer warpgroups + 1 producer warpgroup (one thread)
@@ -84,8 +85,11 @@ __device__ __forceinline__ int ClampedLen(const Params& p, int b) {
 // Part i gets begin (batch, block, split index) and end (batch, block): it covers batches
 // begin_b..end_b, the first from begin_block, the last (end_b) up to end_block (exclusive; only
 // if end_block > its start). Every part but a batch's last writes a partial into a slot.
+constexpr int kPlanSmemBatches = 8192;  // block counts cached in shared memory (32 KB)
+
 __global__ void PlanKernel(Params p) {
   __shared__ int total_shared;
+  __shared__ int nb_shared[kPlanSmemBatches];
   int32_t* parts = p.plan;
   int32_t* num_splits = p.plan + p.num_parts * kPartInts;
   int32_t* split_base = num_splits + p.batch;
@@ -93,15 +97,21 @@ __global__ void PlanKernel(Params p) {
   __syncthreads();
   int local = 0;
   for (int b = threadIdx.x; b < p.batch; b += blockDim.x) {
-    local += (ClampedLen(p, b) + kPage - 1) / kPage + kFixedCost;
+    const int nb = (ClampedLen(p, b) + kPage - 1) / kPage;
+    if (b < kPlanSmemBatches) nb_shared[b] = nb;
+    local += nb + kFixedCost;
   }
   atomicAdd(&total_shared, local);
   __syncthreads();
   if (threadIdx.x != 0) return;
+  // One thread walks the parts (the walk is sequential); reads come from shared memory.
+  auto blocks_of = [&](int b) {
+    return b < kPlanSmemBatches ? nb_shared[b] : (ClampedLen(p, b) + kPage - 1) / kPage;
+  };
   const int total = total_shared;
   const int payload = (total + p.num_parts - 1) / p.num_parts + kFixedCost;
   int b = 0, blk = 0, split = 0, slots = 0;
-  int nb = p.batch > 0 ? (ClampedLen(p, 0) + kPage - 1) / kPage : 0;
+  int nb = p.batch > 0 ? blocks_of(0) : 0;
   for (int i = 0; i < p.num_parts; ++i) {
     int32_t* part = parts + i * kPartInts;
     part[0] = b;
@@ -118,7 +128,7 @@ __global__ void PlanKernel(Params p) {
         ++b;
         blk = 0;
         split = 0;
-        nb = b < p.batch ? (ClampedLen(p, b) + kPage - 1) / kPage : 0;
+        nb = b < p.batch ? blocks_of(b) : 0;
       } else {
         const int take = budget - kFixedCost;
         if (take > 0) {
@@ -319,6 +329,9 @@ DecodeKernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ 
     const bool split = nsplits > 1;
     const int slot = split ? p.plan[p.num_parts * kPartInts + p.batch + seg.b] + seg.split : 0;
     const int tail_valid = len - (nb - 1) * kPage;  // rows of the last block inside the length
+    // P V passes per block: bf16 P alone (as FlashMLA) leaves a 2^-9 relative error per weight
+    // that only averages out over many keys; short sequences add P's rounding residual.
+    const int passes = len <= kPreciseMaxLen ? 2 : 1;
     #pragma unroll
     for (int i = 0; i < 128; ++i) acc[i] = 0.f;
 
@@ -334,7 +347,6 @@ DecodeKernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ 
       const int mask_from = min_vis <= 0 ? 0 : min_vis / kPage;  // blocks from here need masking
       float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
       mbar_wait(bars.q_full, nseg & 1);
-      const uint8_t* prev_stage = nullptr;
       for (int blk = seg.lo; blk < seg.hi; ++blk, ++it) {
         const int s = it & 1;
         mbar_wait(&bars.full[s], (it >> 1) & 1);
@@ -347,12 +359,11 @@ DecodeKernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ 
                              sw128_kmajor_desc(kv_stage[s] + off), kk > 0);
         }
         wgmma_commit();
-        wgmma_wait<0>();  // S, and the previous block's P V
+        wgmma_wait<0>();
         #pragma unroll
         for (int i = 0; i < 32; ++i) fence_operand(sc[i]);
         #pragma unroll
         for (int i = 0; i < 128; ++i) fence_operand(acc[i]);
-        if (prev_stage != nullptr && t == 0) mbar_arrive(&bars.empty[s ^ 1]);
         if (blk == seg.hi - 1 && t == 0) mbar_arrive(bars.q_empty);
 
         if (blk >= mask_from) {
@@ -398,15 +409,22 @@ DecodeKernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ 
           acc[g * 4 + 2] *= scale_row[1];
           acc[g * 4 + 3] *= scale_row[1];
         }
-        // Publish P and the row rescale once warpgroup 1 is done with the previous ones.
+        // Publish P and the row rescale once warpgroup 1 is done with the previous ones. Short
+        // sequences also keep P's bf16 rounding residual for a second pass (P = hi + lo).
+        uint32_t p_lo[16];
         if (handoff > 0) mbar_wait(bars.p_empty, (handoff - 1) & 1);
         #pragma unroll
         for (int g = 0; g < 8; ++g) {
           #pragma unroll
           for (int h = 0; h < 2; ++h) {
             const int r = r0 + h * 8;
+            const float a = sc[g * 4 + h * 2], c = sc[g * 4 + h * 2 + 1];
+            const __nv_bfloat162 hi = __floats2bfloat162_rn(a, c);
             *reinterpret_cast<__nv_bfloat162*>(p_tile + SwizzledOffset(r, g * 8 + (lane % 4) * 2)) =
-                __floats2bfloat162_rn(sc[g * 4 + h * 2], sc[g * 4 + h * 2 + 1]);
+                hi;
+            const float2 hf = __bfloat1622float2(hi);
+            const __nv_bfloat162 lo = __floats2bfloat162_rn(a - hf.x, c - hf.y);
+            p_lo[g * 2 + h] = *reinterpret_cast<const uint32_t*>(&lo);
           }
         }
         if (lane % 4 == 0) {
@@ -414,24 +432,44 @@ DecodeKernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ 
           stats[r0 + 8] = scale_row[1];
         }
         if (blk == nb - 1 && tail_valid < kPage) ZeroTailRows(kv_stage[s], tail_valid, 0, t);
-        fence_proxy_async_smem();
-        named_barrier(1, 128);
-        if (t == 0) mbar_arrive(bars.p_full);
-        ++handoff;
-        wgmma_fence();
-        #pragma unroll
-        for (int kk = 0; kk < kPage / 16; ++kk) {
-          WgmmaBf16TransB<256>::mma(acc, sw128_kmajor_desc(p_tile + kk * 32),
-                                    Sw128MnMajorDesc(kv_stage[s] + kk * 2048), 1);
+        #pragma unroll 1
+        for (int pass = 0; pass < passes; ++pass) {
+          if (pass == 1) {  // the residual, once warpgroup 1 is done with hi; no rescale
+            mbar_wait(bars.p_empty, (handoff - 1) & 1);
+            #pragma unroll
+            for (int g = 0; g < 8; ++g) {
+              #pragma unroll
+              for (int h = 0; h < 2; ++h) {
+                *reinterpret_cast<uint32_t*>(
+                    p_tile + SwizzledOffset(r0 + h * 8, g * 8 + (lane % 4) * 2)) = p_lo[g * 2 + h];
+              }
+            }
+            if (lane % 4 == 0) {
+              stats[r0] = 1.f;
+              stats[r0 + 8] = 1.f;
+            }
+          }
+          fence_proxy_async_smem();
+          named_barrier(1, 128);
+          if (t == 0) mbar_arrive(bars.p_full);
+          ++handoff;
+          wgmma_fence();
+          #pragma unroll
+          for (int kk = 0; kk < kPage / 16; ++kk) {
+            WgmmaBf16TransB<256>::mma(acc, sw128_kmajor_desc(p_tile + kk * 32),
+                                      Sw128MnMajorDesc(kv_stage[s] + kk * 2048), 1);
+          }
+          wgmma_commit();
+          // Free the stage as soon as this P V is done (the tensor cores are busy with it
+          // anyway), so the next load overlaps the whole next S. (wait<1> after the next S would
+          // do the same but makes ptxas serialize every WGMMA: C7514.)
+          wgmma_wait<0>();
+          #pragma unroll
+          for (int i = 0; i < 128; ++i) fence_operand(acc[i]);
         }
-        wgmma_commit();
-        prev_stage = kv_stage[s];
+        if (t == 0) mbar_arrive(&bars.empty[s]);
       }
       if (seg.hi == seg.lo && t == 0) mbar_arrive(bars.q_empty);  // nothing read from this Q
-      wgmma_wait<0>();
-      #pragma unroll
-      for (int i = 0; i < 128; ++i) fence_operand(acc[i]);
-      if (prev_stage != nullptr && t == 0) mbar_arrive(&bars.empty[(it - 1) & 1]);
       // Final row stats: 1/l for warpgroup 1, lse for the output.
       float inv[2], lse[2];
       #pragma unroll
@@ -472,36 +510,37 @@ DecodeKernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ 
       for (int blk = seg.lo; blk < seg.hi; ++blk, ++it) {
         const int s = it & 1;
         mbar_wait(&bars.full[s], (it >> 1) & 1);
-        mbar_wait(bars.p_full, handoff & 1);
-        const float rs0 = stats[r0], rs1 = stats[r0 + 8];
-        #pragma unroll
-        for (int g = 0; g < 32; ++g) {
-          acc[g * 4 + 0] *= rs0;
-          acc[g * 4 + 1] *= rs0;
-          acc[g * 4 + 2] *= rs1;
-          acc[g * 4 + 3] *= rs1;
+        #pragma unroll 1
+        for (int pass = 0; pass < passes; ++pass) {
+          mbar_wait(bars.p_full, handoff & 1);
+          const float rs0 = stats[r0], rs1 = stats[r0 + 8];
+          #pragma unroll
+          for (int g = 0; g < 32; ++g) {
+            acc[g * 4 + 0] *= rs0;
+            acc[g * 4 + 1] *= rs0;
+            acc[g * 4 + 2] *= rs1;
+            acc[g * 4 + 3] *= rs1;
+          }
+          if (pass == 0 && blk == nb - 1 && tail_valid < kPage) {
+            ZeroTailRows(kv_stage[s], tail_valid, 4, t);
+            fence_proxy_async_smem();
+          }
+          named_barrier(2, 128);
+          wgmma_fence();
+          #pragma unroll
+          for (int kk = 0; kk < kPage / 16; ++kk) {
+            WgmmaBf16TransB<256>::mma(acc, sw128_kmajor_desc(p_tile + kk * 32),
+                                      Sw128MnMajorDesc(kv_stage[s] + 4 * kChunkBytes + kk * 2048),
+                                      1);
+          }
+          wgmma_commit();
+          wgmma_wait<0>();
+          #pragma unroll
+          for (int i = 0; i < 128; ++i) fence_operand(acc[i]);
+          if (t == 0) mbar_arrive(bars.p_empty);
+          ++handoff;
         }
-        if (blk == nb - 1 && tail_valid < kPage) {
-          ZeroTailRows(kv_stage[s], tail_valid, 4, t);
-          fence_proxy_async_smem();
-        }
-        named_barrier(2, 128);
-        wgmma_fence();
-        #pragma unroll
-        for (int kk = 0; kk < kPage / 16; ++kk) {
-          WgmmaBf16TransB<256>::mma(acc, sw128_kmajor_desc(p_tile + kk * 32),
-                                    Sw128MnMajorDesc(kv_stage[s] + 4 * kChunkBytes + kk * 2048),
-                                    1);
-        }
-        wgmma_commit();
-        wgmma_wait<0>();
-        #pragma unroll
-        for (int i = 0; i < 128; ++i) fence_operand(acc[i]);
-        if (t == 0) {
-          mbar_arrive(bars.p_empty);
-          mbar_arrive(&bars.empty[s]);
-        }
-        ++handoff;
+        if (t == 0) mbar_arrive(&bars.empty[s]);
       }
       mbar_wait(bars.p_full, handoff & 1);
       const float inv[2] = {stats[r0], stats[r0 + 8]};
