@@ -72,7 +72,14 @@ def explain_test_case(b, sq, hq, causal):
     print(f"  worst lse excess {le.ravel()[j]:.2e} at {np.unravel_index(j, lse.shape)}")
 
 
-if __name__ == "__main__" and sys.argv[1:2] == ["--test-case"]:
+if __name__ == "__main__" and sys.argv[1:2] == ["--profile"]:  # b s_k h_q s_q: 3 ffi calls
+    from jax_ds.bench.mla import inputs
+    b, s_k, h_q, s_q = map(int, sys.argv[2:6])
+    args, _ = inputs(0, b, s_k, h_q, s_q, False)
+    f = jax.jit(lambda *a: mla_decode(*a, impl="ffi"))
+    for _ in range(3):
+        jax.block_until_ready(f(*args))
+elif __name__ == "__main__" and sys.argv[1:2] == ["--test-case"]:
     explain_test_case(*map(int, sys.argv[2:5]), bool(int(sys.argv[5])))
 elif __name__ == "__main__":
     for c in CASES[: int(sys.argv[1]) if len(sys.argv) > 1 else None]:

@@ -7,8 +7,8 @@
 // Three launches on the stream, all inside the jitted program:
 //   1. PlanKernel (one CTA): splits the batch's KV blocks evenly over `num_parts` persistent parts,
 //      each a contiguous run over (batch, block) with a fixed cost per batch touched (FlashMLA's
-//      balancing idea). It writes each part's range and, per batch, its number of splits and the
-//      slot of its first partial result.
+//      balancing idea), by prefix sums. It writes each part's batch range and, per batch, its
+//      number of splits, the slot of its first partial result and its start on the cost line.
 //   2. DecodeKernel, grid (head tiles, parts): a producer thread streams 64-row KV blocks through TMA
 //      into two shared-memory stages; warpgroup 0 computes S = Q K^T (WGMMA, Q resident in shared
 //      memory), the online softmax in f32, and hands P (bf16) plus the row rescale to warpgroup 1
@@ -82,70 +82,115 @@ __device__ __forceinline__ int ClampedLen(const Params& p, int b) {
 }
 
 // ---- 1. plan ------------------------------------------------------------------------------------
-// Part i gets begin (batch, block, split index) and end (batch, block): it covers batches
-// begin_b..end_b, the first from begin_block, the last (end_b) up to end_block (exclusive; only
-// if end_block > its start). Every part but a batch's last writes a partial into a slot.
-constexpr int kPlanSmemBatches = 8192;  // block counts cached in shared memory (32 KB)
+// Batch b costs kFixedCost + nb_b blocks and occupies [cum_b, cum_b + cost_b) on a line of total
+// cost; its blocks sit at cum_b + kFixedCost + j. Part i owns the positions [i * payload,
+// (i + 1) * payload) with payload = ceil(total / parts): a contiguous run of (batch, block), cut
+// evenly by cost (FlashMLA's balancing idea: a fixed price per batch touched, the rest per block).
+// An empty batch belongs to the part holding cum_b. Everything is computed in parallel (two
+// block-wide scans and a binary search per part), so the plan costs a few microseconds.
+// Plan layout (int32): part i -> [begin_b, end_b, payload, ...] (kPartInts each), then
+// num_splits [B], split_base [B] (first partial slot of a split batch), cum [B].
+constexpr int kPlanThreads = 1024;
+constexpr int kPlanSmemBatches = 8192;  // cum cached in shared memory for the binary searches
 
-__global__ void PlanKernel(Params p) {
-  __shared__ int total_shared;
-  __shared__ int nb_shared[kPlanSmemBatches];
+__device__ __forceinline__ int BlocksOf(const Params& p, int b) {
+  return (ClampedLen(p, b) + kPage - 1) / kPage;
+}
+
+// Exclusive scan of one value per thread over the CTA (kPlanThreads threads); also the total.
+__device__ int64_t BlockExclusiveScan(int64_t v, int64_t* warp_sums, int64_t* total) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  int64_t x = v;
+  #pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int64_t y = __shfl_up_sync(0xffffffff, x, o);
+    if (lane >= o) x += y;
+  }
+  if (lane == 31) warp_sums[warp] = x;
+  __syncthreads();
+  if (warp == 0) {
+    int64_t w = warp_sums[lane];
+    #pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int64_t y = __shfl_up_sync(0xffffffff, w, o);
+      if (lane >= o) w += y;
+    }
+    warp_sums[lane] = w;
+  }
+  __syncthreads();
+  const int64_t excl = x - v + (warp > 0 ? warp_sums[warp - 1] : 0);
+  *total = warp_sums[31];
+  __syncthreads();
+  return excl;
+}
+
+// The split count of batch b given its start on the cost line.
+__device__ __forceinline__ int SplitsOf(int64_t cum, int nb, int64_t payload) {
+  if (nb == 0) return 1;
+  const int64_t start = cum + kFixedCost;
+  return static_cast<int>((start + nb - 1) / payload - start / payload + 1);
+}
+
+__global__ void __launch_bounds__(kPlanThreads) PlanKernel(Params p) {
+  __shared__ int64_t warp_sums[32];
+  __shared__ int32_t cum_shared[kPlanSmemBatches];
   int32_t* parts = p.plan;
   int32_t* num_splits = p.plan + p.num_parts * kPartInts;
   int32_t* split_base = num_splits + p.batch;
-  if (threadIdx.x == 0) total_shared = 0;
-  __syncthreads();
-  int local = 0;
-  for (int b = threadIdx.x; b < p.batch; b += blockDim.x) {
-    const int nb = (ClampedLen(p, b) + kPage - 1) / kPage;
-    if (b < kPlanSmemBatches) nb_shared[b] = nb;
-    local += nb + kFixedCost;
+  int32_t* cum_out = split_base + p.batch;
+  const int per = (p.batch + kPlanThreads - 1) / kPlanThreads;  // batches per thread, in a run
+  const int b0 = min(p.batch, static_cast<int>(threadIdx.x) * per), b1 = min(p.batch, b0 + per);
+
+  int64_t local = 0;
+  for (int b = b0; b < b1; ++b) local += BlocksOf(p, b) + kFixedCost;
+  int64_t total;
+  int64_t cum = BlockExclusiveScan(local, warp_sums, &total);
+  for (int b = b0; b < b1; ++b) {
+    cum_out[b] = static_cast<int32_t>(cum);
+    if (b < kPlanSmemBatches) cum_shared[b] = static_cast<int32_t>(cum);
+    cum += BlocksOf(p, b) + kFixedCost;
   }
-  atomicAdd(&total_shared, local);
-  __syncthreads();
-  if (threadIdx.x != 0) return;
-  // One thread walks the parts (the walk is sequential); reads come from shared memory.
-  auto blocks_of = [&](int b) {
-    return b < kPlanSmemBatches ? nb_shared[b] : (ClampedLen(p, b) + kPage - 1) / kPage;
+  const int64_t payload = (total + p.num_parts - 1) / p.num_parts > 1 ? (total + p.num_parts - 1) / p.num_parts : 1;
+
+  // Split batches get consecutive partial slots.
+  int64_t slots = 0;
+  for (int b = b0; b < b1; ++b) {
+    const int n = SplitsOf(cum_out[b], BlocksOf(p, b), payload);
+    slots += n > 1 ? n : 0;
+  }
+  int64_t unused;
+  int64_t slot = BlockExclusiveScan(slots, warp_sums, &unused);
+  for (int b = b0; b < b1; ++b) {
+    const int n = SplitsOf(cum_out[b], BlocksOf(p, b), payload);
+    num_splits[b] = n;
+    split_base[b] = n > 1 ? static_cast<int32_t>(slot) : 0;
+    slot += n > 1 ? n : 0;
+  }
+  __syncthreads();  // cum_out / cum_shared complete before the searches
+
+  auto cum_at = [&](int b) -> int64_t {
+    return b < kPlanSmemBatches ? cum_shared[b] : static_cast<int64_t>(cum_out[b]);
   };
-  const int total = total_shared;
-  const int payload = (total + p.num_parts - 1) / p.num_parts + kFixedCost;
-  int b = 0, blk = 0, split = 0, slots = 0;
-  int nb = p.batch > 0 ? blocks_of(0) : 0;
-  for (int i = 0; i < p.num_parts; ++i) {
-    int32_t* part = parts + i * kPartInts;
-    part[0] = b;
-    part[1] = blk;
-    part[2] = split;
-    int budget = payload;
-    while (b < p.batch) {
-      const int remaining = nb - blk;
-      if (budget >= remaining + kFixedCost) {  // finishes batch b
-        budget -= remaining + kFixedCost;
-        num_splits[b] = split + 1;
-        split_base[b] = split > 0 ? slots : 0;
-        slots += split > 0 ? split + 1 : 0;
-        ++b;
-        blk = 0;
-        split = 0;
-        nb = b < p.batch ? blocks_of(b) : 0;
-      } else {
-        const int take = budget - kFixedCost;
-        if (take > 0) {
-          blk += take;
-          ++split;
-        }
-        break;
-      }
+  // Last batch with cum_b <= pos (cum is strictly increasing, cum_0 = 0).
+  auto last_at_or_before = [&](int64_t pos) {
+    int lo = 0, hi = p.batch - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (cum_at(mid) <= pos) lo = mid; else hi = mid - 1;
     }
-    part[3] = b;
-    part[4] = blk;
-  }
-  // The payload bound guarantees completion; a batch left over would be a planner bug: mark it
-  // so the decode kernel writes nothing wrong silently (num_splits 0 -> the combine writes NaN).
-  for (; b < p.batch; ++b) {
-    num_splits[b] = 0;
-    split_base[b] = 0;
+    return lo;
+  };
+  for (int i = threadIdx.x; i < p.num_parts; i += blockDim.x) {
+    int32_t* part = parts + i * kPartInts;
+    const int64_t begin = i * payload, end = (i + 1) * payload;
+    if (p.batch == 0 || begin >= total) {
+      part[0] = 0;
+      part[1] = -1;  // no batches
+    } else {
+      part[0] = last_at_or_before(begin);
+      part[1] = last_at_or_before(end - 1);
+    }
+    part[2] = static_cast<int32_t>(payload);
   }
 }
 
@@ -167,34 +212,38 @@ __device__ __forceinline__ uint64_t Sw128MnMajorDesc(const void* tile) {
   return desc;
 }
 
-// The segments (batch, block range, split index) of one part, in order.
+// The segments (batch, block range, split index) of one part, in order (see the plan).
 struct PartIter {
   int b, lo, hi, split;
-  int begin_b, begin_blk, begin_split, end_b, end_blk;
+  int part, end_b, payload;  // positions fit in int32 (the handler checks B * (max_blocks + 5))
 
-  __device__ void init(const Params& p, int part) {
-    const int32_t* r = p.plan + part * kPartInts;
-    begin_b = r[0];
-    begin_blk = r[1];
-    begin_split = r[2];
-    end_b = r[3];
-    end_blk = r[4];
-    b = begin_b - 1;
+  __device__ void init(const Params& p, int part_index) {
+    const int32_t* r = p.plan + part_index * kPartInts;
+    part = part_index;
+    b = r[0] - 1;
+    end_b = r[1];
+    payload = r[2];
   }
-  // Advances to the next segment; false when the part is done.
+  // Advances to the next segment this part owns; false when the part is done.
   __device__ bool next(const Params& p) {
-    ++b;
-    if (b >= p.batch || b > end_b) return false;
-    lo = b == begin_b ? begin_blk : 0;
-    split = b == begin_b ? begin_split : 0;
-    const int nb = (ClampedLen(p, b) + kPage - 1) / kPage;
-    if (b == end_b) {
-      hi = end_blk;
-      if (hi <= lo) return false;
-    } else {
-      hi = nb;
+    const int32_t* cum = p.plan + p.num_parts * kPartInts + 2 * p.batch;
+    while (++b <= end_b && b < p.batch) {
+      const int nb = BlocksOf(p, b);
+      if (nb == 0) {
+        if (cum[b] / payload != part) continue;
+        lo = hi = split = 0;
+        return true;
+      }
+      const int start = cum[b] + kFixedCost;
+      const int64_t first = int64_t(part) * payload - start;
+      const int64_t last = int64_t(part + 1) * payload - start;
+      lo = static_cast<int>(first > 0 ? first : 0);
+      hi = static_cast<int>(last < nb ? last : nb);
+      if (lo >= hi) continue;
+      split = part - start / payload;
+      return true;
     }
-    return true;
+    return false;
   }
 };
 
@@ -658,9 +707,9 @@ ffi::Error MlaDecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
                    "mla_decode: softmax_scale must be positive and finite");
   const int64_t rows = Sq * Hq;
   JAX_DS_CHECK_ARG(B * rows < (int64_t(1) << 31) && NB * kPage < (int64_t(1) << 31) &&
-                       B * MB < (int64_t(1) << 31) && MB * kPage < (int64_t(1) << 31),
+                       B * (MB + kFixedCost) < (int64_t(1) << 31) && MB * kPage < (int64_t(1) << 31),
                    "mla_decode: sizes must fit in int32");
-  JAX_DS_CHECK_ARG(plan->element_count() >= num_parts * kPartInts + 2 * B &&
+  JAX_DS_CHECK_ARG(plan->element_count() >= num_parts * kPartInts + 3 * B &&
                        o_acc->element_count() >= 2 * num_parts * rows * kDv &&
                        lse_acc->element_count() >= 2 * num_parts * rows,
                    "mla_decode: workspace buffers are too small for num_parts");
@@ -696,7 +745,7 @@ ffi::Error MlaDecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
     return err;
   if (auto err = PrepareDecodeKernel(); err.failure()) return err;
 
-  PlanKernel<<<1, 256, 0, stream>>>(p);
+  PlanKernel<<<1, kPlanThreads, 0, stream>>>(p);
   JAX_DS_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   const int tiles = static_cast<int>((rows + kTileRows - 1) / kTileRows);
   DecodeKernel<<<dim3(tiles, num_parts), kThreads, Smem::kAlloc, stream>>>(q_map, kv_map, p);

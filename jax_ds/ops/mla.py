@@ -220,7 +220,7 @@ def mla_decode(q, kv_cache, block_table, cache_seqlens, *, softmax_scale=None, c
     # splits per batch) and the partial outputs of batches split across parts (at most 2 per part).
     call = jax.ffi.ffi_call(TARGET, (jax.ShapeDtypeStruct((b, sq, hq, HEAD_DIM_V), q.dtype),
                                      jax.ShapeDtypeStruct((b, hq, sq), jnp.float32),
-                                     jax.ShapeDtypeStruct((parts * 8 + 2 * b,), jnp.int32),
+                                     jax.ShapeDtypeStruct((parts * 8 + 3 * b,), jnp.int32),
                                      jax.ShapeDtypeStruct((2 * parts * rows * HEAD_DIM_V,),
                                                           jnp.float32),
                                      jax.ShapeDtypeStruct((2 * parts * rows,), jnp.float32)),
