@@ -79,6 +79,20 @@ if __name__ == "__main__" and sys.argv[1:2] == ["--profile"]:  # b s_k h_q s_q: 
     f = jax.jit(lambda *a: mla_decode(*a, impl="ffi"))
     for _ in range(3):
         jax.block_until_ready(f(*args))
+elif __name__ == "__main__" and sys.argv[1:2] == ["--ffi-only"]:  # for compute-sanitizer
+    # The kernel alone (no XLA reference compiled under the sanitizer) on split/unsplit layouts,
+    # poisoned tails, empty rows, Sq 1-2 and Hq 16-128; prints whether every output is finite.
+    from jax_ds.bench.mla import inputs
+    for i, (b, s_k, h_q, s_q, var) in enumerate([(3, 300, 16, 1, True), (33, 2000, 64, 2, True),
+                                                   (5, 4096, 128, 2, False), (1, 9000, 16, 1, False)]):
+        args, lens = inputs(i, b, s_k, h_q, s_q, var)
+        lens = lens.copy()
+        lens[0] = 0
+        args = args[:3] + (jnp.asarray(lens),)
+        out, lse = jax.block_until_ready(mla_decode(*args, impl="ffi"))
+        out = np.asarray(out, np.float32)
+        print(f"b{b} s_k{s_k} h{h_q} sq{s_q}: finite {bool(np.isfinite(out).all())}, "
+              f"row 0 zero {bool((out[0] == 0).all())}", flush=True)
 elif __name__ == "__main__" and sys.argv[1:2] == ["--test-case"]:
     explain_test_case(*map(int, sys.argv[2:5]), bool(int(sys.argv[5])))
 elif __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 out: |diff| <= 8e-4 + (2/128) |ref| elementwise and calc_diff < 5e-6; lse: |diff| <= 1e-6 (plus a
 float32 ulp-scale relative term); Inf/NaN at the same positions. B in (1, 33, 132), Sq in (1, 2),
-Hq in (16, 64, 128), lengths 1..16384 per row, shuffled block tables, outputs poisoned first.
-Skipped until the "jax_ds_mla_decode" kernel is built and a CUDA GPU is the default backend.
+Hq in (16, 64, 128), lengths 1..16384 per row, shuffled block tables, the cache rows past each
+length set to NaN. Skipped unless the "jax_ds_mla_decode" kernel is built and a CUDA GPU is the
+default backend.
 """
 
 import itertools

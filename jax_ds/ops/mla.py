@@ -18,9 +18,17 @@ Conventions (the reference and the kernel share them; the tests pin them):
                  out = 0 and lse = -inf.
   unused rows    cache rows at or past a sequence's length are never read into the result (they
                  may hold anything, NaN included).
+  precision      the kernel rounds P to bf16 for P V, as FlashMLA does; for sequences of at most
+                 1024 keys it adds a second pass with P's rounding residual (few keys do not
+                 average the 2^-9 error out). S, the softmax, lse and O accumulate in float32.
   clamping       (traced values cannot be checked in Python) block_table entries are clamped into
                  [0, num_blocks - 1]; cache_seqlens into [0, max_blocks * 64]. Concrete (non-traced)
                  cache_seqlens above max_blocks * 64 or below 0 are rejected with a ValueError.
+
+Kernel (ffi/mla/mla_decode.cu, impl="ffi"): bf16, Hq in [16, 128]; a plan kernel splits the
+batch's KV blocks over one wave of persistent CTAs (per-batch cost = blocks + 5), the decode
+kernel streams 64-row blocks by TMA into WGMMA (64 query rows = heads x Sq per CTA), a combine
+kernel merges split batches. Notes and numbers: benchmarks/NOTES-mla.md.
 """
 
 from __future__ import annotations
