@@ -12,6 +12,7 @@ import os
 import re
 import sys
 import types
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 from jax_ds.models import DeepSeekConfig, Transformer
 from jax_ds.parallel.load_stats import init_expert_load, update_expert_load
 from jax_ds.parallel.mesh import make_mesh
-from jax_ds.storage import CheckpointManager, CorruptCheckpointError, abstract_state, threefs
+from jax_ds.storage import CheckpointManager, CorruptCheckpointError, abstract_state, shards, threefs
 
 CFG = DeepSeekConfig.tiny(num_layers=2)
 TX = optax.adamw(1e-2)
@@ -275,6 +276,30 @@ def test_posix_io_direct_and_fallback(tmp_path, monkeypatch):
         assert os.path.getsize(path) == 24576
 
 
+@pytest.mark.parametrize("direct", [True, False])
+def test_posix_io_checksums_what_it_writes(tmp_path, monkeypatch, direct):
+    """write_file(checksum=crc32) returns each piece's CRC-32, computed on the staging buffer
+    (chunks smaller than a piece and than a stage) or, buffered, on the piece itself."""
+    monkeypatch.setattr(threefs, "_CHECKSUM_CHUNK", 1000)
+    rng = np.random.default_rng(4)
+    a, b = rng.integers(0, 256, 20000, dtype=np.uint8), rng.integers(0, 256, 4096, dtype=np.uint8)
+    pieces = [(0, memoryview(a)), (20000, memoryview(np.zeros(480, np.uint8))),
+              (20480, memoryview(b)), (24576, memoryview(np.zeros(0, np.uint8)))]
+    io = threefs.PosixIO(direct=direct, stage_bytes=8192)
+    sums = io.write_file(str(tmp_path / "c.bin"), pieces, checksum=zlib.crc32)
+    assert sums == [zlib.crc32(p) for _, p in pieces]
+    assert io.write_file(str(tmp_path / "n.bin"), pieces) is None
+
+
+def test_usrbio_io_checksums_what_it_writes(on_3fs):
+    mount, _ = on_3fs
+    io = threefs.shard_io(mount / "x")
+    io.buffer_bytes, io.request_bytes, io.entries = 8192, 2048, 3   # pieces span requests
+    pieces = [(o, memoryview(x)) for o, x in _pieces(np.random.default_rng(5))]
+    assert io.write_file(str(mount / "c.bin"), pieces, checksum=zlib.crc32) == [
+        zlib.crc32(p) for _, p in pieces]
+
+
 def test_usrbio_io_round_trip(on_3fs):
     mount, client = on_3fs
     io = threefs.shard_io(mount / "x")
@@ -380,6 +405,30 @@ def test_odd_leaves_round_trip(tmp_path):
             data=4, expert=2)).state
     _assert_same(got, state)
     assert got["x"].sharding.spec == P("expert", "data")
+
+
+def test_format_2_checkpoints_still_load(tmp_path):
+    """Checkpoints written before CRC-32C (format /2: zlib CRC-32 per shard) restore, and their
+    checksums are still checked."""
+    state = {"w": jnp.arange(4096, dtype=jnp.float32).reshape(64, 64), "b": jnp.ones(7)}
+    with CheckpointManager(tmp_path / "c", backend="posix", async_save=False) as mngr:
+        mngr.save(1, state)
+        (index_path,) = (tmp_path / "c").rglob("index.p0.json")
+        index = json.loads(index_path.read_text())
+        assert index["format"] == shards.FORMAT == "jax_ds.shards/3"
+        index["format"] = "jax_ds.shards/2"
+        for leaf in index["leaves"]:
+            for shard in leaf["shards"]:
+                raw = (index_path.parent / shard["file"]).read_bytes()
+                shard["crc32"] = zlib.crc32(raw[shard["offset"]:shard["offset"] + shard["nbytes"]])
+                assert shards.crc32c(raw[shard["offset"]:shard["offset"] + shard["nbytes"]]) == \
+                    shard.pop("crc32c")
+        index_path.write_text(json.dumps(index))
+        _assert_same(mngr.restore(1, target=state).state, state)
+        index["leaves"][0]["shards"][0]["crc32"] ^= 1
+        index_path.write_text(json.dumps(index))
+        with pytest.raises(CorruptCheckpointError, match="checksum mismatch"):
+            mngr.restore(1, target=state)
 
 
 def _largest_file(root):

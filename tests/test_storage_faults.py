@@ -30,9 +30,9 @@ def test_async_save_is_a_snapshot(tmp_path, monkeypatch):
     checkpoint holds the values at save time."""
     real = threefs.PosixIO.write_file
 
-    def slow(self, path, pieces):
+    def slow(self, path, pieces, **kwargs):
         time.sleep(0.2)   # the donating steps below run before the bytes are written
-        real(self, path, pieces)
+        return real(self, path, pieces, **kwargs)
 
     monkeypatch.setattr(threefs.PosixIO, "write_file", slow)
     state = {"w": jnp.ones((256, 256)), "b": jnp.ones(7, jnp.int32)}
@@ -159,13 +159,13 @@ _KILL_CHILD = textwrap.dedent("""
     if kill.startswith("write:"):
         n, calls, real = int(kill[6:]), [0], threefs.PosixIO.write_file
 
-        def write_file(self, path, pieces):
+        def write_file(self, path, pieces, **kwargs):
             calls[0] += 1
             if calls[0] == n:
                 offset, data = pieces[0]
                 real(self, path, [(offset, data[:len(data) // 2])])
                 os.kill(os.getpid(), signal.SIGKILL)
-            real(self, path, pieces)
+            return real(self, path, pieces, **kwargs)
 
         threefs.PosixIO.write_file = write_file
     if kill == "purge":

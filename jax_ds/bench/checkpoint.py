@@ -11,7 +11,7 @@ restored, in one run and in the same directory, by:
           time, O_DIRECT: a virtual or networked disk serves parallel streams faster than one
   orbax   orbax.checkpoint.CheckpointManager with default options (async, OCDBT, zarr3):
           StandardSave, then StandardRestore into the abstract target
-  ours    jax_ds.storage.CheckpointManager with default options (shard files + CRC-32 checked
+  ours    jax_ds.storage.CheckpointManager with default options (shard files + CRC-32C checked
           at restore, settings in `ShardOptions`), restore(target=abstract)
 Save: from the call until the step is committed (`wait_until_finished`). Restore: from the call
 until every array is on its device, targets with the saved shardings. Between the two, every
@@ -305,7 +305,7 @@ def run(args):
          f"raw: one writer, one file, {args.raw_block_mb} MiB pwrite/preadv; direct: O_DIRECT; "
          f"x8: {file_bytes >> 20} MiB files, 8 at a time",
          f"orbax: CheckpointManager defaults; ours: jax_ds CheckpointManager, shard files, "
-         f"CRC-32 per shard, {options}, O_DIRECT={io.direct} through "
+         f"CRC-32C per shard, {options}, O_DIRECT={io.direct} through "
          f"{io.stage_bytes >> 20} MiB staging buffers"])
     path = write_json(args.out, "checkpoint", env, {
         "bytes": nbytes, "arrays": {k: [list(x.shape), str(x.dtype), str(x.sharding.spec)]

@@ -5,7 +5,7 @@ temporary-directory-then-rename commit, async save, `max_to_keep`, save interval
 array bytes reach the files:
 
   backend="posix"   `shards.ShardHandler` over `threefs.PosixIO` (O_DIRECT pwritev/preadv,
-                    fsync, CRC-32 per shard); the default off 3FS, local disk included.
+                    fsync, CRC-32C per shard); the default off 3FS, local disk included.
   backend="usrbio"  `shards.ShardHandler` over `threefs.UsrbioIO` (3FS native batched I/O).
   backend="orbax"   Orbax's own tensorstore path (OCDBT + zarr3), opt-in: it checksums only
                     its index, so a flipped bit in array data restores silently.
@@ -172,7 +172,7 @@ class CheckpointManager:
           a checkpoint saved at expert=8 restores at expert=4 or on one device.
 
         Raises `CorruptCheckpointError` (shard backends) naming the file when a shard file is
-        missing, truncated or fails its CRC-32.
+        missing, truncated or fails its checksum.
         """
         if step is None:
             step = self.latest_step()

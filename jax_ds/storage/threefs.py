@@ -146,6 +146,10 @@ def _with_fd(path: str, flags: int, direct: bool, use) -> None:
                 raise
 
 
+# Bytes copied into a staging buffer before they are checksummed there (within L2).
+_CHECKSUM_CHUNK = 1 << 20
+
+
 class PosixIO:
     """Shard files through the kernel: O_DIRECT where possible, fsync before commit.
 
@@ -166,20 +170,31 @@ class PosixIO:
         self.stage_bytes = stage_bytes
         self._stages = queue.SimpleQueue()   # staging buffers, reused by every writer thread
 
-    def write_file(self, path: str, pieces: Pieces) -> None:
-        """Writes `pieces` into a new file and fsyncs it (one writer per file)."""
-        runs = _runs(pieces)
-        direct = self.direct and all(offset % ALIGN == 0 and sum(map(len, bufs)) % ALIGN == 0
-                                     for offset, bufs in runs)
+    def write_file(self, path: str, pieces: Pieces, *, checksum=None) -> list[int] | None:
+        """Writes `pieces` into a new file and fsyncs it (one writer per file).
+
+        With `checksum` (a `zlib.crc32`-like `f(data, value) -> value`), returns each piece's
+        checksum, in `pieces` order. On the O_DIRECT path it is computed on the staging buffer
+        right after each cache-sized copy into it, so the bytes are read from memory once.
+        """
+        runs = _runs(pieces, indexed=True)
+        direct = self.direct and all(offset % ALIGN == 0 and sum(len(b) for b, _ in items) % ALIGN
+                                     == 0 for offset, items in runs)
+        sums = [0] * len(pieces) if checksum else None
+
         def write(fd, direct_io):
             if direct_io:
-                self._write_staged(fd, runs)
+                self._write_staged(fd, runs, checksum, sums)
             else:
+                if checksum:
+                    for i, (_, buf) in enumerate(pieces):
+                        sums[i] = checksum(memoryview(buf).cast("B"))
                 for offset, run in _runs(pieces, _IOV_MAX):
                     _pwritev_all(fd, run, offset)
             os.fsync(fd)   # data and length durable before Orbax renames the step dir
 
         _with_fd(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, direct, write)
+        return sums
 
     def read_file(self, path: str, pieces: Pieces) -> None:
         """Fills each (offset, writable buffer) of `pieces` from `path`; short reads raise."""
@@ -192,21 +207,25 @@ class PosixIO:
 
         _with_fd(path, os.O_RDONLY, direct, read)
 
-    def _write_staged(self, fd: int, runs) -> None:
-        """O_DIRECT writes of runs, each copied through an aligned staging buffer."""
+    def _write_staged(self, fd: int, runs, checksum=None, sums=None) -> None:
+        """O_DIRECT writes of runs, each copied through an aligned staging buffer (checksums of
+        the pieces taken from the staging buffer while the copied bytes are in cache)."""
         try:
             stage = self._stages.get_nowait()
         except queue.Empty:
             stage = aligned_empty(self.stage_bytes)
+        step = _CHECKSUM_CHUNK if checksum else len(stage)
         try:
-            for offset, bufs in runs:
+            for offset, items in runs:
                 fill = 0
-                for buf in bufs:
+                for buf, i in items:
                     src = np.frombuffer(buf, np.uint8)
                     pos = 0
                     while pos < len(src):
-                        n = min(len(src) - pos, len(stage) - fill)
+                        n = min(len(src) - pos, len(stage) - fill, step)
                         stage[fill:fill + n] = src[pos:pos + n]   # numpy copies without the GIL
+                        if checksum:
+                            sums[i] = checksum(stage[fill:fill + n], sums[i])
                         fill, pos = fill + n, pos + n
                         if fill == len(stage):
                             _pwritev_all(fd, [memoryview(stage)], offset)
@@ -236,18 +255,22 @@ class UsrbioIO:
         self.request_bytes = request_bytes
         self.entries = entries
 
-    def write_file(self, path: str, pieces: Pieces) -> None:
+    def write_file(self, path: str, pieces: Pieces, *, checksum=None) -> list[int] | None:
+        """As PosixIO.write_file; checksums are taken from the shared-memory buffer right after
+        each request's copy into it."""
+        sums = [0] * len(pieces) if checksum else None
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             self.client.register_fd(fd)
             try:
-                self._move(fd, pieces, for_read=False, path=path)
+                self._move(fd, pieces, for_read=False, path=path, checksum=checksum, sums=sums)
                 # File length is eventually consistent in 3FS until synced.
                 self.client.force_fsync(fd)
             finally:
                 self.client.deregister_fd(fd)
         finally:
             os.close(fd)
+        return sums
 
     def read_file(self, path: str, pieces: Pieces) -> None:
         fd = os.open(path, os.O_RDONLY)
@@ -260,39 +283,42 @@ class UsrbioIO:
         finally:
             os.close(fd)
 
-    def _move(self, fd: int, pieces: Pieces, *, for_read: bool, path: str) -> None:
+    def _move(self, fd: int, pieces: Pieces, *, for_read: bool, path: str, checksum=None,
+              sums=None) -> None:
         requests = list(_split(pieces, min(self.request_bytes, self.buffer_bytes)))
         if not requests:
             return
-        size = min(self.buffer_bytes, sum(len(b) for _, b in requests))
+        size = min(self.buffer_bytes, sum(len(b) for _, b, _ in requests))
         shm = shared_memory.SharedMemory(create=True, size=max(size, 1))
         try:
             iov = self.client.make_iovec(shm, self.mount)
             ring = self.client.make_ioring(self.mount, self.entries, for_read)
             batch, used = [], 0
-            for offset, buf in requests + [(None, None)]:
+            for offset, buf, piece in requests + [(None, None, None)]:
                 flush = buf is None or used + len(buf) > size or len(batch) == self.entries
                 if flush and batch:
-                    self._run_batch(ring, iov, shm, fd, batch, for_read, path)
+                    self._run_batch(ring, iov, shm, fd, batch, for_read, path, checksum, sums)
                     batch, used = [], 0
                 if buf is not None:
-                    batch.append((offset, buf, used))
+                    batch.append((offset, buf, used, piece))
                     used += len(buf)
             del ring, iov
         finally:
             shm.close()
             shm.unlink()
 
-    def _run_batch(self, ring, iov, shm, fd, batch, for_read, path):
-        for i, (offset, buf, at) in enumerate(batch):
+    def _run_batch(self, ring, iov, shm, fd, batch, for_read, path, checksum=None, sums=None):
+        for i, (offset, buf, at, piece) in enumerate(batch):
             if not for_read:
                 shm.buf[at:at + len(buf)] = buf
+                if checksum:   # requests of a piece come in order: a running checksum
+                    sums[piece] = checksum(shm.buf[at:at + len(buf)], sums[piece])
             ring.prepare(iov[at:at + len(buf)], for_read, fd, offset, userdata=i)
         done = ring.submit().wait(min_results=len(batch))
         if len(done) != len(batch):
             raise OSError(f"{path}: USRBIO returned {len(done)} of {len(batch)} completions")
         for d in done:
-            offset, buf, at = batch[d.userdata]
+            offset, buf, at, _ = batch[d.userdata]
             if d.result < 0:
                 raise OSError(-d.result, f"USRBIO {'read' if for_read else 'write'} failed "
                                          f"at offset {offset}", path)
@@ -320,26 +346,29 @@ def shard_io(path, *, mounts_file: str | None = None, client=None):
 
 
 def _split(pieces: Pieces, limit: int):
-    """Cuts pieces into requests of at most `limit` bytes."""
-    for offset, buf in pieces:
+    """Cuts pieces into requests of at most `limit` bytes: (offset, bytes, piece index)."""
+    for i, (offset, buf) in enumerate(pieces):
         buf = memoryview(buf).cast("B")
         for start in range(0, len(buf), limit):
-            yield offset + start, buf[start:start + limit]
+            yield offset + start, buf[start:start + limit], i
 
 
-def _runs(pieces: Pieces, max_bufs: int | None = None) -> list[tuple[int, list[memoryview]]]:
+def _runs(pieces: Pieces, max_bufs: int | None = None, *, indexed: bool = False) -> list:
     """File-contiguous runs of the non-empty pieces, in file order: [(offset, [byte buffers])],
-    each of at most `max_bufs` buffers (IOV_MAX for one pwritev/preadv call) when given."""
+    each of at most `max_bufs` buffers (IOV_MAX for one pwritev/preadv call) when given; with
+    `indexed`, each buffer comes as (buffer, its index in `pieces`)."""
     runs, end = [], None
-    for offset, buf in sorted(pieces, key=lambda p: p[0]):
+    for i, (offset, buf) in sorted(enumerate(pieces), key=lambda p: p[1][0]):
         buf = memoryview(buf).cast("B")
         if not len(buf):
             continue
+        end_at = offset + len(buf)
+        buf = (buf, i) if indexed else buf
         if runs and offset == end and (max_bufs is None or len(runs[-1][1]) < max_bufs):
             runs[-1][1].append(buf)
         else:
             runs.append((offset, [buf]))
-        end = offset + len(buf)
+        end = end_at
     return runs
 
 
