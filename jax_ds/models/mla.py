@@ -144,7 +144,10 @@ class MLAttention(nnx.Module):
         return self.wo(out_BTHV.reshape(b, t, h * self.vdim))
 
     def absorbed_weights(self):
-        """(W_UK [H, nope, C], W_UV [H, V, C]) in float32: wkv_b split per head (C = kv_lora_rank).
+        """(W_UK [H, nope, C], W_UV [H, V, C]): wkv_b split per head (C = kv_lora_rank), in the
+        weight's dtype (bf16 weights stay bf16: the absorption einsums accumulate in float32
+        without a float32 copy of the weight per decode step; FP8 weights are dequantized to
+        bf16: a 2^-9 relative rounding on top of e4m3's own 2^-4).
 
         k_nope = W_UK c_kv and v = W_UV c_kv, so q_nope.k_nope = (W_UK^T q_nope).c_kv and
         sum_j p_j v_j = W_UV (sum_j p_j c_kv_j).
@@ -153,8 +156,9 @@ class MLAttention(nnx.Module):
         if self.wkv_b.kernel_scale is not None:  # FP8 checkpoint: e4m3 + 128x128 block scales
             from jax_ds.ops import dequantize_fp8
 
-            w = dequantize_fp8(w, self.wkv_b.kernel_scale[...], block=(128, 128))
-        w_HXC = w.astype(jnp.float32).reshape(self.num_heads, self.nope + self.vdim, self.kv_rank)
+            w = dequantize_fp8(w, self.wkv_b.kernel_scale[...], block=(128, 128),
+                               out_dtype=jnp.bfloat16)
+        w_HXC = w.reshape(self.num_heads, self.nope + self.vdim, self.kv_rank)
         return w_HXC[:, :self.nope], w_HXC[:, self.nope:]
 
     def decode(self, x_BTD, positions_BT, cache: kv_cache.PagedKVCache, layer: int, seqs_B):
@@ -187,13 +191,14 @@ class MLAttention(nnx.Module):
                                jnp.concatenate([c_kv_BTC, k_rope_BTR], axis=-1))
 
         w_uk_HNC, w_uv_HVC = self.absorbed_weights()
-        q_lat_BTHC = jnp.einsum("BTHN,HNC->BTHC", q_BTHK[..., :self.nope].astype(jnp.float32),
-                                w_uk_HNC)
+        q_lat_BTHC = jnp.einsum("BTHN,HNC->BTHC", q_BTHK[..., :self.nope].astype(w_uk_HNC.dtype),
+                                w_uk_HNC, preferred_element_type=jnp.float32)
         q_BTHD = jnp.concatenate([q_lat_BTHC, q_rope_BTHR.astype(jnp.float32)], axis=-1)
         out_BTHC = paged_attention(q_BTHD.astype(cache.kv.dtype), cache.kv[layer],
                                    cache.block_table[seqs_B], cache.lengths[seqs_B] + t,
                                    self.scale, self.kv_rank)
-        out_BTHV = jnp.einsum("BTHC,HVC->BTHV", out_BTHC.astype(jnp.float32), w_uv_HVC)
+        out_BTHV = jnp.einsum("BTHC,HVC->BTHV", out_BTHC.astype(w_uv_HVC.dtype), w_uv_HVC,
+                              preferred_element_type=jnp.float32)
         return self.wo(out_BTHV.astype(x_BTD.dtype).reshape(b, t, h * self.vdim)), cache
 
 
