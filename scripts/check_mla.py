@@ -20,19 +20,16 @@ CASES = [  # b, sq, hq, causal, max_len, fixed
 ]
 
 
+def _paged(*args, **kwargs):
+    """The GPU test's inputs (tests/test_mla_decode_gpu.py: NaN-poisoned cache tails)."""
+    sys.path.insert(0, "tests")
+    from test_mla_decode_gpu import paged
+    return paged(*args, **kwargs)
+
+
 def run(b, sq, hq, causal, max_len, fixed, seed=0):
-    rng = np.random.default_rng(seed)
-    lens = np.full(b, max_len) if fixed else rng.integers(1, max_len + 1, b)
-    mb = -(-int(lens.max()) // 64)
-    table = rng.permutation(b * mb).astype(np.int32).reshape(b, mb)
-    kq, kk = jax.random.split(jax.random.key(seed))
-    q = jax.random.normal(kq, (b, sq, hq, 576), jnp.bfloat16)
-    kv = jax.random.normal(kk, (b * mb, 64, 1, 576), jnp.bfloat16)
-    pos = np.arange(mb * 64)[None, :]
-    poison = np.zeros((b * mb, 64), bool)
-    poison[table.reshape(-1)] = (pos >= lens[:, None]).reshape(-1, 64)
-    kv = jnp.where(jnp.asarray(poison)[:, :, None, None], jnp.nan, kv)
-    args = (q, kv, jnp.asarray(table), jnp.asarray(lens.astype(np.int32)))
+    args = _paged(seed, b, sq, hq, fixed_len=max_len if fixed else None, max_len=max_len)
+    lens = np.asarray(args[3])
     f = jax.jit(lambda *a, impl: mla_decode(*a, causal=causal, impl=impl), static_argnames="impl")
     out, lse = jax.block_until_ready(f(*args, impl="ffi"))
     ro, rl = f(*args, impl="xla")
@@ -54,9 +51,7 @@ def run(b, sq, hq, causal, max_len, fixed, seed=0):
 
 def explain_test_case(b, sq, hq, causal):
     """Reproduces tests/test_mla_decode_gpu.py's case and prints the worst tolerance violations."""
-    sys.path.insert(0, "tests")
-    from test_mla_decode_gpu import paged
-    q, kv, table, lens = paged(b * 1000 + sq * 100 + hq, b, sq, hq)
+    q, kv, table, lens = _paged(b * 1000 + sq * 100 + hq, b, sq, hq)
     f = jax.jit(lambda *a, impl: mla_decode(*a, causal=causal, impl=impl), static_argnames="impl")
     out, lse = (np.asarray(x, np.float32) for x in f(q, kv, table, lens, impl="ffi"))
     ro, rl = (np.asarray(x, np.float32) for x in f(q, kv, table, lens, impl="xla"))

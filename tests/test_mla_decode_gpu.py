@@ -31,9 +31,11 @@ def _needs_kernel():
         pytest.skip(why)
 
 
-def paged(seed, b, sq, hq, *, fixed_len=None):
+def paged(seed, b, sq, hq, *, fixed_len=None, max_len=MAX_LEN):
+    """Random q and cache, lengths fixed or uniform in [1, max_len], a shuffled block table, and
+    NaN in every cache row past a length."""
     rng = np.random.default_rng(seed)
-    lens = np.full(b, fixed_len) if fixed_len else rng.integers(1, MAX_LEN + 1, b)
+    lens = np.full(b, fixed_len) if fixed_len else rng.integers(1, max_len + 1, b)
     max_blocks = -(-int(lens.max()) // 64)
     num_blocks = b * max_blocks
     table = rng.permutation(num_blocks).astype(np.int32).reshape(b, max_blocks)
