@@ -616,16 +616,11 @@ __global__ void CombineKernel(Params p) {
   if (row >= p.rows) return;
   const int32_t* num_splits = p.plan + p.num_parts * kPartInts;
   const int n = num_splits[b];
-  if (n == 1) return;  // written by the decode kernel
+  if (n == 1) return;  // written by the decode kernel (the plan gives every batch >= 1 split)
   const int base = num_splits[p.batch + b];
   const int sq_i = row / p.hq, h_i = row % p.hq;
   float* lse_out = p.lse + (static_cast<int64_t>(b) * p.hq + h_i) * p.sq + sq_i;
   __nv_bfloat16* out = p.out + (static_cast<int64_t>(b) * p.rows + row) * kDv;
-  if (n <= 0) {  // planner left the batch unassigned: never silent
-    if (lane == 0) *lse_out = NAN;
-    for (int c = lane; c < kDv; c += 32) out[c] = __float2bfloat16(NAN);
-    return;
-  }
   float mx = -INFINITY;
   for (int j = lane; j < n; j += 32) mx = fmaxf(mx, p.lse_acc[static_cast<int64_t>(base + j) * p.rows + row]);
   #pragma unroll
