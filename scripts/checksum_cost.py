@@ -4,14 +4,17 @@ and with no checksum at all.
 
     python scripts/checksum_cost.py [--size-gb 2] [--rounds 5] [--dir /disk/to/measure]
 
-Prints save / restore GB/s per round (the numbers in benchmarks/NOTES-checkpoint.md).
+Prints each checksum's speed on one core (256 MiB in 1 MiB chunks, as the writers feed it), then
+save / restore GB/s per round (the numbers in benchmarks/NOTES-checkpoint.md).
 """
 import argparse
 import shutil
 import tempfile
+import time
 import zlib
 
 import jax
+import numpy as np
 
 from jax_ds.bench import checkpoint as bench
 from jax_ds.parallel.mesh import make_mesh
@@ -30,6 +33,14 @@ abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, shardin
 checksums = {"crc32c (shipped)": shards.crc32c,
              "zlib crc32": lambda data, value=0: zlib.crc32(data, value),
              "none": lambda data, value=0: 0}
+data = np.random.default_rng(0).integers(0, 256, 256 << 20, dtype=np.uint8)
+for name, fn in list(checksums.items())[:2]:
+    t, value = time.perf_counter(), 0
+    for i in range(0, data.size, 1 << 20):
+        value = fn(data[i:i + (1 << 20)], value)
+    print(f"{name:17s} {data.size / (time.perf_counter() - t) / 2**30:.1f} GiB/s on one core",
+          flush=True)
+del data
 shipped = shards.crc32c
 for name, fn in checksums.items():
     shards.crc32c = fn   # the writer looks it up per save, the reader through _CHECKSUMS
