@@ -248,7 +248,7 @@ class ShardHandler(ocp.AsyncCheckpointHandler):
                                  f"reads {sorted(_CHECKSUMS)}")
             for e in listed:
                 for shard in e["shards"]:
-                    shard["checksum"] = index["format"]
+                    shard["format"] = index["format"]   # which checksum it carries
                 leaves.setdefault(e["key"], {**e, "shards": []})["shards"] += e["shards"]
         return leaves
 
@@ -280,7 +280,7 @@ class ShardHandler(ocp.AsyncCheckpointHandler):
                                      zip(items, bufs)])
             for (entry, shard), buf in zip(items, bufs):
                 buf = buf[:shard["nbytes"]]
-                field, checksum = _CHECKSUMS[shard["checksum"]]
+                field, checksum = _CHECKSUMS[shard["format"]]
                 if checksum(buf) != shard[field]:
                     raise CorruptCheckpointError(
                         f"{path}: checksum mismatch in {entry['key']} at offset "
