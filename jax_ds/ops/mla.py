@@ -221,9 +221,8 @@ def mla_decode(q, kv_cache, block_table, cache_seqlens, *, softmax_scale=None, c
     if _ffi.resolve_impl(op, TARGET, impl, unsupported) == "xla":
         return _reference(q, kv_cache, block_table, cache_seqlens, np.float32(scale),
                           bool(causal), HEAD_DIM_V, _chunk_blocks(q, kv_cache, block_table))
-    tiles = cdiv(sq * hq, 64)
-    parts = max(1, _ffi.num_sms() // tiles)  # persistent parts per head tile: one wave
-    rows = sq * hq
+    rows = sq * hq  # query rows per batch (heads x Sq), 64 per CTA
+    parts = max(1, _ffi.num_sms() // cdiv(rows, 64))  # persistent parts per head tile: one wave
     # The three trailing results are the kernel's workspace: the on-device plan (part ranges,
     # splits per batch) and the partial outputs of batches split across parts (at most 2 per part).
     call = jax.ffi.ffi_call(TARGET, (jax.ShapeDtypeStruct((b, sq, hq, HEAD_DIM_V), q.dtype),
