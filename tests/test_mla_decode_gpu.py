@@ -86,3 +86,12 @@ def test_kernel_edge_lengths(sq):
     out, lse = mla_decode(q, kv, table, jnp.asarray(lens), impl="ffi")
     ref_out, ref_lse = mla_decode(q, kv, table, jnp.asarray(lens), impl="xla")
     check(out, lse, ref_out, ref_lse)
+
+
+@pytest.mark.parametrize("b,sq,hq", [(5, 1, 24), (3, 2, 20), (4, 2, 40), (2, 3, 33)])
+def test_kernel_odd_head_counts(b, sq, hq):
+    """Hq * Sq not a multiple of 64: fewer rows than a tile (a short Q box, rounded up to 8 rows,
+    reading into the next batch's rows) and a partial last tile."""
+    q, kv, table, lens = paged(hq * 10 + sq, b, sq, hq, max_len=3000)
+    run = jax.jit(lambda *a, impl: mla_decode(*a, impl=impl), static_argnames="impl")
+    check(*run(q, kv, table, lens, impl="ffi"), *run(q, kv, table, lens, impl="xla"))

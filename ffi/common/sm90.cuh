@@ -76,6 +76,23 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, u
       : "memory");
 }
 
+// An L2 eviction-priority policy for the copies of data read once (cache hint operand).
+__device__ __forceinline__ uint64_t l2_policy_evict_first() {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+  return policy;
+}
+// As tma_load_2d, with an L2 cache policy from l2_policy_*.
+__device__ __forceinline__ void tma_load_2d_hint(void* dst, const CUtensorMap* map, uint64_t* bar,
+                                                 int32_t inner, int32_t outer, uint64_t policy) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint"
+      " [%0], [%1, {%3, %4}], [%2], %5;" ::"r"(smem_addr(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(bar)), "r"(inner), "r"(outer),
+      "l"(policy)
+      : "memory");
+}
+
 // As tma_load_2d, but the box lands at the same offset in the shared memory of every cluster CTA
 // in `cta_mask`, each completing bytes on its own mbarrier at `bar`'s offset: one L2 read feeds
 // several SMs.
@@ -116,6 +133,18 @@ __device__ __forceinline__ void fence_proxy_async_smem() {
 // Barrier among `threads` threads (a multiple of 32) on hardware barrier `id` (0 = __syncthreads).
 __device__ __forceinline__ void named_barrier(uint32_t id, uint32_t threads) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+
+// ---- programmatic dependent launch ----------------------------------------------------------
+// In a kernel launched with cudaLaunchAttributeProgrammaticStreamSerialization: blocks until the
+// preceding kernel of the stream has completed and its memory is visible. Everything that reads
+// what that kernel wrote must come after it.
+__device__ __forceinline__ void grid_dependency_wait() {
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+}
+// Lets the next kernel of the stream (if launched with that attribute) start before this one ends.
+__device__ __forceinline__ void grid_dependency_launch_dependents() {
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 }
 
 // ---- WGMMA ----------------------------------------------------------------------------------

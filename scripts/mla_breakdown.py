@@ -1,0 +1,64 @@
+"""Where an MLA decode call's time goes on the GPU: per-call wall time and each kernel's own time.
+
+    python scripts/mla_breakdown.py                    # b128 s_k 4096: h16 / h128, Sq 1 / 2
+    python scripts/mla_breakdown.py 128 4096 16 1 var  # one shape: b s_k h_q s_q [var]
+Per-call time is `python -m jax_ds.bench mla`'s (back-to-back jitted calls); the kernel times come
+from `jax.profiler` (the same trace reader as the GEMM benchmarks). The difference between the
+call and the sum of its kernels is launch gaps.
+"""
+import collections
+import functools
+import glob
+import os
+import sys
+import tempfile
+
+import jax
+
+from jax_ds.bench import _profile, _timing
+from jax_ds.bench.mla import inputs
+from jax_ds.ops import mla_decode
+
+SHAPES = [(128, 4096, 16, 1, False), (128, 4096, 16, 1, True), (128, 4096, 16, 2, False),
+          (128, 4096, 128, 1, False), (128, 4096, 128, 2, False)]
+
+
+def kernel_times(fn, args, calls=20):
+    """{kernel name: microseconds per call} from a profiler trace of `calls` calls."""
+    jax.block_until_ready(fn(*args))
+    with tempfile.TemporaryDirectory() as d:
+        jax.profiler.start_trace(d)
+        try:
+            for _ in range(calls):
+                out = fn(*args)
+            jax.block_until_ready(out)
+        finally:
+            jax.profiler.stop_trace()
+        path = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)[0]
+        totals = collections.Counter()
+        for ev in _profile._stream_events(path):
+            totals[ev.name[:60]] += ev.duration_ns
+    return {k: v / calls / 1e3 for k, v in totals.items()}
+
+
+def main(argv):
+    shapes = SHAPES
+    if argv:
+        b, s_k, h, sq = (int(x) for x in argv[:4])
+        shapes = [(b, s_k, h, sq, len(argv) > 4 and argv[4] == "var")]
+    for i, (b, s_k, h, sq, var) in enumerate(shapes):
+        args, lens = inputs(i, b, s_k, h, sq, var)
+        fn = jax.jit(functools.partial(mla_decode, causal=True, impl="ffi"))
+        t = _timing.time_jax(fn, [args], budget_s=0.2, repeats=3)
+        nbytes = int(lens.sum()) * 576 * 2
+        flops = 2 * h * sq * int(lens.sum()) * 1088
+        ks = kernel_times(fn, args)
+        print(f"b{b} s_k{s_k} h{h} sq{sq}{' var' if var else ''}: call {t.median_s * 1e6:.1f} us "
+              f"({nbytes / t.median_s / 1e9:.0f} GB/s, {flops / t.median_s / 1e12:.0f} TFLOP/s); "
+              f"kernels {sum(ks.values()):.1f} us: " +
+              ", ".join(f"{k} {v:.1f}" for k, v in sorted(ks.items(), key=lambda kv: -kv[1])),
+              flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
