@@ -25,11 +25,10 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
-#include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 
+#include "common/launch.h"
 #include "common/sm90.cuh"
 #include "common/status.h"
 #include "common/tma.h"
@@ -64,7 +63,7 @@ struct Smem {
   static constexpr int kAlloc = kBytes + 1024;                // slack for 1024-byte alignment
 };
 static_assert(Smem::kP % 1024 == 0, "P tile must be 1024-byte aligned");
-static_assert(Smem::kAlloc <= 232448, "shared memory");
+static_assert(Smem::kAlloc <= kMaxSmemBytes, "shared memory");
 
 struct Params {
   const int32_t* block_table;
@@ -77,7 +76,6 @@ struct Params {
   int batch, sq, hq, rows, max_blocks, num_blocks, num_parts;
   int causal;
   int q_box_rows;      // Q rows one TMA box brings (rows < 64: only the batch's rows, rounded to 8)
-  int kv_evict_first;  // KV copies with the L2 evict-first hint (a block read by one CTA only)
   float scale, scale_log2;
 };
 
@@ -354,6 +352,9 @@ DecodeKernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ 
     if (tid != 256) return;
     prefetch_tensormap(&q_map);
     prefetch_tensormap(&kv_map);
+    // A KV block read by one CTA only (one head tile) is not kept in L2 for long; with several
+    // head tiles the other CTAs read it from L2 (NOTES-mla: h16 +2-4% with the hint, h128 -2%).
+    const bool evict_kv_early = gridDim.x == 1;
     const uint64_t evict_first = l2_policy_evict_first();
     const uint32_t q_bytes = kChunks * p.q_box_rows * 128;
     int it = 0, nseg = 0;
@@ -373,7 +374,7 @@ DecodeKernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ 
         mbar_arrive_expect_tx(&bars.full[s], kTileBytes);
         #pragma unroll 1
         for (int c = 0; c < kChunks; ++c) {
-          if (p.kv_evict_first) {
+          if (evict_kv_early) {
             tma_load_2d_hint(kv_stage[s] + c * kChunkBytes, &kv_map, &bars.full[s], c * 64,
                              id * kPage, evict_first);
           } else {
@@ -495,6 +496,8 @@ DecodeKernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ 
             const __nv_bfloat162 hi = __floats2bfloat162_rn(a, c);
             *reinterpret_cast<__nv_bfloat162*>(p_tile + SwizzledOffset(r, g * 8 + (lane % 4) * 2)) =
                 hi;
+            // Also computed when passes == 1 (not read then): a build skipping it ran 5% slower
+            // at h128 (NOTES-mla).
             const float2 hf = __bfloat1622float2(hi);
             const __nv_bfloat162 lo = __floats2bfloat162_rn(a - hf.x, c - hf.y);
             p_lo[g * 2 + h] = *reinterpret_cast<const uint32_t*>(&lo);
@@ -684,19 +687,6 @@ __global__ void CombineKernel(Params p) {
 }
 
 // ---- handler ------------------------------------------------------------------------------------
-ffi::Error PrepareDecodeKernel() {
-  static std::atomic<uint64_t> ready_mask{0};
-  int device = 0;
-  JAX_DS_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
-  const uint64_t bit = uint64_t(1) << (device % 64);
-  if (!(ready_mask.load(std::memory_order_acquire) & bit)) {
-    JAX_DS_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
-        DecodeKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Smem::kAlloc));
-    ready_mask.fetch_or(bit, std::memory_order_release);
-  }
-  return ffi::Error::Success();
-}
-
 ffi::Error MlaDecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer kv,
                          ffi::Buffer<ffi::S32> block_table, ffi::Buffer<ffi::S32> seqlens,
                          ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::Buffer<ffi::F32>> lse,
@@ -754,9 +744,6 @@ ffi::Error MlaDecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
   p.causal = causal ? 1 : 0;
   // A batch's rows only, when they are fewer than a tile (h16: 16 of 64 rows); 8-row granules.
   p.q_box_rows = rows < kTileRows ? static_cast<int>((rows + 7) / 8 * 8) : kTileRows;
-  // A KV block read by one CTA only (one head tile) is not kept in L2 for long; with several
-  // head tiles the other CTAs read it from L2 (measured: h16 +2-4% with the hint, h128 -2%).
-  p.kv_evict_first = tiles == 1;
   p.scale = softmax_scale;
   p.scale_log2 = softmax_scale * 1.4426950408889634f;
 
@@ -769,27 +756,24 @@ ffi::Error MlaDecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
                                NB * kPage, kDqk, kPage, 64);
       err.failure())
     return err;
-  if (auto err = PrepareDecodeKernel(); err.failure()) return err;
+  static KernelDeviceState decode_state[64];  // the shared-memory opt-in, once per device
+  int unused_clusters = 0;
+  if (auto err = PrepareKernel(DecodeKernel, decode_state, kThreads, 1, 1, &unused_clusters);
+      err.failure())
+    return err;
 
   PlanKernel<<<1, kPlanThreads, 0, stream>>>(p);
   JAX_DS_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   // Decode and combine are programmatic dependents of the kernel before them (each waits for it
   // with griddepcontrol.wait before reading its results): their launch and prologue overlap it.
-  cudaLaunchAttribute pdl{};
-  pdl.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  pdl.val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t cfg{};
-  cfg.stream = stream;
-  cfg.attrs = &pdl;
-  cfg.numAttrs = 1;
-  cfg.gridDim = dim3(static_cast<unsigned>(tiles), num_parts);
-  cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = Smem::kAlloc;
-  JAX_DS_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&cfg, DecodeKernel, q_map, kv_map, p));
-  cfg.gridDim = dim3(static_cast<unsigned>(B), static_cast<unsigned>((rows + 3) / 4));
-  cfg.blockDim = dim3(128);
-  cfg.dynamicSmemBytes = 0;
-  JAX_DS_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&cfg, CombineKernel, p));
+  cudaLaunchAttribute attr;
+  const cudaLaunchConfig_t decode = DependentLaunch(
+      dim3(static_cast<unsigned>(tiles), num_parts), dim3(kThreads), Smem::kAlloc, stream, &attr);
+  JAX_DS_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&decode, DecodeKernel, q_map, kv_map, p));
+  const cudaLaunchConfig_t combine = DependentLaunch(
+      dim3(static_cast<unsigned>(B), static_cast<unsigned>((rows + 3) / 4)), dim3(128), 0, stream,
+      &attr);
+  JAX_DS_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&combine, CombineKernel, p));
   return ffi::Error::Success();
 }
 
