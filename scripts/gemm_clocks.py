@@ -78,8 +78,9 @@ def main(argv):
         tsb = torch.from_numpy(np.asarray(sb).copy()).cuda().t()
         fn = lambda: torch._scaled_mm(ta, tb.t(), scale_a=tsa, scale_b=tsb, out_dtype=torch.bfloat16)
         ref = np.asarray(jnp.asarray(fp8_gemm(a8, sa, b8, sb), jnp.float32))
-        got = fn().float().cpu().numpy()
-        print("torch vs ours max rel diff:", float(np.abs(got - ref).max() / np.abs(ref).max()))
+        diff = float(np.abs(fn().float().cpu().numpy() - ref).max() / np.abs(ref).max())
+        if diff > 1e-2:  # this torch build reads the scale layout differently: not the same GEMM
+            raise RuntimeError(f"torch's result differs from ours (max rel diff {diff:.2e})")
 
         def torch_once():
             for _ in range(reps):

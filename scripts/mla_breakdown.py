@@ -8,10 +8,7 @@ call and the sum of its kernels is launch gaps.
 """
 import collections
 import functools
-import glob
-import os
 import sys
-import tempfile
 
 import jax
 
@@ -25,19 +22,9 @@ SHAPES = [(128, 4096, 16, 1, False), (128, 4096, 16, 1, True), (128, 4096, 16, 2
 
 def kernel_times(fn, args, calls=20):
     """{kernel name: microseconds per call} from a profiler trace of `calls` calls."""
-    jax.block_until_ready(fn(*args))
-    with tempfile.TemporaryDirectory() as d:
-        jax.profiler.start_trace(d)
-        try:
-            for _ in range(calls):
-                out = fn(*args)
-            jax.block_until_ready(out)
-        finally:
-            jax.profiler.stop_trace()
-        path = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)[0]
-        totals = collections.Counter()
-        for ev in _profile._stream_events(path):
-            totals[ev.name[:60]] += ev.duration_ns
+    totals = collections.Counter()
+    for name, ns in _profile.kernel_events(fn, [args], calls):
+        totals[name[:60]] += ns
     return {k: v / calls / 1e3 for k, v in totals.items()}
 
 

@@ -31,11 +31,9 @@ def _stream_events(xspace_path: str):
                 yield from line.events
 
 
-def device_time_jax(fn, arg_sets, calls: int) -> float:
-    """Seconds of GPU kernel time per call of `fn(*args)`, args rotating over `arg_sets`.
-
-    Each set is called once first (compile, warm-up) outside the trace.
-    """
+def kernel_events(fn, arg_sets, calls: int):
+    """(name, duration_ns) of every GPU kernel/copy while `fn(*args)` runs `calls` times, args
+    rotating over `arg_sets`. Each set is called once first (compile, warm-up) outside the trace."""
     for args in arg_sets:
         jax.block_until_ready(fn(*args))
     with tempfile.TemporaryDirectory() as d:
@@ -50,7 +48,12 @@ def device_time_jax(fn, arg_sets, calls: int) -> float:
         paths = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
         if not paths:
             raise RuntimeError("jax.profiler wrote no trace")
-        total_ns = sum(ev.duration_ns for ev in _stream_events(paths[0]))
+        return [(ev.name, ev.duration_ns) for ev in _stream_events(paths[0])]
+
+
+def device_time_jax(fn, arg_sets, calls: int) -> float:
+    """Seconds of GPU kernel time per call of `fn(*args)`, args rotating over `arg_sets`."""
+    total_ns = sum(ns for _, ns in kernel_events(fn, arg_sets, calls))
     if total_ns <= 0:
         raise RuntimeError("the trace holds no GPU kernel events (profiler unavailable?)")
     return total_ns * 1e-9 / calls

@@ -36,21 +36,21 @@ class Block(nnx.Module):
         else:
             self.ffn = MLP(cfg.d_model, cfg.dense_hidden, cfg, rngs=rngs)
 
-    def __call__(self, x_BTD, positions_BT):
-        """-> (x [B, T, D], MoEStats or None for a dense layer)."""
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT)
+    def _ffn_residual(self, x_BTD):
+        """x + FFN(norm x) -> (x, MoEStats or None for a dense layer)."""
         if self.is_moe:
             y_BTD, stats = self.ffn(self.ffn_norm(x_BTD))
             return x_BTD + y_BTD, stats
         return x_BTD + self.ffn(self.ffn_norm(x_BTD)), None
 
+    def __call__(self, x_BTD, positions_BT):
+        """-> (x [B, T, D], MoEStats or None for a dense layer)."""
+        return self._ffn_residual(x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT))
+
     def decode(self, x_BTD, positions_BT, cache, layer: int, seqs_B):
         """`__call__` for new tokens over a paged cache (see `MLAttention.decode`) -> (x, cache)."""
         h_BTD, cache = self.attn.decode(self.attn_norm(x_BTD), positions_BT, cache, layer, seqs_B)
-        x_BTD = x_BTD + h_BTD
-        if self.is_moe:
-            return x_BTD + self.ffn(self.ffn_norm(x_BTD))[0], cache
-        return x_BTD + self.ffn(self.ffn_norm(x_BTD)), cache
+        return self._ffn_residual(x_BTD + h_BTD)[0], cache
 
 
 class MTPModule(nnx.Module):
