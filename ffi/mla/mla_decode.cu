@@ -4,20 +4,19 @@
 // seqlens [B]; out [B, Sq, Hq, 512] bf16, lse [B, Hq, Sq] f32. Query rows are packed per batch as
 // row = s * Hq + h (q[b] viewed as [Sq * Hq, 576]), in tiles of 64 rows.
 //
-// Three launches on the stream, all inside the jitted program:
-//   1. PlanKernel (one CTA): splits the batch's KV blocks evenly over `num_parts` persistent parts,
-//      each a contiguous run over (batch, block) with a fixed cost per batch touched (FlashMLA's
-//      balancing idea), by prefix sums. It writes each part's batch range and, per batch, its
-//      number of splits, the slot of its first partial result and its start on the cost line.
-//   2. DecodeKernel, grid (head tiles, parts): a producer thread streams 64-row KV blocks through TMA
+// Two launches on the stream, both inside the jitted program:
+//   1. DecodeKernel, grid (head tiles, parts). The plan first: every CTA splits the batch's KV
+//      blocks evenly over `num_parts` persistent parts, each a contiguous run over (batch, block)
+//      with a fixed cost per batch touched (FlashMLA's balancing idea), by prefix sums over the
+//      lengths, and keeps its own part's range. Then a producer thread streams 64-row KV blocks through TMA
 //      into two shared-memory stages; warpgroup 0 computes S = Q K^T (WGMMA, Q resident in shared
 //      memory), the online softmax in f32, and hands P (bf16) plus the row rescale to warpgroup 1
 //      through shared memory; both warpgroups accumulate O = P V over their half of the 512 value
 //      columns (WGMMA with V read MN-major straight from the K stage). A batch finished inside one
 //      part is written to out/lse directly; a split batch writes normalized partials and lse.
-//   3. CombineKernel: merges the partials of split batches (log-sum-exp weights).
-// Decode and combine are programmatic dependent launches: each one's launch and prologue
-// overlap the kernel before it (griddepcontrol.wait guards every read of that kernel's output).
+//   2. CombineKernel: merges the partials of split batches (log-sum-exp weights), with the split
+//      counts CTA (0, 0) of the decode kernel wrote. A programmatic dependent launch: its launch
+//      overlaps the decode kernel (griddepcontrol.wait guards every read of the decode's output).
 //
 // Guards: block ids are clamped into [0, num_blocks), lengths into [0, max_blocks * 64]; cache
 // rows at or past a length are zeroed in shared memory before P V (they may hold NaN) and masked
@@ -49,7 +48,6 @@ constexpr int kChunkBytes = 64 * 128;        // one [64 rows x 64 cols] bf16 chu
 constexpr int kTileBytes = kChunks * kChunkBytes;  // 73728: a Q tile or a KV block
 constexpr int kPreciseMaxLen = 1024;  // sequences up to this length get P V in two passes
 constexpr int kFixedCost = 5;    // planner: cost of touching a batch, in KV blocks
-constexpr int kPartInts = 8;     // ints per part in the plan
 constexpr int kThreads = 384;    // 2 consumer warpgroups + 1 producer warpgroup (one thread)
 
 struct Smem {
@@ -72,7 +70,7 @@ struct Params {
   float* lse;
   float* o_acc;     // [2 * num_parts, rows, 512] partials of split batches
   float* lse_acc;   // [2 * num_parts, rows]
-  int32_t* plan;    // [num_parts * 8] part ranges, then num_splits [B], split_base [B], cum [B]
+  int32_t* plan;    // num_splits [B], then split_base [B] (for the combine kernel)
   int batch, sq, hq, rows, max_blocks, num_blocks, num_parts;
   int causal;
   int q_box_rows;      // Q rows one TMA box brings (rows < 64: only the batch's rows, rounded to 8)
@@ -83,47 +81,17 @@ __device__ __forceinline__ int ClampedLen(const Params& p, int b) {
   return min(max(p.seqlens[b], 0), p.max_blocks * kPage);
 }
 
-// ---- 1. plan ------------------------------------------------------------------------------------
+// ---- 1. plan (computed by every decode CTA for its own part) ----------------------------------
 // Batch b costs kFixedCost + nb_b blocks and occupies [cum_b, cum_b + cost_b) on a line of total
 // cost; its blocks sit at cum_b + kFixedCost + j. Part i owns the positions [i * payload,
 // (i + 1) * payload) with payload = ceil(total / parts): a contiguous run of (batch, block), cut
 // evenly by cost (FlashMLA's balancing idea: a fixed price per batch touched, the rest per block).
-// An empty batch belongs to the part holding cum_b. Everything is computed in parallel (two
-// block-wide scans and a binary search per part), so the plan costs a few microseconds.
-// Plan layout (int32): part i -> [begin_b, end_b, payload, ...] (kPartInts each), then
-// num_splits [B], split_base [B] (first partial slot of a split batch), cum [B].
-constexpr int kPlanThreads = 1024;
-constexpr int kPlanSmemBatches = 8192;  // cum cached in shared memory for the binary searches
-
+// An empty batch belongs to the part holding cum_b. Split batches get consecutive partial slots.
+// Each CTA derives its part's batch range from two scans over the batch (a few microseconds less
+// than a separate plan kernel whose results every CTA would wait for); CTA (0, 0) also writes
+// num_splits [B] and split_base [B] (first partial slot of a split batch) for the combine kernel.
 __device__ __forceinline__ int BlocksOf(const Params& p, int b) {
   return (ClampedLen(p, b) + kPage - 1) / kPage;
-}
-
-// Exclusive scan of one value per thread over the CTA (kPlanThreads threads); also the total.
-__device__ int64_t BlockExclusiveScan(int64_t v, int64_t* warp_sums, int64_t* total) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  int64_t x = v;
-  #pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const int64_t y = __shfl_up_sync(0xffffffff, x, o);
-    if (lane >= o) x += y;
-  }
-  if (lane == 31) warp_sums[warp] = x;
-  __syncthreads();
-  if (warp == 0) {
-    int64_t w = warp_sums[lane];
-    #pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int64_t y = __shfl_up_sync(0xffffffff, w, o);
-      if (lane >= o) w += y;
-    }
-    warp_sums[lane] = w;
-  }
-  __syncthreads();
-  const int64_t excl = x - v + (warp > 0 ? warp_sums[warp - 1] : 0);
-  *total = warp_sums[31];
-  __syncthreads();
-  return excl;
 }
 
 // The split count of batch b given its start on the cost line.
@@ -133,68 +101,89 @@ __device__ __forceinline__ int SplitsOf(int64_t cum, int nb, int64_t payload) {
   return static_cast<int>((start + nb - 1) / payload - start / payload + 1);
 }
 
-__global__ void __launch_bounds__(kPlanThreads) PlanKernel(Params p) {
-  grid_dependency_launch_dependents();  // the decode kernel's prologue may overlap this one
-  __shared__ int64_t warp_sums[32];
-  __shared__ int32_t cum_shared[kPlanSmemBatches];
-  int32_t* parts = p.plan;
-  int32_t* num_splits = p.plan + p.num_parts * kPartInts;
-  int32_t* split_base = num_splits + p.batch;
-  int32_t* cum_out = split_base + p.batch;
-  const int per = (p.batch + kPlanThreads - 1) / kPlanThreads;  // batches per thread, in a run
-  const int b0 = min(p.batch, static_cast<int>(threadIdx.x) * per), b1 = min(p.batch, b0 + per);
+// Exclusive scan of one value per thread over the CTA (all its threads); also the total.
+__device__ int64_t CtaExclusiveScan(int64_t v, int64_t* warp_sums, int64_t* total) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int warps = static_cast<int>(blockDim.x) / 32;
+  int64_t x = v;
+  #pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int64_t y = __shfl_up_sync(0xffffffff, x, o);
+    if (lane >= o) x += y;
+  }
+  if (lane == 31) warp_sums[warp] = x;
+  __syncthreads();
+  if (warp == 0) {
+    int64_t w = lane < warps ? warp_sums[lane] : 0;
+    #pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int64_t y = __shfl_up_sync(0xffffffff, w, o);
+      if (lane >= o) w += y;
+    }
+    if (lane < warps) warp_sums[lane] = w;
+  }
+  __syncthreads();
+  const int64_t excl = x - v + (warp > 0 ? warp_sums[warp - 1] : 0);
+  *total = warp_sums[warps - 1];
+  __syncthreads();
+  return excl;
+}
 
+// A part's batch range [begin_b, end_b] (end_b < begin_b: none), the payload, and the cost-line
+// start and first partial slot of batch begin_b.
+struct PartPlan {
+  int begin_b, end_b, payload, cum, slot;
+};
+
+// Called by every thread of the CTA; `scratch`: 288 bytes of shared memory, 8-byte aligned (static
+// shared memory would lower the kernel's dynamic opt-in below the whole 227 KB).
+__device__ PartPlan PlanPart(const Params& p, int part, bool write_splits, uint8_t* scratch) {
+  int64_t* warp_sums = reinterpret_cast<int64_t*>(scratch);
+  int32_t* found = reinterpret_cast<int32_t*>(scratch + 32 * sizeof(int64_t));
+  const int per = (p.batch + blockDim.x - 1) / blockDim.x;  // batches per thread, in a run
+  const int b0 = min(p.batch, static_cast<int>(threadIdx.x) * per), b1 = min(p.batch, b0 + per);
   int64_t local = 0;
   for (int b = b0; b < b1; ++b) local += BlocksOf(p, b) + kFixedCost;
   int64_t total;
-  int64_t cum = BlockExclusiveScan(local, warp_sums, &total);
+  const int64_t cum0 = CtaExclusiveScan(local, warp_sums, &total);
+  const int64_t payload = max((total + p.num_parts - 1) / p.num_parts, int64_t(1));
+  int64_t slots = 0, cum = cum0;
   for (int b = b0; b < b1; ++b) {
-    cum_out[b] = static_cast<int32_t>(cum);
-    if (b < kPlanSmemBatches) cum_shared[b] = static_cast<int32_t>(cum);
-    cum += BlocksOf(p, b) + kFixedCost;
-  }
-  const int64_t payload = (total + p.num_parts - 1) / p.num_parts > 1 ? (total + p.num_parts - 1) / p.num_parts : 1;
-
-  // Split batches get consecutive partial slots.
-  int64_t slots = 0;
-  for (int b = b0; b < b1; ++b) {
-    const int n = SplitsOf(cum_out[b], BlocksOf(p, b), payload);
+    const int nb = BlocksOf(p, b);
+    const int n = SplitsOf(cum, nb, payload);
     slots += n > 1 ? n : 0;
+    cum += nb + kFixedCost;
   }
   int64_t unused;
-  int64_t slot = BlockExclusiveScan(slots, warp_sums, &unused);
+  int64_t slot = CtaExclusiveScan(slots, warp_sums, &unused);
+  const int64_t begin = int64_t(part) * payload, last = begin + payload - 1;
+  if (threadIdx.x == 0 && begin >= total) {  // no batches
+    found[0] = 0;
+    found[1] = -1;
+    found[2] = found[3] = 0;
+  }
+  cum = cum0;
   for (int b = b0; b < b1; ++b) {
-    const int n = SplitsOf(cum_out[b], BlocksOf(p, b), payload);
-    num_splits[b] = n;
-    split_base[b] = n > 1 ? static_cast<int32_t>(slot) : 0;
+    const int nb = BlocksOf(p, b);
+    const int64_t cost = nb + kFixedCost;
+    const int n = SplitsOf(cum, nb, payload);
+    if (write_splits) {
+      p.plan[b] = n;
+      p.plan[p.batch + b] = n > 1 ? static_cast<int32_t>(slot) : 0;
+    }
+    if (begin < total) {  // exactly one batch holds each position below total
+      if (cum <= begin && begin < cum + cost) {
+        found[0] = b;
+        found[2] = static_cast<int32_t>(cum);
+        found[3] = static_cast<int32_t>(slot);
+      }
+      if (cum <= last && (last < cum + cost || b == p.batch - 1)) found[1] = b;
+    }
     slot += n > 1 ? n : 0;
+    cum += cost;
   }
-  __syncthreads();  // cum_out / cum_shared complete before the searches
-
-  auto cum_at = [&](int b) -> int64_t {
-    return b < kPlanSmemBatches ? cum_shared[b] : static_cast<int64_t>(cum_out[b]);
-  };
-  // Last batch with cum_b <= pos (cum is strictly increasing, cum_0 = 0).
-  auto last_at_or_before = [&](int64_t pos) {
-    int lo = 0, hi = p.batch - 1;
-    while (lo < hi) {
-      const int mid = (lo + hi + 1) / 2;
-      if (cum_at(mid) <= pos) lo = mid; else hi = mid - 1;
-    }
-    return lo;
-  };
-  for (int i = threadIdx.x; i < p.num_parts; i += blockDim.x) {
-    int32_t* part = parts + i * kPartInts;
-    const int64_t begin = i * payload, end = (i + 1) * payload;
-    if (p.batch == 0 || begin >= total) {
-      part[0] = 0;
-      part[1] = -1;  // no batches
-    } else {
-      part[0] = last_at_or_before(begin);
-      part[1] = last_at_or_before(end - 1);
-    }
-    part[2] = static_cast<int32_t>(payload);
-  }
+  __syncthreads();
+  return PartPlan{found[0], found[1], static_cast<int>(payload), found[2], found[3]};
 }
 
 // ---- 2. decode ----------------------------------------------------------------------------------
@@ -218,26 +207,33 @@ __device__ __forceinline__ uint64_t Sw128MnMajorDesc(const void* tile) {
 // The segments (batch, block range, split index) of one part, in order (see the plan).
 struct PartIter {
   int b, lo, hi, split;
-  int part, end_b, payload;  // positions fit in int32 (the handler checks B * (max_blocks + 5))
+  int nsplits, slot;           // the batch's split count and first partial slot
+  int part, end_b, payload;    // positions fit in int32 (the handler checks B * (max_blocks + 5))
+  int next_cum, next_slot;     // cost-line start and first partial slot of batch b + 1
 
-  __device__ void init(const Params& p, int part_index) {
-    const int32_t* r = p.plan + part_index * kPartInts;
+  __device__ void init(const PartPlan& plan, int part_index) {
     part = part_index;
-    b = r[0] - 1;
-    end_b = r[1];
-    payload = r[2];
+    b = plan.begin_b - 1;
+    end_b = plan.end_b;
+    payload = plan.payload;
+    next_cum = plan.cum;
+    next_slot = plan.slot;
   }
   // Advances to the next segment this part owns; false when the part is done.
   __device__ bool next(const Params& p) {
-    const int32_t* cum = p.plan + p.num_parts * kPartInts + 2 * p.batch;
     while (++b <= end_b && b < p.batch) {
       const int nb = BlocksOf(p, b);
+      const int cum = next_cum;
+      nsplits = SplitsOf(cum, nb, payload);
+      slot = next_slot;
+      next_cum = cum + nb + kFixedCost;
+      next_slot = slot + (nsplits > 1 ? nsplits : 0);
       if (nb == 0) {
-        if (cum[b] / payload != part) continue;
+        if (cum / payload != part) continue;
         lo = hi = split = 0;
         return true;
       }
-      const int start = cum[b] + kFixedCost;
+      const int start = cum + kFixedCost;
       const int64_t first = int64_t(part) * payload - start;
       const int64_t last = int64_t(part + 1) * payload - start;
       lo = static_cast<int>(first > 0 ? first : 0);
@@ -339,13 +335,17 @@ DecodeKernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ 
     fence_proxy_async_smem();
   }
   __syncthreads();
-  // Launched as a programmatic dependent of the plan kernel: everything above overlapped it.
+  // A no-op unless launched as a programmatic dependent (then: before reading any input).
   grid_dependency_wait();
+  // The combine kernel may be launched now: its CTAs wait for this grid to complete before
+  // reading anything, and take SMs only as this one-wave grid's CTAs leave them.
+  grid_dependency_launch_dependents();
 
   const int tile_row0 = tile * kTileRows;
   const int valid_rows = min(kTileRows, p.rows - tile_row0);
   PartIter seg;
-  seg.init(p, part);
+  // The P tile is free until the first block: the plan's scratch.
+  seg.init(PlanPart(p, part, tile == 0 && part == 0, p_tile), part);
 
   if (tid >= 256) {  // ---- producer warpgroup: one thread issues every TMA copy --------------------
     regs_dealloc<24>();
@@ -399,9 +399,9 @@ DecodeKernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ 
   while (seg.next(p)) {
     const int len = ClampedLen(p, seg.b);
     const int nb = (len + kPage - 1) / kPage;
-    const int nsplits = p.plan[p.num_parts * kPartInts + seg.b];
+    const int nsplits = seg.nsplits;
     const bool split = nsplits > 1;
-    const int slot = split ? p.plan[p.num_parts * kPartInts + p.batch + seg.b] + seg.split : 0;
+    const int slot = split ? seg.slot + seg.split : 0;
     const int tail_valid = len - (nb - 1) * kPage;  // rows of the last block inside the length
     // P V passes per block: bf16 P alone (as FlashMLA) leaves a 2^-9 relative error per weight
     // that only averages out over many keys; short sequences add P's rounding residual.
@@ -642,10 +642,9 @@ __global__ void CombineKernel(Params p) {
   const int row = blockIdx.y * 4 + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= p.rows) return;
-  const int32_t* num_splits = p.plan + p.num_parts * kPartInts;
-  const int n = num_splits[b];
+  const int n = p.plan[b];
   if (n == 1) return;  // written by the decode kernel (the plan gives every batch >= 1 split)
-  const int base = num_splits[p.batch + b];
+  const int base = p.plan[p.batch + b];
   const int sq_i = row / p.hq, h_i = row % p.hq;
   float* lse_out = p.lse + (static_cast<int64_t>(b) * p.hq + h_i) * p.sq + sq_i;
   __nv_bfloat16* out = p.out + (static_cast<int64_t>(b) * p.rows + row) * kDv;
@@ -720,7 +719,7 @@ ffi::Error MlaDecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
                        B * (MB + kFixedCost) < (int64_t(1) << 31) && MB * kPage < (int64_t(1) << 31),
                    "mla_decode: sizes must fit in int32");
   const int64_t tiles = (rows + kTileRows - 1) / kTileRows;
-  JAX_DS_CHECK_ARG(plan->element_count() >= num_parts * kPartInts + 3 * B &&
+  JAX_DS_CHECK_ARG(plan->element_count() >= 2 * B &&
                        o_acc->element_count() >= 2 * num_parts * rows * kDv &&
                        lse_acc->element_count() >= 2 * num_parts * rows,
                    "mla_decode: workspace buffers are too small for num_parts");
@@ -762,14 +761,12 @@ ffi::Error MlaDecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
       err.failure())
     return err;
 
-  PlanKernel<<<1, kPlanThreads, 0, stream>>>(p);
+  DecodeKernel<<<dim3(static_cast<unsigned>(tiles), num_parts), kThreads, Smem::kAlloc, stream>>>(
+      q_map, kv_map, p);
   JAX_DS_CUDA_RETURN_IF_ERROR(cudaGetLastError());
-  // Decode and combine are programmatic dependents of the kernel before them (each waits for it
-  // with griddepcontrol.wait before reading its results): their launch and prologue overlap it.
+  // The combine kernel is a programmatic dependent of the decode kernel (it waits for it with
+  // griddepcontrol.wait before reading its results): its launch and prologue overlap it.
   cudaLaunchAttribute attr;
-  const cudaLaunchConfig_t decode = DependentLaunch(
-      dim3(static_cast<unsigned>(tiles), num_parts), dim3(kThreads), Smem::kAlloc, stream, &attr);
-  JAX_DS_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&decode, DecodeKernel, q_map, kv_map, p));
   const cudaLaunchConfig_t combine = DependentLaunch(
       dim3(static_cast<unsigned>(B), static_cast<unsigned>((rows + 3) / 4)), dim3(128), 0, stream,
       &attr);

@@ -25,10 +25,10 @@ Conventions (the reference and the kernel share them; the tests pin them):
                  [0, num_blocks - 1]; cache_seqlens into [0, max_blocks * 64]. Concrete (non-traced)
                  cache_seqlens above max_blocks * 64 or below 0 are rejected with a ValueError.
 
-Kernel (ffi/mla/mla_decode.cu, impl="ffi"): bf16, Hq in [16, 128]; a plan kernel splits the
-batch's KV blocks over one wave of persistent CTAs (per-batch cost = blocks + 5), the decode
-kernel streams 64-row blocks by TMA into WGMMA (64 query rows = heads x Sq per CTA), a combine
-kernel merges split batches. Notes and numbers: benchmarks/NOTES-mla.md.
+Kernel (ffi/mla/mla_decode.cu, impl="ffi"): bf16, Hq in [16, 128]; the batch's KV blocks are
+split over one wave of persistent CTAs (per-batch cost = blocks + 5; each CTA plans its own share
+from the lengths), the decode kernel streams 64-row blocks by TMA into WGMMA (64 query rows =
+heads x Sq per CTA), a combine kernel merges split batches. Notes and numbers: benchmarks/NOTES-mla.md.
 """
 
 from __future__ import annotations
@@ -223,11 +223,11 @@ def mla_decode(q, kv_cache, block_table, cache_seqlens, *, softmax_scale=None, c
                           bool(causal), HEAD_DIM_V, _chunk_blocks(q, kv_cache, block_table))
     rows = sq * hq  # query rows per batch (heads x Sq), 64 per CTA
     parts = max(1, _ffi.num_sms() // cdiv(rows, 64))  # persistent parts per head tile: one wave
-    # The three trailing results are the kernel's workspace: the on-device plan (part ranges,
-    # splits per batch) and the partial outputs of batches split across parts (at most 2 per part).
+    # The three trailing results are the kernel's workspace: the splits per batch and their first
+    # partial slot, and the partial outputs of batches split across parts (at most 2 per part).
     call = jax.ffi.ffi_call(TARGET, (jax.ShapeDtypeStruct((b, sq, hq, HEAD_DIM_V), q.dtype),
                                      jax.ShapeDtypeStruct((b, hq, sq), jnp.float32),
-                                     jax.ShapeDtypeStruct((parts * 8 + 3 * b,), jnp.int32),
+                                     jax.ShapeDtypeStruct((2 * b,), jnp.int32),
                                      jax.ShapeDtypeStruct((2 * parts * rows * HEAD_DIM_V,),
                                                           jnp.float32),
                                      jax.ShapeDtypeStruct((2 * parts * rows,), jnp.float32)),
