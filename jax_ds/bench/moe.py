@@ -6,7 +6,8 @@ Rows (DeepSeek-V3 expert shapes; DeepGEMM's published H800 figures where it has 
   routing     4096 tokens x 7168, top-8 of 256 experts: permute to expert-major order + FP8 cast,
               and the weighted combine
 Contestants, timed the same way (device-bound: one call per input set inside one jitted program
-for JAX, one CUDA graph for torch; "kernel" = our kernel time from jax.profiler):
+for JAX, the sets repeated there until the host's dispatch no longer shows; one CUDA graph for
+torch; "kernel" = our kernel time from jax.profiler):
   ours         grouped_fp8_gemm / masked_grouped_fp8_gemm (impl="ffi"); moe_permute(fp8=True) and
                moe_unpermute kernels
   xla_ragged   jax.lax.ragged_dot in bf16 on the dequantized operands (masked: a batched dot)
@@ -246,8 +247,9 @@ def run(args):
                  routing["results"].items()])
     path = write_json(args.out, "moe", env, {
         "ours": ours_na or GROUPED_TARGET,
-        "timing": {"device": "one call per input set in one jitted executable (JAX) or one "
-                             "CUDA graph (torch), time / input sets",
+        "timing": {"device": "one call per input set in one jitted executable (JAX; the sets "
+                             "repeated inside it, doubling, while that still lowers the "
+                             "time per call) or one CUDA graph (torch), time / calls",
                    "kernel": "ours only: GPU kernel durations from jax.profiler / calls"},
         "rows": rows, "routing": routing})
     print(f"wrote {path}")

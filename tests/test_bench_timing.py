@@ -1,0 +1,32 @@
+"""The benchmark harness's device-bound timing: repeated calls in one executable stay separate
+calls (nothing merged by XLA), and the timing reports them per call."""
+import jax
+import jax.numpy as jnp
+
+from jax_ds.bench import _timing
+
+
+def _dots(fn, sets) -> int:
+    hlo = jax.jit(fn).lower(sets).compile().as_text()
+    return sum(line.count(" dot(") for line in hlo.splitlines())
+
+
+def test_repeated_calls_are_not_merged():
+    sets = tuple((jax.random.normal(jax.random.key(i), (64, 64)),) for i in range(2))
+    mul = lambda x: x @ x.T
+    many = _timing.repeated_calls(mul, 3)
+    assert _dots(many, sets) == 6
+    # Without the barrier XLA merges the repeats: the check above can fail.
+    assert _dots(lambda s: [[mul(*a) for a in s] for _ in range(3)], sets) == 2
+    outs = jax.jit(many)(sets)
+    assert len(outs) == 3 and all(len(o) == 2 for o in outs)
+    for o in outs:
+        for (x,), y in zip(sets, o):
+            assert jnp.allclose(y, x @ x.T)
+
+
+def test_time_jax_launch_per_call():
+    sets = [(jnp.full((8,), float(i)),) for i in range(4)]
+    t = _timing.time_jax_launch(lambda x: x * 2 + 1, sets, budget_s=0.02, repeats=2, max_reps=8)
+    assert t.median_s > 0 and t.min_s <= t.median_s
+    assert t.calls % len(sets) == 0 and t.repeats == 2
