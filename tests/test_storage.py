@@ -291,6 +291,17 @@ def test_posix_io_checksums_what_it_writes(tmp_path, monkeypatch, direct):
     assert io.write_file(str(tmp_path / "n.bin"), pieces) is None
 
 
+@pytest.mark.parametrize("nbytes", [4096, 5000, (8 << 20) + 4096])
+def test_aligned_buffers(nbytes):
+    for make, align in ((threefs.aligned_empty, threefs.ALIGN),
+                        (threefs.staging_buffer, threefs._HUGE_PAGE)):
+        x = make(nbytes)
+        assert x.nbytes == nbytes and x.dtype == np.uint8 and x.flags.writeable
+        assert x.ctypes.data % align == 0
+        x[:] = 7
+        assert int(x[-1]) == 7
+
+
 def test_usrbio_io_checksums_what_it_writes(on_3fs):
     mount, _ = on_3fs
     io = threefs.shard_io(mount / "x")

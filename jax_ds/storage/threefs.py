@@ -31,8 +31,10 @@ from __future__ import annotations
 import errno
 import importlib
 import logging
+import mmap
 import os
 import queue
+import threading
 from multiprocessing import shared_memory
 from typing import Sequence
 
@@ -124,9 +126,39 @@ Pieces = Sequence[tuple[int, memoryview]]   # (file offset, bytes) pieces of one
 
 def aligned_empty(nbytes: int) -> np.ndarray:
     """An uninitialised uint8 array whose data starts on an ALIGN boundary: what O_DIRECT
-    needs, and what lets a CPU `jax.device_put` use the array as the device buffer (no copy)."""
+    needs, and what lets a CPU `jax.device_put` use the array as the device buffer (no copy).
+
+    Plain (4 KiB) pages: restores read into these, and they become the arrays. Huge pages were
+    tried for them (2026-12-03, 2-core VM, 2 GB restore, 6 interleaved rounds each): restore
+    1.4-2.4 GB/s against 1.8-2.6 with 4 KiB pages; the long-lived staging buffers of a save use
+    huge pages instead (`staging_buffer`).
+    """
     base = np.empty(nbytes + ALIGN, np.uint8)
     start = -base.ctypes.data % ALIGN
+    return base[start:start + nbytes]
+
+
+# Transparent huge pages on x86-64 and most arm64 kernels: 2 MiB, physically contiguous.
+_HUGE_PAGE = 2 << 20
+
+
+def staging_buffer(nbytes: int) -> np.ndarray:
+    """A uint8 buffer for O_DIRECT staging: anonymous memory aligned to 2 MiB and advised to use
+    transparent huge pages (MADV_HUGEPAGE; a no-op where THP is off).
+
+    Why: the kernel builds a disk request from the physical pages of the user buffer, at most
+    `max_segments` of them (254 on virtio-blk). Small pages scattered in physical memory (as in
+    a process that has allocated and freed a lot) cut a 4 MiB request into pieces: O_DIRECT
+    writes from such malloc'ed buffers averaged 2.6-3.2 MiB per request on a 2-core VM, from
+    2 MiB pages 3.7 MiB. Staging buffers are reused by every save of the process, so the cost
+    of finding huge pages is paid once.
+    """
+    # The anonymous map stays alive (and mapped) as long as an array uses its memory.
+    m = mmap.mmap(-1, nbytes + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    base = np.frombuffer(m, np.uint8)
+    start = -base.ctypes.data % _HUGE_PAGE
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        m.madvise(mmap.MADV_HUGEPAGE, start, -(-nbytes // ALIGN) * ALIGN)
     return base[start:start + nbytes]
 
 
@@ -208,14 +240,43 @@ class PosixIO:
         _with_fd(path, os.O_RDONLY, direct, read)
 
     def _write_staged(self, fd: int, runs, checksum=None, sums=None) -> None:
-        """O_DIRECT writes of runs, each copied through an aligned staging buffer (checksums of
-        the pieces taken from the staging buffer while the copied bytes are in cache)."""
+        """O_DIRECT writes of runs, each copied through aligned staging buffers (checksums of
+        the pieces taken from a staging buffer while the copied bytes are in cache).
+
+        Double-buffered: this thread copies into one staging buffer while a writer thread of
+        this file writes the previous one, so the file always has a write in flight (copying
+        first and then writing left each file's stream idle for the copy: on a 2-core VM,
+        6.0-6.5 of 8 files had a write in flight on average instead of 7). Writes of one file
+        stay sequential, from one thread (3FS's FUSE path needs one writer per file). Measured
+        (2026-12-03, 2 GB state, 5 interleaved rounds, medians): save 2.27 -> 2.67 GB/s, 92% of
+        a single O_DIRECT stream of the same bytes in the same run (2.91).
+        """
+        free, full = queue.SimpleQueue(), queue.SimpleQueue()
+        for _ in range(2):
+            try:
+                free.put(self._stages.get_nowait())
+            except queue.Empty:
+                free.put(staging_buffer(self.stage_bytes))
+        failed: list[BaseException] = []
+
+        def writer():
+            # Every buffer goes back to `free`, written or not: after a failed write the copier
+            # sees `failed` at its next buffer instead of waiting for one forever.
+            while (item := full.get()) is not None:
+                stage, nbytes, offset = item
+                if not failed:
+                    try:
+                        _pwritev_all(fd, [memoryview(stage)[:nbytes]], offset)
+                    except BaseException as e:   # ENOSPC, EFBIG...: raised by write_file
+                        failed.append(e)
+                free.put(stage)
+
+        thread = threading.Thread(target=writer, name="jax_ds-posix-writer", daemon=True)
+        thread.start()
+        step = _CHECKSUM_CHUNK if checksum else self.stage_bytes
+        stage = None
         try:
-            stage = self._stages.get_nowait()
-        except queue.Empty:
-            stage = aligned_empty(self.stage_bytes)
-        step = _CHECKSUM_CHUNK if checksum else len(stage)
-        try:
+            stage = free.get()
             for offset, items in runs:
                 fill = 0
                 for buf, i in items:
@@ -228,12 +289,24 @@ class PosixIO:
                             sums[i] = checksum(stage[fill:fill + n], sums[i])
                         fill, pos = fill + n, pos + n
                         if fill == len(stage):
-                            _pwritev_all(fd, [memoryview(stage)], offset)
-                            offset, fill = offset + fill, 0
+                            full.put((stage, fill, offset))
+                            offset, fill, stage = offset + fill, 0, None
+                            stage = free.get()   # the writer hands back the one it wrote
+                            if failed:
+                                raise failed[0]
                 if fill:   # a multiple of ALIGN, as the run's length is
-                    _pwritev_all(fd, [memoryview(stage)[:fill]], offset)
+                    full.put((stage, fill, offset))
+                    stage = None
+                    stage = free.get()
         finally:
-            self._stages.put(stage)
+            full.put(None)
+            thread.join()   # every write of this file has returned: fsync may follow
+            if stage is not None:
+                free.put(stage)
+            while not free.empty():
+                self._stages.put(free.get())
+        if failed:
+            raise failed[0]
 
 
 class UsrbioIO:
