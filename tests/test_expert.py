@@ -13,6 +13,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from jax_ds.models import DeepSeekConfig, DeepSeekMoE, expert_ffn
+from jax_ds.ops import quantize_fp8
 from jax_ds.parallel import expert as ep_lib
 from jax_ds.parallel.mesh import EXPERT, make_mesh, parse_mesh, shard_model
 from jax_ds.testing import calc_diff, tolerance
@@ -105,6 +106,46 @@ def test_ragged_reference_matches_documented_example():
 
     out = jax.shard_map(body, mesh=mesh, in_specs=(P(EXPERT),) * 6, out_specs=P(EXPERT))(*arrays)
     np.testing.assert_array_equal(np.asarray(out).reshape(2, 4), [[1, 3, 0, 0], [2, 2, 4, 0]])
+
+
+@pytest.mark.parametrize("exchange", ["padded", "emulated"])
+def test_fp8_dispatch_is_the_quantized_bf16_dispatch(exchange):
+    """FP8 dispatch (scales travelling with their rows) gives, bit for bit, quantize_fp8 of the
+    bf16 dispatch's received rows; group sizes and the combine's state are the same."""
+    ep, n, k, e, d = 4, 24, 3, 8, 320   # d not a multiple of 128: a partial last group
+    mesh = cpu_mesh(expert=ep)
+    x = jax.random.normal(jax.random.key(0), (ep * n, d), jnp.bfloat16) * 3
+    idx, _ = random_routing(jax.random.key(1), ep * n, k, e)
+    idx = idx.at[5, 1].set(-1)   # a dropped slot
+    cap = ep_lib.ep_capacity(n, k, e, ep)
+
+    def body(x, idx):
+        (q, s), sizes, _, st = ep_lib.ep_dispatch(x, idx, num_experts=e, axis_name=EXPERT,
+                                                  capacity=cap, exchange=exchange, fp8=True)
+        xr, sizes_b, _, st_b = ep_lib.ep_dispatch(x, idx, num_experts=e, axis_name=EXPERT,
+                                                  capacity=cap, exchange=exchange)
+        rq, rs = quantize_fp8(xr, block=(1, 128))
+        real = (jnp.arange(xr.shape[0]) < sizes.sum())[:, None]
+        same = (jnp.all(jnp.where(real, q.view(jnp.uint8) == rq.view(jnp.uint8), True)) &
+                jnp.all(jnp.where(real, s == rs, True)) & jnp.all(sizes == sizes_b) &
+                jnp.all(st.order == st_b.order))
+        zero_tail = jnp.all(jnp.where(real, True, (q.view(jnp.uint8) == 0)))
+        return same[None], zero_tail[None], sizes.sum()[None]
+
+    same, zero_tail, rows = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(EXPERT),) * 2,
+                                                  out_specs=P(EXPERT)))(x, idx)
+    assert bool(same.all()) and bool(zero_tail.all())
+    assert int(rows.sum()) == int((idx >= 0).sum())
+
+
+def test_pack_fp8_rows_round_trip():
+    x = jax.random.normal(jax.random.key(2), (5, 200), jnp.float32)
+    rows = ep_lib.pack_fp8_rows(x)
+    assert rows.dtype == jnp.uint8 and rows.shape == (5, 200 + 4 * 2)
+    q, s = ep_lib.unpack_fp8_rows(rows, 200)
+    rq, rs = quantize_fp8(x, block=(1, 128))
+    np.testing.assert_array_equal(np.asarray(q.view(jnp.uint8)), np.asarray(rq.view(jnp.uint8)))
+    np.testing.assert_array_equal(np.asarray(s), np.asarray(rs))
 
 
 def _layer_value_and_grads(layer, x_BTD, r_BTD):
