@@ -1,0 +1,31 @@
+"""`python -m jax_ds.bench ep` on the CPU devices: it runs, every cell is measured, and the
+bytes are counted as DeepEP counts them."""
+import json
+
+import numpy as np
+
+from jax_ds.bench import ep as bench_ep
+from jax_ds.bench.__main__ import main
+
+
+def test_received_pairs_counts_each_token_once_per_rank():
+    p = bench_ep.Problem(ep=2, tokens=2, hidden=128, experts=4, top_k=2)   # 2 experts a rank
+    idx = np.array([[0, 1], [0, 2], [3, 2], [1, 2]])   # ranks {0}, {0,1}, {1}, {0,1}
+    pairs, rows = bench_ep.received_pairs(idx, p)
+    assert pairs == 6 / 2 and rows == 8 / 2
+    assert p.row_bytes(False) == 256 and p.row_bytes(True) == 128 + 4
+
+
+def test_bench_ep_runs(tmp_path):
+    assert main(["ep", "--tiny", "--ep", "2", "--budget", "0.01", "--repeats", "1",
+                 "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("ep-*.json")
+    results = json.loads(path.read_text())["results"]
+    assert [r["ep"] for r in results] == [2]
+    cells = results[0]["cells"]
+    assert {(c["contestant"], c["dtype"]) for c in cells} == {
+        ("ours", "bf16"), ("ours", "fp8"), ("xla_a2a", "bf16"), ("xla_a2a", "fp8")}
+    for c in cells:
+        assert c["dispatch_us"] > 0 and c["combine_us"] > 0 and c["dispatch_gbps"] > 0
+    assert all(c["dropped_pct"] == 0 for c in cells if c["contestant"] == "ours")
+    assert results[0]["ceiling"]["gbps"] > 0
