@@ -23,6 +23,8 @@ SUITES = {  # name -> (module, one-line help)
     "mla": ("jax_ds.bench.mla", "MLA decode over a paged KV cache vs the XLA reference"),
     "eplb": ("jax_ds.bench.eplb", "EPLB expert placement plan time at DeepSeek-V3 scale"),
     "ep": ("jax_ds.bench.ep", "expert-parallel dispatch/combine (bf16, FP8) vs XLA all_to_all"),
+    "pipeline": ("jax_ds.bench.pipeline",
+                 "pipeline schedules' step time and bubble vs the simulator's prediction"),
     "checkpoint": ("jax_ds.bench.checkpoint",
                    "checkpoint save/restore GB/s: ours vs Orbax defaults vs raw disk"),
 }
