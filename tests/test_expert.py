@@ -173,13 +173,16 @@ def unsharded_result():
     return cfg, x, r, _layer_value_and_grads(_make_layer(cfg, None), x, r)
 
 
-@pytest.mark.parametrize("ep,exchange", [(1, "padded"), (2, "padded"), (4, "padded"),
-                                         (8, "padded"), (2, "emulated"), (8, "emulated")])
-def test_ep_matches_unsharded_layer(unsharded_result, ep, exchange):
-    """EP over `expert` (the other 8/ep devices on `data`) = the unsharded layer, fwd and grads."""
+@pytest.mark.parametrize("ep,exchange,dedup", [
+    (1, "padded", False), (2, "padded", False), (4, "padded", False), (8, "padded", False),
+    (2, "emulated", False), (8, "emulated", False),
+    (2, "padded", True), (8, "padded", True), (4, "emulated", True), (8, "emulated", True)])
+def test_ep_matches_unsharded_layer(unsharded_result, ep, exchange, dedup):
+    """EP over `expert` (the other 8/ep devices on `data`) = the unsharded layer, fwd and grads;
+    with dedup, tokens travel once per rank and the gate weights are applied there."""
     cfg, x, r, (y0, stats0, gx0, g0) = unsharded_result
     mesh = cpu_mesh(data=8 // ep, expert=ep)
-    layer = _make_layer(cfg.replace(ep_exchange=exchange), mesh)
+    layer = _make_layer(cfg.replace(ep_exchange=exchange, ep_dedup=dedup), mesh)
     y, stats, gx, g = _layer_value_and_grads(layer, x, r)
     tol = tolerance("float32")
     assert calc_diff(y, y0) < tol
@@ -243,10 +246,86 @@ def test_capacity_budget_counts_drops(exchange):
     assert calc_diff(y.reshape(-1, d), ref) < tolerance("float32")
 
 
+def _expected_keep_tokens(idx_NK, shards, ep, e, capacity, exchange):
+    """Numpy model of the token budgets of `ep_dispatch_tokens`: each source shard offers a
+    token to each rank owning one of its experts, in token order. padded: each (source,
+    destination) pair keeps its first `capacity` tokens; ragged: each destination keeps ep x
+    capacity token rows, filled from the source ranks 0, 1, ... of its data replica. An
+    assignment is kept when its token reached the expert's rank."""
+    per_shard, local = idx_NK.shape[0] // shards, e // ep
+    owner = np.where(idx_NK >= 0, idx_NK // local, -1)
+    keep = np.zeros(idx_NK.shape, bool)
+    received = {}
+    for s in range(shards):
+        rows = range(s * per_shard, (s + 1) * per_shard)
+        for dst in range(ep):
+            tokens = [n for n in rows if (owner[n] == dst).any()]
+            if exchange == "padded":
+                budget = capacity
+            else:
+                budget = max(0, ep * capacity - received.get((s // ep, dst), 0))
+                received[(s // ep, dst)] = received.get((s // ep, dst), 0) + len(tokens)
+            for n in tokens[:budget]:
+                keep[n] |= owner[n] == dst
+    return keep
+
+
+@pytest.mark.parametrize("exchange", ["padded", "emulated"])
+def test_token_budget_counts_drops(exchange):
+    """De-duplicated exchange with a budget below the load: drops whole (token, rank) rows,
+    counts the assignments they carried, and the rest is still exact."""
+    e, k, d, f, ep = 8, 3, 16, 8, 4
+    mesh = cpu_mesh(data=2, expert=ep)
+    b, t = 8, 4  # 4 tokens per shard
+    keys = jax.random.split(jax.random.key(6), 6)
+    x = jax.random.normal(keys[0], (b, t, d))
+    idx, w = random_routing(keys[1], b * t, k, e)
+    idx = idx.at[: b * t // 2, 0].set(0).at[3, 2].set(-1)  # skew toward rank 0; a dropped slot
+    wg, wu = (jax.random.normal(kk, (e, f, d)) / 4 for kk in keys[2:4])
+    wd = jax.random.normal(keys[4], (e, d, f)) / 3
+    factor = 0.4
+    capacity = ep_lib.ep_token_capacity(t * (b // 8), k, ep, factor)
+    y, counts, dropped = jax.jit(lambda *a: ep_lib.ep_moe(
+        *a, expert_ffn, mesh=mesh, num_experts=e, capacity_factor=factor, exchange=exchange,
+        dedup=True))(x, idx.reshape(b, t, k), w.reshape(b, t, k), (wg, wu, wd))
+    np.testing.assert_array_equal(counts, np.bincount(np.asarray(idx)[np.asarray(idx) >= 0],
+                                                      minlength=e))
+    keep = _expected_keep_tokens(np.asarray(idx), 8, ep, e, capacity, exchange)
+    assert int(dropped) == int(((np.asarray(idx) >= 0) & ~keep).sum()) > 0
+    ref = dense_moe_reference(x.reshape(-1, d), jnp.where(keep, idx, -1), w, wg, wu, wd)
+    assert calc_diff(y.reshape(-1, d), ref) < tolerance("float32")
+
+
+def test_token_dispatch_fp8_matches_bf16():
+    """FP8 token dispatch: the received rows are quantize_fp8 of the bf16 dispatch's rows."""
+    ep, n, k, e, d = 4, 16, 3, 8, 256
+    mesh = cpu_mesh(expert=ep)
+    x = jax.random.normal(jax.random.key(0), (ep * n, d), jnp.bfloat16)
+    idx, w = random_routing(jax.random.key(1), ep * n, k, e)
+    cap = ep_lib.ep_token_capacity(n, k, ep)
+
+    def body(x, idx, w):
+        kw = dict(num_experts=e, axis_name=EXPERT, capacity=cap, exchange="emulated")
+        (q, s), sizes, _, _ = ep_lib.ep_dispatch_tokens(x, idx, w, fp8=True, **kw)
+        xr, _, _, _ = ep_lib.ep_dispatch_tokens(x, idx, w, **kw)
+        rq, rs = quantize_fp8(xr, block=(1, 128))
+        real = (jnp.arange(xr.shape[0]) < sizes.sum())[:, None]
+        return (jnp.all(jnp.where(real, q.view(jnp.uint8) == rq.view(jnp.uint8), True)) &
+                jnp.all(jnp.where(real, s == rs, True)))[None]
+
+    same = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(EXPERT),) * 3,
+                                 out_specs=P(EXPERT)))(x, idx, w)
+    assert bool(same.all())
+
+
 def test_lossless_budget_and_factor_sizes():
     assert ep_lib.ep_capacity(64, 8, 256, 8) == 64 * 8
     assert ep_lib.ep_capacity(64, 8, 16, 8) == 64 * 2  # only 2 experts per rank
     assert ep_lib.ep_capacity(64, 8, 256, 8, 1.25) == 80
+    assert ep_lib.ep_token_capacity(64, 8, 8) == 64   # a token reaches a rank at most once
+    assert ep_lib.ep_token_capacity(64, 8, 8, 0.5) == 32
+    assert ep_lib.ep_token_capacity(64, 2, 8, 1.25) == 20
+    assert ep_lib.ep_token_capacity(64, 8, 8, 4.0) == 64
     with pytest.raises(ValueError, match="capacity_factor"):
         ep_lib.ep_capacity(64, 8, 256, 8, 0.0)
 

@@ -10,6 +10,9 @@ Contestants, on the same inputs in the same run:
              (`jax.lax.ragged_all_to_all` on GPU; on CPU, which has no ragged all-to-all, its
              all_gather emulation). Lossless budget. bf16 dispatch, and FP8 dispatch
              (`fp8=True`: 1x128 scales travel with the rows). The combine is bf16.
+  ours_dedup the same exchange with one row per (token, destination rank), as DeepEP sends
+             (`ep_dispatch_tokens` / `ep_combine_tokens`; the gate weights travel along and are
+             applied on the experts' rank).
   xla_a2a    the exchange of a plain XLA MoE layer: `jax.lax.all_to_all` of a padded
              [ep, C, D] buffer, C = --capacity-factor x the even share. Rows past C are dropped,
              and the dropped share is reported.
@@ -23,8 +26,8 @@ Times are device-bound (`_timing.time_jax_launch`), medians over repeats.
 Bandwidth per GPU is counted as DeepEP counts it: the bytes of the tokens a rank receives, each
 (token, destination rank) pair once, the rank's own tokens included, over the time. Bytes per
 token: bf16 2D; FP8 D + 4 ceil(D/128). The mean over ranks is reported. `moved` is what ours
-really moves: one row per (token, expert) pair, because de-duplication per rank belongs to a
-kernel that does not exist yet (the LAST issue).
+really moves: one row per (token, expert) pair for `ours`, one per (token, rank) pair for
+`ours_dedup`.
 
 Leave NVLink multicast off on shared machines: NCCL_NVLS_ENABLE=0 is set here unless the
 environment already sets it.
@@ -102,20 +105,29 @@ def _sharded(mesh, *arrays):
     return [jax.device_put(a, NamedSharding(mesh, P(EXPERT))) for a in arrays]
 
 
-def make_fns(mesh, p: Problem, exchange: str, capacity: int, fp8: bool):
+def make_fns(mesh, p: Problem, exchange: str, capacity: int, fp8: bool, dedup: bool = False):
     """(dispatch(x, idx, w), round_trip(x, idx, w)) as jitted shard_maps over `expert`."""
     kw = dict(num_experts=p.experts, axis_name=EXPERT, capacity=capacity, exchange=exchange,
               fp8=fp8)
 
+    def send(x, idx, w):
+        if dedup:
+            return ep_lib.ep_dispatch_tokens(x, idx, w, **kw)
+        return ep_lib.ep_dispatch(x, idx, **kw)
+
+    def send_back(y, w, state):
+        if dedup:
+            return ep_lib.ep_combine_tokens(y, state, axis_name=EXPERT)
+        return ep_lib.ep_combine(y, w, state, axis_name=EXPERT)
+
     def dispatch_body(x, idx, w):
-        del w
-        recv, sizes, _, _ = ep_lib.ep_dispatch(x, idx, **kw)
+        recv, sizes, _, _ = send(x, idx, w)
         return (recv[0] if fp8 else recv), sizes
 
     def round_trip_body(x, idx, w):
-        recv, _, _, state = ep_lib.ep_dispatch(x, idx, **kw)
+        recv, _, _, state = send(x, idx, w)
         y = (recv[0] if fp8 else recv).astype(jnp.bfloat16)   # an expert FFN's bf16 output
-        return ep_lib.ep_combine(y, w, state, axis_name=EXPERT)
+        return send_back(y, w, state)
 
     spec = (P(EXPERT),) * 3
     dispatch = jax.jit(jax.shard_map(dispatch_body, mesh=mesh, in_specs=spec,
@@ -159,15 +171,19 @@ def bench_ep(p: Problem, args, platform: str) -> dict:
 
     ours = "ragged" if platform == "gpu" else "emulated"
     lossless = ep_lib.ep_capacity(p.tokens, p.top_k, p.experts, p.ep)
+    tokens = ep_lib.ep_token_capacity(p.tokens, p.top_k, p.ep)
     padded = ep_lib.ep_capacity(p.tokens, p.top_k, p.experts, p.ep, args.capacity_factor)
-    for name, exchange, capacity in (("ours", ours, lossless), ("xla_a2a", "padded", padded)):
+    for name, exchange, capacity, dedup in (("ours", ours, lossless, False),
+                                            ("ours_dedup", ours, tokens, True),
+                                            ("xla_a2a", "padded", padded, False)):
         for fp8 in (False, True):
             cell = {"contestant": name, "exchange": exchange, "capacity": capacity,
                     "dtype": "fp8" if fp8 else "bf16"}
             try:
-                dispatch, round_trip = make_fns(mesh, p, exchange, capacity, fp8)
+                dispatch, round_trip = make_fns(mesh, p, exchange, capacity, fp8, dedup)
                 kept = int(np.asarray(dispatch(*sets[0])[1]).sum())
                 cell["dropped_pct"] = 100 * (1 - kept / (rows * p.ep))
+                moved = pairs if dedup else rows
                 td = _timing.time_jax_launch(dispatch, sets, budget_s=args.budget,
                                              repeats=args.repeats).median_s
                 tr = _timing.time_jax_launch(round_trip, sets, budget_s=args.budget,
@@ -177,7 +193,7 @@ def bench_ep(p: Problem, args, platform: str) -> dict:
                     "dispatch_us": td * 1e6, "combine_us": tc * 1e6,
                     "dispatch_gbps": pairs * p.row_bytes(fp8) / td / 1e9,
                     "combine_gbps": pairs * p.row_bytes(False) / tc / 1e9,
-                    "dispatch_moved_gbps": rows * p.row_bytes(fp8) / td / 1e9})
+                    "dispatch_moved_gbps": moved * p.row_bytes(fp8) / td / 1e9})
             except Exception as e:
                 cell.update(error_cell(e))
             result["cells"].append(cell)
@@ -230,7 +246,8 @@ def run(args):
          "% of a2a: dispatch GB/s over a large bf16 all_to_all's bytes from peers per GPU in "
          "the same run (" + ", ".join(f"ep {r['ep']}: {_f(r['ceiling'].get('gbps'), '{:.1f}')}"
                                       for r in results) + " GB/s)",
-         "moved: bytes of the (token, expert) rows ours really sends / dispatch time; combine "
+         "moved: bytes of the rows really sent / dispatch time (ours: one per (token, "
+         "expert), ours_dedup: one per (token, rank)); combine "
          "= (dispatch + combine) - dispatch; xla_a2a drops rows past "
          f"{args.capacity_factor} x the even share"])
     path = write_json(args.out, "ep", env, {

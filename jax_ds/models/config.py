@@ -67,6 +67,7 @@ class DeepSeekConfig:
     balance_loss_weight: float = 0.0   # alpha of the sequence-wise balance loss (V3: 1e-4)
     capacity_factor: float | None = None  # EP exchange budget; None = lossless (see ep_capacity)
     ep_exchange: str = "auto"          # "auto" (ragged on GPU, padded elsewhere), or one by name
+    ep_dedup: bool = False             # EP sends a token once per rank, not per expert (DeepEP)
     # Position encoding.
     max_seq_len: int = 4096
     rope_theta: float = 10000.0

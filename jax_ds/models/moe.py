@@ -204,7 +204,7 @@ def run_experts(layer, x_BTD, slot_BTK, topk_weights_BTK, weights, num_slots: in
         return y, sizes, jnp.zeros((), jnp.int32)
     return ep_moe(x_BTD, slot_BTK, topk_weights_BTK, weights, ffn, mesh=layer.mesh,
                   num_experts=num_slots, capacity_factor=layer.capacity_factor,
-                  exchange=layer.exchange)
+                  exchange=layer.exchange, dedup=layer.dedup)
 
 
 class DeepSeekMoE(nnx.Module):
@@ -230,6 +230,7 @@ class DeepSeekMoE(nnx.Module):
         self.num_experts, self.top_k = e, cfg.top_k
         self.fp8, self.fp8_weights = cfg.fp8, cfg.fp8_weights
         self.capacity_factor, self.exchange = cfg.capacity_factor, cfg.ep_exchange
+        self.dedup = cfg.ep_dedup
 
     def __call__(self, x_BTD):
         """x [B, T, D] -> (y [B, T, D], MoEStats)."""

@@ -19,9 +19,12 @@ rows past it are dropped (they contribute zero, the residual carries the token) 
 `ep_moe` returns the number dropped, for the caller to report. The ragged form uses the same total
 receive budget, ep x C rows per rank, clamped in source-rank order.
 
-Sends are per (token, expert) assignment; DeepEP's de-duplication (one copy per destination rank)
-belongs to the kernel issue. `moe_permute` / `moe_unpermute` follow the contract of the coming
-routing ops of `jax_ds.ops.moe` (DESIGN.md); their kernels are the GPU 2 issue.
+`ep_dispatch` sends one row per (token, expert) assignment. `ep_dispatch_tokens` /
+`ep_combine_tokens` (`ep_moe(dedup=True)`) send one row per (token, destination rank), as DeepEP
+does, with the token's local expert ids and gate weights; the expert side applies the weights and
+returns one summed row per (token, rank). With top-8 of 256 uniformly routed experts on EP = 8
+that is 5.3 rows a token instead of 8. `moe_permute` / `moe_unpermute` are `jax_ds.ops.moe`'s
+routing ops (kernels on GPU).
 """
 
 from __future__ import annotations
@@ -247,6 +250,164 @@ def ep_combine(y, topk_weights, state: EPState, *, axis_name: str):
     return moe_unpermute(y_sorted, state.perm, topk_weights)
 
 
+# ----------------------------------------------------------------------------- token exchange
+# DeepEP's way: a token travels once to each rank that owns any of its experts (not once per
+# expert), with its local expert ids and gate weights; the expert side sums the weighted outputs
+# of its experts for the token and sends one row back. Uniform top-8 of 256 experts on EP = 8
+# gives 5.3 ranks per token on average: 1.5x fewer rows each way than one row per assignment.
+
+
+def ep_token_capacity(num_tokens: int, top_k: int, ep_size: int,
+                      capacity_factor: float | None = None) -> int:
+    """Static token rows one rank may send to one peer in `ep_dispatch_tokens`.
+
+    capacity_factor None: num_tokens (a token goes to a rank at most once: nothing is dropped).
+    Otherwise capacity_factor x num_tokens x min(top_k, ep) / ep, rounded up (at most
+    num_tokens): min(top_k, ep) / ep bounds the mean share of tokens a rank receives.
+    """
+    if capacity_factor is None:
+        return num_tokens
+    if capacity_factor <= 0:
+        raise ValueError(f"capacity_factor must be > 0 or None (lossless), got {capacity_factor}")
+    return min(num_tokens, max(1, math.ceil(capacity_factor * num_tokens * min(top_k, ep_size)
+                                            / ep_size)))
+
+
+class EPTokenState(NamedTuple):
+    """What `ep_combine_tokens` needs to reverse `ep_dispatch_tokens` (per rank)."""
+    token: jax.Array       # [S] int32 token of each sent row (N: empty slot), send layout
+    order: jax.Array       # [R*K] int32 expert-sorted position -> received (row, slot) index
+    weight: jax.Array      # [R, K] float32 gate weights of the received rows' slots (0: none)
+    sent: jax.Array | None     # ragged only: [ep, ep] int32 rows sent [source, destination]
+    offered: jax.Array | None  # ragged only: [ep, ep] int32 rows offered, before the budget
+    start: jax.Array       # [ep] int32 where each destination's rows start in the send layout
+    dropped: jax.Array     # [] int32 (token, expert) assignments of this rank dropped
+    exchange: str
+    capacity: int
+    num_tokens: int
+
+
+def ep_dispatch_tokens(x, topk_idx, topk_weights, *, num_experts: int, axis_name: str,
+                       capacity: int, exchange: str = "padded", fp8: bool = False):
+    """`ep_dispatch` with one row per (token, destination rank) instead of per (token, expert);
+    call inside `shard_map`.
+
+    Args:
+      x: [N, D] this rank's tokens.
+      topk_idx: [N, K] int32 global expert ids (-1: dropped slot).
+      topk_weights: [N, K] gate weights; they travel with the tokens (the expert side applies
+        them, so `ep_combine_tokens` returns one summed row per token and rank).
+      num_experts: E, a multiple of the axis size.
+      axis_name: the expert-parallel mesh axis.
+      capacity: C from `ep_token_capacity`: token rows per (source, destination) pair; receive
+        budget ep x C rows.
+      exchange: "padded", "ragged" or "emulated".
+      fp8: as in `ep_dispatch`.
+
+    Returns:
+      (x_recv [ep*C*K, D] the received tokens once per local expert they are routed to, sorted
+       by local expert, zero past the end (fp8: (e4m3, scales) as in `ep_dispatch`);
+       group_sizes [E/ep] int32; counts [E] int32 of this rank's assignments per global expert;
+       state for `ep_combine_tokens`).
+    """
+    d_model = x.shape[1]
+    if fp8:
+        x = pack_fp8_rows(x)
+    ep = jax.lax.axis_size(axis_name)
+    local = num_experts // ep
+    me = jax.lax.axis_index(axis_name)
+    n, k = topk_idx.shape
+    ranks = jnp.arange(ep, dtype=jnp.int32)
+    valid = topk_idx >= 0
+    owner = jnp.where(valid, topk_idx // local, ep)                         # [N, K]
+    present = (owner[:, None, :] == ranks[None, :, None]).any(-1)          # [N, ep]
+    offered_me = present.sum(0).astype(jnp.int32)                          # rows to each rank
+    pos = jnp.cumsum(present, 0, dtype=jnp.int32) - 1                      # [N, ep] row in chunk
+    r = ep * capacity
+    if exchange == "padded":  # each (source, destination) pair has its own C rows
+        offered = sent = None
+        sent_me = jnp.minimum(offered_me, capacity)
+        start = ranks * capacity
+        slots = ep * capacity
+    else:  # one receive budget of ep x C rows per destination, filled in source-rank order
+        offered = jax.lax.all_gather(offered_me, axis_name)
+        sent = jnp.clip(r - _excl_cumsum(offered, 0), 0, offered)
+        sent_me = sent[me]
+        start = _excl_cumsum(sent_me, 0)
+        slots = n * min(k, ep)            # a token reaches at most min(K, ep) ranks
+    keep = present & (pos < sent_me[None, :])                              # [N, ep]
+    dropped = (valid & ~jnp.take_along_axis(
+        jnp.concatenate([keep, jnp.zeros((n, 1), bool)], 1), owner, 1)).sum().astype(jnp.int32)
+    flat = jnp.where(keep, start[None, :] + pos, slots)                    # send-layout slot
+    token = jnp.full((slots,), n, jnp.int32).at[flat].set(
+        jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[:, None], (n, ep)), mode="drop")
+    dest = jnp.zeros((slots,), jnp.int32).at[flat].set(
+        jnp.broadcast_to(ranks[None, :], (n, ep)), mode="drop")
+    # Per sent row: the token, its expert ids local to the destination (-1 elsewhere), weights.
+    send_x = x.at[token].get(mode="fill", fill_value=0)
+    tok_idx = topk_idx.at[token].get(mode="fill", fill_value=-1)           # [S, K]
+    mine = (tok_idx >= 0) & (tok_idx // local == dest[:, None])
+    send_e = jnp.where(mine, tok_idx - dest[:, None] * local, -1)
+    send_w = jnp.where(mine, topk_weights.astype(jnp.float32).at[token].get(
+        mode="fill", fill_value=0), 0.0)
+    if exchange == "padded":
+        def move(a):
+            return jax.lax.all_to_all(a.reshape(ep, capacity, *a.shape[1:]), axis_name, 0,
+                                      0).reshape(r, *a.shape[1:])
+        recv_x, recv_e, recv_w = move(send_x), move(send_e), move(send_w)
+    else:
+        args = (start, sent_me, _excl_cumsum(sent, 0)[me], sent[:, me])
+        recv_x = _ragged(exchange, send_x, jnp.zeros((r, x.shape[1]), x.dtype), *args,
+                         axis_name=axis_name)
+        recv_e = _ragged(exchange, send_e, jnp.full((r, k), -1, jnp.int32), *args,
+                         axis_name=axis_name)
+        recv_w = _ragged(exchange, send_w, jnp.zeros((r, k), jnp.float32), *args,
+                         axis_name=axis_name)
+    # Every received (row, slot) with a local expert is one assignment: sort them by expert.
+    key = jnp.where(recv_e < 0, local, recv_e).reshape(-1)                 # [R*K]
+    order = jnp.argsort(key, stable=True).astype(jnp.int32)
+    local_sizes = jnp.bincount(key, length=local + 1)[:local].astype(jnp.int32)
+    real = (jnp.arange(r * k) < local_sizes.sum())[:, None]
+    x_assign = jnp.where(real, recv_x[order // k], jnp.zeros((), recv_x.dtype))
+    counts = jnp.bincount(jnp.where(valid, topk_idx, num_experts).reshape(-1),
+                          length=num_experts + 1)[:num_experts].astype(jnp.int32)
+    state = EPTokenState(token, order, recv_w, sent, offered, start, dropped, exchange, capacity,
+                         n)
+    if fp8:
+        x_assign = unpack_fp8_rows(x_assign, d_model)
+    return x_assign, local_sizes, counts, state
+
+
+def ep_combine_tokens(y, state: EPTokenState, *, axis_name: str):
+    """Sums each received token's expert outputs with its gate weights (on the experts' rank),
+    sends one row back per (token, rank), and adds those up per token; call inside `shard_map`.
+
+    Args:
+      y: [ep*C*K, D] expert outputs in `ep_dispatch_tokens`'s x_recv order.
+      state: `ep_dispatch_tokens`'s.
+
+    Returns:
+      [N, D] in y.dtype; dropped assignments contribute zero.
+    """
+    ep = jax.lax.axis_size(axis_name)
+    me = jax.lax.axis_index(axis_name)
+    r, k = state.weight.shape
+    d = y.shape[1]
+    by_slot = jnp.zeros((r * k, d), y.dtype).at[state.order].set(y).reshape(r, k, d)
+    rows = jnp.einsum("rkd,rk->rd", by_slot, state.weight,
+                      preferred_element_type=jnp.float32).astype(y.dtype)
+    if state.exchange == "padded":
+        back = jax.lax.all_to_all(rows.reshape(ep, state.capacity, d), axis_name, 0, 0)
+        back = back.reshape(-1, d)
+    else:  # the dispatch's slices, with the roles of source and destination swapped
+        sent = state.sent
+        args = (_excl_cumsum(sent, 0)[:, me], sent[:, me], _excl_cumsum(sent, 1)[:, me],
+                sent[me])
+        back = _ragged(state.exchange, rows, jnp.zeros((state.token.shape[0], d), y.dtype),
+                       *args, axis_name=axis_name)
+    return jnp.zeros((state.num_tokens, d), y.dtype).at[state.token].add(back, mode="drop")
+
+
 # ----------------------------------------------------------------------------- the layer
 
 
@@ -263,7 +424,7 @@ def check_ep(num_experts: int, mesh: Mesh) -> int:
 
 
 def ep_moe(x, topk_idx, topk_weights, weights, ffn: ExpertFFN, *, mesh: Mesh, num_experts: int,
-           capacity_factor: float | None = None, exchange: str = "auto"):
+           capacity_factor: float | None = None, exchange: str = "auto", dedup: bool = False):
     """The routed-expert part of an MoE layer, tokens split over (data, expert), experts over expert.
 
     Args:
@@ -275,6 +436,9 @@ def ep_moe(x, topk_idx, topk_weights, weights, ffn: ExpertFFN, *, mesh: Mesh, nu
       num_experts: E.
       capacity_factor: None (lossless budget) or the factor of `ep_capacity`.
       exchange: "auto" (ragged on GPU, padded elsewhere), "ragged", "padded" or "emulated".
+      dedup: send each token once per destination rank (`ep_dispatch_tokens`, DeepEP's way)
+        instead of once per routed expert (`ep_dispatch`); capacity_factor then budgets token
+        rows (`ep_token_capacity`).
 
     Returns:
       (y [B, T, D], counts [E] int32 assignments per expert over the whole batch,
@@ -287,7 +451,8 @@ def ep_moe(x, topk_idx, topk_weights, weights, ffn: ExpertFFN, *, mesh: Mesh, nu
     if b % shards:
         raise ValueError(f"batch size {b} is not divisible by data x expert = {shards}")
     k = topk_idx.shape[-1]
-    capacity = ep_capacity(b // shards * t, k, num_experts, ep, capacity_factor)
+    capacity = (ep_token_capacity(b // shards * t, k, ep, capacity_factor) if dedup else
+                ep_capacity(b // shards * t, k, num_experts, ep, capacity_factor))
     exchange = resolve_exchange(exchange, mesh)
 
     def body(x_BTD, idx_BTK, w_BTK, *local_weights):
@@ -297,6 +462,12 @@ def ep_moe(x, topk_idx, topk_weights, weights, ffn: ExpertFFN, *, mesh: Mesh, nu
             x_sorted, sizes, perm = moe_permute(x_ND, idx, num_experts)
             y = moe_unpermute(ffn(x_sorted, sizes, *local_weights), perm, w)
             counts, dropped = sizes, jnp.zeros((), jnp.int32)
+        elif dedup:
+            x_recv, sizes, counts, state = ep_dispatch_tokens(
+                x_ND, idx, w, num_experts=num_experts, axis_name=EXPERT, capacity=capacity,
+                exchange=exchange)
+            y = ep_combine_tokens(ffn(x_recv, sizes, *local_weights), state, axis_name=EXPERT)
+            dropped = state.dropped
         else:
             x_recv, sizes, counts, state = ep_dispatch(
                 x_ND, idx, num_experts=num_experts, axis_name=EXPERT, capacity=capacity,
