@@ -352,7 +352,8 @@ def test_bad_layouts_are_rejected():
 
 @pytest.mark.gpu
 def test_ragged_exchange_matches_padded_on_gpu():
-    """The real ragged_all_to_all (GPU only) against the padded path, forward and gradients."""
+    """The real ragged_all_to_all (GPU only), per assignment and per (token, rank), against the
+    padded path, forward and gradients."""
     ep = jax.device_count()
     if ep < 2 or 8 % ep:
         pytest.skip(f"needs 2, 4 or 8 GPUs, have {ep}")
@@ -360,9 +361,11 @@ def test_ragged_exchange_matches_padded_on_gpu():
     x = jax.random.normal(jax.random.key(3), (8, 6, cfg.d_model))
     r = jax.random.normal(jax.random.key(4), x.shape)
     results = [_layer_value_and_grads(
-        _make_layer(cfg.replace(ep_exchange=ex), make_mesh(expert=ep)), x, r)
-        for ex in ("ragged", "padded")]
-    (y1, _, gx1, g1), (y2, _, gx2, g2) = results
-    assert calc_diff(y1, y2) < tolerance("float32") and calc_diff(gx1, gx2) < tolerance("float32")
-    for a, b in zip(g1, g2):
-        assert calc_diff(a, b) < tolerance("float32")
+        _make_layer(cfg.replace(ep_exchange=ex, ep_dedup=dedup), make_mesh(expert=ep)), x, r)
+        for ex, dedup in (("padded", False), ("ragged", False), ("ragged", True))]
+    (y2, _, gx2, g2) = results[0]
+    for y1, _, gx1, g1 in results[1:]:
+        assert calc_diff(y1, y2) < tolerance("float32")
+        assert calc_diff(gx1, gx2) < tolerance("float32")
+        for a, b in zip(g1, g2):
+            assert calc_diff(a, b) < tolerance("float32")

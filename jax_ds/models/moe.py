@@ -190,7 +190,7 @@ def run_experts(layer, x_BTD, slot_BTK, topk_weights_BTK, weights, num_slots: in
     """Token copies -> their expert slots' SwiGLU FFNs -> the top-k weighted sum.
 
     Locally (`layer.mesh` None) or expert-parallel through `ep_moe` over `layer.mesh`; `layer`
-    supplies fp8, fp8_weights, mesh, capacity_factor and exchange. Returns (y [B, T, D],
+    supplies fp8, fp8_weights, mesh, capacity_factor, exchange and dedup. Returns (y [B, T, D],
     per-slot counts [num_slots], dropped assignments).
     """
     b, t, d = x_BTD.shape

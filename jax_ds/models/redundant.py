@@ -118,6 +118,7 @@ class RedundantMoE(nnx.Module):
         self.num_experts, self.num_replicas, self.top_k = e, num_replicas, moe.top_k
         self.fp8, self.fp8_weights = moe.fp8, False
         self.capacity_factor, self.exchange = moe.capacity_factor, moe.exchange
+        self.dedup = moe.dedup
 
     def slots(self, topk_idx_BTK):
         """Logical expert ids [B, T, K] -> slots [B, T, K]: replica hash(token, e) % replicas."""
