@@ -279,7 +279,6 @@ class EPTokenState(NamedTuple):
     order: jax.Array       # [R*K] int32 expert-sorted position -> received (row, slot) index
     weight: jax.Array      # [R, K] float32 gate weights of the received rows' slots (0: none)
     sent: jax.Array | None     # ragged only: [ep, ep] int32 rows sent [source, destination]
-    offered: jax.Array | None  # ragged only: [ep, ep] int32 rows offered, before the budget
     start: jax.Array       # [ep] int32 where each destination's rows start in the send layout
     dropped: jax.Array     # [] int32 (token, expert) assignments of this rank dropped
     exchange: str
@@ -325,7 +324,7 @@ def ep_dispatch_tokens(x, topk_idx, topk_weights, *, num_experts: int, axis_name
     pos = jnp.cumsum(present, 0, dtype=jnp.int32) - 1                      # [N, ep] row in chunk
     r = ep * capacity
     if exchange == "padded":  # each (source, destination) pair has its own C rows
-        offered = sent = None
+        sent = None
         sent_me = jnp.minimum(offered_me, capacity)
         start = ranks * capacity
         slots = ep * capacity
@@ -371,8 +370,7 @@ def ep_dispatch_tokens(x, topk_idx, topk_weights, *, num_experts: int, axis_name
     x_assign = jnp.where(real, recv_x[order // k], jnp.zeros((), recv_x.dtype))
     counts = jnp.bincount(jnp.where(valid, topk_idx, num_experts).reshape(-1),
                           length=num_experts + 1)[:num_experts].astype(jnp.int32)
-    state = EPTokenState(token, order, recv_w, sent, offered, start, dropped, exchange, capacity,
-                         n)
+    state = EPTokenState(token, order, recv_w, sent, start, dropped, exchange, capacity, n)
     if fp8:
         x_assign = unpack_fp8_rows(x_assign, d_model)
     return x_assign, local_sizes, counts, state
