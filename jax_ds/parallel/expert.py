@@ -133,6 +133,27 @@ def _excl_cumsum(x, axis):
     return jnp.cumsum(x, axis=axis) - x
 
 
+def _send_budget(offered_me, capacity: int, exchange: str, axis_name: str):
+    """(offered [src, dst], sent [src, dst], sent_me [dst]): the rows this rank may send to each
+    destination, of `offered_me`. padded: each (source, destination) pair has its own C rows
+    (offered and sent are None). ragged: one receive budget of ep x C rows per destination,
+    filled in source-rank order (every rank sees the whole [src, dst] table)."""
+    if exchange == "padded":
+        return None, None, jnp.minimum(offered_me, capacity)
+    r = jax.lax.axis_size(axis_name) * capacity
+    offered = jax.lax.all_gather(offered_me, axis_name)
+    sent = jnp.clip(r - _excl_cumsum(offered, 0), 0, offered)
+    return offered, sent, sent[jax.lax.axis_index(axis_name)]
+
+
+def _dispatch_slices(sent, start, axis_name: str):
+    """`ragged_all_to_all`'s (input_offsets, send_sizes, output_offsets, recv_sizes) for a
+    dispatch under the budget `sent` [src, dst] whose rows for destination j start at start[j]
+    of the operand: each destination receives its sources' rows in source-rank order."""
+    me = jax.lax.axis_index(axis_name)
+    return start, sent[me], _excl_cumsum(sent, 0)[me], sent[:, me]
+
+
 def pack_fp8_rows(x):
     """[N, D] -> uint8 [N, D + 4 * ceil(D / 128)]: each row quantized per 1 x 128 group
     (`quantize_fp8`), its e4m3 bytes followed by the bytes of its float32 scales, so that the
@@ -178,7 +199,6 @@ def ep_dispatch(x, topk_idx, *, num_experts: int, axis_name: str, capacity: int,
         x = pack_fp8_rows(x)
     ep = jax.lax.axis_size(axis_name)
     local = num_experts // ep
-    me = jax.lax.axis_index(axis_name)
     x_sorted, group_sizes, perm = moe_permute(x, topk_idx, num_experts)
     m, d = x_sorted.shape
     expert = expert_of_rows(group_sizes, m)            # E for the zero rows past the end
@@ -188,13 +208,7 @@ def ep_dispatch(x, topk_idx, *, num_experts: int, axis_name: str, capacity: int,
     start = _excl_cumsum(offered_me, 0)
     slot = jnp.arange(m, dtype=jnp.int32) - start[jnp.minimum(dest, ep - 1)]
     r = ep * capacity
-    if exchange == "padded":  # each (source, destination) pair has its own C rows
-        offered = sent = None
-        sent_me = jnp.minimum(offered_me, capacity)
-    else:  # one receive budget of ep x C rows per destination, filled in source-rank order
-        offered = jax.lax.all_gather(offered_me, axis_name)  # [src, dst]: every rank sees all
-        sent = jnp.clip(r - _excl_cumsum(offered, 0), 0, offered)
-        sent_me = sent[me]
+    offered, sent, sent_me = _send_budget(offered_me, capacity, exchange, axis_name)
     keep = (dest < ep) & (slot < sent_me[jnp.minimum(dest, ep - 1)])
     dest = jnp.where(keep, dest, ep)                   # out of range: scatters drop, gathers fill
     dropped = ((expert < num_experts) & ~keep).sum().astype(jnp.int32)
@@ -206,7 +220,7 @@ def ep_dispatch(x, topk_idx, *, num_experts: int, axis_name: str, capacity: int,
         recv_x = jax.lax.all_to_all(send_x, axis_name, 0, 0).reshape(r, d)
         recv_e = jax.lax.all_to_all(send_e, axis_name, 0, 0).reshape(r)
     else:
-        args = (start, sent_me, _excl_cumsum(sent, 0)[me], sent[:, me])
+        args = _dispatch_slices(sent, start, axis_name)
         recv_x = _ragged(exchange, x_sorted, jnp.zeros((r, d), x.dtype), *args,
                          axis_name=axis_name)
         recv_e = _ragged(exchange, local_expert, jnp.full((r,), -1, jnp.int32), *args,
@@ -279,7 +293,6 @@ class EPTokenState(NamedTuple):
     order: jax.Array       # [R*K] int32 expert-sorted position -> received (row, slot) index
     weight: jax.Array      # [R, K] float32 gate weights of the received rows' slots (0: none)
     sent: jax.Array | None     # ragged only: [ep, ep] int32 rows sent [source, destination]
-    start: jax.Array       # [ep] int32 where each destination's rows start in the send layout
     dropped: jax.Array     # [] int32 (token, expert) assignments of this rank dropped
     exchange: str
     capacity: int
@@ -314,7 +327,6 @@ def ep_dispatch_tokens(x, topk_idx, topk_weights, *, num_experts: int, axis_name
         x = pack_fp8_rows(x)
     ep = jax.lax.axis_size(axis_name)
     local = num_experts // ep
-    me = jax.lax.axis_index(axis_name)
     n, k = topk_idx.shape
     ranks = jnp.arange(ep, dtype=jnp.int32)
     valid = topk_idx >= 0
@@ -323,25 +335,18 @@ def ep_dispatch_tokens(x, topk_idx, topk_weights, *, num_experts: int, axis_name
     offered_me = present.sum(0).astype(jnp.int32)                          # rows to each rank
     pos = jnp.cumsum(present, 0, dtype=jnp.int32) - 1                      # [N, ep] row in chunk
     r = ep * capacity
-    if exchange == "padded":  # each (source, destination) pair has its own C rows
-        sent = None
-        sent_me = jnp.minimum(offered_me, capacity)
-        start = ranks * capacity
-        slots = ep * capacity
-    else:  # one receive budget of ep x C rows per destination, filled in source-rank order
-        offered = jax.lax.all_gather(offered_me, axis_name)
-        sent = jnp.clip(r - _excl_cumsum(offered, 0), 0, offered)
-        sent_me = sent[me]
-        start = _excl_cumsum(sent_me, 0)
-        slots = n * min(k, ep)            # a token reaches at most min(K, ep) ranks
+    _, sent, sent_me = _send_budget(offered_me, capacity, exchange, axis_name)
+    if exchange == "padded":  # destination j's rows at [j C, j C + sent_me[j])
+        start, slots = ranks * capacity, r
+    else:  # packed; a token reaches at most min(K, ep) ranks
+        start, slots = _excl_cumsum(sent_me, 0), n * min(k, ep)
     keep = present & (pos < sent_me[None, :])                              # [N, ep]
     dropped = (valid & ~jnp.take_along_axis(
         jnp.concatenate([keep, jnp.zeros((n, 1), bool)], 1), owner, 1)).sum().astype(jnp.int32)
     flat = jnp.where(keep, start[None, :] + pos, slots)                    # send-layout slot
     token = jnp.full((slots,), n, jnp.int32).at[flat].set(
         jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[:, None], (n, ep)), mode="drop")
-    dest = jnp.zeros((slots,), jnp.int32).at[flat].set(
-        jnp.broadcast_to(ranks[None, :], (n, ep)), mode="drop")
+    dest = jnp.searchsorted(start, jnp.arange(slots), side="right") - 1    # rank of each slot
     # Per sent row: the token, its expert ids local to the destination (-1 elsewhere), weights.
     send_x = x.at[token].get(mode="fill", fill_value=0)
     tok_idx = topk_idx.at[token].get(mode="fill", fill_value=-1)           # [S, K]
@@ -349,19 +354,15 @@ def ep_dispatch_tokens(x, topk_idx, topk_weights, *, num_experts: int, axis_name
     send_e = jnp.where(mine, tok_idx - dest[:, None] * local, -1)
     send_w = jnp.where(mine, topk_weights.astype(jnp.float32).at[token].get(
         mode="fill", fill_value=0), 0.0)
-    if exchange == "padded":
-        def move(a):
+
+    def move(a, fill):   # empty receive rows hold `fill` (padded: the send buffer's fill)
+        if exchange == "padded":
             return jax.lax.all_to_all(a.reshape(ep, capacity, *a.shape[1:]), axis_name, 0,
                                       0).reshape(r, *a.shape[1:])
-        recv_x, recv_e, recv_w = move(send_x), move(send_e), move(send_w)
-    else:
-        args = (start, sent_me, _excl_cumsum(sent, 0)[me], sent[:, me])
-        recv_x = _ragged(exchange, send_x, jnp.zeros((r, x.shape[1]), x.dtype), *args,
-                         axis_name=axis_name)
-        recv_e = _ragged(exchange, send_e, jnp.full((r, k), -1, jnp.int32), *args,
-                         axis_name=axis_name)
-        recv_w = _ragged(exchange, send_w, jnp.zeros((r, k), jnp.float32), *args,
-                         axis_name=axis_name)
+        return _ragged(exchange, a, jnp.full((r, *a.shape[1:]), fill, a.dtype),
+                       *_dispatch_slices(sent, start, axis_name), axis_name=axis_name)
+
+    recv_x, recv_e, recv_w = move(send_x, 0), move(send_e, -1), move(send_w, 0)
     # Every received (row, slot) with a local expert is one assignment: sort them by expert.
     key = jnp.where(recv_e < 0, local, recv_e).reshape(-1)                 # [R*K]
     order = jnp.argsort(key, stable=True).astype(jnp.int32)
@@ -370,7 +371,7 @@ def ep_dispatch_tokens(x, topk_idx, topk_weights, *, num_experts: int, axis_name
     x_assign = jnp.where(real, recv_x[order // k], jnp.zeros((), recv_x.dtype))
     counts = jnp.bincount(jnp.where(valid, topk_idx, num_experts).reshape(-1),
                           length=num_experts + 1)[:num_experts].astype(jnp.int32)
-    state = EPTokenState(token, order, recv_w, sent, start, dropped, exchange, capacity, n)
+    state = EPTokenState(token, order, recv_w, sent, dropped, exchange, capacity, n)
     if fp8:
         x_assign = unpack_fp8_rows(x_assign, d_model)
     return x_assign, local_sizes, counts, state
