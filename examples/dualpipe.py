@@ -18,7 +18,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -29,7 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from jax_ds import data
-from jax_ds.models import DeepSeekConfig, Transformer
+from jax_ds.models import DeepSeekConfig, PipelineStages, Transformer
 from jax_ds.parallel.mesh import EXPERT, make_mesh, request_cpu_devices
 from jax_ds.parallel.pipeline import (Costs, execute, make_schedule, readme_bubble,
                                       simulate, timeline)
@@ -128,21 +127,8 @@ def main():
     # Every layer an MoE block (stages must share one structure to stack).
     cfg = DeepSeekConfig.tiny(num_layers=stages, num_dense_layers=0)
     model = Transformer(cfg, rngs=nnx.Rngs(args.seed), mesh=mesh if args.ep else None)
-    block_def = nnx.graphdef(model.blocks[0])
-    norm_def, head_def = nnx.graphdef(model.norm), nnx.graphdef(model.head)
-    params = {"embed": model.embed[...],
-              "blocks": jax.tree.map(lambda *a: jnp.stack(a),
-                                     *[nnx.state(b) for b in model.blocks]),
-              "head": {"norm": nnx.state(model.norm), "head": nnx.state(model.head)}}
-
-    def stage(p, x_BTD):
-        positions_BT = jnp.broadcast_to(jnp.arange(x_BTD.shape[1]), x_BTD.shape[:2])
-        return nnx.merge(block_def, p)(x_BTD, positions_BT)[0]
-
-    def lm_head_loss(head, y_BTD, targets_BT):
-        logits_BTV = nnx.merge(head_def, head["head"])(nnx.merge(norm_def, head["norm"])(y_BTD))
-        return optax.softmax_cross_entropy_with_integer_labels(
-            logits_BTV.astype(jnp.float32), targets_BT).mean()
+    parts = PipelineStages(model)
+    params = {"embed": model.embed[...], "blocks": parts.blocks, "head": parts.head}
 
     # Router biases get zero gradients (they move by the load rule, which needs per-expert
     # counts the pipeline does not return yet): Adam leaves them where they are.
@@ -154,7 +140,7 @@ def main():
     def train_step(params, opt_state, tokens_MBS):
         inputs, targets = tokens_MBS[..., :-1], tokens_MBS[..., 1:]
         x, embed_vjp = jax.vjp(lambda e: e[inputs].astype(cfg.activation_dtype), params["embed"])
-        out = execute(schedule, stage, params["blocks"], (x, targets), lm_head_loss, mesh,
+        out = execute(schedule, parts.stage, params["blocks"], (x, targets), parts.loss, mesh,
                       loss_params=params["head"], input_grads=True)
         (d_embed,) = embed_vjp(out.input_grads)
         grads = {"embed": d_embed, "blocks": out.grads, "head": out.loss_grads}

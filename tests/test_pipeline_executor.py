@@ -233,3 +233,24 @@ def test_run_errors():
         run(schedule, mlp_stage, params, jax.tree.map(lambda a: a[:4], batch), mse, mesh)
     with pytest.raises(ValueError, match="stage_fn must map an activation"):
         run(schedule, lambda p, x: x[:, :4], params, batch, mse, mesh)
+
+
+def test_pipeline_stages_compute_the_model():
+    """PipelineStages' stages over the stacked blocks, then its loss, are the Transformer's
+    forward and cross-entropy; blocks of two structures are refused."""
+    import optax
+
+    from jax_ds.models import PipelineStages, Transformer
+    cfg = DeepSeekConfig.tiny(num_layers=3, num_dense_layers=0)
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    parts = PipelineStages(model)
+    tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, cfg.vocab_size)
+    x = model.embed[...][tokens]
+    for s in range(cfg.num_layers):
+        x = parts.stage(jax.tree.map(lambda a, s=s: a[s], parts.blocks), x)
+    logits, _ = model.forward(tokens)
+    want = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:]).mean()
+    got = parts.loss(parts.head, x[:, :-1], tokens[:, 1:])
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    with pytest.raises(ValueError, match="num_dense_layers=1"):
+        PipelineStages(Transformer(cfg.replace(num_dense_layers=1), rngs=nnx.Rngs(0)))

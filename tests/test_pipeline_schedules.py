@@ -175,3 +175,18 @@ def test_tables(name, pp, m):
     one_link = {"1f1b", "zb1p"}
     assert set(tables.channels) == ({"act_l", "grad_r"} if name in one_link else
                                      {"act_l", "act_r", "grad_l", "grad_r"})
+
+
+@pytest.mark.parametrize("name,pp,m", [("1f1b", 4, 8), ("zb1p", 4, 8), ("dualpipe", 4, 8),
+                                       ("dualpipev", 4, 8), ("1f1b", 3, 5)])
+def test_lockstep_is_the_tick_clock_and_never_beats_the_simulator(name, pp, m):
+    schedule = make_schedule(name, pp, m)
+    tables = compile_tables(schedule)
+    # Equal op costs: every tick costs one op, so the lockstep clock is the tick count.
+    if name == "1f1b":   # its ops are F and full backwards only
+        assert tables.lockstep_makespan(Costs(F=1, B=1, W=0)) == tables.num_ticks
+    # Any costs: the lockstep run is one feasible execution of the same per-rank order, and the
+    # event-driven simulation starts every op as early as possible.
+    for costs in (Costs(F=1, B=2, W=1), Costs(F=1.3, B=2.9, W=0.7), Costs(F=2, B=2, W=0.1)):
+        lock = tables.lockstep_makespan(costs)
+        assert lock >= simulate(schedule, costs).makespan - 1e-9

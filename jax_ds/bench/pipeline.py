@@ -35,11 +35,10 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from jax_ds.bench import _timing, environment, error_cell, print_table, write_json
-from jax_ds.models import DeepSeekConfig, Transformer
+from jax_ds.models import DeepSeekConfig, PipelineStages, Transformer
 from jax_ds.parallel.mesh import make_mesh
 from jax_ds.parallel.pipeline import Costs, compile_tables, execute, make_schedule, simulate
 
@@ -73,31 +72,10 @@ def model_config(name: str, num_layers: int) -> DeepSeekConfig:
         expert_hidden=512, top_k=4, num_groups=4, topk_groups=2, dtype="bfloat16")
 
 
-class Stack:
-    """A Transformer's blocks as stacked stage parameters, the stage function and the loss."""
-
-    def __init__(self, cfg: DeepSeekConfig, seed: int):
-        model = Transformer(cfg, rngs=nnx.Rngs(seed))
-        self.cfg = cfg
-        self.block_def = nnx.graphdef(model.blocks[0])
-        self.head_def = nnx.graphdef(model.head)
-        self.params = jax.tree.map(lambda *a: jnp.stack(a), *[nnx.state(b) for b in model.blocks])
-        self.head = nnx.state(model.head)
-
-    def stage(self, p, x_BTD):
-        positions_BT = jnp.broadcast_to(jnp.arange(x_BTD.shape[1]), x_BTD.shape[:2])
-        return nnx.merge(self.block_def, p)(x_BTD, positions_BT)[0]
-
-    def loss(self, head, y_BTD, targets_BT):
-        logits_BTV = nnx.merge(self.head_def, head)(y_BTD)
-        return optax.softmax_cross_entropy_with_integer_labels(
-            logits_BTV.astype(jnp.float32), targets_BT).mean()
-
-
-def op_costs(stack: Stack, x_sets, args) -> dict:
+def op_costs(parts: PipelineStages, x_sets, args) -> dict:
     """Seconds of F, B (full backward) and W on one device for one micro-batch (see the module
     docstring for how each is taken)."""
-    p0 = jax.tree.map(lambda a: a[0], stack.params)
+    p0 = jax.tree.map(lambda a: a[0], parts.blocks)
     dy = jnp.ones_like(x_sets[0][0])
 
     def timed(fn):
@@ -105,27 +83,18 @@ def op_costs(stack: Stack, x_sets, args) -> dict:
         return _timing.time_jax_launch(jax.jit(fn), sets, budget_s=args.budget,
                                        repeats=args.repeats).median_s
 
-    f = timed(lambda p, x, dy: stack.stage(p, x))
-    full = timed(lambda p, x, dy: jax.vjp(stack.stage, p, x)[1](dy))
-    dx_only = timed(lambda p, x, dy: jax.vjp(lambda x: stack.stage(p, x), x)[1](dy))
+    f = timed(lambda p, x, dy: parts.stage(p, x))
+    full = timed(lambda p, x, dy: jax.vjp(parts.stage, p, x)[1](dy))
+    dx_only = timed(lambda p, x, dy: jax.vjp(lambda x: parts.stage(p, x), x)[1](dy))
     b = max(full - f, 1e-9)
     w = min(max(full - dx_only, 0.0), b)
     return {"F": f, "B": b, "W": w}
 
 
-def lockstep_makespan(schedule, costs: Costs) -> float:
-    """The executor's clock: the sum over ticks of the slowest rank's op."""
-    tables = compile_tables(schedule)
-    cost = {"idle": 0.0, "F": costs.F, "B": costs.B - costs.W, "W": costs.W, "BW": costs.B,
-            "FB": costs.F + costs.B if costs.FB is None else costs.FB}
-    per_branch = np.array([cost[kind] for kind in tables.branches])
-    return float(per_branch[tables.table[:, :, 0]].max(axis=1).sum())
-
-
 def bench_schedule(name: str, pipe: int, args) -> dict:
     schedule = make_schedule(name, pipe, args.microbatches)
     cfg = model_config(args.model, schedule.num_stages)
-    stack = Stack(cfg, args.seed)
+    parts = PipelineStages(Transformer(cfg, rngs=nnx.Rngs(args.seed)))
     mesh = make_mesh(pipe=pipe, devices=jax.devices()[:pipe])
     m, b, t = args.microbatches, args.microbatch_size, args.seq_len
     dtype = cfg.activation_dtype
@@ -134,11 +103,11 @@ def bench_schedule(name: str, pipe: int, args) -> dict:
         kx, kt = jax.random.split(jax.random.fold_in(jax.random.key(args.seed), i))
         x = jax.random.normal(kx, (m, b, t, cfg.d_model), dtype)
         targets = jax.random.randint(kt, (m, b, t), 0, cfg.vocab_size, jnp.int32)
-        sets.append((stack.params, stack.head, x, targets))
+        sets.append((parts.blocks, parts.head, x, targets))
         mb_sets.append((x[0],))
 
     def step(params, head, x, targets):
-        out = execute(schedule, stack.stage, params, (x, targets), stack.loss, mesh,
+        out = execute(schedule, parts.stage, params, (x, targets), parts.loss, mesh,
                       loss_params=head)
         return out.loss, out.grads, out.loss_grads
 
@@ -146,10 +115,10 @@ def bench_schedule(name: str, pipe: int, args) -> dict:
     try:
         measured = _timing.time_jax_launch(jax.jit(step), sets, budget_s=args.budget,
                                            repeats=args.repeats, max_reps=1).median_s
-        c = op_costs(stack, mb_sets, args)
+        c = op_costs(parts, mb_sets, args)
         costs = Costs(F=c["F"], B=c["B"], W=c["W"])
         sim = simulate(schedule, costs)
-        lock = lockstep_makespan(schedule, costs)
+        lock = compile_tables(schedule).lockstep_makespan(costs)
         busy = float(np.mean(sim.busy))
         row.update({
             "step_ms": measured * 1e3, "costs_ms": {k: v * 1e3 for k, v in c.items()},

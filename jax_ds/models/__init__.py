@@ -7,15 +7,15 @@ from jax_ds.models.layers import MLP, Dense, RMSNorm, apply_rope, rope_inv_freq
 from jax_ds.models.mla import MLAttention, attend, attention_reference
 from jax_ds.models.moe import (DeepSeekMoE, MoEStats, Router, RouterBias, balance_loss,
                                expert_ffn, grouped_gemm, grouped_gemm_fp8, update_router_bias)
-from jax_ds.models.transformer import (Block, ModelAux, MTPModule, Transformer,
-                                       apply_router_bias_update, lm_loss, param_counts,
-                                       train_step)
+from jax_ds.models.transformer import (Block, ModelAux, MTPModule, PipelineStages,
+                                       Transformer, apply_router_bias_update, lm_loss,
+                                       param_counts, train_step)
 
 __all__ = [
-    "MLP", "Block", "CheckpointError", "Dense", "DeepSeekConfig", "DeepSeekMoE", "MLAttention",
-    "MTPModule", "ModelAux", "MoEStats", "PagedKVCache", "RMSNorm", "Router", "RouterBias", "Transformer",
-    "YarnConfig", "apply_rope", "apply_router_bias_update", "attend", "attention_reference",
-    "balance_loss", "expert_ffn", "grouped_gemm", "grouped_gemm_fp8", "lm_loss",
-    "load_hf_checkpoint", "param_counts", "rope_inv_freq", "save_hf_checkpoint", "train_step",
-    "update_router_bias",
+    "Block", "CheckpointError", "DeepSeekConfig", "DeepSeekMoE", "Dense", "MLAttention", "MLP",
+    "MTPModule", "MoEStats", "ModelAux", "PagedKVCache", "PipelineStages", "RMSNorm", "Router",
+    "RouterBias", "Transformer", "YarnConfig", "apply_rope", "apply_router_bias_update", "attend",
+    "attention_reference", "balance_loss", "expert_ffn", "grouped_gemm", "grouped_gemm_fp8",
+    "lm_loss", "load_hf_checkpoint", "param_counts", "rope_inv_freq", "save_hf_checkpoint",
+    "train_step", "update_router_bias",
 ]

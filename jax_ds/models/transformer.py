@@ -171,6 +171,38 @@ class Transformer(nnx.Module):
         return self.head(self.norm(x_BTD)).astype(jnp.float32), cache
 
 
+# ----------------------------------------------------------------------------- pipeline
+
+
+class PipelineStages:
+    """A Transformer cut for `jax_ds.parallel.pipeline`: every block one stage, the blocks'
+    parameters stacked [num_layers, ...] (`blocks`), the final norm + output head the pipeline's
+    loss (`loss(head, y, targets)` with `head` = {"norm", "head"} parameters). The embedding
+    stays outside the pipeline. Stacking needs blocks of one structure: every layer an MoE
+    layer (`num_dense_layers=0`)."""
+
+    def __init__(self, model: Transformer):
+        defs = {nnx.graphdef(b) for b in model.blocks}
+        if len(defs) != 1:
+            raise ValueError(f"PipelineStages: the {len(model.blocks)} blocks differ in structure "
+                             f"(num_dense_layers={model.cfg.num_dense_layers}); a pipeline "
+                             f"stacks one stage structure, so use num_dense_layers=0")
+        (self.block_def,) = defs
+        self.norm_def, self.head_def = nnx.graphdef(model.norm), nnx.graphdef(model.head)
+        self.blocks = jax.tree.map(lambda *a: jnp.stack(a), *[nnx.state(b) for b in model.blocks])
+        self.head = {"norm": nnx.state(model.norm), "head": nnx.state(model.head)}
+
+    def stage(self, block, x_BTD):
+        positions_BT = jnp.broadcast_to(jnp.arange(x_BTD.shape[1]), x_BTD.shape[:2])
+        return nnx.merge(self.block_def, block)(x_BTD, positions_BT)[0]
+
+    def loss(self, head, y_BTD, targets_BT):
+        norm = nnx.merge(self.norm_def, head["norm"])
+        logits_BTV = nnx.merge(self.head_def, head["head"])(norm(y_BTD))
+        return optax.softmax_cross_entropy_with_integer_labels(
+            logits_BTV.astype(jnp.float32), targets_BT).mean()
+
+
 # ----------------------------------------------------------------------------- training
 
 

@@ -37,8 +37,13 @@ class Costs:
                              f"backward B={self.B}")
 
     def of(self, op: Op) -> float:
+        return self.of_kind(op.kind)
+
+    def of_kind(self, kind: str) -> float:
+        """The cost of an op of `kind` ("F", "B", "W", "BW", "FB"; "idle": 0)."""
         fb = self.F + self.B if self.FB is None else self.FB
-        return {"F": self.F, "B": self.B - self.W, "W": self.W, "BW": self.B, "FB": fb}[op.kind]
+        return {"idle": 0.0, "F": self.F, "B": self.B - self.W, "W": self.W, "BW": self.B,
+                "FB": fb}[kind]
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from jax_ds.parallel.pipeline.schedules import Chunk, Schedule
-from jax_ds.parallel.pipeline.simulator import simulate, unit_cost
+from jax_ds.parallel.pipeline.simulator import Costs, simulate, unit_cost
 
 # Columns of the per-tick table, [num_ticks, num_ranks, len(FIELDS)] int32.
 FIELDS = (
@@ -55,6 +55,13 @@ class Tables:
     @property
     def num_ticks(self) -> int:
         return self.table.shape[0]
+
+    def lockstep_makespan(self, costs: Costs) -> float:
+        """The executor's clock for these costs: SPMD ranks advance tick by tick, so a tick
+        lasts as long as its slowest rank's op. Never below `simulate`'s makespan (with no
+        communication cost): that one starts every op as early as its inputs allow."""
+        per_branch = np.array([costs.of_kind(kind) for kind in self.branches])
+        return float(per_branch[self.table[:, :, COL["branch"]]].max(axis=1).sum())
 
 
 def _allocate(intervals: list[tuple[int, int, object]]) -> tuple[dict, int]:
