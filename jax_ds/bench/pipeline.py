@@ -18,7 +18,7 @@ The fused F&B pair counts as F + B (no overlap credit).
 With those costs the benchmark predicts the step two ways:
   simulated  `simulate(schedule, costs)`: event-driven makespan; each rank runs as soon as its
              inputs are there.
-  lockstep   the executor's clock (`compile_tables`): SPMD ranks advance tick by tick, so a tick
+  lockstep   the executor's clock (`Tables.lockstep_makespan`): SPMD ranks advance tick by tick, so a tick
              lasts as long as its slowest rank's op. The predicted step is the sum over ticks
              of the largest op cost.
 
