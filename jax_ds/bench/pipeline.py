@@ -18,9 +18,9 @@ The fused F&B pair counts as F + B (no overlap credit).
 With those costs the benchmark predicts the step two ways:
   simulated  `simulate(schedule, costs)`: event-driven makespan; each rank runs as soon as its
              inputs are there.
-  lockstep   the executor's clock (`Tables.lockstep_makespan`): SPMD ranks advance tick by tick, so a tick
-             lasts as long as its slowest rank's op. The predicted step is the sum over ticks
-             of the largest op cost.
+  lockstep   the executor's clock (`Tables.lockstep_makespan`): SPMD ranks advance tick by
+             tick, so a tick lasts as long as its slowest rank's op. The predicted step is the
+             sum over ticks of the largest op cost.
 
 The measured bubble is 1 - mean(busy) / step, where busy is a rank's summed op costs. It is
 compared with `SimResult.bubble_fraction`, the same quantity for the simulated makespan. Leave
