@@ -124,18 +124,21 @@ def is_3fs_path(path, *, mounts_file: str | None = None) -> bool:
 Pieces = Sequence[tuple[int, memoryview]]   # (file offset, bytes) pieces of one file
 
 
+def _aligned_view(base: np.ndarray, align: int, nbytes: int) -> np.ndarray:
+    """The `nbytes` of uint8 `base` (align extra bytes long) that start on an `align` boundary."""
+    start = -base.ctypes.data % align
+    return base[start:start + nbytes]
+
+
 def aligned_empty(nbytes: int) -> np.ndarray:
     """An uninitialised uint8 array whose data starts on an ALIGN boundary: what O_DIRECT
     needs, and what lets a CPU `jax.device_put` use the array as the device buffer (no copy).
 
     Plain (4 KiB) pages: restores read into these, and they become the arrays. Huge pages were
-    tried for them (2026-12-03, 2-core VM, 2 GB restore, 6 interleaved rounds each): restore
-    1.4-2.4 GB/s against 1.8-2.6 with 4 KiB pages; the long-lived staging buffers of a save use
-    huge pages instead (`staging_buffer`).
+    tried for them and dropped (a one-off A/B, NOTES-checkpoint.md); the long-lived staging
+    buffers of a save use huge pages instead (`staging_buffer`).
     """
-    base = np.empty(nbytes + ALIGN, np.uint8)
-    start = -base.ctypes.data % ALIGN
-    return base[start:start + nbytes]
+    return _aligned_view(np.empty(nbytes + ALIGN, np.uint8), ALIGN, nbytes)
 
 
 # Transparent huge pages on x86-64 and most arm64 kernels: 2 MiB, physically contiguous.
@@ -148,18 +151,19 @@ def staging_buffer(nbytes: int) -> np.ndarray:
 
     Why: the kernel builds a disk request from the physical pages of the user buffer, at most
     `max_segments` of them (254 on virtio-blk). Small pages scattered in physical memory (as in
-    a process that has allocated and freed a lot) cut a 4 MiB request into pieces: O_DIRECT
-    writes from such malloc'ed buffers averaged 2.6-3.2 MiB per request on a 2-core VM, from
-    2 MiB pages 3.7 MiB. Staging buffers are reused by every save of the process, so the cost
-    of finding huge pages is paid once.
+    a process that has allocated and freed a lot) cut a 4 MiB request into pieces (seen once
+    on a 2-core VM, a one-off measurement: 2.6-3.2 MiB per request from malloc'ed buffers,
+    3.7 MiB from 2 MiB pages). Staging buffers are reused by every save of the process, so the
+    cost of finding huge pages is paid once.
     """
     # The anonymous map stays alive (and mapped) as long as an array uses its memory.
     m = mmap.mmap(-1, nbytes + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     base = np.frombuffer(m, np.uint8)
-    start = -base.ctypes.data % _HUGE_PAGE
+    view = _aligned_view(base, _HUGE_PAGE, nbytes)
     if hasattr(mmap, "MADV_HUGEPAGE"):
-        m.madvise(mmap.MADV_HUGEPAGE, start, -(-nbytes // ALIGN) * ALIGN)
-    return base[start:start + nbytes]
+        m.madvise(mmap.MADV_HUGEPAGE, view.ctypes.data - base.ctypes.data,
+                  -(-nbytes // ALIGN) * ALIGN)
+    return view
 
 
 def _with_fd(path: str, flags: int, direct: bool, use) -> None:
@@ -245,11 +249,10 @@ class PosixIO:
 
         Double-buffered: this thread copies into one staging buffer while a writer thread of
         this file writes the previous one, so the file always has a write in flight (copying
-        first and then writing left each file's stream idle for the copy: on a 2-core VM,
-        6.0-6.5 of 8 files had a write in flight on average instead of 7). Writes of one file
-        stay sequential, from one thread (3FS's FUSE path needs one writer per file). Measured
-        (2026-12-03, 2 GB state, 5 interleaved rounds, medians): save 2.27 -> 2.67 GB/s, 92% of
-        a single O_DIRECT stream of the same bytes in the same run (2.91).
+        first and then writing left each file's stream idle during the copy). Writes of one
+        file stay sequential, from one thread (3FS's FUSE path needs one writer per file).
+        `python -m jax_ds.bench checkpoint` measures the save against raw writes of the same
+        bytes; the A/B against single buffering is in NOTES-checkpoint.md (one-off).
         """
         free, full = queue.SimpleQueue(), queue.SimpleQueue()
         for _ in range(2):
@@ -275,6 +278,17 @@ class PosixIO:
         thread.start()
         step = _CHECKSUM_CHUNK if checksum else self.stage_bytes
         stage = None
+
+        def hand_off(nbytes, offset):
+            """The filled stage to the writer; the next free one (the writer hands back each
+            buffer once written) to this thread."""
+            nonlocal stage
+            full.put((stage, nbytes, offset))
+            stage = None   # the writer's now: the cleanup below must not hand it back too
+            stage = free.get()
+            if failed:
+                raise failed[0]
+
         try:
             stage = free.get()
             for offset, items in runs:
@@ -289,15 +303,10 @@ class PosixIO:
                             sums[i] = checksum(stage[fill:fill + n], sums[i])
                         fill, pos = fill + n, pos + n
                         if fill == len(stage):
-                            full.put((stage, fill, offset))
-                            offset, fill, stage = offset + fill, 0, None
-                            stage = free.get()   # the writer hands back the one it wrote
-                            if failed:
-                                raise failed[0]
+                            hand_off(fill, offset)
+                            offset, fill = offset + fill, 0
                 if fill:   # a multiple of ALIGN, as the run's length is
-                    full.put((stage, fill, offset))
-                    stage = None
-                    stage = free.get()
+                    hand_off(fill, offset)
         finally:
             full.put(None)
             thread.join()   # every write of this file has returned: fsync may follow
