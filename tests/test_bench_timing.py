@@ -2,6 +2,7 @@
 calls (nothing merged by XLA), and the timing reports them per call."""
 import jax
 import jax.numpy as jnp
+import pytest
 
 from jax_ds.bench import _timing
 
@@ -30,3 +31,23 @@ def test_time_jax_launch_per_call():
     t = _timing.time_jax_launch(lambda x: x * 2 + 1, sets, budget_s=0.02, repeats=2, max_reps=8)
     assert t.median_s > 0 and t.min_s <= t.median_s
     assert t.calls % len(sets) == 0 and t.repeats == 2
+
+
+@pytest.mark.parametrize("host_s,want_reps", [(1.0, 16), (1e-3, 2), (0.0, 1)])
+def test_time_jax_launch_doubles_repeats_while_dispatch_shows(monkeypatch, host_s, want_reps):
+    """With an executable costing host_s + (calls in it) x 10 ms, the repeats double while the
+    time per call falls by more than 10%, and the time per call of the repeats chosen comes
+    back."""
+    device_s, seen = 0.01, []
+
+    def fake_time_jax(fn, arg_sets, **kwargs):
+        reps = len(fn(*arg_sets[0]))   # the executable returns one list per repeat
+        seen.append(reps)
+        total = host_s + reps * len(sets) * device_s
+        return _timing.Timing(total, total, 1, 1)
+
+    monkeypatch.setattr(_timing, "time_jax", fake_time_jax)
+    sets = [(jnp.full((4,), float(i)),) for i in range(2)]
+    t = _timing.time_jax_launch(lambda x: x + 1, sets, max_reps=16)
+    assert seen == [1, 2, 4, 8, 16][:len(seen)] and max(seen) <= 16
+    assert t.median_s == (host_s + want_reps * len(sets) * device_s) / (want_reps * len(sets))

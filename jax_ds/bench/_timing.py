@@ -116,8 +116,8 @@ def time_jax_launch(fn, arg_sets, *, max_reps=32, **kwargs):
     through an `optimization_barrier`, so XLA cannot merge the repeats either.
 
     An executable of a few short calls is still bound by the host's dispatch of it (tens of
-    array arguments: 0.26-0.43 ms of idle GPU between executables were seen in a trace, against
-    9-10 us kernels), so `reps` doubles, from 1 up to `max_reps`, while the time per call keeps
+    array arguments: 0.26-0.43 ms of idle GPU between executables were seen in a one-off trace
+    against 9-10 us kernels, NOTES-gemm.md), so `reps` doubles, from 1 up to `max_reps`, while the time per call keeps
     falling by more than 10%: once it no longer does, the device bounds the executable.
     """
     n = len(arg_sets)
