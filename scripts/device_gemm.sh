@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Build, test, sanitize and benchmark the FP8 GEMM on a CUDA machine (no internet needed).
+# Build, test, sanitize and benchmark the FP8 GEMM on a CUDA machine (no internet needed); on a
+# machine of several GPUs, also the LAST issue's runs (steps eptest, ep, pipeline).
 #
 #   OUT=/path/to/logs scripts/device_gemm.sh [info] [build] [test] [sanitize] [bench] [sweep]
+#   OUT=/path/to/logs scripts/device_gemm.sh info build eptest ep pipeline    # several GPUs
 #
 # Knobs (environment): BUILD=cmake (skip `pip install -e .`), BENCH_ARGS="--shapes quick",
 # TEST_TIMEOUT / SANITIZE_TIMEOUT / BENCH_TIMEOUT / SWEEP_TIMEOUT (seconds; 540 / 240 / 540 / 540),
-# PYTHON (python3).
+# EP_ARGS / PIPE_ARGS (extra arguments of bench ep / bench pipeline), PYTHON (python3).
+# NVLink multicast stays off (NCCL_NVLS_ENABLE=0) on shared multi-GPU hosts.
 #
 # Run from anywhere; it works in the repo root. No step names = the first five, in that order. Each step
 # logs to $OUT/<step>.log; a failing step is reported and the next one still runs. The summary
@@ -16,7 +19,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the source tree, with _C*.so copied in
 [ -d /usr/local/cuda/bin ] && export PATH="$PATH:/usr/local/cuda/bin"
 
@@ -98,6 +101,25 @@ step_bench() {
   return $rc
 }
 
+step_eptest() {  # the multi-GPU EP tests: ragged all_to_all, per assignment and per token
+  nvidia-smi topo -m || true
+  timeout "${TEST_TIMEOUT:-540}" "$PY" -m pytest -m gpu -q -rs tests/test_expert.py
+}
+
+step_ep() {
+  timeout "${BENCH_TIMEOUT:-540}" "$PY" -m jax_ds.bench ep --out "$OUT" ${EP_ARGS:-}
+  local rc=$?
+  mkdir -p benchmarks/results && cp -v "$OUT"/ep-*.json benchmarks/results/ 2>/dev/null
+  return $rc
+}
+
+step_pipeline() {
+  timeout "${BENCH_TIMEOUT:-540}" "$PY" -m jax_ds.bench pipeline --out "$OUT" ${PIPE_ARGS:-}
+  local rc=$?
+  mkdir -p benchmarks/results && cp -v "$OUT"/pipeline-*.json benchmarks/results/ 2>/dev/null
+  return $rc
+}
+
 step_sweep() {  # every tile x cluster size on the benchmark shapes (kernel times) -> $OUT/sweep.json
   OUT="$OUT" timeout "${SWEEP_TIMEOUT:-540}" "$PY" scripts/sweep_gemm.py
 }
@@ -108,7 +130,7 @@ SUMMARY=()
 FAILED=0
 for step in "${STEPS[@]}"; do
   if ! declare -F "step_$step" >/dev/null; then
-    echo "unknown step '$step' (steps: info build test sanitize bench sweep)"
+    echo "unknown step '$step' (steps: info build test sanitize bench sweep eptest ep pipeline)"
     SUMMARY+=("$step|unknown|0"); FAILED=$((FAILED + 1)); continue
   fi
   echo "=================== $step ==================="
