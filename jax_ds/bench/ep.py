@@ -36,7 +36,6 @@ environment already sets it.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 
 import jax
@@ -80,7 +79,11 @@ class Problem:
     top_k: int
 
     def row_bytes(self, fp8: bool) -> int:
-        return self.hidden + 4 * math.ceil(self.hidden / 128) if fp8 else 2 * self.hidden
+        """Bytes of one token row: bf16, or what `pack_fp8_rows` makes of it."""
+        if not fp8:
+            return 2 * self.hidden
+        row = jax.ShapeDtypeStruct((1, self.hidden), jnp.bfloat16)
+        return jax.eval_shape(ep_lib.pack_fp8_rows, row).shape[1]
 
 
 def routing(key, p: Problem):
