@@ -2,12 +2,13 @@
 # Build, test, sanitize and benchmark the FP8 GEMM on a CUDA machine (no internet needed); on a
 # machine of several GPUs, also the LAST issue's runs (steps eptest, ep, pipeline).
 #
-#   OUT=/path/to/logs scripts/device_gemm.sh [info] [build] [test] [sanitize] [bench] [sweep]
+#   OUT=/path/to/logs scripts/device_gemm.sh [info] [build] [test] [sanitize] [bench] [sweep] [moe] [mla]
 #   OUT=/path/to/logs scripts/device_gemm.sh info build eptest ep pipeline    # several GPUs
 #
 # Knobs (environment): BUILD=cmake (skip `pip install -e .`), BENCH_ARGS="--shapes quick",
 # TEST_TIMEOUT / SANITIZE_TIMEOUT / BENCH_TIMEOUT / SWEEP_TIMEOUT (seconds; 540 / 240 / 540 / 540),
-# EP_ARGS / PIPE_ARGS (extra arguments of bench ep / bench pipeline), PYTHON (python3).
+# EP_ARGS / PIPE_ARGS / MOE_ARGS / MLA_ARGS (extra arguments of bench ep / pipeline / moe / mla),
+# SWEEP_ARGS (e.g. "--m 64 128"), PYTHON (python3).
 # NVLink multicast stays off (NCCL_NVLS_ENABLE=0) on shared multi-GPU hosts.
 #
 # Run from anywhere; it works in the repo root. No step names = the first five, in that order. Each step
@@ -121,7 +122,21 @@ step_pipeline() {
 }
 
 step_sweep() {  # every tile x cluster size on the benchmark shapes (kernel times) -> $OUT/sweep.json
-  OUT="$OUT" timeout "${SWEEP_TIMEOUT:-540}" "$PY" scripts/sweep_gemm.py
+  OUT="$OUT" timeout "${SWEEP_TIMEOUT:-540}" "$PY" scripts/sweep_gemm.py ${SWEEP_ARGS:-}
+}
+
+step_moe() {  # grouped GEMM + routing benchmark (GPU 2)
+  timeout "${BENCH_TIMEOUT:-540}" "$PY" -m jax_ds.bench moe --out "$OUT" ${MOE_ARGS:-}
+  local rc=$?
+  mkdir -p benchmarks/results && cp -v "$OUT"/moe-*.json benchmarks/results/ 2>/dev/null
+  return $rc
+}
+
+step_mla() {  # MLA decode benchmark (GPU 3)
+  timeout "${BENCH_TIMEOUT:-540}" "$PY" -m jax_ds.bench mla --out "$OUT" ${MLA_ARGS:-}
+  local rc=$?
+  mkdir -p benchmarks/results && cp -v "$OUT"/mla-*.json benchmarks/results/ 2>/dev/null
+  return $rc
 }
 
 STEPS=("$@")
@@ -130,7 +145,7 @@ SUMMARY=()
 FAILED=0
 for step in "${STEPS[@]}"; do
   if ! declare -F "step_$step" >/dev/null; then
-    echo "unknown step '$step' (steps: info build test sanitize bench sweep eptest ep pipeline)"
+    echo "unknown step '$step' (steps: info build test sanitize bench sweep moe mla eptest ep pipeline)"
     SUMMARY+=("$step|unknown|0"); FAILED=$((FAILED + 1)); continue
   fi
   echo "=================== $step ==================="

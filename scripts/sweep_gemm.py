@@ -1,6 +1,6 @@
 """Times every compiled tile (block_m x block_n, cluster 1 or 2) on the benchmark shapes; prints
 the best per shape next to gemm_config's pick and writes JSON (for tuning gemm_config)."""
-import json, os
+import argparse, json, os
 import jax, jax.numpy as jnp
 from jax_ds.arg_specs import gemm_bench_shapes
 from jax_ds.bench._profile import device_time_jax
@@ -10,10 +10,15 @@ from jax_ds.ops import gemm
 def call(ops, bm, bn, sms, cn):
     return gemm.ffi_fp8_gemm(*ops, gemm.GemmConfig(bm, bn, sms, cn))
 
+parser = argparse.ArgumentParser(description=__doc__)
+parser.add_argument("--m", type=int, nargs="*", help="only the shapes of these m")
+args = parser.parse_args()
 sms = jax.devices()[0].core_count
 rows = []
 key = jax.random.PRNGKey(1)
 for (m, n, k) in gemm_bench_shapes():
+    if args.m and m not in args.m:
+        continue
     sets = []
     for i in range(2):
         key, ka, kb = jax.random.split(key, 3)
