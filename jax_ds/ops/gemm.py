@@ -49,22 +49,36 @@ class GemmConfig:
 def gemm_config(m: int, n: int, k: int, num_sms: int) -> GemmConfig:
     """Chooses the output tile for an [m, k] x [n, k]^T FP8 GEMM on `num_sms` SMs.
 
-    The widest tile (most FLOPs per byte pulled from L2, which is what bounds large shapes) whose
-    tiles still occupy at least 3/4 of the SMs; 128-row tiles first, except for m <= 128, where
-    64-row tiles double the parallelism for free. When no tile fills the machine, the one with
-    the most tiles. Checked against every tile timed on every benchmark shape on the H100
-    (scripts/sweep_gemm.py, kernel times, benchmarks/results/gemm-tiles-sweep-h100-2026-11-24.json):
-    the fastest tile, or one within 7%, on 17 of 19 shapes; 128x32768x512 is 6% and
-    128x7168x2048 12.5% behind that shape's best (128x64). `k` does not change the choice.
+    m > 128: the widest tile (most FLOPs per byte pulled from L2, which is what bounds large
+    shapes) whose tiles still occupy at least 3/4 of the SMs, 128-row tiles first; when no tile
+    fills the machine, the one with the most tiles.
+    64 < m <= 128: one 128-row tile 64 or 128 wide when such tiles fill 3/4 of the SMs, the one
+    whose last wave is fullest (128x128 preferred unless 128x64 fills its waves better by more
+    than 10%); otherwise 64-row tiles as for m <= 64, which double the parallelism.
+    Checked against every tile timed on every benchmark shape (scripts/sweep_gemm.py, kernel
+    times): on the H200 (benchmarks/results/gemm-tiles-sweep-h200-2026-12-03.json) it picks the
+    fastest tile on 11 of the 12 shapes of m <= 128, the 12th within 1%; on the H100
+    (benchmarks/results/gemm-tiles-sweep-h100-2026-11-24.json) on 11 of 12, the 12th within 2%.
+    `k` does not change the choice.
     """
     del k
+    if 64 < m <= 128:
+        fill = {}
+        for bn in (128, 64):
+            tiles = cdiv(n, bn)
+            if tiles >= FILL_FRACTION * num_sms:
+                # share of the SMs busy over all waves; 128x64 tiles pay ~10% per FLOP
+                fill[bn] = tiles / (cdiv(tiles, num_sms) * num_sms) * (1.0 if bn == 128 else 0.9)
+        if fill:
+            bn = max(fill, key=fill.get)
+            return GemmConfig(128, bn, min(cdiv(n, bn), num_sms), 1)
     candidates = [t for t in TILES if m > 128 or t[0] == 64]
     tiles = {t: cdiv(m, t[0]) * cdiv(n, t[1]) for t in candidates}
     wide = [t for t in candidates if tiles[t] >= FILL_FRACTION * num_sms]
     bm, bn = wide[0] if wide else max(candidates, key=lambda t: (tiles[t], t[0]))
     # Pairs of CTAs that share (multicast) the A tile: +15-18% on the long-K large shapes
     # (4096x7168x16384, 4096x4096x7168, 8192^3), where L2 -> SM traffic bounds 128x128 tiles,
-    # -2..+6% on the others; 2-15% slower at m <= 128, where A is small (same sweep).
+    # -2..+6% on the others; 2-15% slower at m <= 128, where A is small (same sweeps).
     cluster_n = 2 if bm == 128 and m > 128 and cdiv(n, bn) >= 2 else 1
     return GemmConfig(bm, bn, min(tiles[(bm, bn)], num_sms), cluster_n)
 
