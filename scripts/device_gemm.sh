@@ -5,7 +5,8 @@
 #   OUT=/path/to/logs scripts/device_gemm.sh [info] [build] [test] [sanitize] [bench] [sweep] [moe] [mla]
 #   OUT=/path/to/logs scripts/device_gemm.sh info build eptest ep pipeline    # several GPUs
 #
-# Knobs (environment): BUILD=cmake (skip `pip install -e .`), BENCH_ARGS="--shapes quick",
+# Knobs (environment): BUILD=cmake (skip `pip install -e .`), BENCH_ARGS="--shapes quick" or
+# "--m 4096 8192" (a part of the shapes), TEST_WORKERS (pytest-xdist processes, 4; 1 = none),
 # TEST_TIMEOUT / SANITIZE_TIMEOUT / BENCH_TIMEOUT / SWEEP_TIMEOUT (seconds; 540 / 240 / 540 / 540),
 # EP_ARGS / PIPE_ARGS / MOE_ARGS / MLA_ARGS (extra arguments of bench ep / pipeline / moe / mla),
 # SWEEP_ARGS (e.g. "--m 64 128"), PYTHON (python3).
@@ -78,8 +79,14 @@ step_build() {  # BUILD=cmake skips pip (leaves the Python environment untouched
 }
 
 step_test() {  # the modules holding GPU tests (the others may import packages the image lacks)
-  timeout "${TEST_TIMEOUT:-540}" "$PY" -m pytest -m gpu -q -rs --durations=15 \
-    $(grep -l "mark.gpu" tests/test_*.py)
+  # 271 tests took ~8 min in one process on the H200, mostly compiles (CPU): with pytest-xdist
+  # (on the CUDA image) TEST_WORKERS processes share the GPU, each allocating on demand.
+  local par=()
+  if "$PY" -c "import xdist" 2>/dev/null && [ "${TEST_WORKERS:-4}" -gt 1 ]; then
+    par=(-n "${TEST_WORKERS:-4}")
+  fi
+  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "${TEST_TIMEOUT:-540}" "$PY" -m pytest -m gpu -q \
+    -rs --durations=15 "${par[@]}" $(grep -l "mark.gpu" tests/test_*.py)
 }
 
 step_sanitize() {

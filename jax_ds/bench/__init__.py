@@ -74,11 +74,11 @@ def environment():
     }
 
 
-def write_json(out_dir, suite, env, payload):
-    """Writes `<suite>-<device-slug>-<date>.json` under out_dir; returns its path."""
+def write_json(out_dir, suite, env, payload, tag=""):
+    """Writes `<suite>-<device-slug>-<date>[-<tag>].json` under out_dir; returns its path."""
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{suite}-{slug(env['device'])}-{env['date'][:10]}.json"
+    path = out / f"{suite}-{slug(env['device'])}-{env['date'][:10]}{'-' + tag if tag else ''}.json"
     path.write_text(json.dumps({"suite": suite, **env, **payload}, indent=1, default=str) + "\n")
     return path
 

@@ -42,6 +42,8 @@ def add_arguments(parser):
     parser.add_argument("--shapes", choices=("all", "quick", "tiny"), default="all",
                         help="all: arg_specs.gemm_bench_shapes(); quick: 3 of them; "
                              "tiny: a CPU smoke test")
+    parser.add_argument("--m", type=int, nargs="+", default=None,
+                        help="only the shapes with these m (to split a long run)")
     parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON and plot")
     parser.add_argument("--iters", type=int, default=None,
                         help="calls per timing repeat (default: what fills --budget)")
@@ -242,6 +244,22 @@ def run(args):
     floor = _timing.dispatch_floor_s()
     print(f"device: {env['device']} ({num_sms} SMs); peak: {peak.source}\nours: {ours_desc}; "
           f"torch: {torch_gemm.status}; jax dispatch floor {floor * 1e6:.1f} us/call")
+    tag = ""  # a run of some m writes its own file: two runs (two device calls) make the set
+    if args.m:
+        shapes = [s for s in shapes if s[0] in args.m]
+        if not shapes:
+            raise SystemExit(f"bench gemm: no {args.shapes!r} shape has m in {args.m}")
+        tag = "m" + "-".join(str(m) for m in sorted(set(args.m)))
+    meta = {
+        "ours_impl": ours_desc, "peak": peak.source, "num_sms": num_sms,
+        "dispatch_floor_us": floor * 1e6, "torch": torch_gemm.report(), "shapes": args.shapes,
+        "m_filter": args.m,
+        "timing": {"per_call": "median over repeats of T(n calls)/n, inputs rotating over sets",
+                   "device": "one call per input set in one jitted executable (JAX; the sets "
+                             "repeated inside it, doubling, while that still lowers the "
+                             "time per call) or one CUDA graph (torch), time / calls",
+                   "kernel": "ours only: sum of GPU kernel durations from jax.profiler / calls",
+                   "budget_s": args.budget, "repeats": args.repeats, "iters": args.iters}}
     rows = []
     for i, (m, n, k) in enumerate(shapes):
         key = jax.random.fold_in(jax.random.key(args.seed), i)
@@ -256,6 +274,8 @@ def run(args):
         print(f"[{i + 1}/{len(shapes)}] per call: " + " ".join(_table_row(row)[4:9]) +
               " | device-bound (ours kernel 2nd): " + " ".join(_table_row(row, "device_")[4:10]) +
               f" | diff {'-' if row['diff'] is None else format(row['diff'], '.1e')}", flush=True)
+        # after every shape, so a run cut short by a time limit still leaves what it measured
+        write_json(args.out, "gemm", env, {**meta, "complete": False, "rows": rows}, tag)
     title = f"FP8 GEMM (NT, 1x128 x 128x128 scales) on {env['device']}, TFLOP/s"
     print_table(f"{title}, per call (dispatch included)", COLUMNS,
                 [_table_row(r) for r in rows])
@@ -263,16 +283,7 @@ def run(args):
                 COLUMNS[:5] + ("ours kernel",) + COLUMNS[5:],
                 [_table_row(r, "device_") for r in rows],
                 _notes(rows, args, floor, ours_desc, peak, torch_gemm))
-    path = write_json(args.out, "gemm", env, {
-        "ours_impl": ours_desc, "peak": peak.source, "num_sms": num_sms,
-        "dispatch_floor_us": floor * 1e6, "torch": torch_gemm.report(), "shapes": args.shapes,
-        "timing": {"per_call": "median over repeats of T(n calls)/n, inputs rotating over sets",
-                   "device": "one call per input set in one jitted executable (JAX; the sets "
-                             "repeated inside it, doubling, while that still lowers the "
-                             "time per call) or one CUDA graph (torch), time / calls",
-                   "kernel": "ours only: sum of GPU kernel durations from jax.profiler / calls",
-                   "budget_s": args.budget, "repeats": args.repeats, "iters": args.iters},
-        "rows": rows})
+    path = write_json(args.out, "gemm", env, {**meta, "complete": True, "rows": rows}, tag)
     print(f"wrote {path}")
     labels = [f"{r['m']}x{r['n']}x{r['k']}" for r in rows]
     series = {name: [r["results"].get(name, {}).get("device_tflops") for r in rows]
