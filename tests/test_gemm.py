@@ -138,6 +138,13 @@ def test_gemm_config():
         if m <= 64:
             assert cfg.block_m == 64
     assert ops.gemm_config(4096, 7168, 16384, 132) == ops.GemmConfig(128, 128, 132, 2)
+    # 64 < m <= 128 (the H200 tile sweep): one 128-row tile when 128x128 or 128x64 tiles fill
+    # 3/4 of the SMs, 128x64 when its waves are fuller by > 10%; else 64-row tiles as at m <= 64.
+    assert ops.gemm_config(128, 32768, 512, 132) == ops.GemmConfig(128, 128, 132, 1)
+    assert ops.gemm_config(128, 24576, 1536, 132) == ops.GemmConfig(128, 64, 132, 1)
+    assert ops.gemm_config(100, 7168, 2048, 132) == ops.GemmConfig(128, 64, 112, 1)
+    assert ops.gemm_config(128, 4096, 7168, 132) == ops.GemmConfig(64, 64, 128, 1)
+    assert ops.gemm_config(128, 2112, 7168, 132).block_m == 64
     with pytest.raises(dataclasses.FrozenInstanceError):
         ops.gemm_config(1, 1, 128, 132).block_m = 128
 

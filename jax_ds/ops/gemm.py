@@ -53,8 +53,8 @@ def gemm_config(m: int, n: int, k: int, num_sms: int) -> GemmConfig:
     shapes) whose tiles still occupy at least 3/4 of the SMs, 128-row tiles first; when no tile
     fills the machine, the one with the most tiles.
     64 < m <= 128: one 128-row tile 64 or 128 wide when such tiles fill 3/4 of the SMs, the one
-    whose last wave is fullest (128x128 preferred unless 128x64 fills its waves better by more
-    than 10%); otherwise 64-row tiles as for m <= 64, which double the parallelism.
+    that keeps the SMs busier over its waves (128x128 unless 128x64 does so by more than 10%);
+    otherwise 64-row tiles as for m <= 64, which double the parallelism.
     Checked against every tile timed on every benchmark shape (scripts/sweep_gemm.py, kernel
     times): on the H200 (benchmarks/results/gemm-tiles-sweep-h200-2026-12-03.json) it picks the
     fastest tile on 11 of the 12 shapes of m <= 128, the 12th within 1%; on the H100
