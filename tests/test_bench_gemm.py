@@ -15,6 +15,7 @@ def test_bench_gemm_some_m(tmp_path):
     (path,) = tmp_path.glob("gemm-*-m128.json")
     result = json.loads(path.read_text())
     assert result["complete"] and result["m_filter"] == [128]
+    assert "xla_flags" in result  # the run's XLA_FLAGS, whatever they are
     (row,) = result["rows"]
     assert (row["m"], row["n"], row["k"]) == (128, 384, 256)
     assert row["diff"] <= DIFF_LIMIT and row["results"]["ours"]["tflops"] > 0

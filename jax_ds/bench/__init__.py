@@ -71,6 +71,8 @@ def environment():
         "versions": versions,
         "nvidia_smi": smi,
         "jax_ds_impl_env": os.environ.get("JAX_DS_IMPL"),
+        # XLA's flags change what is measured (e.g. command buffers on or off): keep them with it
+        "xla_flags": os.environ.get("XLA_FLAGS"),
     }
 
 
