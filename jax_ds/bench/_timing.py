@@ -18,6 +18,7 @@ import dataclasses
 import math
 import statistics
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -109,6 +110,13 @@ def repeated_calls(fn, reps):
     return many
 
 
+def kernel_ops(compiled) -> int:
+    """Dots and custom calls in a compiled executable: ops no fusion merges, so an executable of
+    n GEMM calls holds n of them, unless XLA's CSE merged identical calls."""
+    return sum(line.count(" dot(") + line.count(" custom-call(")
+               for line in compiled.as_text().splitlines())
+
+
 def time_jax_launch(fn, arg_sets, *, max_reps=32, **kwargs):
     """Per-call time of one executable that calls `fn` once on each of arg_sets, `reps` times
     over: one dispatch for them all, so what remains is the device's time per call. The sets
@@ -117,19 +125,31 @@ def time_jax_launch(fn, arg_sets, *, max_reps=32, **kwargs):
 
     An executable of a few short calls is still bound by the host's dispatch of it (tens of
     array arguments: 0.26-0.43 ms of idle GPU between executables were seen in a one-off trace
-    against 9-10 us kernels, NOTES-gemm.md), so `reps` doubles, from 1 up to `max_reps`, while the time per call keeps
-    falling by more than 10%: once it no longer does, the device bounds the executable.
+    against 9-10 us kernels, NOTES-gemm.md), so `reps` doubles, from 1 up to `max_reps`, while
+    the time per call keeps falling by more than 10%: once it no longer does, the device bounds
+    the executable.
+
+    Some XLA versions drop the barrier before CSE (jax 0.10.2 on CPU merged the repeats): the
+    compiled executable of `reps` repeats must hold `reps` times the dots and custom calls of
+    one, or the doubling stops there (a warning says so) and the last honest timing comes back.
     """
     n = len(arg_sets)
+    args = (tuple(arg_sets),)
 
     def launch(reps):
-        t = time_jax(jax.jit(repeated_calls(fn, reps)), [(tuple(arg_sets),)], **kwargs)
-        return Timing(t.median_s / (n * reps), t.min_s / (n * reps), t.calls * n * reps,
-                      t.repeats)
+        compiled = jax.jit(repeated_calls(fn, reps)).lower(*args).compile()
+        t = time_jax(compiled, [args], **kwargs)
+        return (Timing(t.median_s / (n * reps), t.min_s / (n * reps), t.calls * n * reps,
+                       t.repeats), kernel_ops(compiled))
 
-    reps, best = 1, launch(1)
+    reps, (best, ops_one) = 1, launch(1)
     while reps < max_reps:
-        more = launch(2 * reps)
+        more, ops = launch(2 * reps)
+        if ops < 2 * reps * ops_one:
+            warnings.warn(f"time_jax_launch: XLA merged repeated calls ({ops} dots/custom calls "
+                          f"for {2 * reps} repeats of {ops_one}); timing {reps} repeat(s)",
+                          RuntimeWarning, stacklevel=2)
+            return best
         if more.median_s > 0.9 * best.median_s:
             return more if more.median_s < best.median_s else best
         reps, best = 2 * reps, more
