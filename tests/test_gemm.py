@@ -1,7 +1,9 @@
 """fp8_gemm / fp8_linear on CPU: the reference against float64 numpy, validation, transforms."""
 
 import dataclasses
+import json
 import logging
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -125,6 +127,8 @@ def test_impl_choices(monkeypatch, caplog, no_kernels):
     assert [r.getMessage() for r in caplog.records].count(
         f"jax_ds.fp8_gemm: reference ({_ffi.unavailable_reason(ops.gemm.TARGET)})") == 1
 
+RESULTS = pathlib.Path(__file__).parent.parent / "benchmarks" / "results"
+
 
 def test_gemm_config():
     for m, n, k in [(1, 1, 128), (64, 2112, 7168), (128, 7168, 16384), (4096, 24576, 1536)]:
@@ -147,6 +151,20 @@ def test_gemm_config():
     assert ops.gemm_config(128, 2112, 7168, 132).block_m == 64
     with pytest.raises(dataclasses.FrozenInstanceError):
         ops.gemm_config(1, 1, 128, 132).block_m = 128
+
+
+@pytest.mark.parametrize("sweep", ["gemm-tiles-sweep-h100-2026-11-24.json",
+                                   "gemm-tiles-sweep-h200-2026-12-03.json"])
+def test_gemm_config_against_tile_sweeps(sweep):
+    """gemm_config's docstring claim, from the committed sweeps (scripts/sweep_gemm.py kernel
+    times of every tile): on every swept shape its pick is within 2% of the fastest tile."""
+    data = json.loads((RESULTS / sweep).read_text())
+    rows = data["rows"] if isinstance(data, dict) else data
+    for row in rows:
+        cfg = ops.gemm_config(row["m"], row["n"], row["k"], 132)
+        pick = row["tflops"][f"{cfg.block_m}x{cfg.block_n}c{cfg.cluster_n}"]
+        best = max(row["tflops"].values())
+        assert pick >= 0.98 * best, (row["m"], row["n"], row["k"], pick, best)
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
