@@ -11,7 +11,7 @@ def call(ops, bm, bn, sms, cn):
     return gemm.ffi_fp8_gemm(*ops, gemm.GemmConfig(bm, bn, sms, cn))
 
 parser = argparse.ArgumentParser(description=__doc__)
-parser.add_argument("--m", type=int, nargs="*", help="only the shapes of these m")
+parser.add_argument("--m", type=int, nargs="+", help="only the shapes of these m")
 args = parser.parse_args()
 sms = jax.devices()[0].core_count
 rows = []
