@@ -102,50 +102,35 @@ step_sanitize() {
     "$PY" -m pytest -m gpu -q -x tests/test_moe_routing.py -k "333 or 1-1-1 or gradients"
 }
 
-step_bench() {
-  timeout "${BENCH_TIMEOUT:-540}" "$PY" -m jax_ds.bench gemm ${BENCH_ARGS:-} --out "$OUT"
+# python -m jax_ds.bench <suite> [args] with BENCH_TIMEOUT; its JSON/PNG land in $OUT and are
+# copied to benchmarks/results/. The status is the benchmark's.
+run_bench() {
+  local suite=$1; shift
+  timeout "${BENCH_TIMEOUT:-540}" "$PY" -m jax_ds.bench "$suite" --out "$OUT" "$@"
   local rc=$?
   mkdir -p benchmarks/results
-  cp -v "$OUT"/gemm-*.json "$OUT"/gemm-*.png benchmarks/results/ 2>/dev/null
+  cp -v "$OUT/$suite"-*.json "$OUT/$suite"-*.png benchmarks/results/ 2>/dev/null
   return $rc
 }
+
+step_bench() { run_bench gemm ${BENCH_ARGS:-}; }
 
 step_eptest() {  # the multi-GPU EP tests: ragged all_to_all, per assignment and per token
   nvidia-smi topo -m || true
   timeout "${TEST_TIMEOUT:-540}" "$PY" -m pytest -m gpu -q -rs tests/test_expert.py
 }
 
-step_ep() {
-  timeout "${BENCH_TIMEOUT:-540}" "$PY" -m jax_ds.bench ep --out "$OUT" ${EP_ARGS:-}
-  local rc=$?
-  mkdir -p benchmarks/results && cp -v "$OUT"/ep-*.json benchmarks/results/ 2>/dev/null
-  return $rc
-}
+step_ep() { run_bench ep ${EP_ARGS:-}; }
 
-step_pipeline() {
-  timeout "${BENCH_TIMEOUT:-540}" "$PY" -m jax_ds.bench pipeline --out "$OUT" ${PIPE_ARGS:-}
-  local rc=$?
-  mkdir -p benchmarks/results && cp -v "$OUT"/pipeline-*.json benchmarks/results/ 2>/dev/null
-  return $rc
-}
+step_pipeline() { run_bench pipeline ${PIPE_ARGS:-}; }
 
 step_sweep() {  # every tile x cluster size on the benchmark shapes (kernel times) -> $OUT/sweep.json
   OUT="$OUT" timeout "${SWEEP_TIMEOUT:-540}" "$PY" scripts/sweep_gemm.py ${SWEEP_ARGS:-}
 }
 
-step_moe() {  # grouped GEMM + routing benchmark (GPU 2)
-  timeout "${BENCH_TIMEOUT:-540}" "$PY" -m jax_ds.bench moe --out "$OUT" ${MOE_ARGS:-}
-  local rc=$?
-  mkdir -p benchmarks/results && cp -v "$OUT"/moe-*.json benchmarks/results/ 2>/dev/null
-  return $rc
-}
+step_moe() { run_bench moe ${MOE_ARGS:-}; }  # grouped GEMM + routing benchmark (GPU 2)
 
-step_mla() {  # MLA decode benchmark (GPU 3)
-  timeout "${BENCH_TIMEOUT:-540}" "$PY" -m jax_ds.bench mla --out "$OUT" ${MLA_ARGS:-}
-  local rc=$?
-  mkdir -p benchmarks/results && cp -v "$OUT"/mla-*.json benchmarks/results/ 2>/dev/null
-  return $rc
-}
+step_mla() { run_bench mla ${MLA_ARGS:-}; }  # MLA decode benchmark (GPU 3)
 
 STEPS=("$@")
 [ ${#STEPS[@]} -eq 0 ] && STEPS=(info build test sanitize bench)
