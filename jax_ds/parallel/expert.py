@@ -154,6 +154,14 @@ def _dispatch_slices(sent, start, axis_name: str):
     return start, sent[me], _excl_cumsum(sent, 0)[me], sent[:, me]
 
 
+def _combine_slices(sent, starts, axis_name: str):
+    """The reverse of `_dispatch_slices`: each rank returns the rows it received from source j
+    (at excl_cumsum(sent, 0)[j, me] of its receive buffer) to where j sent them from,
+    starts[j, me] of j's operand ([src, dst]: the dispatch's `start` of every rank)."""
+    me = jax.lax.axis_index(axis_name)
+    return _excl_cumsum(sent, 0)[:, me], sent[:, me], starts[:, me], sent[me]
+
+
 def pack_fp8_rows(x):
     """[N, D] -> uint8 [N, D + 4 * ceil(D / 128)]: each row quantized per 1 x 128 group
     (`quantize_fp8`), its e4m3 bytes followed by the bytes of its float32 scales, so that the
@@ -249,16 +257,13 @@ def ep_combine(y, topk_weights, state: EPState, *, axis_name: str):
       [N, D] in y.dtype; dropped rows contribute zero.
     """
     ep = jax.lax.axis_size(axis_name)
-    me = jax.lax.axis_index(axis_name)
     m, d = state.dest.shape[0], y.shape[1]
     y_recv = jnp.zeros_like(y).at[state.order].set(y)  # back to arrival order
     if state.exchange == "padded":
         back = jax.lax.all_to_all(y_recv.reshape(ep, state.capacity, d), axis_name, 0, 0)
         y_sorted = back.at[state.dest, state.slot].get(mode="fill", fill_value=0)
     else:  # the dispatch's slices, with the roles of source and destination swapped
-        sent = state.sent
-        args = (_excl_cumsum(sent, 0)[:, me], sent[:, me],
-                _excl_cumsum(state.offered, 1)[:, me], sent[me])
+        args = _combine_slices(state.sent, _excl_cumsum(state.offered, 1), axis_name)
         y_sorted = _ragged(state.exchange, y_recv, jnp.zeros((m, d), y.dtype), *args,
                            axis_name=axis_name)
     return moe_unpermute(y_sorted, state.perm, topk_weights)
@@ -389,7 +394,6 @@ def ep_combine_tokens(y, state: EPTokenState, *, axis_name: str):
       [N, D] in y.dtype; dropped assignments contribute zero.
     """
     ep = jax.lax.axis_size(axis_name)
-    me = jax.lax.axis_index(axis_name)
     r, k = state.weight.shape
     d = y.shape[1]
     by_slot = jnp.zeros((r * k, d), y.dtype).at[state.order].set(y).reshape(r, k, d)
@@ -399,9 +403,7 @@ def ep_combine_tokens(y, state: EPTokenState, *, axis_name: str):
         back = jax.lax.all_to_all(rows.reshape(ep, state.capacity, d), axis_name, 0, 0)
         back = back.reshape(-1, d)
     else:  # the dispatch's slices, with the roles of source and destination swapped
-        sent = state.sent
-        args = (_excl_cumsum(sent, 0)[:, me], sent[:, me], _excl_cumsum(sent, 1)[:, me],
-                sent[me])
+        args = _combine_slices(state.sent, _excl_cumsum(state.sent, 1), axis_name)
         back = _ragged(state.exchange, rows, jnp.zeros((state.token.shape[0], d), y.dtype),
                        *args, axis_name=axis_name)
     return jnp.zeros((state.num_tokens, d), y.dtype).at[state.token].add(back, mode="drop")
