@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <atomic>
 #include <string>
 
@@ -41,12 +42,22 @@ template <int BM, int BN, int kClusterN, typename OutT, typename Sched>
 ffi::Error LaunchGemm(cudaStream_t stream, const GemmArgs<OutT>& g, const Sched& sched,
                       int64_t max_units, int extra_smem_bytes) {
   using Smem = GemmSmem<BM, BN, OutT>;
-  const int stages = std::min(
-      kMaxStages, (kMaxSmemBytes - Smem::bytes(0, extra_smem_bytes)) / (Smem::kStageBytes + 16));
+  // The output staging buffer only where TMA stores can be used (16-byte aligned rows); without
+  // it the stages get its room. JAX_DS_GEMM_NO_STAGING=1 (an experiment: do more stages beat
+  // TMA stores?) drops it everywhere.
+  static const bool no_staging = [] {
+    const char* v = std::getenv("JAX_DS_GEMM_NO_STAGING");
+    return v != nullptr && v[0] == '1';
+  }();
+  const bool out_aligned = (static_cast<int64_t>(g.N) * sizeof(OutT)) % 16 == 0;
+  const int out_bytes = Smem::kTmaStore && out_aligned && !no_staging ? Smem::kOutBytes : 0;
+  const int fixed_bytes = Smem::bytes(0, extra_smem_bytes) - Smem::kOutBytes + out_bytes;
+  const int stages =
+      std::min(kMaxStages, (kMaxSmemBytes - fixed_bytes) / (Smem::kStageBytes + 16));
   if (stages < 2) {
     return ffi::Error::InvalidArgument("jax_ds: GEMM scheduler tables leave no room for stages");
   }
-  const int smem_bytes = Smem::bytes(stages, extra_smem_bytes);
+  const int smem_bytes = fixed_bytes + stages * (Smem::kStageBytes + 16);
   auto kernel = sm90_fp8_gemm_kernel<BM, BN, kClusterN, OutT, Sched>;
   static KernelDeviceState per_device[64];
   int max_clusters = 0;
@@ -62,8 +73,7 @@ ffi::Error LaunchGemm(cudaStream_t stream, const GemmArgs<OutT>& g, const Sched&
     return err;
   if (auto err = EncodeFp8TileMap(&map_b, g.b, g.b_rows, g.K, BN, kBlockK); err.failure())
     return err;
-  const bool out_aligned = (static_cast<int64_t>(g.N) * sizeof(OutT)) % 16 == 0;
-  if (Smem::kTmaStore && out_aligned) {
+  if (out_bytes > 0) {
     if (auto err = EncodeTileMap(&map_out, kOutMapType<OutT>, sizeof(OutT), g.out, g.a_rows, g.N,
                                  64, Smem::kBoxCols);
         err.failure())
@@ -75,7 +85,7 @@ ffi::Error LaunchGemm(cudaStream_t stream, const GemmArgs<OutT>& g, const Sched&
       ClusterLaunch(grid, kClusterN, Smem::kThreads, smem_bytes, stream, &attr);
   JAX_DS_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&cfg, kernel, map_a, map_b, map_out, g.a_scale,
                                                  g.b_scale, g.out, sched, g.a_rows, g.N, g.K,
-                                                 stages, out_aligned));
+                                                 stages, out_bytes));
   JAX_DS_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return ffi::Error::Success();
 }

@@ -291,7 +291,7 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
                          const float* __restrict__ b_scale,             // [sb rows, K/128]
                          OutT* __restrict__ out,                        // [M, N]
                          const Sched sched_in, int M, int N, int K, int num_stages,
-                         bool out_aligned) {
+                         int out_bytes) {
   static_assert(BM == 64 || BM == 128, "BM is 64 rows per consumer warpgroup");
   static_assert(128 % BN == 0 && BN >= 16, "BN must divide the 128-wide B scale block");
   static_assert(kClusterN == 1 || kClusterN == 2, "clusters of 1 or 2 CTAs along N");
@@ -305,7 +305,7 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
   uint8_t* smem = reinterpret_cast<uint8_t*>(
       (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   uint8_t* out_tile = smem;
-  uint8_t* tiles_a = out_tile + Smem::kOutBytes;
+  uint8_t* tiles_a = out_tile + out_bytes;  // 0: no staging buffer, register stores
   uint8_t* tiles_b = tiles_a + num_stages * kATileBytes;
   uint64_t* full = reinterpret_cast<uint64_t*>(tiles_b + num_stages * kBTileBytes);
   uint64_t* empty = full + num_stages;
@@ -314,8 +314,9 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
 
   const int warpgroup = threadIdx.x / 128;
   const int k_blocks = K / kBlockK;
-  // TMA stores need 16-byte aligned output rows; other N fall back to guarded register stores.
-  const bool tma_store = Smem::kTmaStore && out_aligned;
+  // TMA stores (through the staging buffer) need 16-byte aligned output rows; the host passes
+  // out_bytes = 0 for other N, and the tile goes out through guarded register stores.
+  const bool tma_store = Smem::kTmaStore && out_bytes > 0;
   const uint32_t rank = kClusterN > 1 ? sm90::cluster_ctarank() : 0;
   const int cluster = blockIdx.x / kClusterN, num_clusters = gridDim.x / kClusterN;
 
