@@ -162,12 +162,14 @@ __global__ void zero_rows_kernel(const int* __restrict__ src_row, T* __restrict_
 }
 
 // out[n] = sum_k w[n,k] y[perm[n,k]] in float32 (k in order); slots with perm outside [0, M)
-// add nothing. Each thread owns 8 consecutive columns (one 16-byte load per bf16 row).
+// add nothing. Each thread owns 8 consecutive columns (one 16-byte load per bf16 row) and issues
+// the loads of kBatch slots before it adds any of them, so several rows are in flight per thread
+// (the sum's order, and so its bits, are those of the one-slot-at-a-time loop).
 template <typename T>
 __global__ void unpermute_kernel(const T* __restrict__ y, const int* __restrict__ perm,
                                  const float* __restrict__ w, T* __restrict__ out, int64_t N,
                                  int K, int D, int64_t M) {
-  constexpr int kCols = 8;
+  constexpr int kCols = 8, kBatch = 4;
   const int chunks = (D + kCols - 1) / kCols;
   const bool vec = sizeof(T) == 2 && D % kCols == 0;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < N * chunks;
@@ -175,20 +177,39 @@ __global__ void unpermute_kernel(const T* __restrict__ y, const int* __restrict_
     const int64_t n = i / chunks;
     const int c0 = static_cast<int>(i % chunks) * kCols;
     float acc[kCols] = {};
-    for (int k = 0; k < K; ++k) {
-      const int row = perm[n * K + k];
-      if (row < 0 || row >= M) continue;
-      const float wk = w[n * K + k];
-      const T* yr = y + int64_t(row) * D + c0;
-      if (vec) {
-        const uint4 v = *reinterpret_cast<const uint4*>(yr);
-        const T* e = reinterpret_cast<const T*>(&v);
+    for (int k0 = 0; k0 < K; k0 += kBatch) {
+      int64_t rows[kBatch];
+      float wk[kBatch];
 #pragma unroll
-        for (int j = 0; j < kCols; ++j) acc[j] = fmaf(wk, fp8::to_float(e[j]), acc[j]);
+      for (int b = 0; b < kBatch; ++b) {
+        const int k = k0 + b;
+        const int row = k < K ? perm[n * K + k] : -1;
+        rows[b] = row >= 0 && row < M ? row : -1;
+        wk[b] = rows[b] >= 0 ? w[n * K + k] : 0.f;
+      }
+      if (vec) {
+        uint4 v[kBatch];
+#pragma unroll
+        for (int b = 0; b < kBatch; ++b) {
+          v[b] = rows[b] >= 0 ? *reinterpret_cast<const uint4*>(y + rows[b] * D + c0)
+                              : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int b = 0; b < kBatch; ++b) {
+          if (rows[b] < 0) continue;
+          const T* e = reinterpret_cast<const T*>(&v[b]);
+#pragma unroll
+          for (int j = 0; j < kCols; ++j) acc[j] = fmaf(wk[b], fp8::to_float(e[j]), acc[j]);
+        }
       } else {
 #pragma unroll
-        for (int j = 0; j < kCols; ++j)
-          if (c0 + j < D) acc[j] = fmaf(wk, fp8::to_float(yr[j]), acc[j]);
+        for (int b = 0; b < kBatch; ++b) {
+          if (rows[b] < 0) continue;
+          const T* yr = y + rows[b] * D + c0;
+#pragma unroll
+          for (int j = 0; j < kCols; ++j)
+            if (c0 + j < D) acc[j] = fmaf(wk[b], fp8::to_float(yr[j]), acc[j]);
+        }
       }
     }
 #pragma unroll
