@@ -12,6 +12,8 @@ def call(ops, bm, bn, sms, cn):
 
 parser = argparse.ArgumentParser(description=__doc__)
 parser.add_argument("--m", type=int, nargs="+", help="only the shapes of these m")
+parser.add_argument("--tiles", nargs="+", metavar="BMxBN",
+                    help="only these tiles (e.g. 128x128 128x64), each with both cluster sizes")
 args = parser.parse_args()
 sms = jax.devices()[0].core_count
 rows = []
@@ -27,7 +29,7 @@ for (m, n, k) in gemm_bench_shapes():
         sets.append((a8, sa, b8, sb))
     res = {}
     for bm, bn in gemm.TILES:
-        if m <= 64 and bm == 128:
+        if m <= 64 and bm == 128 or args.tiles and f"{bm}x{bn}" not in args.tiles:
             continue
         for cn in gemm.CLUSTERS:
             f = jax.jit(lambda *o, bm=bm, bn=bn, cn=cn: call(o, bm, bn, sms, cn))
@@ -36,6 +38,9 @@ for (m, n, k) in gemm_bench_shapes():
     best = max(res, key=res.get)
     pick = gemm.gemm_config(m, n, k, sms)
     pk = f"{pick.block_m}x{pick.block_n}c{pick.cluster_n}"
+    if pk not in res:  # --tiles left the pick out: time it too
+        f = jax.jit(lambda *o: call(o, pick.block_m, pick.block_n, sms, pick.cluster_n))
+        res[pk] = 2 * m * n * k / device_time_jax(f, sets, 12) / 1e12
     print(f"{m:5d} {n:6d} {k:6d} best {best:7s} {res[best]:7.0f}  pick {pk:7s} {res[pk]:7.0f}  "
           + " ".join(f"{t}:{v:.0f}" for t, v in res.items()), flush=True)
     rows.append(dict(m=m, n=n, k=k, tflops=res, best=best, pick=pk))
