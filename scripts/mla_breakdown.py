@@ -2,6 +2,7 @@
 
     python scripts/mla_breakdown.py                    # b128 s_k 4096: h16 / h128, Sq 1 / 2
     python scripts/mla_breakdown.py 128 4096 16 1 var  # one shape: b s_k h_q s_q [var]
+    python scripts/mla_breakdown.py --parts 128 132 66  # each shape with these parts per head tile
 Per-call time is `python -m jax_ds.bench mla`'s (back-to-back jitted calls); the kernel times come
 from `jax.profiler` (the same trace reader as the GEMM benchmarks). The difference between the
 call and the sum of its kernels is launch gaps.
@@ -14,7 +15,7 @@ import jax
 
 from jax_ds.bench import _profile, _timing
 from jax_ds.bench.mla import inputs
-from jax_ds.ops import mla_decode
+from jax_ds.ops import mla, mla_decode
 
 SHAPES = [(128, 4096, 16, 1, False), (128, 4096, 16, 1, True), (128, 4096, 16, 2, False),
           (128, 4096, 128, 1, False), (128, 4096, 128, 2, False)]
@@ -29,22 +30,31 @@ def kernel_times(fn, args, calls=20):
 
 
 def main(argv):
+    parts = [None]  # None: mla_decode's own choice (one wave)
+    if "--parts" in argv:
+        i = argv.index("--parts")
+        parts, argv = [int(x) for x in argv[i + 1:]], argv[:i]
     shapes = SHAPES
     if argv:
         b, s_k, h, sq = (int(x) for x in argv[:4])
         shapes = [(b, s_k, h, sq, len(argv) > 4 and argv[4] == "var")]
+    default_parts = mla._num_parts
     for i, (b, s_k, h, sq, var) in enumerate(shapes):
         args, lens = inputs(i, b, s_k, h, sq, var)
-        fn = jax.jit(functools.partial(mla_decode, causal=True, impl="ffi"))
-        t = _timing.time_jax(fn, [args], budget_s=0.2, repeats=3)
         nbytes = int(lens.sum()) * 576 * 2
         flops = 2 * h * sq * int(lens.sum()) * 1088
-        ks = kernel_times(fn, args)
-        print(f"b{b} s_k{s_k} h{h} sq{sq}{' var' if var else ''}: call {t.median_s * 1e6:.1f} us "
-              f"({nbytes / t.median_s / 1e9:.0f} GB/s, {flops / t.median_s / 1e12:.0f} TFLOP/s); "
-              f"kernels {sum(ks.values()):.1f} us: " +
-              ", ".join(f"{k} {v:.1f}" for k, v in sorted(ks.items(), key=lambda kv: -kv[1])),
-              flush=True)
+        for p in parts:
+            mla._num_parts = default_parts if p is None else (lambda rows, p=p: p)
+            fn = jax.jit(functools.partial(mla_decode, causal=True, impl="ffi"))
+            t = _timing.time_jax(fn, [args], budget_s=0.2, repeats=3)
+            ks = kernel_times(fn, args)
+            print(f"b{b} s_k{s_k} h{h} sq{sq}{' var' if var else ''} parts "
+                  f"{default_parts(h * sq) if p is None else p}: call {t.median_s * 1e6:.1f} us "
+                  f"({nbytes / t.median_s / 1e9:.0f} GB/s, {flops / t.median_s / 1e12:.0f} "
+                  f"TFLOP/s); kernels {sum(ks.values()):.1f} us: " +
+                  ", ".join(f"{k} {v:.1f}" for k, v in sorted(ks.items(), key=lambda kv: -kv[1])),
+                  flush=True)
+        mla._num_parts = default_parts
 
 
 if __name__ == "__main__":

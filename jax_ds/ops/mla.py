@@ -176,6 +176,11 @@ def _reference(q, kv_cache, block_table, cache_seqlens, scale, causal, dv, chunk
     return out.astype(q.dtype), lse_BQH.transpose(0, 2, 1)
 
 
+def _num_parts(rows):
+    """Persistent parts per head tile (of 64 query rows): one wave over the SMs."""
+    return max(1, _ffi.num_sms() // cdiv(rows, 64))
+
+
 def mla_decode(q, kv_cache, block_table, cache_seqlens, *, softmax_scale=None, causal=True,
                head_dim_v=HEAD_DIM_V, impl="auto"):
     """Multi-head latent attention decode over a paged cache (FlashMLA's flash_mla_with_kvcache).
@@ -222,7 +227,7 @@ def mla_decode(q, kv_cache, block_table, cache_seqlens, *, softmax_scale=None, c
         return _reference(q, kv_cache, block_table, cache_seqlens, np.float32(scale),
                           bool(causal), HEAD_DIM_V, _chunk_blocks(q, kv_cache, block_table))
     rows = sq * hq  # query rows per batch (heads x Sq), 64 per CTA
-    parts = max(1, _ffi.num_sms() // cdiv(rows, 64))  # persistent parts per head tile: one wave
+    parts = _num_parts(rows)
     # The three trailing results are the kernel's workspace: the splits per batch and their first
     # partial slot, and the partial outputs of batches split across parts (at most 2 per part).
     call = jax.ffi.ffi_call(TARGET, (jax.ShapeDtypeStruct((b, sq, hq, HEAD_DIM_V), q.dtype),
