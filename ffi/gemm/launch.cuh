@@ -6,7 +6,6 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <atomic>
 #include <string>
 
@@ -43,14 +42,10 @@ ffi::Error LaunchGemm(cudaStream_t stream, const GemmArgs<OutT>& g, const Sched&
                       int64_t max_units, int extra_smem_bytes) {
   using Smem = GemmSmem<BM, BN, OutT>;
   // The output staging buffer only where TMA stores can be used (16-byte aligned rows); without
-  // it the stages get its room. JAX_DS_GEMM_NO_STAGING=1 (an experiment: do more stages beat
-  // TMA stores?) drops it everywhere.
-  static const bool no_staging = [] {
-    const char* v = std::getenv("JAX_DS_GEMM_NO_STAGING");
-    return v != nullptr && v[0] == '1';
-  }();
+  // it the stages get its room. (Dropping it everywhere for 7 stages and register stores was
+  // 3-45% slower at m = 4096 on the H200, NOTES-gemm.md.)
   const bool out_aligned = (static_cast<int64_t>(g.N) * sizeof(OutT)) % 16 == 0;
-  const int out_bytes = Smem::kTmaStore && out_aligned && !no_staging ? Smem::kOutBytes : 0;
+  const int out_bytes = Smem::kTmaStore && out_aligned ? Smem::kOutBytes : 0;
   const int fixed_bytes = Smem::bytes(0, extra_smem_bytes) - Smem::kOutBytes + out_bytes;
   const int stages =
       std::min(kMaxStages, (kMaxSmemBytes - fixed_bytes) / (Smem::kStageBytes + 16));

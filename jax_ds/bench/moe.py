@@ -251,7 +251,9 @@ def run(args):
                              "repeated inside it, doubling, while that still lowers the "
                              "time per call) or one CUDA graph (torch), time / calls",
                    "kernel": "ours only: GPU kernel durations from jax.profiler / calls"},
-        "rows": rows, "routing": routing})
+        "rows": rows, "routing": routing},
+        # a part of the suite gets its own file name: it never overwrites a full run's
+        tag="routing" if args.routing_only else "quick" if args.quick else "")
     print(f"wrote {path}")
     labels = [f"{r['kind'][0]}{r['groups']}x{r['rows']} n{r['n']}" for r in rows]
     series = {name: [r["results"].get(name, {}).get("tflops") for r in rows] for name in IMPLS}
