@@ -80,3 +80,18 @@ def test_time_jax_launch_doubles_repeats_while_dispatch_shows(monkeypatch, host_
     t = _timing.time_jax_launch(lambda x: x + 1, sets, max_reps=16)
     assert seen == [1, 2, 4, 8, 16][:len(seen)] and max(seen) <= 16
     assert t.median_s == (host_s + want_reps * len(sets) * device_s) / (want_reps * len(sets))
+
+
+@pytest.mark.gpu
+def test_span_jax_launch_is_the_devices_time():
+    """The GPU span per call of the device-bound executable: positive, at most its wall time per
+    call (which adds the host's work), and at least the kernels' own time (which leaves out the
+    gaps between them)."""
+    from jax_ds.bench import _profile
+
+    sets = [(jnp.full((1024, 1024), float(i + 1), jnp.float32),) for i in range(4)]
+    fn = jax.jit(lambda x: x @ x)
+    span = _timing.span_jax_launch(fn, sets, reps=4)
+    wall = _timing.time_jax_launch(fn, sets, budget_s=0.05, repeats=3, max_reps=4)
+    kernels = _profile.device_time_jax(fn, sets, calls=16)
+    assert 0 < 0.9 * kernels <= span <= 1.1 * wall.median_s

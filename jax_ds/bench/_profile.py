@@ -10,6 +10,7 @@ between them.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import tempfile
@@ -31,24 +32,49 @@ def _stream_events(xspace_path: str):
                 yield from line.events
 
 
-def kernel_events(fn, arg_sets, calls: int):
-    """(name, duration_ns) of every GPU kernel/copy while `fn(*args)` runs `calls` times, args
-    rotating over `arg_sets`. Each set is called once first (compile, warm-up) outside the trace."""
-    for args in arg_sets:
-        jax.block_until_ready(fn(*args))
+@contextlib.contextmanager
+def _trace(run):
+    """The .xplane.pb path of a jax.profiler trace of `run()`, in a temporary folder that lives
+    while the context does."""
     with tempfile.TemporaryDirectory() as d:
         jax.profiler.start_trace(d)
         try:
-            out = None
-            for i in range(calls):
-                out = fn(*arg_sets[i % len(arg_sets)])
-            jax.block_until_ready(out)
+            run()
         finally:
             jax.profiler.stop_trace()
         paths = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
         if not paths:
             raise RuntimeError("jax.profiler wrote no trace")
-        return [(ev.name, ev.duration_ns) for ev in _stream_events(paths[0])]
+        yield paths[0]
+
+
+def gpu_span_ns(fn, args) -> int:
+    """Nanoseconds from the first GPU kernel/copy's start to the last one's end while `fn(*args)`
+    runs once (after one untraced warm-up call): the device's busy span, gaps between kernels
+    included, host work before the first launch or after the last kernel not."""
+    jax.block_until_ready(fn(*args))
+    with _trace(lambda: jax.block_until_ready(fn(*args))) as path:
+        events = list(_stream_events(path))
+        if not events:
+            raise RuntimeError("the trace holds no GPU kernel events (profiler unavailable?)")
+        return (max(ev.start_ns + ev.duration_ns for ev in events)
+                - min(ev.start_ns for ev in events))
+
+
+def kernel_events(fn, arg_sets, calls: int):
+    """(name, duration_ns) of every GPU kernel/copy while `fn(*args)` runs `calls` times, args
+    rotating over `arg_sets`. Each set is called once first (compile, warm-up) outside the trace."""
+    for args in arg_sets:
+        jax.block_until_ready(fn(*args))
+
+    def run():
+        out = None
+        for i in range(calls):
+            out = fn(*arg_sets[i % len(arg_sets)])
+        jax.block_until_ready(out)
+
+    with _trace(run) as path:
+        return [(ev.name, ev.duration_ns) for ev in _stream_events(path)]
 
 
 def device_time_jax(fn, arg_sets, calls: int) -> float:

@@ -156,6 +156,22 @@ def time_jax_launch(fn, arg_sets, *, max_reps=32, **kwargs):
     return best
 
 
+def span_jax_launch(fn, arg_sets, *, reps=4, repeats=3):
+    """GPU time per call of the executable `time_jax_launch` builds (`reps` repeats of one call
+    per set): the median over `repeats` runs of the span from its first kernel's start to its
+    last kernel's end (jax.profiler), / calls. Unlike the executable's wall time it leaves out
+    the host's work per execution that does not overlap the GPU's (with short kernels, a few
+    microseconds per call were seen: output buffers and XLA's command-buffer update, serialized
+    before the launch, NOTES-gemm.md); torch's CUDA-graph replay has no such work per call. Needs
+    a GPU (the profiler's device events)."""
+    from jax_ds.bench import _profile
+
+    args = (tuple(arg_sets),)
+    compiled = jax.jit(repeated_calls(fn, reps)).lower(*args).compile()
+    spans = [_profile.gpu_span_ns(compiled, args) for _ in range(repeats)]
+    return statistics.median(spans) * 1e-9 / (len(arg_sets) * reps)
+
+
 def time_torch_graph(fn, arg_sets, **kwargs):
     """Per-call time of one CUDA graph that calls `fn` once on each of arg_sets: torch's device
     time per call."""

@@ -101,6 +101,11 @@ def _measure(fn, arg_sets, row, args, *, torch=False):
         result.update(_rates("device_", d.median_s, row))
     except Exception as e:  # e.g. a graph capture torch refuses: keep the per-call number
         result["device_error"] = error_cell(e)["error"]
+    if not torch:  # the GPU's own span of that executable (torch's graph time is already that)
+        try:
+            result.update(_rates("span_", _timing.span_jax_launch(fn, arg_sets), row))
+        except Exception as e:  # no GPU, no profiler
+            result["span_error"] = error_cell(e)["error"]
     return {**_rates("", t.median_s, row), "min_us": t.min_s * 1e6, "calls": t.calls, **result}
 
 
@@ -185,6 +190,7 @@ def _table_row(row, prefix=""):
     r = {name: row["results"].get(name, {}) for name in IMPLS}
     tf = {name: r[name].get(f"{prefix}tflops") for name in IMPLS}
     kernel = r["ours"].get("kernel_tflops") if prefix else None
+    span = r["ours"].get("span_tflops") if prefix else None
     torch_tf, suffix = (tf["torch_blockwise"], "") if tf["torch_blockwise"] else (
         tf["torch_rowwise"], " (rw)")
     diff, roof = row["diff"], r["ours"].get(f"{prefix}roofline_pct")
@@ -196,8 +202,9 @@ def _table_row(row, prefix=""):
              _ratio(kernel or tf["ours"], row["deepgemm_h800_tflops"]),
              "-" if roof is None else f"{roof:.0f}%",
              "-" if diff is None else f"{diff:.1e}" + (" FAIL" if bad else "")]
-    if prefix:
-        cells.insert(5, _cell(r["ours"], "kernel_tflops"))
+    if prefix:  # after ours: its kernel time and GPU span; after ours/torch: span/torch
+        cells[5:5] = [_cell(r["ours"], "kernel_tflops"), _cell(r["ours"], "span_tflops")]
+        cells.insert(12, _ratio(span, torch_tf, suffix))
     return cells
 
 
@@ -215,11 +222,14 @@ def _notes(rows, args, floor, ours_desc, peak, torch_gemm):
              f"%roofline of ours vs {peak.source}; diff = calc_diff(ours, f32 reference), "
              f"FAIL above {DIFF_LIMIT:g}.",
              "device-bound table: 'ours kernel' = GPU kernel time from jax.profiler (the kind of "
-             "figure DeepGEMM publishes); ours/DeepGEMM uses it when present."]
+             "figure DeepGEMM publishes); ours/DeepGEMM uses it when present. 'ours span' = the "
+             "GPU's span (first kernel start to last end) of the executable of many calls, / "
+             "calls: the device's time without the host's per-execution work (torch's CUDA "
+             "graph replay is device time already)."]
     problems = {}  # (impl, message) -> shapes, so a cause shared by every row is said once
     for row in rows:
         for name, result in row["results"].items():
-            for key in ("error", "na", "device_error", "kernel_error"):
+            for key in ("error", "na", "device_error", "kernel_error", "span_error"):
                 if result.get(key):
                     where = problems.setdefault((name, f"{key}: {result[key]}"), [])
                     where.append(f"{row['m']}x{row['n']}x{row['k']}")
@@ -259,6 +269,8 @@ def run(args):
                              "repeated inside it, doubling, while that still lowers the "
                              "time per call) or one CUDA graph (torch), time / calls",
                    "kernel": "ours only: sum of GPU kernel durations from jax.profiler / calls",
+                   "span": "JAX only: GPU span (first kernel start to last end, jax.profiler) "
+                           "of the device-bound executable at 4 repeats, / calls",
                    "budget_s": args.budget, "repeats": args.repeats, "iters": args.iters}}
     rows = []
     for i, (m, n, k) in enumerate(shapes):
@@ -272,7 +284,8 @@ def run(args):
         row.pop("peak", None)
         rows.append(row)
         print(f"[{i + 1}/{len(shapes)}] per call: " + " ".join(_table_row(row)[4:9]) +
-              " | device-bound (ours kernel 2nd): " + " ".join(_table_row(row, "device_")[4:10]) +
+              " | device-bound (ours, kernel, span first): " +
+              " ".join(_table_row(row, "device_")[4:11]) +
               f" | diff {'-' if row['diff'] is None else format(row['diff'], '.1e')}", flush=True)
         # after every shape, so a run cut short by a time limit still leaves what it measured
         write_json(args.out, "gemm", env, {**meta, "complete": False, "rows": rows}, tag)
@@ -280,7 +293,8 @@ def run(args):
     print_table(f"{title}, per call (dispatch included)", COLUMNS,
                 [_table_row(r) for r in rows])
     print_table(f"{title}, device-bound (one jit launch or CUDA graph of many calls)",
-                COLUMNS[:5] + ("ours kernel",) + COLUMNS[5:],
+                COLUMNS[:5] + ("ours kernel", "ours span") + COLUMNS[5:10] + ("span/torch",)
+                + COLUMNS[10:],
                 [_table_row(r, "device_") for r in rows],
                 _notes(rows, args, floor, ours_desc, peak, torch_gemm))
     path = write_json(args.out, "gemm", env, {**meta, "complete": True, "rows": rows}, tag)
