@@ -129,6 +129,14 @@ def _ragged(exchange, *args, axis_name):
     return fn(*args, axis_name=axis_name)
 
 
+def _padded(a, axis_name):
+    """The padded exchange: a [ep * C, ...] send buffer, C rows per destination, becomes the
+    [ep * C, ...] receive buffer, C rows per source (one `all_to_all`)."""
+    ep = jax.lax.axis_size(axis_name)
+    split = a.reshape(ep, a.shape[0] // ep, *a.shape[1:])
+    return jax.lax.all_to_all(split, axis_name, 0, 0).reshape(a.shape)
+
+
 def _excl_cumsum(x, axis):
     return jnp.cumsum(x, axis=axis) - x
 
@@ -225,8 +233,8 @@ def ep_dispatch(x, topk_idx, *, num_experts: int, axis_name: str, capacity: int,
         send_x = jnp.zeros((ep, capacity, d), x.dtype).at[dest, slot].set(x_sorted, mode="drop")
         send_e = jnp.full((ep, capacity), -1, jnp.int32).at[dest, slot].set(local_expert,
                                                                             mode="drop")
-        recv_x = jax.lax.all_to_all(send_x, axis_name, 0, 0).reshape(r, d)
-        recv_e = jax.lax.all_to_all(send_e, axis_name, 0, 0).reshape(r)
+        recv_x = _padded(send_x.reshape(r, d), axis_name)
+        recv_e = _padded(send_e.reshape(r), axis_name)
     else:
         args = _dispatch_slices(sent, start, axis_name)
         recv_x = _ragged(exchange, x_sorted, jnp.zeros((r, d), x.dtype), *args,
@@ -260,7 +268,7 @@ def ep_combine(y, topk_weights, state: EPState, *, axis_name: str):
     m, d = state.dest.shape[0], y.shape[1]
     y_recv = jnp.zeros_like(y).at[state.order].set(y)  # back to arrival order
     if state.exchange == "padded":
-        back = jax.lax.all_to_all(y_recv.reshape(ep, state.capacity, d), axis_name, 0, 0)
+        back = _padded(y_recv, axis_name).reshape(ep, state.capacity, d)
         y_sorted = back.at[state.dest, state.slot].get(mode="fill", fill_value=0)
     else:  # the dispatch's slices, with the roles of source and destination swapped
         args = _combine_slices(state.sent, _excl_cumsum(state.offered, 1), axis_name)
@@ -362,8 +370,7 @@ def ep_dispatch_tokens(x, topk_idx, topk_weights, *, num_experts: int, axis_name
 
     def move(a, fill):   # empty receive rows hold `fill` (padded: the send buffer's fill)
         if exchange == "padded":
-            return jax.lax.all_to_all(a.reshape(ep, capacity, *a.shape[1:]), axis_name, 0,
-                                      0).reshape(r, *a.shape[1:])
+            return _padded(a, axis_name)
         return _ragged(exchange, a, jnp.full((r, *a.shape[1:]), fill, a.dtype),
                        *_dispatch_slices(sent, start, axis_name), axis_name=axis_name)
 
@@ -393,15 +400,13 @@ def ep_combine_tokens(y, state: EPTokenState, *, axis_name: str):
     Returns:
       [N, D] in y.dtype; dropped assignments contribute zero.
     """
-    ep = jax.lax.axis_size(axis_name)
     r, k = state.weight.shape
     d = y.shape[1]
     by_slot = jnp.zeros((r * k, d), y.dtype).at[state.order].set(y).reshape(r, k, d)
     rows = jnp.einsum("rkd,rk->rd", by_slot, state.weight,
                       preferred_element_type=jnp.float32).astype(y.dtype)
     if state.exchange == "padded":
-        back = jax.lax.all_to_all(rows.reshape(ep, state.capacity, d), axis_name, 0, 0)
-        back = back.reshape(-1, d)
+        back = _padded(rows, axis_name)
     else:  # the dispatch's slices, with the roles of source and destination swapped
         args = _combine_slices(state.sent, _excl_cumsum(state.sent, 1), axis_name)
         back = _ragged(state.exchange, rows, jnp.zeros((state.token.shape[0], d), y.dtype),
