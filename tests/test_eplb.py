@@ -155,6 +155,8 @@ def test_greedy_steps():
     ((np.ones((2, 12), bool), 16, 4, 2, 8), "integer or float loads, got bool"),
     ((np.ones((2, 12)), 16.0, 4, 2, 8), "num_replicas=16.0 must be a positive int"),
     ((np.ones((2, 12)), 16, 0, 2, 8), "num_groups=0 must be a positive int"),
+    ((np.ones((0, 8)), 12, 4, 2, 4), r"at least one of each, got shape \(0, 8\)"),
+    ((np.ones((2, 0)), 4, 1, 1, 4), r"at least one of each, got shape \(2, 0\)"),
 ])
 def test_bad_arguments_raise(args, match):
     with pytest.raises(ValueError, match=match):

@@ -42,10 +42,27 @@ def test_grouped_matches_float64(sizes, out_dtype):
 
 
 def test_grouped_sum_past_m_is_cut_at_m():
-    (a8, sa, b8, sb), a64, b64 = _operands(KEY, 8, 16, 128, 2)
-    out = ops.grouped_fp8_gemm(a8, sa, b8, sb, jnp.array([6, 10], jnp.int32), out_dtype=jnp.float32)
-    want = np.concatenate([a64[:6] @ b64[0].T, a64[6:] @ b64[1].T])
+    """Traced sizes (jit) are clamped: a negative size counts as 0, groups are cut at row M;
+    concrete ones that break the contract raise first."""
+    (a8, sa, b8, sb), a64, b64 = _operands(KEY, 8, 16, 128, 3)
+    gemm = jax.jit(lambda *o: ops.grouped_fp8_gemm(*o, out_dtype=jnp.float32))
+    out = gemm(a8, sa, b8, sb, jnp.array([6, -3, 10], jnp.int32))
+    want = np.concatenate([a64[:6] @ b64[0].T, a64[6:] @ b64[2].T])
     assert calc_diff(np.asarray(out, np.float64), want) < 1e-9
+    for sizes in ([6, 0, 10], [6, -3, 2]):
+        with pytest.raises(ValueError, match=r"group_sizes must be >= 0 with sum <= M = 8"):
+            ops.grouped_fp8_gemm(a8, sa, b8, sb, jnp.array(sizes, jnp.int32))
+
+
+def test_masked_m_out_of_range():
+    (a8, sa, b8, sb), a64, b64 = _operands(KEY, 16, 64, 128, 2, lead=(2,))
+    gemm = jax.jit(lambda *o: ops.masked_grouped_fp8_gemm(*o, out_dtype=jnp.float32))
+    got = np.asarray(gemm(a8, sa, b8, sb, jnp.array([-2, 40], jnp.int32)), np.float64)
+    assert np.all(got[0] == 0)  # traced: clamped to [0, Mmax]
+    assert calc_diff(got[1], a64[1] @ b64[1].T) < 1e-9
+    for masked in ([-2, 4], [3, 17]):
+        with pytest.raises(ValueError, match=r"masked_m must lie in \[0, Mmax = 16\]"):
+            ops.masked_grouped_fp8_gemm(a8, sa, b8, sb, jnp.array(masked, jnp.int32))
 
 
 @pytest.mark.parametrize("masked", [(0, 7, 16), (16, 16, 16)])

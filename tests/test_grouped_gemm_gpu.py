@@ -1,8 +1,9 @@
 """Grouped FP8 GEMM kernels (contiguous and masked, impl="ffi") against a float32 numpy oracle.
 
 Fresh random operands per case; group sizes include zeros, one huge group, sizes that are no
-multiple of any tile, negative sizes and sums past M (clamped as the contract says); masked_m
-includes 0, Mmax and out-of-range values. Outputs land in buffers that held NaNs, so a row the
+multiple of any tile, negative sizes and sums past M (traced, so they reach the kernel, which
+clamps them as the contract says; concrete ones raise first); masked_m includes 0, Mmax and
+out-of-range values. Outputs land in buffers that held NaNs, so a row the
 kernel forgets shows. Checked per group: calc_diff against the oracle, and exact zeros wherever
 the contract says zero. Skipped without the kernels.
 """
@@ -122,7 +123,9 @@ def test_masked_matches_oracle(g, mmax, n, k, masked_m):
     masked_m = jnp.asarray(masked_m, jnp.int32)
     for out_dtype in (jnp.bfloat16, jnp.float32):
         _poison((g, mmax, n), out_dtype)
-        out = grouped.masked_grouped_fp8_gemm(*ops, masked_m, out_dtype=out_dtype, impl="ffi")
+        # traced masked_m: out-of-range values reach the kernel (concrete ones raise first)
+        out = jax.jit(lambda *o: grouped.masked_grouped_fp8_gemm(*o, out_dtype=out_dtype,
+                                                                 impl="ffi"))(*ops, masked_m)
         assert out.shape == (g, mmax, n) and out.dtype == out_dtype
         _check_masked(out, ops, masked_m)
 

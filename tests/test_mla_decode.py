@@ -207,8 +207,11 @@ BAD = [
     (_replace(3, jnp.array([-1, 5], I32)), {}, ValueError, "min -1"),
     (list(_good()), {"head_dim_v": 256}, ValueError, "head_dim_v must be 512"),
     (list(_good()), {"head_dim_v": 600}, ValueError, "head_dim_v must be an int"),
-    (list(_good()), {"softmax_scale": 0.0}, ValueError, "softmax_scale must be > 0"),
-    (list(_good()), {"softmax_scale": -1.0}, ValueError, "softmax_scale must be > 0"),
+    (list(_good()), {"softmax_scale": 0.0}, ValueError, "softmax_scale must be finite and > 0"),
+    (list(_good()), {"softmax_scale": -1.0}, ValueError, "softmax_scale must be finite and > 0"),
+    (list(_good()), {"softmax_scale": float("inf")}, ValueError, "must be finite and > 0"),
+    (list(_good()), {"softmax_scale": "0.1"}, TypeError, "softmax_scale must be a static"),
+    (list(_good()), {"softmax_scale": np.array([0.1, 0.2])}, TypeError, "must be a static"),
 ]
 
 

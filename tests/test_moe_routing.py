@@ -128,6 +128,17 @@ def test_bad_inputs_are_clear_errors():
         moe_dispatch_layout(jnp.zeros((4, 2), jnp.int32), 6, 4)
 
 
+def test_every_slot_dropped_and_wide_ids():
+    x = jnp.ones((3, 8))
+    x_sorted, sizes, perm = moe_permute(x, jnp.full((3, 1), -1, jnp.int32), 4)
+    out = moe_unpermute(x_sorted[:int(sizes.sum())], perm, jnp.ones((3, 1)))  # y is [0, 8]
+    assert out.shape == (3, 8) and not np.asarray(out).any()
+    # host int64 ids past int32 are dropped, not wrapped onto expert 0
+    ids = np.array([[1, 2], [3, 0], [2**32, 1]], np.int64)
+    _, sizes, perm = moe_permute(x, ids, np.int64(4))
+    assert sizes.tolist() == [1, 2, 1, 1] and perm.tolist()[2][0] == -1
+
+
 # ------------------------------------------------------------------------------------ GPU
 
 

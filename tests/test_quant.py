@@ -152,6 +152,8 @@ def test_jit_and_vmap_match_eager():
     (dict(block=(64, 128)), ValueError, "block"),
     (dict(scale_format="e8m0"), ValueError, "scale_format"),
     (dict(impl="cuda"), ValueError, "impl"),
+    (dict(block=128), ValueError, r"block must be one of .* got 128"),
+    (dict(block=None), ValueError, r"block must be one of .* got None"),
 ])
 def test_bad_arguments(kwargs, exc, match):
     with pytest.raises(exc, match=match):
@@ -170,6 +172,8 @@ def test_bad_inputs():
         ops.dequantize_fp8(q, s, (128, 128))
     with pytest.raises(TypeError, match="x_fp8"):
         ops.dequantize_fp8(q.astype(jnp.float32), s)
+    with pytest.raises(ValueError, match=r"x_fp8 must have at least 1 dims"):
+        ops.dequantize_fp8(jnp.asarray(1.0, jnp.float8_e4m3fn), jnp.float32(1))
 
 
 def test_impl_ffi_without_kernel_raises(no_kernels):

@@ -59,8 +59,12 @@ def check_shape(op: str, name: str, x, expected: tuple[int, ...], what: str = ""
 
 
 def check_block(op: str, block) -> tuple[int, int]:
-    block = tuple(block)
-    check_choice(op, "block", block, ((1, BLOCK_K), (BLOCK_K, BLOCK_K)))
+    choices = ((1, BLOCK_K), (BLOCK_K, BLOCK_K))
+    try:
+        block = tuple(block)
+    except TypeError:  # an int, None, ...: not a pair
+        raise ValueError(f"{op}: block must be one of {choices}, got {block!r}") from None
+    check_choice(op, "block", block, choices)
     return block
 
 

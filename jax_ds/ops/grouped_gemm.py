@@ -94,6 +94,11 @@ def check_grouped(op, a, a_scale, b, b_scale, group_sizes, out_dtype):
     g, n = _check_grouped_b(op, b, b_scale, k)
     check_shape(op, "group_sizes", group_sizes, (g,), "[G]")
     check_dtype(op, "group_sizes", group_sizes, (jnp.int32,))
+    if not isinstance(group_sizes, jax.core.Tracer):  # traced sizes are clamped instead
+        sizes = np.asarray(group_sizes, np.int64)
+        if sizes.size and (sizes.min() < 0 or sizes.sum() > m):
+            raise ValueError(f"{op}: group_sizes must be >= 0 with sum <= M = {m}, got min "
+                             f"{sizes.min()}, sum {sizes.sum()}")
     return m, n, k, g
 
 
@@ -114,6 +119,11 @@ def check_masked(op, a, a_scale, b, b_scale, masked_m, out_dtype):
                          f"{tuple(a.shape)}")
     check_shape(op, "masked_m", masked_m, (g,), "[G]")
     check_dtype(op, "masked_m", masked_m, (jnp.int32,))
+    if not isinstance(masked_m, jax.core.Tracer):  # traced counts are clamped instead
+        valid = np.asarray(masked_m)
+        if valid.size and (valid.min() < 0 or valid.max() > mmax):
+            raise ValueError(f"{op}: masked_m must lie in [0, Mmax = {mmax}], got min "
+                             f"{valid.min()}, max {valid.max()}")
     return g, mmax, n, k
 
 
@@ -160,7 +170,9 @@ def grouped_fp8_gemm(a, a_scale, b, b_scale, group_sizes, *, out_dtype=jnp.bfloa
       a: float8_e4m3fn [M, K], rows sorted by group; K a multiple of 128.
       a_scale: float32 [M, K/128] (per 1x128 group).
       b: float8_e4m3fn [G, N, K]; b_scale: float32 [G, ceil(N/128), K/128] (128x128 blocks).
-      group_sizes: int32 [G], sum <= M; zeros allowed, no alignment needed.
+      group_sizes: int32 [G], each >= 0, sum <= M; zeros allowed, no alignment needed.
+        Concrete values are checked (ValueError); traced ones are clamped as the kernel does
+        (a negative size counts as 0, groups are cut at row M), never read past a.
       out_dtype: bfloat16 or float32.
 
     Returns:
@@ -202,7 +214,8 @@ def masked_grouped_fp8_gemm(a, a_scale, b, b_scale, masked_m, *, out_dtype=jnp.b
     Args:
       a: float8_e4m3fn [G, Mmax, K]; a_scale: float32 [G, Mmax, K/128].
       b: float8_e4m3fn [G, N, K]; b_scale: float32 [G, ceil(N/128), K/128].
-      masked_m: int32 [G], valid rows of each group (0..Mmax).
+      masked_m: int32 [G], valid rows of each group (0..Mmax). Concrete values are checked
+        (ValueError); traced ones are clamped to [0, Mmax].
       out_dtype: bfloat16 or float32.
 
     Returns:

@@ -84,9 +84,18 @@ def _check_common(op, q, kv_cache, block_table, cache_seqlens, softmax_scale, he
     check_shape(op, "cache_seqlens", cache_seqlens, (b,), "[B] (B from q)")
     if not isinstance(head_dim_v, (int, np.integer)) or not 1 <= head_dim_v <= d:
         raise ValueError(f"{op}: head_dim_v must be an int in [1, d_qk = {d}], got {head_dim_v!r}")
-    if softmax_scale is not None and not float(softmax_scale) > 0:
-        raise ValueError(f"{op}: softmax_scale must be > 0 (or None for 1/sqrt(d_qk)), got "
-                         f"{softmax_scale!r}")
+    if softmax_scale is not None:
+        # A static number: the kernel takes it as an attribute (a traced scale cannot be one).
+        if (isinstance(softmax_scale, (jax.core.Tracer, bool, str, bytes))
+                or np.ndim(softmax_scale) != 0
+                or not np.issubdtype(np.asarray(softmax_scale).dtype, np.number)):
+            got = ("a traced value" if isinstance(softmax_scale, jax.core.Tracer)
+                   else f"{type(softmax_scale).__name__} {softmax_scale!r}")
+            raise TypeError(f"{op}: softmax_scale must be a static Python float (or None for "
+                            f"1/sqrt(d_qk)), got {got}")
+        if not (np.isfinite(float(softmax_scale)) and float(softmax_scale) > 0):
+            raise ValueError(f"{op}: softmax_scale must be finite and > 0 (or None for "
+                             f"1/sqrt(d_qk)), got {softmax_scale!r}")
     if not isinstance(cache_seqlens, jax.core.Tracer):
         lens = np.asarray(cache_seqlens)
         cap = block_table.shape[1] * page

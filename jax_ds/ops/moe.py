@@ -20,9 +20,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jax_ds import _ffi
-from jax_ds.ops._checks import check_dtype, check_ndim
+from jax_ds.ops._checks import check_choice, check_dtype, check_ndim
 from jax_ds.ops.quant import quantize_fp8
 
 LAYOUT_TARGET = "jax_ds_moe_layout"
@@ -123,8 +124,14 @@ def moe_permute(x, topk_idx, num_experts: int, *, fp8: bool = False, impl: str =
     if topk_idx.shape[0] != x.shape[0] or min(topk_idx.shape) < 1 or x.shape[1] < 1:
         raise ValueError(f"{op}: expected x [N, D] and topk_idx [N, K] with N, K, D >= 1, got "
                          f"x {tuple(x.shape)}, topk_idx {tuple(topk_idx.shape)}")
-    if not isinstance(num_experts, int) or num_experts < 1:
+    if isinstance(num_experts, bool) or not isinstance(num_experts, (int, np.integer)) or \
+            num_experts < 1:
         raise ValueError(f"{op}: num_experts must be a positive int, got {num_experts!r}")
+    num_experts = int(num_experts)
+    if isinstance(topk_idx, np.ndarray) and topk_idx.dtype.itemsize > 4:
+        # Wider host ids would wrap on the int32 cast (2**32 -> expert 0): drop them first.
+        topk_idx = np.where((topk_idx >= 0) & (topk_idx < num_experts), topk_idx,
+                            -1).astype(np.int32)
     use_kernel = _use_kernel(op, LAYOUT_TARGET, impl, x.dtype, num_experts)
     if not fp8:
         return _permute(x, topk_idx, num_experts, use_kernel)
@@ -202,6 +209,9 @@ def moe_unpermute(y, perm, topk_weights, *, impl: str = "auto"):
     if topk_weights.shape != perm.shape:
         raise ValueError(f"{op}: topk_weights {tuple(topk_weights.shape)} must match perm "
                          f"{tuple(perm.shape)}")
+    if y.shape[0] == 0:  # every slot dropped (y sliced to sum(group_sizes) = 0): all zeros
+        check_choice(op, "impl", impl, ("auto", "ffi", "xla"))
+        return jnp.zeros((perm.shape[0], y.shape[1]), y.dtype)
     use_kernel = _use_kernel(op, UNPERMUTE_TARGET, impl, y.dtype)
     return _unpermute(y, perm, topk_weights, use_kernel)
 

@@ -105,6 +105,9 @@ def rebalance_experts(weight, num_replicas: int, num_groups: int, num_nodes: int
     if dtype is None or not (jnp.issubdtype(dtype, jnp.integer) or
                              jnp.issubdtype(dtype, jnp.floating)):
         raise ValueError(f"rebalance_experts: weight must hold integer or float loads, got {dtype}")
+    if shape[0] < 1 or shape[1] < 1:
+        raise ValueError(f"rebalance_experts: weight must be [layers, experts] with at least one "
+                         f"of each, got shape {shape}")
     num_experts = shape[1]
     # As in the reference, groups and nodes constrain only the hierarchical policy: the global
     # one packs all replicas straight onto the GPUs.
