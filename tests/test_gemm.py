@@ -99,6 +99,8 @@ def _bad(**changes):
     (dict(a=jnp.zeros((0, 256), jnp.float8_e4m3fn), a_scale=jnp.ones((0, 2), jnp.float32)),
      ValueError, r"M and N must be >= 1"),
     (dict(out_dtype=jnp.float16), TypeError, r"out_dtype must be bfloat16 or float32, got float16"),
+    (dict(out_dtype="foo"), TypeError, r"out_dtype must be bfloat16 or float32, got 'foo'"),
+    (dict(a_scale=[[1.0]]), TypeError, r"a_scale must be an array .* got list"),
 ])
 def test_validation_errors_name_the_argument(changes, exc, match):
     args = _bad(**changes)

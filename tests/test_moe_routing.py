@@ -126,6 +126,10 @@ def test_bad_inputs_are_clear_errors():
         moe_unpermute(x, jnp.zeros((4, 2), jnp.int32), jnp.zeros((4, 3)))
     with pytest.raises(ValueError, match="multiple of num_ranks"):
         moe_dispatch_layout(jnp.zeros((4, 2), jnp.int32), 6, 4)
+    with pytest.raises(TypeError, match="y must be a floating-point array, got bool"):
+        moe_unpermute(x.astype(bool), jnp.zeros((4, 2), jnp.int32), jnp.zeros((4, 2)))
+    with pytest.raises(TypeError, match="topk_weights must be a floating-point array"):
+        moe_unpermute(x, jnp.zeros((4, 2), jnp.int32), jnp.zeros((4, 2), jnp.int32))
 
 
 def test_every_slot_dropped_and_wide_ids():

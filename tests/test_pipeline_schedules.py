@@ -190,3 +190,19 @@ def test_lockstep_is_the_tick_clock_and_never_beats_the_simulator(name, pp, m):
     for costs in (Costs(F=1, B=2, W=1), Costs(F=1.3, B=2.9, W=0.7), Costs(F=2, B=2, W=0.1)):
         lock = tables.lockstep_makespan(costs)
         assert lock >= simulate(schedule, costs).makespan - 1e-9
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(F=-1.0), ValueError, "F=-1.0 must be finite and >= 0"),
+    (dict(F=float("nan")), ValueError, "F=nan must be finite"),
+    (dict(FB=-5.0), ValueError, "FB=-5.0 must be finite and >= 0"),
+    (dict(B="2"), TypeError, "B must be a number"),
+])
+def test_bad_costs(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        Costs(**kwargs)
+
+
+def test_simulate_rejects_costs_it_cannot_call():
+    with pytest.raises(TypeError, match="costs must be a Costs or a function"):
+        simulate(one_f_one_b(2, 2), 3.0)

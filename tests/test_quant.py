@@ -174,6 +174,10 @@ def test_bad_inputs():
         ops.dequantize_fp8(q.astype(jnp.float32), s)
     with pytest.raises(ValueError, match=r"x_fp8 must have at least 1 dims"):
         ops.dequantize_fp8(jnp.asarray(1.0, jnp.float8_e4m3fn), jnp.float32(1))
+    with pytest.raises(TypeError, match="out_dtype must be a floating-point dtype, got int8"):
+        ops.dequantize_fp8(q, s, out_dtype=jnp.int8)
+    with pytest.raises(TypeError, match=r"x must be an array .* got list"):
+        ops.quantize_fp8([[1.0] * 128])
 
 
 def test_impl_ffi_without_kernel_raises(no_kernels):

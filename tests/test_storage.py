@@ -175,6 +175,15 @@ def test_mount_detection(tmp_path):
     assert threefs.mount_point("/mnt/3fsx/y", mounts_file=f) is None
     assert not threefs.is_3fs_path("/mnt/other/z", mounts_file=f)
     assert threefs.is_3fs_path("/mnt/3fs", mounts_file=f)
+    assert threefs.mount_point(b"/mnt/3fs/q", mounts_file=f) == "/mnt/3fs"  # bytes paths too
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(max_to_keep=0), "max_to_keep=0"),
+                                           (dict(save_interval_steps=0), "save_interval_steps=0"),
+                                           (dict(save_interval_steps=1.5), "save_interval_steps")])
+def test_manager_rejects_bad_counts(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CheckpointManager(tmp_path / "ckpt", **kwargs)
 
 
 def test_mount_from_client(tmp_path, monkeypatch):

@@ -30,7 +30,15 @@ def check_choice(op: str, name: str, value, choices: Sequence) -> None:
         raise ValueError(f"{op}: {name} must be one of {tuple(choices)}, got {value!r}")
 
 
+def check_array(op: str, name: str, x) -> None:
+    """An array (jax, numpy, or a tracer), not a list or a scalar of Python's."""
+    if not (hasattr(x, "shape") and hasattr(x, "dtype") and hasattr(x, "ndim")):
+        raise TypeError(f"{op}: {name} must be an array (jax.Array or numpy), got "
+                        f"{type(x).__name__}")
+
+
 def check_ndim(op: str, name: str, x, ndim: int | Sequence[int], what: str = "") -> None:
+    check_array(op, name, x)
     allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
     if x.ndim not in allowed:
         want = " or ".join(f"{n}-D" for n in allowed) + (f" {what}" if what else "")
@@ -38,6 +46,7 @@ def check_ndim(op: str, name: str, x, ndim: int | Sequence[int], what: str = "")
 
 
 def check_min_ndim(op: str, name: str, x, ndim: int, what: str = "") -> None:
+    check_array(op, name, x)
     if x.ndim < ndim:
         raise ValueError(
             f"{op}: {name} must have at least {ndim} dims{f' {what}' if what else ''}, "
@@ -45,6 +54,7 @@ def check_min_ndim(op: str, name: str, x, ndim: int, what: str = "") -> None:
 
 
 def check_dtype(op: str, name: str, x, allowed: Sequence) -> None:
+    check_array(op, name, x)
     allowed_dt = [np.dtype(d) for d in allowed]
     if np.dtype(x.dtype) not in allowed_dt:
         names = ", ".join(_dtype_name(d) for d in allowed_dt)
@@ -53,6 +63,7 @@ def check_dtype(op: str, name: str, x, allowed: Sequence) -> None:
 
 
 def check_shape(op: str, name: str, x, expected: tuple[int, ...], what: str = "") -> None:
+    check_array(op, name, x)
     if tuple(x.shape) != tuple(expected):
         raise ValueError(f"{op}: {name} has shape {tuple(x.shape)}, expected {tuple(expected)}"
                          f"{f' = {what}' if what else ''}")
@@ -69,10 +80,26 @@ def check_block(op: str, block) -> tuple[int, int]:
 
 
 def check_out_dtype(op: str, out_dtype) -> np.dtype:
-    dt = np.dtype(out_dtype)
+    try:
+        dt = np.dtype(out_dtype)
+    except TypeError:
+        raise TypeError(f"{op}: out_dtype must be bfloat16 or float32, got {out_dtype!r}") from None
     if dt not in (np.dtype(jnp.bfloat16), np.dtype(jnp.float32)):
         raise TypeError(f"{op}: out_dtype must be bfloat16 or float32, got {_dtype_name(dt)}")
     return dt
+
+
+def check_floating(op: str, name: str, x) -> None:
+    """x (an array or a dtype) holds floating-point values."""
+    is_array = hasattr(x, "shape")
+    try:
+        dt = np.dtype(x.dtype if is_array else x)
+        ok = jnp.issubdtype(dt, jnp.floating)
+    except TypeError:
+        dt, ok = x, False
+    if not ok:
+        raise TypeError(f"{op}: {name} must be a floating-point {'array' if is_array else 'dtype'}"
+                        f", got {dt.name if isinstance(dt, np.dtype) else repr(dt)}")
 
 
 def check_quantize_input(op: str, x, block: tuple[int, int]) -> None:

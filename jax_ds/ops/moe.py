@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_ds import _ffi
-from jax_ds.ops._checks import check_choice, check_dtype, check_ndim
+from jax_ds.ops._checks import check_choice, check_dtype, check_floating, check_ndim
 from jax_ds.ops.quant import quantize_fp8
 
 LAYOUT_TARGET = "jax_ds_moe_layout"
@@ -206,6 +206,8 @@ def moe_unpermute(y, perm, topk_weights, *, impl: str = "auto"):
     check_ndim(op, "y", y, 2, "[M, D]")
     check_ndim(op, "perm", perm, 2, "[N, K]")
     check_dtype(op, "perm", perm, (jnp.int32,))
+    check_floating(op, "y", y)
+    check_floating(op, "topk_weights", topk_weights)
     if topk_weights.shape != perm.shape:
         raise ValueError(f"{op}: topk_weights {tuple(topk_weights.shape)} must match perm "
                          f"{tuple(perm.shape)}")

@@ -31,8 +31,8 @@ import numpy as np
 
 from jax_ds import _ffi
 from jax_ds.ops._checks import (BLOCK_K, FP8, FP8_MAX, cdiv, check_block, check_choice,
-                                check_dtype, check_min_ndim, check_quantize_input, check_shape,
-                                prod)
+                                check_dtype, check_floating, check_min_ndim, check_quantize_input,
+                                check_shape, prod)
 
 TARGET = "jax_ds_quantize_fp8"
 SCALE_FORMATS = ("f32", "ue8m0")
@@ -176,6 +176,7 @@ def dequantize_fp8(x_fp8, scales, block=(1, BLOCK_K), *, out_dtype=jnp.float32):
     block = check_block(op, block)
     check_min_ndim(op, "x_fp8", x_fp8, 1, "[..., K]")
     check_dtype(op, "x_fp8", x_fp8, (FP8,))
+    check_floating(op, "out_dtype", out_dtype)
     check_dtype(op, "scales", scales, (jnp.float32,))
     k = x_fp8.shape[-1]
     if block[0] == 1:

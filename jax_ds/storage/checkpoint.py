@@ -113,6 +113,15 @@ class CheckpointManager:
                  usrbio_client=None):
         if backend not in BACKENDS:
             raise ValueError(f"CheckpointManager: backend={backend!r}, expected one of {BACKENDS}")
+        for name, value, lowest in (("max_to_keep", max_to_keep, 1),
+                                    ("save_interval_steps", save_interval_steps, 1)):
+            if value is None and name == "max_to_keep":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or \
+                    value < lowest:
+                raise ValueError(f"CheckpointManager: {name}={value!r} must be an int >= "
+                                 f"{lowest}" + (" (or None: keep all)" if name == "max_to_keep"
+                                                else ""))
         self.directory = os.path.abspath(os.fspath(directory))
         mount = threefs.mount_point(self.directory, mounts_file=mounts_file)
         if backend == "auto":

@@ -99,7 +99,10 @@ def mount_point(path, *, mounts_file: str | None = None) -> str | None:
     Looks for the longest 3FS entry of the mounts file that is a prefix of the absolute path,
     then asks the client library (`extract_mount_point`) when it is importable.
     """
-    path = os.path.abspath(os.fspath(path))
+    path = os.fspath(path)
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    path = os.path.abspath(path)
     best = None
     for point in threefs_mounts(mounts_file):
         point = os.path.normpath(point)

@@ -13,8 +13,11 @@ overlapped forward + full backward pair (default F + B: no overlap gain).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
+
+import numpy as np
 
 from jax_ds.parallel.pipeline.schedules import Chunk, Op, Schedule
 
@@ -29,9 +32,15 @@ class Costs:
     comm: float = 0.0
 
     def __post_init__(self):
-        for name in ("F", "B", "W", "comm"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"Costs: {name}={getattr(self, name)} must be >= 0")
+        for name in ("F", "B", "W", "comm", "FB"):
+            value = getattr(self, name)
+            if name == "FB" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer,
+                                                                  np.floating)):
+                raise TypeError(f"Costs: {name} must be a number, got {value!r}")
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"Costs: {name}={value} must be finite and >= 0")
         if self.W > self.B:
             raise ValueError(f"Costs: W={self.W} (weight-gradient part) exceeds the full "
                              f"backward B={self.B}")
@@ -117,6 +126,9 @@ def simulate(schedule: Schedule, costs: Costs | Callable[[Op], float] = Costs())
 
     Raises RuntimeError naming the stuck ranks if the schedule deadlocks.
     """
+    if not (isinstance(costs, Costs) or callable(costs)):
+        raise TypeError(f"simulate: costs must be a Costs or a function op -> time, got "
+                        f"{type(costs).__name__} {costs!r}")
     cost_of, comm = (costs.of, costs.comm) if isinstance(costs, Costs) else (costs, 0.0)
     pp = schedule.num_ranks
     done: dict[tuple[str, Chunk], tuple[float, int]] = {}  # event -> (time, rank)
