@@ -200,7 +200,7 @@ def test_fp8_linear_vmap_and_errors(no_kernels):
         ops.fp8_linear(x, w.T)
     with pytest.raises(TypeError, match="w must have dtype"):
         ops.fp8_linear(x, w.astype(jnp.int8))
-    with pytest.raises(RuntimeError, match=r'quantize_fp8\(impl="ffi"\)'):
+    with pytest.raises(RuntimeError, match=r'fp8_linear\(impl="ffi"\)'):
         ops.fp8_linear(x, w, impl="ffi")
 
 

@@ -197,4 +197,5 @@ def fp8_linear(x, w, *, impl="auto"):
     if math.prod(x.shape[:-1]) == 0 or min(w.shape) == 0:
         raise ValueError(f"{op}: x and w must be non-empty, got x {tuple(x.shape)}, "
                          f"w {tuple(w.shape)}")
+    _ffi.resolve_impl(op, TARGET, impl)  # impl checked and the path logged as this op
     return _fp8_linear(x, w, impl)

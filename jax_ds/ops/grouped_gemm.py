@@ -29,6 +29,7 @@ GROUPED_TARGET = "jax_ds_grouped_fp8_gemm"
 MASKED_TARGET = "jax_ds_masked_grouped_fp8_gemm"
 _ffi.declare_op("grouped_fp8_gemm", GROUPED_TARGET)
 _ffi.declare_op("masked_grouped_fp8_gemm", MASKED_TARGET)
+_ffi.declare_op("grouped_fp8_linear", GROUPED_TARGET)
 _HIGHEST = jax.lax.Precision.HIGHEST
 MAX_GROUPS = 1024  # the kernels keep per-group tables in shared memory
 
@@ -291,4 +292,8 @@ def grouped_fp8_linear(x, w, group_sizes, *, impl="auto"):
                          f"w {tuple(w.shape)}")
     check_shape(op, "group_sizes", group_sizes, (w.shape[0],), "[G]")
     check_dtype(op, "group_sizes", group_sizes, (jnp.int32,))
+    if min(x.shape) < 1 or min(w.shape) < 1:
+        raise ValueError(f"{op}: x and w must be non-empty, got x {tuple(x.shape)}, "
+                         f"w {tuple(w.shape)}")
+    _ffi.resolve_impl(op, GROUPED_TARGET, impl)  # impl checked and the path logged as this op
     return _grouped_fp8_linear(x, w, group_sizes, impl)
