@@ -350,6 +350,50 @@ def test_bad_layouts_are_rejected():
         small_cfg(ep_exchange="nccl")
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(capacity=0), "capacity must be an int >= 1, got 0"),
+    (dict(capacity=2.5), "capacity must be an int >= 1, got 2.5"),
+    (dict(num_experts=12), "num_experts=12 must be a multiple of the expert axis size 8"),
+    (dict(exchange="nccl"), "exchange must be one of"),
+    (dict(exchange="auto"), "resolve 'auto' with resolve_exchange first"),
+])
+@pytest.mark.parametrize("dedup", [False, True])
+def test_dispatch_arguments_are_checked(kwargs, match, dedup):
+    mesh = cpu_mesh(expert=8)
+    x = jnp.zeros((8 * 4, 16))
+    idx = jnp.zeros((8 * 4, 2), jnp.int32)
+    args = dict(num_experts=16, axis_name=EXPERT, capacity=4, exchange="padded") | kwargs
+
+    def body(x, idx):
+        if dedup:
+            return ep_lib.ep_dispatch_tokens(x, idx, jnp.ones(idx.shape), **args)[0]
+        return ep_lib.ep_dispatch(x, idx, **args)[0]
+
+    with pytest.raises(ValueError, match=match):
+        jax.shard_map(body, mesh=mesh, in_specs=(P(EXPERT),) * 2, out_specs=P(EXPERT))(x, idx)
+
+
+def test_combine_and_weights_shapes_are_checked():
+    mesh = cpu_mesh(expert=8)
+    x = jnp.ones((8 * 4, 16))
+    idx = jnp.tile(jnp.arange(2, dtype=jnp.int32), (8 * 4, 1))
+    kw = dict(num_experts=16, axis_name=EXPERT, capacity=8, exchange="padded")
+
+    def wrong_rows(x, idx):
+        x_recv, _, _, state = ep_lib.ep_dispatch(x, idx, **kw)
+        return ep_lib.ep_combine(x_recv[:-1], jnp.ones(idx.shape), state, axis_name=EXPERT)
+
+    def wrong_weights(x, idx):
+        return ep_lib.ep_dispatch_tokens(x, idx, jnp.ones((idx.shape[0], 1)), **kw)[0]
+
+    for body, match in ((wrong_rows, r"ep_combine: y must be \[ep\*C, D\]"),
+                        (wrong_weights, "topk_weights .* must match topk_idx")):
+        with pytest.raises(ValueError, match=match):
+            jax.shard_map(body, mesh=mesh, in_specs=(P(EXPERT),) * 2, out_specs=P(EXPERT))(x, idx)
+    with pytest.raises(ValueError, match="num_experts=4 must be a positive multiple of ep_size=8"):
+        ep_lib.ep_capacity(6, 4, 4, 8)
+
+
 @pytest.mark.gpu
 def test_ragged_exchange_matches_padded_on_gpu():
     """The real ragged_all_to_all (GPU only), per assignment and per (token, rank), against the

@@ -48,3 +48,28 @@ def test_mtp_style_multi_token_step_and_kernel_shaped_cache():
         logits, cache = step(model, tokens[:, start:stop], cache)
         got.append(np.asarray(logits))
     np.testing.assert_allclose(np.concatenate(got, 1), full, rtol=2e-4, atol=2e-5)
+
+
+def test_bf16_model_decodes_on_cpu():
+    """A bf16 model (the HF loader's default dtype) decodes on CPU, where XLA has no batched
+    bf16 x bf16 -> f32 dot: the absorbed-weight einsums widen their operands there."""
+    model = Transformer(DeepSeekConfig.tiny(dtype="bfloat16", param_dtype="bfloat16"),
+                        rngs=nnx.Rngs(0))
+    cache = kvc.allocate(model.init_cache(4, 1, 4), 0)
+    tokens = jnp.array([[72, 101, 108]])
+    logits, cache = model.decode(tokens, cache, jnp.array([0]))
+    want = model(tokens)
+    assert logits.shape == (1, 3, 256) and logits.dtype == jnp.float32
+    assert float(jnp.abs(logits - want).max()) < 0.05 * float(jnp.abs(want).max())
+
+
+def test_tokens_are_checked():
+    model = Transformer(DeepSeekConfig.tiny(), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, vocab_size = 256\)"):
+        model(jnp.array([[256, 3]]))
+    with pytest.raises(TypeError, match="tokens must hold integer ids, got dtype float32"):
+        model(jnp.array([[1.0, 3.0]]))
+    with pytest.raises(ValueError, match=r"tokens must be \[B, T\] with B, T >= 1"):
+        model(jnp.zeros((1, 0), jnp.int32))
+    with pytest.raises(ValueError, match=r"seqs must be \[B\]"):
+        model.decode(jnp.array([[1, 2]]), model.init_cache(4, 2, 2), jnp.array([0, 1]))

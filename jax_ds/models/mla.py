@@ -191,15 +191,23 @@ class MLAttention(nnx.Module):
                                jnp.concatenate([c_kv_BTC, k_rope_BTR], axis=-1))
 
         w_uk_HNC, w_uv_HVC = self.absorbed_weights()
-        q_lat_BTHC = jnp.einsum("BTHN,HNC->BTHC", q_BTHK[..., :self.nope].astype(w_uk_HNC.dtype),
-                                w_uk_HNC, preferred_element_type=jnp.float32)
+        q_lat_BTHC = _einsum_f32("BTHN,HNC->BTHC",
+                                 q_BTHK[..., :self.nope].astype(w_uk_HNC.dtype), w_uk_HNC)
         q_BTHD = jnp.concatenate([q_lat_BTHC, q_rope_BTHR.astype(jnp.float32)], axis=-1)
         out_BTHC = paged_attention(q_BTHD.astype(cache.kv.dtype), cache.kv[layer],
                                    cache.block_table[seqs_B], cache.lengths[seqs_B] + t,
                                    self.scale, self.kv_rank)
-        out_BTHV = jnp.einsum("BTHC,HVC->BTHV", out_BTHC.astype(w_uv_HVC.dtype), w_uv_HVC,
-                              preferred_element_type=jnp.float32)
+        out_BTHV = _einsum_f32("BTHC,HVC->BTHV", out_BTHC.astype(w_uv_HVC.dtype), w_uv_HVC)
         return self.wo(out_BTHV.astype(x_BTD.dtype).reshape(b, t, h * self.vdim)), cache
+
+
+def _einsum_f32(spec, a, b):
+    """einsum with float32 accumulation and result. XLA:CPU has no batched bf16 x bf16 -> f32 dot
+    (its DotThunk refuses it), so on CPU the operands are widened first: exact, since a product
+    of two bf16 values fits in float32. Elsewhere they stay narrow (the tensor cores' inputs)."""
+    if jax.default_backend() == "cpu":
+        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 
 
 def paged_attention(q_BTHD, kv_NPKD, block_table_BM, seqlens_B, scale: float, head_dim_v: int):

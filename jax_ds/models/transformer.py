@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh
@@ -109,11 +110,34 @@ class Transformer(nnx.Module):
     def _embed(self, tokens_BT):
         return self.embed[...].astype(self.cfg.activation_dtype)[tokens_BT]
 
+    def _check_tokens(self, op: str, tokens_BT) -> tuple[int, int]:
+        """tokens must be an integer [B, T] array, B, T >= 1, ids in [0, vocab_size) (checked
+        when concrete; traced ids outside it are clamped by the gather, as jnp indexing does)."""
+        if not hasattr(tokens_BT, "shape") or not hasattr(tokens_BT, "dtype"):
+            raise TypeError(f"Transformer.{op}: tokens must be an integer array [B, T], got "
+                            f"{type(tokens_BT).__name__}")
+        if len(tokens_BT.shape) != 2 or min(tokens_BT.shape) < 1:
+            raise ValueError(f"Transformer.{op}: tokens must be [B, T] with B, T >= 1, got shape "
+                             f"{tuple(tokens_BT.shape)}")
+        if not jnp.issubdtype(tokens_BT.dtype, jnp.integer):
+            raise TypeError(f"Transformer.{op}: tokens must hold integer ids, got dtype "
+                            f"{np.dtype(tokens_BT.dtype).name}")
+        if not isinstance(tokens_BT, jax.core.Tracer):
+            ids = np.asarray(tokens_BT)
+            v = self.cfg.vocab_size
+            if ids.min() < 0 or ids.max() >= v:
+                raise ValueError(f"Transformer.{op}: token ids must lie in [0, vocab_size = {v}), "
+                                 f"got min {ids.min()}, max {ids.max()}")
+        return tuple(tokens_BT.shape)
+
     def forward(self, tokens_BT, positions_BT=None):
         """tokens [B, T] int -> (logits [B, T, V] float32, ModelAux)."""
-        b, t = tokens_BT.shape
+        b, t = self._check_tokens("forward", tokens_BT)
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        elif tuple(getattr(positions_BT, "shape", ())) != (b, t):
+            raise ValueError(f"Transformer.forward: positions must be [B, T] = {(b, t)} like the "
+                             f"tokens, got {getattr(positions_BT, 'shape', type(positions_BT))}")
         x_BTD = self._embed(tokens_BT)
         stats: list[MoEStats] = []
         for block in self.blocks:
@@ -160,8 +184,11 @@ class Transformer(nnx.Module):
         Returns (logits [B, T, V] float32, cache); check `cache.error` (kv_cache.check) outside
         jit if the pool may run out of blocks.
         """
-        b, t = tokens_BT.shape
+        b, t = self._check_tokens("decode", tokens_BT)
         seqs_B = jnp.asarray(seqs_B, jnp.int32)
+        if seqs_B.shape != (b,):
+            raise ValueError(f"Transformer.decode: seqs must be [B] = ({b},) cache slots, one per "
+                             f"row of tokens {tuple(tokens_BT.shape)}, got shape {seqs_B.shape}")
         positions_BT = cache.lengths[seqs_B][:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
         cache = kv_cache.reserve(cache, seqs_B, t)
         x_BTD = self._embed(tokens_BT)

@@ -35,6 +35,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -66,11 +67,27 @@ def ep_capacity(num_tokens: int, top_k: int, num_experts: int, ep_size: int,
     are distinct, so at most that many of its copies go to one rank) -- nothing is ever dropped.
     Otherwise capacity_factor x the even share num_tokens x top_k / ep, rounded up.
     """
+    if num_experts < ep_size or num_experts % ep_size:
+        raise ValueError(f"ep_capacity: num_experts={num_experts} must be a positive multiple of "
+                         f"ep_size={ep_size}")
     if capacity_factor is None:
         return num_tokens * min(top_k, num_experts // ep_size)
     if capacity_factor <= 0:
         raise ValueError(f"capacity_factor must be > 0 or None (lossless), got {capacity_factor}")
     return max(1, math.ceil(capacity_factor * num_tokens * top_k / ep_size))
+
+
+def _check_dispatch(op: str, num_experts, capacity, exchange: str, ep: int) -> None:
+    """Static arguments of the dispatches (inside shard_map: `exchange` already resolved)."""
+    for name, value in (("num_experts", num_experts), ("capacity", capacity)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{op}: {name} must be an int >= 1, got {value!r}")
+    if num_experts % ep:
+        raise ValueError(f"{op}: num_experts={num_experts} must be a multiple of the expert "
+                         f"axis size {ep} (each rank owns num_experts / ep experts)")
+    if exchange not in EXCHANGES or exchange == "auto":
+        raise ValueError(f"{op}: exchange must be one of {EXCHANGES[1:]} inside shard_map "
+                         f"(resolve 'auto' with resolve_exchange first), got {exchange!r}")
 
 
 def resolve_exchange(exchange: str, mesh: Mesh) -> str:
@@ -210,10 +227,11 @@ def ep_dispatch(x, topk_idx, *, num_experts: int, axis_name: str, capacity: int,
        the end); group_sizes [E/ep] int32; counts [E] int32 of this rank's assignments per
        global expert; state for `ep_combine`).
     """
+    ep = jax.lax.axis_size(axis_name)
+    _check_dispatch("ep_dispatch", num_experts, capacity, exchange, ep)
     if fp8:
         d_model = x.shape[1]
         x = pack_fp8_rows(x)
-    ep = jax.lax.axis_size(axis_name)
     local = num_experts // ep
     x_sorted, group_sizes, perm = moe_permute(x, topk_idx, num_experts)
     m, d = x_sorted.shape
@@ -265,6 +283,9 @@ def ep_combine(y, topk_weights, state: EPState, *, axis_name: str):
       [N, D] in y.dtype; dropped rows contribute zero.
     """
     ep = jax.lax.axis_size(axis_name)
+    if y.ndim != 2 or y.shape[0] != state.order.shape[0]:
+        raise ValueError(f"ep_combine: y must be [ep*C, D] = [{state.order.shape[0]}, D] rows in "
+                         f"ep_dispatch's x_recv order, got shape {tuple(y.shape)}")
     m, d = state.dest.shape[0], y.shape[1]
     y_recv = jnp.zeros_like(y).at[state.order].set(y)  # back to arrival order
     if state.exchange == "padded":
@@ -335,14 +356,18 @@ def ep_dispatch_tokens(x, topk_idx, topk_weights, *, num_experts: int, axis_name
        group_sizes [E/ep] int32; counts [E] int32 of this rank's assignments per global expert;
        state for `ep_combine_tokens`).
     """
+    ep = jax.lax.axis_size(axis_name)
+    _check_dispatch("ep_dispatch_tokens", num_experts, capacity, exchange, ep)
+    if topk_weights.shape != topk_idx.shape:
+        raise ValueError(f"ep_dispatch_tokens: topk_weights {tuple(topk_weights.shape)} must "
+                         f"match topk_idx {tuple(topk_idx.shape)} = [N, K]")
     d_model = x.shape[1]
     if fp8:
         x = pack_fp8_rows(x)
-    ep = jax.lax.axis_size(axis_name)
     local = num_experts // ep
     n, k = topk_idx.shape
     ranks = jnp.arange(ep, dtype=jnp.int32)
-    valid = topk_idx >= 0
+    valid = (topk_idx >= 0) & (topk_idx < num_experts)  # other ids mark dropped slots
     owner = jnp.where(valid, topk_idx // local, ep)                         # [N, K]
     present = (owner[:, None, :] == ranks[None, :, None]).any(-1)          # [N, ep]
     offered_me = present.sum(0).astype(jnp.int32)                          # rows to each rank
@@ -401,6 +426,9 @@ def ep_combine_tokens(y, state: EPTokenState, *, axis_name: str):
       [N, D] in y.dtype; dropped assignments contribute zero.
     """
     r, k = state.weight.shape
+    if y.ndim != 2 or y.shape[0] != r * k:
+        raise ValueError(f"ep_combine_tokens: y must be [ep*C*K, D] = [{r * k}, D] rows in "
+                         f"ep_dispatch_tokens' x_recv order, got shape {tuple(y.shape)}")
     d = y.shape[1]
     by_slot = jnp.zeros((r * k, d), y.dtype).at[state.order].set(y).reshape(r, k, d)
     rows = jnp.einsum("rkd,rk->rd", by_slot, state.weight,
