@@ -223,3 +223,19 @@ def test_unsupported_architecture_and_config(tmp_path):
         load_hf_checkpoint(path, fp8="fp4")
     with pytest.raises(CheckpointError, match="no config.json"):
         load_hf_checkpoint(tmp_path)
+
+
+def test_broken_files_are_named(tmp_path):
+    path = shutil.copytree(os.path.join(DATA, "v2"), tmp_path / "c")
+    with pytest.raises(CheckpointError, match="not a checkpoint folder"):
+        load_hf_checkpoint(path / "config.json")
+    good = (path / "config.json").read_text()
+    (path / "config.json").write_text("{'not': json}")
+    with pytest.raises(CheckpointError, match=r"config.json: not valid JSON"):
+        load_hf_checkpoint(path)
+    (path / "config.json").write_text(good)
+    shard = next(p for p in path.iterdir() if p.suffix == ".safetensors")
+    n = 16
+    shard.write_bytes(n.to_bytes(8, "little") + b"{garbage header}" + bytes(64))
+    with pytest.raises(ValueError, match=rf"{shard.name}: not a safetensors file .* not JSON"):
+        load_hf_checkpoint(path)

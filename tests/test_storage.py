@@ -186,6 +186,17 @@ def test_manager_rejects_bad_counts(tmp_path, kwargs, match):
         CheckpointManager(tmp_path / "ckpt", **kwargs)
 
 
+def test_save_rejects_what_it_cannot_restore(tmp_path):
+    with CheckpointManager(tmp_path / "ckpt", async_save=False) as mngr:
+        with pytest.raises(TypeError, match=r"leaf \['x'\] is a str"):
+            mngr.save(0, {"x": "hello"})
+        with pytest.raises(ValueError, match="step must be an int >= 0"):
+            mngr.save(-1, {"x": jnp.ones(2)})
+        assert mngr.all_steps() == []
+    with pytest.raises(RuntimeError, match="save after close"):
+        mngr.save(1, {"x": jnp.ones(2)})
+
+
 def test_mount_from_client(tmp_path, monkeypatch):
     """With no mounts entry, the client's extract_mount_point decides."""
     (tmp_path / "mounts").write_text("")

@@ -54,7 +54,13 @@ class SafetensorsFile:
             if n > MAX_HEADER_BYTES or 8 + n > size:
                 raise ValueError(f"{self.path}: not a safetensors file (header length {n}, "
                                  f"file size {size})")
-            header = json.loads(f.read(n))
+            try:
+                header = json.loads(f.read(n))
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise ValueError(f"{self.path}: not a safetensors file (its {n}-byte header is "
+                                 f"not JSON: {err})") from None
+            if not isinstance(header, dict):
+                raise ValueError(f"{self.path}: not a safetensors file (header is not an object)")
         self.metadata = header.pop("__metadata__", None) or {}
         self._tensors: dict[str, TensorInfo] = {}
         for name, h in header.items():

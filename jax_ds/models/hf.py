@@ -370,10 +370,17 @@ def load_hf_checkpoint(path, *, dtype=jnp.bfloat16, fp8: str = "keep", mesh: Mes
         raise ValueError(f"load_hf_checkpoint: fp8={fp8!r} not in ('keep', 'dequant')")
     path = os.fspath(path)
     config_file = os.path.join(path, "config.json")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: not a checkpoint folder (config.json + safetensors)")
     if not os.path.exists(config_file):
         raise CheckpointError(f"{path}: no config.json")
-    with open(config_file) as f:
-        hf = json.load(f)
+    try:
+        with open(config_file) as f:
+            hf = json.load(f)
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{config_file}: not valid JSON ({err})") from None
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{config_file}: expected a JSON object, got {type(hf).__name__}")
     quantized = _is_fp8_checkpoint(hf)
     cfg = config_from_hf(hf, dtype=dtype, fp8_weights=quantized and fp8 == "keep", mtp=mtp)
     ckpt = Checkpoint(path)

@@ -158,6 +158,14 @@ class CheckpointManager:
         Raises the error of a failed save: this one (async_save=False) or the previous one
         (an async save's error surfaces at the next save or `wait_until_finished`).
         """
+        if getattr(self, "_closed", False):
+            raise RuntimeError(f"CheckpointManager({self.directory}): save after close()")
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+            raise ValueError(f"CheckpointManager.save: step must be an int >= 0, got {step!r}")
+        for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+            if not hasattr(leaf, "shape") and not isinstance(leaf, (int, float, complex, np.number)):
+                raise TypeError(f"CheckpointManager.save: leaf {jax.tree_util.keystr(path)} is a "
+                                f"{type(leaf).__name__}, not an array or a number")
         item = ShardSave(state) if self.io is not None else ocp.args.StandardSave(state)
         meta = {"step": int(step), **(meta or {})}
         if force or self._manager.should_save(int(step)):  # not on the steps the interval skips
@@ -232,6 +240,7 @@ class CheckpointManager:
             shutil.rmtree(path, ignore_errors=True)
 
     def close(self) -> None:
+        self._closed = True
         self._manager.close()
         self._purge_deleted()
 
