@@ -338,6 +338,13 @@ def test_bad_layouts_are_rejected():
         make_mesh(data=2, expert=3, devices=CPU)
     with pytest.raises(ValueError, match="must be a positive int"):
         make_mesh(expert=0, data=8, devices=CPU)
+    with pytest.raises(ValueError, match="must be a positive int"):
+        make_mesh(expert=True, data=8, devices=CPU)
+    with pytest.raises(ValueError, match="devices is empty"):
+        make_mesh(devices=[])
+    assert make_mesh(expert=np.int64(8), devices=CPU).shape["expert"] == 8
+    with pytest.raises(ValueError, match="vocab_size=2.5 must be an int"):
+        small_cfg(vocab_size=2.5)
     with pytest.raises(ValueError, match="axis=size"):
         parse_mesh("data=2,experts=4", 8)
     assert parse_mesh("data=2,expert=-1", 8) == {"data": 2, "expert": 4}

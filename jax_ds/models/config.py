@@ -14,6 +14,7 @@ import dataclasses
 from dataclasses import dataclass
 
 import jax.numpy as jnp
+import numpy as np
 
 SCORE_FUNCS = ("sigmoid", "softmax")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -93,7 +94,10 @@ class DeepSeekConfig:
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "kv_lora_rank",
                      "qk_nope_dim", "qk_rope_dim", "v_head_dim", "num_experts", "top_k",
                      "num_groups", "topk_groups", "max_seq_len"):
-            need(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be >= 1")
+            value = getattr(self, name)
+            need(not isinstance(value, bool) and isinstance(value, (int, np.integer)),
+                 f"{name}={value!r} must be an int")
+            need(value >= 1, f"{name}={value} must be >= 1")
         need(self.q_lora_rank >= 0, f"q_lora_rank={self.q_lora_rank} must be >= 0 (0: none)")
         need(self.qk_rope_dim % 2 == 0, f"qk_rope_dim={self.qk_rope_dim} must be even (rotary "
              "rotates pairs)")

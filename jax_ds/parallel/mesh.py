@@ -57,9 +57,12 @@ def make_mesh(*, data: int = 1, expert: int = 1, pipe: int = 1, tensor: int = 1,
     """
     sizes = {DATA: data, EXPERT: expert, PIPE: pipe, TENSOR: tensor}
     for name, size in sizes.items():
-        if not isinstance(size, int) or size < 1:
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
             raise ValueError(f"make_mesh: {name}={size!r} must be a positive int")
+    sizes = {name: int(size) for name, size in sizes.items()}
     devices = list(jax.devices() if devices is None else devices)
+    if not devices:
+        raise ValueError("make_mesh: devices is empty")
     need = math.prod(sizes.values())
     if need != len(devices):
         shape = " x ".join(f"{k}={v}" for k, v in sizes.items())
