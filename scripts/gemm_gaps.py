@@ -12,14 +12,13 @@ Host-bound when enqueue ~ wall; launch-gap-bound when span - kernels ~ gaps x ca
 """
 import os
 import sys
-import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_ds.bench import _timing
+from jax_ds.bench import _profile, _timing
 from jax_ds.ops import fp8_gemm, quantize_fp8
 
 SHAPES = ((64, 7168, 2048), (64, 32768, 512), (64, 24576, 1536), (128, 24576, 1536),
@@ -27,18 +26,11 @@ SHAPES = ((64, 7168, 2048), (64, 32768, 512), (64, 24576, 1536), (128, 24576, 15
 SETS, REPS = 16, 16
 
 
-def gpu_kernels(xspace_path):
-    """[(start_ns, end_ns)] of the GPU stream events, sorted."""
-    from jax.profiler import ProfileData
-
-    out = []
-    for plane in ProfileData.from_file(xspace_path).planes:
-        if not plane.name.startswith("/device:GPU"):
-            continue
-        for line in plane.lines:
-            if line.name.startswith("Stream"):
-                out += [(ev.start_ns, ev.start_ns + ev.duration_ns) for ev in line.events]
-    return sorted(out)
+def gpu_kernels(run):
+    """[(start_ns, end_ns)] of the GPU stream events while `run()` runs, sorted."""
+    with _profile._trace(run) as path:
+        return sorted((ev.start_ns, ev.start_ns + ev.duration_ns)
+                      for ev in _profile._stream_events(path))
 
 
 def measure(m, n, k):
@@ -64,13 +56,7 @@ def measure(m, n, k):
         enqueues.append(t1 - t0)
         walls.append(t2 - t0)
         del out
-    with tempfile.TemporaryDirectory() as d:
-        jax.profiler.start_trace(d)
-        jax.block_until_ready(compiled(*args))
-        jax.profiler.stop_trace()
-        path = next(os.path.join(r, f) for r, _, fs in os.walk(d) for f in fs
-                    if f.endswith(".xplane.pb"))
-        ev = gpu_kernels(path) or [(0, 0)]  # none on a CPU
+    ev = gpu_kernels(lambda: jax.block_until_ready(compiled(*args))) or [(0, 0)]  # none: CPU
     kernel = sum(e - s for s, e in ev)
     span = ev[-1][1] - ev[0][0]
     gaps = [max(0, s - pe) for (_, pe), (s, _) in zip(ev, ev[1:])]

@@ -90,7 +90,7 @@ def xla_fp8_tensor(a8, b8, s):
         jnp.bfloat16)
 
 
-def _measure(fn, arg_sets, row, args, *, torch=False):
+def _measure(fn, arg_sets, row, args, *, torch=False, span=False):
     """Per-call and device-bound timing of fn over arg_sets -> the result dict of one cell."""
     kw = {"budget_s": args.budget, "repeats": args.repeats}
     t = (_timing.time_torch if torch else _timing.time_jax)(fn, arg_sets, iters=args.iters, **kw)
@@ -101,7 +101,7 @@ def _measure(fn, arg_sets, row, args, *, torch=False):
         result.update(_rates("device_", d.median_s, row))
     except Exception as e:  # e.g. a graph capture torch refuses: keep the per-call number
         result["device_error"] = error_cell(e)["error"]
-    if not torch:  # the GPU's own span of that executable (torch's graph time is already that)
+    if span:  # ours: the GPU's own span of that executable (torch's graph time is already that)
         try:
             result.update(_rates("span_", _timing.span_jax_launch(fn, arg_sets), row))
         except Exception as e:  # no GPU, no profiler
@@ -149,7 +149,7 @@ def bench_shape(m, n, k, key, args, *, ours_na, num_sms, peak, torch_gemm):
             out = np.asarray(ours(*block[0]), np.float32)
             row["diff"] = None if ref is None else float(calc_diff(out, ref))
             row["nonfinite"] = int(np.size(out) - np.isfinite(out).sum())
-            res["ours"] = _measure(ours, block, row, args)
+            res["ours"] = _measure(ours, block, row, args, span=True)
             try:  # kernel time alone (profiler), the kind of number DeepGEMM publishes
                 t = _profile.device_time_jax(ours, block, calls=2 * len(block))
                 res["ours"].update(_rates("kernel_", t, row))
@@ -269,7 +269,7 @@ def run(args):
                              "repeated inside it, doubling, while that still lowers the "
                              "time per call) or one CUDA graph (torch), time / calls",
                    "kernel": "ours only: sum of GPU kernel durations from jax.profiler / calls",
-                   "span": "JAX only: GPU span (first kernel start to last end, jax.profiler) "
+                   "span": "ours only: GPU span (first kernel start to last end, jax.profiler) "
                            "of the device-bound executable at 4 repeats, / calls",
                    "budget_s": args.budget, "repeats": args.repeats, "iters": args.iters}}
     rows = []

@@ -212,7 +212,7 @@ def moe_unpermute(y, perm, topk_weights, *, impl: str = "auto"):
         raise ValueError(f"{op}: topk_weights {tuple(topk_weights.shape)} must match perm "
                          f"{tuple(perm.shape)}")
     if y.shape[0] == 0:  # every slot dropped (y sliced to sum(group_sizes) = 0): all zeros
-        check_choice(op, "impl", impl, ("auto", "ffi", "xla"))
+        check_choice(op, "impl", impl, _ffi.IMPLS)
         return jnp.zeros((perm.shape[0], y.shape[1]), y.dtype)
     use_kernel = _use_kernel(op, UNPERMUTE_TARGET, impl, y.dtype)
     return _unpermute(y, perm, topk_weights, use_kernel)
