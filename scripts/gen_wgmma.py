@@ -9,7 +9,7 @@ import pathlib
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "ffi" / "common"
-FP8_N = (16, 32, 64, 128)
+FP8_N = (16, 32, 64, 128, 192)
 BF16 = (("WgmmaBf16", 64, False), ("WgmmaBf16TransB", 256, True))  # (struct, N, B MN-major)
 
 

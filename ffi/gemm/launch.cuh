@@ -118,11 +118,12 @@ ffi::Error DispatchTile(const char* op, int block_m, int block_n, int cluster_n,
   JAX_DS_GEMM_TILE(128, 32)
   JAX_DS_GEMM_TILE(128, 64)
   JAX_DS_GEMM_TILE(128, 128)
+  JAX_DS_GEMM_TILE(128, 192)
 #undef JAX_DS_GEMM_TILE
   return ffi::Error::InvalidArgument(
       std::string(op) + ": no compiled tile " + std::to_string(block_m) + "x" +
       std::to_string(block_n) + " cluster " + std::to_string(cluster_n) +
-      " (block_m in {64,128}, block_n in {16,32,64,128}, cluster_n in {1,2})");
+      " (block_m in {64,128}, block_n in {16,32,64,128} or 128x192, cluster_n in {1,2})");
 }
 
 }  // namespace jax_ds::gemm

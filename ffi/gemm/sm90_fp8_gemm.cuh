@@ -15,7 +15,8 @@
 // their A rows: each CTA loads half of the A tile and multicasts it to both, so A crosses L2
 // once per pair (large shapes are bound by L2 -> SM traffic, small-M shapes re-read A per tile).
 // A stage is refilled only after the consumers of *both* CTAs released it.
-// BN divides 128, so a tile sees a single B scale per K block.
+// BN divides 128, so a tile sees a single B scale per K block; or BN = 192, whose tiles span
+// two scale blocks (the column where the second starts is the tile's `boundary`).
 //
 // Which tiles a CTA computes is the scheduler's business (template parameter `Sched`): the dense
 // GEMM walks one [M, N] grid, the grouped GEMMs walk per-group row ranges over shared tensors.
@@ -293,10 +294,16 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
                          const Sched sched_in, int M, int N, int K, int num_stages,
                          int out_bytes) {
   static_assert(BM == 64 || BM == 128, "BM is 64 rows per consumer warpgroup");
-  static_assert(128 % BN == 0 && BN >= 16, "BN must divide the 128-wide B scale block");
+  static_assert((128 % BN == 0 && BN >= 16) || BN == 192,
+                "BN divides the 128-wide B scale block, or is 192 (two scale blocks per tile)");
   static_assert(kClusterN == 1 || kClusterN == 2, "clusters of 1 or 2 CTAs along N");
   using Smem = GemmSmem<BM, BN, OutT>;
   constexpr int kAccRegs = WgmmaFp8<BN>::kRegs;
+  // BN = 192 spans two B scale blocks (columns past `boundary` take the second) and leaves no
+  // registers for a second accumulator set: its k blocks are issued, waited and promoted one
+  // at a time (the other consumer warpgroup's WGMMAs keep the tensor cores busy meanwhile).
+  constexpr bool kTwoScales = 128 % BN != 0;
+  constexpr bool kDoubleAcc = 3 * kAccRegs <= 192;
   constexpr int kATileBytes = BM * kBlockK;
   constexpr int kBTileBytes = BN * kBlockK;
   constexpr int kASliceRows = BM / kClusterN;  // rows of A each CTA of a cluster loads
@@ -374,7 +381,7 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
     // Two accumulator sets: the WGMMAs of k block kb run while block kb-1 is promoted. The
     // scales of a block are loaded when its WGMMAs are issued, so promotion never waits on them.
     float acc[2][kAccRegs];
-    float scale_a0[2], scale_a1[2], scale_b[2];
+    float scale_a0[2], scale_a1[2], scale_b[2], scale_b_hi[2];
     float total[kAccRegs];
     int stage = 0;
     uint32_t phase = 0;
@@ -386,6 +393,12 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
       const float* sa0 = a_scale + static_cast<int64_t>(min(row0, M - 1)) * k_blocks;
       const float* sa1 = a_scale + static_cast<int64_t>(min(row1, M - 1)) * k_blocks;
       const float* sb = b_scale + static_cast<int64_t>(c.sb_row) * k_blocks;
+      // kTwoScales: the tile's columns from `boundary` on (a multiple of 64) take the next B
+      // scale row, if the tile reaches it before N; else the one row serves all columns.
+      const int n0 = c.n_block * BN;
+      const int boundary = kTwoScales ? 128 - n0 % 128 : BN;
+      const float* sb_hi =
+          sb + (kTwoScales && n0 + boundary < N ? static_cast<int64_t>(k_blocks) : 0);
 #pragma unroll
       for (int i = 0; i < kAccRegs; ++i) total[i] = 0.f;
 
@@ -393,6 +406,7 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
         scale_a0[set] = __ldg(sa0 + kb);
         scale_a1[set] = __ldg(sa1 + kb);
         scale_b[set] = __ldg(sb + kb);
+        if constexpr (kTwoScales) scale_b_hi[set] = __ldg(sb_hi + kb);
         issue_k_block<BN>(acc[set], &full[stage], phase,
                           tiles_a + stage * kATileBytes + consumer * 64 * kBlockK,
                           tiles_b + stage * kBTileBytes);
@@ -417,12 +431,30 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
         if (++release_stage == num_stages) release_stage = 0;
         const float s0 = scale_a0[set] * scale_b[set];
         const float s1 = scale_a1[set] * scale_b[set];
-        // Registers 4j, 4j+1 hold row0; 4j+2, 4j+3 hold row1.
+        // Registers 4j, 4j+1 hold row0; 4j+2, 4j+3 hold row1, at columns 8j + (lane % 4) * 2.
+        if constexpr (kTwoScales) {
+          const float h0 = scale_a0[set] * scale_b_hi[set];
+          const float h1 = scale_a1[set] * scale_b_hi[set];
 #pragma unroll
-        for (int i = 0; i < kAccRegs; ++i) total[i] = fmaf(a[i], (i % 4) < 2 ? s0 : s1, total[i]);
+          for (int i = 0; i < kAccRegs; ++i) {
+            const bool hi = 8 * (i / 4) >= boundary;
+            total[i] = fmaf(a[i], (i % 4) < 2 ? (hi ? h0 : s0) : (hi ? h1 : s1), total[i]);
+          }
+        } else {
+#pragma unroll
+          for (int i = 0; i < kAccRegs; ++i) {
+            total[i] = fmaf(a[i], (i % 4) < 2 ? s0 : s1, total[i]);
+          }
+        }
       };
 
-      if (!c.zero) {  // a zero tile keeps total = 0 and goes straight to the stores
+      if (!c.zero && !kDoubleAcc) {  // one accumulator set: issue, wait, promote
+        for (int kb = 0; kb < k_blocks; ++kb) {
+          issue(0, kb);
+          sm90::wgmma_wait<0>();
+          promote(0);
+        }
+      } else if (!c.zero) {  // a zero tile keeps total = 0 and goes straight to the stores
         issue(0, 0);
         int kb = 1;
         for (; kb + 1 < k_blocks; kb += 2) {  // register sets must be named statically: unroll by 2
