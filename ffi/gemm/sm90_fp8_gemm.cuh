@@ -380,7 +380,7 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
 
     // Two accumulator sets: the WGMMAs of k block kb run while block kb-1 is promoted. The
     // scales of a block are loaded when its WGMMAs are issued, so promotion never waits on them.
-    float acc[2][kAccRegs];
+    float acc[kDoubleAcc ? 2 : 1][kAccRegs];
     float scale_a0[2], scale_a1[2], scale_b[2], scale_b_hi[2];
     float total[kAccRegs];
     int stage = 0;
@@ -435,10 +435,18 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
         if constexpr (kTwoScales) {
           const float h0 = scale_a0[set] * scale_b_hi[set];
           const float h1 = scale_a1[set] * scale_b_hi[set];
+          // boundary is 64 or 128: columns 0-63 take the first row's scale, 128-191 the
+          // second's, and only 64-127 depend on the tile (one select per k block, not per value).
+          static_assert(!kTwoScales || BN == 192, "two-scale promotion assumes 64-column thirds");
+          const float m0 = boundary > 64 ? s0 : h0;
+          const float m1 = boundary > 64 ? s1 : h1;
 #pragma unroll
           for (int i = 0; i < kAccRegs; ++i) {
-            const bool hi = 8 * (i / 4) >= boundary;
-            total[i] = fmaf(a[i], (i % 4) < 2 ? (hi ? h0 : s0) : (hi ? h1 : s1), total[i]);
+            const int third = i / 32;  // 4 registers per 8 columns: 32 per 64 columns
+            const bool row1 = (i % 4) >= 2;
+            const float sc = third == 0 ? (row1 ? s1 : s0)
+                             : third == 1 ? (row1 ? m1 : m0) : (row1 ? h1 : h0);
+            total[i] = fmaf(a[i], sc, total[i]);
           }
         } else {
 #pragma unroll
@@ -448,8 +456,8 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
         }
       };
 
-      if (!c.zero && !kDoubleAcc) {  // one accumulator set: issue, wait, promote
-        for (int kb = 0; kb < k_blocks; ++kb) {
+      if constexpr (!kDoubleAcc) {  // one accumulator set: issue, wait, promote
+        for (int kb = 0; kb < (c.zero ? 0 : k_blocks); ++kb) {
           issue(0, kb);
           sm90::wgmma_wait<0>();
           promote(0);
