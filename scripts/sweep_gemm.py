@@ -1,5 +1,7 @@
 """Times every compiled tile (block_m x block_n, cluster 1 or 2) on the benchmark shapes; prints
-the best per shape next to gemm_config's pick and writes JSON (for tuning gemm_config)."""
+the best per shape next to gemm_config's pick and writes JSON (for tuning gemm_config).
+With --split, each tile x cluster whose last wave gemm.split_plan would split is also timed with
+that split (key suffix "s"); gemm_config's pick is timed as it is configured."""
 import argparse, json, os
 import jax, jax.numpy as jnp
 from jax_ds.arg_specs import gemm_bench_shapes
@@ -7,13 +9,15 @@ from jax_ds.bench._profile import device_time_jax
 from jax_ds.ops import quantize_fp8
 from jax_ds.ops import gemm
 
-def call(ops, bm, bn, sms, cn):
-    return gemm.ffi_fp8_gemm(*ops, gemm.GemmConfig(bm, bn, sms, cn))
+def call(ops, bm, bn, sms, cn, split=(0, 1)):
+    return gemm.ffi_fp8_gemm(*ops, gemm.GemmConfig(bm, bn, sms, cn, *split))
 
 parser = argparse.ArgumentParser(description=__doc__)
 parser.add_argument("--m", type=int, nargs="+", help="only the shapes of these m")
 parser.add_argument("--tiles", nargs="+", metavar="BMxBN",
                     help="only these tiles (e.g. 128x128 128x64), each with both cluster sizes")
+parser.add_argument("--split", action="store_true",
+                    help="also time each tile x cluster with split_plan's K split of its last wave")
 args = parser.parse_args()
 sms = jax.devices()[0].core_count
 rows = []
@@ -35,11 +39,16 @@ for (m, n, k) in gemm_bench_shapes():
             f = jax.jit(lambda *o, bm=bm, bn=bn, cn=cn: call(o, bm, bn, sms, cn))
             med = device_time_jax(f, sets, 12)
             res[f"{bm}x{bn}c{cn}"] = 2 * m * n * k / med / 1e12
+            units = -(-m // bm) * -(-(-(-n // bn)) // cn)
+            split = gemm.split_plan(units, sms // cn, k // 128)[:2]
+            if args.split and split[0]:
+                f = jax.jit(lambda *o, bm=bm, bn=bn, cn=cn, sp=split: call(o, bm, bn, sms, cn, sp))
+                res[f"{bm}x{bn}c{cn}s"] = 2 * m * n * k / device_time_jax(f, sets, 12) / 1e12
     best = max(res, key=res.get)
     pick = gemm.gemm_config(m, n, k, sms)
-    pk = f"{pick.block_m}x{pick.block_n}c{pick.cluster_n}"
-    if pk not in res:  # --tiles left the pick out: time it too
-        f = jax.jit(lambda *o: call(o, pick.block_m, pick.block_n, sms, pick.cluster_n))
+    pk = f"{pick.block_m}x{pick.block_n}c{pick.cluster_n}" + ("s" if pick.split_units else "")
+    if pk not in res:  # --tiles (or no --split) left the pick out: time it too
+        f = jax.jit(lambda *o: gemm.ffi_fp8_gemm(*o, pick))
         res[pk] = 2 * m * n * k / device_time_jax(f, sets, 12) / 1e12
     print(f"{m:5d} {n:6d} {k:6d} best {best:7s} {res[best]:7.0f}  pick {pk:7s} {res[pk]:7.0f}  "
           + " ".join(f"{t}:{v:.0f}" for t, v in res.items()), flush=True)

@@ -20,6 +20,7 @@ gemm = pytest.importorskip("jax_ds.ops.gemm")
 import jax.numpy as jnp  # noqa: E402
 
 from jax_ds import _ffi, arg_specs, testing  # noqa: E402
+from jax_ds.ops._checks import cdiv  # noqa: E402
 from jax_ds.ops import dequantize_fp8, fp8_gemm, fp8_gemm_reference, quantize_fp8  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -151,6 +152,51 @@ def test_every_tile(m, n, k, block_m, block_n, cluster_n):
             out = _ffi_gemm(ops, out_dtype, block_m, block_n, num_sms, cluster_n)
             _check(out, ref, err_scale, k,
                    f"tile {block_m}x{block_n} cluster {cluster_n}, {num_sms} SMs, {m}x{n}x{k}")
+
+
+@pytest.mark.parametrize("block_m,block_n,cluster_n",
+                         [(128, 128, 1), (128, 128, 2), (64, 64, 1), (128, 16, 2), (64, 128, 2),
+                          (128, 192, 1), (128, 192, 2)])
+@pytest.mark.parametrize("m,n,k", [(4095, 2112, 1024), (200, 300, 384), (1000, 129, 7168),
+                                   (130, 48, 640)])
+def test_split_k_tail(m, n, k, block_m, block_n, cluster_n):
+    """The last `split_units` units computed as K slices on several SMs, partial sums added in the
+    workspace: every unit split or a few, 2 slices up to one per k block, several grid sizes (a
+    CTA may run several slices of one tile), both output dtypes, and the same bits twice."""
+    ops, ref, err_scale = _case(m, n, k, spread=0.0, seed=2)
+    k_blocks = k // 128
+    units = cdiv(m, block_m) * cdiv(cdiv(n, block_n), cluster_n)
+    plans = {(units, k_blocks), (units, 2), (min(units, 3), max(2, k_blocks // 3)), (1, k_blocks)}
+    for i, (split_units, splits) in enumerate(sorted(plans)):
+        out_dtype = OUT_DTYPES[i % 2]
+        for num_sms in sorted({_ffi.num_sms(), 4}):
+            cfg = gemm.GemmConfig(block_m, block_n, num_sms, cluster_n, split_units, splits)
+            run = jax.jit(functools.partial(gemm.ffi_fp8_gemm, cfg=cfg, out_dtype=out_dtype))
+            out = run(*ops)
+            _check(out, ref, err_scale, k, f"{cfg}, {m}x{n}x{k}")
+            np.testing.assert_array_equal(np.asarray(run(*ops)), np.asarray(out),
+                                          err_msg=f"not deterministic: {cfg}")
+
+
+def test_split_k_chosen_for_a_short_last_wave():
+    """gemm_config splits the last wave of 4096x2112x7168 (544 tiles on 132 SMs); the kernel
+    with that plan matches the reference."""
+    m, n, k = 4096, 2112, 7168
+    cfg = gemm.gemm_config(m, n, k, _ffi.num_sms())
+    if _ffi.num_sms() == 132:
+        assert (cfg.split_units, cfg.splits) == (16, 8), cfg
+    ops, ref, err_scale = _case(m, n, k)
+    _check(fp8_gemm(*ops, impl="ffi"), ref, err_scale, k, f"gemm_config {cfg}")
+
+
+def test_bad_split_plans_are_errors_not_launches():
+    ops, ref, err_scale = _case(256, 256, 512, spread=0.0)
+    units = 4  # 128x128 tiles, cluster 1
+    for split_units, splits in ((units + 1, 2), (1, 5), (-1, 2), (1, 0)):
+        cfg = gemm.GemmConfig(128, 128, 8, 1, split_units, splits)
+        with pytest.raises(Exception, match="fp8_gemm"):
+            jax.block_until_ready(gemm.ffi_fp8_gemm(*ops, cfg))
+    _check(fp8_gemm(*ops, impl="ffi"), ref, err_scale, 512, "after errors")
 
 
 def test_bad_attributes_are_errors_not_launches():

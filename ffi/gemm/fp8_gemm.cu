@@ -2,6 +2,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <string>
 #include <type_traits>
 
 #include "common/status.h"
@@ -11,13 +12,39 @@
 namespace jax_ds::gemm {
 namespace {
 
+// The split-K workspace of a tile: f32 partials, then the int counters (see SplitWorkspace).
+struct SplitPlan {
+  int split_units, splits;
+};
+
 template <typename OutT>
-ffi::Error Dispatch(int block_m, int block_n, int cluster_n, cudaStream_t stream,
-                    const GemmArgs<OutT>& args) {
+ffi::Error Dispatch(int block_m, int block_n, int cluster_n, SplitPlan plan, cudaStream_t stream,
+                    const GemmArgs<OutT>& args, float* workspace, int64_t workspace_floats) {
   return DispatchTile("jax_ds_fp8_gemm", block_m, block_n, cluster_n, [&](auto tile) {
     using T = decltype(tile);
     using Sched = DenseScheduler<T::BM, T::BN, T::kClusterN>;
-    const Sched sched = Sched::make(args.a_rows, args.N);
+    const int k_blocks = args.K / kBlockK;
+    const int64_t units = Sched::make(args.a_rows, args.N).num_tile_units();
+    JAX_DS_CHECK_ARG(plan.split_units >= 0 && plan.split_units <= units && plan.splits >= 1 &&
+                         plan.splits <= k_blocks,
+                     "fp8_gemm: need 0 <= split_units <= tile units (" + std::to_string(units) +
+                         ") and 1 <= splits <= K/128");
+    SplitWorkspace ws;
+    if (plan.split_units > 0 && plan.splits > 1) {
+      const int64_t per_unit = int64_t{T::kClusterN} * T::BM * T::BN;  // floats per slice
+      const int64_t partials = plan.split_units * plan.splits * per_unit;
+      const int64_t counters = int64_t{plan.split_units} * T::kClusterN * (T::BM / 64);
+      JAX_DS_CHECK_ARG(workspace_floats >= partials + counters,
+                       "fp8_gemm: the split-K workspace needs " +
+                           std::to_string(partials + counters) + " floats, got " +
+                           std::to_string(workspace_floats));
+      ws.partials = workspace;
+      ws.counters = reinterpret_cast<int*>(workspace + partials);
+      JAX_DS_CUDA_RETURN_IF_ERROR(
+          cudaMemsetAsync(ws.counters, 0, counters * sizeof(int), stream));
+    }
+    const Sched sched =
+        Sched::make(args.a_rows, args.N, k_blocks, plan.split_units, plan.splits, ws);
     return LaunchGemm<T::BM, T::BN, T::kClusterN>(stream, args, sched, sched.num_units(),
                                                   Sched::extra_smem_bytes());
   });
@@ -26,7 +53,9 @@ ffi::Error Dispatch(int block_m, int block_n, int cluster_n, cudaStream_t stream
 ffi::Error Fp8GemmImpl(cudaStream_t stream, ffi::AnyBuffer a,
                        ffi::Buffer<ffi::F32> a_scale, ffi::AnyBuffer b,
                        ffi::Buffer<ffi::F32> b_scale, ffi::Result<ffi::AnyBuffer> out,
-                       int32_t block_m, int32_t block_n, int32_t cluster_n, int32_t num_sms) {
+                       ffi::Result<ffi::Buffer<ffi::F32>> workspace, int32_t block_m,
+                       int32_t block_n, int32_t cluster_n, int32_t num_sms, int32_t split_units,
+                       int32_t splits) {
   auto ad = a.dimensions(), bd = b.dimensions(), sad = a_scale.dimensions(),
        sbd = b_scale.dimensions(), od = out->dimensions();
   JAX_DS_CHECK_ARG(ad.size() == 2 && bd.size() == 2 && sad.size() == 2 && sbd.size() == 2 &&
@@ -48,9 +77,10 @@ ffi::Error Fp8GemmImpl(cudaStream_t stream, ffi::AnyBuffer a,
   const int m = static_cast<int>(M), n = static_cast<int>(N), k = static_cast<int>(K);
   return WithOutType("fp8_gemm", out, [&](auto* out_ptr) {
     using OutT = std::remove_pointer_t<decltype(out_ptr)>;
-    return Dispatch(block_m, block_n, cluster_n, stream,
+    return Dispatch(block_m, block_n, cluster_n, SplitPlan{split_units, splits}, stream,
                     GemmArgs<OutT>{a.untyped_data(), a_scale.typed_data(), b.untyped_data(),
-                                   b_scale.typed_data(), out_ptr, m, n, n, k, num_sms});
+                                   b_scale.typed_data(), out_ptr, m, n, n, k, num_sms},
+                    workspace->typed_data(), static_cast<int64_t>(workspace->element_count()));
   });
 }
 
@@ -65,10 +95,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxDsFp8Gemm, jax_ds::gemm::Fp8GemmImpl,
                                   .Arg<xla::ffi::AnyBuffer>()                   // b (e4m3fn)
                                   .Arg<xla::ffi::Buffer<xla::ffi::F32>>()       // b_scale
                                   .Ret<xla::ffi::AnyBuffer>()                   // out
+                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()       // split-K workspace
                                   .Attr<int32_t>("block_m")
                                   .Attr<int32_t>("block_n")
                                   .Attr<int32_t>("cluster_n")
-                                  .Attr<int32_t>("num_sms"),
+                                  .Attr<int32_t>("num_sms")
+                                  .Attr<int32_t>("split_units")
+                                  .Attr<int32_t>("splits"),
                               // Only enqueues work on the stream: XLA may capture it into a CUDA
                               // graph (command buffer) with its neighbours, which removes the
                               // per-launch host cost from jitted programs.

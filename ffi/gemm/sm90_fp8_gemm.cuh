@@ -42,6 +42,20 @@ struct TileCoord {
   int b_row;    // first row of B of the tile (a group's B sits at group * N)
   int sb_row;   // row of b_scale ([*, K/128]) holding this tile's 128-row block of B
   bool zero;    // no product: the tile's rows [a_row, row_end) are written as zeros
+  // K slicing (dense scheduler, tail units only): this unit computes k blocks [kb_begin,
+  // kb_end) (kb_end clamped to K/128) of its tile. The promoted sums of a slice go to a
+  // workspace; the slice that finishes last adds all slices in slice order and stores the tile.
+  // (The split and slice of a unit come from the scheduler's split_of, after the K loop.)
+  int kb_begin = 0;
+  int kb_end = 1 << 30;
+};
+
+// Where the K slices of split tiles meet (dense GEMM; all null / 0 without splits): f32
+// partials [split units][splits][kClusterN][consumers][regs][128 threads], then one int
+// counter per (split unit, cluster rank, consumer), zeroed before the launch.
+struct SplitWorkspace {
+  float* partials = nullptr;
+  int* counters = nullptr;
 };
 
 // Work-unit order shared by the schedulers: bands of kBandM row tiles walked column by column,
@@ -57,25 +71,55 @@ __device__ __forceinline__ void banded_order(int unit, int num_m_tiles, int num_
   n_unit = in_band / rows;
 }
 
-// Dense problem: one [M, N] grid of tiles.
+// Dense problem: one [M, N] grid of tiles. The last `split_units` units of the walk (the
+// partial last wave) may each be cut into `splits` K slices, consecutive in the walk, so they
+// run on different SMs at once instead of leaving most SMs idle for a whole tile's K loop.
 template <int BM, int BN, int kClusterN>
 struct DenseScheduler {
+  static constexpr bool kSplits = true;
   int M, N, num_m_blocks, num_n_units;
+  int k_blocks = 1, split_units = 0, splits = 1;
+  SplitWorkspace ws;
 
-  static constexpr int extra_smem_bytes() { return 0; }
-  __host__ __device__ static DenseScheduler make(int M, int N) {
+  // smem [2] after the barriers: per consumer, "this slice finished its split tile last"
+  static constexpr int extra_smem_bytes() { return 16; }
+  // split_units in [0, units], splits in [1, k_blocks] (the handler checks).
+  __host__ __device__ static DenseScheduler make(int M, int N, int k_blocks = 1,
+                                                 int split_units = 0, int splits = 1,
+                                                 SplitWorkspace ws = {}) {
     const int n_blocks = (N + BN - 1) / BN;
-    return {M, N, (M + BM - 1) / BM, (n_blocks + kClusterN - 1) / kClusterN};
+    const bool split = split_units > 0 && splits > 1;
+    return {M, N, (M + BM - 1) / BM, (n_blocks + kClusterN - 1) / kClusterN, k_blocks,
+            split ? split_units : 0, split ? splits : 1, ws};
   }
   __device__ __forceinline__ void init(int*) {}
-  __host__ __device__ int num_units() const { return num_m_blocks * num_n_units; }
+  __host__ __device__ int num_tile_units() const { return num_m_blocks * num_n_units; }
+  __host__ __device__ int num_units() const {
+    return num_tile_units() + split_units * (splits - 1);
+  }
+  // Whether `unit` is a K slice; if so, of which split unit and which slice of it.
+  __device__ __forceinline__ bool split_of(int unit, int& split, int& slice) const {
+    const int whole = num_tile_units() - split_units;  // units computed whole come first
+    if (unit < whole) return false;
+    split = (unit - whole) / splits;
+    slice = (unit - whole) % splits;
+    return true;
+  }
   __device__ __forceinline__ TileCoord tile(int unit, int rank) const {
+    int split = -1, slice = 0;
+    const bool sliced = split_of(unit, split, slice);
+    if (sliced) unit = num_tile_units() - split_units + split;
     int m_block, n_unit;
     banded_order(unit, num_m_blocks, num_n_units, m_block, n_unit);
     // The second tile of a pair may lie past N (odd block count): its B box reads as zeros
     // and its stores are clipped; its b_scale row is clamped to stay in bounds.
     const int n_block = n_unit * kClusterN + static_cast<int>(rank);
-    return {m_block * BM, M, n_block, n_block * BN, min(n_block * BN, N - 1) / 128, false};
+    TileCoord c{m_block * BM, M, n_block, n_block * BN, min(n_block * BN, N - 1) / 128, false};
+    if (sliced) {
+      c.kb_begin = slice * k_blocks / splits;
+      c.kb_end = (slice + 1) * k_blocks / splits;
+    }
+    return c;
   }
 };
 
@@ -91,6 +135,7 @@ struct DenseScheduler {
 // of bounds whatever `sizes` holds.
 template <int BM, int BN, int kClusterN>
 struct GroupedScheduler {
+  static constexpr bool kSplits = false;
   static constexpr int kMaxGroups = 1024;
   const int* sizes;  // device [G]
   int G, M, N, mmax, num_n_units;
@@ -318,6 +363,8 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
   uint64_t* empty = full + num_stages;
   Sched sched = sched_in;
   sched.init(reinterpret_cast<int*>(empty + num_stages));  // the scheduler's tables, if any
+  // (dense: per consumer, whether its K slice was the split tile's last; in the same place)
+  volatile int* const split_last = reinterpret_cast<int*>(empty + num_stages);
 
   const int warpgroup = threadIdx.x / 128;
   const int k_blocks = K / kBlockK;
@@ -349,7 +396,8 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
       for (int u = cluster; u < sched.num_units(); u += num_clusters) {
         const TileCoord c = sched.tile(u, rank);
         if (c.zero) continue;  // nothing to load: the consumers write zeros
-        for (int kb = 0; kb < k_blocks; ++kb) {
+        const int kb_end = min(c.kb_end, k_blocks);
+        for (int kb = c.kb_begin; kb < kb_end; ++kb) {
           sm90::mbar_wait(&empty[stage], phase ^ 1);  // a fresh barrier passes parity 1
           sm90::mbar_arrive_expect_tx(&full[stage], kATileBytes + kBTileBytes);
           uint8_t* dst_a = tiles_a + stage * kATileBytes + rank * kASliceRows * kBlockK;
@@ -456,16 +504,18 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
         }
       };
 
+      // This unit's k blocks (all of them unless the tile is split along K); at least one.
+      const int kb_first = c.kb_begin, kb_end = min(c.kb_end, k_blocks);
       if constexpr (!kDoubleAcc) {  // one accumulator set: issue, wait, promote
-        for (int kb = 0; kb < (c.zero ? 0 : k_blocks); ++kb) {
+        for (int kb = kb_first; kb < (c.zero ? kb_first : kb_end); ++kb) {
           issue(0, kb);
           sm90::wgmma_wait<0>();
           promote(0);
         }
       } else if (!c.zero) {  // a zero tile keeps total = 0 and goes straight to the stores
-        issue(0, 0);
-        int kb = 1;
-        for (; kb + 1 < k_blocks; kb += 2) {  // register sets must be named statically: unroll by 2
+        issue(0, kb_first);
+        int kb = kb_first + 1;
+        for (; kb + 1 < kb_end; kb += 2) {  // register sets must be named statically: unroll by 2
           issue(1, kb);
           sm90::wgmma_wait<1>();
           promote(0);
@@ -473,7 +523,7 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
           sm90::wgmma_wait<1>();
           promote(1);
         }
-        if (kb < k_blocks) {  // k_blocks even: block kb is left, block kb-1 is in flight in set 0
+        if (kb < kb_end) {  // an even count: block kb is left, block kb-1 is in flight in set 0
           issue(1, kb);
           sm90::wgmma_wait<1>();
           promote(0);
@@ -482,6 +532,42 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
         } else {
           sm90::wgmma_wait<0>();
           promote(0);
+        }
+      }
+
+      if constexpr (Sched::kSplits) {
+        int split, slice;
+        if (sched_in.split_of(u, split, slice)) {  // leave the partial sums; the last slice adds up
+          const int t = threadIdx.x % 128;
+          constexpr int kSliceFloats = 64 * BN;  // one consumer's partial
+          const int64_t stride = static_cast<int64_t>(kClusterN) * Smem::kConsumers * kSliceFloats;
+          float* const first = sched_in.ws.partials +
+                               static_cast<int64_t>(split) * sched_in.splits * stride +
+                               (static_cast<int64_t>(rank) * Smem::kConsumers + consumer) *
+                                   kSliceFloats;
+          float* const mine = first + slice * stride;
+#pragma unroll
+          for (int i = 0; i < kAccRegs; ++i) __stcg(mine + i * 128 + t, total[i]);
+          __threadfence();  // this thread's partial is visible device-wide before the count
+          sm90::named_barrier(1 + consumer, 128);
+          if (leader) {
+            int* counter = sched_in.ws.counters +
+                           (split * kClusterN + static_cast<int>(rank)) * Smem::kConsumers +
+                           consumer;
+            split_last[consumer] = atomicAdd(counter, 1) == sched_in.splits - 1;
+          }
+          sm90::named_barrier(1 + consumer, 128);
+          if (!split_last[consumer]) continue;  // another slice stores the tile
+          __threadfence();
+          // Every slice's sums, in slice order (the same bits whichever slice finished last).
+#pragma unroll
+          for (int i = 0; i < kAccRegs; ++i) total[i] = __ldcg(first + i * 128 + t);
+          for (int sl = 1; sl < sched_in.splits; ++sl) {
+#pragma unroll
+            for (int i = 0; i < kAccRegs; ++i) {
+              total[i] += __ldcg(first + sl * stride + i * 128 + t);
+            }
+          }
         }
       }
 

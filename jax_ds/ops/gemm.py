@@ -34,6 +34,12 @@ TILES = ((128, 128), (128, 64), (128, 32), (128, 16), (64, 128), (64, 64), (64, 
          (128, 192))
 CLUSTERS = (1, 2)  # CTAs per cluster along N (2: the pair shares A, loaded once from L2)
 FILL_FRACTION = 0.75  # a tile shape is "wide enough" once its tiles cover this share of the SMs
+# Split-K of the last, partial wave (dense GEMM): a slice gets at least SPLIT_MIN_KBLOCKS k blocks,
+# the partial sums' round trip is estimated at SPLIT_COST_KBLOCKS k blocks' time, and the split is
+# used only when it saves SPLIT_MIN_GAIN of the estimated time.
+SPLIT_MIN_KBLOCKS = 4
+SPLIT_COST_KBLOCKS = 2
+SPLIT_MIN_GAIN = 0.05
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -42,11 +48,50 @@ class GemmConfig:
     block_n: int  # rows of b per tile; (block_m, block_n) is one of TILES
     num_sms: int  # SMs the persistent grid may use (the kernel also caps it at the tile count)
     cluster_n: int = 1  # one of CLUSTERS
+    # Dense GEMM only: the last `split_units` work units (a unit is cluster_n tiles side by side)
+    # are each computed as `splits` K slices on different SMs, their partial sums added in a
+    # workspace (0 / 1: no split).
+    split_units: int = 0
+    splits: int = 1
 
     def attrs(self) -> dict:
-        """The FFI attributes of the GEMM custom calls."""
+        """The FFI attributes of the GEMM custom calls (the tile's; `split_attrs` adds the split)."""
         return dict(block_m=np.int32(self.block_m), block_n=np.int32(self.block_n),
                     cluster_n=np.int32(self.cluster_n), num_sms=np.int32(self.num_sms))
+
+    def split_attrs(self) -> dict:
+        """The dense GEMM's attributes: the tile's and the split-K plan's."""
+        return dict(self.attrs(), split_units=np.int32(self.split_units),
+                    splits=np.int32(self.splits))
+
+    def workspace_floats(self) -> int:
+        """float32 elements of the dense GEMM's split-K workspace (partials + counters), >= 1."""
+        if self.split_units <= 0 or self.splits <= 1:
+            return 1
+        unit = self.cluster_n * self.block_m * self.block_n
+        return (self.split_units * self.splits * unit
+                + self.split_units * self.cluster_n * (self.block_m // 64))
+
+
+def split_plan(units: int, clusters: int, k_blocks: int) -> tuple[int, int, int]:
+    """(split_units, splits, estimated time in k-block steps) for `units` work units of
+    `k_blocks` each on `clusters` persistent clusters.
+
+    Without a split the last wave holds `units % clusters` units and leaves the other clusters
+    idle for a whole K loop; cut into `splits` K slices each (at most clusters // tail, at least
+    SPLIT_MIN_KBLOCKS k blocks a slice) it takes ceil(k_blocks / splits) plus the partial sums'
+    round trip (SPLIT_COST_KBLOCKS). Only a full wave before the tail is split (smaller problems
+    choose smaller tiles instead), and only when that saves SPLIT_MIN_GAIN of the time.
+    """
+    waves, tail = divmod(units, clusters)
+    whole = cdiv(units, clusters) * k_blocks
+    splits = min(clusters // tail, k_blocks // SPLIT_MIN_KBLOCKS) if tail else 0
+    if waves == 0 or splits < 2:
+        return 0, 1, whole
+    t = waves * k_blocks + cdiv(k_blocks, splits) + SPLIT_COST_KBLOCKS
+    if t > (1 - SPLIT_MIN_GAIN) * whole:
+        return 0, 1, whole
+    return tail, splits, t
 
 
 def gemm_config(m: int, n: int, k: int, num_sms: int) -> GemmConfig:
@@ -63,9 +108,11 @@ def gemm_config(m: int, n: int, k: int, num_sms: int) -> GemmConfig:
     fastest tile on 11 of the 12 shapes of m <= 128, the 12th within 1%; on the H100
     (benchmarks/results/gemm-tiles-sweep-h100-2026-11-24.json) on 11 of 12, the 12th within 2%;
     every swept shape within 2% of its best (tests/test_gemm.py checks it against both files).
-    `k` does not change the choice.
+    `k` does not change the tile. It sets the split of the last wave (`split_plan`): when the
+    tiles leave a small last wave, its units are cut along K, and a cluster size that leaves a
+    better-filled last wave (with its split) is taken when it is 3% faster by that count.
     """
-    del k
+    k_blocks = max(1, k // BLOCK_K)
     tiles = {t: cdiv(m, t[0]) * cdiv(n, t[1]) for t in TILES}
     fills = lambda t: tiles[t] >= FILL_FRACTION * num_sms
     if 64 < m <= 128:
@@ -82,7 +129,12 @@ def gemm_config(m: int, n: int, k: int, num_sms: int) -> GemmConfig:
     # (4096x7168x16384, 4096x4096x7168, 8192^3), where L2 -> SM traffic bounds 128x128 tiles,
     # -2..+6% on the others; 2-15% slower at m <= 128, where A is small (same sweeps).
     cluster_n = 2 if bm == 128 and m > 128 and cdiv(n, bn) >= 2 else 1
-    return GemmConfig(bm, bn, min(tiles[(bm, bn)], num_sms), cluster_n)
+    plans = {c: split_plan(cdiv(m, bm) * cdiv(cdiv(n, bn), c), max(1, num_sms // c), k_blocks)
+             for c in {1, cluster_n}}
+    if plans[1][2] < 0.97 * plans[cluster_n][2]:  # (the H200's sweeps: clusters gain <= 2%)
+        cluster_n = 1
+    split_units, splits, _ = plans[cluster_n]
+    return GemmConfig(bm, bn, min(tiles[(bm, bn)], num_sms), cluster_n, split_units, splits)
 
 
 def fp8_gemm_reference(a, a_scale, b, b_scale, *, out_dtype=jnp.bfloat16):
@@ -131,10 +183,12 @@ def fp8_gemm(a, a_scale, b, b_scale, *, out_dtype=jnp.bfloat16, impl="auto"):
 
 
 def ffi_fp8_gemm(a, a_scale, b, b_scale, cfg: GemmConfig, out_dtype=jnp.bfloat16):
-    """The kernel's custom call with an explicit tile (tests, tile sweeps); no validation."""
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((a.shape[0], b.shape[0]), out_dtype),
-                            vmap_method="sequential")
-    return call(a, a_scale, b, b_scale, **cfg.attrs())
+    """The kernel's custom call with an explicit tile and split (tests, tile sweeps); no validation."""
+    call = jax.ffi.ffi_call(
+        TARGET, (jax.ShapeDtypeStruct((a.shape[0], b.shape[0]), out_dtype),
+                 jax.ShapeDtypeStruct((cfg.workspace_floats(),), jnp.float32)),
+        vmap_method="sequential")
+    return call(a, a_scale, b, b_scale, **cfg.split_attrs())[0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
