@@ -179,12 +179,12 @@ def test_split_k_tail(m, n, k, block_m, block_n, cluster_n):
 
 
 def test_split_k_chosen_for_a_short_last_wave():
-    """gemm_config splits the last wave of 4096x2112x7168 (544 tiles on 132 SMs); the kernel
-    with that plan matches the reference."""
-    m, n, k = 4096, 2112, 7168
+    """gemm_config splits the last wave of 4096x4096x7168 (704 128x192 tiles on 132 SMs); the
+    kernel with that plan matches the reference."""
+    m, n, k = 4096, 4096, 7168
     cfg = gemm.gemm_config(m, n, k, _ffi.num_sms())
     if _ffi.num_sms() == 132:
-        assert (cfg.split_units, cfg.splits) == (16, 8), cfg
+        assert (cfg.block_n, cfg.split_units, cfg.splits) == (192, 44, 3), cfg
     ops, ref, err_scale = _case(m, n, k)
     _check(fp8_gemm(*ops, impl="ffi"), ref, err_scale, k, f"gemm_config {cfg}")
 

@@ -26,12 +26,12 @@ TARGET = "jax_ds_fp8_gemm"
 _ffi.declare_op("fp8_gemm", TARGET)
 _ffi.declare_op("fp8_linear", TARGET)
 
-# (block_m, block_n) compiled into the library; block_n divides the 128-wide B scale block, so a
-# tile sees one B scale per k-block, except 128x192 (two scale blocks per tile, one accumulator
-# set; last, so gemm_config's "widest tile first" walk does not reach it: not yet measured).
-# 128-row tiles run two consumer warpgroups.
-TILES = ((128, 128), (128, 64), (128, 32), (128, 16), (64, 128), (64, 64), (64, 32), (64, 16),
-         (128, 192))
+# (block_m, block_n) compiled into the library, widest first (gemm_config walks them in this
+# order); block_n divides the 128-wide B scale block, so a tile sees one B scale per k-block,
+# except 128x192 (two scale blocks per tile; one accumulator set, its k blocks issued, waited and
+# promoted in turn). 128-row tiles run two consumer warpgroups.
+TILES = ((128, 192), (128, 128), (128, 64), (128, 32), (128, 16), (64, 128), (64, 64), (64, 32),
+         (64, 16))
 CLUSTERS = (1, 2)  # CTAs per cluster along N (2: the pair shares A, loaded once from L2)
 FILL_FRACTION = 0.75  # a tile shape is "wide enough" once its tiles cover this share of the SMs
 # Split-K of the last, partial wave (dense GEMM): a slice gets at least SPLIT_MIN_KBLOCKS k blocks,
@@ -39,7 +39,7 @@ FILL_FRACTION = 0.75  # a tile shape is "wide enough" once its tiles cover this 
 # used only when it saves SPLIT_MIN_GAIN of the estimated time.
 SPLIT_MIN_KBLOCKS = 4
 SPLIT_COST_KBLOCKS = 2
-SPLIT_MIN_GAIN = 0.05
+SPLIT_MIN_GAIN = 0.07  # (4096x7168x2048, 128x192: 6% by the count, 1% slower measured)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -98,8 +98,9 @@ def gemm_config(m: int, n: int, k: int, num_sms: int) -> GemmConfig:
     """Chooses the output tile for an [m, k] x [n, k]^T FP8 GEMM on `num_sms` SMs.
 
     m > 128: the widest tile (most FLOPs per byte pulled from L2, which is what bounds large
-    shapes) whose tiles still occupy at least 3/4 of the SMs, 128-row tiles first; when no tile
-    fills the machine, the one with the most tiles.
+    shapes) whose tiles still occupy at least 3/4 of the SMs, 128-row tiles first (128x192 only
+    where N's tail leaves its columns at least 0.9x as used as 128x128's); when no tile fills the
+    machine, the one with the most tiles.
     64 < m <= 128: one 128-row tile 64 or 128 wide when such tiles fill 3/4 of the SMs, the one
     that keeps the SMs busier over its waves (128x128 unless 128x64 does so by more than 10%);
     otherwise 64-row tiles as for m <= 64, which double the parallelism.
@@ -108,6 +109,8 @@ def gemm_config(m: int, n: int, k: int, num_sms: int) -> GemmConfig:
     fastest tile on 11 of the 12 shapes of m <= 128, the 12th within 1%; on the H100
     (benchmarks/results/gemm-tiles-sweep-h100-2026-11-24.json) on 11 of 12, the 12th within 2%;
     every swept shape within 2% of its best (tests/test_gemm.py checks it against both files).
+    At m = 4096 (benchmarks/results/gemm-tiles-sweep-h200-2026-12-03-bn192.json, 128x128 and
+    128x192 with and without split) it picks the fastest on 5 of 6 shapes, the 6th within 2%.
     `k` does not change the tile. It sets the split of the last wave (`split_plan`): when the
     tiles leave a small last wave, its units are cut along K, and a cluster size that leaves a
     better-filled last wave (with its split) is taken when it is 3% faster by that count.
@@ -123,12 +126,17 @@ def gemm_config(m: int, n: int, k: int, num_sms: int) -> GemmConfig:
             t = max(busy, key=busy.get)
             return GemmConfig(*t, min(tiles[t], num_sms), 1)
     candidates = [t for t in TILES if m > 128 or t[0] == 64]
-    wide = [t for t in candidates if fills(t)]
+    # 128x192 only where its columns are not much emptier than 128x128's (N's tail tile): it is
+    # 5-16% faster per tile at m = 4096 (the H200 sweep of 2026-12-03), not at n = 48.
+    n_used = lambda bn: n / (cdiv(n, bn) * bn)
+    wide = [t for t in candidates
+            if fills(t) and not (t == (128, 192) and n_used(192) < 0.9 * n_used(128))]
     bm, bn = wide[0] if wide else max(candidates, key=lambda t: (tiles[t], t[0]))
-    # Pairs of CTAs that share (multicast) the A tile: +15-18% on the long-K large shapes
-    # (4096x7168x16384, 4096x4096x7168, 8192^3), where L2 -> SM traffic bounds 128x128 tiles,
-    # -2..+6% on the others; 2-15% slower at m <= 128, where A is small (same sweeps).
-    cluster_n = 2 if bm == 128 and m > 128 and cdiv(n, bn) >= 2 else 1
+    # Pairs of CTAs that share (multicast) the A tile: on the H100 +15-18% on the long-K large
+    # shapes (4096x7168x16384, 4096x4096x7168, 8192^3) with 128x128 tiles, where L2 -> SM traffic
+    # bounds them, -2..+6% on the others; 2-15% slower at m <= 128, where A is small (same
+    # sweeps). On the H200 within 2% either way at 128x128, and 7-15% slower at 128x192.
+    cluster_n = 2 if (bm, bn) == (128, 128) and m > 128 and cdiv(n, bn) >= 2 else 1
     plans = {c: split_plan(cdiv(m, bm) * cdiv(cdiv(n, bn), c), max(1, num_sms // c), k_blocks)
              for c in {1, cluster_n}}
     if plans[1][2] < 0.97 * plans[cluster_n][2]:  # (the H200's sweeps: clusters gain <= 2%)
