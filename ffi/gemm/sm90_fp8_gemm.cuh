@@ -18,6 +18,11 @@
 // BN divides 128, so a tile sees a single B scale per K block; or BN = 192, whose tiles span
 // two scale blocks (the column where the second starts is the tile's `boundary`).
 //
+// Split-K of the tail (dense scheduler): the last work units, which would leave most SMs idle
+// for a whole K loop in the last wave, are computed as K slices on different SMs; each slice
+// stores its promoted sums to a workspace and counts itself in, and the last one adds all
+// slices in slice order (deterministic) and stores the tile.
+//
 // Which tiles a CTA computes is the scheduler's business (template parameter `Sched`): the dense
 // GEMM walks one [M, N] grid, the grouped GEMMs walk per-group row ranges over shared tensors.
 // A scheduler maps a work unit (kClusterN tiles side by side in N) and a cluster rank to a

@@ -4,7 +4,10 @@
 scales (a: one per row and 128 columns, b: one per 128x128 block). The CUDA kernel is a persistent
 grid over (ceil(M/block_m) x ceil(N/block_n)) output tiles, optionally in clusters of two CTAs
 that compute neighbouring tiles of one row band and multicast its A rows to each other;
-`gemm_config` picks the tile and the cluster size.
+`gemm_config` picks the tile and the cluster size. When the tiles leave a short last wave, its
+tiles are computed as K slices on the idle SMs (split-K of the tail: the slices' float32 partial
+sums meet in a workspace, and the last slice to finish adds them in slice order, so the result
+does not depend on which finished last).
 """
 
 from __future__ import annotations

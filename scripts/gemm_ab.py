@@ -1,0 +1,34 @@
+"""Sustained A/B of two GEMM configs: gemm_config's pick against 128x128 pairs without split
+(the rule before 128x192), each timed as the benchmark's device-bound "ours" (one executable of
+many calls, ~0.25 s a repeat, so clocks settle at the power limit), alternating, two rounds.
+
+  python scripts/gemm_ab.py [m n k ...]
+"""
+import sys
+
+import jax
+import jax.numpy as jnp
+
+from jax_ds.bench._timing import time_jax_launch
+from jax_ds.ops import gemm, quantize_fp8
+
+nums = [int(x) for x in sys.argv[1:]]
+shapes = list(zip(nums[::3], nums[1::3], nums[2::3])) or [
+    (4096, 2112, 7168), (4096, 24576, 1536), (4096, 7168, 16384), (4096, 4096, 7168),
+    (8192, 8192, 8192)]
+sms = jax.devices()[0].core_count
+key = jax.random.key(0)
+for m, n, k in shapes:
+    sets = []
+    for _ in range(4):
+        key, ka, kb = jax.random.split(key, 3)
+        a8, sa = quantize_fp8(jax.random.normal(ka, (m, k), jnp.bfloat16), block=(1, 128))
+        b8, sb = quantize_fp8(jax.random.normal(kb, (n, k), jnp.bfloat16), block=(128, 128))
+        sets.append((a8, sa, b8, sb))
+    configs = {"128x128c2": gemm.GemmConfig(128, 128, sms, 2), "pick": gemm.gemm_config(m, n, k, sms)}
+    for rnd in range(2):
+        for name, cfg in configs.items():
+            t = time_jax_launch(lambda *o, cfg=cfg: gemm.ffi_fp8_gemm(*o, cfg), sets, max_reps=4,
+                                budget_s=0.25, repeats=3)
+            print(f"{m} {n} {k} round {rnd} {name:10s} {2 * m * n * k / t.median_s / 1e12:7.0f} "
+                  f"TFLOP/s  {cfg}", flush=True)
