@@ -7,24 +7,18 @@ many calls, ~0.25 s a repeat, so clocks settle at the power limit), alternating,
 import sys
 
 import jax
-import jax.numpy as jnp
 
 from jax_ds.bench._timing import time_jax_launch
-from jax_ds.ops import gemm, quantize_fp8
+from jax_ds.bench.gemm import block_sets
+from jax_ds.ops import gemm
 
 nums = [int(x) for x in sys.argv[1:]]
 shapes = list(zip(nums[::3], nums[1::3], nums[2::3])) or [
     (4096, 2112, 7168), (4096, 24576, 1536), (4096, 7168, 16384), (4096, 4096, 7168),
     (8192, 8192, 8192)]
 sms = jax.devices()[0].core_count
-key = jax.random.key(0)
 for m, n, k in shapes:
-    sets = []
-    for _ in range(4):
-        key, ka, kb = jax.random.split(key, 3)
-        a8, sa = quantize_fp8(jax.random.normal(ka, (m, k), jnp.bfloat16), block=(1, 128))
-        b8, sb = quantize_fp8(jax.random.normal(kb, (n, k), jnp.bfloat16), block=(128, 128))
-        sets.append((a8, sa, b8, sb))
+    sets = block_sets(m, n, k, 4)
     configs = {"128x128c2": gemm.GemmConfig(128, 128, sms, 2), "pick": gemm.gemm_config(m, n, k, sms)}
     for rnd in range(2):
         for name, cfg in configs.items():

@@ -15,11 +15,11 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jax_ds.bench import _profile, _timing
-from jax_ds.ops import fp8_gemm, quantize_fp8
+from jax_ds.bench.gemm import block_sets
+from jax_ds.ops import fp8_gemm
 
 SHAPES = ((64, 7168, 2048), (64, 32768, 512), (64, 24576, 1536), (128, 24576, 1536),
           (128, 32768, 512), (128, 7168, 2048))
@@ -34,13 +34,7 @@ def gpu_kernels(run):
 
 
 def measure(m, n, k):
-    sets = []
-    for i in range(SETS):
-        ka, kb = jax.random.split(jax.random.key(i))
-        a8, sa = quantize_fp8(jax.random.normal(ka, (m, k), jnp.bfloat16), block=(1, 128))
-        b8, sb = quantize_fp8(jax.random.normal(kb, (n, k), jnp.bfloat16), block=(128, 128))
-        sets.append((a8, sa, b8, sb))
-    args = (tuple(sets),)
+    args = (tuple(block_sets(m, n, k, SETS)),)
     impl = "ffi" if jax.default_backend() == "gpu" else "xla"  # xla: a CPU smoke run
     many = jax.jit(_timing.repeated_calls(lambda *o: fp8_gemm(*o, impl=impl), REPS))
     compiled = many.lower(*args).compile()

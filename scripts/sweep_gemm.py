@@ -3,10 +3,10 @@ the best per shape next to gemm_config's pick and writes JSON (for tuning gemm_c
 With --split, each tile x cluster whose last wave gemm.split_plan would split is also timed with
 that split (key suffix "s"); gemm_config's pick is timed as it is configured."""
 import argparse, json, os
-import jax, jax.numpy as jnp
+import jax
 from jax_ds.arg_specs import gemm_bench_shapes
+from jax_ds.bench.gemm import block_sets
 from jax_ds.bench._profile import device_time_jax
-from jax_ds.ops import quantize_fp8
 from jax_ds.ops import gemm
 
 def call(ops, bm, bn, sms, cn, split=(0, 1)):
@@ -21,16 +21,10 @@ parser.add_argument("--split", action="store_true",
 args = parser.parse_args()
 sms = jax.devices()[0].core_count
 rows = []
-key = jax.random.PRNGKey(1)
 for (m, n, k) in gemm_bench_shapes():
     if args.m and m not in args.m:
         continue
-    sets = []
-    for i in range(2):
-        key, ka, kb = jax.random.split(key, 3)
-        a8, sa = quantize_fp8(jax.random.normal(ka, (m, k), jnp.bfloat16), block=(1, 128))
-        b8, sb = quantize_fp8(jax.random.normal(kb, (n, k), jnp.bfloat16), block=(128, 128))
-        sets.append((a8, sa, b8, sb))
+    sets = block_sets(m, n, k, 2, seed=1)
     res = {}
     for bm, bn in gemm.TILES:
         if m <= 64 and bm == 128 or args.tiles and f"{bm}x{bn}" not in args.tiles:

@@ -76,6 +76,13 @@ def _make_set(key, m, n, k):
     return {"block": (a8, sa, b8, sb), "tensor": (at8, bt8, ta * tb), "row": (ar8, ra, br8, rb)}
 
 
+def block_sets(m, n, k, count, seed=0):
+    """`count` fresh random operand sets (a8, sa, b8, sb) of the block-scaled recipe (1x128 /
+    128x128 scales), distinct arrays (XLA cannot merge calls on them): for the GEMM scripts."""
+    keys = jax.random.split(jax.random.key(seed), count)
+    return [_make_set(key, m, n, k)["block"] for key in keys]
+
+
 @jax.jit
 def xla_dequant(a8, sa, b8, sb):
     a = dequantize_fp8(a8, sa, (1, 128), out_dtype=jnp.bfloat16)
