@@ -112,3 +112,18 @@ def test_grouped_fp8_linear_grads_match_float32():
     for g, e in zip(got, want):
         assert calc_diff(np.asarray(g, np.float64), np.asarray(e, np.float64)) < 2e-3
     assert np.all(np.asarray(got[0])[sum(sizes):] == 0)
+
+
+def test_grouped_config_keeps_the_swept_tiles():
+    """The grouped tile follows the H100 grouped sweep: 128-row tiles from 128 rows per group,
+    pairs from 2048, and 128x128 where the dense rule would now take 128x192 (not yet timed on
+    grouped shapes)."""
+    from jax_ds.ops.grouped_gemm import grouped_config
+    for (rows, g, n, k), want in [((8192, 4, 4096, 7168), (128, 128, 2)),
+                                  ((4096, 8, 7168, 2048), (128, 128, 2)),
+                                  ((256, 32, 4096, 7168), (128, 128, 1)),
+                                  ((128, 32, 7168, 2048), (128, 128, 1)),
+                                  ((64, 32, 4096, 7168), (64, 128, 1))]:
+        cfg = grouped_config(rows, g, n, k, 132)
+        assert (cfg.block_m, cfg.block_n, cfg.cluster_n) == want, (rows, g, n, k, cfg)
+        assert (cfg.split_units, cfg.splits) == (0, 1)

@@ -13,6 +13,8 @@ traced values; rows are cut into tiles from each group's first row, no alignment
 
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 
 import jax
@@ -39,8 +41,11 @@ def grouped_config(rows_per_group: int, g: int, n: int, k: int, num_sms: int):
     the column blocks, since the groups' tiles share the SMs; then, from the H100 tile sweep of
     the `bench moe` shapes (benchmarks/results/gemm-grouped-tiles-sweep-h100-2026-11-25.json),
     128-row tiles from 128 rows per group on (masked 32x128: +17%), and 2-CTA clusters only for
-    groups of >= 2048 rows (c1 is 1-3% faster below)."""
+    groups of >= 2048 rows (c1 is 1-3% faster below). The dense GEMM's 128x192 tile is compiled
+    for the grouped kernels too (and tested) but not yet timed on these shapes: 128x128 here."""
     cfg = gemm_config(max(rows_per_group, 1), n * g, k, num_sms)
+    if (cfg.block_m, cfg.block_n) == (128, 192):
+        cfg = dataclasses.replace(cfg, block_n=128)
     block_m = 128 if rows_per_group >= 128 else cfg.block_m
     pairs = cdiv(n, cfg.block_n) >= 2  # cluster partners must sit in the same group
     cluster_n = 2 if pairs and rows_per_group >= 2048 else 1
