@@ -2,14 +2,16 @@
 # Build, test, sanitize and benchmark the FP8 GEMM on a CUDA machine (no internet needed); on a
 # machine of several GPUs, also the LAST issue's runs (steps eptest, ep, pipeline).
 #
-#   OUT=/path/to/logs scripts/device_gemm.sh [info] [build] [test] [sanitize] [bench] [sweep] [moe] [mla]
+#   OUT=/path/to/logs scripts/device_gemm.sh [info] [build] [test] [sanitize] [bench] [sweep] [ab]
+#                                            [moe] [mla]
 #   OUT=/path/to/logs scripts/device_gemm.sh info build eptest ep pipeline    # several GPUs
 #
 # Knobs (environment): BUILD=cmake (skip `pip install -e .`), BENCH_ARGS="--shapes quick" or
 # "--m 4096 8192" (a part of the shapes), TEST_WORKERS (pytest-xdist processes, 4; 1 = none),
 # TEST_TIMEOUT / SANITIZE_TIMEOUT / BENCH_TIMEOUT / SWEEP_TIMEOUT (seconds; 540 / 240 / 540 / 540),
 # EP_ARGS / PIPE_ARGS / MOE_ARGS / MLA_ARGS (extra arguments of bench ep / pipeline / moe / mla),
-# SWEEP_ARGS (e.g. "--m 64 128"), PYTHON (python3).
+# SWEEP_ARGS (e.g. "--m 64 128 --split"), AB_ARGS (m n k triples, scripts/gemm_ab.py),
+# PYTHON (python3).
 # NVLink multicast stays off (NCCL_NVLS_ENABLE=0) on shared multi-GPU hosts.
 #
 # Run from anywhere; it works in the repo root. No step names = the first five, in that order. Each step
@@ -128,6 +130,10 @@ step_sweep() {  # every tile x cluster size on the benchmark shapes (kernel time
   OUT="$OUT" timeout "${SWEEP_TIMEOUT:-540}" "$PY" scripts/sweep_gemm.py ${SWEEP_ARGS:-}
 }
 
+step_ab() {  # sustained A/B: gemm_config's pick against 128x128 pairs without split
+  timeout "${SWEEP_TIMEOUT:-540}" "$PY" scripts/gemm_ab.py ${AB_ARGS:-}
+}
+
 step_moe() { run_bench moe ${MOE_ARGS:-}; }  # grouped GEMM + routing benchmark (GPU 2)
 
 step_mla() { run_bench mla ${MLA_ARGS:-}; }  # MLA decode benchmark (GPU 3)
@@ -138,7 +144,7 @@ SUMMARY=()
 FAILED=0
 for step in "${STEPS[@]}"; do
   if ! declare -F "step_$step" >/dev/null; then
-    echo "unknown step '$step' (steps: info build test sanitize bench sweep moe mla eptest ep pipeline)"
+    echo "unknown step '$step' (steps: info build test sanitize bench sweep ab moe mla eptest ep pipeline)"
     SUMMARY+=("$step|unknown|0"); FAILED=$((FAILED + 1)); continue
   fi
   echo "=================== $step ==================="

@@ -19,7 +19,8 @@ shapes = list(zip(nums[::3], nums[1::3], nums[2::3])) or [
 sms = jax.devices()[0].core_count
 for m, n, k in shapes:
     sets = block_sets(m, n, k, 4)
-    configs = {"128x128c2": gemm.GemmConfig(128, 128, sms, 2), "pick": gemm.gemm_config(m, n, k, sms)}
+    configs = {"128x128c2": gemm.GemmConfig(128, 128, sms, 2),
+               "pick": gemm.gemm_config(m, n, k, sms)}
     for rnd in range(2):
         for name, cfg in configs.items():
             t = time_jax_launch(lambda *o, cfg=cfg: gemm.ffi_fp8_gemm(*o, cfg), sets, max_reps=4,

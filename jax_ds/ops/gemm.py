@@ -58,7 +58,7 @@ class GemmConfig:
     splits: int = 1
 
     def attrs(self) -> dict:
-        """The FFI attributes of the GEMM custom calls (the tile's; `split_attrs` adds the split)."""
+        """The FFI attributes of the GEMM custom calls, the tile's (+ split: `split_attrs`)."""
         return dict(block_m=np.int32(self.block_m), block_n=np.int32(self.block_n),
                     cluster_n=np.int32(self.cluster_n), num_sms=np.int32(self.num_sms))
 
@@ -194,7 +194,7 @@ def fp8_gemm(a, a_scale, b, b_scale, *, out_dtype=jnp.bfloat16, impl="auto"):
 
 
 def ffi_fp8_gemm(a, a_scale, b, b_scale, cfg: GemmConfig, out_dtype=jnp.bfloat16):
-    """The kernel's custom call with an explicit tile and split (tests, tile sweeps); no validation."""
+    """The kernel's custom call with an explicit tile and split (tests, sweeps); no validation."""
     call = jax.ffi.ffi_call(
         TARGET, (jax.ShapeDtypeStruct((a.shape[0], b.shape[0]), out_dtype),
                  jax.ShapeDtypeStruct((cfg.workspace_floats(),), jnp.float32)),
