@@ -1,7 +1,8 @@
 """Times every compiled tile (block_m x block_n, cluster 1 or 2) on the benchmark shapes; prints
 the best per shape next to gemm_config's pick and writes JSON (for tuning gemm_config).
-With --split, each tile x cluster whose last wave gemm.split_plan would split is also timed with
-that split (key suffix "s"); gemm_config's pick is timed as it is configured."""
+With --split, each tile x cluster whose last wave gemm.split_plan would split (short_grid: a grid
+of under one wave too, every unit cut along K) is also timed with that split (key suffix "s");
+gemm_config's pick is timed as it is configured."""
 import argparse, json, os
 import jax
 from jax_ds.arg_specs import gemm_bench_shapes
@@ -34,7 +35,7 @@ for (m, n, k) in gemm_bench_shapes():
             med = device_time_jax(f, sets, 12)
             res[f"{bm}x{bn}c{cn}"] = 2 * m * n * k / med / 1e12
             units = -(-m // bm) * -(-(-(-n // bn)) // cn)
-            split = gemm.split_plan(units, sms // cn, k // 128)[:2]
+            split = gemm.split_plan(units, sms // cn, k // 128, short_grid=True)[:2]
             if args.split and split[0]:
                 f = jax.jit(lambda *o, bm=bm, bn=bn, cn=cn, sp=split: call(o, bm, bn, sms, cn, sp))
                 res[f"{bm}x{bn}c{cn}s"] = 2 * m * n * k / device_time_jax(f, sets, 12) / 1e12

@@ -166,6 +166,8 @@ def test_split_plan():
     assert plan(544, 132, 56) == (16, 8, 4 * 56 + 7 + 2)
     assert plan(528, 132, 56) == (0, 1, 4 * 56)  # no partial wave
     assert plan(100, 132, 56) == (0, 1, 56)  # less than a wave: smaller tiles' business
+    assert plan(17, 132, 56, short_grid=True) == (17, 7, 8 + 2)  # ... unless asked (sweeps)
+    assert plan(100, 132, 56, short_grid=True) == (0, 1, 56)  # 132 // 100 = 1 slice
     assert plan(544, 132, 4) == (0, 1, 5 * 4)  # slices under 4 k blocks are not worth it
     assert plan(2048, 66, 64) == (0, 1, 32 * 64)  # 8192^3: 2 units left, saves under 5%
     assert plan(288, 66, 56) == (24, 2, 4 * 56 + 28 + 2)  # 2 slices fit the 42 idle clusters

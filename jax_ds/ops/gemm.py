@@ -76,7 +76,8 @@ class GemmConfig:
                 + self.split_units * self.cluster_n * (self.block_m // 64))
 
 
-def split_plan(units: int, clusters: int, k_blocks: int) -> tuple[int, int, int]:
+def split_plan(units: int, clusters: int, k_blocks: int, *,
+               short_grid: bool = False) -> tuple[int, int, int]:
     """(split_units, splits, estimated time in k-block steps) for `units` work units of
     `k_blocks` each on `clusters` persistent clusters.
 
@@ -84,12 +85,15 @@ def split_plan(units: int, clusters: int, k_blocks: int) -> tuple[int, int, int]
     idle for a whole K loop; cut into `splits` K slices each (at most clusters // tail, at least
     SPLIT_MIN_KBLOCKS k blocks a slice) it takes ceil(k_blocks / splits) plus the partial sums'
     round trip (SPLIT_COST_KBLOCKS). Only a full wave before the tail is split (smaller problems
-    choose smaller tiles instead), and only when that saves SPLIT_MIN_GAIN of the time.
+    choose smaller tiles instead), unless `short_grid`: then a grid of less than one wave is
+    split too, every unit (an experiment for `scripts/sweep_gemm.py --split`: wide tiles cut
+    along K against the narrow tiles gemm_config takes at small m; not used by gemm_config).
+    A split is returned only when it saves SPLIT_MIN_GAIN of the time.
     """
     waves, tail = divmod(units, clusters)
     whole = cdiv(units, clusters) * k_blocks
     splits = min(clusters // tail, k_blocks // SPLIT_MIN_KBLOCKS) if tail else 0
-    if waves == 0 or splits < 2:
+    if (waves == 0 and not short_grid) or splits < 2:
         return 0, 1, whole
     t = waves * k_blocks + cdiv(k_blocks, splits) + SPLIT_COST_KBLOCKS
     if t > (1 - SPLIT_MIN_GAIN) * whole:
