@@ -205,20 +205,25 @@ def test_backward_split_is_genuine():
 
 
 def test_compile_time_flat_in_microbatches():
-    """The scan over ticks keeps the program the same size for 8 or 32 micro-batches."""
+    """The scan over ticks keeps the program the same size for 8 or 32 micro-batches: the
+    compiled program's instruction count (deterministic; 1579 / 1573 here), and its compile time
+    loosely (a timing on a shared 2-core machine once read 2.1x: unrolling would be >= 4x)."""
     mesh = make_mesh(pipe=4, data=2)
 
-    def compile_seconds(m):
+    def compile_stats(m):
         schedule = make_schedule("dualpipe", 4, m)
         params, batch, _ = mlp_problem(4, m, jnp.float32)
         program, _ = executor._program(schedule, mlp_stage, executor._WithoutParams(mse), mesh,
                                        "pipe", False)
+        lowered = program.lower(params, (), *batch)
         start = time.perf_counter()
-        program.lower(params, (), *batch).compile()
-        return time.perf_counter() - start
+        compiled = lowered.compile()
+        seconds = time.perf_counter() - start
+        return seconds, sum(" = " in line for line in compiled.as_text().splitlines())
 
-    t8, t32 = compile_seconds(8), compile_seconds(32)
-    assert t32 < 2 * t8, (t8, t32)
+    (t8, n8), (t32, n32) = compile_stats(8), compile_stats(32)
+    assert n32 <= 1.1 * n8, (n8, n32)
+    assert t32 < 4 * t8, (t8, t32)
 
 
 def test_run_errors():
