@@ -19,8 +19,7 @@ import numpy as np
 
 from jax_ds import _ffi
 from jax_ds.ops import fp8_gemm, fp8_gemm_reference, quantize_fp8
-from jax_ds.ops._checks import cdiv
-from jax_ds.ops.gemm import GemmConfig, ffi_fp8_gemm
+from jax_ds.ops.gemm import GemmConfig, ffi_fp8_gemm, work_units
 from jax_ds.testing import calc_diff, tolerance
 
 SHAPES = ((7, 129, 256), (4095, 2112, 7168))  # ragged tiles; a large GEMM, its last wave split
@@ -52,7 +51,7 @@ def check(m, n, k, seed):
                             f"{np.size(out) - np.isfinite(out).sum()} non-finite")
         print(f"  fp8_gemm {m}x{n}x{k} -> {name}: calc_diff {diff:.2e}", flush=True)
     # Every tile split along K (one slice per k block), clusters of 2: the split-K workspace.
-    units = cdiv(m, 128) * cdiv(cdiv(n, 128), 2)
+    units = work_units(m, n, 128, 128, 2)
     cfg = GemmConfig(128, 128, _ffi.num_sms(), 2, units, k // 128)
     out = np.asarray(ffi_fp8_gemm(*ops, cfg, jnp.float32))
     diff = calc_diff(out, ref)

@@ -34,7 +34,7 @@ for (m, n, k) in gemm_bench_shapes():
             f = jax.jit(lambda *o, bm=bm, bn=bn, cn=cn: call(o, bm, bn, sms, cn))
             med = device_time_jax(f, sets, 12)
             res[f"{bm}x{bn}c{cn}"] = 2 * m * n * k / med / 1e12
-            units = -(-m // bm) * -(-(-(-n // bn)) // cn)
+            units = gemm.work_units(m, n, bm, bn, cn)
             split = gemm.split_plan(units, sms // cn, k // 128, short_grid=True)[:2]
             if args.split and split[0]:
                 f = jax.jit(lambda *o, bm=bm, bn=bn, cn=cn, sp=split: call(o, bm, bn, sms, cn, sp))

@@ -171,6 +171,9 @@ def test_split_plan():
     assert plan(544, 132, 4) == (0, 1, 5 * 4)  # slices under 4 k blocks are not worth it
     assert plan(2048, 66, 64) == (0, 1, 32 * 64)  # 8192^3: 2 units left, saves under 5%
     assert plan(288, 66, 56) == (24, 2, 4 * 56 + 28 + 2)  # 2 slices fit the 42 idle clusters
+    # the units: 4096x2112 in 128x128 tiles, 32 x 17; in pairs 32 x 9 (the 18th tile past N)
+    assert ops.gemm.work_units(4096, 2112, 128, 128) == 544
+    assert ops.gemm.work_units(4096, 2112, 128, 128, 2) == 288
     # Never more slices than idle clusters can take at once, nor than k blocks / 4.
     for units in range(1, 700, 7):
         for k_blocks in (1, 4, 12, 56, 128):

@@ -20,7 +20,6 @@ gemm = pytest.importorskip("jax_ds.ops.gemm")
 import jax.numpy as jnp  # noqa: E402
 
 from jax_ds import _ffi, arg_specs, testing  # noqa: E402
-from jax_ds.ops._checks import cdiv  # noqa: E402
 from jax_ds.ops import dequantize_fp8, fp8_gemm, fp8_gemm_reference, quantize_fp8  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -165,7 +164,7 @@ def test_split_k_tail(m, n, k, block_m, block_n, cluster_n):
     CTA may run several slices of one tile), both output dtypes, and the same bits twice."""
     ops, ref, err_scale = _case(m, n, k, spread=0.0, seed=2)
     k_blocks = k // 128
-    units = cdiv(m, block_m) * cdiv(cdiv(n, block_n), cluster_n)
+    units = gemm.work_units(m, n, block_m, block_n, cluster_n)
     plans = {(units, k_blocks), (units, 2), (min(units, 3), max(2, k_blocks // 3)), (1, k_blocks)}
     for i, (split_units, splits) in enumerate(sorted(plans)):
         out_dtype = OUT_DTYPES[i % 2]

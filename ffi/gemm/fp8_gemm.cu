@@ -12,7 +12,7 @@
 namespace jax_ds::gemm {
 namespace {
 
-// The split-K workspace of a tile: f32 partials, then the int counters (see SplitWorkspace).
+// The split of the last wave (attributes split_units, splits; DenseScheduler::make).
 struct SplitPlan {
   int split_units, splits;
 };
@@ -24,27 +24,23 @@ ffi::Error Dispatch(int block_m, int block_n, int cluster_n, SplitPlan plan, cud
     using T = decltype(tile);
     using Sched = DenseScheduler<T::BM, T::BN, T::kClusterN>;
     const int k_blocks = args.K / kBlockK;
-    const int64_t units = Sched::make(args.a_rows, args.N).num_tile_units();
-    JAX_DS_CHECK_ARG(plan.split_units >= 0 && plan.split_units <= units && plan.splits >= 1 &&
-                         plan.splits <= k_blocks,
-                     "fp8_gemm: need 0 <= split_units <= tile units (" + std::to_string(units) +
-                         ") and 1 <= splits <= K/128");
-    SplitWorkspace ws;
-    if (plan.split_units > 0 && plan.splits > 1) {
+    Sched sched = Sched::make(args.a_rows, args.N, k_blocks, plan.split_units, plan.splits);
+    JAX_DS_CHECK_ARG(plan.split_units >= 0 && plan.split_units <= sched.num_tile_units() &&
+                         plan.splits >= 1 && plan.splits <= k_blocks,
+                     "fp8_gemm: need 0 <= split_units <= tile units (" +
+                         std::to_string(sched.num_tile_units()) + ") and 1 <= splits <= K/128");
+    if (sched.split_units > 0) {  // make() keeps a split only when it cuts something
       const int64_t per_unit = int64_t{T::kClusterN} * T::BM * T::BN;  // floats per slice
-      const int64_t partials = plan.split_units * plan.splits * per_unit;
-      const int64_t counters = int64_t{plan.split_units} * T::kClusterN * (T::BM / 64);
+      const int64_t partials = int64_t{sched.split_units} * sched.splits * per_unit;
+      const int64_t counters = int64_t{sched.split_units} * T::kClusterN * (T::BM / 64);
       JAX_DS_CHECK_ARG(workspace_floats >= partials + counters,
                        "fp8_gemm: the split-K workspace needs " +
                            std::to_string(partials + counters) + " floats, got " +
                            std::to_string(workspace_floats));
-      ws.partials = workspace;
-      ws.counters = reinterpret_cast<int*>(workspace + partials);
+      sched.ws = SplitWorkspace{workspace, reinterpret_cast<int*>(workspace + partials)};
       JAX_DS_CUDA_RETURN_IF_ERROR(
-          cudaMemsetAsync(ws.counters, 0, counters * sizeof(int), stream));
+          cudaMemsetAsync(sched.ws.counters, 0, counters * sizeof(int), stream));
     }
-    const Sched sched =
-        Sched::make(args.a_rows, args.N, k_blocks, plan.split_units, plan.splits, ws);
     return LaunchGemm<T::BM, T::BN, T::kClusterN>(stream, args, sched, sched.num_units(),
                                                   Sched::extra_smem_bytes());
   });

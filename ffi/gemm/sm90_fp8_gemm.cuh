@@ -88,14 +88,14 @@ struct DenseScheduler {
 
   // smem [2] after the barriers: per consumer, "this slice finished its split tile last"
   static constexpr int extra_smem_bytes() { return 16; }
-  // split_units in [0, units], splits in [1, k_blocks] (the handler checks).
+  // split_units in [0, units], splits in [1, k_blocks] (the handler checks; it also sets `ws`
+  // when the split cuts something: split_units > 0 here).
   __host__ __device__ static DenseScheduler make(int M, int N, int k_blocks = 1,
-                                                 int split_units = 0, int splits = 1,
-                                                 SplitWorkspace ws = {}) {
+                                                 int split_units = 0, int splits = 1) {
     const int n_blocks = (N + BN - 1) / BN;
     const bool split = split_units > 0 && splits > 1;
     return {M, N, (M + BM - 1) / BM, (n_blocks + kClusterN - 1) / kClusterN, k_blocks,
-            split ? split_units : 0, split ? splits : 1, ws};
+            split ? split_units : 0, split ? splits : 1};
   }
   __device__ __forceinline__ void init(int*) {}
   __host__ __device__ int num_tile_units() const { return num_m_blocks * num_n_units; }
@@ -488,9 +488,9 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
         if constexpr (kTwoScales) {
           const float h0 = scale_a0[set] * scale_b_hi[set];
           const float h1 = scale_a1[set] * scale_b_hi[set];
-          // boundary is 64 or 128: columns 0-63 take the first row's scale, 128-191 the
-          // second's, and only 64-127 depend on the tile (one select per k block, not per value).
-          static_assert(!kTwoScales || BN == 192, "two-scale promotion assumes 64-column thirds");
+          // BN = 192 (the only two-scale tile), boundary 64 or 128: columns 0-63 take the first
+          // row's scale, 128-191 the second's, and only 64-127 depend on the tile (one select
+          // per k block, not per value).
           const float m0 = boundary > 64 ? s0 : h0;
           const float m1 = boundary > 64 ? s1 : h1;
 #pragma unroll

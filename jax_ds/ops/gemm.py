@@ -76,6 +76,12 @@ class GemmConfig:
                 + self.split_units * self.cluster_n * (self.block_m // 64))
 
 
+def work_units(m: int, n: int, block_m: int, block_n: int, cluster_n: int = 1) -> int:
+    """The dense kernel's work units for an [m, n] output: tiles of block_m x block_n, cluster_n
+    of them side by side in N per unit (the kernel's DenseScheduler::num_tile_units)."""
+    return cdiv(m, block_m) * cdiv(cdiv(n, block_n), cluster_n)
+
+
 def split_plan(units: int, clusters: int, k_blocks: int, *,
                short_grid: bool = False) -> tuple[int, int, int]:
     """(split_units, splits, estimated time in k-block steps) for `units` work units of
@@ -101,7 +107,7 @@ def split_plan(units: int, clusters: int, k_blocks: int, *,
     return tail, splits, t
 
 
-def gemm_config(m: int, n: int, k: int, num_sms: int) -> GemmConfig:
+def gemm_config(m: int, n: int, k: int, num_sms: int, *, tiles=TILES) -> GemmConfig:
     """Chooses the output tile for an [m, k] x [n, k]^T FP8 GEMM on `num_sms` SMs.
 
     m > 128: the widest tile (most FLOPs per byte pulled from L2, which is what bounds large
@@ -121,9 +127,11 @@ def gemm_config(m: int, n: int, k: int, num_sms: int) -> GemmConfig:
     `k` does not change the tile. It sets the split of the last wave (`split_plan`): when the
     tiles leave a small last wave, its units are cut along K, and a cluster size that leaves a
     better-filled last wave (with its split) is taken when it is 3% faster by that count.
+    `tiles`: the (block_m, block_n) walked, widest first (a subset of TILES, in its order).
     """
     k_blocks = max(1, k // BLOCK_K)
-    tiles = {t: cdiv(m, t[0]) * cdiv(n, t[1]) for t in TILES}
+    walk = tiles
+    tiles = {t: work_units(m, n, *t) for t in TILES}
     fills = lambda t: tiles[t] >= FILL_FRACTION * num_sms
     if 64 < m <= 128:
         # share of the SMs busy over all waves; 128x64 tiles pay ~10% per FLOP
@@ -132,7 +140,7 @@ def gemm_config(m: int, n: int, k: int, num_sms: int) -> GemmConfig:
         if busy:
             t = max(busy, key=busy.get)
             return GemmConfig(*t, min(tiles[t], num_sms), 1)
-    candidates = [t for t in TILES if m > 128 or t[0] == 64]
+    candidates = [t for t in walk if m > 128 or t[0] == 64]
     # 128x192 only where its columns are not much emptier than 128x128's (N's tail tile): it is
     # 5-16% faster per tile at m = 4096 (the H200 sweep of 2026-12-03), not at n = 48.
     n_used = lambda bn: n / (cdiv(n, bn) * bn)
@@ -144,7 +152,7 @@ def gemm_config(m: int, n: int, k: int, num_sms: int) -> GemmConfig:
     # bounds them, -2..+6% on the others; 2-15% slower at m <= 128, where A is small (same
     # sweeps). On the H200 within 2% either way at 128x128, and 7-15% slower at 128x192.
     cluster_n = 2 if (bm, bn) == (128, 128) and m > 128 and cdiv(n, bn) >= 2 else 1
-    plans = {c: split_plan(cdiv(m, bm) * cdiv(cdiv(n, bn), c), max(1, num_sms // c), k_blocks)
+    plans = {c: split_plan(work_units(m, n, bm, bn, c), max(1, num_sms // c), k_blocks)
              for c in {1, cluster_n}}
     if plans[1][2] < 0.97 * plans[cluster_n][2]:  # (the H200's sweeps: clusters gain <= 2%)
         cluster_n = 1

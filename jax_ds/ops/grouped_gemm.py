@@ -13,8 +13,6 @@ traced values; rows are cut into tiles from each group's first row, no alignment
 
 from __future__ import annotations
 
-import dataclasses
-
 import functools
 
 import jax
@@ -24,7 +22,7 @@ import numpy as np
 from jax_ds import _ffi
 from jax_ds.ops._checks import (BLOCK_K, FP8, cdiv, check_dtype, check_ndim, check_out_dtype,
                                 check_shape, gemm_out_dtype, pad_to)
-from jax_ds.ops.gemm import gemm_config
+from jax_ds.ops.gemm import TILES, gemm_config
 from jax_ds.ops.quant import dequantize_fp8, quantize_fp8
 
 GROUPED_TARGET = "jax_ds_grouped_fp8_gemm"
@@ -34,6 +32,7 @@ _ffi.declare_op("masked_grouped_fp8_gemm", MASKED_TARGET)
 _ffi.declare_op("grouped_fp8_linear", GROUPED_TARGET)
 _HIGHEST = jax.lax.Precision.HIGHEST
 MAX_GROUPS = 1024  # the kernels keep per-group tables in shared memory
+GROUPED_TILES = tuple(t for t in TILES if t != (128, 192))  # the tiles grouped_config walks
 
 
 def grouped_config(rows_per_group: int, g: int, n: int, k: int, num_sms: int):
@@ -41,11 +40,9 @@ def grouped_config(rows_per_group: int, g: int, n: int, k: int, num_sms: int):
     the column blocks, since the groups' tiles share the SMs; then, from the H100 tile sweep of
     the `bench moe` shapes (benchmarks/results/gemm-grouped-tiles-sweep-h100-2026-11-25.json),
     128-row tiles from 128 rows per group on (masked 32x128: +17%), and 2-CTA clusters only for
-    groups of >= 2048 rows (c1 is 1-3% faster below). The dense GEMM's 128x192 tile is compiled
-    for the grouped kernels too (and tested) but not yet timed on these shapes: 128x128 here."""
-    cfg = gemm_config(max(rows_per_group, 1), n * g, k, num_sms)
-    if (cfg.block_m, cfg.block_n) == (128, 192):
-        cfg = dataclasses.replace(cfg, block_n=128)
+    groups of >= 2048 rows (c1 is 1-3% faster below). GROUPED_TILES leave out 128x192: compiled
+    for the grouped kernels too (and tested), but not yet timed on these shapes."""
+    cfg = gemm_config(max(rows_per_group, 1), n * g, k, num_sms, tiles=GROUPED_TILES)
     block_m = 128 if rows_per_group >= 128 else cfg.block_m
     pairs = cdiv(n, cfg.block_n) >= 2  # cluster partners must sit in the same group
     cluster_n = 2 if pairs and rows_per_group >= 2048 else 1
