@@ -112,3 +112,6 @@ def test_out_of_blocks_and_too_long_are_flagged():
         kvc.check(cache)
     with pytest.raises(ValueError, match="num_blocks must be a positive int"):
         kvc.init_cache(1, 0, 1, 1, W)
+    with pytest.raises(ValueError, match="num_blocks must be a positive int, got True"):
+        kvc.init_cache(1, True, 1, 1, W)  # a bool is no size (_checks.is_int)
+    assert kvc.init_cache(1, np.int64(2), 1, 1, W).kv.shape[1] == 2  # numpy ints are

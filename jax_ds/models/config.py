@@ -14,7 +14,8 @@ import dataclasses
 from dataclasses import dataclass
 
 import jax.numpy as jnp
-import numpy as np
+
+from jax_ds.ops._checks import is_int
 
 SCORE_FUNCS = ("sigmoid", "softmax")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -95,8 +96,7 @@ class DeepSeekConfig:
                      "qk_nope_dim", "qk_rope_dim", "v_head_dim", "num_experts", "top_k",
                      "num_groups", "topk_groups", "max_seq_len"):
             value = getattr(self, name)
-            need(not isinstance(value, bool) and isinstance(value, (int, np.integer)),
-                 f"{name}={value!r} must be an int")
+            need(is_int(value), f"{name}={value!r} must be an int")
             need(value >= 1, f"{name}={value} must be >= 1")
         need(self.q_lora_rank >= 0, f"q_lora_rank={self.q_lora_rank} must be >= 0 (0: none)")
         need(self.qk_rope_dim % 2 == 0, f"qk_rope_dim={self.qk_rope_dim} must be even (rotary "

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from jax_ds.ops._checks import is_int
+
 BLOCK_SIZE = 64
 OUT_OF_BLOCKS = 1
 SEQ_TOO_LONG = 2
@@ -53,7 +55,7 @@ def init_cache(num_layers: int, num_blocks: int, max_seqs: int, max_blocks_per_s
     for name, v in (("num_layers", num_layers), ("num_blocks", num_blocks),
                     ("max_seqs", max_seqs), ("max_blocks_per_seq", max_blocks_per_seq),
                     ("width", width), ("block_size", block_size)):
-        if not isinstance(v, int) or v < 1:
+        if not is_int(v) or v < 1:
             raise ValueError(f"init_cache: {name} must be a positive int, got {v!r}")
     return PagedKVCache(
         kv=jnp.zeros((num_layers, num_blocks, block_size, 1, width), dtype),

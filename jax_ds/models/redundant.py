@@ -32,6 +32,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jax_ds.models.moe import DeepSeekMoE, MoEStats, balance_loss, run_experts
+from jax_ds.ops._checks import is_int
 from jax_ds.parallel.expert import check_ep
 from jax_ds.parallel.mesh import EXPERT, shard_model
 
@@ -97,7 +98,7 @@ class RedundantMoE(nnx.Module):
 
     def __init__(self, moe: DeepSeekMoE, num_replicas: int):
         e = moe.num_experts
-        if not isinstance(num_replicas, int) or num_replicas < e:
+        if not is_int(num_replicas) or num_replicas < e:
             raise ValueError(f"RedundantMoE: num_replicas={num_replicas!r} must be an int >= "
                              f"num_experts={e}")
         if moe.fp8_weights:

@@ -21,6 +21,7 @@ from jax_ds.models.config import DeepSeekConfig
 from jax_ds.models.layers import MLP, Dense, RMSNorm
 from jax_ds.models.mla import MLAttention
 from jax_ds.models.moe import DeepSeekMoE, MoEStats, update_router_bias
+from jax_ds.ops._checks import concrete
 
 
 class Block(nnx.Module):
@@ -122,8 +123,8 @@ class Transformer(nnx.Module):
         if not jnp.issubdtype(tokens_BT.dtype, jnp.integer):
             raise TypeError(f"Transformer.{op}: tokens must hold integer ids, got dtype "
                             f"{np.dtype(tokens_BT.dtype).name}")
-        if not isinstance(tokens_BT, jax.core.Tracer):
-            ids = np.asarray(tokens_BT)
+        ids = concrete(tokens_BT)
+        if ids is not None:
             v = self.cfg.vocab_size
             if ids.min() < 0 or ids.max() >= v:
                 raise ValueError(f"Transformer.{op}: token ids must lie in [0, vocab_size = {v}), "

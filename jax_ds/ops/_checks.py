@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -28,6 +29,17 @@ def _dtype_name(dtype) -> str:
 def check_choice(op: str, name: str, value, choices: Sequence) -> None:
     if value not in choices:
         raise ValueError(f"{op}: {name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def is_int(value) -> bool:
+    """A Python or numpy integer, not a bool (bool is an int subclass): a static size or count."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def concrete(x):
+    """x's values as a numpy array, or None when x is traced (its values only exist at run time):
+    value checks run on the concrete ones, the kernels clamp the traced ones."""
+    return None if isinstance(x, jax.core.Tracer) else np.asarray(x)
 
 
 def check_array(op: str, name: str, x) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 
 from jax_ds import _ffi
 from jax_ds.ops._checks import (BLOCK_K, FP8, cdiv, check_dtype, check_ndim, check_out_dtype,
-                                check_shape, gemm_out_dtype, pad_to)
+                                check_shape, concrete, gemm_out_dtype, pad_to)
 from jax_ds.ops.gemm import TILES, gemm_config
 from jax_ds.ops.quant import dequantize_fp8, quantize_fp8
 
@@ -97,8 +97,9 @@ def check_grouped(op, a, a_scale, b, b_scale, group_sizes, out_dtype):
     g, n = _check_grouped_b(op, b, b_scale, k)
     check_shape(op, "group_sizes", group_sizes, (g,), "[G]")
     check_dtype(op, "group_sizes", group_sizes, (jnp.int32,))
-    if not isinstance(group_sizes, jax.core.Tracer):  # traced sizes are clamped instead
-        sizes = np.asarray(group_sizes, np.int64)
+    sizes = concrete(group_sizes)  # None when traced: the kernel clamps them
+    if sizes is not None:
+        sizes = sizes.astype(np.int64)
         if sizes.size and (sizes.min() < 0 or sizes.sum() > m):
             raise ValueError(f"{op}: group_sizes must be >= 0 with sum <= M = {m}, got min "
                              f"{sizes.min()}, sum {sizes.sum()}")
@@ -122,8 +123,8 @@ def check_masked(op, a, a_scale, b, b_scale, masked_m, out_dtype):
                          f"{tuple(a.shape)}")
     check_shape(op, "masked_m", masked_m, (g,), "[G]")
     check_dtype(op, "masked_m", masked_m, (jnp.int32,))
-    if not isinstance(masked_m, jax.core.Tracer):  # traced counts are clamped instead
-        valid = np.asarray(masked_m)
+    valid = concrete(masked_m)  # None when traced: the kernel clamps them
+    if valid is not None:
         if valid.size and (valid.min() < 0 or valid.max() > mmax):
             raise ValueError(f"{op}: masked_m must lie in [0, Mmax = {mmax}], got min "
                              f"{valid.min()}, max {valid.max()}")

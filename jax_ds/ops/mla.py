@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_ds import _ffi
-from jax_ds.ops._checks import cdiv, check_dtype, check_ndim, check_shape
+from jax_ds.ops._checks import cdiv, check_dtype, check_ndim, check_shape, concrete, is_int
 
 TARGET = "jax_ds_mla_decode"
 _ffi.declare_op("mla_decode", TARGET)
@@ -82,7 +82,7 @@ def _check_common(op, q, kv_cache, block_table, cache_seqlens, softmax_scale, he
         raise ValueError(f"{op}: block_table has shape {tuple(block_table.shape)}, expected "
                          f"({b}, max_blocks >= 1) = [B, max_blocks] (B from q)")
     check_shape(op, "cache_seqlens", cache_seqlens, (b,), "[B] (B from q)")
-    if not isinstance(head_dim_v, (int, np.integer)) or not 1 <= head_dim_v <= d:
+    if not is_int(head_dim_v) or not 1 <= head_dim_v <= d:
         raise ValueError(f"{op}: head_dim_v must be an int in [1, d_qk = {d}], got {head_dim_v!r}")
     if softmax_scale is not None:
         # A static number: the kernel takes it as an attribute (a traced scale cannot be one).
@@ -96,8 +96,8 @@ def _check_common(op, q, kv_cache, block_table, cache_seqlens, softmax_scale, he
         if not (np.isfinite(float(softmax_scale)) and float(softmax_scale) > 0):
             raise ValueError(f"{op}: softmax_scale must be finite and > 0 (or None for "
                              f"1/sqrt(d_qk)), got {softmax_scale!r}")
-    if not isinstance(cache_seqlens, jax.core.Tracer):
-        lens = np.asarray(cache_seqlens)
+    lens = concrete(cache_seqlens)  # None when traced: the kernel clamps them
+    if lens is not None:
         cap = block_table.shape[1] * page
         if lens.size and (lens.max() > cap or lens.min() < 0):
             raise ValueError(f"{op}: cache_seqlens must lie in [0, max_blocks * block_size = "

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_ds import _ffi
-from jax_ds.ops._checks import check_choice, check_dtype, check_floating, check_ndim
+from jax_ds.ops._checks import check_choice, check_dtype, check_floating, check_ndim, is_int
 from jax_ds.ops.quant import quantize_fp8
 
 LAYOUT_TARGET = "jax_ds_moe_layout"
@@ -124,8 +124,7 @@ def moe_permute(x, topk_idx, num_experts: int, *, fp8: bool = False, impl: str =
     if topk_idx.shape[0] != x.shape[0] or min(topk_idx.shape) < 1 or x.shape[1] < 1:
         raise ValueError(f"{op}: expected x [N, D] and topk_idx [N, K] with N, K, D >= 1, got "
                          f"x {tuple(x.shape)}, topk_idx {tuple(topk_idx.shape)}")
-    if isinstance(num_experts, bool) or not isinstance(num_experts, (int, np.integer)) or \
-            num_experts < 1:
+    if not is_int(num_experts) or num_experts < 1:
         raise ValueError(f"{op}: num_experts must be a positive int, got {num_experts!r}")
     num_experts = int(num_experts)
     if isinstance(topk_idx, np.ndarray) and topk_idx.dtype.itemsize > 4:

@@ -56,6 +56,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_ds.ops._checks import is_int
+
 
 class Plan(NamedTuple):
     """A placement: what `rebalance_experts` returns (a tuple: it unpacks as the reference's)."""
@@ -92,7 +94,7 @@ def rebalance_experts(weight, num_replicas: int, num_groups: int, num_nodes: int
     sizes = dict(num_replicas=num_replicas, num_groups=num_groups, num_nodes=num_nodes,
                  num_gpus=num_gpus)
     for name, value in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        if not is_int(value) or value < 1:
             raise ValueError(f"rebalance_experts: {name}={value!r} must be a positive int "
                              "(a static size, not a traced value)")
     num_replicas, num_groups, num_nodes, num_gpus = map(operator.index, sizes.values())

@@ -35,10 +35,10 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from jax_ds.ops._checks import is_int
 from jax_ds.ops.moe import moe_permute, moe_unpermute
 from jax_ds.ops.quant import quantize_fp8
 from jax_ds.parallel.mesh import BATCH_AXES, EXPERT
@@ -80,7 +80,7 @@ def ep_capacity(num_tokens: int, top_k: int, num_experts: int, ep_size: int,
 def _check_dispatch(op: str, num_experts, capacity, exchange: str, ep: int) -> None:
     """Static arguments of the dispatches (inside shard_map: `exchange` already resolved)."""
     for name, value in (("num_experts", num_experts), ("capacity", capacity)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        if not is_int(value) or value < 1:
             raise ValueError(f"{op}: {name} must be an int >= 1, got {value!r}")
     if num_experts % ep:
         raise ValueError(f"{op}: num_experts={num_experts} must be a multiple of the expert "

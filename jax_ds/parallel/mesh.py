@@ -19,6 +19,8 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jax_ds.ops._checks import is_int
+
 DATA = "data"
 EXPERT = "expert"
 PIPE = "pipe"
@@ -57,7 +59,7 @@ def make_mesh(*, data: int = 1, expert: int = 1, pipe: int = 1, tensor: int = 1,
     """
     sizes = {DATA: data, EXPERT: expert, PIPE: pipe, TENSOR: tensor}
     for name, size in sizes.items():
-        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+        if not is_int(size) or size < 1:
             raise ValueError(f"make_mesh: {name}={size!r} must be a positive int")
     sizes = {name: int(size) for name, size in sizes.items()}
     devices = list(jax.devices() if devices is None else devices)

@@ -32,6 +32,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
+from jax_ds.ops._checks import is_int
 from jax_ds.storage import threefs
 from jax_ds.storage.shards import ShardHandler, ShardOptions, ShardRestore, ShardSave
 
@@ -117,12 +118,12 @@ class CheckpointManager:
                                     ("save_interval_steps", save_interval_steps, 1)):
             if value is None and name == "max_to_keep":
                 continue
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or \
-                    value < lowest:
+            if not is_int(value) or value < lowest:
                 raise ValueError(f"CheckpointManager: {name}={value!r} must be an int >= "
                                  f"{lowest}" + (" (or None: keep all)" if name == "max_to_keep"
                                                 else ""))
         self.directory = os.path.abspath(os.fspath(directory))
+        self._closed = False
         mount = threefs.mount_point(self.directory, mounts_file=mounts_file)
         if backend == "auto":
             client = None if mount is None else (usrbio_client or threefs.load_client())
@@ -158,9 +159,9 @@ class CheckpointManager:
         Raises the error of a failed save: this one (async_save=False) or the previous one
         (an async save's error surfaces at the next save or `wait_until_finished`).
         """
-        if getattr(self, "_closed", False):
+        if self._closed:
             raise RuntimeError(f"CheckpointManager({self.directory}): save after close()")
-        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+        if not is_int(step) or step < 0:
             raise ValueError(f"CheckpointManager.save: step must be an int >= 0, got {step!r}")
         for path, leaf in jax.tree_util.tree_leaves_with_path(state):
             if not hasattr(leaf, "shape") and not isinstance(leaf, (int, float, complex, np.number)):

@@ -32,6 +32,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from jax_ds.ops._checks import is_int
+
 KINDS = ("F", "B", "W", "BW", "FB")
 
 
@@ -159,8 +161,8 @@ def _check(name: str, ok: bool, message: str):
 
 
 def _check_sizes(name: str, pp, m):
-    _check(name, isinstance(pp, int) and pp >= 1, f"num_ranks={pp!r} must be an int >= 1")
-    _check(name, isinstance(m, int) and m >= 1, f"num_microbatches={m!r} must be an int >= 1")
+    _check(name, is_int(pp) and pp >= 1, f"num_ranks={pp!r} must be an int >= 1")
+    _check(name, is_int(m) and m >= 1, f"num_microbatches={m!r} must be an int >= 1")
 
 
 # ----------------------------------------------------------------------------- 1F1B and ZB1P
