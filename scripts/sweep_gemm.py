@@ -2,7 +2,8 @@
 the best per shape next to gemm_config's pick and writes JSON (for tuning gemm_config).
 With --split, each tile x cluster whose last wave gemm.split_plan would split (short_grid: a grid
 of under one wave too, every unit cut along K) is also timed with that split (key suffix "s");
-gemm_config's pick is timed as it is configured."""
+128x192 (one accumulator set) is timed with and without the epilogue overlap (suffix "o").
+gemm_config's pick is timed as it is configured. Keys: GemmConfig.key()."""
 import argparse, json, os
 import jax
 from jax_ds.arg_specs import gemm_bench_shapes
@@ -10,8 +11,8 @@ from jax_ds.bench.gemm import block_sets
 from jax_ds.bench._profile import device_time_jax
 from jax_ds.ops import gemm
 
-def call(ops, bm, bn, sms, cn, split=(0, 1)):
-    return gemm.ffi_fp8_gemm(*ops, gemm.GemmConfig(bm, bn, sms, cn, *split))
+def call(ops, cfg):
+    return gemm.ffi_fp8_gemm(*ops, cfg)
 
 parser = argparse.ArgumentParser(description=__doc__)
 parser.add_argument("--m", type=int, nargs="+", help="only the shapes of these m")
@@ -27,24 +28,26 @@ for (m, n, k) in gemm_bench_shapes():
         continue
     sets = block_sets(m, n, k, 2, seed=1)
     res = {}
+
+    def measure(cfg):
+        f = jax.jit(lambda *o: call(o, cfg))
+        res[cfg.key()] = 2 * m * n * k / device_time_jax(f, sets, 12) / 1e12
+
     for bm, bn in gemm.TILES:
         if m <= 64 and bm == 128 or args.tiles and f"{bm}x{bn}" not in args.tiles:
             continue
         for cn in gemm.CLUSTERS:
-            f = jax.jit(lambda *o, bm=bm, bn=bn, cn=cn: call(o, bm, bn, sms, cn))
-            med = device_time_jax(f, sets, 12)
-            res[f"{bm}x{bn}c{cn}"] = 2 * m * n * k / med / 1e12
             units = gemm.work_units(m, n, bm, bn, cn)
             split = gemm.split_plan(units, sms // cn, k // 128, short_grid=True)[:2]
-            if args.split and split[0]:
-                f = jax.jit(lambda *o, bm=bm, bn=bn, cn=cn, sp=split: call(o, bm, bn, sms, cn, sp))
-                res[f"{bm}x{bn}c{cn}s"] = 2 * m * n * k / device_time_jax(f, sets, 12) / 1e12
-    best = max(res, key=res.get)
+            plans = [(0, 1)] + ([split] if args.split and split[0] else [])
+            for overlap in ((False, True) if (bm, bn) == (128, 192) else (False,)):
+                for plan in plans:
+                    measure(gemm.GemmConfig(bm, bn, sms, cn, *plan, overlap))
     pick = gemm.gemm_config(m, n, k, sms)
-    pk = f"{pick.block_m}x{pick.block_n}c{pick.cluster_n}" + ("s" if pick.split_units else "")
+    pk = pick.key()
     if pk not in res:  # --tiles (or no --split) left the pick out: time it too
-        f = jax.jit(lambda *o: gemm.ffi_fp8_gemm(*o, pick))
-        res[pk] = 2 * m * n * k / device_time_jax(f, sets, 12) / 1e12
+        measure(pick)
+    best = max(res, key=res.get)
     print(f"{m:5d} {n:6d} {k:6d} best {best:7s} {res[best]:7.0f}  pick {pk:7s} {res[pk]:7.0f}  "
           + " ".join(f"{t}:{v:.0f}" for t, v in res.items()), flush=True)
     rows.append(dict(m=m, n=n, k=k, tflops=res, best=best, pick=pk))

@@ -143,18 +143,26 @@ def test_gemm_config():
             assert cfg.cluster_n == 1  # nothing to pair with
         if m <= 64:
             assert cfg.block_m == 64
-    # m > 128: 128x192 where it fills the SMs and N's tail does not empty it (H200 sweep), alone
-    assert ops.gemm_config(4096, 2112, 7168, 132) == ops.GemmConfig(128, 192, 132, 1)
-    assert ops.gemm_config(8192, 8192, 8192, 132) == ops.GemmConfig(128, 192, 132, 1)
+    # m > 128: 128x192 where it fills the SMs and N's tail does not empty it (H200 sweep), with
+    # the epilogue overlap from 8 k blocks on, then in pairs where the column blocks pair up and
+    # the pairs' last wave is not 3% worse
+    G = ops.GemmConfig
+    assert ops.gemm_config(4096, 2112, 7168, 132) == G(128, 192, 132, 1, overlap=True)  # 11
+    assert ops.gemm_config(4096, 24576, 1536, 132) == G(128, 192, 132, 2, overlap=True)
+    assert ops.gemm_config(4096, 32768, 512, 132) == G(128, 192, 132, 1)  # 4 k blocks: no
+    assert ops.gemm_config(8192, 8192, 8192, 132) == G(128, 192, 132, 1, overlap=True)  # 43
+    assert ops.gemm_config(4096, 7168, 2048, 132) == G(128, 192, 132, 2, overlap=True)
     assert ops.gemm_config(100000, 48, 256, 132).block_n == 128  # 48 of 192 columns: no
     assert ops.gemm_config(256, 7168, 7168, 132) == ops.GemmConfig(128, 128, 112, 2)
-    # 64 < m <= 128 (the H200 tile sweep): one 128-row tile when 128x128 or 128x64 tiles fill
-    # 3/4 of the SMs, 128x64 when its waves are fuller by > 10%; else 64-row tiles as at m <= 64.
+    # 64 < m <= 128 (the H200 tile sweep): one 128-row tile when 128x192, 128x128 or 128x64
+    # tiles fill 3/4 of the SMs, the one whose waves are fullest (128x64 pays 10%); else 64-row
+    # tiles as at m <= 64, without clusters or split (the split lost 17% at 64x24576x1536).
     assert ops.gemm_config(128, 32768, 512, 132) == ops.GemmConfig(128, 128, 132, 1)
-    assert ops.gemm_config(128, 24576, 1536, 132) == ops.GemmConfig(128, 64, 132, 1)
+    assert ops.gemm_config(128, 24576, 1536, 132) == ops.GemmConfig(128, 192, 128, 1)  # 1 wave
     assert ops.gemm_config(100, 7168, 2048, 132) == ops.GemmConfig(128, 64, 112, 1)
     assert ops.gemm_config(128, 4096, 7168, 132) == ops.GemmConfig(64, 64, 128, 1)
     assert ops.gemm_config(128, 2112, 7168, 132).block_m == 64
+    assert ops.gemm_config(64, 24576, 1536, 132) == ops.GemmConfig(64, 128, 132, 1)
     with pytest.raises(dataclasses.FrozenInstanceError):
         ops.gemm_config(1, 1, 128, 132).block_m = 128
 
@@ -185,37 +193,43 @@ def test_split_plan():
 
 
 def test_gemm_config_splits_a_short_last_wave():
-    # 4096x7168 in 128x192 tiles: 32 x 38 = 1216 (9.2 waves on 132 SMs); the last 28 units in 4
-    # slices of 32 k blocks (1186 k-block steps instead of 1280).
+    # 4096x7168 in pairs of 128x192 tiles: 32 x 19 = 608 units (9.2 waves on 66 clusters); the
+    # last 14 units in 4 slices of 32 k blocks (1186 k-block steps instead of 1280).
     cfg = ops.gemm_config(4096, 7168, 16384, 132)
-    assert cfg == ops.GemmConfig(128, 192, 132, 1, 28, 4)
-    assert cfg.workspace_floats() == 28 * 4 * 128 * 192 + 28 * 2
+    assert cfg == ops.GemmConfig(128, 192, 132, 2, 14, 4, overlap=True)
+    assert cfg.workspace_floats() == 14 * 4 * 2 * 128 * 192 + 14 * 2 * 2
     assert cfg.split_attrs()["splits"] == 4 and "splits" not in cfg.attrs()
-    assert ops.gemm_config(4096, 4096, 7168, 132) == ops.GemmConfig(128, 192, 132, 1, 44, 3)
+    assert cfg.split_attrs()["overlap"] == 1 and cfg.key() == "128x192c2so"
+    assert ops.gemm_config(4096, 4096, 7168, 132) == ops.GemmConfig(128, 192, 132, 2, 22, 3,
+                                                                     overlap=True)
     for m, n, k in [(4096, 2112, 7168), (4096, 24576, 1536), (4096, 32768, 512),
                     (4096, 7168, 2048), (8192, 8192, 8192), (128, 7168, 16384)]:
         cfg = ops.gemm_config(m, n, k, 132)
         assert (cfg.split_units, cfg.splits) == (0, 1) and cfg.workspace_floats() == 1, (m, n, k)
 
 
-@pytest.mark.parametrize("sweep", ["gemm-tiles-sweep-h100-2026-11-24.json",
-                                   "gemm-tiles-sweep-h200-2026-12-03.json",
-                                   "gemm-tiles-sweep-h200-2026-12-03-bn192.json"])
-def test_gemm_config_against_tile_sweeps(sweep):
+@pytest.mark.parametrize("sweep,within", [("gemm-tiles-sweep-h100-2026-11-24.json", 0.98),
+                                          ("gemm-tiles-sweep-h200-2026-12-03.json", 0.98),
+                                          ("gemm-tiles-sweep-h200-2026-12-03-bn192.json", 0.98),
+                                          ("gemm-tiles-sweep-h200-2026-12-03-overlap.json", 0.98),
+                                          ("gemm-tiles-sweep-h200-2026-12-03-m64-128-split.json",
+                                           0.92)])
+def test_gemm_config_against_tile_sweeps(sweep, within):
     """gemm_config's docstring claim, from the committed sweeps (scripts/sweep_gemm.py kernel
-    times of every tile): on every swept shape its pick is within 2% of the fastest tile."""
+    times of every tile): on every swept shape its pick is within 2% of the fastest tile; in the
+    m <= 128 sweep with short-grid splits (which gemm_config does not use: 64x2112x7168 cut 7
+    ways in 64x32 tiles is 8% faster there; 128x4096x7168 moved 4% between H200 runs) within
+    8%, which still catches a split that loses (64x24576x1536: 0.81 of the best)."""
     data = json.loads((RESULTS / sweep).read_text())
     rows = data["rows"] if isinstance(data, dict) else data
     for row in rows:
         cfg = ops.gemm_config(row["m"], row["n"], row["k"], 132)
-        key = f"{cfg.block_m}x{cfg.block_n}c{cfg.cluster_n}"
-        if cfg.split_units:
-            key += "s"
+        key = cfg.key()
         if key not in row["tflops"]:  # a sweep from before the tile or the split
             continue
         pick = row["tflops"][key]
         best = max(row["tflops"].values())
-        assert pick >= 0.98 * best, (row["m"], row["n"], row["k"], pick, best)
+        assert pick >= within * best, (row["m"], row["n"], row["k"], pick, best)
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])

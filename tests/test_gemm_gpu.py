@@ -127,10 +127,15 @@ def test_fp8_gemm_matches_reference(m, n, k):
         _check(out, ref, err_scale, k, f"fp8_gemm {m}x{n}x{k}")
 
 
-def _ffi_gemm(ops, out_dtype, block_m, block_n, num_sms, cluster_n=1):
+def _ffi_gemm(ops, out_dtype, block_m, block_n, num_sms, cluster_n=1, overlap=False):
     """The kernel with an explicit tile and cluster size, bypassing gemm_config."""
-    return gemm.ffi_fp8_gemm(*ops, gemm.GemmConfig(block_m, block_n, num_sms, cluster_n),
-                             out_dtype)
+    cfg = gemm.GemmConfig(block_m, block_n, num_sms, cluster_n, overlap=overlap)
+    return gemm.ffi_fp8_gemm(*ops, cfg, out_dtype)
+
+
+def _overlaps(block_m, block_n):
+    """The epilogue overlap settings a tile runs with (only 128x192 has the choice)."""
+    return (False, True) if (block_m, block_n) == (128, 192) else (False,)
 
 
 TILES = list(gemm.TILES)  # every tile compiled into the library
@@ -148,9 +153,10 @@ def test_every_tile(m, n, k, block_m, block_n, cluster_n):
     tiles = -(-m // block_m) * -(-n // block_n)
     for out_dtype in OUT_DTYPES:
         for num_sms in sorted({min(tiles, _ffi.num_sms()), 3, 5, _ffi.num_sms()}):
-            out = _ffi_gemm(ops, out_dtype, block_m, block_n, num_sms, cluster_n)
-            _check(out, ref, err_scale, k,
-                   f"tile {block_m}x{block_n} cluster {cluster_n}, {num_sms} SMs, {m}x{n}x{k}")
+            for overlap in _overlaps(block_m, block_n):
+                out = _ffi_gemm(ops, out_dtype, block_m, block_n, num_sms, cluster_n, overlap)
+                _check(out, ref, err_scale, k, f"tile {block_m}x{block_n} cluster {cluster_n}, "
+                       f"{num_sms} SMs, overlap {overlap}, {m}x{n}x{k}")
 
 
 @pytest.mark.parametrize("block_m,block_n,cluster_n",
@@ -169,21 +175,23 @@ def test_split_k_tail(m, n, k, block_m, block_n, cluster_n):
     for i, (split_units, splits) in enumerate(sorted(plans)):
         out_dtype = OUT_DTYPES[i % 2]
         for num_sms in sorted({_ffi.num_sms(), 4}):
-            cfg = gemm.GemmConfig(block_m, block_n, num_sms, cluster_n, split_units, splits)
-            run = jax.jit(functools.partial(gemm.ffi_fp8_gemm, cfg=cfg, out_dtype=out_dtype))
-            out = run(*ops)
-            _check(out, ref, err_scale, k, f"{cfg}, {m}x{n}x{k}")
-            np.testing.assert_array_equal(np.asarray(run(*ops)), np.asarray(out),
-                                          err_msg=f"not deterministic: {cfg}")
+            for overlap in _overlaps(block_m, block_n):
+                cfg = gemm.GemmConfig(block_m, block_n, num_sms, cluster_n, split_units, splits,
+                                      overlap)
+                run = jax.jit(functools.partial(gemm.ffi_fp8_gemm, cfg=cfg, out_dtype=out_dtype))
+                out = run(*ops)
+                _check(out, ref, err_scale, k, f"{cfg}, {m}x{n}x{k}")
+                np.testing.assert_array_equal(np.asarray(run(*ops)), np.asarray(out),
+                                              err_msg=f"not deterministic: {cfg}")
 
 
 def test_split_k_chosen_for_a_short_last_wave():
-    """gemm_config splits the last wave of 4096x4096x7168 (704 128x192 tiles on 132 SMs); the
-    kernel with that plan matches the reference."""
+    """gemm_config splits the last wave of 4096x4096x7168 (352 pairs of 128x192 tiles on 66
+    clusters, with the epilogue overlap); the kernel with that plan matches the reference."""
     m, n, k = 4096, 4096, 7168
     cfg = gemm.gemm_config(m, n, k, _ffi.num_sms())
     if _ffi.num_sms() == 132:
-        assert (cfg.block_n, cfg.split_units, cfg.splits) == (192, 44, 3), cfg
+        assert cfg.key() == "128x192c2so" and (cfg.split_units, cfg.splits) == (22, 3), cfg
     ops, ref, err_scale = _case(m, n, k)
     _check(fp8_gemm(*ops, impl="ffi"), ref, err_scale, k, f"gemm_config {cfg}")
 
@@ -205,6 +213,8 @@ def test_bad_attributes_are_errors_not_launches():
         with pytest.raises(Exception, match="fp8_gemm"):
             jax.block_until_ready(_ffi_gemm(ops, jnp.bfloat16, block_m, block_n, num_sms,
                                             cluster_n))
+    with pytest.raises(Exception, match="overlap"):
+        jax.block_until_ready(_ffi_gemm(ops, jnp.bfloat16, 128, 192, 8, 1, overlap=2))
     # ... and the device is still healthy afterwards.
     _check(fp8_gemm(*ops, impl="ffi"), ref, err_scale, 256, "after errors")
 

@@ -12,37 +12,56 @@
 namespace jax_ds::gemm {
 namespace {
 
-// The split of the last wave (attributes split_units, splits; DenseScheduler::make).
+// The split of the last wave (attributes split_units, splits; DenseScheduler::make) and the
+// epilogue overlap of the one-accumulator-set tiles (attribute overlap).
 struct SplitPlan {
-  int split_units, splits;
+  int split_units, splits, overlap;
 };
+
+// Validates the split plan against `Sched`'s units, sets up its workspace, launches
+// (the first argument only names the scheduler type).
+template <typename Sched, typename OutT>
+ffi::Error Launch(Sched, SplitPlan plan, cudaStream_t stream,
+                  const GemmArgs<OutT>& args, float* workspace, int64_t workspace_floats) {
+  const int k_blocks = args.K / kBlockK;
+  Sched sched = Sched::make(args.a_rows, args.N, k_blocks, plan.split_units, plan.splits);
+  JAX_DS_CHECK_ARG(plan.split_units >= 0 && plan.split_units <= sched.num_tile_units() &&
+                       plan.splits >= 1 && plan.splits <= k_blocks,
+                   "fp8_gemm: need 0 <= split_units <= tile units (" +
+                       std::to_string(sched.num_tile_units()) + ") and 1 <= splits <= K/128");
+  constexpr int kBM = Sched::kTileM, kBN = Sched::kTileN, kClusterN = Sched::kClusterCtas;
+  if (sched.split_units > 0) {  // make() keeps a split only when it cuts something
+    const int64_t per_unit = int64_t{kClusterN} * kBM * kBN;  // floats per slice
+    const int64_t partials = int64_t{sched.split_units} * sched.splits * per_unit;
+    const int64_t counters = int64_t{sched.split_units} * kClusterN * (kBM / 64);
+    JAX_DS_CHECK_ARG(workspace_floats >= partials + counters,
+                     "fp8_gemm: the split-K workspace needs " +
+                         std::to_string(partials + counters) + " floats, got " +
+                         std::to_string(workspace_floats));
+    sched.ws = SplitWorkspace{workspace, reinterpret_cast<int*>(workspace + partials)};
+    JAX_DS_CUDA_RETURN_IF_ERROR(
+        cudaMemsetAsync(sched.ws.counters, 0, counters * sizeof(int), stream));
+  }
+  return LaunchGemm<kBM, kBN, kClusterN>(stream, args, sched, sched.num_units(),
+                                         Sched::extra_smem_bytes());
+}
 
 template <typename OutT>
 ffi::Error Dispatch(int block_m, int block_n, int cluster_n, SplitPlan plan, cudaStream_t stream,
                     const GemmArgs<OutT>& args, float* workspace, int64_t workspace_floats) {
   return DispatchTile("jax_ds_fp8_gemm", block_m, block_n, cluster_n, [&](auto tile) {
     using T = decltype(tile);
-    using Sched = DenseScheduler<T::BM, T::BN, T::kClusterN>;
-    const int k_blocks = args.K / kBlockK;
-    Sched sched = Sched::make(args.a_rows, args.N, k_blocks, plan.split_units, plan.splits);
-    JAX_DS_CHECK_ARG(plan.split_units >= 0 && plan.split_units <= sched.num_tile_units() &&
-                         plan.splits >= 1 && plan.splits <= k_blocks,
-                     "fp8_gemm: need 0 <= split_units <= tile units (" +
-                         std::to_string(sched.num_tile_units()) + ") and 1 <= splits <= K/128");
-    if (sched.split_units > 0) {  // make() keeps a split only when it cuts something
-      const int64_t per_unit = int64_t{T::kClusterN} * T::BM * T::BN;  // floats per slice
-      const int64_t partials = int64_t{sched.split_units} * sched.splits * per_unit;
-      const int64_t counters = int64_t{sched.split_units} * T::kClusterN * (T::BM / 64);
-      JAX_DS_CHECK_ARG(workspace_floats >= partials + counters,
-                       "fp8_gemm: the split-K workspace needs " +
-                           std::to_string(partials + counters) + " floats, got " +
-                           std::to_string(workspace_floats));
-      sched.ws = SplitWorkspace{workspace, reinterpret_cast<int*>(workspace + partials)};
-      JAX_DS_CUDA_RETURN_IF_ERROR(
-          cudaMemsetAsync(sched.ws.counters, 0, counters * sizeof(int), stream));
+    JAX_DS_CHECK_ARG(plan.overlap == 0 || plan.overlap == 1, "fp8_gemm: overlap must be 0 or 1");
+    // The epilogue overlap is an instance of its own, compiled for the one-set tile only (the
+    // others ignore the attribute).
+    if constexpr (T::BN == 192) {
+      if (plan.overlap == 1) {
+        return Launch(DenseScheduler<T::BM, T::BN, T::kClusterN, true>{}, plan, stream, args,
+                      workspace, workspace_floats);
+      }
     }
-    return LaunchGemm<T::BM, T::BN, T::kClusterN>(stream, args, sched, sched.num_units(),
-                                                  Sched::extra_smem_bytes());
+    return Launch(DenseScheduler<T::BM, T::BN, T::kClusterN>{}, plan, stream, args, workspace,
+                  workspace_floats);
   });
 }
 
@@ -51,7 +70,7 @@ ffi::Error Fp8GemmImpl(cudaStream_t stream, ffi::AnyBuffer a,
                        ffi::Buffer<ffi::F32> b_scale, ffi::Result<ffi::AnyBuffer> out,
                        ffi::Result<ffi::Buffer<ffi::F32>> workspace, int32_t block_m,
                        int32_t block_n, int32_t cluster_n, int32_t num_sms, int32_t split_units,
-                       int32_t splits) {
+                       int32_t splits, int32_t overlap) {
   auto ad = a.dimensions(), bd = b.dimensions(), sad = a_scale.dimensions(),
        sbd = b_scale.dimensions(), od = out->dimensions();
   JAX_DS_CHECK_ARG(ad.size() == 2 && bd.size() == 2 && sad.size() == 2 && sbd.size() == 2 &&
@@ -73,7 +92,7 @@ ffi::Error Fp8GemmImpl(cudaStream_t stream, ffi::AnyBuffer a,
   const int m = static_cast<int>(M), n = static_cast<int>(N), k = static_cast<int>(K);
   return WithOutType("fp8_gemm", out, [&](auto* out_ptr) {
     using OutT = std::remove_pointer_t<decltype(out_ptr)>;
-    return Dispatch(block_m, block_n, cluster_n, SplitPlan{split_units, splits}, stream,
+    return Dispatch(block_m, block_n, cluster_n, SplitPlan{split_units, splits, overlap}, stream,
                     GemmArgs<OutT>{a.untyped_data(), a_scale.typed_data(), b.untyped_data(),
                                    b_scale.typed_data(), out_ptr, m, n, n, k, num_sms},
                     workspace->typed_data(), static_cast<int64_t>(workspace->element_count()));
@@ -97,7 +116,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxDsFp8Gemm, jax_ds::gemm::Fp8GemmImpl,
                                   .Attr<int32_t>("cluster_n")
                                   .Attr<int32_t>("num_sms")
                                   .Attr<int32_t>("split_units")
-                                  .Attr<int32_t>("splits"),
+                                  .Attr<int32_t>("splits")
+                                  .Attr<int32_t>("overlap"),
                               // Only enqueues work on the stream: XLA may capture it into a CUDA
                               // graph (command buffer) with its neighbours, which removes the
                               // per-launch host cost from jitted programs.

@@ -79,9 +79,14 @@ __device__ __forceinline__ void banded_order(int unit, int num_m_tiles, int num_
 // Dense problem: one [M, N] grid of tiles. The last `split_units` units of the walk (the
 // partial last wave) may each be cut into `splits` K slices, consecutive in the walk, so they
 // run on different SMs at once instead of leaving most SMs idle for a whole tile's K loop.
-template <int BM, int BN, int kClusterN>
+// kOverlap_: kernels of one accumulator set (128x192) store a tile while the next tile's first
+// k block runs (attribute `overlap`; a separate instance: a runtime switch made ptxas spill in
+// the epilogue and cost both variants 8-12% on the H200).
+template <int BM, int BN, int kClusterN, bool kOverlap_ = false>
 struct DenseScheduler {
   static constexpr bool kSplits = true;
+  static constexpr bool kOverlap = kOverlap_;
+  static constexpr int kTileM = BM, kTileN = BN, kClusterCtas = kClusterN;
   int M, N, num_m_blocks, num_n_units;
   int k_blocks = 1, split_units = 0, splits = 1;
   SplitWorkspace ws;
@@ -141,6 +146,7 @@ struct DenseScheduler {
 template <int BM, int BN, int kClusterN>
 struct GroupedScheduler {
   static constexpr bool kSplits = false;
+  static constexpr bool kOverlap = false;  // (zero tiles make the first issue data-dependent)
   static constexpr int kMaxGroups = 1024;
   const int* sizes;  // device [G]
   int G, M, N, mmax, num_n_units;
@@ -354,6 +360,12 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
   // at a time (the other consumer warpgroup's WGMMAs keep the tensor cores busy meanwhile).
   constexpr bool kTwoScales = 128 % BN != 0;
   constexpr bool kDoubleAcc = 3 * kAccRegs <= 192;
+  // With one set, a tile's epilogue may run under the next tile's first k block (dense GEMM,
+  // Sched::kOverlap: its tiles are never zero tiles, so the first issue is unconditional;
+  // ptxas serialises WGMMAs issued on a data-dependent path). Measured on the H200: +4-7% at
+  // K >= 1536, -12% at K = 512 (not profiled; the staging writes contending with the WGMMAs'
+  // shared-memory reads over a larger share of a short tile would explain it).
+  constexpr bool kDefer = !kDoubleAcc && Sched::kOverlap;
   constexpr int kATileBytes = BM * kBlockK;
   constexpr int kBTileBytes = BN * kBlockK;
   constexpr int kASliceRows = BM / kClusterN;  // rows of A each CTA of a cluster loads
@@ -438,6 +450,79 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
     float total[kAccRegs];
     int stage = 0;
     uint32_t phase = 0;
+    // Stores a finished tile from `total` (a K slice: its partial sums, and the tile if it is the
+    // split's last slice).
+    auto epilogue = [&](const TileCoord& t, int unit) {
+      const int row0 = t.a_row + row_in_tile;
+      const int row1 = row0 + 8;
+      if constexpr (Sched::kSplits) {
+        int split, slice;
+        if (sched_in.split_of(unit, split, slice)) {  // leave the partial sums; the last slice adds up
+          const int t = threadIdx.x % 128;
+          constexpr int kSliceFloats = 64 * BN;  // one consumer's partial
+          const int64_t stride = static_cast<int64_t>(kClusterN) * Smem::kConsumers * kSliceFloats;
+          float* const first = sched_in.ws.partials +
+                               static_cast<int64_t>(split) * sched_in.splits * stride +
+                               (static_cast<int64_t>(rank) * Smem::kConsumers + consumer) *
+                                   kSliceFloats;
+          float* const mine = first + slice * stride;
+#pragma unroll
+          for (int i = 0; i < kAccRegs; ++i) __stcg(mine + i * 128 + t, total[i]);
+          __threadfence();  // this thread's partial is visible device-wide before the count
+          sm90::named_barrier(1 + consumer, 128);
+          if (leader) {
+            int* counter = sched_in.ws.counters +
+                           (split * kClusterN + static_cast<int>(rank)) * Smem::kConsumers +
+                           consumer;
+            split_last[consumer] = atomicAdd(counter, 1) == sched_in.splits - 1;
+          }
+          sm90::named_barrier(1 + consumer, 128);
+          if (!split_last[consumer]) return;  // another slice stores the tile
+          __threadfence();
+          // Every slice's sums, in slice order (the same bits whichever slice finished last).
+#pragma unroll
+          for (int i = 0; i < kAccRegs; ++i) total[i] = __ldcg(first + i * 128 + t);
+          for (int sl = 1; sl < sched_in.splits; ++sl) {
+#pragma unroll
+            for (int i = 0; i < kAccRegs; ++i) {
+              total[i] += __ldcg(first + sl * stride + i * 128 + t);
+            }
+          }
+        }
+      }
+
+      // A consumer's 64 rows go out through TMA when the tensor's edge clips them (dense) or they
+      // all belong to the tile's group; otherwise through guarded register stores.
+      const int slice_row = t.a_row + consumer * 64;
+      if (tma_store && (t.row_end >= M || slice_row + 64 <= t.row_end)) {
+        // The previous tile's store must have left the staging buffer before it is rewritten.
+        if (leader) sm90::tma_store_wait_read();
+        sm90::named_barrier(1 + consumer, 128);
+        stage_tile<BN, OutT, kAccRegs>(out_slice, total, warp, lane);
+        sm90::fence_proxy_async_smem();
+        sm90::named_barrier(1 + consumer, 128);
+        if (leader) {
+#pragma unroll
+          for (int box = 0; box < BN / Smem::kBoxCols; ++box) {
+            sm90::tma_store_2d(&tmap_out, out_slice + box * 64 * 128,
+                               t.n_block * BN + box * Smem::kBoxCols, slice_row);
+          }
+          sm90::tma_store_commit();
+        }
+      } else {
+        const int col_base = t.n_block * BN + col_in_tile;
+#pragma unroll
+        for (int j = 0; j < kAccRegs / 4; ++j) {
+          const int col = col_base + 8 * j;
+          store_pair(out, row0, col, t.row_end, N, total[4 * j], total[4 * j + 1], even_n);
+          store_pair(out, row1, col, t.row_end, N, total[4 * j + 2], total[4 * j + 3], even_n);
+        }
+      }
+    };
+    // kDefer: the previous tile's epilogue waits until the next tile's first k block is issued.
+    TileCoord prev{};
+    int prev_unit = 0;
+    bool pending = false;
     for (int u = cluster; u < sched.num_units(); u += num_clusters) {
       const TileCoord c = sched.tile(u, rank);
       const int row0 = c.a_row + row_in_tile;
@@ -452,8 +537,10 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
       const int boundary = kTwoScales ? 128 - n0 % 128 : BN;
       const float* sb_hi =
           sb + (kTwoScales && n0 + boundary < N ? static_cast<int64_t>(k_blocks) : 0);
+      if constexpr (!kDefer) {
 #pragma unroll
-      for (int i = 0; i < kAccRegs; ++i) total[i] = 0.f;
+        for (int i = 0; i < kAccRegs; ++i) total[i] = 0.f;
+      }
 
       auto issue = [&](int set, int kb) {
         scale_a0[set] = __ldg(sa0 + kb);
@@ -511,7 +598,19 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
 
       // This unit's k blocks (all of them unless the tile is split along K); at least one.
       const int kb_first = c.kb_begin, kb_end = min(c.kb_end, k_blocks);
-      if constexpr (!kDoubleAcc) {  // one accumulator set: issue, wait, promote
+      if constexpr (kDefer) {  // one accumulator set, the previous tile's epilogue deferred
+        issue(0, kb_first);
+        if (pending) epilogue(prev, prev_unit);  // `total` still holds the previous tile
+#pragma unroll
+        for (int i = 0; i < kAccRegs; ++i) total[i] = 0.f;
+        sm90::wgmma_wait<0>();
+        promote(0);
+        for (int kb = kb_first + 1; kb < kb_end; ++kb) {
+          issue(0, kb);
+          sm90::wgmma_wait<0>();
+          promote(0);
+        }
+      } else if constexpr (!kDoubleAcc) {  // one accumulator set: issue, wait, promote
         for (int kb = kb_first; kb < (c.zero ? kb_first : kb_end); ++kb) {
           issue(0, kb);
           sm90::wgmma_wait<0>();
@@ -540,69 +639,14 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
         }
       }
 
-      if constexpr (Sched::kSplits) {
-        int split, slice;
-        if (sched_in.split_of(u, split, slice)) {  // leave the partial sums; the last slice adds up
-          const int t = threadIdx.x % 128;
-          constexpr int kSliceFloats = 64 * BN;  // one consumer's partial
-          const int64_t stride = static_cast<int64_t>(kClusterN) * Smem::kConsumers * kSliceFloats;
-          float* const first = sched_in.ws.partials +
-                               static_cast<int64_t>(split) * sched_in.splits * stride +
-                               (static_cast<int64_t>(rank) * Smem::kConsumers + consumer) *
-                                   kSliceFloats;
-          float* const mine = first + slice * stride;
-#pragma unroll
-          for (int i = 0; i < kAccRegs; ++i) __stcg(mine + i * 128 + t, total[i]);
-          __threadfence();  // this thread's partial is visible device-wide before the count
-          sm90::named_barrier(1 + consumer, 128);
-          if (leader) {
-            int* counter = sched_in.ws.counters +
-                           (split * kClusterN + static_cast<int>(rank)) * Smem::kConsumers +
-                           consumer;
-            split_last[consumer] = atomicAdd(counter, 1) == sched_in.splits - 1;
-          }
-          sm90::named_barrier(1 + consumer, 128);
-          if (!split_last[consumer]) continue;  // another slice stores the tile
-          __threadfence();
-          // Every slice's sums, in slice order (the same bits whichever slice finished last).
-#pragma unroll
-          for (int i = 0; i < kAccRegs; ++i) total[i] = __ldcg(first + i * 128 + t);
-          for (int sl = 1; sl < sched_in.splits; ++sl) {
-#pragma unroll
-            for (int i = 0; i < kAccRegs; ++i) {
-              total[i] += __ldcg(first + sl * stride + i * 128 + t);
-            }
-          }
-        }
-      }
-
-      // A consumer's 64 rows go out through TMA when the tensor's edge clips them (dense) or they
-      // all belong to the tile's group; otherwise through guarded register stores.
-      const int slice_row = c.a_row + consumer * 64;
-      if (tma_store && (c.row_end >= M || slice_row + 64 <= c.row_end)) {
-        // The previous tile's store must have left the staging buffer before it is rewritten.
-        if (leader) sm90::tma_store_wait_read();
-        sm90::named_barrier(1 + consumer, 128);
-        stage_tile<BN, OutT, kAccRegs>(out_slice, total, warp, lane);
-        sm90::fence_proxy_async_smem();
-        sm90::named_barrier(1 + consumer, 128);
-        if (leader) {
-#pragma unroll
-          for (int box = 0; box < BN / Smem::kBoxCols; ++box) {
-            sm90::tma_store_2d(&tmap_out, out_slice + box * 64 * 128,
-                               c.n_block * BN + box * Smem::kBoxCols, slice_row);
-          }
-          sm90::tma_store_commit();
-        }
+      if constexpr (kDefer) {
+        prev = c, prev_unit = u, pending = true;  // stored under the next tile's first k block
       } else {
-        const int col_base = c.n_block * BN + col_in_tile;
-#pragma unroll
-        for (int j = 0; j < kAccRegs / 4; ++j) {
-          const int col = col_base + 8 * j;
-          store_pair(out, row0, col, c.row_end, N, total[4 * j], total[4 * j + 1], even_n);
-          store_pair(out, row1, col, c.row_end, N, total[4 * j + 2], total[4 * j + 3], even_n);
-        }
+        epilogue(c, u);
       }
+    }
+    if constexpr (kDefer) {
+      if (pending) epilogue(prev, prev_unit);
     }
     if (tma_store && leader) sm90::tma_store_wait_all();
   }

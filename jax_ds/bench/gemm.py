@@ -132,8 +132,8 @@ def bench_shape(m, n, k, key, args, *, ours_na, num_sms, peak, torch_gemm):
     res = row["results"]
     try:
         cfg = gemm_config(m, n, k, num_sms)
-        row["config"] = (f"{cfg.block_m}x{cfg.block_n}c{cfg.cluster_n}"
-                         + (f"k{cfg.split_units}x{cfg.splits}" if cfg.split_units else ""))
+        row["config"] = cfg.key()  # the sweeps' key, e.g. 128x192c2so
+        row["split"] = [cfg.split_units, cfg.splits]
     except Exception as e:  # a bad config is a row's problem, not the run's
         row["config"] = error_cell(e)["error"]
     try:

@@ -43,6 +43,9 @@ FILL_FRACTION = 0.75  # a tile shape is "wide enough" once its tiles cover this 
 SPLIT_MIN_KBLOCKS = 4
 SPLIT_COST_KBLOCKS = 2
 SPLIT_MIN_GAIN = 0.07  # (4096x7168x2048, 128x192: 6% by the count, 1% slower measured)
+# The 128x192 tile's epilogue overlap from this many k blocks on (H200 sweep of 2026-12-03:
+# +4-7% at 12 to 128 k blocks, -12% at 4).
+OVERLAP_MIN_KBLOCKS = 8
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -56,6 +59,9 @@ class GemmConfig:
     # workspace (0 / 1: no split).
     split_units: int = 0
     splits: int = 1
+    # Dense GEMM, tiles of one accumulator set (128x192) only: each tile is stored while the
+    # next tile's first k block runs on the tensor cores (the other tiles ignore it).
+    overlap: bool = False
 
     def attrs(self) -> dict:
         """The FFI attributes of the GEMM custom calls, the tile's (+ split: `split_attrs`)."""
@@ -65,7 +71,13 @@ class GemmConfig:
     def split_attrs(self) -> dict:
         """The dense GEMM's attributes: the tile's and the split-K plan's."""
         return dict(self.attrs(), split_units=np.int32(self.split_units),
-                    splits=np.int32(self.splits))
+                    splits=np.int32(self.splits), overlap=np.int32(self.overlap))
+
+    def key(self) -> str:
+        """A short name, e.g. "128x192c1so": tile, cluster size, "s" when the last wave is
+        split along K, "o" with the epilogue overlap (the sweeps' JSON keys)."""
+        return (f"{self.block_m}x{self.block_n}c{self.cluster_n}"
+                + "s" * (self.split_units > 0 and self.splits > 1) + "o" * bool(self.overlap))
 
     def workspace_floats(self) -> int:
         """float32 elements of the dense GEMM's split-K workspace (partials + counters), >= 1."""
@@ -113,51 +125,71 @@ def gemm_config(m: int, n: int, k: int, num_sms: int, *, tiles=TILES) -> GemmCon
     m > 128: the widest tile (most FLOPs per byte pulled from L2, which is what bounds large
     shapes) whose tiles still occupy at least 3/4 of the SMs, 128-row tiles first (128x192 only
     where N's tail leaves its columns at least 0.9x as used as 128x128's); when no tile fills the
-    machine, the one with the most tiles.
-    64 < m <= 128: one 128-row tile 64 or 128 wide when such tiles fill 3/4 of the SMs, the one
-    that keeps the SMs busier over its waves (128x128 unless 128x64 does so by more than 10%);
-    otherwise 64-row tiles as for m <= 64, which double the parallelism.
+    machine, the one with the most tiles. 128x192 stores each tile under the next tile's first
+    k block (`overlap`) from OVERLAP_MIN_KBLOCKS k blocks on, and then runs in CTA pairs where
+    its column blocks pair up; 128x128 runs in pairs too. The last wave is split along K
+    (`split_plan`) where it is short, and pairs give way to single CTAs when the singles' last
+    wave (with its split) is 3% shorter by that count.
+    64 < m <= 128: one 128-row tile 192, 128 or 64 wide when such tiles fill 3/4 of the SMs, the
+    one that keeps the SMs busier over its waves (128x64 pays 10%); otherwise 64-row tiles as for
+    m <= 64, which double the parallelism; no pairs and no split at m <= 128 (the split lost 17%
+    at 64x24576x1536).
     Checked against every tile timed on every benchmark shape (scripts/sweep_gemm.py, kernel
-    times): on the H200 (benchmarks/results/gemm-tiles-sweep-h200-2026-12-03.json) it picks the
-    fastest tile on 11 of the 12 shapes of m <= 128, the 12th within 1%; on the H100
-    (benchmarks/results/gemm-tiles-sweep-h100-2026-11-24.json) on 11 of 12, the 12th within 2%;
-    every swept shape within 2% of its best (tests/test_gemm.py checks it against both files).
-    At m = 4096 (benchmarks/results/gemm-tiles-sweep-h200-2026-12-03-bn192.json, 128x128 and
-    128x192 with and without split) it picks the fastest on 5 of 6 shapes, the 6th within 2%.
-    `k` does not change the tile. It sets the split of the last wave (`split_plan`): when the
-    tiles leave a small last wave, its units are cut along K, and a cluster size that leaves a
-    better-filled last wave (with its split) is taken when it is 3% faster by that count.
+    times; tests/test_gemm.py checks each file): at m <= 128 on the H200
+    (benchmarks/results/gemm-tiles-sweep-h200-2026-12-03.json) the fastest tile on 11 of 12
+    shapes, the 12th within 1%; on the H100 (gemm-tiles-sweep-h100-2026-11-24.json) 11 of 12,
+    the 12th within 2%. At m >= 4096 on the H200 (gemm-tiles-sweep-h200-2026-12-03-overlap.json,
+    128x128 and 128x192, clusters, splits and overlap) the fastest on 6 of 7, the 7th within
+    0.3%.
     `tiles`: the (block_m, block_n) walked, widest first (a subset of TILES, in its order).
     """
     k_blocks = max(1, k // BLOCK_K)
     walk = tiles
     tiles = {t: work_units(m, n, *t) for t in TILES}
     fills = lambda t: tiles[t] >= FILL_FRACTION * num_sms
-    if 64 < m <= 128:
-        # share of the SMs busy over all waves; 128x64 tiles pay ~10% per FLOP
-        busy = {t: tiles[t] / (cdiv(tiles[t], num_sms) * num_sms) * (1.0 if t[1] == 128 else 0.9)
-                for t in ((128, 128), (128, 64)) if fills(t)}
-        if busy:
-            t = max(busy, key=busy.get)
-            return GemmConfig(*t, min(tiles[t], num_sms), 1)
-    candidates = [t for t in walk if m > 128 or t[0] == 64]
     # 128x192 only where its columns are not much emptier than 128x128's (N's tail tile): it is
     # 5-16% faster per tile at m = 4096 (the H200 sweep of 2026-12-03), not at n = 48.
     n_used = lambda bn: n / (cdiv(n, bn) * bn)
-    wide = [t for t in candidates
-            if fills(t) and not (t == (128, 192) and n_used(192) < 0.9 * n_used(128))]
+    narrow = lambda t: t == (128, 192) and n_used(192) < 0.9 * n_used(128)
+    if 64 < m <= 128:
+        # share of the SMs busy over all waves; 128x64 tiles pay ~10% per FLOP
+        busy = {t: tiles[t] / (cdiv(tiles[t], num_sms) * num_sms) * (0.9 if t[1] == 64 else 1.0)
+                for t in ((128, 192), (128, 128), (128, 64))
+                if t in walk and fills(t) and not narrow(t)}
+        if busy:
+            bm, bn = max(busy, key=busy.get)  # (a tie goes to the wider tile)
+            return GemmConfig(bm, bn, min(tiles[(bm, bn)], num_sms), 1,
+                              overlap=_overlap(bm, bn, k_blocks, tiles[(bm, bn)], num_sms))
+    candidates = [t for t in walk if m > 128 or t[0] == 64]
+    wide = [t for t in candidates if fills(t) and not narrow(t)]
     bm, bn = wide[0] if wide else max(candidates, key=lambda t: (tiles[t], t[0]))
+    if m <= 128:  # 64-row tiles, no clusters (2-15% slower there) and no split (below)
+        return GemmConfig(bm, bn, min(tiles[(bm, bn)], num_sms), 1)
     # Pairs of CTAs that share (multicast) the A tile: on the H100 +15-18% on the long-K large
     # shapes (4096x7168x16384, 4096x4096x7168, 8192^3) with 128x128 tiles, where L2 -> SM traffic
-    # bounds them, -2..+6% on the others; 2-15% slower at m <= 128, where A is small (same
-    # sweeps). On the H200 within 2% either way at 128x128, and 7-15% slower at 128x192.
-    cluster_n = 2 if (bm, bn) == (128, 128) and m > 128 and cdiv(n, bn) >= 2 else 1
+    # bounds them, -2..+6% on the others. On the H200 within 2% either way at 128x128; at 128x192
+    # 7-15% slower without the epilogue overlap, up to 4% faster with it, where the column
+    # blocks pair up (an odd count leaves a pair's second tile past N: 2% slower at n = 2112).
+    overlap = (bm, bn) == (128, 192) and k_blocks >= OVERLAP_MIN_KBLOCKS
+    pairs = cdiv(n, bn) % 2 == 0 and ((bm, bn) == (128, 128) or overlap)
+    cluster_n = 2 if pairs else 1
+    # The split of the last wave (at m <= 128 it lost up to 17%: 64x24576x1536 in 64x128 tiles,
+    # 12 k blocks in 2 slices; the partial sums' round trip weighs more next to small tiles).
     plans = {c: split_plan(work_units(m, n, bm, bn, c), max(1, num_sms // c), k_blocks)
              for c in {1, cluster_n}}
-    if plans[1][2] < 0.97 * plans[cluster_n][2]:  # (the H200's sweeps: clusters gain <= 2%)
+    if plans[1][2] < 0.97 * plans[cluster_n][2]:  # (the H200's sweeps: clusters gain <= 4%)
         cluster_n = 1
     split_units, splits, _ = plans[cluster_n]
-    return GemmConfig(bm, bn, min(tiles[(bm, bn)], num_sms), cluster_n, split_units, splits)
+    return GemmConfig(bm, bn, min(tiles[(bm, bn)], num_sms), cluster_n, split_units, splits,
+                      _overlap(bm, bn, k_blocks, work_units(m, n, bm, bn, cluster_n),
+                               num_sms // cluster_n))
+
+
+def _overlap(bm, bn, k_blocks, units, clusters) -> bool:
+    """The epilogue overlap for a tile of one accumulator set (128x192), from
+    OVERLAP_MIN_KBLOCKS k blocks on and when a cluster runs more than one unit (with one there
+    is no next tile to overlap; the pick then keys the sweeps as before the overlap)."""
+    return (bm, bn) == (128, 192) and k_blocks >= OVERLAP_MIN_KBLOCKS and units > clusters
 
 
 def fp8_gemm_reference(a, a_scale, b, b_scale, *, out_dtype=jnp.bfloat16):

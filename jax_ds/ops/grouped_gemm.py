@@ -32,21 +32,31 @@ _ffi.declare_op("masked_grouped_fp8_gemm", MASKED_TARGET)
 _ffi.declare_op("grouped_fp8_linear", GROUPED_TARGET)
 _HIGHEST = jax.lax.Precision.HIGHEST
 MAX_GROUPS = 1024  # the kernels keep per-group tables in shared memory
-GROUPED_TILES = tuple(t for t in TILES if t != (128, 192))  # the tiles grouped_config walks
+GROUPED_TILES = tuple(t for t in TILES if t != (128, 192))  # the walk of grouped_config's base
+WIDE_GAIN = 1.05  # 128x192 over 128x128 per tile-column, where both fill their waves (H200)
 
 
 def grouped_config(rows_per_group: int, g: int, n: int, k: int, num_sms: int):
     """The tile for a grouped GEMM: `gemm_config` of one group (its expected rows) with G times
-    the column blocks, since the groups' tiles share the SMs; then, from the H100 tile sweep of
-    the `bench moe` shapes (benchmarks/results/gemm-grouped-tiles-sweep-h100-2026-11-25.json),
-    128-row tiles from 128 rows per group on (masked 32x128: +17%), and 2-CTA clusters only for
-    groups of >= 2048 rows (c1 is 1-3% faster below). GROUPED_TILES leave out 128x192: compiled
-    for the grouped kernels too (and tested), but not yet timed on these shapes."""
+    the column blocks, since the groups' tiles share the SMs (walking GROUPED_TILES); 128-row
+    tiles from 128 rows per group on, then 128x192 instead of 128x128 where its waves take less
+    time (waves x 192 / WIDE_GAIN against waves x 128: 128x192 leaves a worse last wave on the
+    n4096 shapes of <= 1024 rows a group), and 2-CTA clusters for every 128-row tile.
+    From the H200 tile sweep of the `bench moe` shapes
+    (benchmarks/results/gemm-grouped-tiles-sweep-h200-2026-12-03.json; tests/test_grouped_gemm.py
+    checks the pick is within 3% of each shape's fastest tile): 128x192 pairs were fastest on
+    the 6 contiguous shapes (+5-12% over the former 128x128 pick) and pairs gained 2-7% on most
+    masked shapes; on the H100 (gemm-grouped-tiles-sweep-h100-2026-11-25.json) pairs had gained
+    only from 2048 rows a group on."""
     cfg = gemm_config(max(rows_per_group, 1), n * g, k, num_sms, tiles=GROUPED_TILES)
-    block_m = 128 if rows_per_group >= 128 else cfg.block_m
-    pairs = cdiv(n, cfg.block_n) >= 2  # cluster partners must sit in the same group
-    cluster_n = 2 if pairs and rows_per_group >= 2048 else 1
-    return type(cfg)(block_m, cfg.block_n, num_sms, cluster_n)
+    block_m, block_n = (128 if rows_per_group >= 128 else cfg.block_m), cfg.block_n
+    if block_m == 128 and block_n == 128:
+        tiles = lambda bn: g * cdiv(rows_per_group, 128) * cdiv(n, bn)
+        waves = lambda bn: cdiv(tiles(bn), num_sms)
+        if waves(192) * 192 / WIDE_GAIN < waves(128) * 128:
+            block_n = 192
+    cluster_n = 2 if block_m == 128 and cdiv(n, block_n) >= 2 else 1  # partners: same group
+    return type(cfg)(block_m, block_n, num_sms, cluster_n)
 
 
 def ffi_grouped_fp8_gemm(target, a, a_scale, b, b_scale, sizes, out_shape, out_dtype, cfg):
