@@ -7,7 +7,11 @@ FlashMLA's "varlen"); bf16,
 the kernel is unavailable), the XLA reference (impl="xla"); GB/s = cache bytes read (each
 sequence's rows once) + q + out per call, TFLOP/s = 2 * Hq * Sq * sum(len) * (576 + 512).
 The ceiling is a device copy measured in the same run (a jitted x + 0 over --copy-gb GB: read +
-write bytes). --tiny runs a few small shapes (CPU smoke test); --quick one s_k and h_q in (16, 128).
+write bytes). Ours is timed twice: per call (one jitted call per execution, back to back: XLA's
+per-execution work between calls included) and device-bound ("dev": one executable of many
+calls on two input sets, `_timing.time_jax_launch`, as `bench gemm` does; what a decode step that
+calls it inside one larger program sees). --tiny runs a few small shapes (CPU smoke test);
+--quick one s_k and h_q in (16, 128).
 """
 
 from __future__ import annotations
@@ -69,6 +73,20 @@ def copy_ceiling(gb, args):
     return 2 * n * 2 / t.median_s / 1e9
 
 
+def second_set(arg, seed):
+    """Another q and cache of the same shapes, table and lengths (a distinct input set, so XLA
+    cannot merge the device-bound executable's calls)."""
+    q, kv, table, lens = arg
+    kq, kk = jax.random.split(jax.random.key(seed + 10**6))
+    return (jax.random.normal(kq, q.shape, q.dtype), jax.random.normal(kk, kv.shape, kv.dtype),
+            table, lens)
+
+
+def _rates(t, nbytes, flops, prefix=""):
+    return {f"{prefix}us": t.median_s * 1e6, f"{prefix}gbps": nbytes / t.median_s / 1e9,
+            f"{prefix}tflops": flops / t.median_s / 1e12}
+
+
 def run(args):
     env = environment()
     ours_na = _ffi.unavailable_reason(TARGET)
@@ -97,8 +115,16 @@ def run(args):
             except Exception as e:  # report and keep going: one failure is one cell
                 row["results"][name] = error_cell(e)
                 continue
-            row["results"][name] = dict(us=t.median_s * 1e6, gbps=nbytes / t.median_s / 1e9,
-                                        tflops=flops / t.median_s / 1e12)
+            row["results"][name] = res = _rates(t, nbytes, flops)
+            if name == "ours":
+                try:
+                    sets = [arg, second_set(arg, args.seed + i)]
+                    res.update(_rates(_timing.time_jax_launch(
+                        fn, sets, budget_s=args.budget, repeats=args.repeats), nbytes, flops,
+                        "device_"))
+                    del sets
+                except Exception as e:
+                    res["device_error"] = error_cell(e)["error"]
         rows.append(row)
         print(f"[{i + 1}/{len(grid)}] b{b} s_k{s_k} h_q{h_q} s_q{s_q}"
               f"{' var' if varlen else ''}: " + " ".join(
@@ -106,12 +132,17 @@ def run(args):
     table = [[str(r["b"]), str(r["s_k"]), str(r["h_q"]), str(r["s_q"]),
               "var" if r["varlen"] else "fixed"] +
              [_cell(r["results"].get(n, {}), k) for n in IMPLS for k in ("us", "gbps", "tflops")] +
-             [_ratio(r, "ours", "xla"), _frac(r, ceiling)] for r in rows]
+             [_ratio(r, "ours", "xla"), _frac(r, ceiling)] +
+             [_cell(r["results"].get("ours", {}), k)
+              for k in ("device_us", "device_gbps", "device_tflops")] +
+             [_frac(r, ceiling, "device_gbps")] for r in rows]
     print_table(f"MLA decode on {env['device']} (bf16, paged 64, causal)",
                 ("b", "s_k", "h_q", "s_q", "lens", "ours us", "ours GB/s", "ours TFLOP/s",
-                 "xla us", "xla GB/s", "xla TFLOP/s", "ours/xla", "ours/copy"), table,
+                 "xla us", "xla GB/s", "xla TFLOP/s", "ours/xla", "ours/copy", "ours dev us",
+                 "dev GB/s", "dev TFLOP/s", "dev/copy"), table,
                 [f"copy ceiling: {ceiling:.1f} GB/s (jitted x + 0 over {copy_gb} GB, read + "
-                 f"write)", f"ours: {ours_na or TARGET}"])
+                 f"write)", f"ours: {ours_na or TARGET}; per call, and device-bound (dev: one "
+                 f"executable of many calls, two input sets)"])
     path = write_json(args.out, "mla", env, {"ours": ours_na or TARGET,
                                              "copy_ceiling_gbps": ceiling, "rows": rows})
     print(f"wrote {path}")
@@ -120,8 +151,8 @@ def run(args):
 
 def _cell(res, key="gbps"):
     if key in res:
-        return f"{res[key]:.1f}" if key != "tflops" else f"{res[key]:.2f}"
-    return "err" if "error" in res else "n/a"
+        return f"{res[key]:.1f}" if not key.endswith("tflops") else f"{res[key]:.2f}"
+    return "err" if "error" in res or f"{key.split('_')[0]}_error" in res else "n/a"
 
 
 def _ratio(row, a, b):
@@ -129,6 +160,6 @@ def _ratio(row, a, b):
     return f"{x / y:.1f}" if x and y else "-"
 
 
-def _frac(row, ceiling):
-    x = row["results"].get("ours", {}).get("gbps")
+def _frac(row, ceiling, key="gbps"):
+    x = row["results"].get("ours", {}).get(key)
     return f"{x / ceiling:.2f}" if x and ceiling else "-"
