@@ -167,6 +167,31 @@ def test_gemm_config():
         ops.gemm_config(1, 1, 128, 132).block_m = 128
 
 
+def test_gemm_config_is_always_a_valid_launch():
+    """Over a grid of shapes, every pick is something the kernel takes: a compiled tile and
+    cluster size, pairs only over an even column-block count, a split within the units and k
+    blocks (and only above m = 128), the overlap only on 128x192 from 8 k blocks on."""
+    cdiv = lambda a, b: -(-a // b)
+    for m in (1, 7, 64, 65, 128, 129, 200, 4095, 4096, 8192):
+        for n in (1, 48, 129, 2112, 4096, 7168, 24576):
+            for k in (128, 512, 1536, 7168):
+                cfg = ops.gemm_config(m, n, k, 132)
+                bm, bn, cn = cfg.block_m, cfg.block_n, cfg.cluster_n
+                assert (bm, bn) in ops.gemm.TILES and cn in ops.gemm.CLUSTERS, cfg
+                assert cn == 1 or cdiv(n, bn) % 2 == 0, (m, n, k, cfg)
+                assert 1 <= cfg.num_sms <= min(132, cdiv(m, bm) * cdiv(n, bn)), (m, n, k, cfg)
+                units = ops.gemm.work_units(m, n, bm, bn, cn)
+                if cfg.split_units:
+                    assert m > 128 and 0 < cfg.split_units <= units, (m, n, k, cfg)
+                    assert 2 <= cfg.splits <= k // 128, (m, n, k, cfg)
+                else:
+                    assert cfg.splits == 1 and cfg.workspace_floats() == 1, (m, n, k, cfg)
+                if cfg.overlap:
+                    assert (bm, bn) == (128, 192) and k // 128 >= 8, (m, n, k, cfg)
+                if m <= 64:
+                    assert bm == 64, (m, n, k, cfg)
+
+
 def test_split_plan():
     plan = ops.gemm.split_plan
     # 544 units on 132 SMs: 4 full waves and 16 units; 8 slices of 7 k blocks each + 2 for the
