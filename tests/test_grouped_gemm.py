@@ -127,7 +127,8 @@ def test_grouped_config_keeps_the_swept_tiles():
                                   ((256, 32, 4096, 7168), (128, 192, 2)),
                                   ((512, 2, 4096, 7168), (128, 128, 2)),  # 176 tiles: 2 waves
                                   ((128, 32, 7168, 2048), (128, 128, 2)),
-                                  ((64, 32, 4096, 7168), (64, 128, 1))]:
+                                  ((64, 32, 4096, 7168), (64, 128, 1)),
+                                  ((256, 8, 2112, 7168), (128, 192, 1))]:  # 11 column blocks
         cfg = grouped_config(rows, g, n, k, 132)
         assert (cfg.block_m, cfg.block_n, cfg.cluster_n) == want, (rows, g, n, k, cfg)
         assert (cfg.split_units, cfg.splits) == (0, 1)

@@ -41,7 +41,8 @@ def grouped_config(rows_per_group: int, g: int, n: int, k: int, num_sms: int):
     the column blocks, since the groups' tiles share the SMs (walking GROUPED_TILES); 128-row
     tiles from 128 rows per group on, then 128x192 instead of 128x128 where its waves take less
     time (waves x 192 / WIDE_GAIN against waves x 128: 128x192 leaves a worse last wave on the
-    n4096 shapes of <= 1024 rows a group), and 2-CTA clusters for every 128-row tile.
+    n4096 shapes of <= 1024 rows a group), and 2-CTA clusters for 128-row tiles whose column
+    blocks pair up.
     From the H200 tile sweep of the `bench moe` shapes
     (benchmarks/results/gemm-grouped-tiles-sweep-h200-2026-12-03.json; tests/test_grouped_gemm.py
     checks the pick is within 3% of each shape's fastest tile): 128x192 pairs were fastest on
@@ -55,7 +56,9 @@ def grouped_config(rows_per_group: int, g: int, n: int, k: int, num_sms: int):
         waves = lambda bn: cdiv(tiles(bn), num_sms)
         if waves(192) * 192 / WIDE_GAIN < waves(128) * 128:
             block_n = 192
-    cluster_n = 2 if block_m == 128 and cdiv(n, block_n) >= 2 else 1  # partners: same group
+    # partners sit in the same group; an odd column-block count would leave every pair's second
+    # tile of the last column past N (computed, not stored), as for the dense rule
+    cluster_n = 2 if block_m == 128 and cdiv(n, block_n) % 2 == 0 else 1
     return type(cfg)(block_m, block_n, num_sms, cluster_n)
 
 
