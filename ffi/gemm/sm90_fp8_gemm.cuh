@@ -457,8 +457,9 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
       const int row1 = row0 + 8;
       if constexpr (Sched::kSplits) {
         int split, slice;
-        if (sched_in.split_of(unit, split, slice)) {  // leave the partial sums; the last slice adds up
-          const int t = threadIdx.x % 128;
+        // A K slice leaves its partial sums; the split's last slice adds them all up.
+        if (sched_in.split_of(unit, split, slice)) {
+          const int tid = threadIdx.x % 128;
           constexpr int kSliceFloats = 64 * BN;  // one consumer's partial
           const int64_t stride = static_cast<int64_t>(kClusterN) * Smem::kConsumers * kSliceFloats;
           float* const first = sched_in.ws.partials +
@@ -467,7 +468,7 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
                                    kSliceFloats;
           float* const mine = first + slice * stride;
 #pragma unroll
-          for (int i = 0; i < kAccRegs; ++i) __stcg(mine + i * 128 + t, total[i]);
+          for (int i = 0; i < kAccRegs; ++i) __stcg(mine + i * 128 + tid, total[i]);
           __threadfence();  // this thread's partial is visible device-wide before the count
           sm90::named_barrier(1 + consumer, 128);
           if (leader) {
@@ -481,11 +482,11 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
           __threadfence();
           // Every slice's sums, in slice order (the same bits whichever slice finished last).
 #pragma unroll
-          for (int i = 0; i < kAccRegs; ++i) total[i] = __ldcg(first + i * 128 + t);
+          for (int i = 0; i < kAccRegs; ++i) total[i] = __ldcg(first + i * 128 + tid);
           for (int sl = 1; sl < sched_in.splits; ++sl) {
 #pragma unroll
             for (int i = 0; i < kAccRegs; ++i) {
-              total[i] += __ldcg(first + sl * stride + i * 128 + t);
+              total[i] += __ldcg(first + sl * stride + i * 128 + tid);
             }
           }
         }
@@ -563,7 +564,9 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
         if (lane == 0) {
           if constexpr (kClusterN > 1) {
 #pragma unroll
-            for (int cta = 0; cta < kClusterN; ++cta) sm90::mbar_arrive_cluster(&empty[release_stage], cta);
+            for (int cta = 0; cta < kClusterN; ++cta) {
+              sm90::mbar_arrive_cluster(&empty[release_stage], cta);
+            }
           } else {
             sm90::mbar_arrive(&empty[release_stage]);
           }
