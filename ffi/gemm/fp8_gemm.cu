@@ -18,22 +18,22 @@ struct SplitPlan {
   int split_units, splits, overlap;
 };
 
-// Validates the split plan against `Sched`'s units, sets up its workspace, launches
-// (the first argument only names the scheduler type).
-template <typename Sched, typename OutT>
-ffi::Error Launch(Sched, SplitPlan plan, cudaStream_t stream,
-                  const GemmArgs<OutT>& args, float* workspace, int64_t workspace_floats) {
+// Validates the split plan against the tile's units, sets up its workspace, launches the
+// instance of tile T (a TileTag) with or without the epilogue overlap.
+template <typename T, bool kOverlap, typename OutT>
+ffi::Error Launch(SplitPlan plan, cudaStream_t stream, const GemmArgs<OutT>& args,
+                  float* workspace, int64_t workspace_floats) {
+  using Sched = DenseScheduler<T::BM, T::BN, T::kClusterN, kOverlap>;
   const int k_blocks = args.K / kBlockK;
   Sched sched = Sched::make(args.a_rows, args.N, k_blocks, plan.split_units, plan.splits);
   JAX_DS_CHECK_ARG(plan.split_units >= 0 && plan.split_units <= sched.num_tile_units() &&
                        plan.splits >= 1 && plan.splits <= k_blocks,
                    "fp8_gemm: need 0 <= split_units <= tile units (" +
                        std::to_string(sched.num_tile_units()) + ") and 1 <= splits <= K/128");
-  constexpr int kBM = Sched::kTileM, kBN = Sched::kTileN, kClusterN = Sched::kClusterCtas;
   if (sched.split_units > 0) {  // make() keeps a split only when it cuts something
-    const int64_t per_unit = int64_t{kClusterN} * kBM * kBN;  // floats per slice
+    const int64_t per_unit = int64_t{T::kClusterN} * T::BM * T::BN;  // floats per slice
     const int64_t partials = int64_t{sched.split_units} * sched.splits * per_unit;
-    const int64_t counters = int64_t{sched.split_units} * kClusterN * (kBM / 64);
+    const int64_t counters = int64_t{sched.split_units} * T::kClusterN * (T::BM / 64);
     JAX_DS_CHECK_ARG(workspace_floats >= partials + counters,
                      "fp8_gemm: the split-K workspace needs " +
                          std::to_string(partials + counters) + " floats, got " +
@@ -42,8 +42,8 @@ ffi::Error Launch(Sched, SplitPlan plan, cudaStream_t stream,
     JAX_DS_CUDA_RETURN_IF_ERROR(
         cudaMemsetAsync(sched.ws.counters, 0, counters * sizeof(int), stream));
   }
-  return LaunchGemm<kBM, kBN, kClusterN>(stream, args, sched, sched.num_units(),
-                                         Sched::extra_smem_bytes());
+  return LaunchGemm<T::BM, T::BN, T::kClusterN>(stream, args, sched, sched.num_units(),
+                                                Sched::extra_smem_bytes());
 }
 
 template <typename OutT>
@@ -56,12 +56,10 @@ ffi::Error Dispatch(int block_m, int block_n, int cluster_n, SplitPlan plan, cud
     // others ignore the attribute).
     if constexpr (T::BN == 192) {
       if (plan.overlap == 1) {
-        return Launch(DenseScheduler<T::BM, T::BN, T::kClusterN, true>{}, plan, stream, args,
-                      workspace, workspace_floats);
+        return Launch<T, true>(plan, stream, args, workspace, workspace_floats);
       }
     }
-    return Launch(DenseScheduler<T::BM, T::BN, T::kClusterN>{}, plan, stream, args, workspace,
-                  workspace_floats);
+    return Launch<T, false>(plan, stream, args, workspace, workspace_floats);
   });
 }
 

@@ -86,7 +86,6 @@ template <int BM, int BN, int kClusterN, bool kOverlap_ = false>
 struct DenseScheduler {
   static constexpr bool kSplits = true;
   static constexpr bool kOverlap = kOverlap_;
-  static constexpr int kTileM = BM, kTileN = BN, kClusterCtas = kClusterN;
   int M, N, num_m_blocks, num_n_units;
   int k_blocks = 1, split_units = 0, splits = 1;
   SplitWorkspace ws;
