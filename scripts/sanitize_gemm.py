@@ -41,33 +41,28 @@ def check(m, n, k, seed):
     # The float32 reference runs on the host: under memcheck every GPU kernel is slow.
     cpu_ops = jax.device_put(ops, jax.devices("cpu")[0])
     ref = np.asarray(fp8_gemm_reference(*cpu_ops, out_dtype=jnp.float32))
-    for out_dtype in (jnp.bfloat16, jnp.float32):
-        out = np.asarray(fp8_gemm(*ops, out_dtype=out_dtype, impl="ffi"), np.float32)
-        diff = calc_diff(out, ref)
-        limit = tolerance(out_dtype, k)
-        name = np.dtype(out_dtype).name
+
+    def compare(label, out, out_dtype):
+        out = np.asarray(out, np.float32)
+        diff, limit = calc_diff(out, ref), tolerance(out_dtype, k)
         if not np.isfinite(out).all() or not diff < limit:
-            failures.append(f"fp8_gemm -> {name}: calc_diff {diff:.2e} (limit {limit:.1e}), "
+            failures.append(f"fp8_gemm {label}: calc_diff {diff:.2e} (limit {limit:.1e}), "
                             f"{np.size(out) - np.isfinite(out).sum()} non-finite")
-        print(f"  fp8_gemm {m}x{n}x{k} -> {name}: calc_diff {diff:.2e}", flush=True)
+        print(f"  fp8_gemm {m}x{n}x{k} {label}: calc_diff {diff:.2e}", flush=True)
+
+    for out_dtype in (jnp.bfloat16, jnp.float32):
+        compare(f"-> {np.dtype(out_dtype).name}", fp8_gemm(*ops, out_dtype=out_dtype, impl="ffi"),
+                out_dtype)
+    sms = _ffi.num_sms()
     # Every tile split along K (one slice per k block), clusters of 2: the split-K workspace.
     units = work_units(m, n, 128, 128, 2)
-    cfg = GemmConfig(128, 128, _ffi.num_sms(), 2, units, k // 128)
-    out = np.asarray(ffi_fp8_gemm(*ops, cfg, jnp.float32))
-    diff = calc_diff(out, ref)
-    if not np.isfinite(out).all() or not diff < tolerance(jnp.float32, k):
-        failures.append(f"fp8_gemm split {cfg}: calc_diff {diff:.2e}")
-    print(f"  fp8_gemm {m}x{n}x{k} split into {units} x {k // 128}: calc_diff {diff:.2e}",
-          flush=True)
+    cfg = GemmConfig(128, 128, sms, 2, units, k // 128)
+    compare(f"split into {units} x {k // 128}", ffi_fp8_gemm(*ops, cfg, jnp.float32), jnp.float32)
     # 128x192 pairs with the epilogue overlap, the last few units split in 2.
     units = min(work_units(m, n, 128, 192, 2), 7)
-    cfg = GemmConfig(128, 192, _ffi.num_sms(), 2, units, 2, overlap=True)
-    out = np.asarray(ffi_fp8_gemm(*ops, cfg, jnp.float32))
-    diff = calc_diff(out, ref)
-    if not np.isfinite(out).all() or not diff < tolerance(jnp.float32, k):
-        failures.append(f"fp8_gemm {cfg}: calc_diff {diff:.2e}")
-    print(f"  fp8_gemm {m}x{n}x{k} 128x192 pairs, overlap, split {units} x 2: calc_diff "
-          f"{diff:.2e}", flush=True)
+    cfg = GemmConfig(128, 192, sms, 2, units, 2, overlap=True)
+    compare(f"128x192 pairs, overlap, split {units} x 2", ffi_fp8_gemm(*ops, cfg, jnp.float32),
+            jnp.float32)
     return failures
 
 

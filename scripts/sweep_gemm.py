@@ -11,9 +11,6 @@ from jax_ds.bench.gemm import block_sets
 from jax_ds.bench._profile import device_time_jax
 from jax_ds.ops import gemm
 
-def call(ops, cfg):
-    return gemm.ffi_fp8_gemm(*ops, cfg)
-
 parser = argparse.ArgumentParser(description=__doc__)
 parser.add_argument("--m", type=int, nargs="+", help="only the shapes of these m")
 parser.add_argument("--tiles", nargs="+", metavar="BMxBN",
@@ -30,7 +27,7 @@ for (m, n, k) in gemm_bench_shapes():
     res = {}
 
     def measure(cfg):
-        f = jax.jit(lambda *o: call(o, cfg))
+        f = jax.jit(lambda *o: gemm.ffi_fp8_gemm(*o, cfg))
         res[cfg.key()] = 2 * m * n * k / device_time_jax(f, sets, 12) / 1e12
 
     for bm, bn in gemm.TILES:

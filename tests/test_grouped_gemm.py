@@ -119,8 +119,8 @@ def test_grouped_fp8_linear_grads_match_float32():
 
 def test_grouped_config_keeps_the_swept_tiles():
     """The grouped tile follows the H200 grouped sweep: 128-row tiles from 128 rows per group,
-    128x192 where its waves take less time than 128x128's, pairs for 128-row tiles; and on every
-    shape of that sweep the pick is within 3% of the fastest tile."""
+    128x192 where its waves take less time than 128x128's, pairs for 128-row tiles whose column
+    blocks pair up (the sweep itself: test_grouped_config_against_the_h200_sweep)."""
     from jax_ds.ops.grouped_gemm import grouped_config
     for (rows, g, n, k), want in [((8192, 4, 4096, 7168), (128, 192, 2)),
                                   ((4096, 8, 7168, 2048), (128, 192, 2)),
@@ -138,6 +138,7 @@ RESULTS = pathlib.Path(__file__).parent.parent / "benchmarks" / "results"
 
 
 def test_grouped_config_against_the_h200_sweep():
+    """On every shape of the H200 grouped sweep the pick is within 3% of the fastest tile."""
     from jax_ds.ops.grouped_gemm import grouped_config
     rows = json.loads((RESULTS / "gemm-grouped-tiles-sweep-h200-2026-12-03.json").read_text())
     assert len(rows) == 18

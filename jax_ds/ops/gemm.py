@@ -73,15 +73,20 @@ class GemmConfig:
         return dict(self.attrs(), split_units=np.int32(self.split_units),
                     splits=np.int32(self.splits), overlap=np.int32(self.overlap))
 
+    @property
+    def split(self) -> bool:
+        """Whether the plan cuts anything along K (the kernel ignores a plan that does not)."""
+        return self.split_units > 0 and self.splits > 1
+
     def key(self) -> str:
         """A short name, e.g. "128x192c1so": tile, cluster size, "s" when the last wave is
         split along K, "o" with the epilogue overlap (the sweeps' JSON keys)."""
         return (f"{self.block_m}x{self.block_n}c{self.cluster_n}"
-                + "s" * (self.split_units > 0 and self.splits > 1) + "o" * bool(self.overlap))
+                + "s" * self.split + "o" * bool(self.overlap))
 
     def workspace_floats(self) -> int:
         """float32 elements of the dense GEMM's split-K workspace (partials + counters), >= 1."""
-        if self.split_units <= 0 or self.splits <= 1:
+        if not self.split:
             return 1
         unit = self.cluster_n * self.block_m * self.block_n
         return (self.split_units * self.splits * unit
@@ -144,34 +149,33 @@ def gemm_config(m: int, n: int, k: int, num_sms: int, *, tiles=TILES) -> GemmCon
     `tiles`: the (block_m, block_n) walked, widest first (a subset of TILES, in its order).
     """
     k_blocks = max(1, k // BLOCK_K)
-    walk = tiles
-    tiles = {t: work_units(m, n, *t) for t in TILES}
-    fills = lambda t: tiles[t] >= FILL_FRACTION * num_sms
+    count = {t: work_units(m, n, *t) for t in TILES}  # tiles of each shape
+    fills = lambda t: count[t] >= FILL_FRACTION * num_sms
     # 128x192 only where its columns are not much emptier than 128x128's (N's tail tile): it is
     # 5-16% faster per tile at m = 4096 (the H200 sweep of 2026-12-03), not at n = 48.
     n_used = lambda bn: n / (cdiv(n, bn) * bn)
     narrow = lambda t: t == (128, 192) and n_used(192) < 0.9 * n_used(128)
     if 64 < m <= 128:
         # share of the SMs busy over all waves; 128x64 tiles pay ~10% per FLOP
-        busy = {t: tiles[t] / (cdiv(tiles[t], num_sms) * num_sms) * (0.9 if t[1] == 64 else 1.0)
+        busy = {t: count[t] / (cdiv(count[t], num_sms) * num_sms) * (0.9 if t[1] == 64 else 1.0)
                 for t in ((128, 192), (128, 128), (128, 64))
-                if t in walk and fills(t) and not narrow(t)}
+                if t in tiles and fills(t) and not narrow(t)}
         if busy:
             bm, bn = max(busy, key=busy.get)  # (a tie goes to the wider tile)
-            return GemmConfig(bm, bn, min(tiles[(bm, bn)], num_sms), 1,
-                              overlap=_overlap(bm, bn, k_blocks, tiles[(bm, bn)], num_sms))
-    candidates = [t for t in walk if m > 128 or t[0] == 64]
+            overlap = _can_overlap(bm, bn, k_blocks) and count[(bm, bn)] > num_sms
+            return GemmConfig(bm, bn, min(count[(bm, bn)], num_sms), 1, overlap=overlap)
+    candidates = [t for t in tiles if m > 128 or t[0] == 64]
     wide = [t for t in candidates if fills(t) and not narrow(t)]
-    bm, bn = wide[0] if wide else max(candidates, key=lambda t: (tiles[t], t[0]))
+    bm, bn = wide[0] if wide else max(candidates, key=lambda t: (count[t], t[0]))
     if m <= 128:  # 64-row tiles, no clusters (2-15% slower there) and no split (below)
-        return GemmConfig(bm, bn, min(tiles[(bm, bn)], num_sms), 1)
+        return GemmConfig(bm, bn, min(count[(bm, bn)], num_sms), 1)
     # Pairs of CTAs that share (multicast) the A tile: on the H100 +15-18% on the long-K large
     # shapes (4096x7168x16384, 4096x4096x7168, 8192^3) with 128x128 tiles, where L2 -> SM traffic
     # bounds them, -2..+6% on the others. On the H200 within 2% either way at 128x128; at 128x192
     # 7-15% slower without the epilogue overlap, up to 4% faster with it, where the column
     # blocks pair up (an odd count leaves a pair's second tile past N: 2% slower at n = 2112).
-    overlap = (bm, bn) == (128, 192) and k_blocks >= OVERLAP_MIN_KBLOCKS
-    pairs = cdiv(n, bn) % 2 == 0 and ((bm, bn) == (128, 128) or overlap)
+    can_overlap = _can_overlap(bm, bn, k_blocks)
+    pairs = cdiv(n, bn) % 2 == 0 and ((bm, bn) == (128, 128) or can_overlap)
     cluster_n = 2 if pairs else 1
     # The split of the last wave (at m <= 128 it lost up to 17%: 64x24576x1536 in 64x128 tiles,
     # 12 k blocks in 2 slices; the partial sums' round trip weighs more next to small tiles).
@@ -180,16 +184,16 @@ def gemm_config(m: int, n: int, k: int, num_sms: int, *, tiles=TILES) -> GemmCon
     if plans[1][2] < 0.97 * plans[cluster_n][2]:  # (the H200's sweeps: clusters gain <= 4%)
         cluster_n = 1
     split_units, splits, _ = plans[cluster_n]
-    return GemmConfig(bm, bn, min(tiles[(bm, bn)], num_sms), cluster_n, split_units, splits,
-                      _overlap(bm, bn, k_blocks, work_units(m, n, bm, bn, cluster_n),
-                               num_sms // cluster_n))
+    # (one unit per cluster: no next tile to overlap, and the pick keys the sweeps without "o")
+    overlap = can_overlap and work_units(m, n, bm, bn, cluster_n) > num_sms // cluster_n
+    return GemmConfig(bm, bn, min(count[(bm, bn)], num_sms), cluster_n, split_units, splits,
+                      overlap)
 
 
-def _overlap(bm, bn, k_blocks, units, clusters) -> bool:
-    """The epilogue overlap for a tile of one accumulator set (128x192), from
-    OVERLAP_MIN_KBLOCKS k blocks on and when a cluster runs more than one unit (with one there
-    is no next tile to overlap; the pick then keys the sweeps as before the overlap)."""
-    return (bm, bn) == (128, 192) and k_blocks >= OVERLAP_MIN_KBLOCKS and units > clusters
+def _can_overlap(bm, bn, k_blocks) -> bool:
+    """The epilogue overlap exists for the tile of one accumulator set (128x192) and pays from
+    OVERLAP_MIN_KBLOCKS k blocks on."""
+    return (bm, bn) == (128, 192) and k_blocks >= OVERLAP_MIN_KBLOCKS
 
 
 def fp8_gemm_reference(a, a_scale, b, b_scale, *, out_dtype=jnp.bfloat16):
