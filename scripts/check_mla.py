@@ -76,14 +76,18 @@ if __name__ == "__main__" and sys.argv[1:2] == ["--profile"]:  # b s_k h_q s_q: 
         jax.block_until_ready(f(*args))
 elif __name__ == "__main__" and sys.argv[1:2] == ["--ffi-only"]:  # for compute-sanitizer
     # The kernel alone (no XLA reference compiled under the sanitizer) on split/unsplit layouts,
-    # poisoned tails, empty rows, Sq 1-2 and Hq 16-128; prints whether every output is finite.
+    # poisoned tails, empty rows, Sq 1-2 and Hq 16-128, and equal lengths (the plan cuts at batch
+    # boundaries, some parts get none); prints whether every output is finite.
     from jax_ds.bench.mla import inputs
-    for i, (b, s_k, h_q, s_q, var) in enumerate([(3, 300, 16, 1, True), (33, 2000, 64, 2, True),
-                                                   (5, 4096, 128, 2, False), (1, 9000, 16, 1, False)]):
+    for i, (b, s_k, h_q, s_q, var, empty0) in enumerate([
+            (3, 300, 16, 1, True, True), (33, 2000, 64, 2, True, True),
+            (5, 4096, 128, 2, False, True), (1, 9000, 16, 1, False, True),
+            (128, 4096, 16, 2, False, False), (128, 1000, 128, 1, False, False)]):
         args, lens = inputs(i, b, s_k, h_q, s_q, var)
-        lens = lens.copy()
-        lens[0] = 0
-        args = args[:3] + (jnp.asarray(lens),)
+        if empty0:
+            lens = lens.copy()
+            lens[0] = 0
+            args = args[:3] + (jnp.asarray(lens),)
         out, lse = jax.block_until_ready(mla_decode(*args, impl="ffi"))
         out = np.asarray(out, np.float32)
         print(f"b{b} s_k{s_k} h{h_q} sq{s_q}: finite {bool(np.isfinite(out).all())}, "

@@ -31,12 +31,13 @@ def _needs_kernel():
         pytest.skip(why)
 
 
-def paged(seed, b, sq, hq, *, fixed_len=None, max_len=MAX_LEN):
-    """Random q and cache, lengths fixed or uniform in [1, max_len], a shuffled block table, and
-    NaN in every cache row past a length."""
+def paged(seed, b, sq, hq, *, fixed_len=None, max_len=MAX_LEN, lens=None):
+    """Random q and cache, lengths given, fixed or uniform in [1, max_len], a shuffled block
+    table, and NaN in every cache row past a length."""
     rng = np.random.default_rng(seed)
-    lens = np.full(b, fixed_len) if fixed_len else rng.integers(1, max_len + 1, b)
-    max_blocks = -(-int(lens.max()) // 64)
+    if lens is None:
+        lens = np.full(b, fixed_len) if fixed_len else rng.integers(1, max_len + 1, b)
+    max_blocks = max(1, -(-int(lens.max()) // 64))
     num_blocks = b * max_blocks
     table = rng.permutation(num_blocks).astype(np.int32).reshape(b, max_blocks)
     key_q, key_kv = jax.random.split(jax.random.key(seed))
@@ -93,5 +94,18 @@ def test_kernel_odd_head_counts(b, sq, hq):
     """Hq * Sq not a multiple of 64: fewer rows than a tile (a short Q box, rounded up to 8 rows,
     reading into the next batch's rows) and a partial last tile."""
     q, kv, table, lens = paged(hq * 10 + sq, b, sq, hq, max_len=3000)
+    run = jax.jit(lambda *a, impl: mla_decode(*a, impl=impl), static_argnames="impl")
+    check(*run(q, kv, table, lens, impl="ffi"), *run(q, kv, table, lens, impl="xla"))
+
+
+@pytest.mark.parametrize("b,sq,hq,blocks", [(128, 1, 16, 64), (128, 2, 128, 64), (256, 1, 16, 64),
+                                            (64, 1, 16, 64), (132, 2, 64, 3), (40, 1, 16, 0)])
+def test_kernel_equal_block_counts(b, sq, hq, blocks):
+    """Every sequence with the same block count (lengths differ inside the last block): the plan
+    then cuts at batch boundaries where that costs at most one batch's fixed cost (b 128/256,
+    some parts get no batch), and splits batches as usual where it does not (b 64)."""
+    rng = np.random.default_rng(b + blocks)
+    lens = np.maximum(blocks * 64 - rng.integers(0, 64, b), 0) if blocks else np.zeros(b, int)
+    q, kv, table, lens = paged(b + sq + hq, b, sq, hq, lens=lens)
     run = jax.jit(lambda *a, impl: mla_decode(*a, impl=impl), static_argnames="impl")
     check(*run(q, kv, table, lens, impl="ffi"), *run(q, kv, table, lens, impl="xla"))

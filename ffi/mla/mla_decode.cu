@@ -24,6 +24,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <climits>
 #include <cmath>
 #include <cstdint>
 
@@ -86,6 +87,8 @@ __device__ __forceinline__ int ClampedLen(const Params& p, int b) {
 // cost; its blocks sit at cum_b + kFixedCost + j. Part i owns the positions [i * payload,
 // (i + 1) * payload) with payload = ceil(total / parts): a contiguous run of (batch, block), cut
 // evenly by cost (FlashMLA's balancing idea: a fixed price per batch touched, the rest per block).
+// When every batch has the same block count, the payload is rounded up to a multiple of a batch's
+// cost if that adds at most kFixedCost: then no batch is split (some parts may get none).
 // An empty batch belongs to the part holding cum_b. Split batches get consecutive partial slots.
 // Each CTA derives its part's batch range from two scans over the batch (a few microseconds less
 // than a separate plan kernel whose results every CTA would wait for); CTA (0, 0) also writes
@@ -143,10 +146,35 @@ __device__ PartPlan PlanPart(const Params& p, int part, bool write_splits, uint8
   const int per = (p.batch + blockDim.x - 1) / blockDim.x;  // batches per thread, in a run
   const int b0 = min(p.batch, static_cast<int>(threadIdx.x) * per), b1 = min(p.batch, b0 + per);
   int64_t local = 0;
-  for (int b = b0; b < b1; ++b) local += BlocksOf(p, b) + kFixedCost;
+  int nb_min = INT_MAX, nb_max = -1;
+  for (int b = b0; b < b1; ++b) {
+    const int nb = BlocksOf(p, b);
+    local += nb + kFixedCost;
+    nb_min = min(nb_min, nb);
+    nb_max = max(nb_max, nb);
+  }
+  if (threadIdx.x == 0) {  // the scan's barriers order these before the atomics below
+    found[4] = INT_MAX;
+    found[5] = -1;
+  }
   int64_t total;
   const int64_t cum0 = CtaExclusiveScan(local, warp_sums, &total);
-  const int64_t payload = max((total + p.num_parts - 1) / p.num_parts, int64_t(1));
+  nb_min = __reduce_min_sync(0xffffffff, nb_min);
+  nb_max = __reduce_max_sync(0xffffffff, nb_max);
+  if (threadIdx.x % 32 == 0) {
+    atomicMin(&found[4], nb_min);
+    atomicMax(&found[5], nb_max);
+  }
+  __syncthreads();
+  int64_t payload = max((total + p.num_parts - 1) / p.num_parts, int64_t(1));
+  if (found[4] == found[5]) {
+    // Every batch has the same block count (a uniform decode step): cuts at multiples of one
+    // batch's cost split none, so no part pays a second batch's fixed cost and no partials are
+    // written or merged. Taken when it lengthens the parts by at most that fixed cost.
+    const int64_t cost = found[4] + kFixedCost;
+    const int64_t aligned = (payload + cost - 1) / cost * cost;
+    if (aligned - payload <= kFixedCost) payload = aligned;
+  }
   int64_t slots = 0, cum = cum0;
   for (int b = b0; b < b1; ++b) {
     const int nb = BlocksOf(p, b);
