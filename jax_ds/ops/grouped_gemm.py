@@ -34,6 +34,7 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 MAX_GROUPS = 1024  # the kernels keep per-group tables in shared memory
 GROUPED_TILES = tuple(t for t in TILES if t != (128, 192))  # the walk of grouped_config's base
 WIDE_GAIN = 1.05  # 128x192 over 128x128 per tile-column, where both fill their waves (H200)
+SHORT_K_BLOCKS = 16  # up to this many k blocks, grouped_config weighs tiles, not whole waves
 
 
 def grouped_config(rows_per_group: int, g: int, n: int, k: int, num_sms: int):
@@ -42,18 +43,23 @@ def grouped_config(rows_per_group: int, g: int, n: int, k: int, num_sms: int):
     tiles from 128 rows per group on, then 128x192 instead of 128x128 where its waves take less
     time (waves x 192 / WIDE_GAIN against waves x 128: 128x192 leaves a worse last wave on the
     n4096 shapes of <= 1024 rows a group), and 2-CTA clusters for 128-row tiles whose column
-    blocks pair up.
-    From the H200 tile sweep of the `bench moe` shapes
-    (benchmarks/results/gemm-grouped-tiles-sweep-h200-2026-12-03.json; tests/test_grouped_gemm.py
-    checks the pick is within 3% of each shape's fastest tile): 128x192 pairs were fastest on
-    the 6 contiguous shapes (+5-12% over the former 128x128 pick) and pairs gained 2-7% on most
+    blocks pair up. Up to SHORT_K_BLOCKS k blocks the waves are counted as fractions: the masked
+    n7168 k2048 shapes of 256-1024 rows a group ran 0.6-4.1% faster at 128x192 pairs than at
+    128x128 pairs, although 128x192 leaves 3 whole waves there against 4.
+    From two H200 tile sweeps of the `bench moe` shapes (benchmarks/results/
+    gemm-grouped-tiles-sweep-h200-2026-12-03.json and its -short-k.json; tests/test_grouped_gemm.py
+    checks the pick is within 3% of each shape's fastest tile): 128x192 pairs were fastest on the
+    6 contiguous shapes (+5-12% over the former 128x128 pick) and pairs gained 2-7% on most
     masked shapes; on the H100 (gemm-grouped-tiles-sweep-h100-2026-11-25.json) pairs had gained
     only from 2048 rows a group on."""
     cfg = gemm_config(max(rows_per_group, 1), n * g, k, num_sms, tiles=GROUPED_TILES)
     block_m, block_n = (128 if rows_per_group >= 128 else cfg.block_m), cfg.block_n
     if block_m == 128 and block_n == 128:
         tiles = lambda bn: g * cdiv(rows_per_group, 128) * cdiv(n, bn)
-        waves = lambda bn: cdiv(tiles(bn), num_sms)
+        # measured, not derived: with short tiles a partial last wave cost about its share
+        # (presumably the persistent CTAs' tiles drift apart and the waves overlap)
+        short_k = k <= SHORT_K_BLOCKS * BLOCK_K
+        waves = lambda bn: tiles(bn) / num_sms if short_k else cdiv(tiles(bn), num_sms)
         if waves(192) * 192 / WIDE_GAIN < waves(128) * 128:
             block_n = 192
     # partners sit in the same group; an odd column-block count would leave every pair's second
