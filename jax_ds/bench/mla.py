@@ -11,7 +11,7 @@ write bytes). Ours is timed twice: per call (one jitted call per execution, back
 per-execution work between calls included) and device-bound ("dev": one executable of many
 calls on two input sets, `_timing.time_jax_launch`, as `bench gemm` does; what a decode step that
 calls it inside one larger program sees). --tiny runs a few small shapes (CPU smoke test);
---quick one s_k and h_q in (16, 128).
+--quick one s_k and h_q in (16, 128); --s-k / --h-q pick parts of the grid.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ def add_arguments(parser):
     parser.add_argument("--budget", type=float, default=0.25, help="seconds per measurement")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="s_k 4096, h_q 16 and 128")
+    parser.add_argument("--s-k", type=int, nargs="+", help="only these s_k (default: the grid's)")
+    parser.add_argument("--h-q", type=int, nargs="+", help="only these h_q (default: the grid's)")
     parser.add_argument("--tiny", action="store_true", help="small shapes (runs on CPU)")
     parser.add_argument("--no-xla", action="store_true", help="skip the reference column")
     parser.add_argument("--copy-gb", type=float, default=2.0, help="size of the copy ceiling")
@@ -44,8 +46,8 @@ def shapes(args):
     """(b, s_k, h_q, s_q, varlen) rows."""
     if args.tiny:
         return [(2, 200, 16, 1, False), (3, 130, 16, 2, True)]
-    s_ks = (4096,) if args.quick else (4096, 8192, 16384)
-    h_qs = (16, 128) if args.quick else (16, 32, 64, 128)
+    s_ks = args.s_k or ((4096,) if args.quick else (4096, 8192, 16384))
+    h_qs = args.h_q or ((16, 128) if args.quick else (16, 32, 64, 128))
     return [(128, s_k, h, s_q, varlen) for s_k in s_ks for h in h_qs for s_q in (1, 2)
             for varlen in (False, True)]
 
