@@ -15,7 +15,8 @@ namespace {
 // The split of the last wave (attributes split_units, splits; DenseScheduler::make) and the
 // epilogue overlap of the one-accumulator-set tiles (attribute overlap).
 struct SplitPlan {
-  int split_units, splits, overlap;
+  int split_units, splits;
+  bool overlap;
 };
 
 // Validates the split plan against the tile's units, sets up its workspace, launches the
@@ -51,11 +52,10 @@ ffi::Error Dispatch(int block_m, int block_n, int cluster_n, SplitPlan plan, cud
                     const GemmArgs<OutT>& args, float* workspace, int64_t workspace_floats) {
   return DispatchTile("jax_ds_fp8_gemm", block_m, block_n, cluster_n, [&](auto tile) {
     using T = decltype(tile);
-    JAX_DS_CHECK_ARG(plan.overlap == 0 || plan.overlap == 1, "fp8_gemm: overlap must be 0 or 1");
     // The epilogue overlap is an instance of its own, compiled for the one-set tile only (the
     // others ignore the attribute).
-    if constexpr (T::BN == 192) {
-      if (plan.overlap == 1) {
+    if constexpr (kOneAccSet<T::BN>) {
+      if (plan.overlap) {
         return Launch<T, true>(plan, stream, args, workspace, workspace_floats);
       }
     }
@@ -86,11 +86,13 @@ ffi::Error Fp8GemmImpl(cudaStream_t stream, ffi::AnyBuffer a,
                    "fp8_gemm: b_scale must be [ceil(N/128), K/128]");
   JAX_DS_CHECK_ARG(od[0] == M && od[1] == N, "fp8_gemm: out must be [M, N]");
   JAX_DS_CHECK_ARG(num_sms >= 1, "fp8_gemm: num_sms must be >= 1");
+  JAX_DS_CHECK_ARG(overlap == 0 || overlap == 1, "fp8_gemm: overlap must be 0 or 1");
 
   const int m = static_cast<int>(M), n = static_cast<int>(N), k = static_cast<int>(K);
   return WithOutType("fp8_gemm", out, [&](auto* out_ptr) {
     using OutT = std::remove_pointer_t<decltype(out_ptr)>;
-    return Dispatch(block_m, block_n, cluster_n, SplitPlan{split_units, splits, overlap}, stream,
+    const SplitPlan plan{split_units, splits, overlap == 1};
+    return Dispatch(block_m, block_n, cluster_n, plan, stream,
                     GemmArgs<OutT>{a.untyped_data(), a_scale.typed_data(), b.untyped_data(),
                                    b_scale.typed_data(), out_ptr, m, n, n, k, num_sms},
                     workspace->typed_data(), static_cast<int64_t>(workspace->element_count()));

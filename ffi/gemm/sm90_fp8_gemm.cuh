@@ -79,6 +79,12 @@ __device__ __forceinline__ void banded_order(int unit, int num_m_tiles, int num_
 // Dense problem: one [M, N] grid of tiles. The last `split_units` units of the walk (the
 // partial last wave) may each be cut into `splits` K slices, consecutive in the walk, so they
 // run on different SMs at once instead of leaving most SMs idle for a whole tile's K loop.
+// A tile of BN columns has one accumulator set when three (two WGMMA sets and the promoted sums)
+// would pass 192 registers a thread: 128x192 only. Its k blocks are issued, waited and promoted
+// one at a time, and only it has the epilogue overlap (kOverlap below; the handler's dispatch).
+template <int BN>
+inline constexpr bool kOneAccSet = 3 * WgmmaFp8<BN>::kRegs > 192;
+
 // kOverlap_: kernels of one accumulator set (128x192) store a tile while the next tile's first
 // k block runs (attribute `overlap`; a separate instance: a runtime switch made ptxas spill in
 // the epilogue and cost both variants 8-12% on the H200).
@@ -358,7 +364,7 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
   // registers for a second accumulator set: its k blocks are issued, waited and promoted one
   // at a time (the other consumer warpgroup's WGMMAs keep the tensor cores busy meanwhile).
   constexpr bool kTwoScales = 128 % BN != 0;
-  constexpr bool kDoubleAcc = 3 * kAccRegs <= 192;
+  constexpr bool kDoubleAcc = !kOneAccSet<BN>;
   // With one set, a tile's epilogue may run under the next tile's first k block (dense GEMM,
   // Sched::kOverlap: its tiles are never zero tiles, so the first issue is unconditional;
   // ptxas serialises WGMMAs issued on a data-dependent path). Measured on the H200: +4-7% at
