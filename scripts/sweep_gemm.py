@@ -37,7 +37,7 @@ for (m, n, k) in gemm_bench_shapes():
             units = gemm.work_units(m, n, bm, bn, cn)
             split = gemm.split_plan(units, sms // cn, k // 128, short_grid=True)[:2]
             plans = [(0, 1)] + ([split] if args.split and split[0] else [])
-            for overlap in ((False, True) if (bm, bn) == (128, 192) else (False,)):
+            for overlap in ((False, True) if (bm, bn) in gemm.OVERLAP_TILES else (False,)):
                 for plan in plans:
                     measure(gemm.GemmConfig(bm, bn, sms, cn, *plan, overlap))
     pick = gemm.gemm_config(m, n, k, sms)

@@ -134,8 +134,8 @@ def _ffi_gemm(ops, out_dtype, block_m, block_n, num_sms, cluster_n=1, overlap=Fa
 
 
 def _overlaps(block_m, block_n):
-    """The epilogue overlap settings a tile runs with (only 128x192 has the choice)."""
-    return (False, True) if (block_m, block_n) == (128, 192) else (False,)
+    """The epilogue overlap settings a tile runs with (only the one-set tiles have the choice)."""
+    return (False, True) if (block_m, block_n) in gemm.OVERLAP_TILES else (False,)
 
 
 TILES = list(gemm.TILES)  # every tile compiled into the library

@@ -46,6 +46,7 @@ SPLIT_MIN_GAIN = 0.07  # (4096x7168x2048, 128x192: 6% by the count, 1% slower me
 # The 128x192 tile's epilogue overlap from this many k blocks on (H200 sweep of 2026-12-03:
 # +4-7% at 12 to 128 k blocks, -12% at 4).
 OVERLAP_MIN_KBLOCKS = 8
+OVERLAP_TILES = ((128, 192),)  # the tiles of one accumulator set, compiled with the overlap
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -162,8 +163,8 @@ def gemm_config(m: int, n: int, k: int, num_sms: int, *, tiles=TILES) -> GemmCon
                 if t in tiles and fills(t) and not narrow(t)}
         if busy:
             bm, bn = max(busy, key=busy.get)  # (a tie goes to the wider tile)
-            overlap = _can_overlap(bm, bn, k_blocks) and count[(bm, bn)] > num_sms
-            return GemmConfig(bm, bn, min(count[(bm, bn)], num_sms), 1, overlap=overlap)
+            return GemmConfig(bm, bn, min(count[(bm, bn)], num_sms), 1,
+                              overlap=_overlap(m, n, bm, bn, 1, k_blocks, num_sms))
     candidates = [t for t in tiles if m > 128 or t[0] == 64]
     wide = [t for t in candidates if fills(t) and not narrow(t)]
     bm, bn = wide[0] if wide else max(candidates, key=lambda t: (count[t], t[0]))
@@ -174,8 +175,7 @@ def gemm_config(m: int, n: int, k: int, num_sms: int, *, tiles=TILES) -> GemmCon
     # bounds them, -2..+6% on the others. On the H200 within 2% either way at 128x128; at 128x192
     # 7-15% slower without the epilogue overlap, up to 4% faster with it, where the column
     # blocks pair up (an odd count leaves a pair's second tile past N: 2% slower at n = 2112).
-    can_overlap = _can_overlap(bm, bn, k_blocks)
-    pairs = cdiv(n, bn) % 2 == 0 and ((bm, bn) == (128, 128) or can_overlap)
+    pairs = cdiv(n, bn) % 2 == 0 and ((bm, bn) == (128, 128) or _can_overlap(bm, bn, k_blocks))
     cluster_n = 2 if pairs else 1
     # The split of the last wave (at m <= 128 it lost up to 17%: 64x24576x1536 in 64x128 tiles,
     # 12 k blocks in 2 slices; the partial sums' round trip weighs more next to small tiles).
@@ -184,16 +184,21 @@ def gemm_config(m: int, n: int, k: int, num_sms: int, *, tiles=TILES) -> GemmCon
     if plans[1][2] < 0.97 * plans[cluster_n][2]:  # (the H200's sweeps: clusters gain <= 4%)
         cluster_n = 1
     split_units, splits, _ = plans[cluster_n]
-    # (one unit per cluster: no next tile to overlap, and the pick keys the sweeps without "o")
-    overlap = can_overlap and work_units(m, n, bm, bn, cluster_n) > num_sms // cluster_n
     return GemmConfig(bm, bn, min(count[(bm, bn)], num_sms), cluster_n, split_units, splits,
-                      overlap)
+                      _overlap(m, n, bm, bn, cluster_n, k_blocks, num_sms))
 
 
 def _can_overlap(bm, bn, k_blocks) -> bool:
-    """The epilogue overlap exists for the tile of one accumulator set (128x192) and pays from
-    OVERLAP_MIN_KBLOCKS k blocks on."""
-    return (bm, bn) == (128, 192) and k_blocks >= OVERLAP_MIN_KBLOCKS
+    """The epilogue overlap exists for the tiles of one accumulator set (OVERLAP_TILES) and pays
+    from OVERLAP_MIN_KBLOCKS k blocks on."""
+    return (bm, bn) in OVERLAP_TILES and k_blocks >= OVERLAP_MIN_KBLOCKS
+
+
+def _overlap(m, n, bm, bn, cluster_n, k_blocks, num_sms) -> bool:
+    """The overlap of a launch: where the tile has it, and a cluster gets more than one unit (with
+    one there is no next tile to store under, and the pick keys the sweeps without "o")."""
+    return (_can_overlap(bm, bn, k_blocks)
+            and work_units(m, n, bm, bn, cluster_n) > num_sms // cluster_n)
 
 
 def fp8_gemm_reference(a, a_scale, b, b_scale, *, out_dtype=jnp.bfloat16):
