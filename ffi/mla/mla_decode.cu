@@ -143,6 +143,7 @@ struct PartPlan {
 __device__ PartPlan PlanPart(const Params& p, int part, bool write_splits, uint8_t* scratch) {
   int64_t* warp_sums = reinterpret_cast<int64_t*>(scratch);
   int32_t* found = reinterpret_cast<int32_t*>(scratch + 32 * sizeof(int64_t));
+  int32_t* nb_range = found + 4;  // the fewest and most blocks of a batch
   const int per = (p.batch + blockDim.x - 1) / blockDim.x;  // batches per thread, in a run
   const int b0 = min(p.batch, static_cast<int>(threadIdx.x) * per), b1 = min(p.batch, b0 + per);
   int64_t local = 0;
@@ -154,24 +155,24 @@ __device__ PartPlan PlanPart(const Params& p, int part, bool write_splits, uint8
     nb_max = max(nb_max, nb);
   }
   if (threadIdx.x == 0) {  // the scan's barriers order these before the atomics below
-    found[4] = INT_MAX;
-    found[5] = -1;
+    nb_range[0] = INT_MAX;
+    nb_range[1] = -1;
   }
   int64_t total;
   const int64_t cum0 = CtaExclusiveScan(local, warp_sums, &total);
   nb_min = __reduce_min_sync(0xffffffff, nb_min);
   nb_max = __reduce_max_sync(0xffffffff, nb_max);
   if (threadIdx.x % 32 == 0) {
-    atomicMin(&found[4], nb_min);
-    atomicMax(&found[5], nb_max);
+    atomicMin(&nb_range[0], nb_min);
+    atomicMax(&nb_range[1], nb_max);
   }
   __syncthreads();
   int64_t payload = max((total + p.num_parts - 1) / p.num_parts, int64_t(1));
-  if (found[4] == found[5]) {
+  if (nb_range[0] == nb_range[1]) {
     // Every batch has the same block count (a uniform decode step): cuts at multiples of one
     // batch's cost split none, so no part pays a second batch's fixed cost and no partials are
     // written or merged. Taken when it lengthens the parts by at most that fixed cost.
-    const int64_t cost = found[4] + kFixedCost;
+    const int64_t cost = nb_range[0] + kFixedCost;
     const int64_t aligned = (payload + cost - 1) / cost * cost;
     if (aligned - payload <= kFixedCost) payload = aligned;
   }
