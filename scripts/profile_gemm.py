@@ -1,0 +1,34 @@
+"""Three calls of the FP8 GEMM kernel at one shape and config, for a profiler to pick one.
+
+    python scripts/profile_gemm.py 4096 32768 512              # gemm_config's pick
+    python scripts/profile_gemm.py 4096 32768 512 128x192c1o   # a GemmConfig.key() (no split)
+    ncu --target-processes all --kernel-name regex:sm90_fp8_gemm --launch-skip 1 \
+        --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
+        --section WarpStateStats --section SchedulerStats \
+        python scripts/profile_gemm.py 4096 32768 512
+
+Random bf16 operands quantized as DeepSeek-V3 does (1x128 activations, 128x128 weights).
+"""
+import re
+import sys
+
+import jax
+import jax.numpy as jnp
+
+from jax_ds import _ffi
+from jax_ds.ops import gemm
+from jax_ds.ops.quant import quantize_fp8
+
+m, n, k = map(int, sys.argv[1:4])
+sms = _ffi.num_sms()
+if len(sys.argv) > 4:
+    bm, bn, cn, o = re.fullmatch(r"(\d+)x(\d+)c(\d)(o?)", sys.argv[4]).groups()
+    cfg = gemm.GemmConfig(int(bm), int(bn), sms, int(cn), overlap=bool(o))
+else:
+    cfg = gemm.gemm_config(m, n, k, sms)
+print(f"{m}x{n}x{k}: {cfg.key()} (split {cfg.split_units} x {cfg.splits})", flush=True)
+a, sa = quantize_fp8(jax.random.normal(jax.random.key(0), (m, k), jnp.bfloat16))
+b, sb = quantize_fp8(jax.random.normal(jax.random.key(1), (n, k), jnp.bfloat16), block=(128, 128))
+f = jax.jit(lambda *o: gemm.ffi_fp8_gemm(*o, cfg))
+for _ in range(3):
+    jax.block_until_ready(f(a, sa, b, sb))
