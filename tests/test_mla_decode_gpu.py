@@ -109,3 +109,27 @@ def test_kernel_equal_block_counts(b, sq, hq, blocks):
     q, kv, table, lens = paged(b + sq + hq, b, sq, hq, lens=lens)
     run = jax.jit(lambda *a, impl: mla_decode(*a, impl=impl), static_argnames="impl")
     check(*run(q, kv, table, lens, impl="ffi"), *run(q, kv, table, lens, impl="xla"))
+
+
+@pytest.mark.parametrize("fixed_cost", [1, 2, 64])
+@pytest.mark.parametrize("equal", [False, True])
+def test_kernel_any_fixed_cost(fixed_cost, equal):
+    """The plan stays exact whatever price it puts on touching a batch (the `fixed_cost` attribute
+    that scripts/sweep_mla_plan.py varies), with variable and with equal block counts."""
+    from jax_ds.ops.mla import ffi_mla_decode
+    b, sq, hq = 40, 2, 64
+    rng = np.random.default_rng(fixed_cost)
+    lens = (np.full(b, 1000) - rng.integers(0, 40, b)) if equal else None
+    q, kv, table, lens = paged(fixed_cost + 7 * equal, b, sq, hq, max_len=5000, lens=lens)
+    scale = 576 ** -0.5
+    out, lse = jax.jit(lambda *a: ffi_mla_decode(*a, scale, True, 66, fixed_cost))(
+        q, kv, table, lens)
+    check(out, lse, *mla_decode(q, kv, table, lens, impl="xla"))
+
+
+def test_fixed_cost_out_of_range_is_an_error():
+    from jax_ds.ops.mla import ffi_mla_decode
+    q, kv, table, lens = paged(3, 2, 1, 16, max_len=100)
+    for cost in (0, 65):
+        with pytest.raises(Exception, match="fixed_cost"):
+            jax.block_until_ready(ffi_mla_decode(q, kv, table, lens, 0.05, True, 8, cost))
