@@ -18,13 +18,15 @@ import argparse
 
 import numpy as np
 
-FIXED = 5  # the kernel's kFixedCost
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--s-k", type=int, default=4096)
 parser.add_argument("--parts", type=int, default=132)
 parser.add_argument("--seeds", type=int, default=4)
+parser.add_argument("--fixed-cost", type=int, default=5,
+                    help="blocks per batch touched (5: the numbers NOTES-mla quotes; mla.FIXED_COST)")
 args = parser.parse_args()
+FIXED = args.fixed_cost
 
 
 def lengths(seed, s_k, b=128):

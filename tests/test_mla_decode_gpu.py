@@ -98,14 +98,40 @@ def test_kernel_odd_head_counts(b, sq, hq):
     check(*run(q, kv, table, lens, impl="ffi"), *run(q, kv, table, lens, impl="xla"))
 
 
-@pytest.mark.parametrize("b,sq,hq,blocks", [(128, 1, 16, 64), (128, 2, 128, 64), (256, 1, 16, 64),
-                                            (64, 1, 16, 64), (132, 2, 64, 3), (40, 1, 16, 0)])
+@pytest.mark.parametrize("b,sq,hq,blocks", [(128, 1, 16, 64), (130, 1, 16, 64), (128, 2, 128, 64),
+                                            (256, 1, 16, 64), (64, 1, 16, 64), (132, 2, 64, 3),
+                                            (40, 1, 16, 0)])
 def test_kernel_equal_block_counts(b, sq, hq, blocks):
     """Every sequence with the same block count (lengths differ inside the last block): the plan
-    then cuts at batch boundaries where that costs at most one batch's fixed cost (b 128/256,
-    some parts get no batch), and splits batches as usual where it does not (b 64)."""
+    then cuts at batch boundaries where that costs at most one batch's fixed cost (132 SMs, fixed
+    cost 2: b 128 and 130 h16, where some parts get no batch, and b 132 h64), and splits batches as
+    usual where it does not (b 64 and 256 h16, b 128 h128)."""
     rng = np.random.default_rng(b + blocks)
     lens = np.maximum(blocks * 64 - rng.integers(0, 64, b), 0) if blocks else np.zeros(b, int)
     q, kv, table, lens = paged(b + sq + hq, b, sq, hq, lens=lens)
     run = jax.jit(lambda *a, impl: mla_decode(*a, impl=impl), static_argnames="impl")
     check(*run(q, kv, table, lens, impl="ffi"), *run(q, kv, table, lens, impl="xla"))
+
+
+@pytest.mark.parametrize("fixed_cost", [1, 2, 64])
+@pytest.mark.parametrize("equal", [False, True])
+def test_kernel_any_fixed_cost(fixed_cost, equal):
+    """The plan stays exact whatever price it puts on touching a batch (the `fixed_cost` attribute
+    that scripts/sweep_mla_plan.py varies), with variable and with equal block counts."""
+    from jax_ds.ops.mla import ffi_mla_decode
+    b, sq, hq = 40, 2, 64
+    rng = np.random.default_rng(fixed_cost)
+    lens = (np.full(b, 1000) - rng.integers(0, 40, b)) if equal else None
+    q, kv, table, lens = paged(fixed_cost + 7 * equal, b, sq, hq, max_len=5000, lens=lens)
+    scale = 576 ** -0.5
+    out, lse = jax.jit(lambda *a: ffi_mla_decode(*a, scale, True, 66, fixed_cost))(
+        q, kv, table, lens)
+    check(out, lse, *mla_decode(q, kv, table, lens, impl="xla"))
+
+
+def test_fixed_cost_out_of_range_is_an_error():
+    from jax_ds.ops.mla import ffi_mla_decode
+    q, kv, table, lens = paged(3, 2, 1, 16, max_len=100)
+    for cost in (0, 65):
+        with pytest.raises(Exception, match="fixed_cost"):
+            jax.block_until_ready(ffi_mla_decode(q, kv, table, lens, 0.05, True, 8, cost))

@@ -48,7 +48,7 @@ constexpr int kChunks = kDqk / 64;           // 64-column (128-byte) swizzled ch
 constexpr int kChunkBytes = 64 * 128;        // one [64 rows x 64 cols] bf16 chunk
 constexpr int kTileBytes = kChunks * kChunkBytes;  // 73728: a Q tile or a KV block
 constexpr int kPreciseMaxLen = 1024;  // sequences up to this length get P V in two passes
-constexpr int kFixedCost = 5;    // planner: cost of touching a batch, in KV blocks
+constexpr int kMaxFixedCost = 64;  // planner: the most the `fixed_cost` attribute may ask
 constexpr int kThreads = 384;    // 2 consumer warpgroups + 1 producer warpgroup (one thread)
 
 struct Smem {
@@ -73,6 +73,7 @@ struct Params {
   float* lse_acc;   // [2 * num_parts, rows]
   int32_t* plan;    // num_splits [B], then split_base [B] (for the combine kernel)
   int batch, sq, hq, rows, max_blocks, num_blocks, num_parts;
+  int fixed_cost;      // planner: cost of touching a batch, in KV blocks (>= 1)
   int causal;
   int q_box_rows;      // Q rows one TMA box brings (rows < 64: only the batch's rows, rounded to 8)
   float scale, scale_log2;
@@ -83,12 +84,12 @@ __device__ __forceinline__ int ClampedLen(const Params& p, int b) {
 }
 
 // ---- 1. plan (computed by every decode CTA for its own part) ----------------------------------
-// Batch b costs kFixedCost + nb_b blocks and occupies [cum_b, cum_b + cost_b) on a line of total
-// cost; its blocks sit at cum_b + kFixedCost + j. Part i owns the positions [i * payload,
+// Batch b costs p.fixed_cost + nb_b blocks and occupies [cum_b, cum_b + cost_b) on a line of total
+// cost; its blocks sit at cum_b + p.fixed_cost + j. Part i owns the positions [i * payload,
 // (i + 1) * payload) with payload = ceil(total / parts): a contiguous run of (batch, block), cut
 // evenly by cost (FlashMLA's balancing idea: a fixed price per batch touched, the rest per block).
 // When every batch has the same block count, the payload is rounded up to a multiple of a batch's
-// cost if that adds at most kFixedCost: then no batch is split (some parts may get none).
+// cost if that adds at most p.fixed_cost: then no batch is split (some parts may get none).
 // An empty batch belongs to the part holding cum_b. Split batches get consecutive partial slots.
 // Each CTA derives its part's batch range from two scans over the batch (a few microseconds less
 // than a separate plan kernel whose results every CTA would wait for); CTA (0, 0) also writes
@@ -98,9 +99,9 @@ __device__ __forceinline__ int BlocksOf(const Params& p, int b) {
 }
 
 // The split count of batch b given its start on the cost line.
-__device__ __forceinline__ int SplitsOf(int64_t cum, int nb, int64_t payload) {
+__device__ __forceinline__ int SplitsOf(int64_t cum, int nb, int64_t payload, int fixed_cost) {
   if (nb == 0) return 1;
-  const int64_t start = cum + kFixedCost;
+  const int64_t start = cum + fixed_cost;
   return static_cast<int>((start + nb - 1) / payload - start / payload + 1);
 }
 
@@ -150,7 +151,7 @@ __device__ PartPlan PlanPart(const Params& p, int part, bool write_splits, uint8
   int nb_min = INT_MAX, nb_max = -1;
   for (int b = b0; b < b1; ++b) {
     const int nb = BlocksOf(p, b);
-    local += nb + kFixedCost;
+    local += nb + p.fixed_cost;
     nb_min = min(nb_min, nb);
     nb_max = max(nb_max, nb);
   }
@@ -172,16 +173,16 @@ __device__ PartPlan PlanPart(const Params& p, int part, bool write_splits, uint8
     // Every batch has the same block count (a uniform decode step): cuts at multiples of one
     // batch's cost split none, so no part pays a second batch's fixed cost and no partials are
     // written or merged. Taken when it lengthens the parts by at most that fixed cost.
-    const int64_t cost = nb_range[0] + kFixedCost;
+    const int64_t cost = nb_range[0] + p.fixed_cost;
     const int64_t aligned = (payload + cost - 1) / cost * cost;
-    if (aligned - payload <= kFixedCost) payload = aligned;
+    if (aligned - payload <= p.fixed_cost) payload = aligned;
   }
   int64_t slots = 0, cum = cum0;
   for (int b = b0; b < b1; ++b) {
     const int nb = BlocksOf(p, b);
-    const int n = SplitsOf(cum, nb, payload);
+    const int n = SplitsOf(cum, nb, payload, p.fixed_cost);
     slots += n > 1 ? n : 0;
-    cum += nb + kFixedCost;
+    cum += nb + p.fixed_cost;
   }
   int64_t unused;
   int64_t slot = CtaExclusiveScan(slots, warp_sums, &unused);
@@ -194,8 +195,8 @@ __device__ PartPlan PlanPart(const Params& p, int part, bool write_splits, uint8
   cum = cum0;
   for (int b = b0; b < b1; ++b) {
     const int nb = BlocksOf(p, b);
-    const int64_t cost = nb + kFixedCost;
-    const int n = SplitsOf(cum, nb, payload);
+    const int64_t cost = nb + p.fixed_cost;
+    const int n = SplitsOf(cum, nb, payload, p.fixed_cost);
     if (write_splits) {
       p.plan[b] = n;
       p.plan[p.batch + b] = n > 1 ? static_cast<int32_t>(slot) : 0;
@@ -237,7 +238,7 @@ __device__ __forceinline__ uint64_t Sw128MnMajorDesc(const void* tile) {
 struct PartIter {
   int b, lo, hi, split;
   int nsplits, slot;           // the batch's split count and first partial slot
-  int part, end_b, payload;    // positions fit in int32 (the handler checks B * (max_blocks + 5))
+  int part, end_b, payload;    // positions fit in int32 (the handler checks them)
   int next_cum, next_slot;     // cost-line start and first partial slot of batch b + 1
 
   __device__ void init(const PartPlan& plan, int part_index) {
@@ -253,16 +254,16 @@ struct PartIter {
     while (++b <= end_b && b < p.batch) {
       const int nb = BlocksOf(p, b);
       const int cum = next_cum;
-      nsplits = SplitsOf(cum, nb, payload);
+      nsplits = SplitsOf(cum, nb, payload, p.fixed_cost);
       slot = next_slot;
-      next_cum = cum + nb + kFixedCost;
+      next_cum = cum + nb + p.fixed_cost;
       next_slot = slot + (nsplits > 1 ? nsplits : 0);
       if (nb == 0) {
         if (cum / payload != part) continue;
         lo = hi = split = 0;
         return true;
       }
-      const int start = cum + kFixedCost;
+      const int start = cum + p.fixed_cost;
       const int64_t first = int64_t(part) * payload - start;
       const int64_t last = int64_t(part + 1) * payload - start;
       lo = static_cast<int>(first > 0 ? first : 0);
@@ -721,7 +722,7 @@ ffi::Error MlaDecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
                          ffi::Result<ffi::Buffer<ffi::S32>> plan,
                          ffi::Result<ffi::Buffer<ffi::F32>> o_acc,
                          ffi::Result<ffi::Buffer<ffi::F32>> lse_acc, float softmax_scale,
-                         bool causal, int32_t num_parts) {
+                         bool causal, int32_t num_parts, int32_t fixed_cost) {
   auto qd = q.dimensions(), kd = kv.dimensions(), td = block_table.dimensions(),
        sd = seqlens.dimensions(), od = out->dimensions(), ld = lse->dimensions();
   JAX_DS_CHECK_ARG(qd.size() == 4 && kd.size() == 4 && td.size() == 2 && sd.size() == 1 &&
@@ -741,11 +742,14 @@ ffi::Error MlaDecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
                    "mla_decode: out must be [B,Sq,Hq,512] and lse [B,Hq,Sq]");
   JAX_DS_CHECK_ARG(NB >= 1, "mla_decode: kv_cache needs at least one block");
   JAX_DS_CHECK_ARG(num_parts >= 1, "mla_decode: num_parts must be >= 1");
+  JAX_DS_CHECK_ARG(fixed_cost >= 1 && fixed_cost <= kMaxFixedCost,
+                   "mla_decode: fixed_cost must be in [1, 64]");
   JAX_DS_CHECK_ARG(softmax_scale > 0.f && std::isfinite(softmax_scale),
                    "mla_decode: softmax_scale must be positive and finite");
   const int64_t rows = Sq * Hq;
   JAX_DS_CHECK_ARG(B * rows < (int64_t(1) << 31) && NB * kPage < (int64_t(1) << 31) &&
-                       B * (MB + kFixedCost) < (int64_t(1) << 31) && MB * kPage < (int64_t(1) << 31),
+                       B * (MB + fixed_cost) < (int64_t(1) << 31) &&
+                       MB * kPage < (int64_t(1) << 31),
                    "mla_decode: sizes must fit in int32");
   const int64_t tiles = (rows + kTileRows - 1) / kTileRows;
   JAX_DS_CHECK_ARG(plan->element_count() >= 2 * B &&
@@ -769,6 +773,7 @@ ffi::Error MlaDecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
   p.max_blocks = static_cast<int>(MB);
   p.num_blocks = static_cast<int>(NB);
   p.num_parts = num_parts;
+  p.fixed_cost = fixed_cost;
   p.causal = causal ? 1 : 0;
   // A batch's rows only, when they are fewer than a tile (h16: 16 of 64 rows); 8-row granules.
   p.q_box_rows = rows < kTileRows ? static_cast<int>((rows + 7) / 8 * 8) : kTileRows;
@@ -820,5 +825,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxDsMlaDecode, jax_ds::mla::MlaDecodeImpl,
                                   .Ret<xla::ffi::Buffer<xla::ffi::F32>>()          // lse partials
                                   .Attr<float>("softmax_scale")
                                   .Attr<bool>("causal")
-                                  .Attr<int32_t>("num_parts"),
+                                  .Attr<int32_t>("num_parts")
+                                  .Attr<int32_t>("fixed_cost"),
                               {xla::ffi::Traits::kCmdBufferCompatible});

@@ -185,6 +185,13 @@ def _reference(q, kv_cache, block_table, cache_seqlens, scale, causal, dv, chunk
     return out.astype(q.dtype), lse_BQH.transpose(0, 2, 1)
 
 
+# The planner's price of touching a batch, in 64-row KV blocks: a part pays it once per batch it
+# reads (the Q tile load, the output or partial write). FlashMLA's balancing uses 5; on the H200 2
+# was faster on average (+2.1% and +0.8% over 5, geometric mean over the bench mla shapes, in two
+# sweeps of scripts/sweep_mla_plan.py; benchmarks/NOTES-mla.md).
+FIXED_COST = 2
+
+
 def _num_parts(rows):
     """Persistent parts per head tile (of 64 query rows): one wave over the SMs."""
     return max(1, _ffi.num_sms() // cdiv(rows, 64))
@@ -235,18 +242,27 @@ def mla_decode(q, kv_cache, block_table, cache_seqlens, *, softmax_scale=None, c
     if _ffi.resolve_impl(op, TARGET, impl, unsupported) == "xla":
         return _reference(q, kv_cache, block_table, cache_seqlens, np.float32(scale),
                           bool(causal), HEAD_DIM_V, _chunk_blocks(q, kv_cache, block_table))
+    return ffi_mla_decode(q, kv_cache, block_table, cache_seqlens, scale, causal,
+                          _num_parts(sq * hq), FIXED_COST)
+
+
+def ffi_mla_decode(q, kv_cache, block_table, cache_seqlens, scale, causal, num_parts,
+                   fixed_cost):
+    """The kernel's custom call with an explicit plan (`num_parts` persistent parts per head tile,
+    `fixed_cost` KV blocks charged per batch a part touches, in [1, 64]); no validation (tests,
+    sweeps). Returns (out, lse)."""
+    b, sq, hq, _ = q.shape
     rows = sq * hq  # query rows per batch (heads x Sq), 64 per CTA
-    parts = _num_parts(rows)
     # The three trailing results are the kernel's workspace: the splits per batch and their first
     # partial slot, and the partial outputs of batches split across parts (at most 2 per part).
     call = jax.ffi.ffi_call(TARGET, (jax.ShapeDtypeStruct((b, sq, hq, HEAD_DIM_V), q.dtype),
                                      jax.ShapeDtypeStruct((b, hq, sq), jnp.float32),
                                      jax.ShapeDtypeStruct((2 * b,), jnp.int32),
-                                     jax.ShapeDtypeStruct((2 * parts * rows * HEAD_DIM_V,),
+                                     jax.ShapeDtypeStruct((2 * num_parts * rows * HEAD_DIM_V,),
                                                           jnp.float32),
-                                     jax.ShapeDtypeStruct((2 * parts * rows,), jnp.float32)),
+                                     jax.ShapeDtypeStruct((2 * num_parts * rows,), jnp.float32)),
                             vmap_method="sequential")
     out, lse, *_ = call(q, kv_cache, block_table, cache_seqlens,
                         softmax_scale=np.float32(scale), causal=bool(causal),
-                        num_parts=np.int32(parts))
+                        num_parts=np.int32(num_parts), fixed_cost=np.int32(fixed_cost))
     return out, lse
