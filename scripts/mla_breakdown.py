@@ -3,7 +3,8 @@
     python scripts/mla_breakdown.py                    # b128 s_k 4096: h16 / h128, Sq 1 / 2
     python scripts/mla_breakdown.py 128 4096 16 1 var  # one shape: b s_k h_q s_q [var]
     python scripts/mla_breakdown.py --parts 128 132 66  # each shape with these parts per head tile
-Per-call time is `python -m jax_ds.bench mla`'s (back-to-back jitted calls); the kernel times come
+Per-call time, GB/s and TFLOP/s are `python -m jax_ds.bench mla`'s (back-to-back jitted calls,
+the same byte and FLOP counts); the kernel times come
 from `jax.profiler` (the same trace reader as the GEMM benchmarks). The difference between the
 call and the sum of its kernels is launch gaps.
 """
@@ -14,8 +15,8 @@ import sys
 import jax
 
 from jax_ds.bench import _profile, _timing
-from jax_ds.bench.mla import inputs
-from jax_ds.ops import mla, mla_decode
+from jax_ds.bench.mla import inputs, traffic
+from jax_ds.ops import mla
 
 SHAPES = [(128, 4096, 16, 1, False), (128, 4096, 16, 1, True), (128, 4096, 16, 2, False),
           (128, 4096, 128, 1, False), (128, 4096, 128, 2, False)]
@@ -38,23 +39,21 @@ def main(argv):
     if argv:
         b, s_k, h, sq = (int(x) for x in argv[:4])
         shapes = [(b, s_k, h, sq, len(argv) > 4 and argv[4] == "var")]
-    default_parts = mla._num_parts
     for i, (b, s_k, h, sq, var) in enumerate(shapes):
         args, lens = inputs(i, b, s_k, h, sq, var)
-        nbytes = int(lens.sum()) * 576 * 2
-        flops = 2 * h * sq * int(lens.sum()) * 1088
-        for p in parts:
-            mla._num_parts = default_parts if p is None else (lambda rows, p=p: p)
-            fn = jax.jit(functools.partial(mla_decode, causal=True, impl="ffi"))
+        nbytes, flops = traffic(lens, b, h, sq)
+        for p in (mla._num_parts(h * sq) if p is None else p for p in parts):
+            # mla_decode's call with its default scale and cost, at `p` parts per head tile
+            fn = jax.jit(functools.partial(mla.ffi_mla_decode, scale=mla.HEAD_DIM_QK ** -0.5,
+                                           causal=True, num_parts=p, fixed_cost=mla.FIXED_COST))
             t = _timing.time_jax(fn, [args], budget_s=0.2, repeats=3)
             ks = kernel_times(fn, args)
             print(f"b{b} s_k{s_k} h{h} sq{sq}{' var' if var else ''} parts "
-                  f"{default_parts(h * sq) if p is None else p}: call {t.median_s * 1e6:.1f} us "
+                  f"{p}: call {t.median_s * 1e6:.1f} us "
                   f"({nbytes / t.median_s / 1e9:.0f} GB/s, {flops / t.median_s / 1e12:.0f} "
                   f"TFLOP/s); kernels {sum(ks.values()):.1f} us: " +
                   ", ".join(f"{k} {v:.1f}" for k, v in sorted(ks.items(), key=lambda kv: -kv[1])),
                   flush=True)
-        mla._num_parts = default_parts
 
 
 if __name__ == "__main__":

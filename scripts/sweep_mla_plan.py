@@ -17,7 +17,7 @@ import numpy as np
 
 from jax_ds import _ffi
 from jax_ds.bench import _timing
-from jax_ds.bench.mla import inputs
+from jax_ds.bench.mla import inputs, traffic
 from jax_ds.ops import mla
 
 parser = argparse.ArgumentParser()
@@ -31,20 +31,18 @@ parser.add_argument("--budget", type=float, default=0.05)
 args = parser.parse_args()
 
 sms = _ffi.num_sms()
+SCALE = mla.HEAD_DIM_QK ** -0.5  # mla_decode's default softmax scale
 out_rows = []
 for s_k in args.s_k:
     for h_q in args.h_q:
         for s_q in (1, 2):
             for varlen in (False, True):
                 arg, lens = inputs(0, 128, s_k, h_q, s_q, varlen)
-                q = arg[0]
-                scale = float(q.shape[-1]) ** -0.5
-                nbytes = int(lens.sum()) * 576 * 2 + 128 * s_q * h_q * (576 + 512) * 2
-                flops = 2 * h_q * s_q * int(lens.sum()) * (576 + 512)
+                nbytes, flops = traffic(lens, 128, h_q, s_q)
                 default_parts = mla._num_parts(s_q * h_q)
                 variants = {f"cost{c}": (default_parts, c) for c in args.costs}
                 variants.update({f"parts{p}": (p, mla.FIXED_COST) for p in args.parts})
-                fns = {key: jax.jit(functools.partial(mla.ffi_mla_decode, scale=scale,
+                fns = {key: jax.jit(functools.partial(mla.ffi_mla_decode, scale=SCALE,
                                                       causal=True, num_parts=parts,
                                                       fixed_cost=cost))
                        for key, (parts, cost) in variants.items()}

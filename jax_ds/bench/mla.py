@@ -84,6 +84,14 @@ def second_set(arg, seed):
             table, lens)
 
 
+def traffic(lens, b, h_q, s_q):
+    """(bytes, FLOPs) of one call: the cache rows each sequence reads once plus q and out, and
+    2 Hq Sq sum(len) (576 + 512)."""
+    keys = int(lens.sum())
+    nbytes = keys * HEAD_DIM_QK * 2 + b * s_q * h_q * (HEAD_DIM_QK + HEAD_DIM_V) * 2
+    return nbytes, 2 * h_q * s_q * keys * (HEAD_DIM_QK + HEAD_DIM_V)
+
+
 def _rates(t, nbytes, flops, prefix=""):
     return {f"{prefix}us": t.median_s * 1e6, f"{prefix}gbps": nbytes / t.median_s / 1e9,
             f"{prefix}tflops": flops / t.median_s / 1e12}
@@ -100,8 +108,7 @@ def run(args):
     grid = shapes(args)
     for i, (b, s_k, h_q, s_q, varlen) in enumerate(grid):
         arg, lens = inputs(args.seed + i, b, s_k, h_q, s_q, varlen)
-        nbytes = int(lens.sum()) * HEAD_DIM_QK * 2 + b * s_q * h_q * (HEAD_DIM_QK + HEAD_DIM_V) * 2
-        flops = 2 * h_q * s_q * int(lens.sum()) * (HEAD_DIM_QK + HEAD_DIM_V)
+        nbytes, flops = traffic(lens, b, h_q, s_q)
         row = dict(b=b, s_k=s_k, h_q=h_q, s_q=s_q, varlen=varlen, bytes=nbytes, flops=flops,
                    results={})
         for name in IMPLS:
