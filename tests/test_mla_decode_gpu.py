@@ -98,14 +98,27 @@ def test_kernel_odd_head_counts(b, sq, hq):
     check(*run(q, kv, table, lens, impl="ffi"), *run(q, kv, table, lens, impl="xla"))
 
 
-@pytest.mark.parametrize("b,sq,hq,blocks", [(128, 1, 16, 64), (130, 1, 16, 64), (128, 2, 128, 64),
-                                            (256, 1, 16, 64), (64, 1, 16, 64), (132, 2, 64, 3),
-                                            (40, 1, 16, 0)])
-def test_kernel_equal_block_counts(b, sq, hq, blocks):
+def _cuts_at_batches(b, blocks, parts, cost):
+    """Whether the kernel's plan rounds the payload up to whole batches (PlanPart, equal block
+    counts): when that adds at most `cost` blocks a part."""
+    total = b * (blocks + cost)
+    payload = max(1, -(-total // parts))
+    aligned = -(-payload // (blocks + cost)) * (blocks + cost)
+    return aligned - payload <= cost
+
+
+@pytest.mark.parametrize("b,sq,hq,blocks,cuts", [
+    (128, 1, 16, 64, True), (130, 1, 16, 64, True), (128, 2, 128, 64, False),
+    (256, 1, 16, 64, False), (64, 1, 16, 64, False), (132, 2, 64, 3, True), (40, 1, 16, 0, True)])
+def test_kernel_equal_block_counts(b, sq, hq, blocks, cuts):
     """Every sequence with the same block count (lengths differ inside the last block): the plan
-    then cuts at batch boundaries where that costs at most one batch's fixed cost (132 SMs, fixed
-    cost 2: b 128 and 130 h16, where some parts get no batch, and b 132 h64), and splits batches as
-    usual where it does not (b 64 and 256 h16, b 128 h128)."""
+    then cuts at batch boundaries where that costs at most one batch's fixed cost (some parts get
+    no batch), and splits batches as usual where it does not; `cuts` says which the case takes on
+    132 SMs at mla.FIXED_COST (checked there, so a new default cannot leave a path untested)."""
+    from jax_ds.ops import mla
+    if _ffi.num_sms() == 132:
+        parts = mla._num_parts(sq * hq)
+        assert _cuts_at_batches(b, blocks, parts, mla.FIXED_COST) == cuts
     rng = np.random.default_rng(b + blocks)
     lens = np.maximum(blocks * 64 - rng.integers(0, 64, b), 0) if blocks else np.zeros(b, int)
     q, kv, table, lens = paged(b + sq + hq, b, sq, hq, lens=lens)
