@@ -18,6 +18,8 @@ import argparse
 
 import numpy as np
 
+from jax_ds.ops.mla import plan_payload
+
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--s-k", type=int, default=4096)
@@ -50,17 +52,6 @@ def longest(nbs, cuts):
     return worst
 
 
-def kernel_payload(nbs, parts):
-    total = int((nbs + FIXED).sum())
-    payload = max(-(-total // parts), 1)
-    if nbs.min() == nbs.max():
-        cost = int(nbs[0]) + FIXED
-        aligned = -(-payload // cost) * cost
-        if aligned - payload <= FIXED:
-            payload = aligned
-    return payload, total
-
-
 def greedy_capacity(nbs, parts):
     def parts_needed(cap):
         used, load = 1, 0
@@ -81,7 +72,7 @@ def greedy_capacity(nbs, parts):
 
 for seed in range(args.seeds):
     nbs = -(-lengths(seed, args.s_k) // 64)
-    payload, total = kernel_payload(nbs, args.parts)
+    payload, total = plan_payload(nbs, args.parts, FIXED)
     cuts = [min(i * payload, total) for i in range(args.parts + 1)]
     starts = np.concatenate([[0], np.cumsum(nbs + FIXED)])
     snapped = {}

@@ -234,3 +234,14 @@ def test_ffi_refuses_what_the_kernel_does_not_take(monkeypatch):
         mla_decode(q, kv, table, lens, impl="ffi")
     out, _ = mla_decode(q, kv, table, lens)  # auto: the reference serves it
     assert out.dtype == jnp.float32
+
+
+def test_plan_payload():
+    """The kernel plan's part size: ceil(total / parts) on the cost line, rounded up to whole
+    batches for equal block counts when that adds at most the fixed cost."""
+    plan_payload = mla_mod.plan_payload
+    assert plan_payload([64] * 128, 132, 2) == (66, 128 * 66)     # 64 -> 66: whole batches
+    assert plan_payload([64] * 256, 132, 2) == (128, 256 * 66)    # 128 -> 132 adds 4 > 2
+    assert plan_payload([64] * 256, 132, 5) == (138, 256 * 69)    # 135 -> 138 adds 3 <= 5
+    assert plan_payload([10, 20, 30], 4, 2) == (17, 66)           # unequal: never rounded
+    assert plan_payload([0] * 40, 132, 2) == (2, 80)              # empty batches still cost 2

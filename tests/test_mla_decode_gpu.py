@@ -98,15 +98,6 @@ def test_kernel_odd_head_counts(b, sq, hq):
     check(*run(q, kv, table, lens, impl="ffi"), *run(q, kv, table, lens, impl="xla"))
 
 
-def _cuts_at_batches(b, blocks, parts, cost):
-    """Whether the kernel's plan rounds the payload up to whole batches (PlanPart, equal block
-    counts): when that adds at most `cost` blocks a part."""
-    total = b * (blocks + cost)
-    payload = max(1, -(-total // parts))
-    aligned = -(-payload // (blocks + cost)) * (blocks + cost)
-    return aligned - payload <= cost
-
-
 @pytest.mark.parametrize("b,sq,hq,blocks,cuts", [
     (128, 1, 16, 64, True), (130, 1, 16, 64, True), (128, 2, 128, 64, False),
     (256, 1, 16, 64, False), (64, 1, 16, 64, False), (132, 2, 64, 3, True), (40, 1, 16, 0, True)])
@@ -117,8 +108,8 @@ def test_kernel_equal_block_counts(b, sq, hq, blocks, cuts):
     132 SMs at mla.FIXED_COST (checked there, so a new default cannot leave a path untested)."""
     from jax_ds.ops import mla
     if _ffi.num_sms() == 132:
-        parts = mla._num_parts(sq * hq)
-        assert _cuts_at_batches(b, blocks, parts, mla.FIXED_COST) == cuts
+        payload, _ = mla.plan_payload(np.full(b, blocks), mla._num_parts(sq * hq))
+        assert (payload % (blocks + mla.FIXED_COST) == 0) == cuts  # every cut between batches
     rng = np.random.default_rng(b + blocks)
     lens = np.maximum(blocks * 64 - rng.integers(0, 64, b), 0) if blocks else np.zeros(b, int)
     q, kv, table, lens = paged(b + sq + hq, b, sq, hq, lens=lens)

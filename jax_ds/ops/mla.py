@@ -192,6 +192,23 @@ def _reference(q, kv_cache, block_table, cache_seqlens, scale, causal, dv, chunk
 FIXED_COST = 2
 
 
+def plan_payload(block_counts, num_parts, fixed_cost=FIXED_COST):
+    """The kernel plan's part size on its cost line (PlanPart in ffi/mla/mla_decode.cu), in KV
+    blocks, and the line's total: batch b costs its blocks plus `fixed_cost`; parts get
+    ceil(total / num_parts) each, rounded up to whole batches when every batch has the same block
+    count and that adds at most `fixed_cost` (then no batch is split). For tests and
+    scripts/model_mla_plan.py; the kernel computes it on the device."""
+    nbs = np.asarray(block_counts, np.int64)
+    total = int((nbs + fixed_cost).sum())
+    payload = max(-(-total // num_parts), 1)
+    if nbs.size and nbs.min() == nbs.max():
+        cost = int(nbs[0]) + fixed_cost
+        aligned = -(-payload // cost) * cost
+        if aligned - payload <= fixed_cost:
+            payload = aligned
+    return payload, total
+
+
 def _num_parts(rows):
     """Persistent parts per head tile (of 64 query rows): one wave over the SMs."""
     return max(1, _ffi.num_sms() // cdiv(rows, 64))
