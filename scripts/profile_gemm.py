@@ -7,17 +7,17 @@
         --section WarpStateStats --section SchedulerStats \
         python scripts/profile_gemm.py 4096 32768 512
 
-Random bf16 operands quantized as DeepSeek-V3 does (1x128 activations, 128x128 weights).
+Random operands quantized as DeepSeek-V3 does (1x128 activations, 128x128 weights), the GEMM
+scripts' `bench.gemm.block_sets`.
 """
 import re
 import sys
 
 import jax
-import jax.numpy as jnp
 
 from jax_ds import _ffi
+from jax_ds.bench.gemm import block_sets
 from jax_ds.ops import gemm
-from jax_ds.ops.quant import quantize_fp8
 
 m, n, k = map(int, sys.argv[1:4])
 sms = _ffi.num_sms()
@@ -27,8 +27,7 @@ if len(sys.argv) > 4:
 else:
     cfg = gemm.gemm_config(m, n, k, sms)
 print(f"{m}x{n}x{k}: {cfg.key()} (split {cfg.split_units} x {cfg.splits})", flush=True)
-a, sa = quantize_fp8(jax.random.normal(jax.random.key(0), (m, k), jnp.bfloat16))
-b, sb = quantize_fp8(jax.random.normal(jax.random.key(1), (n, k), jnp.bfloat16), block=(128, 128))
+(operands,) = block_sets(m, n, k, 1)
 f = jax.jit(lambda *o: gemm.ffi_fp8_gemm(*o, cfg))
 for _ in range(3):
-    jax.block_until_ready(f(a, sa, b, sb))
+    jax.block_until_ready(f(*operands))
