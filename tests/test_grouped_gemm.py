@@ -128,7 +128,8 @@ def test_grouped_config_keeps_the_swept_tiles():
                                   ((256, 32, 4096, 7168), (128, 192, 2)),
                                   ((512, 2, 4096, 7168), (128, 128, 2)),  # 176 tiles: 2 waves
                                   ((128, 32, 7168, 2048), (128, 192, 2)),  # k2048: tiles
-                                  ((1024, 1, 7168, 2048), (128, 192, 2)),  # 304 vs 448 tiles
+                                  ((1024, 1, 7168, 2048), (128, 192, 1)),  # 304 vs 448 tiles,
+                                  ((256, 4, 7168, 2048), (128, 192, 1)),  # < 4 waves: singles
                                   ((1024, 1, 7168, 7168), (128, 128, 2)),  # 3 vs 4 waves
                                   ((64, 32, 4096, 7168), (64, 128, 1)),
                                   ((256, 8, 2112, 7168), (128, 192, 1))]:  # 11 column blocks
@@ -140,14 +141,18 @@ def test_grouped_config_keeps_the_swept_tiles():
 RESULTS = pathlib.Path(__file__).parent.parent / "benchmarks" / "results"
 
 
-@pytest.mark.parametrize("name", ["gemm-grouped-tiles-sweep-h200-2026-12-03.json",
-                                  "gemm-grouped-tiles-sweep-h200-2026-12-03-short-k.json"])
-def test_grouped_config_against_the_h200_sweep(name):
-    """On every shape of each H200 grouped sweep (two sessions, two machines) the pick is within
-    3% of the fastest tile."""
+@pytest.mark.parametrize("name,count", [
+    ("gemm-grouped-tiles-sweep-h200-2026-12-03.json", 18),
+    ("gemm-grouped-tiles-sweep-h200-2026-12-03-short-k.json", 18),
+    # the masked 256-1024 rows a group shapes, with the tail split of branch wip/grouped-split
+    # (keys ending in "s"; they lost to 128x128 pairs, so they only raise the bar here)
+    ("gemm-grouped-tiles-sweep-h200-2026-12-04-masked-tail-split.json", 6)])
+def test_grouped_config_against_the_h200_sweep(name, count):
+    """On every shape of each H200 grouped sweep (three sessions, three machines) the pick is
+    within 3% of the fastest tile."""
     from jax_ds.ops.grouped_gemm import grouped_config
     rows = json.loads((RESULTS / name).read_text())
-    assert len(rows) == 18
+    assert len(rows) == count
     for row in rows:
         cfg = grouped_config(row["rows"], row["groups"], row["n"], row["k"], 132)
         got = row["tflops"][cfg.key()]

@@ -35,6 +35,11 @@ MAX_GROUPS = 1024  # the kernels keep per-group tables in shared memory
 GROUPED_TILES = tuple(t for t in TILES if t != (128, 192))  # the walk of grouped_config's base
 WIDE_GAIN = 1.05  # 128x192 over 128x128 per tile-column, where both fill their waves (H200)
 SHORT_K_BLOCKS = 16  # up to this many k blocks, grouped_config weighs tiles, not whole waves
+# Short-K 128x192 grids of fewer waves than this run as single CTAs: the masked n7168 k2048
+# shapes of 256-1024 rows a group (304 tiles, 2.3 waves on 132 SMs) ran 0.4-2.1% faster
+# without pairs in one H200 sweep and 2.3-4.5% in another; from 1216 tiles (9 waves) on the two
+# were within 0.5%, and the contiguous shapes (18 waves) 1% faster in pairs.
+SHORT_K_PAIR_WAVES = 4
 
 
 def grouped_config(rows_per_group: int, g: int, n: int, k: int, num_sms: int):
@@ -45,7 +50,8 @@ def grouped_config(rows_per_group: int, g: int, n: int, k: int, num_sms: int):
     n4096 shapes of <= 1024 rows a group), and 2-CTA clusters for 128-row tiles whose column
     blocks pair up. Up to SHORT_K_BLOCKS k blocks the waves are counted as fractions: the masked
     n7168 k2048 shapes of 256-1024 rows a group ran 0.6-4.1% faster at 128x192 pairs than at
-    128x128 pairs, although 128x192 leaves 3 whole waves there against 4.
+    128x128 pairs, although 128x192 leaves 3 whole waves there against 4; and there (fewer than
+    SHORT_K_PAIR_WAVES waves of 128x192 tiles) single CTAs beat the pairs.
     From two H200 tile sweeps of the `bench moe` shapes (benchmarks/results/
     gemm-grouped-tiles-sweep-h200-2026-12-03.json and its -short-k.json; tests/test_grouped_gemm.py
     checks the pick is within 3% of each shape's fastest tile): 128x192 pairs were fastest on the
@@ -54,17 +60,19 @@ def grouped_config(rows_per_group: int, g: int, n: int, k: int, num_sms: int):
     only from 2048 rows a group on."""
     cfg = gemm_config(max(rows_per_group, 1), n * g, k, num_sms, tiles=GROUPED_TILES)
     block_m, block_n = (128 if rows_per_group >= 128 else cfg.block_m), cfg.block_n
+    tiles = lambda bn: g * cdiv(rows_per_group, 128) * cdiv(n, bn)
+    short_k = k <= SHORT_K_BLOCKS * BLOCK_K
     if block_m == 128 and block_n == 128:
-        tiles = lambda bn: g * cdiv(rows_per_group, 128) * cdiv(n, bn)
         # measured, not derived: with short tiles a partial last wave cost about its share
         # (presumably the persistent CTAs' tiles drift apart and the waves overlap)
-        short_k = k <= SHORT_K_BLOCKS * BLOCK_K
         waves = lambda bn: tiles(bn) / num_sms if short_k else cdiv(tiles(bn), num_sms)
         if waves(192) * 192 / WIDE_GAIN < waves(128) * 128:
             block_n = 192
     # partners sit in the same group; an odd column-block count would leave every pair's second
     # tile of the last column past N (computed, not stored), as for the dense rule
     cluster_n = 2 if block_m == 128 and cdiv(n, block_n) % 2 == 0 else 1
+    if short_k and block_n == 192 and tiles(192) < SHORT_K_PAIR_WAVES * num_sms:
+        cluster_n = 1  # short-K 128x192 grids of a few waves ran faster as single CTAs
     return type(cfg)(block_m, block_n, num_sms, cluster_n)
 
 
