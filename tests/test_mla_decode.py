@@ -245,3 +245,64 @@ def test_plan_payload():
     assert plan_payload([64] * 256, 132, 5) == (138, 256 * 69)    # 135 -> 138 adds 3 <= 5
     assert plan_payload([10, 20, 30], 4, 2) == (17, 66)           # unequal: never rounded
     assert plan_payload([0] * 40, 132, 2) == (2, 80)              # empty batches still cost 2
+
+
+def _flashmla_fp8_rows(rows):
+    """numpy statement of FlashMLA's FP8 cache row (its tests' quantize_k_cache, V32 layout):
+    per 128 latent values scale = 2 ** ceil(log2(max(amax / 448, 1e-4))), e4m3(x / scale); the
+    bytes: 512 e4m3, 4 float32 scales, 64 bf16 rope."""
+    import ml_dtypes
+    x = np.asarray(rows, np.float32)
+    lead = x.shape[:-1]
+    lat = x[..., :512].reshape(*lead, 4, 128)
+    amax = np.abs(lat).max(-1)
+    scale = (np.float32(2) ** np.ceil(np.log2(np.maximum(amax / np.float32(448),
+                                                          np.float32(1e-4))))).astype(np.float32)
+    q = (lat / scale[..., None]).astype(ml_dtypes.float8_e4m3fn).reshape(*lead, 512)
+    rope = np.asarray(rows)[..., 512:].astype(ml_dtypes.bfloat16)
+    return np.concatenate([q.view(np.uint8), scale.view(np.uint8).reshape(*lead, 16),
+                           rope.view(np.uint8).reshape(*lead, 128)], axis=-1)
+
+
+def test_fp8_cache_layout_and_decode():
+    """quantize_kv_fp8 writes FlashMLA's FP8 bytes (tiles of zeros, of an exact power-of-two
+    amax, of mixed magnitudes); dequantize_kv_fp8 is exact; mla_decode on the FP8 cache equals
+    mla_decode on its dequantized bf16 cache (eager, jit); the kernel path refuses it."""
+    from jax_ds.ops.mla import dequantize_kv_fp8, quantize_kv_fp8
+    key = jax.random.key(11)
+    rows = (jax.random.normal(key, (6, 64, 1, 576)) *
+            jnp.linspace(1e-3, 30, 576)).astype(jnp.bfloat16)
+    rows = rows.at[0, 0, 0, :128].set(0).at[0, 1, 0, 128:256].set(448.0)
+    rows = rows.at[0, 2, 0, 256:384].set(1e-6)
+    packed = quantize_kv_fp8(rows)
+    assert packed.dtype == jnp.uint8 and packed.shape == (6, 64, 1, 656)
+    np.testing.assert_array_equal(np.asarray(packed), _flashmla_fp8_rows(rows))
+    scales = np.asarray(packed[0, :3, 0, 512:528]).copy().view(np.float32)
+    assert scales[0, 0] == 2.0 ** -13 and scales[1, 1] == 1.0 and scales[2, 2] == 2.0 ** -13
+    back = dequantize_kv_fp8(packed)
+    assert back.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(back[..., 512:]), np.asarray(rows[..., 512:]))
+    x, y = np.asarray(rows, np.float32), np.asarray(back, np.float32)
+    # e4m3 rounding: half an ulp (1/16 relative), or half the subnormal step (2^-10 x the scale)
+    tile_scale = np.repeat(np.asarray(packed[..., 512:528]).copy().view(np.float32), 128, -1)
+    err = np.abs(y - x)[..., :512]
+    assert np.all(err <= np.maximum(np.abs(x)[..., :512] / 16, tile_scale * 2.0 ** -10))
+    np.testing.assert_array_equal(np.asarray(dequantize_kv_fp8(packed, jnp.float32)), y)
+
+    q = jax.random.normal(jax.random.key(12), (2, 2, 16, 576)).astype(jnp.bfloat16)
+    table = jnp.array([[3, 1, 0], [5, 2, 4]], jnp.int32)
+    lens = jnp.array([150, 77], jnp.int32)
+    want = mla_decode(q, back, table, lens, impl="xla")
+    for got in (mla_decode(q, packed, table, lens),
+                jax.jit(lambda *a: mla_decode(*a))(q, packed, table, lens),
+                mla_decode_reference(q, packed, table, lens)):
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    with pytest.raises((ValueError, RuntimeError)):
+        mla_decode(q, packed, table, lens, impl="ffi")
+    with pytest.raises(TypeError, match="FP8 cache"):
+        mla_decode(q.astype(jnp.float32), packed, table, lens)
+    with pytest.raises(ValueError, match="656"):
+        mla_decode(q, packed[..., :600], table, lens)
+    with pytest.raises(ValueError, match=r"\[\.\.\., 576\]"):
+        quantize_kv_fp8(rows[..., :500])

@@ -73,3 +73,31 @@ def test_tokens_are_checked():
         model(jnp.zeros((1, 0), jnp.int32))
     with pytest.raises(ValueError, match=r"seqs must be \[B\]"):
         model.decode(jnp.array([[1, 2]]), model.init_cache(4, 2, 2), jnp.array([0, 1]))
+
+
+def test_fp8_cache_decodes_close_to_the_float_cache():
+    """An FP8 cache (FlashMLA's 656-byte rows) through the whole decode path: the cached rows are
+    the quantized ones, and the logits stay close to the float cache's."""
+    cfg = DeepSeekConfig.tiny(**{**SMALL, "kv_lora_rank": 512, "qk_rope_dim": 64,
+                                 "num_heads": 2, "num_layers": 1})
+    model = Transformer(cfg, rngs=nnx.Rngs(1))
+    tokens = jax.random.randint(jax.random.key(3), (1, 7), 0, cfg.vocab_size)
+    step = nnx.jit(lambda m, t, c: m.decode(t, c, jnp.array([0])))
+    outs = {}
+    for fp8 in (False, True):
+        cache = model.init_cache(num_blocks=2, max_seqs=1, max_blocks_per_seq=1,
+                                 dtype=jnp.float32, fp8=fp8)
+        assert cache.fp8 == fp8
+        logits_a, cache = step(model, tokens[:, :4], cache)
+        logits_b, cache = step(model, tokens[:, 4:], cache)
+        outs[fp8] = (np.concatenate([logits_a, logits_b], 1), cache)
+    (ref, cache32), (got, cache8) = outs[False], outs[True]
+    assert cache8.kv.dtype == jnp.uint8 and cache8.kv.shape[-1] == 656
+    from jax_ds.ops import mla
+    rows32 = kvc.gather(cache32, 0, 0)[:7]
+    np.testing.assert_array_equal(np.asarray(kvc.gather(cache8, 0, 0)[:7]),
+                                  np.asarray(mla.quantize_kv_fp8(rows32)))
+    scale = np.abs(ref).max()
+    assert np.abs(got - ref).max() < 0.05 * scale
+    with pytest.raises(ValueError, match="FP8 layout holds rows of 576"):
+        Transformer(DeepSeekConfig.tiny(**SMALL), rngs=nnx.Rngs(0)).init_cache(2, 1, 1, fp8=True)

@@ -11,6 +11,11 @@ counts the tables that hold it (0: free); `fork` shares the full blocks of a pre
 and copies the partial last block, so appends only ever write into blocks owned by one sequence
 and no copy-on-write is needed. Free blocks are taken lowest id first.
 
+FP8 (`init_cache(..., fp8=True)`, rows 576 wide): the pool holds FlashMLA's FP8 rows, uint8
+[..., 656] (`jax_ds.ops.mla.quantize_kv_fp8`: 512 e4m3 latent values, 4 float32 scales, 64 bf16
+rope values), 1.76x smaller than bf16's 1152 bytes; `write` quantizes the rows it is given and
+`mla_decode` reads such a cache directly.
+
 Running out cannot raise inside `jit`; it sets a sticky bit in `cache.error` instead (OUT_OF_BLOCKS:
 the pool is empty; SEQ_TOO_LONG: a sequence needs more than max_blocks_per_seq blocks) and the rows
 that found no block are dropped: a sequence's length never exceeds the rows it has blocks for.
@@ -48,15 +53,31 @@ class PagedKVCache:
     def num_blocks(self) -> int:
         return self.kv.shape[1]
 
+    @property
+    def fp8(self) -> bool:
+        """Whether rows are stored in the FP8 layout (uint8 [..., 656])."""
+        return self.kv.dtype == jnp.uint8
+
 
 def init_cache(num_layers: int, num_blocks: int, max_seqs: int, max_blocks_per_seq: int,
-               width: int, dtype=jnp.bfloat16, block_size: int = BLOCK_SIZE) -> PagedKVCache:
-    """An empty cache: every block free, every sequence slot empty (length 0, no blocks)."""
+               width: int, dtype=jnp.bfloat16, block_size: int = BLOCK_SIZE, *,
+               fp8: bool = False) -> PagedKVCache:
+    """An empty cache: every block free, every sequence slot empty (length 0, no blocks).
+
+    fp8=True stores rows of width 576 (c_kv 512 ; k_rope 64) in FlashMLA's FP8 layout (uint8,
+    656 bytes a row; `dtype` is then ignored)."""
     for name, v in (("num_layers", num_layers), ("num_blocks", num_blocks),
                     ("max_seqs", max_seqs), ("max_blocks_per_seq", max_blocks_per_seq),
                     ("width", width), ("block_size", block_size)):
         if not is_int(v) or v < 1:
             raise ValueError(f"init_cache: {name} must be a positive int, got {v!r}")
+    if fp8:
+        from jax_ds.ops import mla
+        if width != mla.HEAD_DIM_QK:
+            raise ValueError(f"init_cache: the FP8 layout holds rows of {mla.HEAD_DIM_QK} "
+                             f"(c_kv {mla.HEAD_DIM_V} ; k_rope {mla.HEAD_DIM_QK - mla.HEAD_DIM_V}),"
+                             f" got width {width}")
+        width, dtype = mla.FP8_ROW_BYTES, jnp.uint8
     return PagedKVCache(
         kv=jnp.zeros((num_layers, num_blocks, block_size, 1, width), dtype),
         block_table=jnp.full((max_seqs, max_blocks_per_seq), -1, jnp.int32),
@@ -132,9 +153,13 @@ def write(cache: PagedKVCache, layer: int, seqs, rows_BTW) -> PagedKVCache:
     """Writes rows [B, T, W] of `layer` after each sequence's committed length (reserve first).
 
     Does not move the lengths (every layer writes the same positions; `commit` once per step).
+    An FP8 cache takes float rows [B, T, 576] and stores them quantized.
     """
     seqs = jnp.atleast_1d(jnp.asarray(seqs, jnp.int32))
     block_BT, row_BT = _slots(cache, seqs, rows_BTW.shape[1])
+    if cache.fp8:
+        from jax_ds.ops import mla
+        rows_BTW = mla.quantize_kv_fp8(rows_BTW)
     kv = cache.kv.at[layer, block_BT, row_BT, 0].set(rows_BTW.astype(cache.kv.dtype),
                                                     mode="drop")
     return cache.replace(kv=kv)
@@ -206,6 +231,7 @@ def fork(cache: PagedKVCache, src, dst) -> PagedKVCache:
 
 def gather(cache: PagedKVCache, layer: int, seq):
     """The rows of slot `seq` in `layer` read through its block table: [max_blocks * bs, W]
-    (rows at or past lengths[seq] are unspecified). For tests and debugging."""
+    as stored (an FP8 cache: uint8 [.., 656], `mla.dequantize_kv_fp8` reads them; rows at or
+    past lengths[seq] are unspecified). For tests and debugging."""
     table = jnp.clip(cache.block_table[seq], 0, cache.num_blocks - 1)
     return cache.kv[layer, table, :, 0].reshape(-1, cache.kv.shape[-1])

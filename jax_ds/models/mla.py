@@ -194,7 +194,9 @@ class MLAttention(nnx.Module):
         q_lat_BTHC = _einsum_f32("BTHN,HNC->BTHC",
                                  q_BTHK[..., :self.nope].astype(w_uk_HNC.dtype), w_uk_HNC)
         q_BTHD = jnp.concatenate([q_lat_BTHC, q_rope_BTHR.astype(jnp.float32)], axis=-1)
-        out_BTHC = paged_attention(q_BTHD.astype(cache.kv.dtype), cache.kv[layer],
+        # an FP8 cache (uint8 rows) is read with bf16 queries
+        q_dtype = jnp.bfloat16 if cache.fp8 else cache.kv.dtype
+        out_BTHC = paged_attention(q_BTHD.astype(q_dtype), cache.kv[layer],
                                    cache.block_table[seqs_B], cache.lengths[seqs_B] + t,
                                    self.scale, self.kv_rank)
         out_BTHV = _einsum_f32("BTHC,HVC->BTHV", out_BTHC.astype(w_uv_HVC.dtype), w_uv_HVC)
@@ -217,7 +219,7 @@ def paged_attention(q_BTHD, kv_NPKD, block_table_BM, seqlens_B, scale: float, he
     from jax_ds.ops import mla as mla_ops
 
     kernel_shape = (q_BTHD.shape[-1] == mla_ops.HEAD_DIM_QK and head_dim_v == mla_ops.HEAD_DIM_V
-                    and kv_NPKD.shape[1] == mla_ops.BLOCK_SIZE)
+                    and kv_NPKD.shape[1] == mla_ops.BLOCK_SIZE) or mla_ops.is_fp8_cache(kv_NPKD)
     fn = mla_ops.mla_decode if kernel_shape else mla_ops.mla_decode_reference
     out, _ = fn(q_BTHD, kv_NPKD, block_table_BM, seqlens_B.astype(jnp.int32),
                 softmax_scale=scale, causal=True, head_dim_v=head_dim_v)

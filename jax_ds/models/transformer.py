@@ -167,12 +167,13 @@ class Transformer(nnx.Module):
     # ------------------------------------------------------------------------- inference
 
     def init_cache(self, num_blocks: int, max_seqs: int, max_blocks_per_seq: int,
-                   dtype=None) -> kv_cache.PagedKVCache:
-        """An empty paged cache for this model: rows of kv_lora_rank + qk_rope_dim per layer."""
+                   dtype=None, *, fp8: bool = False) -> kv_cache.PagedKVCache:
+        """An empty paged cache for this model: rows of kv_lora_rank + qk_rope_dim per layer
+        (fp8=True: FlashMLA's FP8 rows, for V2/V3's 512 + 64; see `kv_cache.init_cache`)."""
         cfg = self.cfg
         return kv_cache.init_cache(cfg.num_layers, num_blocks, max_seqs, max_blocks_per_seq,
                                    cfg.kv_lora_rank + cfg.qk_rope_dim,
-                                   dtype or cfg.activation_dtype)
+                                   dtype or cfg.activation_dtype, fp8=fp8)
 
     def decode(self, tokens_BT, cache: kv_cache.PagedKVCache, seqs_B):
         """Runs T new tokens of the sequences in cache slots `seqs_B` [B] after what they hold.

@@ -7,13 +7,14 @@ from jax_ds.ops.gemm import GemmConfig, fp8_gemm, fp8_gemm_reference, fp8_linear
 from jax_ds.ops.grouped_gemm import (grouped_fp8_gemm, grouped_fp8_gemm_reference,
                                      grouped_fp8_linear, masked_grouped_fp8_gemm,
                                      masked_grouped_fp8_gemm_reference)
-from jax_ds.ops.mla import mla_decode, mla_decode_reference
+from jax_ds.ops.mla import dequantize_kv_fp8, mla_decode, mla_decode_reference, quantize_kv_fp8
 from jax_ds.ops.moe import moe_dispatch_layout, moe_permute, moe_unpermute
 from jax_ds.ops.quant import dequantize_fp8, quantize_fp8, quantize_fp8_reference
 
 __all__ = [
     "GemmConfig",
     "dequantize_fp8",
+    "dequantize_kv_fp8",
     "fp8_gemm",
     "fp8_gemm_reference",
     "fp8_linear",
@@ -29,5 +30,6 @@ __all__ = [
     "moe_permute",
     "moe_unpermute",
     "quantize_fp8",
+    "quantize_kv_fp8",
     "quantize_fp8_reference",
 ]

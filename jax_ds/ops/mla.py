@@ -25,10 +25,20 @@ Conventions (the reference and the kernel share them; the tests pin them):
                  [0, num_blocks - 1]; cache_seqlens into [0, max_blocks * 64]. Concrete (non-traced)
                  cache_seqlens above max_blocks * 64 or below 0 are rejected with a ValueError.
 
+FP8 cache (FlashMLA's FP8 layout, 656 bytes a token): kv_cache uint8 [num_blocks, 64, 1, 656],
+each row [512 e4m3 latent values | 4 float32 scales, one per 128 latent values | 64 bf16 rope
+values] (`quantize_kv_fp8`, `dequantize_kv_fp8`). A scale is 2 ** ceil(log2(max(amax / 448,
+1e-4))) over its 128 values (a power of two: the e4m3 value times it is exact in bf16, so a row
+dequantizes to bf16 without rounding); the rope part is kept in bf16. mla_decode takes such a
+cache with bf16 q and computes exactly what it computes on the dequantized bf16 cache. Today
+only the reference reads it (impl="auto" says so once, "ffi" raises); the layout is the one a
+kernel would stream (a 64-row block is 41984 bytes, 1024-byte aligned).
+
 Kernel (ffi/mla/mla_decode.cu, impl="ffi"): bf16, Hq in [16, 128]; the batch's KV blocks are
-split over one wave of persistent CTAs (per-batch cost = blocks + 5; each CTA plans its own share
-from the lengths), the decode kernel streams 64-row blocks by TMA into WGMMA (64 query rows =
-heads x Sq per CTA), a combine kernel merges split batches. Notes and numbers: benchmarks/NOTES-mla.md.
+split over one wave of persistent CTAs (per-batch cost = blocks + FIXED_COST; each CTA plans its
+own share from the lengths), the decode kernel streams 64-row blocks by TMA into WGMMA (64 query
+rows = heads x Sq per CTA), a combine kernel merges split batches. Notes and numbers:
+benchmarks/NOTES-mla.md.
 """
 
 from __future__ import annotations
@@ -41,6 +51,7 @@ import numpy as np
 
 from jax_ds import _ffi
 from jax_ds.ops._checks import cdiv, check_dtype, check_ndim, check_shape, concrete, is_int
+from jax_ds.ops.quant import _pow2_ceil
 
 TARGET = "jax_ds_mla_decode"
 _ffi.declare_op("mla_decode", TARGET)
@@ -53,6 +64,75 @@ KERNEL_DTYPES = (jnp.bfloat16,)
 REFERENCE_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 # The reference gathers this many cache bytes (as float32) per scan step at most.
 _CHUNK_BYTES = 32 << 20
+# FlashMLA's FP8 cache row: 512 e4m3 latent values, 4 float32 scales (one per 128), 64 bf16 rope.
+FP8_TILE = 128
+FP8_ROW_BYTES = (HEAD_DIM_V + 4 * (HEAD_DIM_V // FP8_TILE) + 2 * (HEAD_DIM_QK - HEAD_DIM_V))
+_FP8_SCALE_MIN = np.float32(1e-4)  # the smallest scale before the power-of-two rounding
+_E4M3_MAX = 448.0
+
+
+def quantize_kv_fp8(rows):
+    """Cache rows [..., 576] (c_kv 512 ; k_rope 64; any float dtype) -> uint8 [..., 656] in
+    FlashMLA's FP8 layout: bytes [0, 512) the latent in e4m3, [512, 528) four float32 scales
+    (little-endian; scale t covers latent values [128 t, 128 t + 128)), [528, 656) k_rope in bf16.
+
+    scale_t = 2 ** ceil(log2(max(amax_t / 448, 1e-4))), amax_t the largest |value| of the 128
+    (in float32; the power of two is taken from the bits, exactly), and the latent value
+    x -> e4m3(x / scale_t), round to nearest even (|x / scale_t| <= 448, so nothing saturates). A
+    tile of zeros gets 2 ** -13. Non-finite values are not supported: NaN or Inf in a tile makes
+    its scale and so its values NaN or 0 (FlashMLA's reference does the same).
+    """
+    rows = jnp.asarray(rows)
+    if rows.ndim < 1 or rows.shape[-1] != HEAD_DIM_QK:
+        raise ValueError(f"quantize_kv_fp8: rows must be [..., {HEAD_DIM_QK}] (c_kv "
+                         f"{HEAD_DIM_V} ; k_rope {HEAD_DIM_QK - HEAD_DIM_V}), got shape "
+                         f"{tuple(rows.shape)}")
+    if not jnp.issubdtype(rows.dtype, jnp.floating):
+        raise TypeError(f"quantize_kv_fp8: rows must be floating point, got {rows.dtype}")
+    return _quantize_kv_fp8(rows)
+
+
+@jax.jit
+def _quantize_kv_fp8(rows):
+    lead = rows.shape[:-1]
+    tiles = HEAD_DIM_V // FP8_TILE
+    lat = rows[..., :HEAD_DIM_V].astype(jnp.float32).reshape(*lead, tiles, FP8_TILE)
+    amax = jnp.abs(lat).max(-1)
+    # amax / 448 divided (not times 1/448): an amax of 448 * 2^k gives exactly 2^k
+    scale, inv = _pow2_ceil(jnp.maximum(amax / np.float32(_E4M3_MAX), _FP8_SCALE_MIN))
+    q = (lat * inv[..., None]).astype(jnp.float8_e4m3fn).reshape(*lead, HEAD_DIM_V)
+    to_bytes = lambda x: jax.lax.bitcast_convert_type(x, jnp.uint8).reshape(*lead, -1)
+    rope = rows[..., HEAD_DIM_V:].astype(jnp.bfloat16)
+    return jnp.concatenate([to_bytes(q), to_bytes(scale), to_bytes(rope)], axis=-1)
+
+
+def dequantize_kv_fp8(packed, dtype=jnp.bfloat16):
+    """uint8 [..., 656] (`quantize_kv_fp8`'s layout) -> [..., 576] in `dtype` (bfloat16 or
+    float32; exact in either: e4m3 times a power of two fits bf16)."""
+    packed = jnp.asarray(packed)
+    if packed.dtype != jnp.uint8 or packed.ndim < 1 or packed.shape[-1] != FP8_ROW_BYTES:
+        raise ValueError(f"dequantize_kv_fp8: expected uint8 [..., {FP8_ROW_BYTES}], got "
+                         f"{packed.dtype} {tuple(packed.shape)}")
+    return _dequantize_kv_fp8(packed, np.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _dequantize_kv_fp8(packed, dtype):
+    lead = packed.shape[:-1]
+    tiles = HEAD_DIM_V // FP8_TILE
+    lat = jax.lax.bitcast_convert_type(packed[..., :HEAD_DIM_V], jnp.float8_e4m3fn)
+    end = HEAD_DIM_V + 4 * tiles
+    scale = jax.lax.bitcast_convert_type(packed[..., HEAD_DIM_V:end].reshape(*lead, tiles, 4),
+                                         jnp.float32)
+    rope = jax.lax.bitcast_convert_type(packed[..., end:].reshape(*lead, -1, 2), jnp.bfloat16)
+    lat = (lat.astype(jnp.float32).reshape(*lead, tiles, FP8_TILE) * scale[..., None])
+    return jnp.concatenate([lat.reshape(*lead, HEAD_DIM_V).astype(dtype), rope.astype(dtype)],
+                           axis=-1)
+
+
+def is_fp8_cache(kv_cache) -> bool:
+    """Whether kv_cache holds FP8 rows (uint8, last dim 656) rather than float rows."""
+    return np.dtype(kv_cache.dtype) == np.uint8
 
 
 def _check_common(op, q, kv_cache, block_table, cache_seqlens, softmax_scale, head_dim_v):
@@ -62,13 +142,19 @@ def _check_common(op, q, kv_cache, block_table, cache_seqlens, softmax_scale, he
     check_ndim(op, "block_table", block_table, 2, "[B, max_blocks]")
     check_ndim(op, "cache_seqlens", cache_seqlens, 1, "[B]")
     check_dtype(op, "q", q, REFERENCE_DTYPES)
-    check_dtype(op, "kv_cache", kv_cache, REFERENCE_DTYPES)
+    check_dtype(op, "kv_cache", kv_cache, REFERENCE_DTYPES + (jnp.uint8,))
     check_dtype(op, "block_table", block_table, (jnp.int32,))
     check_dtype(op, "cache_seqlens", cache_seqlens, (jnp.int32,))
-    if np.dtype(q.dtype) != np.dtype(kv_cache.dtype):
+    b, sq, hq, d = q.shape
+    fp8 = is_fp8_cache(kv_cache)
+    if fp8:
+        if np.dtype(q.dtype) != np.dtype(jnp.bfloat16) or d != HEAD_DIM_QK:
+            raise TypeError(f"{op}: an FP8 cache (uint8 [..., {FP8_ROW_BYTES}]) takes bfloat16 q "
+                            f"[..., {HEAD_DIM_QK}], got {np.dtype(q.dtype).name} q of shape "
+                            f"{tuple(q.shape)}")
+    elif np.dtype(q.dtype) != np.dtype(kv_cache.dtype):
         raise TypeError(f"{op}: q and kv_cache must share a dtype, got {np.dtype(q.dtype).name} "
                         f"and {np.dtype(kv_cache.dtype).name}")
-    b, sq, hq, d = q.shape
     n, page, hkv, dk = kv_cache.shape
     if b < 1 or sq < 1 or hq < 1:
         raise ValueError(f"{op}: q has shape {tuple(q.shape)}, expected [B, Sq, Hq, d_qk] with "
@@ -76,8 +162,12 @@ def _check_common(op, q, kv_cache, block_table, cache_seqlens, softmax_scale, he
     if n < 1 or page < 1:
         raise ValueError(f"{op}: kv_cache has shape {tuple(kv_cache.shape)}, expected at least "
                          f"one block of at least one row")
-    check_shape(op, "kv_cache", kv_cache, (n, page, 1, d), "[num_blocks, block_size, 1, d_qk] "
-                "(one shared KV head, d_qk from q)")
+    if fp8:
+        check_shape(op, "kv_cache", kv_cache, (n, page, 1, FP8_ROW_BYTES),
+                    f"[num_blocks, block_size, 1, {FP8_ROW_BYTES}] (an FP8 cache: uint8 rows)")
+    else:
+        check_shape(op, "kv_cache", kv_cache, (n, page, 1, d), "[num_blocks, block_size, 1, "
+                    "d_qk] (one shared KV head, d_qk from q)")
     if block_table.shape[0] != b or block_table.shape[1] < 1:
         raise ValueError(f"{op}: block_table has shape {tuple(block_table.shape)}, expected "
                          f"({b}, max_blocks >= 1) = [B, max_blocks] (B from q)")
@@ -134,7 +224,7 @@ def mla_decode_reference(q, kv_cache, block_table, cache_seqlens, *, softmax_sca
 
 def _chunk_blocks(q, kv_cache, block_table) -> int:
     """Blocks per reference step: as many as fit _CHUNK_BYTES of float32 rows for the batch."""
-    b, page, d, max_blocks = q.shape[0], kv_cache.shape[1], kv_cache.shape[3], block_table.shape[1]
+    b, page, d, max_blocks = q.shape[0], kv_cache.shape[1], q.shape[3], block_table.shape[1]
     return int(max(1, min(max_blocks, _CHUNK_BYTES // (b * page * d * 4))))
 
 
@@ -157,7 +247,10 @@ def _reference(q, kv_cache, block_table, cache_seqlens, scale, causal, dv, chunk
         m_BQH, l_BQH, acc_BQHV = carry
         blocks_BC = jax.lax.dynamic_slice_in_dim(table, c * chunk, chunk, axis=1)
         pos_S = c * width + jnp.arange(width)
-        rows_BSD = kv_cache[blocks_BC].reshape(b, width, d).astype(jnp.float32)
+        rows = kv_cache[blocks_BC]
+        if is_fp8_cache(kv_cache):
+            rows = _dequantize_kv_fp8(rows, np.dtype(jnp.float32))
+        rows_BSD = rows.reshape(b, width, d).astype(jnp.float32)
         # Rows past a sequence's end may hold anything (NaN in unused cache memory): zero them,
         # or 0 * NaN would reach the output through a masked probability.
         rows_BSD = jnp.where((pos_S[None, :] < lens_B[:, None])[..., None], rows_BSD, 0.0)
@@ -221,7 +314,9 @@ def mla_decode(q, kv_cache, block_table, cache_seqlens, *, softmax_scale=None, c
     Args:
       q: [B, Sq, Hq, 576] bfloat16 (float32 / float16 take the reference: "auto" says so once,
         "ffi" raises). Sq >= 1 (Sq > 1: MTP draft tokens); the kernel takes Hq in [16, 128].
-      kv_cache: [num_blocks, 64, 1, 576], q's dtype: 64-row blocks of [c_kv (512); k_rope (64)].
+      kv_cache: [num_blocks, 64, 1, 576], q's dtype: 64-row blocks of [c_kv (512); k_rope (64)];
+        or an FP8 cache, uint8 [num_blocks, 64, 1, 656] (`quantize_kv_fp8`; q bfloat16; the
+        reference reads it).
       block_table: int32 [B, max_blocks]: block_table[b, j] holds rows 64j..64j+63 of sequence b
         (entries outside [0, num_blocks) are clamped).
       cache_seqlens: int32 [B]: cached rows per sequence, in [0, max_blocks * 64] (clamped when
@@ -252,7 +347,9 @@ def mla_decode(q, kv_cache, block_table, cache_seqlens, *, softmax_scale=None, c
                          f"{head_dim_v!r}")
     scale = d ** -0.5 if softmax_scale is None else float(softmax_scale)
     unsupported = None
-    if np.dtype(q.dtype) not in [np.dtype(t) for t in KERNEL_DTYPES]:
+    if is_fp8_cache(kv_cache):
+        unsupported = "the kernel reads bfloat16 caches; an FP8 cache runs on the reference"
+    elif np.dtype(q.dtype) not in [np.dtype(t) for t in KERNEL_DTYPES]:
         unsupported = f"the kernel takes bfloat16, got {np.dtype(q.dtype).name}"
     elif not KERNEL_HEADS[0] <= hq <= KERNEL_HEADS[1]:
         unsupported = f"the kernel takes Hq in [{KERNEL_HEADS[0]}, {KERNEL_HEADS[1]}], got {hq}"
