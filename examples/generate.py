@@ -39,6 +39,8 @@ def parse_args():
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--fp8", default="keep", choices=["keep", "dequant"],
                    help="FP8 checkpoints: keep e4m3 weights (FP8 GEMMs) or dequantize")
+    p.add_argument("--fp8-cache", action="store_true",
+                   help="KV cache rows in FlashMLA's FP8 layout (656 bytes; needs 512 + 64 rows)")
     p.add_argument("--mesh", default=None, help="e.g. expert=8 (routed experts split over it)")
     p.add_argument("--devices", type=int, default=8, help="virtual CPU devices (CPU only)")
     return p.parse_args()
@@ -95,8 +97,11 @@ def main():
     length = len(prompt) + args.max_new_tokens
     rows = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in ("data", "expert")]))
     blocks_per_seq = -(-length // kv_cache.BLOCK_SIZE)
-    cache = model.init_cache(num_blocks=rows * blocks_per_seq, max_seqs=rows,
-                             max_blocks_per_seq=blocks_per_seq)
+    try:
+        cache = model.init_cache(num_blocks=rows * blocks_per_seq, max_seqs=rows,
+                                 max_blocks_per_seq=blocks_per_seq, fp8=args.fp8_cache)
+    except ValueError as e:  # --fp8-cache on a model whose rows are not 512 + 64 wide
+        raise SystemExit(f"--fp8-cache: {e}") from None
     seqs = jnp.arange(rows, dtype=jnp.int32)  # every row the same sequence (batch sharding)
 
     # The cache is donated: each step updates it in place instead of copying every layer's rows.
