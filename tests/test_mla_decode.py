@@ -293,7 +293,8 @@ def test_fp8_cache_layout_and_decode():
     table = jnp.array([[3, 1, 0], [5, 2, 4]], jnp.int32)
     lens = jnp.array([150, 77], jnp.int32)
     want = mla_decode(q, back, table, lens, impl="xla")
-    for got in (mla_decode(q, packed, table, lens),
+    as_e4m3 = jax.lax.bitcast_convert_type(packed, jnp.float8_e4m3fn)  # FlashMLA's typing
+    for got in (mla_decode(q, packed, table, lens), mla_decode(q, as_e4m3, table, lens),
                 jax.jit(lambda *a: mla_decode(*a))(q, packed, table, lens),
                 mla_decode_reference(q, packed, table, lens)):
         for g, w in zip(got, want):

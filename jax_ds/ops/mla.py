@@ -25,7 +25,8 @@ Conventions (the reference and the kernel share them; the tests pin them):
                  [0, num_blocks - 1]; cache_seqlens into [0, max_blocks * 64]. Concrete (non-traced)
                  cache_seqlens above max_blocks * 64 or below 0 are rejected with a ValueError.
 
-FP8 cache (FlashMLA's FP8 layout, 656 bytes a token): kv_cache uint8 [num_blocks, 64, 1, 656],
+FP8 cache (FlashMLA's FP8 layout, 656 bytes a token): kv_cache uint8 [num_blocks, 64, 1, 656]
+(or the same bytes typed float8_e4m3fn, as FlashMLA's own tensors are),
 each row [512 e4m3 latent values | 4 float32 scales, one per 128 latent values | 64 bf16 rope
 values] (`quantize_kv_fp8`, `dequantize_kv_fp8`). A scale is 2 ** ceil(log2(max(amax / 448,
 1e-4))) over its 128 values (a power of two: the e4m3 value times it is exact in bf16, so a row
@@ -107,10 +108,11 @@ def _quantize_kv_fp8(rows):
 
 
 def dequantize_kv_fp8(packed, dtype=jnp.bfloat16):
-    """uint8 [..., 656] (`quantize_kv_fp8`'s layout) -> [..., 576] in `dtype` (bfloat16 or
-    float32; exact in either: e4m3 times a power of two fits bf16)."""
+    """uint8 [..., 656] (`quantize_kv_fp8`'s layout; the same bytes typed float8_e4m3fn are
+    taken too) -> [..., 576] in `dtype` (bfloat16 or float32; exact in either: e4m3 times a
+    power of two fits bf16)."""
     packed = jnp.asarray(packed)
-    if packed.dtype != jnp.uint8 or packed.ndim < 1 or packed.shape[-1] != FP8_ROW_BYTES:
+    if not is_fp8_cache(packed) or packed.ndim < 1 or packed.shape[-1] != FP8_ROW_BYTES:
         raise ValueError(f"dequantize_kv_fp8: expected uint8 [..., {FP8_ROW_BYTES}], got "
                          f"{packed.dtype} {tuple(packed.shape)}")
     return _dequantize_kv_fp8(packed, np.dtype(dtype))
@@ -118,6 +120,7 @@ def dequantize_kv_fp8(packed, dtype=jnp.bfloat16):
 
 @functools.partial(jax.jit, static_argnums=1)
 def _dequantize_kv_fp8(packed, dtype):
+    packed = jax.lax.bitcast_convert_type(packed, jnp.uint8)  # (FlashMLA types them e4m3)
     lead = packed.shape[:-1]
     tiles = HEAD_DIM_V // FP8_TILE
     lat = jax.lax.bitcast_convert_type(packed[..., :HEAD_DIM_V], jnp.float8_e4m3fn)
@@ -131,8 +134,9 @@ def _dequantize_kv_fp8(packed, dtype):
 
 
 def is_fp8_cache(kv_cache) -> bool:
-    """Whether kv_cache holds FP8 rows (uint8, last dim 656) rather than float rows."""
-    return np.dtype(kv_cache.dtype) == np.uint8
+    """Whether kv_cache holds FP8 rows (656 bytes: uint8, or float8_e4m3fn as FlashMLA types
+    them) rather than float rows."""
+    return np.dtype(kv_cache.dtype) in (np.dtype(np.uint8), np.dtype(jnp.float8_e4m3fn))
 
 
 def _check_common(op, q, kv_cache, block_table, cache_seqlens, softmax_scale, head_dim_v):
@@ -142,7 +146,7 @@ def _check_common(op, q, kv_cache, block_table, cache_seqlens, softmax_scale, he
     check_ndim(op, "block_table", block_table, 2, "[B, max_blocks]")
     check_ndim(op, "cache_seqlens", cache_seqlens, 1, "[B]")
     check_dtype(op, "q", q, REFERENCE_DTYPES)
-    check_dtype(op, "kv_cache", kv_cache, REFERENCE_DTYPES + (jnp.uint8,))
+    check_dtype(op, "kv_cache", kv_cache, REFERENCE_DTYPES + (jnp.uint8, jnp.float8_e4m3fn))
     check_dtype(op, "block_table", block_table, (jnp.int32,))
     check_dtype(op, "cache_seqlens", cache_seqlens, (jnp.int32,))
     b, sq, hq, d = q.shape
