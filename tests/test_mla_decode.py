@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from jax_ds import _ffi
-from jax_ds.ops import mla_decode, mla_decode_reference
+from jax_ds.ops import mla_decode, mla_decode_reference, quantize_kv_fp8
 from jax_ds.ops import mla as mla_mod
 from jax_ds.testing import calc_diff, tolerance
 
@@ -234,6 +234,9 @@ def test_ffi_refuses_what_the_kernel_does_not_take(monkeypatch):
         mla_decode(q, kv, table, lens, impl="ffi")
     out, _ = mla_decode(q, kv, table, lens)  # auto: the reference serves it
     assert out.dtype == jnp.float32
+    q, kv, table, lens = paged_inputs(12, (5,), 16, 1)
+    with pytest.raises(ValueError, match="FP8 cache"):
+        mla_decode(q, quantize_kv_fp8(kv), table, lens, impl="ffi")
 
 
 def test_plan_payload():
@@ -268,7 +271,7 @@ def test_fp8_cache_layout_and_decode():
     """quantize_kv_fp8 writes FlashMLA's FP8 bytes (tiles of zeros, of an exact power-of-two
     amax, of mixed magnitudes); dequantize_kv_fp8 is exact; mla_decode on the FP8 cache equals
     mla_decode on its dequantized bf16 cache (eager, jit); the kernel path refuses it."""
-    from jax_ds.ops.mla import dequantize_kv_fp8, quantize_kv_fp8
+    from jax_ds.ops.mla import dequantize_kv_fp8
     key = jax.random.key(11)
     rows = (jax.random.normal(key, (6, 64, 1, 576)) *
             jnp.linspace(1e-3, 30, 576)).astype(jnp.bfloat16)

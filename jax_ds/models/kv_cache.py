@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from jax_ds.ops import mla as mla_ops
 from jax_ds.ops._checks import is_int
 
 BLOCK_SIZE = 64
@@ -72,12 +73,11 @@ def init_cache(num_layers: int, num_blocks: int, max_seqs: int, max_blocks_per_s
         if not is_int(v) or v < 1:
             raise ValueError(f"init_cache: {name} must be a positive int, got {v!r}")
     if fp8:
-        from jax_ds.ops import mla
-        if width != mla.HEAD_DIM_QK:
-            raise ValueError(f"init_cache: the FP8 layout holds rows of {mla.HEAD_DIM_QK} "
-                             f"(c_kv {mla.HEAD_DIM_V} ; k_rope {mla.HEAD_DIM_QK - mla.HEAD_DIM_V}),"
-                             f" got width {width}")
-        width, dtype = mla.FP8_ROW_BYTES, jnp.uint8
+        if width != mla_ops.HEAD_DIM_QK:
+            raise ValueError(f"init_cache: the FP8 layout holds rows of {mla_ops.HEAD_DIM_QK} "
+                             f"(c_kv {mla_ops.HEAD_DIM_V} ; k_rope "
+                             f"{mla_ops.HEAD_DIM_QK - mla_ops.HEAD_DIM_V}), got width {width}")
+        width, dtype = mla_ops.FP8_ROW_BYTES, jnp.uint8
     return PagedKVCache(
         kv=jnp.zeros((num_layers, num_blocks, block_size, 1, width), dtype),
         block_table=jnp.full((max_seqs, max_blocks_per_seq), -1, jnp.int32),
@@ -158,8 +158,7 @@ def write(cache: PagedKVCache, layer: int, seqs, rows_BTW) -> PagedKVCache:
     seqs = jnp.atleast_1d(jnp.asarray(seqs, jnp.int32))
     block_BT, row_BT = _slots(cache, seqs, rows_BTW.shape[1])
     if cache.fp8:
-        from jax_ds.ops import mla
-        rows_BTW = mla.quantize_kv_fp8(rows_BTW)
+        rows_BTW = mla_ops.quantize_kv_fp8(rows_BTW)
     kv = cache.kv.at[layer, block_BT, row_BT, 0].set(rows_BTW.astype(cache.kv.dtype),
                                                     mode="drop")
     return cache.replace(kv=kv)

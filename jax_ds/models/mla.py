@@ -219,7 +219,7 @@ def paged_attention(q_BTHD, kv_NPKD, block_table_BM, seqlens_B, scale: float, he
     from jax_ds.ops import mla as mla_ops
 
     kernel_shape = (q_BTHD.shape[-1] == mla_ops.HEAD_DIM_QK and head_dim_v == mla_ops.HEAD_DIM_V
-                    and kv_NPKD.shape[1] == mla_ops.BLOCK_SIZE) or mla_ops.is_fp8_cache(kv_NPKD)
+                    and kv_NPKD.shape[1] == mla_ops.BLOCK_SIZE)
     fn = mla_ops.mla_decode if kernel_shape else mla_ops.mla_decode_reference
     out, _ = fn(q_BTHD, kv_NPKD, block_table_BM, seqlens_B.astype(jnp.int32),
                 softmax_scale=scale, causal=True, head_dim_v=head_dim_v)

@@ -33,7 +33,7 @@ values] (`quantize_kv_fp8`, `dequantize_kv_fp8`). A scale is 2 ** ceil(log2(max(
 dequantizes to bf16 without rounding); the rope part is kept in bf16. mla_decode takes such a
 cache with bf16 q and computes exactly what it computes on the dequantized bf16 cache. Today
 only the reference reads it (impl="auto" says so once, "ffi" raises); the layout is the one a
-kernel would stream (a 64-row block is 41984 bytes, 1024-byte aligned).
+kernel would stream (a 64-row block is 41984 contiguous bytes, 41 x 1024).
 
 Kernel (ffi/mla/mla_decode.cu, impl="ffi"): bf16, Hq in [16, 128]; the batch's KV blocks are
 split over one wave of persistent CTAs (per-batch cost = blocks + FIXED_COST; each CTA plans its
@@ -51,7 +51,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_ds import _ffi
-from jax_ds.ops._checks import cdiv, check_dtype, check_ndim, check_shape, concrete, is_int
+from jax_ds.ops._checks import (FP8_MAX, cdiv, check_dtype, check_ndim, check_shape, concrete,
+                                is_int)
 from jax_ds.ops.quant import _pow2_ceil
 
 TARGET = "jax_ds_mla_decode"
@@ -69,7 +70,6 @@ _CHUNK_BYTES = 32 << 20
 FP8_TILE = 128
 FP8_ROW_BYTES = (HEAD_DIM_V + 4 * (HEAD_DIM_V // FP8_TILE) + 2 * (HEAD_DIM_QK - HEAD_DIM_V))
 _FP8_SCALE_MIN = np.float32(1e-4)  # the smallest scale before the power-of-two rounding
-_E4M3_MAX = 448.0
 
 
 def quantize_kv_fp8(rows):
@@ -81,7 +81,9 @@ def quantize_kv_fp8(rows):
     (in float32; the power of two is taken from the bits, exactly), and the latent value
     x -> e4m3(x / scale_t), round to nearest even (|x / scale_t| <= 448, so nothing saturates). A
     tile of zeros gets 2 ** -13. Non-finite values are not supported: NaN or Inf in a tile makes
-    its scale and so its values NaN or 0 (FlashMLA's reference does the same).
+    its scale and so its values NaN or 0 (FlashMLA's reference does the same). Not
+    `quantize_fp8(..., scale_format="ue8m0")`: that one floors amax (1e-4) where FlashMLA floors
+    amax / 448, and multiplies by float32(1/448) where FlashMLA divides.
     """
     rows = jnp.asarray(rows)
     if rows.ndim < 1 or rows.shape[-1] != HEAD_DIM_QK:
@@ -100,7 +102,7 @@ def _quantize_kv_fp8(rows):
     lat = rows[..., :HEAD_DIM_V].astype(jnp.float32).reshape(*lead, tiles, FP8_TILE)
     amax = jnp.abs(lat).max(-1)
     # amax / 448 divided (not times 1/448): an amax of 448 * 2^k gives exactly 2^k
-    scale, inv = _pow2_ceil(jnp.maximum(amax / np.float32(_E4M3_MAX), _FP8_SCALE_MIN))
+    scale, inv = _pow2_ceil(jnp.maximum(amax / np.float32(FP8_MAX), _FP8_SCALE_MIN))
     q = (lat * inv[..., None]).astype(jnp.float8_e4m3fn).reshape(*lead, HEAD_DIM_V)
     to_bytes = lambda x: jax.lax.bitcast_convert_type(x, jnp.uint8).reshape(*lead, -1)
     rope = rows[..., HEAD_DIM_V:].astype(jnp.bfloat16)
