@@ -35,10 +35,11 @@ MAX_GROUPS = 1024  # the kernels keep per-group tables in shared memory
 GROUPED_TILES = tuple(t for t in TILES if t != (128, 192))  # the walk of grouped_config's base
 WIDE_GAIN = 1.05  # 128x192 over 128x128 per tile-column, where both fill their waves (H200)
 SHORT_K_BLOCKS = 16  # up to this many k blocks, grouped_config weighs tiles, not whole waves
-# Short-K 128x192 grids of fewer waves than this run as single CTAs: the masked n7168 k2048
-# shapes of 256-1024 rows a group (304 tiles, 2.3 waves on 132 SMs) ran 0.4-2.1% faster
-# without pairs in one H200 sweep and 2.3-4.5% in another; from 1216 tiles (9 waves) on the two
-# were within 0.5%, and the contiguous shapes (18 waves) 1% faster in pairs.
+# Short-K 128x192 grids of fewer waves than this run as single CTAs. The masked n7168 k2048
+# shapes of 256-1024 rows a group (304 tiles, 2.3 waves on 132 SMs) ran 0.4-2.1% and 2.3-4.5%
+# faster without pairs in the two later H200 sweeps (-short-k, 2026-12-04), 0.5-2.0% slower in
+# the first; at 1216 tiles (masked 32x128) the two were within 0.3%, at 2432 (32x256) and more
+# the pairs were ahead in 7 of 8 cases (-0.3% to +3.3%). A small, not settled gain.
 SHORT_K_PAIR_WAVES = 4
 
 
@@ -52,9 +53,10 @@ def grouped_config(rows_per_group: int, g: int, n: int, k: int, num_sms: int):
     n7168 k2048 shapes of 256-1024 rows a group ran 0.6-4.1% faster at 128x192 pairs than at
     128x128 pairs, although 128x192 leaves 3 whole waves there against 4; and there (fewer than
     SHORT_K_PAIR_WAVES waves of 128x192 tiles) single CTAs beat the pairs.
-    From two H200 tile sweeps of the `bench moe` shapes (benchmarks/results/
-    gemm-grouped-tiles-sweep-h200-2026-12-03.json and its -short-k.json; tests/test_grouped_gemm.py
-    checks the pick is within 3% of each shape's fastest tile): 128x192 pairs were fastest on the
+    From H200 tile sweeps of the `bench moe` shapes (benchmarks/results/
+    gemm-grouped-tiles-sweep-h200-2026-12-03.json, its -short-k.json and the masked
+    ...-2026-12-04-masked-tail-split.json; tests/test_grouped_gemm.py checks the pick is within 3%
+    of each shape's fastest tile in each): 128x192 pairs were fastest on the
     6 contiguous shapes (+5-12% over the former 128x128 pick) and pairs gained 2-7% on most
     masked shapes; on the H100 (gemm-grouped-tiles-sweep-h100-2026-11-25.json) pairs had gained
     only from 2048 rows a group on."""
