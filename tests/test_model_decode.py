@@ -99,5 +99,17 @@ def test_fp8_cache_decodes_close_to_the_float_cache():
                                   np.asarray(mla.quantize_kv_fp8(rows32)))
     scale = np.abs(ref).max()
     assert np.abs(got - ref).max() < 0.05 * scale
+    # The same bytes typed float8_e4m3fn (FlashMLA's typing) are an FP8 cache too: writes store
+    # the bytes, not values converted to e4m3, and decoding gives the same logits.
+    cache_e4m3 = model.init_cache(num_blocks=2, max_seqs=1, max_blocks_per_seq=1, fp8=True)
+    cache_e4m3 = cache_e4m3.replace(
+        kv=jax.lax.bitcast_convert_type(cache_e4m3.kv, jnp.float8_e4m3fn))
+    assert cache_e4m3.fp8
+    logits_a, cache_e4m3 = step(model, tokens[:, :4], cache_e4m3)
+    logits_b, cache_e4m3 = step(model, tokens[:, 4:], cache_e4m3)
+    assert cache_e4m3.kv.dtype == jnp.float8_e4m3fn
+    np.testing.assert_array_equal(
+        np.asarray(jax.lax.bitcast_convert_type(cache_e4m3.kv, jnp.uint8)), np.asarray(cache8.kv))
+    np.testing.assert_array_equal(np.concatenate([logits_a, logits_b], 1), got)
     with pytest.raises(ValueError, match="FP8 layout holds rows of 576"):
         Transformer(DeepSeekConfig.tiny(**SMALL), rngs=nnx.Rngs(0)).init_cache(2, 1, 1, fp8=True)

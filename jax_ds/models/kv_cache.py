@@ -56,8 +56,9 @@ class PagedKVCache:
 
     @property
     def fp8(self) -> bool:
-        """Whether rows are stored in the FP8 layout (uint8 [..., 656])."""
-        return self.kv.dtype == jnp.uint8
+        """Whether rows are stored in the FP8 layout ([..., 656] bytes: uint8, or float8_e4m3fn
+        as FlashMLA types them)."""
+        return mla_ops.is_fp8_cache(self.kv)
 
 
 def init_cache(num_layers: int, num_blocks: int, max_seqs: int, max_blocks_per_seq: int,
@@ -157,8 +158,8 @@ def write(cache: PagedKVCache, layer: int, seqs, rows_BTW) -> PagedKVCache:
     """
     seqs = jnp.atleast_1d(jnp.asarray(seqs, jnp.int32))
     block_BT, row_BT = _slots(cache, seqs, rows_BTW.shape[1])
-    if cache.fp8:
-        rows_BTW = mla_ops.quantize_kv_fp8(rows_BTW)
+    if cache.fp8:  # the row's bytes, retyped (not converted) to the pool's 8-bit type
+        rows_BTW = jax.lax.bitcast_convert_type(mla_ops.quantize_kv_fp8(rows_BTW), cache.kv.dtype)
     kv = cache.kv.at[layer, block_BT, row_BT, 0].set(rows_BTW.astype(cache.kv.dtype),
                                                     mode="drop")
     return cache.replace(kv=kv)
