@@ -160,6 +160,50 @@ def check_masked(op, a, a_scale, b, b_scale, masked_m, out_dtype):
     return g, mmax, n, k
 
 
+def _sequential_vmap(f):
+    """f (of arrays) with a vmap rule that loops over the batch (`lax.scan`), as the kernels'
+    ffi_calls do (vmap_method="sequential").
+
+    jax's batching rule for ragged_dot_general takes only operands that are all batched along
+    axis 0 ("ragged_dot vmap over any dim but 0 - NYI"), so a vmap over a with b or the group
+    sizes shared failed, and nested vmaps fail even when every operand is batched. Here the
+    unbatched operands are closed over, and f inside the loop is wrapped again, so an outer vmap
+    meets this rule once more instead of the primitive's.
+    """
+    f = jax.custom_batching.custom_vmap(f)
+
+    @f.def_vmap
+    def rule(axis_size, in_batched, *args):
+        def one(_, batched_args):
+            it = iter(batched_args)
+            return None, f(*[next(it) if batched else x for x, batched in zip(args, in_batched)])
+
+        xs = [x for x, batched in zip(args, in_batched) if batched]
+        out = jax.lax.scan(one, None, xs, length=axis_size)[1]
+        return out, jax.tree.map(lambda _: True, out)
+
+    return f
+
+
+def _ragged_dot(lhs, rhs, sizes, dims):
+    """jax.lax.ragged_dot_general in float32 (HIGHEST) that runs under any jax.vmap and keeps
+    its reverse-mode gradient (a custom_vmap has none of its own: custom_vjp goes outside)."""
+    dot = lambda lhs, rhs, sizes: jax.lax.ragged_dot_general(
+        lhs, rhs, sizes, dims, precision=_HIGHEST, preferred_element_type=jnp.float32)
+    dot_vjp = lambda lhs, rhs, sizes, ct: jax.vjp(lambda l, r: dot(l, r, sizes), lhs, rhs)[1](ct)
+    forward, backward = _sequential_vmap(dot), _sequential_vmap(dot_vjp)
+
+    @jax.custom_vjp
+    def ragged(lhs, rhs, sizes):
+        return forward(lhs, rhs, sizes)
+
+    def ragged_bwd(res, ct):
+        return (*backward(*res, ct), None)  # no gradient for the (integer) sizes
+
+    ragged.defvjp(lambda *args: (forward(*args), args), ragged_bwd)
+    return ragged(lhs, rhs, sizes)
+
+
 def _clamped_sizes(group_sizes, m: int):
     """Negative sizes count as empty groups, and groups are cut at row M (the contract asks for
     sum(group_sizes) <= M; a traced violation must not read past a)."""
@@ -175,8 +219,7 @@ def _grouped_reference(a, a_scale, b, b_scale, group_sizes, out_dtype):
         dot_dimension_numbers=(((1,), (2,)), ((), ())),
         lhs_ragged_dimensions=(0,), rhs_group_dimensions=(0,))
     sizes = _clamped_sizes(group_sizes, a.shape[0])
-    out = jax.lax.ragged_dot_general(a32, b32, sizes, dims, precision=_HIGHEST,
-                                     preferred_element_type=jnp.float32)
+    out = _ragged_dot(a32, b32, sizes, dims)
     valid = jnp.arange(a.shape[0]) < jnp.sum(sizes)
     return jnp.where(valid[:, None], out, 0.0).astype(out_dtype)
 
@@ -289,9 +332,8 @@ def _grouped_linear_bwd(impl, res, dy):
     dims = jax.lax.RaggedDotDimensionNumbers(
         dot_dimension_numbers=(((0,), (0,)), ((), ())),
         lhs_ragged_dimensions=(0,), rhs_group_dimensions=())
-    dw = jax.lax.ragged_dot_general(dy.astype(jnp.float32), x.astype(jnp.float32),
-                                    _clamped_sizes(group_sizes, x.shape[0]), dims,
-                                    precision=_HIGHEST, preferred_element_type=jnp.float32)
+    dw = _ragged_dot(dy.astype(jnp.float32), x.astype(jnp.float32),
+                     _clamped_sizes(group_sizes, x.shape[0]), dims)
     return dx.astype(x.dtype), dw.astype(w.dtype), None
 
 
