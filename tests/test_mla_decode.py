@@ -223,6 +223,21 @@ def test_validation_errors(case):
     assert "mla_decode" in str(info.value)
 
 
+def test_static_arguments_traced_or_of_the_wrong_dtype():
+    """A traced causal (it picks the mask at trace time) and a dequantize_kv_fp8 dtype that cannot
+    hold the values exactly get a TypeError naming them (a traced causal failed deep inside with
+    TracerBoolConversionError, an int dtype truncated silently)."""
+    from jax_ds.ops.mla import dequantize_kv_fp8
+    args = _good()
+    for fn in (mla_decode, mla_decode_reference):
+        with pytest.raises(TypeError, match="causal must be a static"):
+            jax.jit(lambda c: fn(*args, causal=c))(True)
+    packed = quantize_kv_fp8(jnp.ones((2, 576), jnp.float32))
+    for dtype in (jnp.int32, jnp.float16):
+        with pytest.raises(TypeError, match="dequantize_kv_fp8: dtype must be bfloat16 or float32"):
+            dequantize_kv_fp8(packed, dtype)
+
+
 def test_ffi_refuses_what_the_kernel_does_not_take(monkeypatch):
     """Even with the kernel present, f32 or Hq outside [16, 128] cannot take impl="ffi"."""
     monkeypatch.setattr(_ffi, "unavailable_reason", lambda target: None)

@@ -117,6 +117,11 @@ def dequantize_kv_fp8(packed, dtype=jnp.bfloat16):
     if not is_fp8_cache(packed) or packed.ndim < 1 or packed.shape[-1] != FP8_ROW_BYTES:
         raise ValueError(f"dequantize_kv_fp8: expected uint8 [..., {FP8_ROW_BYTES}], got "
                          f"{packed.dtype} {tuple(packed.shape)}")
+    # Only these hold every e4m3 value times a power-of-two scale exactly (an int dtype
+    # truncated them silently, float16's range is too narrow for large scales).
+    if np.dtype(dtype) not in (np.dtype(jnp.bfloat16), np.dtype(jnp.float32)):
+        raise TypeError(f"dequantize_kv_fp8: dtype must be bfloat16 or float32, got "
+                        f"{np.dtype(dtype).name}")
     return _dequantize_kv_fp8(packed, np.dtype(dtype))
 
 
@@ -141,7 +146,8 @@ def is_fp8_cache(kv_cache) -> bool:
     return np.dtype(kv_cache.dtype) in (np.dtype(np.uint8), np.dtype(jnp.float8_e4m3fn))
 
 
-def _check_common(op, q, kv_cache, block_table, cache_seqlens, softmax_scale, head_dim_v):
+def _check_common(op, q, kv_cache, block_table, cache_seqlens, softmax_scale, head_dim_v,
+                  causal):
     """Shapes, dtypes and static ranges any MLA decode needs; returns (B, Sq, Hq, D, page)."""
     check_ndim(op, "q", q, 4, "[B, Sq, Hq, d_qk]")
     check_ndim(op, "kv_cache", kv_cache, 4, "[num_blocks, block_size, 1, d_qk]")
@@ -192,6 +198,9 @@ def _check_common(op, q, kv_cache, block_table, cache_seqlens, softmax_scale, he
         if not (np.isfinite(float(softmax_scale)) and float(softmax_scale) > 0):
             raise ValueError(f"{op}: softmax_scale must be finite and > 0 (or None for "
                              f"1/sqrt(d_qk)), got {softmax_scale!r}")
+    if isinstance(causal, jax.core.Tracer):  # bool(tracer) would fail deep inside, unnamed
+        raise TypeError(f"{op}: causal must be a static Python bool (it picks the mask at trace "
+                        f"time), got a traced value")
     lens = concrete(cache_seqlens)  # None when traced: the kernel clamps them
     if lens is not None:
         cap = block_table.shape[1] * page
@@ -222,7 +231,7 @@ def mla_decode_reference(q, kv_cache, block_table, cache_seqlens, *, softmax_sca
     Args/returns as `mla_decode` (out in q's dtype; lse float32 [B, Hq, Sq]).
     """
     _check_common("mla_decode_reference", q, kv_cache, block_table, cache_seqlens,
-                  softmax_scale, head_dim_v)
+                  softmax_scale, head_dim_v, causal)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     return _reference(q, kv_cache, block_table, cache_seqlens, np.float32(scale), bool(causal),
                       int(head_dim_v), _chunk_blocks(q, kv_cache, block_table))
@@ -347,7 +356,7 @@ def mla_decode(q, kv_cache, block_table, cache_seqlens, *, softmax_scale=None, c
         raise ValueError(f"{op}: kv_cache has shape {tuple(kv_cache.shape)}, expected block size "
                          f"{BLOCK_SIZE} in dim 1 = [num_blocks, {BLOCK_SIZE}, 1, {HEAD_DIM_QK}]")
     b, sq, hq, d, page = _check_common(op, q, kv_cache, block_table, cache_seqlens,
-                                       softmax_scale, head_dim_v)
+                                       softmax_scale, head_dim_v, causal)
     if head_dim_v != HEAD_DIM_V:
         raise ValueError(f"{op}: head_dim_v must be {HEAD_DIM_V} (the latent width), got "
                          f"{head_dim_v!r}")
