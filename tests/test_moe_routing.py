@@ -141,6 +141,13 @@ def test_every_slot_dropped_and_wide_ids():
     ids = np.array([[1, 2], [3, 0], [2**32, 1]], np.int64)
     _, sizes, perm = moe_permute(x, ids, np.int64(4))
     assert sizes.tolist() == [1, 2, 1, 1] and perm.tolist()[2][0] == -1
+    # so are int64 jax ids (jax_enable_x64), eager and traced, and in moe_dispatch_layout
+    with jax.enable_x64(True):
+        ids = jnp.array([[2**32, 1], [3, 2**32 + 2], [-(2**32), 0]], jnp.int64)
+        for permute in (moe_permute, jax.jit(moe_permute, static_argnums=2)):
+            _, sizes, perm = permute(x, ids, 4)
+            assert sizes.tolist() == [1, 1, 0, 1] and perm.tolist() == [[-1, 1], [2, -1], [-1, 0]]
+        assert moe_dispatch_layout(ids, 4, 2)[0].tolist() == [1, 1, 0, 1]
 
 
 # ------------------------------------------------------------------------------------ GPU

@@ -37,6 +37,15 @@ _KERNEL_DTYPES = (jnp.bfloat16, jnp.float32)
 _INTS = (jnp.int32, jnp.int64, jnp.int16, jnp.int8, jnp.uint8, jnp.uint16, jnp.uint32)
 
 
+def _expert_ids(topk_idx, num_experts):
+    """topk_idx as int32, with ids outside [0, num_experts) made -1 before the cast: a wider id
+    would wrap onto a real expert (int64 2**32 -> expert 0, with jax_enable_x64 or from numpy)."""
+    if np.dtype(topk_idx.dtype) == np.dtype(np.int32):
+        return topk_idx
+    valid = (topk_idx >= 0) & (topk_idx < num_experts)
+    return jnp.where(valid, topk_idx, -1).astype(jnp.int32)
+
+
 def _layout_reference(topk_idx, num_experts):
     """(group_sizes [E], perm [N, K], order [N*K]): order[r] = the flat slot placed at row r."""
     n, k = topk_idx.shape
@@ -127,10 +136,7 @@ def moe_permute(x, topk_idx, num_experts: int, *, fp8: bool = False, impl: str =
     if not is_int(num_experts) or num_experts < 1:
         raise ValueError(f"{op}: num_experts must be a positive int, got {num_experts!r}")
     num_experts = int(num_experts)
-    if isinstance(topk_idx, np.ndarray) and topk_idx.dtype.itemsize > 4:
-        # Wider host ids would wrap on the int32 cast (2**32 -> expert 0): drop them first.
-        topk_idx = np.where((topk_idx >= 0) & (topk_idx < num_experts), topk_idx,
-                            -1).astype(np.int32)
+    topk_idx = _expert_ids(topk_idx, num_experts)
     use_kernel = _use_kernel(op, LAYOUT_TARGET, impl, x.dtype, num_experts)
     if not fp8:
         return _permute(x, topk_idx, num_experts, use_kernel)
@@ -230,7 +236,7 @@ def moe_dispatch_layout(topk_idx, num_experts: int, num_ranks: int):
     if num_experts < 1 or num_ranks < 1 or num_experts % num_ranks:
         raise ValueError(f"{op}: num_experts ({num_experts}) must be a positive multiple of "
                          f"num_ranks ({num_ranks})")
-    idx = topk_idx.astype(jnp.int32)
+    idx = _expert_ids(topk_idx, num_experts)
     valid = (idx >= 0) & (idx < num_experts)
     per_expert = jnp.zeros(num_experts, jnp.int32).at[jnp.where(valid, idx, num_experts)].add(
         1, mode="drop")
