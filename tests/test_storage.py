@@ -403,7 +403,7 @@ def test_async_keep_and_interval(tmp_path, backend):
         _assert_same(got.state, _small_state(6))
         if backend == "posix":   # shard format restores without a target too
             raw = mngr.restore().state
-            np.testing.assert_array_equal(raw["['w']"], np.asarray(_small_state(7)["w"]))
+            np.testing.assert_array_equal(raw["w"], np.asarray(_small_state(7)["w"]))
 
 
 @pytest.mark.parametrize("backend", ["orbax", "posix"])
@@ -436,6 +436,47 @@ def test_odd_leaves_round_trip(tmp_path):
             data=4, expert=2)).state
     _assert_same(got, state)
     assert got["x"].sharding.spec == P("expert", "data")
+
+
+def _nested_state():
+    rng = np.random.default_rng(1)
+    return {"model": {"layers": [{"w": jnp.asarray(rng.standard_normal((4, 3)), jnp.float32)},
+                                 {"w": jnp.ones((4, 3), jnp.bfloat16)}],
+                      "embed": jnp.arange(6, dtype=jnp.int32)},
+            "load": init_expert_load(2, 4),   # a NamedTuple: its fields restore as dict keys
+            "by_id": {0: jnp.zeros(2), 7: jnp.ones(2)},
+            "step": jnp.asarray(3, jnp.int32)}
+
+
+def test_restore_without_target_keeps_the_nesting(tmp_path):
+    """The shard index stores each leaf's key path, so a restore without a target gives the
+    nested dicts and lists that were saved (numpy leaves on the host)."""
+    state = _nested_state()
+    with CheckpointManager(tmp_path / "c", backend="posix", async_save=False) as mngr:
+        mngr.save(1, state)
+        got = mngr.restore(1).state
+    want = {**state, "load": state["load"]._asdict()}
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    _assert_same(got, want)
+    assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(got))
+
+
+def test_restore_without_target_of_an_old_index_is_flat(tmp_path):
+    """An index written before the key paths were stored (no "path") restores as before:
+    {key path string: array}."""
+    state = _nested_state()
+    with CheckpointManager(tmp_path / "c", backend="posix", async_save=False) as mngr:
+        mngr.save(1, state)
+        (index_path,) = (tmp_path / "c").rglob("index.p0.json")
+        index = json.loads(index_path.read_text())
+        for leaf in index["leaves"]:
+            del leaf["path"]
+        index_path.write_text(json.dumps(index))
+        got = mngr.restore(1).state
+    want = dict(jax.tree_util.tree_flatten_with_path(state)[0])
+    assert sorted(got) == sorted(jax.tree_util.keystr(k) for k in want)
+    for path, x in want.items():
+        np.testing.assert_array_equal(got[jax.tree_util.keystr(path)], np.asarray(x))
 
 
 def test_format_2_checkpoints_still_load(tmp_path):

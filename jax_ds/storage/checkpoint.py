@@ -185,7 +185,9 @@ class CheckpointManager:
 
         target: the state's structure, as arrays or ShapeDtypeStructs (e.g.
           `{"model": nnx.state(nnx.eval_shape(make_model)), ...}`); see `abstract_state`.
-          None returns the arrays as saved: nested dicts (orbax) or {key path: numpy} (shards).
+          None returns the arrays as saved: nested dicts (orbax), or numpy arrays nested in
+          dicts and lists as saved (shards; {key path: numpy} for a checkpoint whose index
+          predates the stored key lists).
         target_mesh: place every array on this mesh (same PartitionSpecs, any axis sizes):
           a checkpoint saved at expert=8 restores at expert=4 or on one device.
 

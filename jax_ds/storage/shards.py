@@ -14,9 +14,12 @@ Layout of an item directory (one set per process):
     shards.p<k>.<n>.bin   shard bytes of process k, each padded with zeros to a multiple of
                           4 KiB (so that every transfer can be O_DIRECT); a new file past
                           `file_bytes`, so that large states are written by many writers
-    index.p<k>.json       for every leaf: key path, global shape, dtype, and per stored shard
-                          its file, offset, byte count, global [start, stop) box and CRC-32C
-                          (format /3; format /2 checkpoints, with zlib CRC-32, still load)
+    index.p<k>.json       for every leaf: key path (as a string, and as a list of keys from
+                          which a restore without a target rebuilds the nesting), global shape,
+                          dtype, and per stored shard its file, offset, byte count, global
+                          [start, stop) box and CRC-32C (format /3; format /2 checkpoints,
+                          with zlib CRC-32, still load; indexes without the key list restore
+                          flat, as {key path: array})
 
 Only shards with replica_id 0 are written, so replicated arrays are stored once. A restore
 reads the stored shards overlapping what each target device needs and builds arrays of any
@@ -90,7 +93,7 @@ class ShardSave(ocp.args.CheckpointArgs):
 @dataclasses.dataclass
 class ShardRestore(ocp.args.CheckpointArgs):
     # A pytree of jax.ShapeDtypeStruct (or arrays) with the target shardings; None returns
-    # {key path: numpy array} on the host.
+    # numpy arrays on the host, nested as saved (see `_nest`).
     target: Any = None
 
 
@@ -155,8 +158,8 @@ class ShardHandler(ocp.AsyncCheckpointHandler):
                 x = np.asarray(x)
                 parts = [((slice(None),) * x.ndim, x)] if proc == 0 else []
             shape = tuple(np.shape(x))
-            entry = {"key": key, "shape": list(shape), "dtype": np.dtype(x.dtype).name,
-                     "shards": []}
+            entry = {"key": key, "path": _path_json(path), "shape": list(shape),
+                     "dtype": np.dtype(x.dtype).name, "shards": []}
             for index, data in parts:
                 nbytes = int(np.prod(data.shape)) * np.dtype(x.dtype).itemsize
                 if used and used + nbytes > self.options.file_bytes:
@@ -300,8 +303,8 @@ class ShardHandler(ocp.AsyncCheckpointHandler):
             data = {}
             self._read(directory, [(e, s) for e in index.values() for s in e["shards"]],
                        lambda entry, shard, array: data.__setitem__(_key(shard), array))
-            return {k: _assemble(e, data, (slice(None),) * len(e["shape"]))
-                    for k, e in index.items()}
+            return _nest(index, {k: _assemble(e, data, (slice(None),) * len(e["shape"]))
+                                 for k, e in index.items()})
 
         leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
         plans = []                  # per leaf: (entry, target, {device: box})
@@ -357,6 +360,52 @@ class ShardHandler(ocp.AsyncCheckpointHandler):
 
 ocp.args.register_with_handler(ShardHandler, for_save=True)(ShardSave)
 ocp.args.register_with_handler(ShardHandler, for_restore=True)(ShardRestore)
+
+
+def _path_json(path) -> list:
+    """A jax key path as JSON: [kind, key] per level, kind "seq" (a list or tuple index),
+    "dict" (a dict key: str or int, as nnx.State's), "attr" (a named field) or "other"."""
+    out = []
+    for k in path:
+        if isinstance(k, jax.tree_util.SequenceKey):
+            out.append(["seq", k.idx])
+        elif isinstance(k, jax.tree_util.DictKey) and isinstance(k.key, (str, int)):
+            out.append(["dict", k.key])
+        elif isinstance(k, jax.tree_util.GetAttrKey):
+            out.append(["attr", k.name])
+        else:   # FlattenedIndexKey, dict keys JSON cannot hold: by their string
+            out.append(["other", str(k)])
+    return out
+
+
+def _nest(index, arrays: dict):
+    """{key string: array} nested again by the key lists of the index: lists where a level was
+    indexed as a sequence, dicts otherwise (a NamedTuple's or dataclass's fields by name; a
+    restore without a target cannot know the class). An index written before the key lists
+    (no "path") stays flat, as it was restored then."""
+    if not all("path" in e for e in index.values()):
+        return arrays
+    root: dict = {}
+    for k, e in index.items():
+        if not e["path"]:   # the state is a single array
+            return arrays[k]
+        node = root
+        for kind, key in e["path"][:-1]:
+            node = node.setdefault((kind, key), {})
+        node[tuple(e["path"][-1])] = arrays[k]
+
+    def build(node):
+        if not isinstance(node, dict):
+            return node
+        if all(kind == "seq" for kind, _ in node):
+            # Empty subtrees store no leaf: their positions hold None, so indices stay as saved.
+            out = [None] * (1 + max(i for _, i in node))
+            for (_, i), child in node.items():
+                out[i] = build(child)
+            return out
+        return {key: build(child) for (_, key), child in node.items()}
+
+    return build(root)
 
 
 def _key(shard) -> tuple[str, int]:
