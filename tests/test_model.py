@@ -77,6 +77,24 @@ def test_bad_configs_are_rejected(changes, match):
         DeepSeekConfig.tiny(**changes)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, np.dtype("float16")])
+def test_config_takes_a_dtype_and_stores_its_name(dtype):
+    name = np.dtype(dtype).name
+    cfg = DeepSeekConfig.tiny(dtype=dtype, param_dtype=dtype)
+    assert cfg == DeepSeekConfig.tiny(dtype=name, param_dtype=name)
+    assert hash(cfg) == hash(DeepSeekConfig.tiny(dtype=name, param_dtype=name))
+    assert cfg.dtype == cfg.param_dtype == name and isinstance(cfg.dtype, str)
+    model = Transformer(cfg.replace(**SMALL), rngs=nnx.Rngs(0))
+    assert model.embed.dtype == jnp.dtype(name)
+
+
+@pytest.mark.parametrize("dtype, match", [(jnp.int8, "dtype='int8'"), (None, "dtype=None"),
+                                          (3, "dtype=3")])
+def test_config_rejects_other_dtypes(dtype, match):
+    with pytest.raises(ValueError, match=match):
+        DeepSeekConfig.tiny(dtype=dtype)
+
+
 def test_unknown_preset_is_rejected():
     with pytest.raises(ValueError, match="unknown config preset 'v4'"):
         DeepSeekConfig.preset("v4")

@@ -78,7 +78,8 @@ class DeepSeekConfig:
     # Multi-token prediction (V3 sec. 2.2): mtp_depth extra sequential modules, loss weight lambda.
     mtp_depth: int = 0
     mtp_loss_weight: float = 0.3
-    # Numerics.
+    # Numerics: a name from DTYPES; a dtype (jnp.bfloat16, np.dtype("float32")) is stored by
+    # its name, so that configs stay hashable, comparable and JSON-serialisable.
     dtype: str = "bfloat16"            # activations
     param_dtype: str = "float32"
     fp8: bool = False                  # FP8 (1x128 / 128x128 block-scaled) GEMMs, V3 sec. 3.3
@@ -92,6 +93,13 @@ class DeepSeekConfig:
             if not ok:
                 raise ValueError(f"DeepSeekConfig: {msg}")
 
+        for name in ("dtype", "param_dtype"):   # a dtype -> its name (None is no dtype here)
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                try:   # frozen: set once, before anything reads it
+                    object.__setattr__(self, name, jnp.dtype(value).name)
+                except TypeError:
+                    pass   # not a dtype: the check below names it
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "kv_lora_rank",
                      "qk_nope_dim", "qk_rope_dim", "v_head_dim", "num_experts", "top_k",
                      "num_groups", "topk_groups", "max_seq_len"):
