@@ -178,6 +178,31 @@ def test_mount_detection(tmp_path):
     assert threefs.mount_point(b"/mnt/3fs/q", mounts_file=f) == "/mnt/3fs"  # bytes paths too
 
 
+def test_innermost_mount_decides(tmp_path):
+    """Nested mounts: the innermost mount holding the path decides (the later of two at one
+    point); when that is not 3FS, the path with its symlinks resolved is looked up."""
+    root = tmp_path.resolve()
+    (root / "3fs" / "ckpt").mkdir(parents=True)
+    (root / "link").symlink_to(root / "3fs" / "ckpt")
+    mounts = tmp_path / "mounts"
+    mounts.write_text("/dev/sda1 / ext4 rw 0 0\n"
+                      "hf3fs.a /mnt/3fs fuse.hf3fs rw 0 0\n"
+                      "/dev/nvme0n1 /mnt/3fs/local ext4 rw 0 0\n"
+                      "hf3fs.b /mnt/3fs/local/inner fuse.hf3fs rw 0 0\n"
+                      "tmpfs /mnt/over tmpfs rw 0 0\n"
+                      "hf3fs.c /mnt/over fuse.hf3fs rw 0 0\n"
+                      f"hf3fs.d {root / '3fs'} fuse.hf3fs rw 0 0\n")
+    f = str(mounts)
+    assert threefs.mount_point("/mnt/3fs/ckpt", mounts_file=f) == "/mnt/3fs"
+    assert threefs.mount_point("/mnt/3fs/local/ckpt", mounts_file=f) is None
+    assert not threefs.is_3fs_path("/mnt/3fs/local", mounts_file=f)
+    assert threefs.mount_point("/mnt/3fs/local/inner/x", mounts_file=f) == "/mnt/3fs/local/inner"
+    assert threefs.mount_point("/mnt/over/x", mounts_file=f) == "/mnt/over"
+    assert threefs.mount_point(root / "link" / "step1", mounts_file=f) == str(root / "3fs")
+    assert threefs.is_3fs_path(root / "link", mounts_file=f)
+    assert not threefs.is_3fs_path(root / "elsewhere", mounts_file=f)
+
+
 @pytest.mark.parametrize("kwargs, match", [(dict(max_to_keep=0), "max_to_keep=0"),
                                            (dict(save_interval_steps=0), "save_interval_steps=0"),
                                            (dict(save_interval_steps=1.5), "save_interval_steps")])
@@ -198,7 +223,8 @@ def test_save_rejects_what_it_cannot_restore(tmp_path):
 
 
 def test_mount_from_client(tmp_path, monkeypatch):
-    """With no mounts entry, the client's extract_mount_point decides."""
+    """With no mounts entry holding the path, the client's extract_mount_point decides; with
+    one, the mounts file does."""
     (tmp_path / "mounts").write_text("")
     client = FakeUsrbio("/hf3fs-cluster")
     monkeypatch.setitem(sys.modules, "hf3fs_fuse", types.ModuleType("hf3fs_fuse"))
@@ -206,6 +232,9 @@ def test_mount_from_client(tmp_path, monkeypatch):
     f = str(tmp_path / "mounts")
     assert threefs.mount_point("/hf3fs-cluster/a/b", mounts_file=f) == "/hf3fs-cluster"
     assert threefs.mount_point("/tmp/x", mounts_file=f) is None
+    (tmp_path / "nested").write_text("/dev/nvme0n1 /hf3fs-cluster/local ext4 rw 0 0\n")
+    assert threefs.mount_point("/hf3fs-cluster/local/x",
+                               mounts_file=str(tmp_path / "nested")) is None
 
 
 # ----------------------------------------------------------------------------- shard I/O

@@ -68,19 +68,36 @@ def _unescape(field: str) -> str:
     return field
 
 
-def threefs_mounts(mounts_file: str | None = None) -> list[str]:
-    """Mount points of 3FS FUSE clients listed in a /proc/mounts-format file."""
+def _mount_table(mounts_file: str | None) -> list[tuple[str, bool]]:
+    """(mount point, is 3FS) of every line of a /proc/mounts-format file, in its order."""
     try:
         with open(_mounts_file(mounts_file)) as f:
             lines = f.read().splitlines()
     except OSError:
         return []
-    points = []
+    table = []
     for line in lines:
         fields = line.split()
-        if len(fields) >= 3 and (fields[2] == FSTYPE or fields[0].startswith("hf3fs")):
-            points.append(_unescape(fields[1]))
-    return points
+        if len(fields) >= 3:
+            is_3fs = fields[2] == FSTYPE or fields[0].startswith("hf3fs")
+            table.append((os.path.normpath(_unescape(fields[1])), is_3fs))
+    return table
+
+
+def threefs_mounts(mounts_file: str | None = None) -> list[str]:
+    """Mount points of 3FS FUSE clients listed in a /proc/mounts-format file."""
+    return [point for point, is_3fs in _mount_table(mounts_file) if is_3fs]
+
+
+def _innermost(table, path: str) -> tuple[str, bool] | None:
+    """The entry of the mount that holds `path`: the longest mount point containing it (the
+    later one of equal points, which is mounted over the earlier)."""
+    best = None
+    for point, is_3fs in table:
+        if (path == point or path.startswith(point.rstrip("/") + "/")) and (
+                best is None or len(point) >= len(best[0])):
+            best = (point, is_3fs)
+    return best
 
 
 def load_client():
@@ -96,27 +113,33 @@ def load_client():
 def mount_point(path, *, mounts_file: str | None = None) -> str | None:
     """The 3FS mount point holding `path` (which need not exist yet), or None.
 
-    Looks for the longest 3FS entry of the mounts file that is a prefix of the absolute path,
-    then asks the client library (`extract_mount_point`) when it is importable.
+    The innermost mount of the mounts file containing the absolute path decides (a local disk
+    mounted inside a 3FS mount is not 3FS); when that is not 3FS, the same for the path with
+    symlinks resolved (a link into a 3FS mount is on 3FS). Only when the file lists no mount
+    containing either does the client library (`extract_mount_point`) decide, if importable.
     """
     path = os.fspath(path)
     if isinstance(path, bytes):
         path = os.fsdecode(path)
     path = os.path.abspath(path)
-    best = None
-    for point in threefs_mounts(mounts_file):
-        point = os.path.normpath(point)
-        if (path == point or path.startswith(point.rstrip("/") + "/")) and (
-                best is None or len(point) > len(best)):
-            best = point
-    if best is None:
-        client = load_client()
-        if client is not None and hasattr(client, "extract_mount_point"):
+    candidates = dict.fromkeys((path, os.path.realpath(path)))   # in order, once each
+    table = _mount_table(mounts_file)
+    listed = False
+    for candidate in candidates:
+        inner = _innermost(table, candidate)
+        if inner is not None and inner[1]:
+            return inner[0]
+        listed = listed or inner is not None
+    client = None if listed else load_client()
+    if client is not None and hasattr(client, "extract_mount_point"):
+        for candidate in candidates:
             try:
-                best = client.extract_mount_point(path) or None
+                point = client.extract_mount_point(candidate)
             except (OSError, ValueError):
-                best = None
-    return best
+                point = None
+            if point:
+                return point
+    return None
 
 
 def is_3fs_path(path, *, mounts_file: str | None = None) -> bool:
