@@ -204,5 +204,18 @@ def test_bad_costs(kwargs, exc, match):
 
 
 def test_simulate_rejects_costs_it_cannot_call():
-    with pytest.raises(TypeError, match="costs must be a Costs or a function"):
+    with pytest.raises(TypeError, match="costs must be a Costs, a dict of its fields or a "
+                                        "function"):
         simulate(one_f_one_b(2, 2), 3.0)
+
+
+def test_simulate_takes_a_dict_of_costs():
+    schedule = dualpipe(4, 8)
+    fields = dict(F=1.0, B=2.5, W=0.5, FB=3.0, comm=0.25)
+    assert simulate(schedule, fields) == simulate(schedule, Costs(**fields))
+    assert simulate(schedule, {"B": 3}) == simulate(schedule, Costs(B=3))
+    with pytest.raises(TypeError, match=r"unknown keys \['f', 'bw'\]; Costs fields are "
+                                        r"\['F', 'B', 'W', 'FB', 'comm'\]"):
+        simulate(schedule, {"f": 1.0, "B": 2.0, "bw": 1.0})
+    with pytest.raises(ValueError, match="W=3 .* exceeds the full backward B=2"):
+        simulate(schedule, {"B": 2, "W": 3})

@@ -13,9 +13,10 @@ overlapped forward + full backward pair (default F + B: no overlap gain).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -121,14 +122,23 @@ def unit_cost(op: Op) -> float:
     return 1.0
 
 
-def simulate(schedule: Schedule, costs: Costs | Callable[[Op], float] = Costs()) -> SimResult:
-    """Runs `schedule` with per-op `costs` (or a function op -> time); see `SimResult`.
+def simulate(schedule: Schedule,
+             costs: Costs | Mapping[str, float] | Callable[[Op], float] = Costs()) -> SimResult:
+    """Runs `schedule` with per-op `costs` (a Costs, a dict of its fields such as
+    {"F": 1, "B": 2, "W": 1}, or a function op -> time); see `SimResult`.
 
     Raises RuntimeError naming the stuck ranks if the schedule deadlocks.
     """
+    if isinstance(costs, Mapping):
+        fields = [f.name for f in dataclasses.fields(Costs)]
+        unknown = [k for k in costs if k not in fields]
+        if unknown:
+            raise TypeError(f"simulate: costs has unknown keys {unknown}; Costs fields are "
+                            f"{fields}")
+        costs = Costs(**costs)
     if not (isinstance(costs, Costs) or callable(costs)):
-        raise TypeError(f"simulate: costs must be a Costs or a function op -> time, got "
-                        f"{type(costs).__name__} {costs!r}")
+        raise TypeError(f"simulate: costs must be a Costs, a dict of its fields or a function "
+                        f"op -> time, got {type(costs).__name__} {costs!r}")
     cost_of, comm = (costs.of, costs.comm) if isinstance(costs, Costs) else (costs, 0.0)
     pp = schedule.num_ranks
     done: dict[tuple[str, Chunk], tuple[float, int]] = {}  # event -> (time, rank)
