@@ -223,8 +223,8 @@ def test_save_rejects_what_it_cannot_restore(tmp_path):
 
 
 def test_mount_from_client(tmp_path, monkeypatch):
-    """With no mounts entry holding the path, the client's extract_mount_point decides; with
-    one, the mounts file does."""
+    """When the mounts file marks no 3FS mount holding the path, the client's
+    extract_mount_point may name one, but never one outside the innermost listed mount."""
     (tmp_path / "mounts").write_text("")
     client = FakeUsrbio("/hf3fs-cluster")
     monkeypatch.setitem(sys.modules, "hf3fs_fuse", types.ModuleType("hf3fs_fuse"))
@@ -235,6 +235,15 @@ def test_mount_from_client(tmp_path, monkeypatch):
     (tmp_path / "nested").write_text("/dev/nvme0n1 /hf3fs-cluster/local ext4 rw 0 0\n")
     assert threefs.mount_point("/hf3fs-cluster/local/x",
                                mounts_file=str(tmp_path / "nested")) is None
+    # A real mounts file lists "/" (and the 3FS mount, here under a FUSE type of another name):
+    # the client still names the mount, but not for a disk mounted inside it.
+    (tmp_path / "real").write_text("/dev/sda1 / ext4 rw 0 0\n"
+                                   "cluster /hf3fs-cluster fuse.other rw 0 0\n"
+                                   "/dev/nvme0n1 /hf3fs-cluster/local ext4 rw 0 0\n")
+    real = str(tmp_path / "real")
+    assert threefs.mount_point("/hf3fs-cluster/a/b", mounts_file=real) == "/hf3fs-cluster"
+    assert threefs.mount_point("/hf3fs-cluster/local/x", mounts_file=real) is None
+    assert threefs.mount_point("/tmp/x", mounts_file=real) is None
 
 
 # ----------------------------------------------------------------------------- shard I/O

@@ -94,8 +94,7 @@ def _innermost(table, path: str) -> tuple[str, bool] | None:
     later one of equal points, which is mounted over the earlier)."""
     best = None
     for point, is_3fs in table:
-        if (path == point or path.startswith(point.rstrip("/") + "/")) and (
-                best is None or len(point) >= len(best[0])):
+        if _contains(point, path) and (best is None or len(point) >= len(best[0])):
             best = (point, is_3fs)
     return best
 
@@ -115,8 +114,11 @@ def mount_point(path, *, mounts_file: str | None = None) -> str | None:
 
     The innermost mount of the mounts file containing the absolute path decides (a local disk
     mounted inside a 3FS mount is not 3FS); when that is not 3FS, the same for the path with
-    symlinks resolved (a link into a 3FS mount is on 3FS). Only when the file lists no mount
-    containing either does the client library (`extract_mount_point`) decide, if importable.
+    symlinks resolved (a link into a 3FS mount is on 3FS). Otherwise the client library
+    (`extract_mount_point`), if importable, may name a 3FS mount the file does not mark as one
+    (a FUSE type of another name); its answer counts only when it is not outside the innermost
+    listed mount holding the path, which a real mounts file always has ("/"): a disk mounted
+    inside 3FS stays local whatever the client says.
     """
     path = os.fspath(path)
     if isinstance(path, bytes):
@@ -124,22 +126,31 @@ def mount_point(path, *, mounts_file: str | None = None) -> str | None:
     path = os.path.abspath(path)
     candidates = dict.fromkeys((path, os.path.realpath(path)))   # in order, once each
     table = _mount_table(mounts_file)
-    listed = False
+    inner = {}
     for candidate in candidates:
-        inner = _innermost(table, candidate)
-        if inner is not None and inner[1]:
-            return inner[0]
-        listed = listed or inner is not None
-    client = None if listed else load_client()
-    if client is not None and hasattr(client, "extract_mount_point"):
-        for candidate in candidates:
-            try:
-                point = client.extract_mount_point(candidate)
-            except (OSError, ValueError):
-                point = None
-            if point:
-                return point
+        inner[candidate] = _innermost(table, candidate)
+        if inner[candidate] is not None and inner[candidate][1]:
+            return inner[candidate][0]
+    client = load_client()
+    if client is None or not hasattr(client, "extract_mount_point"):
+        return None
+    for candidate in candidates:
+        try:
+            point = client.extract_mount_point(candidate)
+        except (OSError, ValueError):
+            point = None
+        if not point:
+            continue
+        point = os.path.normpath(os.fsdecode(point) if isinstance(point, bytes) else point)
+        listed = inner[candidate]
+        if listed is None or _contains(listed[0], point):
+            return point
     return None
+
+
+def _contains(outer: str, path: str) -> bool:
+    """`path` is `outer` or lies below it (both normalised absolute paths)."""
+    return path == outer or path.startswith(outer.rstrip("/") + "/")
 
 
 def is_3fs_path(path, *, mounts_file: str | None = None) -> bool:
