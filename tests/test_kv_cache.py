@@ -115,3 +115,60 @@ def test_out_of_blocks_and_too_long_are_flagged():
     with pytest.raises(ValueError, match="num_blocks must be a positive int, got True"):
         kvc.init_cache(1, True, 1, 1, W)  # a bool is no size (_checks.is_int)
     assert kvc.init_cache(1, np.int64(2), 1, 1, W).kv.shape[1] == 2  # numpy ints are
+
+
+def _filled():
+    """Two sequences, one forked from the other (shared full blocks), for the checks below."""
+    cache = kvc.init_cache(L, num_blocks=8, max_seqs=3, max_blocks_per_seq=3, width=W,
+                           dtype=jnp.float32)
+    rows = np.arange(L * 70 * W, dtype=np.float32).reshape(L, 70, W)
+    cache = kvc.fork(kvc.append(cache, 0, jnp.asarray(rows)), 0, 1)
+    return cache, {0: rows, 1: rows.copy()}
+
+
+def test_sequence_ids_outside_the_slots_or_repeated_are_refused():
+    """Concrete ids are checked (ValueError); traced ones cannot be, so the call changes nothing
+    but the sticky BAD_SEQ bit. Before, jnp's index clamping made free(cache, max_seqs) release
+    the last slot's blocks while it still held them, and -1 wrapped to the last slot."""
+    cache, shadow = _filled()
+    one = jnp.ones((L, 1, W), jnp.float32)
+    lie = r"sequence ids must lie in \[0, max_seqs = 3\)"
+    for bad in (3, -1):
+        with pytest.raises(ValueError, match="append: " + lie):
+            kvc.append(cache, bad, one)
+        with pytest.raises(ValueError, match="free: " + lie):
+            kvc.free(cache, bad)
+        with pytest.raises(ValueError, match="fork: " + lie):
+            kvc.fork(cache, bad, 2)
+        with pytest.raises(ValueError, match="fork: " + lie):
+            kvc.fork(cache, 0, bad)
+    with pytest.raises(ValueError, match=r"reserve: sequence ids must be distinct, got \[0, 0\]"):
+        kvc.reserve(cache, jnp.array([0, 0]), 1)
+    with pytest.raises(ValueError, match=r"write: sequence ids must be distinct"):
+        kvc.write(cache, 0, np.array([1, 1]), jnp.ones((2, 1, W)))
+    traced = [lambda c, s: _append(c, s, one), _free, lambda c, s: _fork(c, s, 2),
+              lambda c, s: _fork(c, 0, s),
+              jax.jit(lambda c, s: kvc.reserve(c, jnp.array([0, s]), 65)),
+              jax.jit(lambda c, s: kvc.commit(c, jnp.array([0, s]), 1)),
+              jax.jit(lambda c, s: kvc.write(c, 0, jnp.array([s, 2]), jnp.ones((2, 1, W))))]
+    for op in traced:
+        for bad in (3, -1, 2 ** 20):
+            got = op(cache, bad)
+            assert int(got.error) == kvc.BAD_SEQ
+            invariants(got, shadow)
+            np.testing.assert_array_equal(np.asarray(got.kv), np.asarray(cache.kv))
+            with pytest.raises(RuntimeError, match="a sequence id outside"):
+                kvc.check(got)
+    got = jax.jit(lambda c, s: kvc.commit(c, jnp.array([1, s]), 1))(cache, 1)  # repeated
+    assert int(got.error) == kvc.BAD_SEQ and list(np.asarray(got.lengths)) == [70, 70, 0]
+
+
+def test_fork_onto_itself_changes_nothing():
+    """fork(cache, s, s) used to free s first and then copy the now empty s: the sequence was
+    lost."""
+    cache, shadow = _filled()
+    for fork in (kvc.fork, _fork):
+        got = fork(cache, 1, 1)
+        invariants(got, shadow)
+        assert int(got.error) == 0
+

@@ -20,22 +20,31 @@ Running out cannot raise inside `jit`; it sets a sticky bit in `cache.error` ins
 the pool is empty; SEQ_TOO_LONG: a sequence needs more than max_blocks_per_seq blocks) and the rows
 that found no block are dropped: a sequence's length never exceeds the rows it has blocks for.
 `check(cache)` raises a RuntimeError naming the flags (outside jit).
+
+Sequence ids must be slots, in [0, max_seqs), and distinct within one call (one call writes one
+position per slot). Concrete ids are checked (ValueError); traced ones cannot be, so a call with a
+bad one changes nothing but the sticky BAD_SEQ bit (jnp's index clamping would otherwise act on
+another slot: free the last slot's blocks while it still holds them).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from jax_ds.ops import mla as mla_ops
-from jax_ds.ops._checks import is_int
+from jax_ds.ops._checks import concrete, is_int
 
 BLOCK_SIZE = 64
 OUT_OF_BLOCKS = 1
 SEQ_TOO_LONG = 2
+BAD_SEQ = 4
 _FLAG_NAMES = {OUT_OF_BLOCKS: "out of blocks (the pool is exhausted)",
-               SEQ_TOO_LONG: "a sequence needs more than max_blocks_per_seq blocks"}
+               SEQ_TOO_LONG: "a sequence needs more than max_blocks_per_seq blocks",
+               BAD_SEQ: "a sequence id outside [0, max_seqs) or repeated in one call (the call "
+                        "changed nothing)"}
 
 
 @struct.dataclass
@@ -44,7 +53,7 @@ class PagedKVCache:
     block_table: jax.Array  # [S, max_blocks_per_seq] int32, -1 where no block is held
     lengths: jax.Array      # [S] int32 rows written (committed) per sequence slot
     refcount: jax.Array     # [num_blocks] int32 tables holding each block (0: free)
-    error: jax.Array        # [] int32 sticky OUT_OF_BLOCKS | SEQ_TOO_LONG bits
+    error: jax.Array        # [] int32 sticky OUT_OF_BLOCKS | SEQ_TOO_LONG | BAD_SEQ bits
 
     @property
     def block_size(self) -> int:
@@ -53,6 +62,10 @@ class PagedKVCache:
     @property
     def num_blocks(self) -> int:
         return self.kv.shape[1]
+
+    @property
+    def max_seqs(self) -> int:
+        return self.lengths.shape[0]
 
     @property
     def fp8(self) -> bool:
@@ -88,17 +101,43 @@ def init_cache(num_layers: int, num_blocks: int, max_seqs: int, max_blocks_per_s
 
 
 def check(cache: PagedKVCache) -> PagedKVCache:
-    """Raises RuntimeError if an allocation failed (call outside jit); returns the cache."""
+    """Raises RuntimeError if an allocation failed or a call had a bad sequence id (call outside
+    jit); returns the cache."""
     flags = int(cache.error)
     if flags:
         names = [text for bit, text in _FLAG_NAMES.items() if flags & bit]
-        raise RuntimeError(f"PagedKVCache: {'; '.join(names)} (error bits {flags}); rows that "
-                           f"found no block were dropped")
+        dropped = "; rows that found no block were dropped" if flags & (
+            OUT_OF_BLOCKS | SEQ_TOO_LONG) else ""
+        raise RuntimeError(f"PagedKVCache: {'; '.join(names)} (error bits {flags}){dropped}")
     return cache
 
 
 def num_free_blocks(cache: PagedKVCache) -> jax.Array:
     return jnp.sum(cache.refcount == 0).astype(jnp.int32)
+
+
+def _seq_ids(op: str, cache: PagedKVCache, seqs):
+    """(ids int32 [B], bad): `seqs` (a slot or [B] slots) checked when concrete (ValueError);
+    when traced, bad is true if one lies outside [0, max_seqs) or repeats (the op then changes
+    nothing but BAD_SEQ), else a constant False."""
+    ids = jnp.atleast_1d(jnp.asarray(seqs, jnp.int32))
+    if ids.ndim != 1:
+        raise ValueError(f"{op}: seqs must be a slot id or [B] slot ids, got shape {ids.shape}")
+    values = concrete(seqs)
+    if values is not None:
+        values = np.atleast_1d(values).tolist()
+        if any(not 0 <= v < cache.max_seqs for v in values):
+            raise ValueError(f"{op}: sequence ids must lie in [0, max_seqs = {cache.max_seqs}), "
+                             f"got {values}")
+        if len(set(values)) != len(values):
+            raise ValueError(f"{op}: sequence ids must be distinct, got {values}")
+        return ids, jnp.zeros((), bool)
+    repeated = jnp.triu(ids[:, None] == ids[None, :], k=1)
+    return ids, jnp.any((ids < 0) | (ids >= cache.max_seqs)) | jnp.any(repeated)
+
+
+def _flag(error, bad):
+    return error | jnp.where(bad, BAD_SEQ, 0)
 
 
 def _held(cache, seq):
@@ -130,12 +169,13 @@ def _grow_one(cache: PagedKVCache, seq, rows) -> PagedKVCache:
 
 def reserve(cache: PagedKVCache, seqs, num_new: int) -> PagedKVCache:
     """Ensures each slot in `seqs` [B] holds blocks for lengths + num_new rows (a decode step)."""
-    seqs = jnp.atleast_1d(jnp.asarray(seqs, jnp.int32))
+    seqs, bad = _seq_ids("reserve", cache, seqs)
 
-    def body(i, c):
-        return _grow_one(c, seqs[i], c.lengths[seqs[i]] + num_new)
+    def body(i, c):  # a bad call asks for 0 rows: nothing to take
+        return _grow_one(c, seqs[i], jnp.where(bad, 0, c.lengths[seqs[i]] + num_new))
 
-    return jax.lax.fori_loop(0, seqs.shape[0], body, cache)
+    cache = jax.lax.fori_loop(0, seqs.shape[0], body, cache)
+    return cache.replace(error=_flag(cache.error, bad))
 
 
 def _slots(cache: PagedKVCache, seqs, num_new: int):
@@ -156,25 +196,28 @@ def write(cache: PagedKVCache, layer: int, seqs, rows_BTW) -> PagedKVCache:
     Does not move the lengths (every layer writes the same positions; `commit` once per step).
     An FP8 cache takes float rows [B, T, 576] and stores them quantized.
     """
-    seqs = jnp.atleast_1d(jnp.asarray(seqs, jnp.int32))
+    seqs, bad = _seq_ids("write", cache, seqs)
     block_BT, row_BT = _slots(cache, seqs, rows_BTW.shape[1])
+    block_BT = jnp.where(bad, cache.num_blocks, block_BT)  # out of range: dropped
     if cache.fp8:  # the row's bytes, retyped (not converted) to the pool's 8-bit type
         rows_BTW = jax.lax.bitcast_convert_type(mla_ops.quantize_kv_fp8(rows_BTW), cache.kv.dtype)
     kv = cache.kv.at[layer, block_BT, row_BT, 0].set(rows_BTW.astype(cache.kv.dtype),
                                                     mode="drop")
-    return cache.replace(kv=kv)
+    return cache.replace(kv=kv, error=_flag(cache.error, bad))
 
 
 def commit(cache: PagedKVCache, seqs, num_new: int) -> PagedKVCache:
     """lengths[seqs] += num_new, capped at the rows their blocks hold (failed reservations)."""
-    seqs = jnp.atleast_1d(jnp.asarray(seqs, jnp.int32))
+    seqs, bad = _seq_ids("commit", cache, seqs)
     capacity = jax.vmap(lambda s: _held(cache, s))(seqs) * cache.block_size
     new = jnp.minimum(cache.lengths[seqs] + num_new, capacity)
-    return cache.replace(lengths=cache.lengths.at[seqs].set(new))
+    lengths = cache.lengths.at[jnp.where(bad, cache.max_seqs, seqs)].set(new, mode="drop")
+    return cache.replace(lengths=lengths, error=_flag(cache.error, bad))
 
 
 def append(cache: PagedKVCache, seq, rows_LTW) -> PagedKVCache:
     """Appends T rows of every layer ([L, T, W]) to slot `seq`: reserve + write + commit."""
+    _seq_ids("append", cache, seq)
     t = rows_LTW.shape[1]
     cache = reserve(cache, seq, t)
     for layer in range(rows_LTW.shape[0]):
@@ -183,12 +226,17 @@ def append(cache: PagedKVCache, seq, rows_LTW) -> PagedKVCache:
 
 
 def free(cache: PagedKVCache, seq) -> PagedKVCache:
-    """Releases slot `seq`: drops one reference to each of its blocks; length 0, no blocks."""
+    """Releases slot `seq`: drops one reference to each of its blocks; length 0, no blocks.
+    Freeing an empty slot (a second free) changes nothing."""
+    seqs, bad = _seq_ids("free", cache, seq)
+    seq = jnp.where(bad, cache.max_seqs, seqs[0])  # out of range: the sets below drop
     table = cache.block_table[seq]
-    held = table >= 0
+    held = (table >= 0) & ~bad
     refcount = cache.refcount.at[jnp.where(held, table, cache.num_blocks)].add(-1, mode="drop")
-    return cache.replace(refcount=refcount, block_table=cache.block_table.at[seq].set(-1),
-                         lengths=cache.lengths.at[seq].set(0))
+    return cache.replace(refcount=refcount,
+                         block_table=cache.block_table.at[seq].set(-1, mode="drop"),
+                         lengths=cache.lengths.at[seq].set(0, mode="drop"),
+                         error=_flag(cache.error, bad))
 
 
 def allocate(cache: PagedKVCache, seq) -> PagedKVCache:
@@ -200,8 +248,17 @@ def fork(cache: PagedKVCache, src, dst) -> PagedKVCache:
     """Slot `dst` becomes a copy of `src` (a shared prompt prefix, beam search, MTP drafts).
 
     Full blocks are shared by reference (refcount + 1); the partial last block, which either
-    sequence's next append would write into, is copied to a fresh block for `dst`.
+    sequence's next append would write into, is copied to a fresh block for `dst`. `dst` = `src`
+    changes nothing.
     """
+    (src,), bad_src = _seq_ids("fork", cache, src)
+    (dst,), bad_dst = _seq_ids("fork", cache, dst)
+    bad = bad_src | bad_dst
+    return jax.lax.cond(bad | (src == dst), lambda c: c.replace(error=_flag(c.error, bad)),
+                        lambda c: _fork(c, src, dst), cache)
+
+
+def _fork(cache: PagedKVCache, src, dst) -> PagedKVCache:
     cache = free(cache, dst)
     length = cache.lengths[src]
     full = length // cache.block_size
@@ -233,5 +290,6 @@ def gather(cache: PagedKVCache, layer: int, seq):
     """The rows of slot `seq` in `layer` read through its block table: [max_blocks * bs, W]
     as stored (an FP8 cache: uint8 [.., 656], `mla.dequantize_kv_fp8` reads them; rows at or
     past lengths[seq] are unspecified). For tests and debugging."""
+    _seq_ids("gather", cache, seq)
     table = jnp.clip(cache.block_table[seq], 0, cache.num_blocks - 1)
     return cache.kv[layer, table, :, 0].reshape(-1, cache.kv.shape[-1])
