@@ -172,3 +172,25 @@ def test_fork_onto_itself_changes_nothing():
         invariants(got, shadow)
         assert int(got.error) == 0
 
+
+def test_counts_layers_and_row_shapes_are_checked():
+    """A negative count would move a length back into shared blocks (the next append then wrote
+    over the other sequence's rows); rows of width 1, or fewer layers than the pool, were
+    broadcast or silently left out; a layer past the pool's was dropped."""
+    cache, shadow = _filled()
+    with pytest.raises(ValueError, match=r"commit: num_new must be an int >= 0, got -1"):
+        kvc.commit(cache, 1, -1)
+    with pytest.raises(ValueError, match=r"reserve: num_new must be an int >= 0, got -2"):
+        kvc.reserve(cache, 1, -2)
+    got = jax.jit(kvc.commit)(cache, 1, -6)  # traced: counts as 0
+    invariants(got, shadow)
+    with pytest.raises(ValueError, match=r"write: rows must be \[B, T, W\] = \[1, T, 8\], got "
+                                         r"\(1, 1, 1\)"):
+        kvc.write(cache, 0, 1, jnp.ones((1, 1, 1)))
+    with pytest.raises(ValueError, match=r"write: rows must be \[B, T, W\] = \[2, T, 8\]"):
+        kvc.write(cache, 0, jnp.array([0, 1]), jnp.ones((1, 1, W)))
+    with pytest.raises(ValueError, match=r"write: layer must lie in \[0, 2\), got 2"):
+        kvc.write(cache, 2, 1, jnp.ones((1, 1, W)))
+    with pytest.raises(ValueError, match=r"append: rows must be \[L, T, W\] = \[2, T, 8\], got "
+                                         r"\(1, 1, 8\)"):
+        kvc.append(cache, 1, jnp.ones((1, 1, W)))

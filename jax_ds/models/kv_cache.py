@@ -24,7 +24,9 @@ that found no block are dropped: a sequence's length never exceeds the rows it h
 Sequence ids must be slots, in [0, max_seqs), and distinct within one call (one call writes one
 position per slot). Concrete ids are checked (ValueError); traced ones cannot be, so a call with a
 bad one changes nothing but the sticky BAD_SEQ bit (jnp's index clamping would otherwise act on
-another slot: free the last slot's blocks while it still holds them).
+another slot: free the last slot's blocks while it still holds them). Likewise a concrete
+`num_new` must be an int >= 0, and a traced negative one counts as 0 (a length moved back into
+shared blocks would let the next append overwrite another sequence's rows).
 """
 
 from __future__ import annotations
@@ -140,6 +142,21 @@ def _flag(error, bad):
     return error | jnp.where(bad, BAD_SEQ, 0)
 
 
+def _num_new(op: str, num_new):
+    """A row count: an int >= 0 when concrete (ValueError otherwise), a traced one clamped at 0."""
+    value = concrete(num_new)
+    if value is None:
+        return jnp.maximum(num_new, 0)
+    if value.ndim or not np.issubdtype(value.dtype, np.integer) or value < 0:
+        raise ValueError(f"{op}: num_new must be an int >= 0, got {num_new!r}")
+    return num_new
+
+
+def _row_width(cache: PagedKVCache) -> int:
+    """The width of the rows `write` and `append` take (an FP8 pool quantizes 576-wide rows)."""
+    return mla_ops.HEAD_DIM_QK if cache.fp8 else cache.kv.shape[-1]
+
+
 def _held(cache, seq):
     return jnp.sum(cache.block_table[seq] >= 0).astype(jnp.int32)
 
@@ -170,6 +187,7 @@ def _grow_one(cache: PagedKVCache, seq, rows) -> PagedKVCache:
 def reserve(cache: PagedKVCache, seqs, num_new: int) -> PagedKVCache:
     """Ensures each slot in `seqs` [B] holds blocks for lengths + num_new rows (a decode step)."""
     seqs, bad = _seq_ids("reserve", cache, seqs)
+    num_new = _num_new("reserve", num_new)
 
     def body(i, c):  # a bad call asks for 0 rows: nothing to take
         return _grow_one(c, seqs[i], jnp.where(bad, 0, c.lengths[seqs[i]] + num_new))
@@ -197,6 +215,13 @@ def write(cache: PagedKVCache, layer: int, seqs, rows_BTW) -> PagedKVCache:
     An FP8 cache takes float rows [B, T, 576] and stores them quantized.
     """
     seqs, bad = _seq_ids("write", cache, seqs)
+    width = _row_width(cache)
+    if rows_BTW.ndim != 3 or rows_BTW.shape[0] != seqs.shape[0] or rows_BTW.shape[2] != width:
+        raise ValueError(f"write: rows must be [B, T, W] = [{seqs.shape[0]}, T, {width}], got "
+                         f"{tuple(rows_BTW.shape)}")
+    layer_value = concrete(layer)
+    if layer_value is not None and not 0 <= layer_value < cache.kv.shape[0]:
+        raise ValueError(f"write: layer must lie in [0, {cache.kv.shape[0]}), got {layer}")
     block_BT, row_BT = _slots(cache, seqs, rows_BTW.shape[1])
     block_BT = jnp.where(bad, cache.num_blocks, block_BT)  # out of range: dropped
     if cache.fp8:  # the row's bytes, retyped (not converted) to the pool's 8-bit type
@@ -209,6 +234,7 @@ def write(cache: PagedKVCache, layer: int, seqs, rows_BTW) -> PagedKVCache:
 def commit(cache: PagedKVCache, seqs, num_new: int) -> PagedKVCache:
     """lengths[seqs] += num_new, capped at the rows their blocks hold (failed reservations)."""
     seqs, bad = _seq_ids("commit", cache, seqs)
+    num_new = _num_new("commit", num_new)
     capacity = jax.vmap(lambda s: _held(cache, s))(seqs) * cache.block_size
     new = jnp.minimum(cache.lengths[seqs] + num_new, capacity)
     lengths = cache.lengths.at[jnp.where(bad, cache.max_seqs, seqs)].set(new, mode="drop")
@@ -218,6 +244,10 @@ def commit(cache: PagedKVCache, seqs, num_new: int) -> PagedKVCache:
 def append(cache: PagedKVCache, seq, rows_LTW) -> PagedKVCache:
     """Appends T rows of every layer ([L, T, W]) to slot `seq`: reserve + write + commit."""
     _seq_ids("append", cache, seq)
+    width = _row_width(cache)
+    if rows_LTW.ndim != 3 or rows_LTW.shape[0] != cache.kv.shape[0] or rows_LTW.shape[2] != width:
+        raise ValueError(f"append: rows must be [L, T, W] = [{cache.kv.shape[0]}, T, {width}], "
+                         f"got {tuple(rows_LTW.shape)}")
     t = rows_LTW.shape[1]
     cache = reserve(cache, seq, t)
     for layer in range(rows_LTW.shape[0]):
