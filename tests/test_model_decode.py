@@ -113,3 +113,18 @@ def test_fp8_cache_decodes_close_to_the_float_cache():
     np.testing.assert_array_equal(np.concatenate([logits_a, logits_b], 1), got)
     with pytest.raises(ValueError, match="FP8 layout holds rows of 576"):
         Transformer(DeepSeekConfig.tiny(**SMALL), rngs=nnx.Rngs(0)).init_cache(2, 1, 1, fp8=True)
+
+
+def test_decoding_past_the_slot_flags_the_cache_eagerly_as_under_jit():
+    """A step past max_blocks_per_seq * 64 rows sets SEQ_TOO_LONG (the documented status) and
+    gives the same logits eagerly and under jit; eagerly it raised mla_decode's ValueError about
+    cache_seqlens instead, since the attention was given lengths past the table's rows."""
+    model = Transformer(DeepSeekConfig.tiny(**SMALL), rngs=nnx.Rngs(0))
+    cache = model.init_cache(num_blocks=4, max_seqs=1, max_blocks_per_seq=1, dtype=jnp.float32)
+    _, cache = model.decode(jnp.ones((1, 60), jnp.int32), cache, jnp.array([0]))
+    tokens = jnp.full((1, 8), 7, jnp.int32)
+    eager, cache_e = model.decode(tokens, cache, jnp.array([0]))
+    jitted, cache_j = nnx.jit(lambda m, t, c: m.decode(t, c, jnp.array([0])))(model, tokens, cache)
+    for c in (cache_e, cache_j):
+        assert int(c.error) == kvc.SEQ_TOO_LONG and int(c.lengths[0]) == 64
+    np.testing.assert_allclose(np.asarray(eager), np.asarray(jitted), rtol=1e-5, atol=1e-6)

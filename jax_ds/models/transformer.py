@@ -184,7 +184,9 @@ class Transformer(nnx.Module):
         their rows are appended. The MTP modules are not run.
 
         Returns (logits [B, T, V] float32, cache); check `cache.error` (kv_cache.check) outside
-        jit if the pool may run out of blocks.
+        jit if the pool may run out of blocks or a sequence outgrow max_blocks_per_seq * 64 rows
+        (eagerly too: no error is raised; the logits of tokens whose rows were dropped are then
+        meaningless).
         """
         b, t = self._check_tokens("decode", tokens_BT)
         seqs_B = jnp.asarray(seqs_B, jnp.int32)
