@@ -194,3 +194,16 @@ def test_counts_layers_and_row_shapes_are_checked():
     with pytest.raises(ValueError, match=r"append: rows must be \[L, T, W\] = \[2, T, 8\], got "
                                          r"\(1, 1, 8\)"):
         kvc.append(cache, 1, jnp.ones((1, 1, W)))
+
+
+def test_free_of_several_slots_and_twice():
+    """free takes a slot or [B] slots (the first commit of the id checks freed only the first of
+    several); a second free changes nothing."""
+    cache, _ = _filled()
+    for free in (kvc.free, _free):
+        got = free(cache, jnp.array([0, 1]))
+        invariants(got, {})
+        assert int(kvc.num_free_blocks(got)) == 8 and int(got.error) == 0
+        again = free(got, 1)
+        invariants(again, {})
+        assert int(kvc.num_free_blocks(again)) == 8 and int(again.error) == 0

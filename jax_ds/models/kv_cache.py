@@ -256,16 +256,17 @@ def append(cache: PagedKVCache, seq, rows_LTW) -> PagedKVCache:
 
 
 def free(cache: PagedKVCache, seq) -> PagedKVCache:
-    """Releases slot `seq`: drops one reference to each of its blocks; length 0, no blocks.
-    Freeing an empty slot (a second free) changes nothing."""
+    """Releases slot `seq` (or [B] slots): drops one reference to each of its blocks; length 0,
+    no blocks. Freeing an empty slot (a second free) changes nothing."""
     seqs, bad = _seq_ids("free", cache, seq)
-    seq = jnp.where(bad, cache.max_seqs, seqs[0])  # out of range: the sets below drop
-    table = cache.block_table[seq]
-    held = (table >= 0) & ~bad
-    refcount = cache.refcount.at[jnp.where(held, table, cache.num_blocks)].add(-1, mode="drop")
+    seqs = jnp.where(bad, cache.max_seqs, seqs)  # out of range: the sets below drop
+    table_BM = cache.block_table[seqs]
+    held_BM = (table_BM >= 0) & ~bad
+    refcount = cache.refcount.at[jnp.where(held_BM, table_BM, cache.num_blocks)].add(
+        -1, mode="drop")
     return cache.replace(refcount=refcount,
-                         block_table=cache.block_table.at[seq].set(-1, mode="drop"),
-                         lengths=cache.lengths.at[seq].set(0, mode="drop"),
+                         block_table=cache.block_table.at[seqs].set(-1, mode="drop"),
+                         lengths=cache.lengths.at[seqs].set(0, mode="drop"),
                          error=_flag(cache.error, bad))
 
 
