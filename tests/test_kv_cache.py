@@ -207,3 +207,12 @@ def test_free_of_several_slots_and_twice():
         again = free(got, 1)
         invariants(again, {})
         assert int(kvc.num_free_blocks(again)) == 8 and int(again.error) == 0
+
+
+@pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.uint8])
+def test_an_8_bit_pool_without_fp8_is_refused(dtype):
+    """An 8-bit pool is the FP8 layout (656-byte rows): asked for with fp8=False it used to be
+    made 576 wide and then fail on the first write with a broadcasting error."""
+    with pytest.raises(ValueError, match=r"init_cache: an 8-bit pool holds FlashMLA's FP8 rows; "
+                                         r"pass fp8=True"):
+        kvc.init_cache(1, 4, 1, 1, 576, dtype=dtype)

@@ -82,12 +82,16 @@ def init_cache(num_layers: int, num_blocks: int, max_seqs: int, max_blocks_per_s
     """An empty cache: every block free, every sequence slot empty (length 0, no blocks).
 
     fp8=True stores rows of width 576 (c_kv 512 ; k_rope 64) in FlashMLA's FP8 layout (uint8,
-    656 bytes a row; `dtype` is then ignored)."""
+    656 bytes a row; `dtype` is then ignored). An 8-bit `dtype` (uint8, float8_e4m3fn) without
+    fp8=True is refused: a pool of that type is read as the FP8 layout."""
     for name, v in (("num_layers", num_layers), ("num_blocks", num_blocks),
                     ("max_seqs", max_seqs), ("max_blocks_per_seq", max_blocks_per_seq),
                     ("width", width), ("block_size", block_size)):
         if not is_int(v) or v < 1:
             raise ValueError(f"init_cache: {name} must be a positive int, got {v!r}")
+    if not fp8 and mla_ops.is_fp8_cache(jax.ShapeDtypeStruct((), dtype)):
+        raise ValueError(f"init_cache: an 8-bit pool holds FlashMLA's FP8 rows; pass fp8=True "
+                         f"(got dtype {jnp.dtype(dtype).name} with fp8=False)")
     if fp8:
         if width != mla_ops.HEAD_DIM_QK:
             raise ValueError(f"init_cache: the FP8 layout holds rows of {mla_ops.HEAD_DIM_QK} "
