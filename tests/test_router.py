@@ -109,3 +109,100 @@ def test_train_step_moves_bias_outside_the_gradient():
     bias = np.asarray(model.moe_layers()[0].router.bias[...])
     np.testing.assert_allclose(bias, 0.01 * np.sign(counts[0].mean() - counts[0]), atol=1e-7)
     assert isinstance(model.moe_layers()[0].router.bias, RouterBias)
+
+
+# ----------------------------------------------------------------------------- against DeepSeek
+# A numpy re-statement of DeepSeek's public gates: the V3 inference `Gate` and the Hugging Face
+# `MoEGate` of DeepSeek-V2 (greedy / group_limited_greedy) and -V3 (noaux_tc).
+
+GATE_FIELDS = ("num_groups", "topk_groups", "top_k", "score_func", "norm_topk_prob",
+               "routed_scaling")
+
+
+def deepseek_gate(logits_NE, bias_E, *, score_func, num_groups, topk_groups, top_k,
+                  norm_topk_prob, routed_scaling, margin=1e-4):
+    """(topk_idx [N, K] sorted ascending, weights [N, K] aligned, clear [N] bool), float64.
+
+    Selection uses score + bias; groups are ranked by their top-2 biased sum when there is a bias
+    (V3), else by their best score (V2); experts of other groups are excluded. Weights are the
+    unbiased scores. Sigmoid (V3's inference Gate): normalised when norm_topk_prob, then times
+    routed_scaling. Softmax (V2's MoEGate): normalised when top_k > 1 and norm_topk_prob, else
+    times routed_scaling -- never both. `clear` marks rows free of near-ties at the group and
+    expert cut-offs, where float32 rounding could legitimately pick differently.
+    """
+    x = np.asarray(logits_NE, np.float64)
+    if score_func == "sigmoid":
+        s = 1.0 / (1.0 + np.exp(-x))
+    else:
+        s = np.exp(x - x.max(-1, keepdims=True))
+        s /= s.sum(-1, keepdims=True)
+    choice = s if bias_E is None else s + np.asarray(bias_E, np.float64)
+    n, e = choice.shape
+    clear = np.ones(n, bool)
+    if num_groups > 1:
+        grouped = choice.reshape(n, num_groups, e // num_groups)
+        ranked = np.sort(grouped, -1)
+        group = ranked[..., -2:].sum(-1) if bias_E is not None else ranked[..., -1]
+        order = np.sort(group, -1)[:, ::-1]
+        if topk_groups < num_groups:
+            clear &= order[:, topk_groups - 1] - order[:, topk_groups] > margin
+        kept = group >= order[:, topk_groups - 1:topk_groups]
+        choice = np.where(np.repeat(kept, e // num_groups, -1), choice, -np.inf)
+    best = np.sort(choice, -1)[:, ::-1]
+    clear &= best[:, top_k - 1] - best[:, top_k] > margin
+    idx = np.sort(np.argsort(-choice, -1)[:, :top_k], -1)
+    w = np.take_along_axis(s, idx, -1)
+    sigmoid = score_func == "sigmoid"
+    normalised = norm_topk_prob and (sigmoid or top_k > 1)
+    if normalised:
+        w = w / w.sum(-1, keepdims=True)
+    if sigmoid or not normalised:
+        w = w * routed_scaling
+    return idx, w, clear
+
+
+def check_against_deepseek(cfg, seed, n=512, bias_scale=0.1):
+    router = make_router(cfg.num_experts, cfg.num_groups, cfg.topk_groups, cfg.top_k,
+                         score_func=cfg.score_func, norm_topk_prob=cfg.norm_topk_prob,
+                         routed_scaling=cfg.routed_scaling, router_bias=cfg.router_bias,
+                         bias_update_rate=cfg.bias_update_rate)
+    rng = np.random.default_rng(seed)
+    bias = None
+    if router.bias is not None:
+        bias = (rng.standard_normal(cfg.num_experts) * bias_scale).astype(np.float32)
+        router.bias[...] = jnp.asarray(bias)
+    logits = (rng.standard_normal((n, cfg.num_experts)) * 2).astype(np.float32)
+    idx, w, _ = router(jnp.asarray(logits)[None])
+    idx, w = np.asarray(idx)[0], np.asarray(w)[0]
+    order = np.argsort(idx, -1)
+    idx, w = np.take_along_axis(idx, order, -1), np.take_along_axis(w, order, -1)
+    want_idx, want_w, clear = deepseek_gate(
+        logits, bias, **{f: getattr(cfg, f) for f in GATE_FIELDS})
+    assert clear.mean() > 0.9  # the test is about routing, not about ties
+    np.testing.assert_array_equal(idx[clear], want_idx[clear])
+    np.testing.assert_allclose(w[clear], want_w[clear], rtol=2e-5, atol=1e-7)
+
+
+V2 = DeepSeekConfig.v2_lite()
+
+
+@pytest.mark.parametrize("name,cfg", [
+    ("v3", DeepSeekConfig.v3()),
+    ("tiny", DeepSeekConfig.tiny()),
+    ("v3_no_groups", DeepSeekConfig.v3(num_groups=1, topk_groups=1)),
+    ("v3_top1", DeepSeekConfig.v3(top_k=1)),
+    ("sigmoid_no_bias", DeepSeekConfig.v3(router_bias=False, bias_update_rate=0.0)),
+    ("v2_lite_greedy", V2),
+    # DeepSeek-V2 (236B): 160 experts, group_limited_greedy over 8 groups, top-3 groups, x16.
+    ("v2_group_limited", V2.replace(num_experts=160, num_groups=8, topk_groups=3,
+                                    routed_scaling=16.0)),
+])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_router_matches_deepseek_gate(name, cfg, seed):
+    check_against_deepseek(cfg, seed)
+
+
+def test_router_matches_deepseek_gate_with_negative_biased_scores():
+    # Large biases push some biased scores below 0: excluded groups must still lose (-inf, as in
+    # DeepSeek's V3 inference Gate), not tie at 0.
+    check_against_deepseek(DeepSeekConfig.v3(), seed=3, bias_scale=1.0)
