@@ -196,6 +196,9 @@ V2 = DeepSeekConfig.v2_lite()
     # DeepSeek-V2 (236B): 160 experts, group_limited_greedy over 8 groups, top-3 groups, x16.
     ("v2_group_limited", V2.replace(num_experts=160, num_groups=8, topk_groups=3,
                                     routed_scaling=16.0)),
+    # DeepSeek-V2's MoEGate scales only gates it did not normalise.
+    ("v2_norm", V2.replace(norm_topk_prob=True, routed_scaling=16.0)),
+    ("v2_norm_top1", V2.replace(top_k=1, norm_topk_prob=True, routed_scaling=16.0)),
 ])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_router_matches_deepseek_gate(name, cfg, seed):

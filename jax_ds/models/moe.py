@@ -73,9 +73,15 @@ class Router(nnx.Module):
             select_BTE = self._limit_groups(select_BTE)
         _, topk_idx = jax.lax.top_k(select_BTE, self.top_k)
         weights = jnp.take_along_axis(scores_BTE, topk_idx, axis=-1)  # bias-free gate values
-        if self.norm_topk_prob:
+        # V3 (sigmoid): normalise the k gates, then scale. V2 (softmax): normalise (k > 1) *or*
+        # scale, as DeepSeek-V2's MoEGate does; its releases keep norm_topk_prob off.
+        sigmoid = self.score_func == "sigmoid"
+        normalise = self.norm_topk_prob and (sigmoid or self.top_k > 1)
+        if normalise:
             weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
-        return topk_idx.astype(jnp.int32), weights * self.routed_scaling, scores_BTE
+        if sigmoid or not normalise:
+            weights = weights * self.routed_scaling
+        return topk_idx.astype(jnp.int32), weights, scores_BTE
 
     def _limit_groups(self, select_BTE):
         """Keeps the topk_groups best groups of each token, masking the rest to -inf.
