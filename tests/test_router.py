@@ -209,3 +209,20 @@ def test_router_matches_deepseek_gate_with_negative_biased_scores():
     # Large biases push some biased scores below 0: excluded groups must still lose (-inf, as in
     # DeepSeek's V3 inference Gate), not tie at 0.
     check_against_deepseek(DeepSeekConfig.v3(), seed=3, bias_scale=1.0)
+
+
+@pytest.mark.parametrize("score_func", ["sigmoid", "softmax"])
+def test_balance_loss_matches_deepseek_seq_aux(score_func):
+    # V2 MoEGate's seq_aux loss (without alpha) = V3 eq. 17-20: per sequence, the hit counts
+    # scaled by E / (T K) times the mean normalised affinity, summed over experts; mean over B.
+    b, t, e, k = 3, 40, 16, 4
+    router = make_router(e, 4, 2, k, score_func=score_func)
+    x = jax.random.normal(jax.random.key(7), (b, t, e)) * 2
+    idx, _, scores = router(x)
+    s = np.asarray(scores, np.float64)
+    s = s / s.sum(-1, keepdims=True)  # V3's s'; softmax scores already sum to 1
+    hits = np.zeros((b, e))
+    for bi in range(b):
+        np.add.at(hits[bi], np.asarray(idx)[bi].ravel(), 1.0)
+    want = ((hits / (t * k / e)) * s.mean(1)).sum(-1).mean()
+    np.testing.assert_allclose(balance_loss(scores, idx, e), want, rtol=1e-5)
