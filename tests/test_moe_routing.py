@@ -126,6 +126,10 @@ def test_bad_inputs_are_clear_errors():
         moe_unpermute(x, jnp.zeros((4, 2), jnp.int32), jnp.zeros((4, 3)))
     with pytest.raises(ValueError, match="multiple of num_ranks"):
         moe_dispatch_layout(jnp.zeros((4, 2), jnp.int32), 6, 4)
+    with pytest.raises(TypeError, match="topk_idx"):  # 2.7 would truncate onto expert 2
+        moe_dispatch_layout(jnp.full((4, 2), 2.7), 8, 4)
+    with pytest.raises(ValueError, match="num_experts must be a positive int"):
+        moe_dispatch_layout(jnp.zeros((4, 2), jnp.int32), 8.0, 4)
     with pytest.raises(TypeError, match="y must be a floating-point array, got bool"):
         moe_unpermute(x.astype(bool), jnp.zeros((4, 2), jnp.int32), jnp.zeros((4, 2)))
     with pytest.raises(TypeError, match="topk_weights must be a floating-point array"):

@@ -233,7 +233,11 @@ def moe_dispatch_layout(topk_idx, num_experts: int, num_ranks: int):
     """
     op = "moe_dispatch_layout"
     check_ndim(op, "topk_idx", topk_idx, 2, "[N, K]")
-    if num_experts < 1 or num_ranks < 1 or num_experts % num_ranks:
+    check_dtype(op, "topk_idx", topk_idx, _INTS)  # a float id would truncate onto an expert
+    for name, value in (("num_experts", num_experts), ("num_ranks", num_ranks)):
+        if not is_int(value) or value < 1:
+            raise ValueError(f"{op}: {name} must be a positive int, got {value!r}")
+    if num_experts % num_ranks:
         raise ValueError(f"{op}: num_experts ({num_experts}) must be a positive multiple of "
                          f"num_ranks ({num_ranks})")
     idx = _expert_ids(topk_idx, num_experts)
