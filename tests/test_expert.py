@@ -420,3 +420,54 @@ def test_ragged_exchange_matches_padded_on_gpu():
         assert calc_diff(gx1, gx2) < tolerance("float32")
         for a, b in zip(g1, g2):
             assert calc_diff(a, b) < tolerance("float32")
+
+
+def _skewed_routing(rng, n, k, e, ep, how):
+    """[n, k] int32 ids: "first" / "last" rank's experts only (the other ranks receive nothing),
+    or uniform with ~40% of the slots dropped (-1)."""
+    local = e // ep
+    base = {"first": 0, "last": e - local}.get(how)
+    if base is None:
+        idx = np.stack([rng.permutation(e)[:k] for _ in range(n)])
+        idx[rng.random(idx.shape) < 0.4] = -1
+    else:
+        idx = np.stack([base + rng.permutation(local)[:k] for _ in range(n)])
+    return jnp.asarray(idx, jnp.int32)
+
+
+@pytest.mark.parametrize("ep,lpr,k,how", [(2, 1, 1, "first"), (8, 2, 2, "last"),
+                                          (4, 2, 2, "dropped"), (8, 1, 1, "dropped")])
+@pytest.mark.parametrize("exchange", ["padded", "emulated"])
+@pytest.mark.parametrize("dedup", [False, True])
+def test_skewed_routing_matches_dense(ep, lpr, k, how, exchange, dedup):
+    """All tokens to one rank, ranks receiving nothing, -1 slots, top-1: the lossless budget
+    gives sum_k w[n,k] f_{idx[n,k]}(x[n]) with f_e(x) = (e + 1) x, nothing dropped."""
+    e, n, d = ep * lpr, 5, 16
+    rng = np.random.default_rng(ep * 10 + k)
+    x = jnp.asarray(rng.standard_normal((n * ep, d)), jnp.float32)
+    idx = _skewed_routing(rng, n * ep, k, e, ep, how)
+    w = jnp.asarray(rng.random(idx.shape), jnp.float32)
+    cap = ep_lib.ep_token_capacity(n, k, ep) if dedup else ep_lib.ep_capacity(n, k, e, ep)
+
+    def body(x, idx, w):
+        def ffn(xr, sizes):
+            expert = ep_lib.expert_of_rows(sizes, xr.shape[0]) + jax.lax.axis_index(EXPERT) * lpr
+            return xr * (expert + 1).astype(xr.dtype)[:, None]
+        if dedup:
+            xr, sizes, counts, st = ep_lib.ep_dispatch_tokens(
+                x, idx, w, num_experts=e, axis_name=EXPERT, capacity=cap, exchange=exchange)
+            y = ep_lib.ep_combine_tokens(ffn(xr, sizes), st, axis_name=EXPERT)
+        else:
+            xr, sizes, counts, st = ep_lib.ep_dispatch(
+                x, idx, num_experts=e, axis_name=EXPERT, capacity=cap, exchange=exchange)
+            y = ep_lib.ep_combine(ffn(xr, sizes), w, st, axis_name=EXPERT)
+        return y, jax.lax.psum(counts, EXPERT), jax.lax.psum(st.dropped, EXPERT)
+
+    spec = P(EXPERT)
+    y, counts, dropped = jax.jit(jax.shard_map(body, mesh=cpu_mesh(expert=ep), in_specs=(spec,) * 3,
+                                               out_specs=(spec, P(), P())))(x, idx, w)
+    want = jnp.einsum("NK,ND->ND", jnp.where(idx >= 0, w * (idx + 1), 0.0), x)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+    live = np.asarray(idx)[np.asarray(idx) >= 0]
+    np.testing.assert_array_equal(counts, np.bincount(live, minlength=e))
+    assert int(dropped) == 0
