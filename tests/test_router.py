@@ -152,11 +152,14 @@ def deepseek_gate(logits_NE, bias_E, *, score_func, num_groups, topk_groups, top
     clear &= best[:, top_k - 1] - best[:, top_k] > margin
     idx = np.sort(np.argsort(-choice, -1)[:, :top_k], -1)
     w = np.take_along_axis(s, idx, -1)
-    sigmoid = score_func == "sigmoid"
-    normalised = norm_topk_prob and (sigmoid or top_k > 1)
-    if normalised:
+    # Stated branch by branch as the two gates do it, not as the Router folds them together.
+    if score_func == "sigmoid":            # V3: normalised, then scaled
+        if norm_topk_prob:
+            w = w / w.sum(-1, keepdims=True)
+        w = w * routed_scaling
+    elif top_k > 1 and norm_topk_prob:     # V2's MoEGate: normalised ...
         w = w / w.sum(-1, keepdims=True)
-    if sigmoid or not normalised:
+    else:                                  # ... or scaled
         w = w * routed_scaling
     return idx, w, clear
 
