@@ -9,7 +9,8 @@
 (build with CMAKE_CUDA_FLAGS=-lineinfo for the source lines). The page lists every SASS
 instruction once per source file it is attributed to (inlined helpers appear under the header and
 under the caller); here each instruction counts once, under the line of `source` (the file name)
-it belongs to. Prints the stall reasons over all sampled instructions, then per named line range
+it belongs to. Prints the stall reasons over all sampled instructions, the opcodes of the samples
+no line of that file holds (code of inlined headers), then per named line range
 [lo, hi] of that file its share of the samples, its reasons and its busiest lines, then the
 busiest lines of the file. Samples are per warp: a warpgroup idle at a barrier shows as much as
 one that works.
@@ -66,6 +67,12 @@ def main(argv):
     print(f"{total} samples over {len(insts)} instructions; {100 * unmapped / total:.0f}% not "
           f"attributed to a line of {source}")
     print("reasons (% of samples):", share(reasons, total, 8))
+    opcodes = collections.Counter()   # what the unattributed part is (inlined headers' code)
+    for s, sass, _, line in insts.values():
+        if line is None:
+            opcodes[sass.split()[1] if sass.startswith("@") else sass.split()[0]] += s
+    print("not attributed, by opcode (% of samples):",
+          [(k, round(100 * v / total, 1)) for k, v in opcodes.most_common(8)])
     by_line = collections.Counter()
     for s, _, _, line in insts.values():
         if line is not None:

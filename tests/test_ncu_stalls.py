@@ -24,6 +24,9 @@ def _page(path):
         ["90", "mbar_wait(full);", "-", "-", "0", "0", "0", "0", "0"],
         ["", "", "0x20", "@!P0 BRA 0x10", "10", "10", "0", "10", "0"],
         ["", "", "0x30", "NOP", "-", "-", "-", "-", "-"],
+        ["File Path", "cuda/cuda_bf16.hpp"], ["Function Name", "K"], HEADER,
+        ["9", "store();", "-", "-", "0", "0", "0", "0", "0"],
+        ["", "", "0x40", "ST.E desc[UR4][R2.64], R0", "10", "10", "0", "10", "0"],
     ]
     with gzip.open(path, "wt", newline="") as f:
         csv.writer(f, quoting=csv.QUOTE_ALL).writerows(rows)
@@ -34,8 +37,9 @@ def test_counts_each_instruction_once_under_its_kernel_line(tmp_path):
     _page(page)
     out = subprocess.run([sys.executable, str(SCRIPT), str(page), "k.cu", "first:1-50",
                           "second:51-99"], capture_output=True, text=True, check=True).stdout
-    assert out.splitlines()[0].startswith("40 samples over 3 instructions; 0% not attributed")
-    assert "('barrier', 75), ('long_sb', 25)" in out
-    assert "first (lines 1-50): 75.0% of samples; reasons [('barrier', 100)]" in out
-    assert "second (lines 51-99): 25.0% of samples; reasons [('long_sb', 100)]" in out
-    assert "   40  75.0%  wgmma_wait<0>();" in out
+    assert out.splitlines()[0].startswith("50 samples over 4 instructions; 20% not attributed")
+    assert "('barrier', 60), ('long_sb', 40)" in out
+    assert "not attributed, by opcode (% of samples): [('ST.E', 20.0)]" in out
+    assert "first (lines 1-50): 60.0% of samples; reasons [('barrier', 100)]" in out
+    assert "second (lines 51-99): 20.0% of samples; reasons [('long_sb', 100)]" in out
+    assert "   40  60.0%  wgmma_wait<0>();" in out
