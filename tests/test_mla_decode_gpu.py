@@ -98,6 +98,60 @@ def test_kernel_odd_head_counts(b, sq, hq):
     check(*run(q, kv, table, lens, impl="ffi"), *run(q, kv, table, lens, impl="xla"))
 
 
+@pytest.mark.parametrize("softmax_scale", [None, 0.25])
+@pytest.mark.parametrize("max_len", [900, 5000])
+def test_kernel_growing_scores(softmax_scale, max_len):
+    """Keys that grow along the sequence (x1 to x4), so row maxima keep rising from block to
+    block, by more and by less than the kernel's lazy-rescale threshold (2^8 in the weights);
+    with scale 0.25 a block's max jumps by ~10-40 in the exponent. Short rows take the two-pass
+    P V (900), long ones the one-pass path and split batches (5000).
+
+    Here the attention is peaked and the values large next to the outputs, so FlashMLA's
+    elementwise bound does not hold for a bf16 P (nor for FlashMLA): checked against a float64
+    truth with the bound bf16 weights allow, 2^-8 sum_j p_j |v_j| on top of FlashMLA's, and lse
+    with 2^-18 of the largest scale * sum_d |q_d k_d| (the float32 dot products' rounding) on top;
+    FlashMLA's cosine bound against the reference as in `check`."""
+    b, sq, hq = 33, 2, 64
+    q, kv, table, lens = paged(max_len + int(100 * (softmax_scale or 0)), b, sq, hq,
+                               max_len=max_len)
+    max_blocks = table.shape[1]
+    ramp = 1 + 3 * np.arange(max_blocks * 64) / (max_blocks * 64)
+    grow = np.ones((kv.shape[0], 64), np.float32)
+    grow[np.asarray(table).reshape(-1)] = np.tile(ramp.reshape(max_blocks, 64), (b, 1))
+    kv = (kv.astype(jnp.float32) * jnp.asarray(grow)[:, :, None, None]).astype(jnp.bfloat16)
+    run = jax.jit(lambda *a, impl: mla_decode(*a, softmax_scale=softmax_scale, impl=impl),
+                  static_argnames="impl")
+    out, lse = run(q, kv, table, lens, impl="ffi")
+    ref_out, ref_lse = run(q, kv, table, lens, impl="xla")
+    out, ref_out = np.asarray(out, np.float64), np.asarray(ref_out, np.float64)
+    lse, ref_lse = np.asarray(lse, np.float64), np.asarray(ref_lse, np.float64)
+    assert np.array_equal(np.isnan(out), np.isnan(ref_out))
+    assert np.array_equal(np.isinf(lse), np.isinf(ref_lse)) and not np.isnan(lse).any()
+    fin = np.isfinite(ref_out)
+    assert calc_diff(out[fin], ref_out[fin]) < 5e-6
+    scale = softmax_scale or 576 ** -0.5
+    qn, kn = np.asarray(q, np.float64), np.asarray(kv, np.float64)[:, :, 0, :]
+    table, lens = np.asarray(table), np.asarray(lens)
+    for i in range(b):
+        keys = kn[table[i]].reshape(-1, 576)
+        for s in range(sq):
+            vis = lens[i] - (sq - 1 - s)
+            if vis <= 0:
+                continue
+            k = keys[:vis]
+            scores = qn[i, s] @ k.T * scale
+            m = scores.max(1, keepdims=True)
+            w = np.exp(scores - m)
+            true_lse = m[:, 0] + np.log(w.sum(1))
+            w /= w.sum(1, keepdims=True)
+            true_out, spread = w @ k[:, :512], w @ np.abs(k[:, :512])
+            assert np.all(np.abs(out[i, s] - true_out)
+                          <= 8e-4 + 2 / 128 * np.abs(true_out) + 2 ** -8 * spread)
+            mag = scale * (np.abs(qn[i, s]) @ np.abs(k).T).max(1)
+            assert np.all(np.abs(lse[i, :, s] - true_lse)
+                          <= 1e-6 + 1e-6 * np.abs(true_lse) + 2 ** -18 * mag)
+
+
 @pytest.mark.parametrize("b,sq,hq,blocks,cuts", [
     (128, 1, 16, 64, True), (130, 1, 16, 64, True), (128, 2, 128, 64, False),
     (256, 1, 16, 64, False), (64, 1, 16, 64, False), (132, 2, 64, 3, True), (40, 1, 16, 0, True)])

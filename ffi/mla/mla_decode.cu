@@ -8,12 +8,14 @@
 //   1. DecodeKernel, grid (head tiles, parts). The plan first: every CTA splits the batch's KV
 //      blocks evenly over `num_parts` persistent parts, each a contiguous run over (batch, block)
 //      with a fixed cost per batch touched (FlashMLA's balancing idea), by prefix sums over the
-//      lengths, and keeps its own part's range. Then a producer thread streams 64-row KV blocks through TMA
-//      into two shared-memory stages; warpgroup 0 computes S = Q K^T (WGMMA, Q resident in shared
-//      memory), the online softmax in f32, and hands P (bf16) plus the row rescale to warpgroup 1
-//      through shared memory; both warpgroups accumulate O = P V over their half of the 512 value
-//      columns (WGMMA with V read MN-major straight from the K stage). A batch finished inside one
-//      part is written to out/lse directly; a split batch writes normalized partials and lse.
+//      lengths, and keeps its own part's range. Then a producer thread streams 64-row KV blocks
+//      through TMA into two shared-memory stages; warpgroup 0 computes S = Q K^T (WGMMA, Q
+//      resident in shared memory), the online softmax in f32 (its running max moved only when a
+//      block's max exceeds it by more than 8 in log2 units, so most blocks rescale nothing), and
+//      hands P (bf16) plus the row rescale to warpgroup 1 through shared memory; both warpgroups
+//      accumulate O = P V over their half of the 512 value columns (WGMMA with V read MN-major
+//      straight from the K stage). A batch finished inside one part is written to out/lse
+//      directly; a split batch writes normalized partials and lse.
 //   2. CombineKernel: merges the partials of split batches (log-sum-exp weights), with the split
 //      counts CTA (0, 0) of the decode kernel wrote. A programmatic dependent launch: its launch
 //      overlaps the decode kernel (griddepcontrol.wait guards every read of the decode's output).
@@ -48,6 +50,9 @@ constexpr int kChunks = kDqk / 64;           // 64-column (128-byte) swizzled ch
 constexpr int kChunkBytes = 64 * 128;        // one [64 rows x 64 cols] bf16 chunk
 constexpr int kTileBytes = kChunks * kChunkBytes;  // 73728: a Q tile or a KV block
 constexpr int kPreciseMaxLen = 1024;  // sequences up to this length get P V in two passes
+// The softmax's running max may lag a row's true max by up to kLazyLog2 (log2 units of the
+// scaled scores), so P's weights stay under 2^kLazyLog2 (see the softmax).
+constexpr float kLazyLog2 = 8.f;
 constexpr int kMaxFixedCost = 64;  // planner: the most the `fixed_cost` attribute may ask
 constexpr int kThreads = 384;    // 2 consumer warpgroups + 1 producer warpgroup (one thread)
 
@@ -340,10 +345,12 @@ __global__ void __launch_bounds__(kThreads, 1)
 DecodeKernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ CUtensorMap kv_map,
              Params p) {
   extern __shared__ uint8_t smem_raw[];
-  uint8_t* smem = reinterpret_cast<uint8_t*>(
-      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  uint8_t* smem = align_smem_1024(smem_raw);
   uint8_t* q_tile = smem + Smem::kQ;
-  uint8_t* kv_stage[2] = {smem + Smem::kKv, smem + Smem::kKv + kTileBytes};
+  // The two KV stages, by arithmetic: a runtime-indexed pointer array would live in local memory
+  // (an LDL per block and warp before the WGMMA descriptors, and generic stores through it).
+  uint8_t* const kv_base = smem + Smem::kKv;
+  const auto kv_stage = [kv_base](int s) { return kv_base + s * kTileBytes; };
   uint8_t* p_tile = smem + Smem::kP;
   float* stats = reinterpret_cast<float*>(smem + Smem::kStats);
   uint64_t* bar = reinterpret_cast<uint64_t*>(smem + Smem::kBars);
@@ -414,10 +421,10 @@ DecodeKernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ 
         #pragma unroll 1
         for (int c = 0; c < kChunks; ++c) {
           if (evict_kv_early) {
-            tma_load_2d_hint(kv_stage[s] + c * kChunkBytes, &kv_map, &bars.full[s], c * 64,
+            tma_load_2d_hint(kv_stage(s) + c * kChunkBytes, &kv_map, &bars.full[s], c * 64,
                              id * kPage, evict_first);
           } else {
-            tma_load_2d(kv_stage[s] + c * kChunkBytes, &kv_map, &bars.full[s], c * 64, id * kPage);
+            tma_load_2d(kv_stage(s) + c * kChunkBytes, &kv_map, &bars.full[s], c * 64, id * kPage);
           }
         }
       }
@@ -469,7 +476,7 @@ DecodeKernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ 
         for (int kk = 0; kk < kDqk / 16; ++kk) {
           const int off = (kk / 4) * kChunkBytes + (kk % 4) * 32;
           WgmmaBf16<64>::mma(sc, sw128_kmajor_desc(q_tile + off),
-                             sw128_kmajor_desc(kv_stage[s] + off), kk > 0);
+                             sw128_kmajor_desc(kv_stage(s) + off), kk > 0);
         }
         wgmma_commit();
         wgmma_wait<0>();
@@ -497,11 +504,16 @@ DecodeKernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ 
           for (int g = 0; g < 8; ++g) mx = fmaxf(mx, fmaxf(sc[g * 4 + h * 2], sc[g * 4 + h * 2 + 1]));
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-          const float m_new = fmaxf(m[h], mx);
+          // The running max moves only when the block's max exceeds it by more than kLazyLog2
+          // (log2 units of the scaled scores; always from -inf): weights stay under
+          // 2^kLazyLog2 = 256, and most blocks need no rescale of O at all (the warps skip it
+          // below; FlashAttention-4 does the same). NaN compares false: kept out of the max, as
+          // fmaxf does. The lse, m * scale + log(l), is the same sum whichever max is used.
+          const float m_new = (mx - m[h]) * p.scale_log2 > kLazyLog2 ? mx : m[h];
           const float m_use = m_new == -INFINITY ? 0.f : m_new;
           // (x - m) * c rather than x * c - m * c: the difference is exact near the max, so the
           // exponent carries one rounding (the lse bound is 1e-6 relative).
-          scale_row[h] = exp2f((m[h] - m_use) * p.scale_log2);
+          scale_row[h] = m_new == m[h] ? 1.f : Exp2Ftz((m[h] - m_use) * p.scale_log2);
           float sum = 0.f;
           #pragma unroll
           for (int g = 0; g < 8; ++g) {
@@ -515,12 +527,14 @@ DecodeKernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ 
           l[h] = l[h] * scale_row[h] + sum;
           m[h] = m_new;
         }
-        #pragma unroll
-        for (int g = 0; g < 32; ++g) {
-          acc[g * 4 + 0] *= scale_row[0];
-          acc[g * 4 + 1] *= scale_row[0];
-          acc[g * 4 + 2] *= scale_row[1];
-          acc[g * 4 + 3] *= scale_row[1];
+        if (__any_sync(0xffffffff, scale_row[0] != 1.f || scale_row[1] != 1.f)) {
+          #pragma unroll
+          for (int g = 0; g < 32; ++g) {
+            acc[g * 4 + 0] *= scale_row[0];
+            acc[g * 4 + 1] *= scale_row[0];
+            acc[g * 4 + 2] *= scale_row[1];
+            acc[g * 4 + 3] *= scale_row[1];
+          }
         }
         // Publish P and the row rescale once warpgroup 1 is done with the previous ones. Short
         // sequences also keep P's bf16 rounding residual for a second pass (P = hi + lo).
@@ -546,7 +560,7 @@ DecodeKernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ 
           stats[r0] = scale_row[0];
           stats[r0 + 8] = scale_row[1];
         }
-        if (blk == nb - 1 && tail_valid < kPage) ZeroTailRows(kv_stage[s], tail_valid, 0, t);
+        if (blk == nb - 1 && tail_valid < kPage) ZeroTailRows(kv_stage(s), tail_valid, 0, t);
         #pragma unroll 1
         for (int pass = 0; pass < passes; ++pass) {
           if (pass == 1) {  // the residual, once warpgroup 1 is done with hi; no rescale
@@ -572,7 +586,7 @@ DecodeKernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ 
           #pragma unroll
           for (int kk = 0; kk < kPage / 16; ++kk) {
             WgmmaBf16TransB<256>::mma(acc, sw128_kmajor_desc(p_tile + kk * 32),
-                                      Sw128MnMajorDesc(kv_stage[s] + kk * 2048), 1);
+                                      Sw128MnMajorDesc(kv_stage(s) + kk * 2048), 1);
           }
           wgmma_commit();
           // Free the stage as soon as this P V is done (the tensor cores are busy with it
@@ -629,15 +643,17 @@ DecodeKernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ 
         for (int pass = 0; pass < passes; ++pass) {
           mbar_wait(bars.p_full, handoff & 1);
           const float rs0 = stats[r0], rs1 = stats[r0 + 8];
-          #pragma unroll
-          for (int g = 0; g < 32; ++g) {
-            acc[g * 4 + 0] *= rs0;
-            acc[g * 4 + 1] *= rs0;
-            acc[g * 4 + 2] *= rs1;
-            acc[g * 4 + 3] *= rs1;
+          if (__any_sync(0xffffffff, rs0 != 1.f || rs1 != 1.f)) {
+            #pragma unroll
+            for (int g = 0; g < 32; ++g) {
+              acc[g * 4 + 0] *= rs0;
+              acc[g * 4 + 1] *= rs0;
+              acc[g * 4 + 2] *= rs1;
+              acc[g * 4 + 3] *= rs1;
+            }
           }
           if (pass == 0 && blk == nb - 1 && tail_valid < kPage) {
-            ZeroTailRows(kv_stage[s], tail_valid, 4, t);
+            ZeroTailRows(kv_stage(s), tail_valid, 4, t);
             fence_proxy_async_smem();
           }
           named_barrier(2, 128);
@@ -645,7 +661,7 @@ DecodeKernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ 
           #pragma unroll
           for (int kk = 0; kk < kPage / 16; ++kk) {
             WgmmaBf16TransB<256>::mma(acc, sw128_kmajor_desc(p_tile + kk * 32),
-                                      Sw128MnMajorDesc(kv_stage[s] + 4 * kChunkBytes + kk * 2048),
+                                      Sw128MnMajorDesc(kv_stage(s) + 4 * kChunkBytes + kk * 2048),
                                       1);
           }
           wgmma_commit();
