@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Build, test, sanitize and benchmark the FP8 GEMM on a CUDA machine (no internet needed); on a
-# machine of several GPUs, also the LAST issue's runs (steps eptest, ep, pipeline).
+# machine of several GPUs, also the LAST issue's runs (steps eptest, ep, pipeline, train).
 #
 #   OUT=/path/to/logs scripts/device_gemm.sh [info] [build] [test] [sanitize] [bench] [sweep] [ab]
 #                                            [moe] [mla]
-#   OUT=/path/to/logs scripts/device_gemm.sh info build eptest ep pipeline    # several GPUs
+#   OUT=/path/to/logs scripts/device_gemm.sh info build eptest ep pipeline train   # several GPUs
 #
 # Knobs (environment): BUILD=cmake (skip `pip install -e .`), BENCH_ARGS="--shapes quick" or
 # "--m 4096 8192" (a part of the shapes), TEST_WORKERS (pytest-xdist processes, 4; 1 = none),
 # TEST_TIMEOUT / SANITIZE_TIMEOUT / BENCH_TIMEOUT / SWEEP_TIMEOUT (seconds; 540 / 240 / 540 / 540),
-# EP_ARGS / PIPE_ARGS / MOE_ARGS / MLA_ARGS (extra arguments of bench ep / pipeline / moe / mla),
+# EP_ARGS / PIPE_ARGS / TRAIN_ARGS / MOE_ARGS / MLA_ARGS (extra arguments of bench ep / pipeline /
+# train / moe / mla),
 # SWEEP_ARGS (e.g. "--m 64 128 --split"), AB_ARGS (m n k triples, scripts/gemm_ab.py),
 # PYTHON (python3).
 # NVLink multicast stays off (NCCL_NVLS_ENABLE=0) on shared multi-GPU hosts.
@@ -126,6 +127,10 @@ step_ep() { run_bench ep ${EP_ARGS:-}; }
 
 step_pipeline() { run_bench pipeline ${PIPE_ARGS:-}; }
 
+# The whole model's training step on data x expert (tokens/s; the profiler traces, kept under
+# $OUT/train-trace, give the share of the all-to-all under compute).
+step_train() { run_bench train --trace-dir "$OUT/train-trace" ${TRAIN_ARGS:-}; }
+
 step_sweep() {  # every tile x cluster size on the benchmark shapes (kernel times) -> $OUT/sweep.json
   OUT="$OUT" timeout "${SWEEP_TIMEOUT:-540}" "$PY" scripts/sweep_gemm.py ${SWEEP_ARGS:-}
 }
@@ -144,7 +149,7 @@ SUMMARY=()
 FAILED=0
 for step in "${STEPS[@]}"; do
   if ! declare -F "step_$step" >/dev/null; then
-    echo "unknown step '$step' (steps: info build test sanitize bench sweep ab moe mla eptest ep pipeline)"
+    echo "unknown step '$step' (steps: info build test sanitize bench sweep ab moe mla eptest ep pipeline train)"
     SUMMARY+=("$step|unknown|0"); FAILED=$((FAILED + 1)); continue
   fi
   echo "=================== $step ==================="

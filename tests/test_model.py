@@ -243,3 +243,41 @@ def test_tiny_model_loss_falls_in_30_steps():
               for _ in range(30)]
     assert np.isfinite(losses).all()
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 1.0, losses
+
+
+def test_microbatched_step_equals_the_whole_batch():
+    """train_step(microbatches=2) on data=2 x expert=4: the same update (plain SGD, so the
+    parameters move by the gradient itself), the same router-bias move and summed counts, on a
+    config with MTP and the sequence-wise balance loss (means over tokens or sequences)."""
+    cfg = DeepSeekConfig.tiny(**SMALL, mtp_depth=1, balance_loss_weight=0.01)
+    tokens = jax.random.randint(jax.random.key(8), (16, 17), 0, cfg.vocab_size)
+    mesh = make_mesh(data=2, expert=4, devices=jax.devices("cpu"))
+    params, metrics = [], []
+    for k in (1, 2):
+        with jax.default_device(jax.devices("cpu")[0]):
+            model = shard_model(Transformer(cfg, rngs=nnx.Rngs(0), mesh=mesh), mesh)
+            optimizer = nnx.Optimizer(model, optax.sgd(1.0), wrt=nnx.Param)
+            step = nnx.jit(train_step, static_argnames="microbatches")
+            metrics.append(step(model, optimizer, shard_batch(tokens, mesh), microbatches=k))
+            params.append(nnx.state(model))
+    for key in ("loss", "ce", "mtp_ce", "balance_loss"):
+        assert float(metrics[1][key]) == pytest.approx(float(metrics[0][key]), rel=1e-5), key
+    np.testing.assert_array_equal(metrics[1]["expert_counts"], metrics[0]["expert_counts"])
+    assert int(metrics[1]["dropped"]) == int(metrics[0]["dropped"])
+    moved = 0
+    for a, b, init in zip(jax.tree.leaves(params[1]), jax.tree.leaves(params[0]),
+                          jax.tree.leaves(nnx.state(Transformer(cfg, rngs=nnx.Rngs(0))))):
+        a, b, init = (np.asarray(x, np.float64) for x in (a, b, init))
+        if not np.array_equal(b, init):
+            moved += 1
+            assert calc_diff(a - init, b - init) < tolerance("float32")
+    assert moved > 10
+
+
+@pytest.mark.parametrize("microbatches, match", [(3, "multiple"), (0, ">= 1"), (True, ">= 1")])
+def test_microbatches_must_divide_the_batch(microbatches, match):
+    cfg = DeepSeekConfig.tiny(**SMALL)
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.sgd(1.0), wrt=nnx.Param)
+    with pytest.raises(ValueError, match=match):
+        train_step(model, optimizer, jnp.zeros((4, 9), jnp.int32), microbatches=microbatches)

@@ -25,6 +25,8 @@ SUITES = {  # name -> (module, one-line help)
     "ep": ("jax_ds.bench.ep", "expert-parallel dispatch/combine (bf16, FP8) vs XLA all_to_all"),
     "pipeline": ("jax_ds.bench.pipeline",
                  "pipeline schedules' step time and bubble vs the simulator's prediction"),
+    "train": ("jax_ds.bench.train",
+              "full-model training step on a data x expert mesh: tokens/s, EP overlap (trace)"),
     "checkpoint": ("jax_ds.bench.checkpoint",
                    "checkpoint save/restore GB/s: ours vs Orbax defaults vs raw disk"),
 }

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import re
 import tempfile
 
 import jax
@@ -83,3 +84,107 @@ def device_time_jax(fn, arg_sets, calls: int) -> float:
     if total_ns <= 0:
         raise RuntimeError("the trace holds no GPU kernel events (profiler unavailable?)")
     return total_ns * 1e-9 / calls
+
+
+# ----------------------------------------------------------------------------- overlap in a trace
+
+# Collective kernels by name, first match wins. NCCL names its kernels after the collective
+# (ncclDevKernel_AllReduce_Sum_f32_RING_LL, ..._SendRecv); NCCL runs an all-to-all, ragged or not,
+# as grouped sends and receives, so SendRecv counts as all-to-all (a pipeline's
+# collective-permute would land there too). Words that XLA's compute fusions also use
+# ("broadcast", "ragged" of ragged_dot) are not patterns.
+COLLECTIVE_KINDS = (
+    ("all_to_all", re.compile(r"all.?to.?all|send.?recv", re.I)),
+    ("all_reduce", re.compile(r"all.?reduce", re.I)),
+    ("all_gather", re.compile(r"all.?gather", re.I)),
+    ("reduce_scatter", re.compile(r"reduce.?scatter", re.I)),
+    ("other_collective", re.compile(r"nccl|collective.?permute", re.I)),
+)
+
+
+_COPY = re.compile(r"memcpy|memset", re.I)
+
+
+def collective_kind(name: str) -> str | None:
+    """The COLLECTIVE_KINDS kind of a GPU kernel's name, "copy" for memcpy/memset, or None for
+    compute."""
+    for kind, pattern in COLLECTIVE_KINDS:
+        if pattern.search(name):
+            return kind
+    return "copy" if _COPY.search(name) else None
+
+
+def _union(intervals):
+    """Sorted, disjoint [start, end) intervals covering the given ones."""
+    out = []
+    for start, end in sorted(i for i in intervals if i[1] > i[0]):
+        if out and start <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], end)
+        else:
+            out.append([start, end])
+    return out
+
+
+def _length(intervals) -> int:
+    return sum(end - start for start, end in intervals)
+
+
+def _intersection_length(a, b) -> int:
+    """Length of the intersection of two sorted disjoint interval lists."""
+    i = j = total = 0
+    while i < len(a) and j < len(b):
+        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        total += max(0, hi - lo)
+        if a[i][1] <= b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+def collective_overlap(events) -> dict:
+    """How much of one GPU's collective time runs under compute, from its kernels
+    `events` = [(name, start_ns, end_ns)].
+
+    Returns {"span_ms", "compute_ms", "copy_ms", "collectives": {kind: {"ms", "overlapped_ms",
+    "overlap"}}}: per kind, the time some kernel of that kind runs (intervals merged), the part of
+    it during which a compute kernel also runs on the device, and their ratio. Copies
+    (memcpy/memset) are neither compute nor collective."""
+    if not events:
+        return {"span_ms": 0.0, "compute_ms": 0.0, "copy_ms": 0.0, "collectives": {}}
+    by_kind: dict[str, list] = {}
+    compute = []
+    for name, start, end in events:
+        kind = collective_kind(name)
+        (by_kind.setdefault(kind, []) if kind else compute).append((start, end))
+    compute = _union(compute)
+    span = max(e for _, _, e in events) - min(s for _, s, _ in events)
+    copies = _union(by_kind.pop("copy", []))
+    out = {"span_ms": span / 1e6, "compute_ms": _length(compute) / 1e6,
+           "copy_ms": _length(copies) / 1e6, "collectives": {}}
+    for kind, _ in COLLECTIVE_KINDS:
+        if kind not in by_kind:
+            continue
+        spans = _union(by_kind[kind])
+        total, under = _length(spans), _intersection_length(spans, compute)
+        out["collectives"][kind] = {"ms": total / 1e6, "overlapped_ms": under / 1e6,
+                                    "overlap": under / total if total else None}
+    return out
+
+
+def gpu_kernels_by_device(trace_dir: str) -> dict[str, list]:
+    """{GPU plane name: [(kernel name, start_ns, end_ns)]} from every .xplane.pb under
+    trace_dir (empty when the trace holds no GPU, e.g. on CPU)."""
+    from jax.profiler import ProfileData
+
+    out: dict[str, list] = {}
+    for path in sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)):
+        for plane in ProfileData.from_file(path).planes:
+            if not plane.name.startswith("/device:GPU"):
+                continue
+            events = out.setdefault(plane.name, [])
+            for line in plane.lines:
+                if line.name.startswith("Stream"):
+                    events.extend((ev.name, ev.start_ns, ev.start_ns + ev.duration_ns)
+                                  for ev in line.events)
+    return out

@@ -21,7 +21,7 @@ from jax_ds.models.config import DeepSeekConfig
 from jax_ds.models.layers import MLP, Dense, RMSNorm
 from jax_ds.models.mla import MLAttention
 from jax_ds.models.moe import DeepSeekMoE, MoEStats, update_router_bias
-from jax_ds.ops._checks import concrete
+from jax_ds.ops._checks import concrete, is_int
 
 
 class Block(nnx.Module):
@@ -272,14 +272,41 @@ def apply_router_bias_update(model: Transformer, expert_counts_LE, rate: float |
                                                       rate)
 
 
-def train_step(model: Transformer, optimizer: nnx.Optimizer, tokens_BS):
-    """One optimizer step on tokens [B, T+1]; wrap in `nnx.jit`. Returns the metrics dict.
+_SUMMED_METRICS = ("expert_counts", "dropped")  # counts add up over micro-batches; the rest average
+
+
+def train_step(model: Transformer, optimizer: nnx.Optimizer, tokens_BS, microbatches: int = 1):
+    """One optimizer step on tokens [B, T+1]; wrap in `nnx.jit` (with `microbatches` static).
+    Returns the metrics dict.
 
     Gradients are taken w.r.t. `nnx.Param` only: the router biases (`RouterBias`) are moved by
     the load-balance rule afterwards, never by the optimizer.
+
+    microbatches: the batch is cut into this many equal parts (B divisible by it; part i holds
+      rows i, i + microbatches, ..., so a batch sharded in contiguous blocks keeps every part on
+      every device) and their gradients are averaged in the same program. The parts are
+      independent until that sum, so XLA's scheduler may run one part's expert all-to-all
+      under another's compute, DeepSeek-V3's two-micro-batch overlap. The step equals the
+      whole batch's wherever the loss is a mean over tokens or sequences (CE, MTP, the
+      sequence-wise balance loss); capacity limits apply per part. Loss-like metrics are the
+      parts' mean, expert counts and drops their sum.
     """
+    if not is_int(microbatches) or microbatches < 1:
+        raise ValueError(f"train_step: microbatches must be an int >= 1, got {microbatches!r}")
+    b = tokens_BS.shape[0]
+    if b % microbatches:
+        raise ValueError(f"train_step: batch size {b} is not a multiple of microbatches "
+                         f"{microbatches}")
     grad_fn = nnx.value_and_grad(lm_loss, argnums=nnx.DiffState(0, nnx.Param), has_aux=True)
-    (_, metrics), grads = grad_fn(model, tokens_BS)
+    if microbatches == 1:
+        (_, metrics), grads = grad_fn(model, tokens_BS)
+    else:
+        parts_BKS = tokens_BS.reshape(b // microbatches, microbatches, *tokens_BS.shape[1:])
+        results = [grad_fn(model, parts_BKS[:, i]) for i in range(microbatches)]
+        grads = jax.tree.map(lambda *g: sum(g) / microbatches, *[g for _, g in results])
+        metrics = {key: sum(m[key] for (_, m), _ in results) for key in results[0][0][1]}
+        metrics = {key: v if key in _SUMMED_METRICS else v / microbatches
+                   for key, v in metrics.items()}
     optimizer.update(model, grads)
     apply_router_bias_update(model, metrics["expert_counts"])
     return metrics

@@ -1,0 +1,199 @@
+"""`python -m jax_ds.bench train`: the whole model's training step on a data x expert mesh.
+
+This is the LAST issue's item 4. It reports the step time and tokens/s. From a profiler trace of
+a few steps it also reports how much of the expert-parallel exchange runs while compute runs.
+
+Setup:
+  model  --model tiny (DeepSeekConfig.tiny) or mid (the pipeline benchmark's mid-size MoE:
+         d_model 1024, 16 experts of 512, top-4, bf16). --layers of them, every layer MoE.
+         --fp8 for the FP8 GEMMs.
+  mesh   --mesh, one device per rank. Default: data=2 x expert=<devices / 2> on an even count of
+         at least 4 devices, else expert=<all>.
+  batch  --batch sequences (the global batch) of --seq-len tokens, random ids.
+
+Each --microbatches value (default 1 2) gets a fresh model and AdamW optimizer. It runs:
+  1. --warmup steps, which compile;
+  2. --steps timed steps, each waiting for its loss (the median is reported);
+  3. --trace-steps steps under jax.profiler. The trace is kept under --trace-dir; open it in
+     TensorBoard's profile plugin or Perfetto.
+With microbatches = 2, `train_step` cuts the batch into two parts whose gradients are summed in
+one program. XLA's scheduler may then run one part's all-to-all under the other's compute, the
+way DeepSeek-V3 overlaps two micro-batches.
+
+The trace's GPU kernels are read back per device (`_profile.collective_overlap`):
+  - the time some collective kernel runs;
+  - the part of that time during which a compute kernel also runs on the GPU.
+All-to-all is the EP dispatch and combine; all-reduce is the data-parallel gradient sum.
+
+model TFLOP/s = 6 x activated parameters x tokens / step time. This is the usual estimate; the
+attention scores' FLOPs are left out.
+
+On CPU (8 virtual devices) the trace holds no GPU kernels, so the overlap columns are empty. The
+timings there mean nothing; `--tiny` is a smoke run of the harness.
+
+Leave NVLink multicast off on shared machines: NCCL_NVLS_ENABLE=0 is set here unless the
+environment already sets it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+
+from jax_ds.bench import _profile, environment, error_cell, print_table, write_json
+from jax_ds.models import DeepSeekConfig, Transformer, param_counts, train_step
+from jax_ds.parallel.mesh import (make_mesh, parse_mesh, request_cpu_devices, shard_batch,
+                                  shard_model)
+
+os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+
+KINDS = ("all_to_all", "all_reduce")  # the table's columns; the JSON keeps every kind
+
+
+def add_arguments(parser):
+    parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON")
+    parser.add_argument("--model", choices=("tiny", "mid"), default="mid")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--fp8", action="store_true", help="FP8 GEMMs (1x128 / 128x128 scaling)")
+    parser.add_argument("--mesh", default="auto", help="e.g. data=2,expert=4 (one may be -1)")
+    parser.add_argument("--batch", type=int, default=64, help="sequences per step (global)")
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--microbatches", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps (compile)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps")
+    parser.add_argument("--trace-steps", type=int, default=3,
+                        help="steps under the profiler (0: no trace)")
+    parser.add_argument("--trace-dir", default="out/train-trace",
+                        help="where the traces are kept (one folder per microbatches value)")
+    parser.add_argument("--devices", type=int, default=8,
+                        help="virtual CPU devices to create when running on CPU")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tiny", action="store_true",
+                        help="a CPU smoke run: tiny model, 2 layers, 16 x 32 tokens, 2 steps")
+
+
+def model_config(name: str, num_layers: int, fp8: bool) -> DeepSeekConfig:
+    from jax_ds.bench.pipeline import model_config as pipeline_model
+
+    return pipeline_model(name, num_layers).replace(fp8=fp8)
+
+
+def default_mesh(n: int) -> str:
+    return f"data=2,expert={n // 2}" if n >= 4 and n % 2 == 0 else f"expert={n}"
+
+
+def summarize(per_device: dict, steps: int) -> dict:
+    """Mean over devices, per step, of each collective kind's time, and the share of it under
+    compute (over all devices' time of that kind)."""
+    out = {}
+    kinds = sorted({k for d in per_device.values() for k in d["collectives"]})
+    for kind in kinds:
+        cells = [d["collectives"][kind] for d in per_device.values() if kind in d["collectives"]]
+        total = sum(c["ms"] for c in cells)
+        out[kind] = {"ms_per_step": total / len(per_device) / steps,
+                     "overlap": sum(c["overlapped_ms"] for c in cells) / total if total else None}
+    if per_device:
+        out["span_ms_per_step"] = (sum(d["span_ms"] for d in per_device.values())
+                                   / len(per_device) / steps)
+    return out
+
+
+def measure(cfg, mesh, microbatches, args):
+    tokens = args.batch * args.seq_len
+    row = {"microbatches": microbatches, "batch": args.batch, "seq_len": args.seq_len,
+           "tokens": tokens}
+    try:
+        model = Transformer(cfg, rngs=nnx.Rngs(args.seed), mesh=mesh)
+        optimizer = nnx.Optimizer(model, optax.adamw(1e-4), wrt=nnx.Param)
+        shard_model(model, mesh)
+        shard_model(optimizer, mesh)
+        step = nnx.jit(train_step, static_argnames="microbatches")
+        rng = np.random.default_rng(args.seed)
+        batches = [shard_batch(rng.integers(0, cfg.vocab_size, (args.batch, args.seq_len + 1),
+                                            dtype=np.int32), mesh) for _ in range(2)]
+
+        def run(i):
+            return step(model, optimizer, batches[i % 2], microbatches=microbatches)
+
+        for i in range(args.warmup):
+            float(run(i)["loss"])
+        times = []
+        for i in range(args.steps):
+            t0 = time.perf_counter()
+            float(run(i)["loss"])  # waits for the step
+            times.append(time.perf_counter() - t0)
+        t = float(np.median(times))
+        row.update(step_ms=t * 1e3, tokens_per_s=tokens / t,
+                   tokens_per_s_per_device=tokens / t / mesh.size,
+                   model_tflops=6 * param_counts(cfg)["activated"] * tokens / t / 1e12)
+        if args.trace_steps > 0:
+            trace_dir = os.path.join(args.trace_dir, f"microbatches-{microbatches}")
+            jax.profiler.start_trace(trace_dir)
+            try:
+                for i in range(args.trace_steps):
+                    out = run(i)
+                jax.block_until_ready(out)
+            finally:
+                jax.profiler.stop_trace()
+            per_device = {dev: _profile.collective_overlap(events) for dev, events
+                          in _profile.gpu_kernels_by_device(trace_dir).items()}
+            row.update(trace_dir=trace_dir, trace_steps=args.trace_steps, devices=per_device,
+                       collectives=summarize(per_device, args.trace_steps))
+    except Exception as e:  # a failed configuration is a table cell, not the end of the run
+        row["error"] = error_cell(e)
+    return row
+
+
+def _fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def run(args):
+    if args.tiny:
+        args.model, args.layers, args.batch, args.seq_len = "tiny", 2, 16, 32
+        args.warmup, args.steps, args.trace_steps = 1, 2, 1
+    request_cpu_devices(args.devices)
+    n = jax.device_count()
+    mesh = make_mesh(**parse_mesh(default_mesh(n) if args.mesh == "auto" else args.mesh, n))
+    cfg = model_config(args.model, args.layers, args.fp8)
+    counts = param_counts(cfg)
+    env = environment()
+    rows = [measure(cfg, mesh, k, args) for k in args.microbatches]
+    table = []
+    for r in rows:
+        if "error" in r:
+            table.append([str(r["microbatches"]), r["error"]["error"][:80]] + [""] * 8)
+            continue
+        c = r.get("collectives", {})
+        cell = lambda kind, key: c.get(kind, {}).get(key)  # noqa: E731
+        table.append([str(r["microbatches"]), f"{r['step_ms']:.1f}",
+                      f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_s_per_device']:,.0f}",
+                      f"{r['model_tflops']:.1f}",
+                      *(v for kind in KINDS for v in (_fmt(cell(kind, "ms_per_step"), ".2f"),
+                                                      _fmt(cell(kind, "overlap"), ".0%"))),
+                      _fmt(c.get("span_ms_per_step"), ".1f")])
+    mesh_text = " x ".join(f"{a}={s}" for a, s in mesh.shape.items() if s > 1) or "1 device"
+    print_table(
+        f"Training step, {args.model} MoE x {args.layers} layers "
+        f"({counts['activated'] / 1e6:.3g}M activated of {counts['total'] / 1e6:.3g}M), "
+        f"{mesh_text} on {n} {env['device']}, batch {args.batch} x {args.seq_len} tokens",
+        ["micro-batches", "step ms", "tokens/s", "tokens/s/device", "model TFLOP/s",
+         "a2a ms/step", "a2a under compute", "all-reduce ms/step", "all-reduce under compute",
+         "GPU span ms/step"],
+        table,
+        ["step ms: median of --steps steps, each waiting for its loss; model TFLOP/s = 6 x "
+         "activated parameters x tokens / step time",
+         "a2a / all-reduce: per GPU and step (mean over GPUs) from the profiler trace, and the "
+         "share of that time with a compute kernel running at the same time (- : no GPU trace)"])
+    path = write_json(args.out, "train", env, {
+        "model": args.model, "layers": args.layers, "fp8": args.fp8,
+        "config": dataclasses.asdict(cfg),
+        "params": counts, "mesh": dict(mesh.shape), "rows": rows})
+    print(f"wrote {path}")
+    return 0 if all("error" not in r for r in rows) else 1

@@ -1,0 +1,66 @@
+"""`python -m jax_ds.bench train`: the trace's overlap arithmetic, and a CPU smoke run."""
+import glob
+import json
+
+import pytest
+
+from jax_ds.bench import _profile
+from jax_ds.bench import train as bench_train
+from jax_ds.bench.__main__ import main
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("ncclDevKernel_SendRecv", "all_to_all"),
+    ("ncclKernel_AllToAll_RING", "all_to_all"),
+    ("ncclDevKernel_AllReduce_Sum_f32_RING_LL", "all_reduce"),
+    ("ncclDevKernel_AllGather_RING_LL", "all_gather"),
+    ("ncclDevKernel_ReduceScatter_Sum_bf16_RING_LL", "reduce_scatter"),
+    ("ncclDevKernel_Broadcast_RING_LL", "other_collective"),
+    ("MemcpyD2D", "copy"), ("Memset", "copy"),
+    ("loop_broadcast_fusion", None), ("input_reduce_fusion_1", None),
+    ("ragged_dot_fusion", None), ("jax_ds_fp8_gemm_kernel", None)])
+def test_kernels_are_classified_by_name(name, kind):
+    assert _profile.collective_kind(name) == kind
+
+
+def test_overlap_counts_time_under_any_compute_stream():
+    events = [
+        ("fusion_a", 0, 10), ("fusion_b", 5, 15),          # two streams: compute [0, 15)
+        ("fusion_c", 20, 30),
+        ("ncclDevKernel_SendRecv", 10, 25),               # 5 of its 15 under compute... + 5
+        ("ncclDevKernel_SendRecv", 12, 22),               # inside the first: merged
+        ("ncclDevKernel_AllReduce_Sum_f32_RING_LL", 40, 50),
+        ("MemcpyD2D", 30, 40),
+    ]
+    out = _profile.collective_overlap(events)
+    assert out["span_ms"] == pytest.approx(50e-6)
+    assert out["compute_ms"] == pytest.approx(25e-6) and out["copy_ms"] == pytest.approx(10e-6)
+    a2a = out["collectives"]["all_to_all"]
+    assert a2a["ms"] == pytest.approx(15e-6) and a2a["overlapped_ms"] == pytest.approx(10e-6)
+    assert a2a["overlap"] == pytest.approx(10 / 15)
+    assert out["collectives"]["all_reduce"]["overlap"] == 0
+    assert _profile.collective_overlap([]) == {"span_ms": 0.0, "compute_ms": 0.0,
+                                               "copy_ms": 0.0, "collectives": {}}
+
+
+def test_summary_is_per_gpu_and_step():
+    dev = lambda ms, under: {"span_ms": 10.0, "collectives": {  # noqa: E731
+        "all_to_all": {"ms": ms, "overlapped_ms": under, "overlap": under / ms}}}
+    out = bench_train.summarize({"/device:GPU:0": dev(4.0, 1.0), "/device:GPU:1": dev(2.0, 2.0)},
+                                steps=2)
+    assert out["all_to_all"]["ms_per_step"] == pytest.approx(1.5)
+    assert out["all_to_all"]["overlap"] == pytest.approx(0.5)
+    assert out["span_ms_per_step"] == pytest.approx(5.0)
+
+
+def test_bench_train_runs(tmp_path):
+    assert main(["train", "--tiny", "--out", str(tmp_path),
+                 "--trace-dir", str(tmp_path / "trace")]) == 0
+    (path,) = tmp_path.glob("train-*.json")
+    result = json.loads(path.read_text())
+    assert result["mesh"]["data"] * result["mesh"]["expert"] == 8
+    assert [r["microbatches"] for r in result["rows"]] == [1, 2]
+    for row in result["rows"]:
+        assert row["step_ms"] > 0 and row["tokens_per_s"] > 0 and row["model_tflops"] > 0
+        assert glob.glob(f"{row['trace_dir']}/**/*.xplane.pb", recursive=True)
+        assert row["devices"] == {} and row["collectives"] == {}   # no GPU in a CPU trace
