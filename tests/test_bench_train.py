@@ -59,7 +59,7 @@ def test_bench_train_runs(tmp_path):
     (path,) = tmp_path.glob("train-*.json")
     result = json.loads(path.read_text())
     assert result["mesh"]["data"] * result["mesh"]["expert"] == 8
-    assert [r["microbatches"] for r in result["rows"]] == [1, 2]
+    assert [(r["gemm"], r["microbatches"]) for r in result["rows"]] == [("bf16", 1), ("bf16", 2)]
     for row in result["rows"]:
         assert row["step_ms"] > 0 and row["tokens_per_s"] > 0 and row["model_tflops"] > 0
         assert glob.glob(f"{row['trace_dir']}/**/*.xplane.pb", recursive=True)

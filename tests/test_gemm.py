@@ -286,6 +286,38 @@ def test_fp8_linear_forward_and_grads(dtype):
     assert calc_diff(dw, dw_ref) < tolerance(dtype)  # wgrad is float32 math (not FP8)
 
 
+@pytest.mark.parametrize("grouped", [False, True])
+def test_fp8_linear_inside_shard_map_sums_the_weight_gradient(grouped):
+    """x split over a mesh axis, w replicated: inside shard_map the weight's cotangent varies
+    over the axis where w does not, and its gradient is the sum over the shards, as outside."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((4,), ("data",), devices=jax.devices("cpu")[:4])
+    x = random((16, 256), jnp.float32, seed=11)
+    w = random((2, 64, 256) if grouped else (64, 256), jnp.float32, seed=12)
+    sizes = jnp.array([2, 2], jnp.int32)  # per shard of 4 rows: 2 rows a group
+
+    def linear(x, w):
+        return ops.grouped_fp8_linear(x, w, sizes) if grouped else ops.fp8_linear(x, w)
+
+    def loss(x, w):
+        return jnp.sum(linear(x, w).astype(jnp.float32) ** 2)
+
+    def sharded_loss(x, w):
+        body = lambda x, w: jax.lax.psum(loss(x, w), "data")  # noqa: E731
+        return jax.shard_map(body, mesh=mesh, in_specs=(P("data"), P()), out_specs=P())(x, w)
+
+    xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+    ws = jax.device_put(w, NamedSharding(mesh, P()))
+    dx, dw = jax.jit(jax.grad(sharded_loss, argnums=(0, 1)))(xs, ws)
+    per_shard = [jax.grad(loss, argnums=(0, 1))(x[i:i + 4], w) for i in range(0, 16, 4)]
+    np.testing.assert_allclose(np.asarray(dx), np.concatenate([g[0] for g in per_shard]),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dw), sum(np.asarray(g[1]) for g in per_shard),
+                               rtol=1e-4, atol=1e-4)
+
+
 def test_fp8_linear_vmap_and_errors(no_kernels):
     x, w = random((3, 4, 256), seed=7), random((64, 256), seed=8)
     np.testing.assert_array_equal(np.asarray(jax.vmap(lambda v: ops.fp8_linear(v, w))(x)),

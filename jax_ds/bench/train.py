@@ -6,12 +6,13 @@ a few steps it also reports how much of the expert-parallel exchange runs while 
 Setup:
   model  --model tiny (DeepSeekConfig.tiny) or mid (the pipeline benchmark's mid-size MoE:
          d_model 1024, 16 experts of 512, top-4, bf16). --layers of them, every layer MoE.
-         --fp8 for the FP8 GEMMs.
+         --gemm bf16 fp8 runs both (FP8: the 1x128 / 128x128 GEMMs, on Hopper our kernels).
   mesh   --mesh, one device per rank. Default: data=2 x expert=<devices / 2> on an even count of
          at least 4 devices, else expert=<all>.
   batch  --batch sequences (the global batch) of --seq-len tokens, random ids.
 
-Each --microbatches value (default 1 2) gets a fresh model and AdamW optimizer. It runs:
+Each --gemm x --microbatches combination (default bf16 x 1, 2) gets a fresh model and AdamW
+optimizer. It runs:
   1. --warmup steps, which compile;
   2. --steps timed steps, each waiting for its loss (the median is reported);
   3. --trace-steps steps under jax.profiler. The trace is kept under --trace-dir; open it in
@@ -60,7 +61,8 @@ def add_arguments(parser):
     parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON")
     parser.add_argument("--model", choices=("tiny", "mid"), default="mid")
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--fp8", action="store_true", help="FP8 GEMMs (1x128 / 128x128 scaling)")
+    parser.add_argument("--gemm", nargs="+", choices=("bf16", "fp8"), default=["bf16"],
+                        help="GEMM precision(s): fp8 = 1x128 / 128x128 scaled FP8")
     parser.add_argument("--mesh", default="auto", help="e.g. data=2,expert=4 (one may be -1)")
     parser.add_argument("--batch", type=int, default=64, help="sequences per step (global)")
     parser.add_argument("--seq-len", type=int, default=1024)
@@ -70,7 +72,7 @@ def add_arguments(parser):
     parser.add_argument("--trace-steps", type=int, default=3,
                         help="steps under the profiler (0: no trace)")
     parser.add_argument("--trace-dir", default="out/train-trace",
-                        help="where the traces are kept (one folder per microbatches value)")
+                        help="where the traces are kept (one folder per configuration)")
     parser.add_argument("--devices", type=int, default=8,
                         help="virtual CPU devices to create when running on CPU")
     parser.add_argument("--seed", type=int, default=0)
@@ -106,8 +108,9 @@ def summarize(per_device: dict, steps: int) -> dict:
 
 def measure(cfg, mesh, microbatches, args):
     tokens = args.batch * args.seq_len
-    row = {"microbatches": microbatches, "batch": args.batch, "seq_len": args.seq_len,
-           "tokens": tokens}
+    gemm = "fp8" if cfg.fp8 else "bf16"
+    row = {"gemm": gemm, "microbatches": microbatches, "batch": args.batch,
+           "seq_len": args.seq_len, "tokens": tokens}
     try:
         model = Transformer(cfg, rngs=nnx.Rngs(args.seed), mesh=mesh)
         optimizer = nnx.Optimizer(model, optax.adamw(1e-4), wrt=nnx.Param)
@@ -133,7 +136,7 @@ def measure(cfg, mesh, microbatches, args):
                    tokens_per_s_per_device=tokens / t / mesh.size,
                    model_tflops=6 * param_counts(cfg)["activated"] * tokens / t / 1e12)
         if args.trace_steps > 0:
-            trace_dir = os.path.join(args.trace_dir, f"microbatches-{microbatches}")
+            trace_dir = os.path.join(args.trace_dir, f"{gemm}-microbatches-{microbatches}")
             jax.profiler.start_trace(trace_dir)
             try:
                 for i in range(args.trace_steps):
@@ -161,18 +164,18 @@ def run(args):
     request_cpu_devices(args.devices)
     n = jax.device_count()
     mesh = make_mesh(**parse_mesh(default_mesh(n) if args.mesh == "auto" else args.mesh, n))
-    cfg = model_config(args.model, args.layers, args.fp8)
-    counts = param_counts(cfg)
+    cfgs = {g: model_config(args.model, args.layers, g == "fp8") for g in args.gemm}
+    counts = param_counts(next(iter(cfgs.values())))
     env = environment()
-    rows = [measure(cfg, mesh, k, args) for k in args.microbatches]
+    rows = [measure(cfg, mesh, k, args) for cfg in cfgs.values() for k in args.microbatches]
     table = []
     for r in rows:
         if "error" in r:
-            table.append([str(r["microbatches"]), r["error"]["error"][:80]] + [""] * 8)
+            table.append([r["gemm"], str(r["microbatches"]), r["error"]["error"][:80]] + [""] * 8)
             continue
         c = r.get("collectives", {})
         cell = lambda kind, key: c.get(kind, {}).get(key)  # noqa: E731
-        table.append([str(r["microbatches"]), f"{r['step_ms']:.1f}",
+        table.append([r["gemm"], str(r["microbatches"]), f"{r['step_ms']:.1f}",
                       f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_s_per_device']:,.0f}",
                       f"{r['model_tflops']:.1f}",
                       *(v for kind in KINDS for v in (_fmt(cell(kind, "ms_per_step"), ".2f"),
@@ -183,7 +186,7 @@ def run(args):
         f"Training step, {args.model} MoE x {args.layers} layers "
         f"({counts['activated'] / 1e6:.3g}M activated of {counts['total'] / 1e6:.3g}M), "
         f"{mesh_text} on {n} {env['device']}, batch {args.batch} x {args.seq_len} tokens",
-        ["micro-batches", "step ms", "tokens/s", "tokens/s/device", "model TFLOP/s",
+        ["GEMMs", "micro-batches", "step ms", "tokens/s", "tokens/s/device", "model TFLOP/s",
          "a2a ms/step", "a2a under compute", "all-reduce ms/step", "all-reduce under compute",
          "GPU span ms/step"],
         table,
@@ -192,8 +195,8 @@ def run(args):
          "a2a / all-reduce: per GPU and step (mean over GPUs) from the profiler trace, and the "
          "share of that time with a compute kernel running at the same time (- : no GPU trace)"])
     path = write_json(args.out, "train", env, {
-        "model": args.model, "layers": args.layers, "fp8": args.fp8,
-        "config": dataclasses.asdict(cfg),
+        "model": args.model, "layers": args.layers,
+        "configs": {g: dataclasses.asdict(c) for g, c in cfgs.items()},
         "params": counts, "mesh": dict(mesh.shape), "rows": rows})
     print(f"wrote {path}")
     return 0 if all("error" not in r for r in rows) else 1

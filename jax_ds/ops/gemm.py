@@ -23,6 +23,7 @@ import numpy as np
 from jax_ds import _ffi
 from jax_ds.ops._checks import (BLOCK_K, cdiv, check_dtype, check_fp8_gemm, gemm_out_dtype,
                                 pad_to, prod)
+from jax_ds.ops._vma import match_vma
 from jax_ds.ops.quant import dequantize_fp8, quantize_fp8
 
 TARGET = "jax_ds_fp8_gemm"
@@ -319,4 +320,5 @@ def fp8_linear(x, w, *, impl="auto"):
         raise ValueError(f"{op}: x and w must be non-empty, got x {tuple(x.shape)}, "
                          f"w {tuple(w.shape)}")
     _ffi.resolve_impl(op, TARGET, impl)  # impl checked and the path logged as this op
+    x, w = match_vma(x, w)  # inside shard_map: w's cotangent varies wherever x does
     return _fp8_linear(x, w, impl)

@@ -22,6 +22,7 @@ import numpy as np
 from jax_ds import _ffi
 from jax_ds.ops._checks import (BLOCK_K, FP8, cdiv, check_dtype, check_ndim, check_out_dtype,
                                 check_shape, concrete, gemm_out_dtype, pad_to)
+from jax_ds.ops._vma import match_vma
 from jax_ds.ops.gemm import TILES, gemm_config
 from jax_ds.ops.quant import dequantize_fp8, quantize_fp8
 
@@ -370,4 +371,5 @@ def grouped_fp8_linear(x, w, group_sizes, *, impl="auto"):
         raise ValueError(f"{op}: x and w must be non-empty, got x {tuple(x.shape)}, "
                          f"w {tuple(w.shape)}")
     _ffi.resolve_impl(op, GROUPED_TARGET, impl)  # impl checked and the path logged as this op
+    x, w = match_vma(x, w)  # inside shard_map: w's cotangent varies wherever x does
     return _grouped_fp8_linear(x, w, group_sizes, impl)

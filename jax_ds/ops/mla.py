@@ -21,6 +21,10 @@ Conventions (the reference and the kernel share them; the tests pin them):
   precision      the kernel rounds P to bf16 for P V, as FlashMLA does; for sequences of at most
                  1024 keys it adds a second pass with P's rounding residual (few keys do not
                  average the 2^-9 error out). S, the softmax, lse and O accumulate in float32.
+                 Where attention is peaked and the values are large next to an output element,
+                 the one-pass error is bounded by 2^-9 sum_j p_j |v_j| rather than by the
+                 output's own size (FlashMLA's elementwise bound can then fail, on FlashMLA too;
+                 tests/test_mla_decode_gpu.py::test_kernel_growing_scores).
   clamping       (traced values cannot be checked in Python) block_table entries are clamped into
                  [0, num_blocks - 1]; cache_seqlens into [0, max_blocks * 64]. Concrete (non-traced)
                  cache_seqlens above max_blocks * 64 or below 0 are rejected with a ValueError.
