@@ -83,7 +83,10 @@ class Codec:
 
 
 def main():
-    mesh = make_mesh(**parse_mesh(args.mesh, jax.device_count())) if args.mesh else None
+    mesh = None
+    if args.mesh:  # a mesh of fewer devices than the host has takes the first ones
+        sizes = parse_mesh(args.mesh, jax.device_count())
+        mesh = make_mesh(**sizes, devices=jax.devices()[:int(np.prod(list(sizes.values())))])
     t0 = time.perf_counter()
     model = load_hf_checkpoint(args.checkpoint, dtype=jnp.dtype(args.dtype), fp8=args.fp8,
                                mesh=mesh)

@@ -334,8 +334,11 @@ def test_bad_layouts_are_rejected():
     with pytest.raises(ValueError, match="not divisible by the mesh's 'expert' axis size 8"):
         DeepSeekMoE(small_cfg(num_experts=12, num_groups=4), rngs=nnx.Rngs(0),
                     mesh=cpu_mesh(expert=8))
-    with pytest.raises(ValueError, match="needs 6 devices, have 8"):
+    with pytest.raises(ValueError, match=r"needs 6 devices, have 8 \(cpu\); to use part of "
+                                         r"them pass devices=jax.devices\(\)\[:6\]"):
         make_mesh(data=2, expert=3, devices=CPU)
+    with pytest.raises(ValueError, match="needs 16 devices, have 8 .*device_count=N"):
+        make_mesh(data=2, expert=8, devices=CPU)
     with pytest.raises(ValueError, match="must be a positive int"):
         make_mesh(expert=0, data=8, devices=CPU)
     with pytest.raises(ValueError, match="must be a positive int"):

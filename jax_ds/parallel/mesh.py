@@ -68,8 +68,14 @@ def make_mesh(*, data: int = 1, expert: int = 1, pipe: int = 1, tensor: int = 1,
     need = math.prod(sizes.values())
     if need != len(devices):
         shape = " x ".join(f"{k}={v}" for k, v in sizes.items())
-        hint = ("; on CPU, set XLA_FLAGS=--xla_force_host_platform_device_count=N before jax "
-                "is imported" if devices[0].platform == "cpu" else "")
+        if need < len(devices):
+            hint = (f"; to use part of them pass devices=jax.devices()[:{need}], or give one axis "
+                    f"the size -1 in parse_mesh")
+        elif devices[0].platform == "cpu":
+            hint = ("; on CPU, set XLA_FLAGS=--xla_force_host_platform_device_count=N before jax "
+                    "is imported")
+        else:
+            hint = ""
         raise ValueError(f"make_mesh: {shape} needs {need} devices, have {len(devices)} "
                          f"({devices[0].platform}){hint}")
     return jax.make_mesh(tuple(sizes.values()), AXES, axis_types=(AxisType.Auto,) * len(AXES),
