@@ -219,7 +219,13 @@ def test_sharded_model_matches_unsharded():
 def test_fp8_model_trains_on_an_expert_mesh():
     """FP8 expert FFNs inside the EP shard_map (data=2 x expert=4): the same gradients as on
     one device. The expert weights are replicated over `data` while the tokens vary over it, so
-    the custom_vjp's weight cotangent must be summed over `data` (it failed to trace before)."""
+    the custom_vjp's weight cotangent must be summed over `data` (it failed to trace before).
+
+    The bound is FP8's, not float32's: a last-bit float32 difference upstream (the sharded and
+    one-device programs accumulate their dots in different orders, and XLA:CPU's order changes
+    between jax releases) moves a value across an e4m3 rounding boundary, and 1-ulp noise on the
+    parameters alone moves these gradients by calc_diff ~2e-5 (jax 0.10 and 0.12 alike). A
+    missing or doubled sum over `data` would be calc_diff > 0.1."""
     cfg = DeepSeekConfig.tiny(**{**SMALL, "d_model": 128, "expert_hidden": 128}, fp8=True)
     tokens = jax.random.randint(jax.random.key(5), (8, 17), 0, cfg.vocab_size)
     grad_fn = nnx.jit(nnx.grad(lambda m, t: lm_loss(m, t)[0]))
@@ -230,7 +236,7 @@ def test_fp8_model_trains_on_an_expert_mesh():
         model = shard_model(Transformer(cfg, rngs=nnx.Rngs(0), mesh=mesh), mesh)
         g = grad_fn(model, shard_batch(tokens, mesh))
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g0)):
-        assert calc_diff(a, b) < tolerance("float32")
+        assert calc_diff(a, b) < tolerance("fp8")
 
 
 def test_fp8_model_stays_close_to_full_precision():
