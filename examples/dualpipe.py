@@ -72,7 +72,11 @@ def bubble_table(num_stages: int, m: int) -> Table:
         table.add_column(col, justify="right")
     for name in ("1f1b", "zb1p", "dualpipe", "dualpipev"):
         ranks = num_stages // 2 if name == "dualpipev" else num_stages
-        sim = simulate(make_schedule(name, ranks, m), COSTS)
+        try:
+            sim = simulate(make_schedule(name, ranks, m), COSTS)
+        except ValueError:  # not defined at these sizes (DualPipe: m >= 2 x ranks, ranks even)
+            table.add_row(name, str(ranks), *["-"] * 5)
+            continue
         table.add_row(name, str(ranks), f"{max(sim.bubble):g}",
                       f"{readme_bubble(name, num_stages, COSTS):g}",
                       f"{sim.bubble_fraction:.1%}", str(max(sim.peak_activations)),
@@ -114,7 +118,9 @@ def main():
         raise SystemExit(f"--microbatch-size {args.microbatch_size} must be a multiple of "
                          f"--expert {args.expert} (each micro-batch is split over that axis)")
     schedule = make_schedule(args.schedule, args.pipe, args.microbatches)
-    mesh = make_mesh(pipe=args.pipe, expert=args.expert)
+    # pipe x expert of the devices (8 virtual CPU devices serve --pipe 2 too).
+    mesh = make_mesh(pipe=args.pipe, expert=args.expert,
+                     devices=jax.devices()[:args.pipe * args.expert])
     stages, m = schedule.num_stages, args.microbatches
     console.print(f"[bold]{schedule.name}[/]: {stages} stages on {args.pipe} pipe ranks x "
                   f"{args.expert} expert, {m} micro-batches of {args.microbatch_size} x "
