@@ -101,6 +101,20 @@ def test_replicas_share_an_experts_tokens():
     assert set(np.nonzero(hits)[0]) == {0, 8} and abs(hits[0] - 500) < 60  # 1000 tokens, 2 ways
 
 
+def test_hf_export_after_a_rebalance_saves_each_expert(tmp_path):
+    """save_hf_checkpoint of a rebalanced model writes expert e's weights (a replica of it) as
+    expert e, not whatever slot e holds: the reloaded plain model computes the same logits."""
+    from jax_ds.models import load_hf_checkpoint, save_hf_checkpoint
+
+    cfg = DeepSeekConfig.tiny(**SMALL)
+    model = with_redundant_experts(Transformer(cfg, rngs=nnx.Rngs(0)), 12)
+    rebalance(model, rebalance_experts(SKEWED, 12, 4, 2, 2))
+    save_hf_checkpoint(model, tmp_path)
+    back = load_hf_checkpoint(tmp_path, dtype=jnp.float32)
+    tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, cfg.vocab_size)
+    np.testing.assert_allclose(back(tokens), model(tokens), rtol=1e-5, atol=1e-6)
+
+
 def test_round_robin_plan_and_bad_uses():
     phy2log, log2phy, logcnt = round_robin_plan(4, 6)
     assert phy2log.tolist() == [0, 1, 2, 3, 0, 1] and logcnt.tolist() == [2, 2, 1, 1]

@@ -529,8 +529,12 @@ def save_hf_checkpoint(model: Transformer, path, *, max_shard_bytes: int | None 
     for vpath, spec in specs.items():
         w = flat[vpath][...]
         scale = flat[_scale_path(vpath)][...] if _scale_path(vpath) in flat else None
+        # A RedundantMoE layer holds expert e in slots log2phy[e] (any order after a
+        # rebalance): expert e's tensor is its first replica's.
+        log2phy = flat.get(vpath[:-1] + ("log2phy",))
         for e, name in enumerate(spec.names):
-            index = e if spec.stacked else None
+            index = None if not spec.stacked else e if log2phy is None else \
+                int(log2phy[...][e, 0])
             add(name, w, index)
             if scale is not None:
                 add(f"{name}_scale_inv", scale, index)
