@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import signal
@@ -75,6 +76,12 @@ def build(mesh, *, abstract: bool):
     return model, optimizer
 
 
+def mesh_from(spec: str):
+    """A mesh from an --*-mesh spec over the first devices it needs (a resume on fewer)."""
+    sizes = parse_mesh(spec, jax.device_count())
+    return make_mesh(**sizes, devices=jax.devices()[:math.prod(sizes.values())])
+
+
 def batches_from(position: int):
     """The data stream, advanced to `position` batches (the saved data position)."""
     train, _ = data.split_corpus(data.load_corpus())
@@ -107,7 +114,7 @@ def train(model, optimizer, load, mesh, mngr, first: int, last: int, kill_at: in
 
 
 def phase_train(directory):
-    mesh = make_mesh(**parse_mesh(args.train_mesh, jax.device_count()))
+    mesh = mesh_from(args.train_mesh)
     model, optimizer = build(mesh, abstract=False)
     load = init_expert_load(CFG.num_moe_layers + CFG.mtp_depth, CFG.num_experts)
     with CheckpointManager(directory, save_interval_steps=args.every, max_to_keep=2,
@@ -116,7 +123,7 @@ def phase_train(directory):
 
 
 def phase_resume(directory):
-    mesh = make_mesh(**parse_mesh(args.resume_mesh, jax.device_count()))
+    mesh = mesh_from(args.resume_mesh)
     model, optimizer = build(mesh, abstract=True)
     load = jax.eval_shape(lambda: init_expert_load(CFG.num_moe_layers + CFG.mtp_depth,
                                                    CFG.num_experts))

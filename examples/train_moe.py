@@ -11,6 +11,7 @@ devices and uses mesh data=2 x expert=4; on GPUs the same command puts every GPU
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import time
 
@@ -67,7 +68,8 @@ def choose_mesh(spec: str):
         spec = "expert=-1" if jax.default_backend() == "gpu" else "data=2,expert=-1"
         if n % 2 and jax.default_backend() != "gpu":
             spec = "expert=-1"
-    return make_mesh(**parse_mesh(spec, n))
+    sizes = parse_mesh(spec, n)  # over the first devices it needs (expert=4 of 8, say)
+    return make_mesh(**sizes, devices=jax.devices()[:math.prod(sizes.values())])
 
 
 def main():
