@@ -124,6 +124,32 @@ def test_loss_params_and_input_grads():
         assert calc_diff(out.input_grads, g_inputs) < 1e-12
 
 
+
+@pytest.mark.parametrize("name", ["zb1p", "dualpipe"])
+def test_integer_stage_parameters(name):
+    """Stage parameters may hold integer leaves (RedundantMoE's expert placement, say): they get
+    zero gradients of their own dtype, the float leaves their exact ones (a lax.switch over
+    branches of float0 and int32 gradients failed to trace before)."""
+    def permuted_stage(p, x):  # the hidden units in the order p["perm"] says
+        return mlp_stage({**p, "w2": p["w2"][p["perm"]]}, x)
+
+    with jax.enable_x64(True):
+        schedule = make_schedule(name, 4, 8)
+        mesh = make_mesh(pipe=4, data=2)
+        params, batch, _ = mlp_problem(schedule.num_stages, 8, jnp.float64, seed=2)
+        rng = np.random.default_rng(2)
+        perm = jnp.asarray(np.stack([rng.permutation(H) for _ in range(schedule.num_stages)]),
+                           jnp.int32)
+        out = execute(schedule, permuted_stage, {**params, "perm": perm},
+                      split_batch(batch, mesh, DATA), mse, mesh)
+        ref_loss, ref_grads, _, _ = reference(  # jax.grad takes no integer leaves: cast
+            lambda p, x: permuted_stage({**p[0], "perm": p[1].astype(jnp.int32)}, x), mse,
+            (params, perm.astype(jnp.float64)), *batch)
+        assert abs(float(out.loss) - float(ref_loss)) < 1e-12
+        grads = dict(out.grads)
+        assert grads.pop("perm").dtype == jnp.int32
+        assert_close(grads, ref_grads[0], 1e-12)
+
 class MoEBlock(nnx.Module):
     """A DeepSeek-MoE block: x + DeepSeekMoE(RMSNorm(x)) -- 8 routed experts (top-2 of 4 groups,
     sigmoid router with the balancing bias) and a shared expert. (The full `Block` adds MLA; it

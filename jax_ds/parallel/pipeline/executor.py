@@ -124,8 +124,11 @@ def _body(tables: Tables, stage_fn, loss_fn, num_mb: int, axis: str, input_grads
         def backward_weight(pools, row, wres=None):
             if wres is None:  # a deferred W: B saved its wres in the chunk's slot
                 wres = _take(pools["wres"], row[COL["w_slot"]])
-            return split.backward_weight(stage_params(row, "w_local"),
-                                         _take(pools["res"], row[COL["w_slot"]]), wres)
+            dp = split.backward_weight(stage_params(row, "w_local"),
+                                       _take(pools["res"], row[COL["w_slot"]]), wres)
+            # Integer leaves (RedundantMoE's placement, say) get float0 cotangents: zeros of
+            # their own dtype instead, as the idle branch returns and the sums hold.
+            return jax.tree.map(lambda d, z: z if d.dtype == jax.dtypes.float0 else d, dp, zero_p)
 
         def branch(kind):
             def op(pools, row):  # -> (y, res, (loss, dloss_params), dy_loss, dx, wres, dp)
