@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import signal
@@ -32,8 +31,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from jax_ds import data
 from jax_ds.models import DeepSeekConfig, Transformer, train_step
 from jax_ds.parallel.load_stats import init_expert_load, update_expert_load
-from jax_ds.parallel.mesh import (make_mesh, parse_mesh, request_cpu_devices, shard_batch,
-                                  shard_model)
+from jax_ds.parallel.mesh import mesh_from_spec, request_cpu_devices, shard_batch, shard_model
 from jax_ds.storage import CheckpointManager
 
 
@@ -76,12 +74,6 @@ def build(mesh, *, abstract: bool):
     return model, optimizer
 
 
-def mesh_from(spec: str):
-    """A mesh from an --*-mesh spec over the first devices it needs (a resume on fewer)."""
-    sizes = parse_mesh(spec, jax.device_count())
-    return make_mesh(**sizes, devices=jax.devices()[:math.prod(sizes.values())])
-
-
 def batches_from(position: int):
     """The data stream, advanced to `position` batches (the saved data position)."""
     train, _ = data.split_corpus(data.load_corpus())
@@ -114,7 +106,7 @@ def train(model, optimizer, load, mesh, mngr, first: int, last: int, kill_at: in
 
 
 def phase_train(directory):
-    mesh = mesh_from(args.train_mesh)
+    mesh = mesh_from_spec(args.train_mesh)
     model, optimizer = build(mesh, abstract=False)
     load = init_expert_load(CFG.num_moe_layers + CFG.mtp_depth, CFG.num_experts)
     with CheckpointManager(directory, save_interval_steps=args.every, max_to_keep=2,
@@ -123,7 +115,7 @@ def phase_train(directory):
 
 
 def phase_resume(directory):
-    mesh = mesh_from(args.resume_mesh)
+    mesh = mesh_from_spec(args.resume_mesh)
     model, optimizer = build(mesh, abstract=True)
     load = jax.eval_shape(lambda: init_expert_load(CFG.num_moe_layers + CFG.mtp_depth,
                                                    CFG.num_experts))

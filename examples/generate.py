@@ -19,7 +19,6 @@ import functools
 import os
 import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -27,7 +26,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from jax_ds.models import kv_cache, load_hf_checkpoint
-from jax_ds.parallel.mesh import make_mesh, parse_mesh, request_cpu_devices, shard_batch
+from jax_ds.parallel.mesh import mesh_from_spec, request_cpu_devices, shard_batch
 
 
 def parse_args():
@@ -83,10 +82,7 @@ class Codec:
 
 
 def main():
-    mesh = None
-    if args.mesh:  # a mesh of fewer devices than the host has takes the first ones
-        sizes = parse_mesh(args.mesh, jax.device_count())
-        mesh = make_mesh(**sizes, devices=jax.devices()[:int(np.prod(list(sizes.values())))])
+    mesh = mesh_from_spec(args.mesh) if args.mesh else None
     t0 = time.perf_counter()
     model = load_hf_checkpoint(args.checkpoint, dtype=jnp.dtype(args.dtype), fp8=args.fp8,
                                mesh=mesh)

@@ -11,7 +11,6 @@ devices and uses mesh data=2 x expert=4; on GPUs the same command puts every GPU
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import time
 
@@ -26,8 +25,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
 from jax_ds import data
 from jax_ds.models import (DeepSeekConfig, Transformer, lm_loss, param_counts,
                            save_hf_checkpoint, train_step)
-from jax_ds.parallel.mesh import (make_mesh, parse_mesh, request_cpu_devices, shard_batch,
-                                  shard_model)
+from jax_ds.parallel.mesh import mesh_from_spec, request_cpu_devices, shard_batch, shard_model
 
 
 def parse_args():
@@ -68,8 +66,7 @@ def choose_mesh(spec: str):
         spec = "expert=-1" if jax.default_backend() == "gpu" else "data=2,expert=-1"
         if n % 2 and jax.default_backend() != "gpu":
             spec = "expert=-1"
-    sizes = parse_mesh(spec, n)  # over the first devices it needs (expert=4 of 8, say)
-    return make_mesh(**sizes, devices=jax.devices()[:math.prod(sizes.values())])
+    return mesh_from_spec(spec)  # over the first devices it needs (expert=4 of 8, say)
 
 
 def main():

@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 from jax_ds.models import DeepSeekConfig, DeepSeekMoE, expert_ffn
 from jax_ds.ops import quantize_fp8
 from jax_ds.parallel import expert as ep_lib
-from jax_ds.parallel.mesh import EXPERT, make_mesh, parse_mesh, shard_model
+from jax_ds.parallel.mesh import EXPERT, make_mesh, mesh_from_spec, parse_mesh, shard_model
 from jax_ds.testing import calc_diff, tolerance
 
 # Mesh tests use the 8 virtual CPU devices even on a GPU host (conftest asks for them).
@@ -351,6 +351,11 @@ def test_bad_layouts_are_rejected():
     with pytest.raises(ValueError, match="axis=size"):
         parse_mesh("data=2,experts=4", 8)
     assert parse_mesh("data=2,expert=-1", 8) == {"data": 2, "expert": 4}
+    part = mesh_from_spec("expert=4", devices=CPU)  # the first 4 of the 8
+    assert part.shape["expert"] == 4 and list(part.devices.flat) == CPU[:4]
+    assert mesh_from_spec("data=2,expert=-1", devices=CPU).shape["expert"] == 4
+    with pytest.raises(ValueError, match="needs 16 devices, have 8"):
+        mesh_from_spec("data=2,expert=8", devices=CPU)
     layer = DeepSeekMoE(small_cfg(), rngs=nnx.Rngs(0), mesh=cpu_mesh(data=2, expert=4))
     with pytest.raises(ValueError, match="batch size 4 is not divisible by data x expert = 8"):
         layer(jnp.zeros((4, 2, 32)))

@@ -49,8 +49,7 @@ from flax import nnx
 
 from jax_ds.bench import _profile, environment, error_cell, print_table, write_json
 from jax_ds.models import DeepSeekConfig, Transformer, param_counts, train_step
-from jax_ds.parallel.mesh import (make_mesh, parse_mesh, request_cpu_devices, shard_batch,
-                                  shard_model)
+from jax_ds.parallel.mesh import mesh_from_spec, request_cpu_devices, shard_batch, shard_model
 
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 
@@ -163,7 +162,7 @@ def run(args):
         args.warmup, args.steps, args.trace_steps = 1, 2, 1
     request_cpu_devices(args.devices)
     n = jax.device_count()
-    mesh = make_mesh(**parse_mesh(default_mesh(n) if args.mesh == "auto" else args.mesh, n))
+    mesh = mesh_from_spec(default_mesh(n) if args.mesh == "auto" else args.mesh)
     cfgs = {g: model_config(args.model, args.layers, g == "fp8") for g in args.gemm}
     counts = param_counts(next(iter(cfgs.values())))
     env = environment()

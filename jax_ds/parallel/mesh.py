@@ -69,8 +69,8 @@ def make_mesh(*, data: int = 1, expert: int = 1, pipe: int = 1, tensor: int = 1,
     if need != len(devices):
         shape = " x ".join(f"{k}={v}" for k, v in sizes.items())
         if need < len(devices):
-            hint = (f"; to use part of them pass devices=jax.devices()[:{need}], or give one axis "
-                    f"the size -1 in parse_mesh")
+            hint = (f"; to use part of them pass devices=jax.devices()[:{need}] (mesh_from_spec "
+                    f"does), or give one axis the size -1 in parse_mesh")
         elif devices[0].platform == "cpu":
             hint = ("; on CPU, set XLA_FLAGS=--xla_force_host_platform_device_count=N before jax "
                     "is imported")
@@ -100,6 +100,14 @@ def parse_mesh(spec: str, num_devices: int) -> dict[str, int]:
             raise ValueError(f"mesh spec {spec!r}: {num_devices} devices do not divide by {known}")
         sizes[free[0]] = num_devices // known
     return sizes
+
+
+def mesh_from_spec(spec: str, devices=None) -> Mesh:
+    """`make_mesh` of an 'axis=size,...' spec (`parse_mesh`, -1 = the rest) over the first
+    devices it needs: expert=4 on a host of 8 takes 4 of them (a restore onto fewer devices)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = parse_mesh(spec, len(devices))
+    return make_mesh(**sizes, devices=devices[:math.prod(sizes.values())])
 
 
 def batch_spec(mesh: Mesh, ndim: int = 2) -> P:
