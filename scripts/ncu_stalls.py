@@ -52,8 +52,8 @@ def read(path, source):
     return insts, text
 
 
-def share(counter, total, n):
-    return [(k, round(100 * v / max(total, 1))) for k, v in counter.most_common(n)]
+def share(counter, total, n, ndigits=None):
+    return [(k, round(100 * v / max(total, 1), ndigits)) for k, v in counter.most_common(n)]
 
 
 def main(argv):
@@ -71,8 +71,7 @@ def main(argv):
     for s, sass, _, line in insts.values():
         if line is None:
             opcodes[sass.split()[1] if sass.startswith("@") else sass.split()[0]] += s
-    print("not attributed, by opcode (% of samples):",
-          [(k, round(100 * v / total, 1)) for k, v in opcodes.most_common(8)])
+    print("not attributed, by opcode (% of samples):", share(opcodes, total, 8, 1))
     by_line = collections.Counter()
     for s, _, _, line in insts.values():
         if line is not None:

@@ -124,7 +124,6 @@ def test_loss_params_and_input_grads():
         assert calc_diff(out.input_grads, g_inputs) < 1e-12
 
 
-
 @pytest.mark.parametrize("name", ["zb1p", "dualpipe"])
 def test_integer_stage_parameters(name):
     """Stage parameters may hold integer leaves (RedundantMoE's expert placement, say): they get
@@ -149,6 +148,7 @@ def test_integer_stage_parameters(name):
         grads = dict(out.grads)
         assert grads.pop("perm").dtype == jnp.int32
         assert_close(grads, ref_grads[0], 1e-12)
+
 
 class MoEBlock(nnx.Module):
     """A DeepSeek-MoE block: x + DeepSeekMoE(RMSNorm(x)) -- 8 routed experts (top-2 of 4 groups,

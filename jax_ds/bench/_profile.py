@@ -19,7 +19,8 @@ import tempfile
 import jax
 
 
-def _stream_events(xspace_path: str):
+def _gpu_stream_lines(xspace_path: str):
+    """(GPU plane name, line) of every stream line of a trace file."""
     from jax.profiler import ProfileData  # jax >= 0.4.3x
 
     data = ProfileData.from_file(xspace_path)
@@ -30,7 +31,21 @@ def _stream_events(xspace_path: str):
             # Stream lines hold kernels and copies; "XLA Ops"/"XLA Modules" lines are annotations
             # spanning them, and counting those too would double the time.
             if line.name.startswith("Stream"):
-                yield from line.events
+                yield plane.name, line
+
+
+def _stream_events(xspace_path: str):
+    for _, line in _gpu_stream_lines(xspace_path):
+        yield from line.events
+
+
+def trace_to(directory: str, run) -> None:
+    """Runs `run()` under a jax.profiler trace written into `directory`."""
+    jax.profiler.start_trace(directory)
+    try:
+        run()
+    finally:
+        jax.profiler.stop_trace()
 
 
 @contextlib.contextmanager
@@ -38,11 +53,7 @@ def _trace(run):
     """The .xplane.pb path of a jax.profiler trace of `run()`, in a temporary folder that lives
     while the context does."""
     with tempfile.TemporaryDirectory() as d:
-        jax.profiler.start_trace(d)
-        try:
-            run()
-        finally:
-            jax.profiler.stop_trace()
+        trace_to(d, run)
         paths = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
         if not paths:
             raise RuntimeError("jax.profiler wrote no trace")
@@ -175,16 +186,9 @@ def collective_overlap(events) -> dict:
 def gpu_kernels_by_device(trace_dir: str) -> dict[str, list]:
     """{GPU plane name: [(kernel name, start_ns, end_ns)]} from every .xplane.pb under
     trace_dir (empty when the trace holds no GPU, e.g. on CPU)."""
-    from jax.profiler import ProfileData
-
     out: dict[str, list] = {}
     for path in sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)):
-        for plane in ProfileData.from_file(path).planes:
-            if not plane.name.startswith("/device:GPU"):
-                continue
-            events = out.setdefault(plane.name, [])
-            for line in plane.lines:
-                if line.name.startswith("Stream"):
-                    events.extend((ev.name, ev.start_ns, ev.start_ns + ev.duration_ns)
-                                  for ev in line.events)
+        for plane, line in _gpu_stream_lines(path):
+            out.setdefault(plane, []).extend(
+                (ev.name, ev.start_ns, ev.start_ns + ev.duration_ns) for ev in line.events)
     return out

@@ -105,7 +105,7 @@ def summarize(per_device: dict, steps: int) -> dict:
     return out
 
 
-def measure(cfg, mesh, microbatches, args):
+def measure(cfg, mesh, microbatches, activated, args):
     tokens = args.batch * args.seq_len
     gemm = "fp8" if cfg.fp8 else "bf16"
     row = {"gemm": gemm, "microbatches": microbatches, "batch": args.batch,
@@ -133,16 +133,11 @@ def measure(cfg, mesh, microbatches, args):
         t = float(np.median(times))
         row.update(step_ms=t * 1e3, tokens_per_s=tokens / t,
                    tokens_per_s_per_device=tokens / t / mesh.size,
-                   model_tflops=6 * param_counts(cfg)["activated"] * tokens / t / 1e12)
+                   model_tflops=6 * activated * tokens / t / 1e12)
         if args.trace_steps > 0:
             trace_dir = os.path.join(args.trace_dir, f"{gemm}-microbatches-{microbatches}")
-            jax.profiler.start_trace(trace_dir)
-            try:
-                for i in range(args.trace_steps):
-                    out = run(i)
-                jax.block_until_ready(out)
-            finally:
-                jax.profiler.stop_trace()
+            _profile.trace_to(trace_dir, lambda: jax.block_until_ready(
+                [run(i) for i in range(args.trace_steps)]))
             per_device = {dev: _profile.collective_overlap(events) for dev, events
                           in _profile.gpu_kernels_by_device(trace_dir).items()}
             row.update(trace_dir=trace_dir, trace_steps=args.trace_steps, devices=per_device,
@@ -164,9 +159,10 @@ def run(args):
     n = jax.device_count()
     mesh = mesh_from_spec(default_mesh(n) if args.mesh == "auto" else args.mesh)
     cfgs = {g: model_config(args.model, args.layers, g == "fp8") for g in args.gemm}
-    counts = param_counts(next(iter(cfgs.values())))
+    counts = param_counts(next(iter(cfgs.values())))  # FP8 changes no parameter count
     env = environment()
-    rows = [measure(cfg, mesh, k, args) for cfg in cfgs.values() for k in args.microbatches]
+    rows = [measure(cfg, mesh, k, counts["activated"], args) for cfg in cfgs.values()
+            for k in args.microbatches]
     table = []
     for r in rows:
         if "error" in r:

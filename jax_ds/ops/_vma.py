@@ -10,26 +10,10 @@ from __future__ import annotations
 import jax
 
 
-def _vma(x) -> frozenset:
-    """The manual axes x varies over: `aval.vma` up to jax 0.8-0.11, `aval.manual_axis_type
-    .varying` in jax 0.12; empty outside shard_map."""
-    aval = jax.typeof(x)
-    vma = getattr(aval, "vma", None)
-    if vma is None:
-        vma = getattr(getattr(aval, "manual_axis_type", None), "varying", None)
-    return frozenset(vma or ())
-
-
-def _to_varying(x, axes: tuple):
-    if hasattr(jax.lax, "pcast"):  # jax >= 0.8
-        return jax.lax.pcast(x, axes, to="varying")
-    return jax.lax.pvary(x, axes)
-
-
 def match_vma(*arrays):
     """`arrays`, each cast to vary over every manual axis any of them varies over (unchanged
-    outside shard_map)."""
-    vmas = [_vma(a) for a in arrays]
+    outside shard_map, where no array varies over any)."""
+    vmas = [frozenset(jax.typeof(a).manual_axis_type.varying) for a in arrays]
     union = frozenset().union(*vmas)
-    return tuple(a if v == union else _to_varying(a, tuple(sorted(union - v)))
+    return tuple(a if v == union else jax.lax.pcast(a, tuple(sorted(union - v)), to="varying")
                  for a, v in zip(arrays, vmas))
