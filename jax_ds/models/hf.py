@@ -532,9 +532,9 @@ def save_hf_checkpoint(model: Transformer, path, *, max_shard_bytes: int | None 
         # A RedundantMoE layer holds expert e in slots log2phy[e] (any order after a
         # rebalance): expert e's tensor is its first replica's.
         log2phy = flat.get(vpath[:-1] + ("log2phy",))
+        slot = None if log2phy is None else np.asarray(log2phy[...])[:, 0]  # read once
         for e, name in enumerate(spec.names):
-            index = None if not spec.stacked else e if log2phy is None else \
-                int(log2phy[...][e, 0])
+            index = None if not spec.stacked else e if slot is None else int(slot[e])
             add(name, w, index)
             if scale is not None:
                 add(f"{name}_scale_inv", scale, index)
