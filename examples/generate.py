@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from jax_ds.models import kv_cache, load_hf_checkpoint
-from jax_ds.parallel.mesh import mesh_from_spec, request_cpu_devices, shard_batch
+from jax_ds.parallel.mesh import mesh_from_spec, request_cpu_devices
 
 
 def parse_args():
@@ -95,14 +95,13 @@ def main():
     prompt = [int(i) for i in args.prompt_ids.split(",")] if args.prompt_ids else \
         codec.encode(args.prompt)
     length = len(prompt) + args.max_new_tokens
-    rows = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in ("data", "expert")]))
     blocks_per_seq = -(-length // kv_cache.BLOCK_SIZE)
     try:
-        cache = model.init_cache(num_blocks=rows * blocks_per_seq, max_seqs=rows,
+        cache = model.init_cache(num_blocks=blocks_per_seq, max_seqs=1,
                                  max_blocks_per_seq=blocks_per_seq, fp8=args.fp8_cache)
     except ValueError as e:  # --fp8-cache on a model whose rows are not 512 + 64 wide
         raise SystemExit(f"--fp8-cache: {e}") from None
-    seqs = jnp.arange(rows, dtype=jnp.int32)  # every row the same sequence (batch sharding)
+    seqs = jnp.zeros((1,), jnp.int32)  # one sequence (on a mesh, its tokens are split over it)
 
     # The cache is donated: each step updates it in place instead of copying every layer's rows.
     @functools.partial(nnx.jit, donate_argnames="cache")
@@ -111,8 +110,7 @@ def main():
         return jnp.argmax(logits_BTV[:, -1], axis=-1).astype(jnp.int32), cache
 
     def batch(ids):
-        tokens = np.tile(np.asarray(ids, np.int32), (rows, 1))
-        return shard_batch(tokens, mesh) if mesh is not None else jnp.asarray(tokens)
+        return jnp.asarray(np.asarray(ids, np.int32)[None])
 
     generated, start = [], time.perf_counter()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())

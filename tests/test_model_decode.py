@@ -128,3 +128,25 @@ def test_decoding_past_the_slot_flags_the_cache_eagerly_as_under_jit():
     for c in (cache_e, cache_j):
         assert int(c.error) == kvc.SEQ_TOO_LONG and int(c.lengths[0]) == 64
     np.testing.assert_allclose(np.asarray(eager), np.asarray(jitted), rtol=1e-5, atol=1e-6)
+
+
+def test_one_sequence_decodes_on_an_expert_parallel_mesh():
+    """A single sequence (batch 1) on data=2 x expert=4: its tokens are padded up to the 8 shards
+    inside the MoE layers, and the logits equal the unsharded model's forward."""
+    from jax_ds.parallel.mesh import make_mesh, shard_model
+    cpu = jax.devices("cpu")
+    mesh = make_mesh(data=2, expert=4, devices=cpu[:8])
+    cfg = DeepSeekConfig.tiny(**SMALL)
+    with jax.default_device(cpu[0]):
+        tokens = jax.random.randint(jax.random.key(1), (1, 12), 0, cfg.vocab_size)
+        full = np.asarray(nnx.jit(lambda m, t: m(t))(Transformer(cfg, rngs=nnx.Rngs(0)), tokens))
+        model = shard_model(Transformer(cfg, rngs=nnx.Rngs(0), mesh=mesh), mesh)
+        cache = model.init_cache(num_blocks=2, max_seqs=1, max_blocks_per_seq=1,
+                                 dtype=jnp.float32)
+        step = nnx.jit(lambda m, t, c: m.decode(t, c, jnp.array([0])))
+        logits, cache = step(model, tokens[:, :5], cache)  # prefill: 5 tokens over 8 shards
+        got = [np.asarray(logits)]
+        for i in range(5, 12):
+            logits, cache = step(model, tokens[:, i:i + 1], cache)
+            got.append(np.asarray(logits))
+    np.testing.assert_allclose(np.concatenate(got, axis=1), full, rtol=2e-4, atol=2e-5)

@@ -445,6 +445,8 @@ def ep_combine_tokens(y, state: EPTokenState, *, axis_name: str):
 # ----------------------------------------------------------------------------- the layer
 
 
+_PADDED_TOLD: set[tuple[int, int]] = set()
+
 ExpertFFN = Callable[..., jax.Array]  # (x_sorted [M, D], group_sizes [G], *weights) -> [M, D]
 
 
@@ -462,7 +464,9 @@ def ep_moe(x, topk_idx, topk_weights, weights, ffn: ExpertFFN, *, mesh: Mesh, nu
     """The routed-expert part of an MoE layer, tokens split over (data, expert), experts over expert.
 
     Args:
-      x: [B, T, D]; B must divide by the product of the batch axes (data x expert).
+      x: [B, T, D], any B and T: the B x T tokens are cut into equal parts over the batch axes
+        (data x expert), in order; when their count does not divide, padding tokens routed
+        nowhere (ids -1) fill the last parts, so one sequence decodes on any mesh.
       topk_idx, topk_weights: [B, T, K] from the router.
       weights: tuple of expert weight arrays, each [E, ...] (split over `expert`).
       ffn: the grouped expert FFN, ffn(x_sorted, group_sizes, *local_weights).
@@ -481,17 +485,25 @@ def ep_moe(x, topk_idx, topk_weights, weights, ffn: ExpertFFN, *, mesh: Mesh, nu
     ep = check_ep(num_experts, mesh)
     batch_axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
     shards = math.prod(mesh.shape[a] for a in batch_axes)
-    b, t, _ = x.shape
-    if b % shards:
-        raise ValueError(f"batch size {b} is not divisible by data x expert = {shards}")
+    b, t, d = x.shape
     k = topk_idx.shape[-1]
-    capacity = (ep_token_capacity(b // shards * t, k, ep, capacity_factor) if dedup else
-                ep_capacity(b // shards * t, k, num_experts, ep, capacity_factor))
+    n = b * t
+    per_shard = -(-n // shards)
+    pad = per_shard * shards - n
+    x_ND, idx_NK, w_NK = x.reshape(n, d), topk_idx.reshape(n, k), topk_weights.reshape(n, k)
+    if pad:  # tokens routed nowhere: no expert row, no count, no drop; cut off again below
+        if (n, shards) not in _PADDED_TOLD:  # once per shape, not per layer
+            _PADDED_TOLD.add((n, shards))
+            log.info("ep_moe: %d tokens over %d shards (data x expert): %d padding tokens added",
+                     n, shards, pad)
+        x_ND = jnp.pad(x_ND, ((0, pad), (0, 0)))
+        idx_NK = jnp.pad(idx_NK, ((0, pad), (0, 0)), constant_values=-1)
+        w_NK = jnp.pad(w_NK, ((0, pad), (0, 0)))
+    capacity = (ep_token_capacity(per_shard, k, ep, capacity_factor) if dedup else
+                ep_capacity(per_shard, k, num_experts, ep, capacity_factor))
     exchange = resolve_exchange(exchange, mesh)
 
-    def body(x_BTD, idx_BTK, w_BTK, *local_weights):
-        bl, tl, d = x_BTD.shape
-        x_ND, idx, w = x_BTD.reshape(bl * tl, d), idx_BTK.reshape(bl * tl, k), w_BTK.reshape(-1, k)
+    def body(x_ND, idx, w, *local_weights):
         if ep == 1:  # experts all local: no exchange, nothing to drop
             x_sorted, sizes, perm = moe_permute(x_ND, idx, num_experts)
             y = moe_unpermute(ffn(x_sorted, sizes, *local_weights), perm, w)
@@ -508,8 +520,7 @@ def ep_moe(x, topk_idx, topk_weights, weights, ffn: ExpertFFN, *, mesh: Mesh, nu
                 exchange=exchange)
             y = ep_combine(ffn(x_recv, sizes, *local_weights), w, state, axis_name=EXPERT)
             dropped = state.dropped
-        return (y.reshape(bl, tl, d), jax.lax.psum(counts, batch_axes),
-                jax.lax.psum(dropped, batch_axes))
+        return y, jax.lax.psum(counts, batch_axes), jax.lax.psum(dropped, batch_axes)
 
     tokens = P(batch_axes)
     in_specs = (tokens, tokens, tokens) + (P(EXPERT),) * len(weights)
@@ -518,5 +529,7 @@ def ep_moe(x, topk_idx, topk_weights, weights, ffn: ExpertFFN, *, mesh: Mesh, nu
     context = jax.sharding.get_abstract_mesh()
     if not context.empty and context.manual_axes:
         mesh = context
-    return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=(tokens, P(), P()))(
-        x, topk_idx, topk_weights, *weights)
+    y_ND, counts, dropped = jax.shard_map(
+        body, mesh=mesh, in_specs=in_specs, out_specs=(tokens, P(), P()))(
+        x_ND, idx_NK, w_NK, *weights)
+    return y_ND[:n].reshape(b, t, d), counts, dropped
