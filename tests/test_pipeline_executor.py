@@ -124,6 +124,30 @@ def test_loss_params_and_input_grads():
         assert calc_diff(out.input_grads, g_inputs) < 1e-12
 
 
+def test_integer_loss_parameters():
+    """loss_params may hold integer leaves (which output columns the loss reads, say): zero
+    gradients of their own dtype, the float leaves their exact ones."""
+    def head_columns(head, y, target):
+        return jnp.mean(((y @ head["w"])[:, head["cols"]] - target[:, head["cols"]]) ** 2)
+
+    with jax.enable_x64(True):
+        schedule = make_schedule("zb1p", 4, 6)
+        mesh = make_mesh(pipe=4, devices=jax.devices()[:4])
+        params, batch, head = mlp_problem(4, 6, jnp.float64, seed=3)
+        cols = jnp.asarray([5, 0, 3], jnp.int32)
+        out = execute(schedule, mlp_stage, params, batch, head_columns, mesh,
+                      loss_params={**head, "cols": cols})
+        ref_loss, g_params, g_head, _ = reference(
+            mlp_stage, lambda h, y, t: head_columns({**h, "cols": cols}, y, t), params, *batch,
+            loss_params=head)
+        assert abs(float(out.loss) - float(ref_loss)) < 1e-12
+        assert_close(out.grads, g_params, 1e-12)
+        loss_grads = dict(out.loss_grads)
+        g_cols = loss_grads.pop("cols")
+        assert g_cols.dtype == jnp.int32 and not np.asarray(g_cols).any()
+        assert_close(loss_grads, g_head, 1e-12)
+
+
 @pytest.mark.parametrize("name", ["zb1p", "dualpipe"])
 def test_integer_stage_parameters(name):
     """Stage parameters may hold integer leaves (RedundantMoE's expert placement, say): they get

@@ -103,9 +103,22 @@ def _body(tables: Tables, stage_fn, loss_fn, num_mb: int, axis: str, input_grads
             return _take(params_L, 0 if num_local == 1 else row[COL[col]])
 
         def loss_and_cotangent(y, mb):
-            loss, (dlp, dy) = jax.value_and_grad(loss_fn, argnums=(0, 1))(
-                loss_params, y, _take(targets, mb))
-            return loss / num_mb, jax.tree.map(lambda g: g / num_mb, (dlp, dy))
+            # Integer leaves of loss_params (a token-id table, say) are held fixed and get zeros
+            # of their own dtype, as integer stage parameters do; jax.grad takes floats only.
+            leaves, treedef = jax.tree.flatten(loss_params)
+            floats = [jnp.issubdtype(leaf.dtype, jnp.inexact) for leaf in leaves]
+
+            def loss_of_floats(float_leaves, y):
+                it = iter(float_leaves)
+                full = [next(it) if f else leaf for leaf, f in zip(leaves, floats)]
+                return loss_fn(jax.tree.unflatten(treedef, full), y, _take(targets, mb))
+
+            loss, (dfloats, dy) = jax.value_and_grad(loss_of_floats, argnums=(0, 1))(
+                [leaf for leaf, f in zip(leaves, floats) if f], y)
+            it = iter(dfloats)
+            dlp = jax.tree.unflatten(treedef, [next(it) / num_mb if f else jnp.zeros_like(leaf)
+                                               for leaf, f in zip(leaves, floats)])
+            return loss / num_mb, (dlp, dy / num_mb)
 
         def forward(pools, row):
             x = jax.tree.map(lambda a, b: jnp.where(row[COL["f_first"]] == 1, a, b),
@@ -265,7 +278,8 @@ def execute(schedule: Schedule, stage_fn: Callable, params: Any, batch: Any, los
     (for an embedding outside the pipeline), and the buffers' sizes.
 
     With `loss_params`, loss_fn is called as loss_fn(loss_params, y, target) and
-    `PipelineOutput.loss_grads` holds their gradients. With `input_grads=True`,
+    `PipelineOutput.loss_grads` holds their gradients (integer leaves, a token table say, are
+    held fixed: zeros of their dtype). With `input_grads=True`,
     `PipelineOutput.input_grads` is d loss / d inputs. See `run` for the rest.
     """
     _check_inputs(schedule, params, batch, mesh, axis)
