@@ -1,8 +1,10 @@
 """Times the MLA decode kernel's plan knobs on the `bench mla` shapes: the fixed cost per batch
-touched (`fixed_cost`, KV blocks; mla.FIXED_COST is the default) and the parts per head tile.
+touched (`fixed_cost`, KV blocks; mla.FIXED_COST is the default), the parts per head tile, and
+how many pieces of a split batch the decode kernel merges itself (`fuse_max_splits`).
 Per-call time of the jitted call, alternating the variants in rounds so drift hits them alike.
 
     python scripts/sweep_mla_plan.py [--s-k 4096 8192] [--costs 2 3 5 8 12 16] [--rounds 3]
+    python scripts/sweep_mla_plan.py --costs --fuse 0 2 4 1000   # the merge in the decode kernel
 
 Prints, per shape, GB/s (h_q < 64) or TFLOP/s of each variant and the best; writes
 $OUT/sweep_mla_plan.json (OUT defaults to the current folder).
@@ -23,9 +25,12 @@ from jax_ds.ops import mla
 parser = argparse.ArgumentParser()
 parser.add_argument("--s-k", type=int, nargs="+", default=[4096, 8192])
 parser.add_argument("--h-q", type=int, nargs="+", default=[16, 128])
-parser.add_argument("--costs", type=int, nargs="+", default=[2, 3, 5, 8, 12, 16])
+parser.add_argument("--costs", type=int, nargs="*", default=[2, 3, 5, 8, 12, 16])
 parser.add_argument("--parts", type=int, nargs="*", default=[],
                     help="extra parts counts per head tile, timed at the default cost")
+parser.add_argument("--fuse", type=int, nargs="*", default=[],
+                    help="fuse_max_splits values timed at the default cost (the costs' variants "
+                         "use mla.FUSE_MAX_SPLITS)")
 parser.add_argument("--rounds", type=int, default=3)
 parser.add_argument("--budget", type=float, default=0.05)
 args = parser.parse_args()
@@ -40,12 +45,15 @@ for s_k in args.s_k:
                 arg, lens = inputs(0, 128, s_k, h_q, s_q, varlen)
                 nbytes, flops = traffic(lens, 128, h_q, s_q)
                 default_parts = mla._num_parts(s_q * h_q)
-                variants = {f"cost{c}": (default_parts, c) for c in args.costs}
-                variants.update({f"parts{p}": (p, mla.FIXED_COST) for p in args.parts})
+                fuse = mla.FUSE_MAX_SPLITS
+                variants = {f"cost{c}": (default_parts, c, fuse) for c in args.costs}
+                variants.update({f"parts{p}": (p, mla.FIXED_COST, fuse) for p in args.parts})
+                variants.update({f"fuse{f}": (default_parts, mla.FIXED_COST, f)
+                                 for f in args.fuse})
                 fns = {key: jax.jit(functools.partial(mla.ffi_mla_decode, scale=SCALE,
                                                       causal=True, num_parts=parts,
-                                                      fixed_cost=cost))
-                       for key, (parts, cost) in variants.items()}
+                                                      fixed_cost=cost, fuse_max_splits=f))
+                       for key, (parts, cost, f) in variants.items()}
                 times = {k: [] for k in variants}
                 for _ in range(args.rounds):
                     for key, fn in fns.items():

@@ -193,3 +193,31 @@ def test_fixed_cost_out_of_range_is_an_error():
     for cost in (0, 65):
         with pytest.raises(Exception, match="fixed_cost"):
             jax.block_until_ready(ffi_mla_decode(q, kv, table, lens, 0.05, True, 8, cost))
+
+
+@pytest.mark.parametrize("b,sq,hq,max_len,parts", [
+    (37, 1, 16, 3000, 132), (33, 2, 64, 5000, 66), (128, 1, 128, 4096, 66), (1, 2, 128, 16384, 66),
+    (5, 1, 32, 9000, 66), (132, 2, 16, 700, 132)])
+def test_fused_merge_equals_the_combine_kernel(b, sq, hq, max_len, parts):
+    """Split batches merged in the decode kernel (by the warpgroup finishing the last piece) give
+    the combine kernel's bits, for every bound on the pieces fused: none (0), 2, 4, and all
+    (then the combine kernel is not launched); and the reference's values."""
+    from jax_ds.ops.mla import ffi_mla_decode
+    q, kv, table, lens = paged(b * 7 + hq, b, sq, hq, max_len=max_len)
+    scale = 576 ** -0.5
+    results = {fuse: jax.jit(lambda *a, f=fuse: ffi_mla_decode(*a, scale, True, parts, 2, f))(
+        q, kv, table, lens) for fuse in (0, 2, 4, 1000)}
+    out0, lse0 = (np.asarray(x) for x in results[0])
+    for fuse, (out, lse) in results.items():
+        np.testing.assert_array_equal(np.asarray(out).view(np.uint16), out0.view(np.uint16),
+                                      err_msg=f"fuse_max_splits={fuse}")
+        np.testing.assert_array_equal(np.asarray(lse).view(np.uint32), lse0.view(np.uint32),
+                                      err_msg=f"fuse_max_splits={fuse}")
+    check(*results[4], *mla_decode(q, kv, table, lens, impl="xla"))
+
+
+def test_fuse_max_splits_below_zero_is_an_error():
+    from jax_ds.ops.mla import ffi_mla_decode
+    q, kv, table, lens = paged(4, 2, 1, 16, max_len=100)
+    with pytest.raises(Exception, match="fuse_max_splits"):
+        jax.block_until_ready(ffi_mla_decode(q, kv, table, lens, 0.05, True, 8, 2, -1))

@@ -19,6 +19,13 @@
 //   2. CombineKernel: merges the partials of split batches (log-sum-exp weights), with the split
 //      counts CTA (0, 0) of the decode kernel wrote. A programmatic dependent launch: its launch
 //      overlaps the decode kernel (griddepcontrol.wait guards every read of the decode's output).
+//      With `fuse_max_splits` = F > 0, a batch split into at most min(F, 4) pieces is merged
+//      inside the decode kernel instead: each warpgroup counts its finished pieces per (batch,
+//      head tile) in a global counter, and the one that finishes last merges that batch's
+//      partials for its 256 value columns (the combine kernel's arithmetic, so the same bits).
+//      The combine kernel then skips those batches (it still merges batches of more pieces: a
+//      few long sequences over many parts, where its many CTAs share the work), and is not
+//      launched when no batch can have more pieces (num_parts <= min(F, 4)).
 //
 // Guards: block ids are clamped into [0, num_blocks), lengths into [0, max_blocks * 64]; cache
 // rows at or past a length are zeroed in shared memory before P V (they may hold NaN) and masked
@@ -26,6 +33,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <climits>
 #include <cmath>
 #include <cstdint>
@@ -60,8 +68,9 @@ struct Smem {
   static constexpr int kQ = 0;
   static constexpr int kKv = kTileBytes;                      // 2 stages
   static constexpr int kP = kKv + 2 * kTileBytes;             // [64 x 64] bf16, swizzled
-  static constexpr int kStats = kP + kChunkBytes;             // float[64]
-  static constexpr int kBars = kStats + 64 * 4;               // mbarriers
+  static constexpr int kStats = kP + kChunkBytes;             // float[128]: 1/l, then lse
+  static constexpr int kFlags = kStats + 128 * 4;             // int[2]: "merge this batch", per WG
+  static constexpr int kBars = kFlags + 2 * 4;                // mbarriers
   static constexpr int kNumBars = 8;
   static constexpr int kBytes = kBars + kNumBars * 8;
   static constexpr int kAlloc = kBytes + 1024;                // slack for 1024-byte alignment
@@ -75,9 +84,11 @@ struct Params {
   __nv_bfloat16* out;
   float* lse;
   float* o_acc;     // [2 * num_parts, rows, 512] partials of split batches
-  float* lse_acc;   // [2 * num_parts, rows]
+  float* lse_acc;   // [2 (warpgroup), 2 * num_parts, rows]; the combine kernel reads copy 0
   int32_t* plan;    // num_splits [B], then split_base [B] (for the combine kernel)
-  int batch, sq, hq, rows, max_blocks, num_blocks, num_parts;
+  int32_t* counters;  // [B, head tiles, 2]: pieces finished per warpgroup (zeroed before launch)
+  int batch, sq, hq, rows, max_blocks, num_blocks, num_parts, tiles;
+  int fuse_max;        // batches of 2..fuse_max pieces are merged in the decode kernel (0: none)
   int fixed_cost;      // planner: cost of touching a batch, in KV blocks (>= 1)
   int causal;
   int q_box_rows;      // Q rows one TMA box brings (rows < 64: only the batch's rows, rounded to 8)
@@ -341,6 +352,105 @@ __device__ __forceinline__ void StoreO(const Params& p, const float* acc, const 
   }
 }
 
+// The log-sum-exp merge of one split batch's N pieces, for warpgroup `wg`'s 256 value columns of
+// one head tile (128 threads): lse = log sum_j exp(lse_j), out = sum_j exp(lse_j - lse) o_j, with
+// the combine kernel's arithmetic in its order (the sum of the exponentials by the same lane
+// butterfly), so the same bits. Each warp takes R rows at a time and issues all their loads
+// before using any (a row at a time would wait an L2 round trip per piece). Partials are read
+// from L2 (ld.global.cg): other CTAs wrote them in this grid. Warpgroup 0 also writes the lse.
+constexpr int kMaxFusedSplits = 4;
+
+template <int N>
+__device__ __forceinline__ void MergeSplits(const Params& p, int wg, int b, int tile_row0,
+                                            int valid_rows, int base, int t) {
+  constexpr int R = N == 2 ? 4 : 2;  // rows per warp and round: 2 N R float4 loads in flight
+  const int warp = t / 32, lane = t % 32;
+  const int64_t copy = wg * 2 * static_cast<int64_t>(p.num_parts);  // this warpgroup's lse copy
+  const int col = wg * 256 + lane * 8;
+  for (int first = warp * R; first < valid_rows; first += 4 * R) {
+    float lj[R][N];
+    float4 v[R][N][2];
+    #pragma unroll
+    for (int i = 0; i < R; ++i) {
+      const int row = tile_row0 + min(first + i, valid_rows - 1);  // past valid: not stored
+      #pragma unroll
+      for (int j = 0; j < N; ++j) {
+        lj[i][j] = __ldcg(p.lse_acc + (copy + base + j) * p.rows + row);
+        const float4* src = reinterpret_cast<const float4*>(
+            p.o_acc + ((base + j) * static_cast<int64_t>(p.rows) + row) * kDv + col);
+        v[i][j][0] = __ldcg(src);
+        v[i][j][1] = __ldcg(src + 1);
+      }
+    }
+    #pragma unroll
+    for (int i = 0; i < R; ++i) {
+      if (first + i >= valid_rows) break;
+      const int row = tile_row0 + first + i;
+      float mx = -INFINITY;
+      #pragma unroll
+      for (int j = 0; j < N; ++j) mx = fmaxf(mx, lj[i][j]);
+      const float m_use = mx == -INFINITY ? 0.f : mx;
+      float sum = 0.f;  // lane j holds term j, as in the combine kernel
+      #pragma unroll
+      for (int j = 0; j < N; ++j) {
+        if (lane == j) sum = expf(lj[i][j] - m_use);
+      }
+      #pragma unroll
+      for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, o);
+      const float lse = sum > 0.f ? m_use + logf(sum) : -INFINITY;
+      if (wg == 0 && lane == 0) {
+        const int sq_i = row / p.hq, h_i = row % p.hq;
+        p.lse[(static_cast<int64_t>(b) * p.hq + h_i) * p.sq + sq_i] = lse;
+      }
+      float4 o0 = make_float4(0.f, 0.f, 0.f, 0.f), o1 = o0;
+      #pragma unroll
+      for (int j = 0; j < N; ++j) {
+        const float w = lse == -INFINITY ? 0.f : expf(lj[i][j] - lse);
+        if (w == 0.f) continue;
+        o0.x += w * v[i][j][0].x;
+        o0.y += w * v[i][j][0].y;
+        o0.z += w * v[i][j][0].z;
+        o0.w += w * v[i][j][0].w;
+        o1.x += w * v[i][j][1].x;
+        o1.y += w * v[i][j][1].y;
+        o1.z += w * v[i][j][1].z;
+        o1.w += w * v[i][j][1].w;
+      }
+      const __nv_bfloat162 packed[4] = {
+          __floats2bfloat162_rn(o0.x, o0.y), __floats2bfloat162_rn(o0.z, o0.w),
+          __floats2bfloat162_rn(o1.x, o1.y), __floats2bfloat162_rn(o1.z, o1.w)};
+      *reinterpret_cast<uint4*>(p.out + (static_cast<int64_t>(b) * p.rows + row) * kDv + col) =
+          *reinterpret_cast<const uint4*>(packed);
+    }
+  }
+}
+
+// After a warpgroup stored its piece of a split batch (partials and its lse copy): counts the
+// piece, and if it was the batch's last for this warpgroup, merges the batch (MergeSplits;
+// n in [2, kMaxFusedSplits]). The fence before the count makes this warpgroup's stores visible
+// to whichever one merges.
+__device__ __forceinline__ void FinishPiece(const Params& p, int* flags, int wg, int b, int tile,
+                                            int tile_row0, int valid_rows, int base, int n,
+                                            int t) {
+  __threadfence();
+  named_barrier(1 + wg, 128);
+  if (t == 0) {
+    const int done = atomicAdd(p.counters + (static_cast<int64_t>(b) * p.tiles + tile) * 2 + wg, 1);
+    if (done == n - 1) __threadfence();
+    flags[wg] = done == n - 1;
+  }
+  named_barrier(1 + wg, 128);
+  if (!flags[wg]) return;
+  if (n == 2) {
+    MergeSplits<2>(p, wg, b, tile_row0, valid_rows, base, t);
+  } else if (n == 3) {
+    MergeSplits<3>(p, wg, b, tile_row0, valid_rows, base, t);
+  } else {
+    MergeSplits<4>(p, wg, b, tile_row0, valid_rows, base, t);
+  }
+}
+
+template <bool kFused>
 __global__ void __launch_bounds__(kThreads, 1)
 DecodeKernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ CUtensorMap kv_map,
              Params p) {
@@ -353,6 +463,7 @@ DecodeKernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ 
   const auto kv_stage = [kv_base](int s) { return kv_base + s * kTileBytes; };
   uint8_t* p_tile = smem + Smem::kP;
   float* stats = reinterpret_cast<float*>(smem + Smem::kStats);
+  int* flags = reinterpret_cast<int*>(smem + Smem::kFlags);
   uint64_t* bar = reinterpret_cast<uint64_t*>(smem + Smem::kBars);
   Bars bars{bar, bar + 2, bar + 4, bar + 5, bar + 6, bar + 7};
 
@@ -612,6 +723,10 @@ DecodeKernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ 
       if (lane % 4 == 0) {
         stats[r0] = inv[0];
         stats[r0 + 8] = inv[1];
+        if constexpr (kFused) {  // warpgroup 1 keeps its own lse copy for its merge
+          stats[64 + r0] = lse[0];
+          stats[64 + r0 + 8] = lse[1];
+        }
       }
       named_barrier(1, 128);
       if (t == 0) mbar_arrive(bars.p_full);
@@ -632,6 +747,9 @@ DecodeKernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ 
       }
       if (split) {
         StoreO<true>(p, acc, inv, seg.b, tile_row0, valid_rows, 0, slot, t);
+        if (kFused && nsplits <= p.fuse_max) {
+          FinishPiece(p, flags, 0, seg.b, tile, tile_row0, valid_rows, seg.slot, nsplits, t);
+        }
       } else {
         StoreO<false>(p, acc, inv, seg.b, tile_row0, valid_rows, 0, slot, t);
       }
@@ -675,11 +793,27 @@ DecodeKernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ 
       }
       mbar_wait(bars.p_full, handoff & 1);
       const float inv[2] = {stats[r0], stats[r0 + 8]};
+      float lse[2] = {0.f, 0.f};
+      if constexpr (kFused) {
+        lse[0] = stats[64 + r0];
+        lse[1] = stats[64 + r0 + 8];
+      }
       named_barrier(2, 128);
       if (t == 0) mbar_arrive(bars.p_empty);
       ++handoff;
       if (split) {
         StoreO<true>(p, acc, inv, seg.b, tile_row0, valid_rows, 256, slot, t);
+        if (kFused && nsplits <= p.fuse_max) {
+          if (lane % 4 == 0) {  // warpgroup 1's lse copy (slots of copy 1)
+            const int64_t copy = 2 * static_cast<int64_t>(p.num_parts) + slot;
+            #pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const int r = r0 + h * 8;
+              if (r < valid_rows) p.lse_acc[copy * p.rows + tile_row0 + r] = lse[h];
+            }
+          }
+          FinishPiece(p, flags, 1, seg.b, tile, tile_row0, valid_rows, seg.slot, nsplits, t);
+        }
       } else {
         StoreO<false>(p, acc, inv, seg.b, tile_row0, valid_rows, 256, slot, t);
       }
@@ -698,7 +832,9 @@ __global__ void CombineKernel(Params p) {
   const int lane = threadIdx.x % 32;
   if (row >= p.rows) return;
   const int n = p.plan[b];
-  if (n == 1) return;  // written by the decode kernel (the plan gives every batch >= 1 split)
+  // Written by the decode kernel: unsplit (the plan gives every batch >= 1 split), or merged
+  // there (at most fuse_max pieces).
+  if (n == 1 || n <= p.fuse_max) return;
   const int base = p.plan[p.batch + b];
   const int sq_i = row / p.hq, h_i = row % p.hq;
   float* lse_out = p.lse + (static_cast<int64_t>(b) * p.hq + h_i) * p.sq + sq_i;
@@ -746,8 +882,10 @@ ffi::Error MlaDecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
                          ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::Buffer<ffi::F32>> lse,
                          ffi::Result<ffi::Buffer<ffi::S32>> plan,
                          ffi::Result<ffi::Buffer<ffi::F32>> o_acc,
-                         ffi::Result<ffi::Buffer<ffi::F32>> lse_acc, float softmax_scale,
-                         bool causal, int32_t num_parts, int32_t fixed_cost) {
+                         ffi::Result<ffi::Buffer<ffi::F32>> lse_acc,
+                         ffi::Result<ffi::Buffer<ffi::S32>> counters, float softmax_scale,
+                         bool causal, int32_t num_parts, int32_t fixed_cost,
+                         int32_t fuse_max_splits) {
   auto qd = q.dimensions(), kd = kv.dimensions(), td = block_table.dimensions(),
        sd = seqlens.dimensions(), od = out->dimensions(), ld = lse->dimensions();
   JAX_DS_CHECK_ARG(qd.size() == 4 && kd.size() == 4 && td.size() == 2 && sd.size() == 1 &&
@@ -769,6 +907,7 @@ ffi::Error MlaDecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
   JAX_DS_CHECK_ARG(num_parts >= 1, "mla_decode: num_parts must be >= 1");
   JAX_DS_CHECK_ARG(fixed_cost >= 1 && fixed_cost <= kMaxFixedCost,
                    "mla_decode: fixed_cost must be in [1, 64]");
+  JAX_DS_CHECK_ARG(fuse_max_splits >= 0, "mla_decode: fuse_max_splits must be >= 0");
   JAX_DS_CHECK_ARG(softmax_scale > 0.f && std::isfinite(softmax_scale),
                    "mla_decode: softmax_scale must be positive and finite");
   const int64_t rows = Sq * Hq;
@@ -779,7 +918,8 @@ ffi::Error MlaDecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
   const int64_t tiles = (rows + kTileRows - 1) / kTileRows;
   JAX_DS_CHECK_ARG(plan->element_count() >= 2 * B &&
                        o_acc->element_count() >= 2 * num_parts * rows * kDv &&
-                       lse_acc->element_count() >= 2 * num_parts * rows,
+                       lse_acc->element_count() >= 2 * 2 * num_parts * rows &&
+                       counters->element_count() >= 2 * B * tiles,
                    "mla_decode: workspace buffers are too small for num_parts");
   if (B == 0) return ffi::Error::Success();
 
@@ -791,6 +931,11 @@ ffi::Error MlaDecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
   p.o_acc = o_acc->typed_data();
   p.lse_acc = lse_acc->typed_data();
   p.plan = plan->typed_data();
+  p.counters = counters->typed_data();
+  p.tiles = static_cast<int>(tiles);
+  // At most kMaxFusedSplits pieces are merged in the decode kernel; a batch has at most
+  // num_parts pieces, so with num_parts <= fuse_max every split batch is merged there.
+  p.fuse_max = std::min({fuse_max_splits, kMaxFusedSplits, num_parts});
   p.batch = static_cast<int>(B);
   p.sq = static_cast<int>(Sq);
   p.hq = static_cast<int>(Hq);
@@ -814,15 +959,26 @@ ffi::Error MlaDecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
                                NB * kPage, kDqk, kPage, 64);
       err.failure())
     return err;
-  static KernelDeviceState decode_state[64];  // the shared-memory opt-in, once per device
+  static KernelDeviceState decode_state[2][64];  // the shared-memory opt-in, once per device
   int unused_clusters = 0;
-  if (auto err = PrepareKernel(DecodeKernel, decode_state, kThreads, 1, 1, &unused_clusters);
-      err.failure())
-    return err;
-
-  DecodeKernel<<<dim3(static_cast<unsigned>(tiles), num_parts), kThreads, Smem::kAlloc, stream>>>(
-      q_map, kv_map, p);
+  const dim3 grid(static_cast<unsigned>(tiles), num_parts);
+  if (p.fuse_max > 0) {
+    JAX_DS_CUDA_RETURN_IF_ERROR(
+        cudaMemsetAsync(p.counters, 0, 2 * B * tiles * sizeof(int32_t), stream));
+    if (auto err = PrepareKernel(DecodeKernel<true>, decode_state[1], kThreads, 1, 1,
+                                 &unused_clusters);
+        err.failure())
+      return err;
+    DecodeKernel<true><<<grid, kThreads, Smem::kAlloc, stream>>>(q_map, kv_map, p);
+  } else {
+    if (auto err = PrepareKernel(DecodeKernel<false>, decode_state[0], kThreads, 1, 1,
+                                 &unused_clusters);
+        err.failure())
+      return err;
+    DecodeKernel<false><<<grid, kThreads, Smem::kAlloc, stream>>>(q_map, kv_map, p);
+  }
   JAX_DS_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  if (p.fuse_max >= num_parts) return ffi::Error::Success();  // every split batch merged
   // The combine kernel is a programmatic dependent of the decode kernel (it waits for it with
   // griddepcontrol.wait before reading its results): its launch and prologue overlap it.
   cudaLaunchAttribute attr;
@@ -848,8 +1004,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxDsMlaDecode, jax_ds::mla::MlaDecodeImpl,
                                   .Ret<xla::ffi::Buffer<xla::ffi::S32>>()          // plan
                                   .Ret<xla::ffi::Buffer<xla::ffi::F32>>()          // o partials
                                   .Ret<xla::ffi::Buffer<xla::ffi::F32>>()          // lse partials
+                                  .Ret<xla::ffi::Buffer<xla::ffi::S32>>()          // counters
                                   .Attr<float>("softmax_scale")
                                   .Attr<bool>("causal")
                                   .Attr<int32_t>("num_parts")
-                                  .Attr<int32_t>("fixed_cost"),
+                                  .Attr<int32_t>("fixed_cost")
+                                  .Attr<int32_t>("fuse_max_splits"),
                               {xla::ffi::Traits::kCmdBufferCompatible});

@@ -303,6 +303,12 @@ def _reference(q, kv_cache, block_table, cache_seqlens, scale, causal, dv, chunk
 # sweeps of scripts/sweep_mla_plan.py; benchmarks/NOTES-mla.md).
 FIXED_COST = 2
 
+# A batch split into at most this many pieces is merged inside the decode kernel by the warpgroup
+# that finishes its last piece, instead of by the separate combine kernel (same arithmetic, same
+# bits); batches of more pieces (a few long sequences over many parts) keep the combine kernel,
+# which spreads their merge over many CTAs. 0: every split batch goes to the combine kernel.
+FUSE_MAX_SPLITS = 4
+
 
 def plan_payload(block_counts, num_parts, fixed_cost=FIXED_COST):
     """The kernel plan's part size on its cost line (PlanPart in ffi/mla/mla_decode.cu), in KV
@@ -376,26 +382,33 @@ def mla_decode(q, kv_cache, block_table, cache_seqlens, *, softmax_scale=None, c
         return _reference(q, kv_cache, block_table, cache_seqlens, np.float32(scale),
                           bool(causal), HEAD_DIM_V, _chunk_blocks(q, kv_cache, block_table))
     return ffi_mla_decode(q, kv_cache, block_table, cache_seqlens, scale, causal,
-                          _num_parts(sq * hq), FIXED_COST)
+                          _num_parts(sq * hq), FIXED_COST, FUSE_MAX_SPLITS)
 
 
 def ffi_mla_decode(q, kv_cache, block_table, cache_seqlens, scale, causal, num_parts,
-                   fixed_cost):
+                   fixed_cost, fuse_max_splits=FUSE_MAX_SPLITS):
     """The kernel's custom call with an explicit plan (`num_parts` persistent parts per head tile,
-    `fixed_cost` KV blocks charged per batch a part touches, in [1, 64]); no validation (tests,
-    sweeps). Returns (out, lse)."""
+    `fixed_cost` KV blocks charged per batch a part touches, in [1, 64]; split batches of at most
+    `fuse_max_splits` pieces merged in the decode kernel, >= 0); no validation (tests, sweeps).
+    Returns (out, lse)."""
     b, sq, hq, _ = q.shape
     rows = sq * hq  # query rows per batch (heads x Sq), 64 per CTA
-    # The three trailing results are the kernel's workspace: the splits per batch and their first
-    # partial slot, and the partial outputs of batches split across parts (at most 2 per part).
+    tiles = cdiv(rows, 64)
+    # The trailing results are the kernel's workspace: the splits per batch and their first
+    # partial slot; the partial outputs of batches split across parts (at most 2 per part) and
+    # their lse (one copy per consumer warpgroup); per (batch, head tile, warpgroup) the pieces
+    # finished (for the merge in the decode kernel).
     call = jax.ffi.ffi_call(TARGET, (jax.ShapeDtypeStruct((b, sq, hq, HEAD_DIM_V), q.dtype),
                                      jax.ShapeDtypeStruct((b, hq, sq), jnp.float32),
                                      jax.ShapeDtypeStruct((2 * b,), jnp.int32),
                                      jax.ShapeDtypeStruct((2 * num_parts * rows * HEAD_DIM_V,),
                                                           jnp.float32),
-                                     jax.ShapeDtypeStruct((2 * num_parts * rows,), jnp.float32)),
+                                     jax.ShapeDtypeStruct((2 * 2 * num_parts * rows,),
+                                                          jnp.float32),
+                                     jax.ShapeDtypeStruct((2 * b * tiles,), jnp.int32)),
                             vmap_method="sequential")
     out, lse, *_ = call(q, kv_cache, block_table, cache_seqlens,
                         softmax_scale=np.float32(scale), causal=bool(causal),
-                        num_parts=np.int32(num_parts), fixed_cost=np.int32(fixed_cost))
+                        num_parts=np.int32(num_parts), fixed_cost=np.int32(fixed_cost),
+                        fuse_max_splits=np.int32(fuse_max_splits))
     return out, lse
