@@ -34,6 +34,8 @@ parser.add_argument("--fuse", type=int, nargs="*", default=[],
 parser.add_argument("--rounds", type=int, default=3)
 parser.add_argument("--budget", type=float, default=0.05)
 args = parser.parse_args()
+if not (args.costs or args.parts or args.fuse):
+    parser.error("nothing to time: give --costs, --parts or --fuse values")
 
 sms = _ffi.num_sms()
 SCALE = mla.HEAD_DIM_QK ** -0.5  # mla_decode's default softmax scale
@@ -69,7 +71,8 @@ for s_k in args.s_k:
                       flush=True)
                 out_rows.append(dict(s_k=s_k, h_q=h_q, s_q=s_q, varlen=varlen, unit=unit,
                                      rate=rate, seconds=med, default_parts=default_parts,
-                                     default_cost=mla.FIXED_COST, best=best))
+                                     default_cost=mla.FIXED_COST,
+                                     default_fuse=mla.FUSE_MAX_SPLITS, best=best))
                 del arg
 with open(os.path.join(os.environ.get("OUT", "."), "sweep_mla_plan.json"), "w") as f:
     json.dump(dict(device=jax.devices()[0].device_kind, num_sms=sms, rows=out_rows), f, indent=1)

@@ -197,16 +197,19 @@ def test_fixed_cost_out_of_range_is_an_error():
 
 @pytest.mark.parametrize("b,sq,hq,max_len,parts", [
     (37, 1, 16, 3000, 132), (33, 2, 64, 5000, 66), (128, 1, 128, 4096, 66), (1, 2, 128, 16384, 66),
-    (5, 1, 32, 9000, 66), (132, 2, 16, 700, 132)])
+    (5, 1, 32, 9000, 66), (132, 2, 16, 700, 132), (5, 1, 32, 9000, 4), (3, 2, 64, 5000, 2),
+    (4, 1, 16, 3000, 1)])
 def test_fused_merge_equals_the_combine_kernel(b, sq, hq, max_len, parts):
     """Split batches merged in the decode kernel (by the warpgroup finishing the last piece) give
-    the combine kernel's bits, for every bound on the pieces fused: none (0), 2, 4, and all
-    (then the combine kernel is not launched); and the reference's values."""
+    the combine kernel's bits, for every bound on the pieces fused: none (0), 1 (= none), 2, 4
+    and more (clamped to 4); with at most 4 parts every split batch is merged there and the
+    combine kernel is not launched (the cases of 4, 2 and 1 parts). And the reference's
+    values."""
     from jax_ds.ops.mla import ffi_mla_decode
     q, kv, table, lens = paged(b * 7 + hq, b, sq, hq, max_len=max_len)
     scale = 576 ** -0.5
     results = {fuse: jax.jit(lambda *a, f=fuse: ffi_mla_decode(*a, scale, True, parts, 2, f))(
-        q, kv, table, lens) for fuse in (0, 2, 4, 1000)}
+        q, kv, table, lens) for fuse in (0, 1, 2, 4, 1000)}
     out0, lse0 = (np.asarray(x) for x in results[0])
     for fuse, (out, lse) in results.items():
         np.testing.assert_array_equal(np.asarray(out).view(np.uint16), out0.view(np.uint16),

@@ -25,7 +25,7 @@
 //      partials for its 256 value columns (the combine kernel's arithmetic, so the same bits).
 //      The combine kernel then skips those batches (it still merges batches of more pieces: a
 //      few long sequences over many parts, where its many CTAs share the work), and is not
-//      launched when no batch can have more pieces (num_parts <= min(F, 4)).
+//      launched when no batch can have more pieces (num_parts <= min(F, 4), or one part).
 //
 // Guards: block ids are clamped into [0, num_blocks), lengths into [0, max_blocks * 64]; cache
 // rows at or past a length are zeroed in shared memory before P V (they may hold NaN) and masked
@@ -933,9 +933,13 @@ ffi::Error MlaDecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
   p.plan = plan->typed_data();
   p.counters = counters->typed_data();
   p.tiles = static_cast<int>(tiles);
-  // At most kMaxFusedSplits pieces are merged in the decode kernel; a batch has at most
-  // num_parts pieces, so with num_parts <= fuse_max every split batch is merged there.
+  // At most kMaxFusedSplits pieces are merged in the decode kernel (a bound under 2 merges
+  // nothing there: the unfused instance, no counters); a batch has at most num_parts pieces, so
+  // with num_parts <= fuse_max (or a single part: nothing is split) the combine kernel has no
+  // work and is not launched.
   p.fuse_max = std::min({fuse_max_splits, kMaxFusedSplits, num_parts});
+  if (p.fuse_max < 2) p.fuse_max = 0;
+  const bool combine_needed = num_parts > std::max(p.fuse_max, 1);
   p.batch = static_cast<int>(B);
   p.sq = static_cast<int>(Sq);
   p.hq = static_cast<int>(Hq);
@@ -978,7 +982,7 @@ ffi::Error MlaDecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
     DecodeKernel<false><<<grid, kThreads, Smem::kAlloc, stream>>>(q_map, kv_map, p);
   }
   JAX_DS_CUDA_RETURN_IF_ERROR(cudaGetLastError());
-  if (p.fuse_max >= num_parts) return ffi::Error::Success();  // every split batch merged
+  if (!combine_needed) return ffi::Error::Success();  // every split batch merged (or none)
   // The combine kernel is a programmatic dependent of the decode kernel (it waits for it with
   // griddepcontrol.wait before reading its results): its launch and prologue overlap it.
   cudaLaunchAttribute attr;
