@@ -15,7 +15,8 @@ from jax.sharding import PartitionSpec as P
 from jax_ds.models import DeepSeekConfig, DeepSeekMoE, expert_ffn
 from jax_ds.ops import quantize_fp8
 from jax_ds.parallel import expert as ep_lib
-from jax_ds.parallel.mesh import EXPERT, make_mesh, mesh_from_spec, parse_mesh, shard_model
+from jax_ds.parallel.mesh import (EXPERT, make_mesh, mesh_from_spec, parse_mesh, shard_batch,
+                                  shard_model)
 from jax_ds.testing import calc_diff, tolerance
 
 # Mesh tests use the 8 virtual CPU devices even on a GPU host (conftest asks for them).
@@ -373,6 +374,9 @@ def test_bad_layouts_are_rejected():
     assert mesh_from_spec("data=2,expert=-1", devices=CPU).shape["expert"] == 4
     with pytest.raises(ValueError, match="needs 16 devices, have 8"):
         mesh_from_spec("data=2,expert=8", devices=CPU)
+    with pytest.raises(ValueError, match="not a multiple of data x expert = 8; pass the batch "
+                                         "unplaced"):
+        shard_batch(np.zeros((3, 4), np.int32), cpu_mesh(data=2, expert=4))
     with pytest.raises(ValueError, match="exchange"):
         ep_lib.resolve_exchange("nccl", cpu_mesh(expert=8))
     with pytest.raises(ValueError, match="ep_exchange"):

@@ -341,6 +341,19 @@ __device__ __forceinline__ void StoreO(const Params& p, const float* acc, const 
   }
 }
 
+// O's accumulator [64 x 256] per warpgroup times this thread's two rows' rescale factors; a warp
+// whose rows all kept their running max (factors 1, the usual case with the lazy max) skips it.
+__device__ __forceinline__ void RescaleRows(float* acc, float s0, float s1) {
+  if (!__any_sync(0xffffffff, s0 != 1.f || s1 != 1.f)) return;
+  #pragma unroll
+  for (int g = 0; g < 32; ++g) {
+    acc[g * 4 + 0] *= s0;
+    acc[g * 4 + 1] *= s0;
+    acc[g * 4 + 2] *= s1;
+    acc[g * 4 + 3] *= s1;
+  }
+}
+
 __global__ void __launch_bounds__(kThreads, 1)
 DecodeKernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ CUtensorMap kv_map,
              Params p) {
@@ -527,15 +540,7 @@ DecodeKernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ 
           l[h] = l[h] * scale_row[h] + sum;
           m[h] = m_new;
         }
-        if (__any_sync(0xffffffff, scale_row[0] != 1.f || scale_row[1] != 1.f)) {
-          #pragma unroll
-          for (int g = 0; g < 32; ++g) {
-            acc[g * 4 + 0] *= scale_row[0];
-            acc[g * 4 + 1] *= scale_row[0];
-            acc[g * 4 + 2] *= scale_row[1];
-            acc[g * 4 + 3] *= scale_row[1];
-          }
-        }
+        RescaleRows(acc, scale_row[0], scale_row[1]);
         // Publish P and the row rescale once warpgroup 1 is done with the previous ones. Short
         // sequences also keep P's bf16 rounding residual for a second pass (P = hi + lo).
         uint32_t p_lo[16];
@@ -643,15 +648,7 @@ DecodeKernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ 
         for (int pass = 0; pass < passes; ++pass) {
           mbar_wait(bars.p_full, handoff & 1);
           const float rs0 = stats[r0], rs1 = stats[r0 + 8];
-          if (__any_sync(0xffffffff, rs0 != 1.f || rs1 != 1.f)) {
-            #pragma unroll
-            for (int g = 0; g < 32; ++g) {
-              acc[g * 4 + 0] *= rs0;
-              acc[g * 4 + 1] *= rs0;
-              acc[g * 4 + 2] *= rs1;
-              acc[g * 4 + 3] *= rs1;
-            }
-          }
+          RescaleRows(acc, rs0, rs1);
           if (pass == 0 && blk == nb - 1 && tail_valid < kPage) {
             ZeroTailRows(kv_stage(s), tail_valid, 4, t);
             fence_proxy_async_smem();

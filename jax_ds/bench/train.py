@@ -17,8 +17,8 @@ optimizer. It runs:
   2. --steps timed steps, each waiting for its loss (the median is reported);
   3. --trace-steps steps under jax.profiler. The trace is kept under --trace-dir; open it in
      TensorBoard's profile plugin or Perfetto.
-With microbatches = 2, `train_step` cuts the batch into two parts whose gradients are summed in
-one program. XLA's scheduler may then run one part's all-to-all under the other's compute, the
+With microbatches = 2, `train_step` cuts the batch into two parts whose gradients are averaged
+in one program. XLA's scheduler may then run one part's all-to-all under the other's compute, the
 way DeepSeek-V3 overlaps two micro-batches.
 
 The trace's GPU kernels are read back per device (`_profile.collective_overlap`):

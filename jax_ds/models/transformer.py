@@ -302,11 +302,12 @@ def train_step(model: Transformer, optimizer: nnx.Optimizer, tokens_BS, microbat
         (_, metrics), grads = grad_fn(model, tokens_BS)
     else:
         parts_BKS = tokens_BS.reshape(b // microbatches, microbatches, *tokens_BS.shape[1:])
-        results = [grad_fn(model, parts_BKS[:, i]) for i in range(microbatches)]
-        grads = jax.tree.map(lambda *g: sum(g) / microbatches, *[g for _, g in results])
-        metrics = {key: sum(m[key] for (_, m), _ in results) for key in results[0][0][1]}
-        metrics = {key: v if key in _SUMMED_METRICS else v / microbatches
-                   for key, v in metrics.items()}
+        parts = [grad_fn(model, parts_BKS[:, i]) for i in range(microbatches)]
+        grads = jax.tree.map(lambda *g: sum(g) / microbatches, *[g for _, g in parts])
+        metrics = {}
+        for key in parts[0][0][1]:
+            total = sum(m[key] for (_, m), _ in parts)
+            metrics[key] = total if key in _SUMMED_METRICS else total / microbatches
     optimizer.update(model, grads)
     apply_router_bias_update(model, metrics["expert_counts"])
     return metrics

@@ -29,6 +29,7 @@ routing ops (kernels on GPU).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import Callable, NamedTuple
@@ -44,6 +45,8 @@ from jax_ds.ops.quant import quantize_fp8
 from jax_ds.parallel.mesh import BATCH_AXES, EXPERT
 
 log = logging.getLogger(__name__)
+# A message said once per distinct text and arguments (the layers of a model repeat them).
+_info_once = functools.cache(log.info)
 EXCHANGES = ("auto", "ragged", "padded", "emulated")
 
 
@@ -98,9 +101,9 @@ def resolve_exchange(exchange: str, mesh: Mesh) -> str:
         return exchange
     platform = mesh.devices.flat[0].platform
     chosen = "ragged" if platform == "gpu" else "padded"
-    if chosen == "padded" and not getattr(resolve_exchange, "_told", False):
-        resolve_exchange._told = True  # say it once, not per layer
-        log.info("EP exchange: padded all_to_all on %s (ragged_all_to_all needs a GPU)", platform)
+    if chosen == "padded":
+        _info_once("EP exchange: padded all_to_all on %s (ragged_all_to_all needs a GPU)",
+                   platform)
     return chosen
 
 
@@ -445,8 +448,6 @@ def ep_combine_tokens(y, state: EPTokenState, *, axis_name: str):
 # ----------------------------------------------------------------------------- the layer
 
 
-_PADDED_TOLD: set[tuple[int, int]] = set()
-
 ExpertFFN = Callable[..., jax.Array]  # (x_sorted [M, D], group_sizes [G], *weights) -> [M, D]
 
 
@@ -492,10 +493,8 @@ def ep_moe(x, topk_idx, topk_weights, weights, ffn: ExpertFFN, *, mesh: Mesh, nu
     pad = per_shard * shards - n
     x_ND, idx_NK, w_NK = x.reshape(n, d), topk_idx.reshape(n, k), topk_weights.reshape(n, k)
     if pad:  # tokens routed nowhere: no expert row, no count, no drop; cut off again below
-        if (n, shards) not in _PADDED_TOLD:  # once per shape, not per layer
-            _PADDED_TOLD.add((n, shards))
-            log.info("ep_moe: %d tokens over %d shards (data x expert): %d padding tokens added",
-                     n, shards, pad)
+        _info_once("ep_moe: %d tokens over %d shards (data x expert): %d padding tokens added",
+                   n, shards, pad)
         x_ND = jnp.pad(x_ND, ((0, pad), (0, 0)))
         idx_NK = jnp.pad(idx_NK, ((0, pad), (0, 0)), constant_values=-1)
         w_NK = jnp.pad(w_NK, ((0, pad), (0, 0)))

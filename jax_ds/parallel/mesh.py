@@ -128,7 +128,9 @@ def shard_batch(batch, mesh: Mesh):
     def put(x):
         if x.shape[0] % multiple:
             raise ValueError(f"shard_batch: batch size {x.shape[0]} is not a multiple of "
-                             f"data x expert = {multiple}")
+                             f"data x expert = {multiple}; pass the batch unplaced "
+                             f"(jnp.asarray) instead: the MoE layers split any token count "
+                             f"over the mesh themselves")
         return jax.device_put(np.asarray(x), NamedSharding(mesh, batch_spec(mesh, x.ndim)))
 
     return jax.tree.map(put, batch)

@@ -79,6 +79,16 @@ def stage_placement(schedule: Schedule) -> np.ndarray:
     return idx
 
 
+def _real_cotangents(grads, like):
+    """`grads` with the float0 cotangents autodiff gives integer leaves (RedundantMoE's placement
+    tables, a loss's index table) replaced by zeros of the leaf's own dtype: the phases' switch
+    branches and the sums over ticks and ranks need real arrays of one type. Integer parameters
+    are thus held fixed."""
+    return jax.tree.map(
+        lambda g, x: jnp.zeros(jnp.shape(x), x.dtype) if g.dtype == jax.dtypes.float0 else g,
+        grads, like)
+
+
 def _body(tables: Tables, stage_fn, loss_fn, num_mb: int, axis: str, input_grads: bool):
     """The per-rank program: (local params [1, L, ...], loss params, inputs [m, ...],
     targets [m, ...]) -> (loss, grads [1, L, ...], loss grads, input grads)."""
@@ -103,22 +113,11 @@ def _body(tables: Tables, stage_fn, loss_fn, num_mb: int, axis: str, input_grads
             return _take(params_L, 0 if num_local == 1 else row[COL[col]])
 
         def loss_and_cotangent(y, mb):
-            # Integer leaves of loss_params (a token-id table, say) are held fixed and get zeros
-            # of their own dtype, as integer stage parameters do; jax.grad takes floats only.
-            leaves, treedef = jax.tree.flatten(loss_params)
-            floats = [jnp.issubdtype(leaf.dtype, jnp.inexact) for leaf in leaves]
-
-            def loss_of_floats(float_leaves, y):
-                it = iter(float_leaves)
-                full = [next(it) if f else leaf for leaf, f in zip(leaves, floats)]
-                return loss_fn(jax.tree.unflatten(treedef, full), y, _take(targets, mb))
-
-            loss, (dfloats, dy) = jax.value_and_grad(loss_of_floats, argnums=(0, 1))(
-                [leaf for leaf, f in zip(leaves, floats) if f], y)
-            it = iter(dfloats)
-            dlp = jax.tree.unflatten(treedef, [next(it) / num_mb if f else jnp.zeros_like(leaf)
-                                               for leaf, f in zip(leaves, floats)])
-            return loss / num_mb, (dlp, dy / num_mb)
+            loss, (dlp, dy) = jax.value_and_grad(loss_fn, argnums=(0, 1), allow_int=True)(
+                loss_params, y, _take(targets, mb))
+            scaled = jax.tree.map(lambda g: g if g.dtype == jax.dtypes.float0 else g / num_mb,
+                                  (dlp, dy))
+            return loss / num_mb, _real_cotangents(scaled, (loss_params, y))
 
         def forward(pools, row):
             x = jax.tree.map(lambda a, b: jnp.where(row[COL["f_first"]] == 1, a, b),
@@ -137,11 +136,9 @@ def _body(tables: Tables, stage_fn, loss_fn, num_mb: int, axis: str, input_grads
         def backward_weight(pools, row, wres=None):
             if wres is None:  # a deferred W: B saved its wres in the chunk's slot
                 wres = _take(pools["wres"], row[COL["w_slot"]])
-            dp = split.backward_weight(stage_params(row, "w_local"),
-                                       _take(pools["res"], row[COL["w_slot"]]), wres)
-            # Integer leaves (RedundantMoE's placement, say) get float0 cotangents: zeros of
-            # their own dtype instead, as the idle branch returns and the sums hold.
-            return jax.tree.map(lambda d, z: z if d.dtype == jax.dtypes.float0 else d, dp, zero_p)
+            return _real_cotangents(split.backward_weight(
+                stage_params(row, "w_local"), _take(pools["res"], row[COL["w_slot"]]), wres),
+                zero_p)
 
         def branch(kind):
             def op(pools, row):  # -> (y, res, (loss, dloss_params), dy_loss, dx, wres, dp)
