@@ -146,6 +146,24 @@ def test_every_tile(block_m, block_n, cluster_n):
         _check_masked(out, mops, masked_m)
 
 
+@pytest.mark.parametrize("cluster_n", CLUSTERS)
+@pytest.mark.parametrize("block_n", [128, 192])
+def test_masked_shared_space_is_the_same_kernel(block_n, cluster_n):
+    """The masked 128x128 / 128x192 instances with shared-typed pointers (shared_space=1) give
+    the generic ones' bits, poisoned outputs and odd sizes included."""
+    masked_m = jnp.asarray([0, 200, 37, 256], jnp.int32)
+    ops = _quantized(jax.random.key(block_n + cluster_n), (4, 256), 4, 500, 640)
+    outs = {}
+    for shared in (0, 1):
+        cfg = GemmConfig(128, block_n, _ffi.num_sms(), cluster_n)
+        _poison((4, 256, 500), jnp.bfloat16)
+        outs[shared] = np.asarray(grouped.ffi_grouped_fp8_gemm(
+            grouped.MASKED_TARGET, *ops, masked_m, (4, 256, 500), jnp.bfloat16, cfg,
+            shared_space=shared)).view(np.uint16)
+    np.testing.assert_array_equal(outs[1], outs[0])
+    _check_masked(outs[1].view(jnp.bfloat16), ops, masked_m)
+
+
 def test_grouped_linear_grads_match_reference():
     kx, kw = jax.random.split(jax.random.key(3))
     x = jax.random.normal(kx, (600, 256), jnp.float32)

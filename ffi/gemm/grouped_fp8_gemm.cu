@@ -19,17 +19,24 @@ constexpr int kMaxGroups = GroupedScheduler<64, 16, 1>::kMaxGroups;  // shared-m
 // mmax = 0: contiguous layout; mmax > 0: masked layout with mmax rows per group.
 template <typename OutT>
 ffi::Error Dispatch(int block_m, int block_n, int cluster_n, cudaStream_t stream,
-                    const GemmArgs<OutT>& args, const int* sizes, int G, int mmax) {
+                    const GemmArgs<OutT>& args, const int* sizes, int G, int mmax,
+                    bool shared_space) {
   const char* op = mmax > 0 ? "jax_ds_masked_grouped_fp8_gemm" : "jax_ds_grouped_fp8_gemm";
   return DispatchTile(op, block_m, block_n, cluster_n, [&](auto tile) {
     using T = decltype(tile);
-    using Sched = GroupedScheduler<T::BM, T::BN, T::kClusterN>;
-    const Sched sched = Sched::make(sizes, G, args.a_rows, args.N, mmax);
-    // Every segment adds at most one partial tile to the row tiles of the whole of A.
-    const int64_t max_units =
-        (CeilDiv(args.a_rows, T::BM) + sched.num_segments()) * sched.num_n_units;
-    return LaunchGemm<T::BM, T::BN, T::kClusterN>(stream, args, sched, max_units,
-                                                  Sched::extra_smem_bytes(G, mmax > 0));
+    const auto launch = [&](auto shared) {
+      using Sched = GroupedScheduler<T::BM, T::BN, T::kClusterN, decltype(shared)::value>;
+      const Sched sched = Sched::make(sizes, G, args.a_rows, args.N, mmax);
+      // Every segment adds at most one partial tile to the row tiles of the whole of A.
+      const int64_t max_units =
+          (CeilDiv(args.a_rows, T::BM) + sched.num_segments()) * sched.num_n_units;
+      return LaunchGemm<T::BM, T::BN, T::kClusterN>(stream, args, sched, max_units,
+                                                    Sched::extra_smem_bytes(G, mmax > 0));
+    };
+    if constexpr (T::BM == 128 && (T::BN == 128 || T::BN == 192)) {
+      if (mmax > 0 && shared_space) return launch(std::true_type{});
+    }
+    return launch(std::false_type{});
   });
 }
 
@@ -56,7 +63,7 @@ ffi::Error Run(const char* op, cudaStream_t stream, ffi::AnyBuffer a,
                ffi::Buffer<ffi::F32> a_scale, ffi::AnyBuffer b, ffi::Buffer<ffi::F32> b_scale,
                ffi::Buffer<ffi::S32> sizes, ffi::Result<ffi::AnyBuffer> out, int64_t rows,
                int64_t mmax, int32_t block_m, int32_t block_n, int32_t cluster_n,
-               int32_t num_sms) {
+               int32_t num_sms, bool shared_space = false) {
   const int64_t K = a.dimensions().back();
   JAX_DS_CHECK_ARG(a.element_type() == ffi::F8E4M3FN, std::string(op) + ": a must be e4m3fn");
   JAX_DS_CHECK_ARG(rows >= 1 && rows < (int64_t(1) << 31) && K >= kBlockK && K % kBlockK == 0 &&
@@ -76,7 +83,7 @@ ffi::Error Run(const char* op, cudaStream_t stream, ffi::AnyBuffer a,
     return Dispatch(block_m, block_n, cluster_n, stream,
                     GemmArgs<OutT>{a.untyped_data(), a_scale.typed_data(), b.untyped_data(),
                                    b_scale.typed_data(), out_ptr, m, b_rows, n, k, num_sms},
-                    sizes.typed_data(), g, static_cast<int>(mmax));
+                    sizes.typed_data(), g, static_cast<int>(mmax), shared_space);
   });
 }
 
@@ -95,7 +102,8 @@ ffi::Error GroupedImpl(cudaStream_t stream, ffi::AnyBuffer a, ffi::Buffer<ffi::F
 ffi::Error MaskedImpl(cudaStream_t stream, ffi::AnyBuffer a, ffi::Buffer<ffi::F32> a_scale,
                       ffi::AnyBuffer b, ffi::Buffer<ffi::F32> b_scale,
                       ffi::Buffer<ffi::S32> masked_m, ffi::Result<ffi::AnyBuffer> out,
-                      int32_t block_m, int32_t block_n, int32_t cluster_n, int32_t num_sms) {
+                      int32_t block_m, int32_t block_n, int32_t cluster_n, int32_t num_sms,
+                      int32_t shared_space) {
   const char* op = "masked_grouped_fp8_gemm";
   auto ad = a.dimensions();
   JAX_DS_CHECK_ARG(ad.size() == 3 && a_scale.dimensions().size() == 3 &&
@@ -104,7 +112,7 @@ ffi::Error MaskedImpl(cudaStream_t stream, ffi::AnyBuffer a, ffi::Buffer<ffi::F3
   JAX_DS_CHECK_ARG(ad[0] == b.dimensions()[0] && ad[1] >= 1,
                    "masked_grouped_fp8_gemm: a must be [G, Mmax, K] with b's G and Mmax >= 1");
   return Run(op, stream, a, a_scale, b, b_scale, masked_m, out, ad[0] * ad[1], ad[1], block_m,
-             block_n, cluster_n, num_sms);
+             block_n, cluster_n, num_sms, shared_space != 0);
 }
 
 }  // namespace
@@ -127,5 +135,7 @@ ffi::Error MaskedImpl(cudaStream_t stream, ffi::AnyBuffer a, ffi::Buffer<ffi::F3
 // Command-buffer compatible: they only enqueue work on the stream (see fp8_gemm.cu).
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxDsGroupedFp8Gemm, jax_ds::gemm::GroupedImpl,
                               JAX_DS_GROUPED_BINDING, {xla::ffi::Traits::kCmdBufferCompatible});
+// Masked: also `shared_space` (1: the 128x128 / 128x192 tiles' shared-typed instances).
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxDsMaskedGroupedFp8Gemm, jax_ds::gemm::MaskedImpl,
-                              JAX_DS_GROUPED_BINDING, {xla::ffi::Traits::kCmdBufferCompatible});
+                              JAX_DS_GROUPED_BINDING.Attr<int32_t>("shared_space"),
+                              {xla::ffi::Traits::kCmdBufferCompatible});

@@ -152,10 +152,13 @@ struct DenseScheduler {
 // from `sizes` in shared memory at start (warp scans), then finds a unit's segment by binary
 // search. Data-dependent sizes can only move rows inside [0, M): nothing is read or written out
 // of bounds whatever `sizes` holds.
-template <int BM, int BN, int kClusterN>
+// kShared: shared-memory pointers typed as shared (see DenseScheduler). The contiguous kernels
+// lost 3-5% with it on the H200; the masked 128x128 / 128x192 ones are built both ways
+// (grouped_fp8_gemm.cu) to measure them apart.
+template <int BM, int BN, int kClusterN, bool kShared = false>
 struct GroupedScheduler {
   static constexpr bool kSplits = false;
-  static constexpr bool kSharedSpace = false;  // (DenseScheduler says why)
+  static constexpr bool kSharedSpace = kShared;
   static constexpr bool kOverlap = false;  // (zero tiles make the first issue data-dependent)
   static constexpr int kMaxGroups = 1024;
   const int* sizes;  // device [G]

@@ -79,12 +79,23 @@ def grouped_config(rows_per_group: int, g: int, n: int, k: int, num_sms: int):
     return type(cfg)(block_m, block_n, num_sms, cluster_n)
 
 
-def ffi_grouped_fp8_gemm(target, a, a_scale, b, b_scale, sizes, out_shape, out_dtype, cfg):
+# Masked kernels of 128x128 / 128x192 tiles with shared-memory pointers typed as shared (the
+# dense kernel's +2-5%; the contiguous kernels lost 3-5% with it). To be measured.
+MASKED_SHARED_SPACE = True
+
+
+def ffi_grouped_fp8_gemm(target, a, a_scale, b, b_scale, sizes, out_shape, out_dtype, cfg,
+                         shared_space=None):
     """The grouped (GROUPED_TARGET) or masked (MASKED_TARGET) kernel's custom call with an
-    explicit tile (tests, tile sweeps); no validation."""
+    explicit tile (tests, tile sweeps); no validation. shared_space (masked only; None:
+    MASKED_SHARED_SPACE)."""
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(out_shape, out_dtype),
                             vmap_method="sequential")
-    return call(a, a_scale, b, b_scale, sizes, **cfg.attrs())
+    attrs = cfg.attrs()
+    if target == MASKED_TARGET:
+        shared = MASKED_SHARED_SPACE if shared_space is None else shared_space
+        attrs["shared_space"] = np.int32(bool(shared))
+    return call(a, a_scale, b, b_scale, sizes, **attrs)
 
 
 def _unsupported(g):
