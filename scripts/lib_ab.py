@@ -1,0 +1,148 @@
+"""A/B of builds of the kernel library on the GEMM benchmark shapes, each build in its own
+process, rounds alternating (A B C, C B A, A B C, ...) so that clock and thermal drift fall on
+every variant alike.
+
+A variant is a directory holding a `jax_ds` package whose `_C` is the build under test (e.g. a
+copy of the tree's `jax_ds/` with a patched library: scripts/ffma_yield.py). Each child process
+runs with that directory first on PYTHONPATH, checks that it imported that package's `_C`, and
+times every shape at the op's own pick (`impl="ffi"`): the benchmark's device-bound figure (one
+executable of many calls, time_jax_launch) and the profiler's kernel time. Prints a table of
+medians, writes $OUT/lib-ab-<device>-<date>.json (OUT defaults to .).
+
+  python scripts/lib_ab.py DIR_A DIR_B [...] [--rounds 3] [--suite dense grouped] [--quick]
+  python scripts/lib_ab.py A B --impl xla --tiny --rounds 2   # a dry run of the script on CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+
+DENSE = [(4096, 2112, 7168), (4096, 24576, 1536), (4096, 32768, 512), (4096, 7168, 16384),
+         (4096, 4096, 7168), (4096, 7168, 2048), (8192, 8192, 8192), (128, 7168, 16384),
+         (128, 24576, 1536), (128, 7168, 2048)]
+# (kind, groups, rows per group, n, k): the DeepGEMM shapes of `bench moe`
+GROUPED = [("contiguous", 4, 8192, 4096, 7168), ("contiguous", 4, 8192, 7168, 2048),
+           ("contiguous", 8, 4096, 4096, 7168), ("contiguous", 8, 4096, 7168, 2048),
+           ("masked", 1, 1024, 4096, 7168), ("masked", 1, 1024, 7168, 2048),
+           ("masked", 2, 512, 4096, 7168), ("masked", 4, 256, 4096, 7168)]
+
+
+# --quick: the shapes under a bar (NOTES-gemm, NOTES-moe)
+QUICK_DENSE = [(4096, 7168, 16384), (4096, 4096, 7168), (4096, 32768, 512)]
+QUICK_GROUPED = [GROUPED[2], GROUPED[4]]
+TINY_DENSE = [(128, 256, 256)]
+TINY_GROUPED = [("contiguous", 2, 128, 256, 256), ("masked", 2, 64, 256, 256)]
+
+
+def _child(suites, quick, impl, tiny) -> list:
+    """Runs in the variant's process: [(label, device-bound TFLOP/s, kernel TFLOP/s)]."""
+    import jax
+    import jax.numpy as jnp
+
+    import jax_ds
+    from jax_ds import _ffi
+    from jax_ds.bench._profile import device_time_jax
+    from jax_ds.bench._timing import time_jax_launch
+    from jax_ds.bench.gemm import block_sets
+    from jax_ds.bench.moe import _operands
+    from jax_ds.ops import fp8_gemm, grouped_fp8_gemm, masked_grouped_fp8_gemm
+
+    here = pathlib.Path.cwd().resolve()
+    if not pathlib.Path(jax_ds.__file__).resolve().is_relative_to(here):
+        raise SystemExit(f"imported {jax_ds.__file__}, not the variant's package in {here}")
+    if impl == "ffi" and not _ffi.STATUS.loaded:
+        raise SystemExit(f"the kernel library did not load: {_ffi.STATUS.error}")
+    rows = []
+
+    def timed(label, fn, sets, flops):
+        t = time_jax_launch(fn, sets, max_reps=4, budget_s=0.25, repeats=3)
+        kern = device_time_jax(jax.jit(fn), sets, 2 * len(sets)) if impl == "ffi" else t.median_s
+        rows.append((label, flops / t.median_s / 1e12, flops / kern / 1e12))
+        print(f"  {label:32s} {rows[-1][1]:7.0f} {rows[-1][2]:7.0f}", file=sys.stderr,
+              flush=True)
+
+    if "dense" in suites:
+        for m, n, k in TINY_DENSE if tiny else QUICK_DENSE if quick else DENSE:
+            timed(f"dense {m}x{n}x{k}", lambda *o: fp8_gemm(*o, impl=impl),
+                  block_sets(m, n, k, 4), 2 * m * n * k)
+    if "grouped" in suites:
+        for kind, g, r, n, k in TINY_GROUPED if tiny else QUICK_GROUPED if quick else GROUPED:
+            a_shape = (g, r) if kind == "masked" else (g * r,)
+            sets = [(*_operands(jax.random.key(i), a_shape, g, n, k),
+                     jnp.full((g,), r, jnp.int32)) for i in range(4)]
+            op = masked_grouped_fp8_gemm if kind == "masked" else grouped_fp8_gemm
+            timed(f"{kind} {g}x{r} n{n} k{k}", lambda *o, op=op: op(*o, impl=impl), sets,
+                  2 * g * r * n * k)
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("variants", nargs="*", type=pathlib.Path)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--suite", nargs="+", default=["dense", "grouped"],
+                    choices=["dense", "grouped"])
+    ap.add_argument("--quick", action="store_true", help="only the shapes under a bar")
+    ap.add_argument("--impl", default="ffi", choices=["ffi", "xla"],
+                    help="xla: the references, no kernel time (a dry run of this script on CPU)")
+    ap.add_argument("--tiny", action="store_true", help="small shapes (with --impl xla on CPU)")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        json.dump(_child(args.suite, args.quick, args.impl, args.tiny), sys.stdout)
+        return 0
+    if len(args.variants) < 2:
+        ap.error("give at least two variant directories")
+    for v in args.variants:
+        if not (v / "jax_ds").is_dir() or (args.impl == "ffi" and
+                                            not list((v / "jax_ds").glob("_C*.so"))):
+            ap.error(f"{v}: no jax_ds package with its _C*.so in it")
+
+    results = {str(v): {} for v in args.variants}
+    for rnd in range(args.rounds):
+        order = args.variants if rnd % 2 == 0 else args.variants[::-1]
+        for v in order:
+            print(f"round {rnd} {v}", file=sys.stderr, flush=True)
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+                [str(v.resolve())] + [p for p in os.environ.get("PYTHONPATH", "").split(
+                    os.pathsep) if p]))
+            cmd = [sys.executable, os.path.abspath(__file__), "--child", "--impl", args.impl,
+                   "--suite", *args.suite]
+            cmd += ["--quick"] if args.quick else []
+            cmd += ["--tiny"] if args.tiny else []
+            out = subprocess.run(cmd, env=env, check=True,
+                                 capture_output=True, text=True, cwd=v)
+            sys.stderr.write(out.stderr[-4000:])
+            for label, dev, kern in json.loads(out.stdout):
+                results[str(v)].setdefault(label, []).append((dev, kern))
+
+    labels = list(next(iter(results.values())))
+    head = "".join(f" | {pathlib.Path(v).name[:18]:>18s}" for v in results)
+    print(f"{'shape (device-bound / kernel TFLOP/s, medians)':46s}{head}")
+    for label in labels:
+        cells = []
+        for v in results:
+            runs = results[v].get(label, [])
+            dev = statistics.median(r[0] for r in runs) if runs else float("nan")
+            kern = statistics.median(r[1] for r in runs) if runs else float("nan")
+            cells.append(f" | {dev:8.0f} / {kern:7.0f}")
+        print(f"{label:46s}{''.join(cells)}")
+
+    from jax_ds.bench import environment, write_json
+    path = write_json(os.environ.get("OUT", "."), "lib-ab", environment(), {
+        "note": "per variant and shape: [device-bound, kernel] TFLOP/s of each round; device-bound "
+                "= time_jax_launch (max_reps 4, median of 3), kernel = profiler kernel time; "
+                "rounds alternate the variants' order",
+        "variants": [str(v) for v in args.variants], "rounds": args.rounds, "results": results})
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

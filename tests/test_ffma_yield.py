@@ -1,0 +1,196 @@
+"""scripts/ffma_yield.py: which FFMAs it changes, that it changes only their reuse and yield
+bits, in every copy of a selected kernel's code and in no other kernel; and, where nvcc and
+cuobjdump are both installed, the same on a compiled kernel, checked by disassembling it."""
+
+import importlib.util
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "ffma_yield.py"
+spec = importlib.util.spec_from_file_location("ffma_yield", SCRIPT)
+fy = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = fy  # dataclasses look their module up
+spec.loader.exec_module(fy)
+
+YIELD = 1 << fy.YIELD_BIT
+REUSE_B = 1 << 59
+STALL_1 = 1 << 41
+
+
+def _ffma(i, reused):
+    """An FFMA as ptxas alternates them: reused operand + no yield, or yield allowed."""
+    lo = 0x0000000000007223 | (i << 16)
+    hi = 0x000fe20000000000 | STALL_1 | ((REUSE_B | YIELD) if reused else 0)
+    return f"FFMA R{i}, R{i + 40}, R9{'.reuse' if reused else ''}, R{i}", lo, hi
+
+
+def _other(i, text="IADD3 R1, R1, 0x1, RZ"):
+    return text, 0x0000000000017810 | (i << 20), 0x000fc80007ffe0ff | YIELD
+
+
+def _function(name, body):
+    """cuobjdump -sass text of one function from [(text, lo, hi)]."""
+    lines = [f"\t\tFunction : {name}", '\t.headerflags\t@"EF_CUDA_SM90"']
+    for i, (text, lo, hi) in enumerate(body):
+        lines.append(f"        /*{16 * i:04x}*/                   {text} ;"
+                     f"                  /* {lo:#018x} */")
+        lines.append(f"{'':96s}/* {hi:#018x} */")
+    return "\n".join(lines)
+
+
+def _listing(functions):
+    return ("\nFatbin elf code:\n================\narch = sm_90a\n\n\tcode for sm_90a\n"
+            + "\n\n".join(_function(n, b) for n, b in functions) + "\n")
+
+
+GEMM = "_ZN6jax_ds4gemm20sm90_fp8_gemm_kernelILi128E"
+GEMM_BODY = ([_other(0), _other(1)] + [_ffma(i, reused=i % 2 == 0) for i in range(10)]
+             + [_other(2), ("@P0 FFMA R3, R4, R5, R3", 0x7223, 0x000fe20000000000 | REUSE_B | YIELD)]
+             + [_ffma(20 + i, reused=True) for i in range(4)] + [_other(3, "EXIT")])
+OTHER = "_Z5otherv"
+OTHER_BODY = [_ffma(i, reused=i % 2 == 0) for i in range(12)] + [_other(4, "EXIT")]
+
+
+def _parsed():
+    return fy.parse_sass(_listing([(GEMM, GEMM_BODY), (OTHER, OTHER_BODY)]))
+
+
+def _binary(functions):
+    gemm, other = functions
+    return bytearray(b"\x7fELF" + bytes(100) + gemm.code() + bytes(52) + other.code()
+                     + bytes(16) + gemm.code() + bytes(8))
+
+
+def _read_back(data, fn, offset):
+    """fn as it now lies at `offset` of data (texts kept: only the words are compared)."""
+    instrs = [fy.Instr(x.addr, x.text, int.from_bytes(data[offset + 16 * i:offset + 16 * i + 8],
+                                                      "little"),
+                       int.from_bytes(data[offset + 16 * i + 8:offset + 16 * i + 16], "little"))
+              for i, x in enumerate(fn.instrs)]
+    return fy.Function(fn.arch, fn.name, instrs)
+
+
+def test_parse_reads_both_words_in_order():
+    gemm, other = _parsed()
+    assert (gemm.arch, gemm.name, other.name) == ("sm_90a", GEMM, OTHER)
+    assert [(x.lo, x.hi) for x in gemm.instrs] == [(lo, hi) for _, lo, hi in GEMM_BODY]
+    assert gemm.instrs[2].opcode == "FFMA" and gemm.instrs[13].opcode == ""  # predicated
+    assert [x.addr for x in other.instrs] == [16 * i for i in range(len(OTHER_BODY))]
+
+
+def test_runs_are_unpredicated_ffmas_of_min_length():
+    gemm, other = _parsed()
+    assert fy.ffma_runs(gemm, 8) == [(2, 12)]
+    assert fy.ffma_runs(gemm, 4) == [(2, 12), (14, 18)]
+    assert fy.ffma_runs(other, 8) == [(0, 12)]
+
+
+@pytest.mark.parametrize("fraction, changed", [(0.0, []), (0.5, [2, 4, 6]),
+                                               (1.0, [2, 4, 6, 8, 10])])
+def test_plan_takes_the_reused_ffmas_of_each_runs_head(fraction, changed):
+    gemm, _ = _parsed()
+    plan = fy.plan(gemm, fraction, 8)
+    assert sorted(plan) == changed
+    for i, hi in plan.items():
+        old = gemm.instrs[i].hi
+        assert hi & fy.REUSE_MASK == 0 and hi & YIELD == 0
+        assert hi | REUSE_B | YIELD == old  # nothing else moved: stall count, barriers
+    with pytest.raises(ValueError, match="fraction"):
+        fy.plan(gemm, 1.5, 8)
+
+
+def test_plan_every_also_takes_the_no_yield_ffmas_without_reuse():
+    gemm, _ = _parsed()
+    for i in (3, 5):  # no reuse flag, but the no-yield flag
+        gemm.instrs[i].hi |= YIELD
+    assert sorted(fy.plan(gemm, 0.5, 8)) == [2, 4, 6]
+    plan = fy.plan(gemm, 0.5, 8, every=True)
+    assert sorted(plan) == [2, 3, 4, 5, 6]
+    assert plan[3] == gemm.instrs[3].hi & ~YIELD
+
+
+def test_patch_changes_every_copy_of_selected_kernels_only():
+    functions = _parsed()
+    gemm, other = functions
+    data = _binary(functions)
+    before = bytes(data)
+    report = fy.patch(data, functions, fraction=0.5, min_run=8)
+    assert report == [("sm_90a", GEMM, 1, 10, 3, 2)]
+    offsets = fy.locate(before, gemm)
+    assert len(offsets) == 2
+    for at in offsets:
+        assert fy.verify([gemm], [_read_back(data, gemm, at)], fraction=0.5) == []
+    # the other kernel and the bytes around the code are untouched
+    at_other = fy.locate(before, other)[0]
+    assert data[at_other:at_other + len(other.code())] == other.code()
+    changed = [i for i in range(len(data)) if data[i] != before[i]]
+    assert all(any(at <= i < at + len(gemm.code()) for at in offsets) for i in changed)
+    # a second pass finds nothing left to change
+    again = fy.patch(data, [_read_back(data, gemm, offsets[0]), other], fraction=0.5)
+    assert again[0][4] == 0
+
+
+def test_verify_flags_any_other_difference():
+    functions = _parsed()
+    gemm = functions[0]
+    data = _binary(functions)
+    fy.patch(data, functions, fraction=0.5)
+    at = fy.locate(bytes(_binary(functions)), gemm)[0]
+    after = _read_back(data, gemm, at)
+    after.instrs[3].hi ^= STALL_1  # a stall count that moved
+    after.instrs[0].lo ^= 1  # an operand that moved
+    problems = fy.verify([gemm], [after], fraction=0.5)
+    assert len(problems) == 2 and "control" in problems[0] + problems[1]
+    assert fy.verify([gemm], [gemm], fraction=0.5)  # the planned change missing is a problem
+    assert fy.verify([gemm], [], fraction=0.5) == ["the function lists differ"]
+
+
+def test_code_not_in_the_file_is_an_error():
+    functions = _parsed()
+    with pytest.raises(ValueError, match="not found"):
+        fy.patch(bytearray(b"\0" * 4096), functions)
+
+
+KERNEL = r"""
+__global__ void promote(const float* acc, const float* s, float* out, int n) {
+  float a[32], r[32];
+  const float sc = s[0] * s[blockIdx.x + 1];
+  for (int i = 0; i < 32; ++i) { a[i] = acc[threadIdx.x + i * 128]; r[i] = out[threadIdx.x + i * 128]; }
+  for (int k = 0; k < n; ++k) {
+    const float t = sc * s[k + 2];
+#pragma unroll
+    for (int i = 0; i < 32; ++i) r[i] = fmaf(a[i], t, r[i]);
+  }
+  for (int i = 0; i < 32; ++i) out[threadIdx.x + i * 128] = r[i];
+}
+"""
+
+
+def _tools():
+    try:
+        return shutil.which("nvcc"), fy.cuobjdump()
+    except FileNotFoundError:
+        return None, None
+
+
+@pytest.mark.skipif(not all(_tools()), reason="needs nvcc and cuobjdump")
+def test_compiled_kernel_round_trip(tmp_path):
+    nvcc, _ = _tools()
+    src = tmp_path / "k.cu"
+    src.write_text(KERNEL)
+    obj = tmp_path / "k.o"
+    subprocess.run([nvcc, "-O3", "--generate-code=arch=compute_90a,code=[sm_90a]", "-c",
+                    str(src), "-o", str(obj)], check=True)
+    before = fy.disassemble(obj)
+    assert fy.main([str(obj), "--out", str(tmp_path / "y.o"), "--kernels", "promote",
+                    "--check"]) == 0
+    after = fy.disassemble(tmp_path / "y.o")
+    planned = fy.plan(before[0], 0.5, 8)
+    assert planned, "ptxas gave this kernel no reused FFMAs: the test needs another kernel"
+    assert fy.verify(before, after, kernels="promote") == []
+    assert sum(".reuse" in x.text for x in after[0].instrs) < \
+        sum(".reuse" in x.text for x in before[0].instrs)
