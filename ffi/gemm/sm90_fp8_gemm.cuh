@@ -55,6 +55,24 @@ struct TileCoord {
   int kb_end = 1 << 30;
 };
 
+// A tile as lane 0 of the warp computed it, read by every lane through shuffles, so the compiler
+// knows it is warp-uniform: a scheduler whose tiles depend on data (group sizes in shared
+// memory) otherwise leaves the K loop's trip count, and with it the stage ring's index and every
+// WGMMA descriptor, in per-thread registers. Only where all 32 lanes run (consumer warps).
+__device__ __forceinline__ TileCoord warp_uniform(const TileCoord& t) {
+  constexpr unsigned kAll = 0xffffffffu;
+  TileCoord u;
+  u.a_row = __shfl_sync(kAll, t.a_row, 0);
+  u.row_end = __shfl_sync(kAll, t.row_end, 0);
+  u.n_block = __shfl_sync(kAll, t.n_block, 0);
+  u.b_row = __shfl_sync(kAll, t.b_row, 0);
+  u.sb_row = __shfl_sync(kAll, t.sb_row, 0);
+  u.zero = __shfl_sync(kAll, static_cast<int>(t.zero), 0) != 0;
+  u.kb_begin = __shfl_sync(kAll, t.kb_begin, 0);
+  u.kb_end = __shfl_sync(kAll, t.kb_end, 0);
+  return u;
+}
+
 // Where the K slices of split tiles meet (dense GEMM; all null / 0 without splits): f32
 // partials [split units][splits][kClusterN][consumers][regs][128 threads], then one int
 // counter per (split unit, cluster rank, consumer), zeroed before the launch.
@@ -96,6 +114,7 @@ struct DenseScheduler {
   // grouped kernels -4% (contiguous), so they keep the generic pointers (kSharedSpace false).
   static constexpr bool kSharedSpace = true;
   static constexpr bool kOverlap = kOverlap_;
+  static constexpr bool kUniformTiles = true;  // a tile is arithmetic on uniform values
   int M, N, num_m_blocks, num_n_units;
   int k_blocks = 1, split_units = 0, splits = 1;
   SplitWorkspace ws;
@@ -160,6 +179,7 @@ struct GroupedScheduler {
   static constexpr bool kSplits = false;
   static constexpr bool kSharedSpace = kShared;
   static constexpr bool kOverlap = false;  // (zero tiles make the first issue data-dependent)
+  static constexpr bool kUniformTiles = false;  // tiles depend on the sizes in shared memory
   static constexpr int kMaxGroups = 1024;
   const int* sizes;  // device [G]
   int G, M, N, mmax, num_n_units;
@@ -339,15 +359,16 @@ __device__ __forceinline__ void issue_k_block(float* acc, uint64_t* full_bar, ui
                                               const uint8_t* tile_a, const uint8_t* tile_b) {
   using Mma = WgmmaFp8<BN>;
   sm90::mbar_wait(full_bar, parity);
-  const uint64_t desc_a = sm90::sw128_kmajor_desc(tile_a);
-  const uint64_t desc_b = sm90::sw128_kmajor_desc(tile_b);
+  const uint32_t desc_a = sm90::sw128_kmajor_desc_lo(tile_a);
+  const uint32_t desc_b = sm90::sw128_kmajor_desc_lo(tile_b);
 #pragma unroll
   for (int i = 0; i < Mma::kRegs; ++i) sm90::fence_operand(acc[i]);
   sm90::wgmma_fence();
 #pragma unroll
   for (int k = 0; k < kBlockK / 32; ++k) {
     // 32 FP8 = 32 bytes of K per WGMMA: advance the start address by 2 x 16 bytes.
-    Mma::mma(acc, desc_a + 2 * k, desc_b + 2 * k, k > 0 ? 1u : 0u);
+    Mma::mma(acc, sm90::sw128_kmajor_desc_from_lo(desc_a + 2 * k),
+             sm90::sw128_kmajor_desc_from_lo(desc_b + 2 * k), k > 0 ? 1u : 0u);
   }
   sm90::wgmma_commit();
 }
@@ -398,7 +419,11 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
   // (dense: per consumer, whether its K slice was the split tile's last; in the same place)
   volatile int* const split_last = reinterpret_cast<int*>(empty + num_stages);
 
-  const int warpgroup = threadIdx.x / 128;
+  // Read from lane 0, so the compiler knows it is the same in every lane of the warp: the
+  // addresses, barriers and WGMMA descriptors derived from it then live in uniform registers
+  // (UR), computed once per warp on the uniform datapath, instead of per thread in R registers
+  // and moved over with R2UR before every WGMMA (cuobjdump -sass, NOTES-gemm).
+  const int warpgroup = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x / 128), 0);
   const int k_blocks = K / kBlockK;
   // TMA stores (through the staging buffer) need 16-byte aligned output rows; the host passes
   // out_bytes = 0 for other N, and the tile goes out through guarded register stores.
@@ -539,8 +564,14 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
     TileCoord prev{};
     int prev_unit = 0;
     bool pending = false;
-    for (int u = cluster; u < sched.num_units(); u += num_clusters) {
-      const TileCoord c = sched.tile(u, rank);
+    // The unit count and every tile as warp-uniform values (warp_uniform): a grouped
+    // scheduler reads them from shared memory. The dense one's are arithmetic on uniform values.
+    const int num_units = Sched::kUniformTiles
+                              ? sched.num_units()
+                              : __shfl_sync(0xffffffffu, sched.num_units(), 0);
+    for (int u = cluster; u < num_units; u += num_clusters) {
+      const TileCoord c = Sched::kUniformTiles ? sched.tile(u, rank)
+                                               : warp_uniform(sched.tile(u, rank));
       const int row0 = c.a_row + row_in_tile;
       const int row1 = row0 + 8;
       // Rows past M read as zero through TMA; their scales are never loaded out of bounds.
