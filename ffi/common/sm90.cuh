@@ -181,6 +181,17 @@ __device__ __forceinline__ uint64_t sw128_kmajor_desc(const void* tile) {
   return desc;
 }
 
+// The same descriptor as two 32-bit halves. Only the low word moves between tiles and K steps
+// (start address and leading byte offset): +2 per 32 bytes of K never carries out of the 14-bit
+// address field, since shared memory ends below 256 KB. The high word is a constant. So the
+// per-step add is a 32-bit one: a 64-bit add costs a carry chain before every WGMMA.
+__device__ __forceinline__ uint32_t sw128_kmajor_desc_lo(const void* tile) {
+  return ((smem_addr(tile) & 0x3FFFF) >> 4) | (1u << 16);
+}
+__device__ __forceinline__ uint64_t sw128_kmajor_desc_from_lo(uint32_t lo) {
+  return (uint64_t((1024 >> 4) | (1u << 30)) << 32) | lo;
+}
+
 // Register budget hand-off between the producer and consumer warpgroups (needs a launch cap).
 template <uint32_t kRegs>
 __device__ __forceinline__ void regs_dealloc() {
