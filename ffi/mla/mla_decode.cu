@@ -250,13 +250,10 @@ __device__ __forceinline__ int SwizzledOffset(int row, int col) {
 // Shared-memory descriptor for B read MN-major from a KV stage: value columns [64 x c, ...) of a
 // [64 tokens x 64 cols] chunk sequence; 64-column groups (chunks) 8192 B apart (leading byte
 // offset), 8-token core groups 1024 B apart (stride byte offset), 128-byte swizzle.
-__device__ __forceinline__ uint64_t Sw128MnMajorDesc(const void* tile) {
-  const uint64_t addr = smem_addr(tile);
-  uint64_t desc = (addr & 0x3FFFF) >> 4;
-  desc |= uint64_t(kChunkBytes >> 4) << 16;
-  desc |= uint64_t(1024 >> 4) << 32;
-  desc |= uint64_t(1) << 62;
-  return desc;
+// As sw128_kmajor_desc_lo / _from_lo (sm90.cuh), the low word (start address, leading byte
+// offset) alone, so that steps inside a stage are 32-bit adds; the high word is the same.
+__device__ __forceinline__ uint32_t Sw128MnMajorDescLo(const void* tile) {
+  return ((smem_addr(tile) & 0x3FFFF) >> 4) | ((kChunkBytes >> 4) << 16);
 }
 
 // The segments (batch, block range, split index) of one part, in order (see the plan).
@@ -592,15 +589,20 @@ DecodeKernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ 
       float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
       mbar_wait(bars.q_full, nseg & 1);
       for (int blk = seg.lo; blk < seg.hi; ++blk, ++it) {
-        const int s = it & 1;
+        // The stage from lane 0: the compiler then knows it is warp-uniform (`it` counts blocks
+        // of segments read from memory), so its barrier and descriptors live in uniform
+        // registers instead of being built per thread and moved over with R2UR per WGMMA.
+        const int s = __shfl_sync(0xffffffffu, it & 1, 0);
         mbar_wait(&bars.full[s], (it >> 1) & 1);
         float sc[32];
+        const uint32_t q_lo = sw128_kmajor_desc_lo(q_tile);
+        const uint32_t kv_lo = sw128_kmajor_desc_lo(kv_stage(s));
         wgmma_fence();
         #pragma unroll
         for (int kk = 0; kk < kDqk / 16; ++kk) {
-          const int off = (kk / 4) * kChunkBytes + (kk % 4) * 32;
-          WgmmaBf16<64>::mma(sc, sw128_kmajor_desc(q_tile + off),
-                             sw128_kmajor_desc(kv_stage(s) + off), kk > 0);
+          const uint32_t off = ((kk / 4) * kChunkBytes + (kk % 4) * 32) >> 4;  // 16-byte units
+          WgmmaBf16<64>::mma(sc, sw128_kmajor_desc_from_lo(q_lo + off),
+                             sw128_kmajor_desc_from_lo(kv_lo + off), kk > 0);
         }
         wgmma_commit();
         wgmma_wait<0>();
@@ -699,10 +701,12 @@ DecodeKernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ 
           if (t == 0) mbar_arrive(bars.p_full);
           ++handoff;
           wgmma_fence();
+          const uint32_t p_lo = sw128_kmajor_desc_lo(p_tile);
+          const uint32_t v_lo = Sw128MnMajorDescLo(kv_stage(s));
           #pragma unroll
           for (int kk = 0; kk < kPage / 16; ++kk) {
-            WgmmaBf16TransB<256>::mma(acc, sw128_kmajor_desc(p_tile + kk * 32),
-                                      Sw128MnMajorDesc(kv_stage(s) + kk * 2048), 1);
+            WgmmaBf16TransB<256>::mma(acc, sw128_kmajor_desc_from_lo(p_lo + kk * 2),
+                                      sw128_kmajor_desc_from_lo(v_lo + kk * (2048 >> 4)), 1);
           }
           wgmma_commit();
           // Free the stage as soon as this P V is done (the tensor cores are busy with it
@@ -760,7 +764,7 @@ DecodeKernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ 
       }
     } else {
       for (int blk = seg.lo; blk < seg.hi; ++blk, ++it) {
-        const int s = it & 1;
+        const int s = __shfl_sync(0xffffffffu, it & 1, 0);  // (warp-uniform: see warpgroup 0)
         mbar_wait(&bars.full[s], (it >> 1) & 1);
         #pragma unroll 1
         for (int pass = 0; pass < passes; ++pass) {
@@ -773,11 +777,12 @@ DecodeKernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ 
           }
           named_barrier(2, 128);
           wgmma_fence();
+          const uint32_t p_lo = sw128_kmajor_desc_lo(p_tile);
+          const uint32_t v_lo = Sw128MnMajorDescLo(kv_stage(s) + 4 * kChunkBytes);
           #pragma unroll
           for (int kk = 0; kk < kPage / 16; ++kk) {
-            WgmmaBf16TransB<256>::mma(acc, sw128_kmajor_desc(p_tile + kk * 32),
-                                      Sw128MnMajorDesc(kv_stage(s) + 4 * kChunkBytes + kk * 2048),
-                                      1);
+            WgmmaBf16TransB<256>::mma(acc, sw128_kmajor_desc_from_lo(p_lo + kk * 2),
+                                      sw128_kmajor_desc_from_lo(v_lo + kk * (2048 >> 4)), 1);
           }
           wgmma_commit();
           wgmma_wait<0>();
