@@ -5,8 +5,10 @@ every variant alike.
 A variant is a directory holding a `jax_ds` package whose `_C` is the build under test (e.g. a
 copy of the tree's `jax_ds/` with a patched library: scripts/ffma_yield.py). Each child process
 runs with that directory first on PYTHONPATH, checks that it imported that package's `_C`, and
-times every shape at the op's own pick (`impl="ffi"`): the benchmark's device-bound figure (one
-executable of many calls, time_jax_launch) and the profiler's kernel time. Prints a table of
+times every shape at the op's own pick (`impl="ffi"`). GEMM suites: the benchmark's device-bound
+figure (one executable of many calls, time_jax_launch) and the profiler's kernel time. The mla
+suite: `bench mla`'s per-call and device-bound figures at s_k 4096, in TFLOP/s for h128 and
+GB/s of cache for h16. Prints a table of
 medians, writes $OUT/lib-ab-<device>-<date>.json (OUT defaults to .).
 
   python scripts/lib_ab.py DIR_A DIR_B [...] [--rounds 3] [--suite dense grouped] [--quick]
@@ -33,7 +35,11 @@ GROUPED = [("contiguous", 4, 8192, 4096, 7168), ("contiguous", 4, 8192, 7168, 20
            ("masked", 2, 512, 4096, 7168), ("masked", 4, 256, 4096, 7168)]
 
 
-# --quick: the shapes under a bar (NOTES-gemm, NOTES-moe)
+# (b, s_k, h_q, s_q, variable lengths): `bench mla`'s s_k 4096 shapes
+MLA = [(128, 4096, h, sq, var) for h in (16, 128) for sq in (1, 2) for var in (False, True)]
+# --quick: the shapes under a bar (NOTES-gemm, NOTES-moe, NOTES-mla)
+QUICK_MLA = [(128, 4096, 128, 1, False), (128, 4096, 128, 1, True), (128, 4096, 16, 2, True)]
+TINY_MLA = [(2, 128, 16, 1, True)]
 QUICK_DENSE = [(4096, 7168, 16384), (4096, 4096, 7168), (4096, 32768, 512)]
 QUICK_GROUPED = [GROUPED[2], GROUPED[4]]
 TINY_DENSE = [(128, 256, 256)]
@@ -79,6 +85,25 @@ def _child(suites, quick, impl, tiny) -> list:
             op = masked_grouped_fp8_gemm if kind == "masked" else grouped_fp8_gemm
             timed(f"{kind} {g}x{r} n{n} k{k}", lambda *o, op=op: op(*o, impl=impl), sets,
                   2 * g * r * n * k)
+    if "mla" in suites:
+        import functools
+
+        from jax_ds.bench._timing import time_jax
+        from jax_ds.bench.mla import inputs, second_set, traffic
+        from jax_ds.ops import mla_decode
+        for b, s_k, h, sq, var in TINY_MLA if tiny else QUICK_MLA if quick else MLA:
+            arg, lens = inputs(0, b, s_k, h, sq, var)
+            nbytes, flops = traffic(lens, b, h, sq)
+            fn = jax.jit(functools.partial(mla_decode, causal=True, impl=impl))
+            per = time_jax(fn, [arg], budget_s=0.06, repeats=3).median_s
+            dev = time_jax_launch(fn, [arg, second_set(arg, 0)], budget_s=0.06,
+                                  repeats=3).median_s
+            # h16 is bound by the cache's bytes, h128 by the matrix rate (the issue's bars)
+            work, unit = (flops / 1e12, "TFLOP/s") if h >= 64 else (nbytes / 1e9, "GB/s")
+            rows.append((f"mla h{h} sq{sq} {'var' if var else 'fixed'} b{b} s_k{s_k} {unit}",
+                         work / per, work / dev))
+            print(f"  {rows[-1][0]:40s} {rows[-1][1]:7.0f} {rows[-1][2]:7.0f}",
+                  file=sys.stderr, flush=True)
     return rows
 
 
@@ -87,7 +112,7 @@ def main(argv=None) -> int:
     ap.add_argument("variants", nargs="*", type=pathlib.Path)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--suite", nargs="+", default=["dense", "grouped"],
-                    choices=["dense", "grouped"])
+                    choices=["dense", "grouped", "mla"])
     ap.add_argument("--quick", action="store_true", help="only the shapes under a bar")
     ap.add_argument("--impl", default="ffi", choices=["ffi", "xla"],
                     help="xla: the references, no kernel time (a dry run of this script on CPU)")
@@ -124,7 +149,8 @@ def main(argv=None) -> int:
 
     labels = list(next(iter(results.values())))
     head = "".join(f" | {pathlib.Path(v).name[:18]:>18s}" for v in results)
-    print(f"{'shape (device-bound / kernel TFLOP/s, medians)':46s}{head}")
+    print(f"{'shape (GEMM: device-bound / kernel TFLOP/s; MLA: per call / device-bound)':46s}"
+          f"{head}")
     for label in labels:
         cells = []
         for v in results:
@@ -136,9 +162,10 @@ def main(argv=None) -> int:
 
     from jax_ds.bench import environment, write_json
     path = write_json(os.environ.get("OUT", "."), "lib-ab", environment(), {
-        "note": "per variant and shape: [device-bound, kernel] TFLOP/s of each round; device-bound "
-                "= time_jax_launch (max_reps 4, median of 3), kernel = profiler kernel time; "
-                "rounds alternate the variants' order",
+        "note": "per variant and shape, each round: GEMM [device-bound, kernel] TFLOP/s "
+                "(time_jax_launch max_reps 4 median of 3; profiler kernel time); MLA [per call, "
+                "device-bound] in the label's unit (time_jax, time_jax_launch over two input "
+                "sets); rounds alternate the variants' order",
         "variants": [str(v) for v in args.variants], "rounds": args.rounds, "results": results})
     print(f"wrote {path}")
     return 0
