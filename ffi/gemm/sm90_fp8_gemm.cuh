@@ -33,6 +33,7 @@
 
 #include <cstdint>
 
+#include "common/fastdiv.h"
 #include "common/sm90.cuh"
 #include "common/wgmma_fp8.cuh"
 
@@ -83,15 +84,24 @@ struct SplitWorkspace {
 
 // Work-unit order shared by the schedulers: bands of kBandM row tiles walked column by column,
 // so the CTAs running at once share A rows and B columns in L2.
+// `band` divides by kBandM * the column units, fixed per launch (FastDiv: a multiply-high, not a
+// ~20-instruction division per tile: the tile's coordinates were 5% of the consumers' samples
+// at k = 512, NOTES-gemm); every band but a short last one has kBandM rows, a constant divisor.
 constexpr int kBandM = 8;
-__device__ __forceinline__ void banded_order(int unit, int num_m_tiles, int num_n_units,
+__device__ __forceinline__ void banded_order(int unit, int num_m_tiles, const FastDiv& band,
                                              int& m_tile, int& n_unit) {
-  const int band = kBandM * num_n_units;
-  const int first_m = (unit / band) * kBandM;
+  const uint32_t u = static_cast<uint32_t>(unit);
+  const uint32_t band_index = band.div(u);
+  const int first_m = static_cast<int>(band_index) * kBandM;
+  const uint32_t in_band = band.mod(u, band_index);
   const int rows = min(num_m_tiles - first_m, kBandM);
-  const int in_band = unit % band;
-  m_tile = first_m + in_band % rows;
-  n_unit = in_band / rows;
+  if (rows == kBandM) {
+    m_tile = first_m + static_cast<int>(in_band % kBandM);
+    n_unit = static_cast<int>(in_band / kBandM);
+  } else {
+    m_tile = first_m + static_cast<int>(in_band % static_cast<uint32_t>(rows));
+    n_unit = static_cast<int>(in_band / static_cast<uint32_t>(rows));
+  }
 }
 
 // Dense problem: one [M, N] grid of tiles. The last `split_units` units of the walk (the
@@ -118,6 +128,7 @@ struct DenseScheduler {
   int M, N, num_m_blocks, num_n_units;
   int k_blocks = 1, split_units = 0, splits = 1;
   SplitWorkspace ws;
+  FastDiv band;  // kBandM * num_n_units (banded_order)
 
   // smem [2] after the barriers: per consumer, "this slice finished its split tile last"
   static constexpr int extra_smem_bytes() { return 16; }
@@ -127,8 +138,10 @@ struct DenseScheduler {
                                                  int split_units = 0, int splits = 1) {
     const int n_blocks = (N + BN - 1) / BN;
     const bool split = split_units > 0 && splits > 1;
-    return {M, N, (M + BM - 1) / BM, (n_blocks + kClusterN - 1) / kClusterN, k_blocks,
-            split ? split_units : 0, split ? splits : 1};
+    DenseScheduler s{M, N, (M + BM - 1) / BM, (n_blocks + kClusterN - 1) / kClusterN, k_blocks,
+                     split ? split_units : 0, split ? splits : 1};
+    s.band = FastDiv::make(static_cast<uint32_t>(kBandM * s.num_n_units));
+    return s;
   }
   __device__ __forceinline__ void init(int*) {}
   __host__ __device__ int num_tile_units() const { return num_m_blocks * num_n_units; }
@@ -148,7 +161,7 @@ struct DenseScheduler {
     const bool sliced = split_of(unit, split, slice);
     if (sliced) unit = num_tile_units() - split_units + split;
     int m_block, n_unit;
-    banded_order(unit, num_m_blocks, num_n_units, m_block, n_unit);
+    banded_order(unit, num_m_blocks, band, m_block, n_unit);
     // The second tile of a pair may lie past N (odd block count): its B box reads as zeros
     // and its stores are clipped; its b_scale row is clamped to stay in bounds.
     const int n_block = n_unit * kClusterN + static_cast<int>(rank);
@@ -185,6 +198,7 @@ struct GroupedScheduler {
   int G, M, N, mmax, num_n_units;
   int* bound = nullptr;        // smem [G]: contiguous end rows / masked valid rows
   int* tile_prefix = nullptr;  // smem [S + 1]: first m tile of each segment
+  FastDiv band;                // kBandM * num_n_units (banded_order)
 
   __host__ __device__ int num_segments() const { return mmax > 0 ? 2 * G : G + 1; }
   __host__ static int extra_smem_bytes(int G, bool masked) {
@@ -192,7 +206,9 @@ struct GroupedScheduler {
   }
   __host__ static GroupedScheduler make(const int* sizes, int G, int M, int N, int mmax) {
     const int n_blocks = (N + BN - 1) / BN;
-    return {sizes, G, M, N, mmax, (n_blocks + kClusterN - 1) / kClusterN};
+    GroupedScheduler s{sizes, G, M, N, mmax, (n_blocks + kClusterN - 1) / kClusterN};
+    s.band = FastDiv::make(static_cast<uint32_t>(kBandM * s.num_n_units));
+    return s;
   }
 
   __device__ __forceinline__ void segment(int s, int& start, int& end, int& group,
@@ -262,7 +278,7 @@ struct GroupedScheduler {
   }
   __device__ __forceinline__ TileCoord tile(int unit, int rank) const {
     int m_tile, n_unit;
-    banded_order(unit, tile_prefix[num_segments()], num_n_units, m_tile, n_unit);
+    banded_order(unit, tile_prefix[num_segments()], band, m_tile, n_unit);
     int lo = 0, hi = num_segments() - 1;  // the segment s with prefix[s] <= m_tile < prefix[s+1]
     while (lo < hi) {
       const int mid = (lo + hi + 1) / 2;
