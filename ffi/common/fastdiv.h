@@ -22,7 +22,8 @@ struct FastDiv {
 
   JAX_DS_HD static FastDiv make(uint32_t d) {  // 1 <= d <= 2^31 (once per launch: the host)
     FastDiv f;
-    f.d = d;
+    f.d = d > 0 ? d : 1;  // (callers pass d >= 1; 0 would be a division by zero here)
+    d = f.d;
     while ((uint64_t(1) << f.s) < d) ++f.s;
     f.m = static_cast<uint32_t>(((uint64_t(1) << 32) * ((uint64_t(1) << f.s) - d)) / d + 1);
     return f;
