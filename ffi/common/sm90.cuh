@@ -182,9 +182,10 @@ __device__ __forceinline__ uint64_t sw128_kmajor_desc(const void* tile) {
 }
 
 // The same descriptor as two 32-bit halves. Only the low word moves between tiles and K steps
-// (start address and leading byte offset): +2 per 32 bytes of K never carries out of the 14-bit
-// address field, since shared memory ends below 256 KB. The high word is a constant. So the
-// per-step add is a 32-bit one: a 64-bit add costs a carry chain before every WGMMA.
+// (start address and leading byte offset): an offset added to it (in 16-byte units) never
+// carries out of the 14-bit address field as long as the address it lands on is in shared
+// memory, which ends below 228 KB (< 2^14 units). The high word is a constant. So the per-step
+// add is a 32-bit one: a 64-bit add costs a carry chain before every WGMMA.
 __device__ __forceinline__ uint32_t sw128_kmajor_desc_lo(const void* tile) {
   return ((smem_addr(tile) & 0x3FFFF) >> 4) | (1u << 16);
 }
