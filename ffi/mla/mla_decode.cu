@@ -572,7 +572,9 @@ DecodeKernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ 
     const int tail_valid = len - (nb - 1) * kPage;  // rows of the last block inside the length
     // P V passes per block: bf16 P alone (as FlashMLA) leaves a 2^-9 relative error per weight
     // that only averages out over many keys; short sequences add P's rounding residual.
-    const int passes = len <= kPreciseMaxLen ? 2 : 1;
+    // (from lane 0, warp-uniform for the compiler: the pass loops then keep their WGMMA
+    // descriptors in uniform registers; `len` is read from memory)
+    const int passes = __shfl_sync(0xffffffffu, len <= kPreciseMaxLen ? 2 : 1, 0);
     #pragma unroll
     for (int i = 0; i < 128; ++i) acc[i] = 0.f;
 
@@ -701,12 +703,12 @@ DecodeKernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ 
           if (t == 0) mbar_arrive(bars.p_full);
           ++handoff;
           wgmma_fence();
-          const uint32_t p_lo = sw128_kmajor_desc_lo(p_tile);
-          const uint32_t v_lo = Sw128MnMajorDescLo(kv_stage(s));
+          const uint32_t p_desc = sw128_kmajor_desc_lo(p_tile);
+          const uint32_t v_desc = Sw128MnMajorDescLo(kv_stage(s));
           #pragma unroll
           for (int kk = 0; kk < kPage / 16; ++kk) {
-            WgmmaBf16TransB<256>::mma(acc, sw128_kmajor_desc_from_lo(p_lo + kk * 2),
-                                      sw128_kmajor_desc_from_lo(v_lo + kk * (2048 >> 4)), 1);
+            WgmmaBf16TransB<256>::mma(acc, sw128_kmajor_desc_from_lo(p_desc + kk * 2),
+                                      sw128_kmajor_desc_from_lo(v_desc + kk * (2048 >> 4)), 1);
           }
           wgmma_commit();
           // Free the stage as soon as this P V is done (the tensor cores are busy with it
@@ -777,12 +779,12 @@ DecodeKernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ 
           }
           named_barrier(2, 128);
           wgmma_fence();
-          const uint32_t p_lo = sw128_kmajor_desc_lo(p_tile);
-          const uint32_t v_lo = Sw128MnMajorDescLo(kv_stage(s) + 4 * kChunkBytes);
+          const uint32_t p_desc = sw128_kmajor_desc_lo(p_tile);
+          const uint32_t v_desc = Sw128MnMajorDescLo(kv_stage(s) + 4 * kChunkBytes);
           #pragma unroll
           for (int kk = 0; kk < kPage / 16; ++kk) {
-            WgmmaBf16TransB<256>::mma(acc, sw128_kmajor_desc_from_lo(p_lo + kk * 2),
-                                      sw128_kmajor_desc_from_lo(v_lo + kk * (2048 >> 4)), 1);
+            WgmmaBf16TransB<256>::mma(acc, sw128_kmajor_desc_from_lo(p_desc + kk * 2),
+                                      sw128_kmajor_desc_from_lo(v_desc + kk * (2048 >> 4)), 1);
           }
           wgmma_commit();
           wgmma_wait<0>();
