@@ -40,7 +40,7 @@ MLA = [(128, 4096, h, sq, var) for h in (16, 128) for sq in (1, 2) for var in (F
 # --quick: the shapes under a bar (NOTES-gemm, NOTES-moe, NOTES-mla)
 QUICK_MLA = [(128, 4096, 128, 1, False), (128, 4096, 128, 1, True), (128, 4096, 16, 2, True)]
 TINY_MLA = [(2, 128, 16, 1, True)]
-QUICK_DENSE = [(4096, 7168, 16384), (4096, 4096, 7168), (4096, 32768, 512)]
+QUICK_DENSE = [(4096, 7168, 16384), (4096, 4096, 7168), (4096, 32768, 512), (128, 32768, 512)]
 QUICK_GROUPED = [GROUPED[2], GROUPED[4]]
 TINY_DENSE = [(128, 256, 256)]
 TINY_GROUPED = [("contiguous", 2, 128, 256, 256), ("masked", 2, 64, 256, 256)]
