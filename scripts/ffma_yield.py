@@ -56,7 +56,7 @@ class Instr:
 
     @property
     def opcode(self) -> str:
-        """The opcode's first part ("FFMA" of "FFMA.FTZ"); None-like "" for a predicated one."""
+        """The opcode's first part ("FFMA" of "FFMA.FTZ"); "" for a predicated instruction."""
         words = self.text.split()
         if not words or words[0].startswith("@"):
             return ""
@@ -149,13 +149,14 @@ def patch(data: bytearray, functions, kernels=KERNELS, fraction=0.5, min_run=8,
     """Patch `data` in place; returns a report row per selected function:
     (arch, name, runs, FFMAs in runs, instructions changed, copies of the code patched)."""
     pattern = re.compile(kernels)
+    original = bytes(data)  # searched, not patched: identical copies of a kernel take one patch
     report = []
     for fn in functions:
         if not pattern.search(fn.name):
             continue
         runs = ffma_runs(fn, min_run)
         changes = plan(fn, fraction, min_run, every)
-        offsets = locate(bytes(data), fn)
+        offsets = locate(original, fn)
         if changes and not offsets:
             raise ValueError(f"{fn.name} ({fn.arch}): its code was not found in the file (a "
                              f"compressed fatbin? build without fatbin compression)")

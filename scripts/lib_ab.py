@@ -47,7 +47,8 @@ TINY_GROUPED = [("contiguous", 2, 128, 256, 256), ("masked", 2, 64, 256, 256)]
 
 
 def _child(suites, quick, impl, tiny) -> list:
-    """Runs in the variant's process: [(label, device-bound TFLOP/s, kernel TFLOP/s)]."""
+    """Runs in the variant's process: [(label, figure, figure)]. GEMM: device-bound and kernel
+    TFLOP/s; MLA: per-call and device-bound, in the label's unit."""
     import jax
     import jax.numpy as jnp
 
@@ -66,19 +67,24 @@ def _child(suites, quick, impl, tiny) -> list:
         raise SystemExit(f"the kernel library did not load: {_ffi.STATUS.error}")
     rows = []
 
+    def shapes(full, quick_list, tiny_list):
+        return tiny_list if tiny else quick_list if quick else full
+
+    def record(label, a, b):
+        rows.append((label, a, b))
+        print(f"  {label:40s} {a:7.0f} {b:7.0f}", file=sys.stderr, flush=True)
+
     def timed(label, fn, sets, flops):
         t = time_jax_launch(fn, sets, max_reps=4, budget_s=0.25, repeats=3)
         kern = device_time_jax(jax.jit(fn), sets, 2 * len(sets)) if impl == "ffi" else t.median_s
-        rows.append((label, flops / t.median_s / 1e12, flops / kern / 1e12))
-        print(f"  {label:32s} {rows[-1][1]:7.0f} {rows[-1][2]:7.0f}", file=sys.stderr,
-              flush=True)
+        record(label, flops / t.median_s / 1e12, flops / kern / 1e12)
 
     if "dense" in suites:
-        for m, n, k in TINY_DENSE if tiny else QUICK_DENSE if quick else DENSE:
+        for m, n, k in shapes(DENSE, QUICK_DENSE, TINY_DENSE):
             timed(f"dense {m}x{n}x{k}", lambda *o: fp8_gemm(*o, impl=impl),
                   block_sets(m, n, k, 4), 2 * m * n * k)
     if "grouped" in suites:
-        for kind, g, r, n, k in TINY_GROUPED if tiny else QUICK_GROUPED if quick else GROUPED:
+        for kind, g, r, n, k in shapes(GROUPED, QUICK_GROUPED, TINY_GROUPED):
             a_shape = (g, r) if kind == "masked" else (g * r,)
             sets = [(*_operands(jax.random.key(i), a_shape, g, n, k),
                      jnp.full((g,), r, jnp.int32)) for i in range(4)]
@@ -91,7 +97,7 @@ def _child(suites, quick, impl, tiny) -> list:
         from jax_ds.bench._timing import time_jax
         from jax_ds.bench.mla import inputs, second_set, traffic
         from jax_ds.ops import mla_decode
-        for b, s_k, h, sq, var in TINY_MLA if tiny else QUICK_MLA if quick else MLA:
+        for b, s_k, h, sq, var in shapes(MLA, QUICK_MLA, TINY_MLA):
             arg, lens = inputs(0, b, s_k, h, sq, var)
             nbytes, flops = traffic(lens, b, h, sq)
             fn = jax.jit(functools.partial(mla_decode, causal=True, impl=impl))
@@ -100,10 +106,8 @@ def _child(suites, quick, impl, tiny) -> list:
                                   repeats=3).median_s
             # h16 is bound by the cache's bytes, h128 by the matrix rate (the issue's bars)
             work, unit = (flops / 1e12, "TFLOP/s") if h >= 64 else (nbytes / 1e9, "GB/s")
-            rows.append((f"mla h{h} sq{sq} {'var' if var else 'fixed'} b{b} s_k{s_k} {unit}",
-                         work / per, work / dev))
-            print(f"  {rows[-1][0]:40s} {rows[-1][1]:7.0f} {rows[-1][2]:7.0f}",
-                  file=sys.stderr, flush=True)
+            record(f"mla h{h} sq{sq} {'var' if var else 'fixed'} b{b} s_k{s_k} {unit}",
+                   work / per, work / dev)
     return rows
 
 

@@ -1,6 +1,7 @@
 """scripts/ffma_yield.py: which FFMAs it changes, that it changes only their reuse and yield
 bits, in every copy of a selected kernel's code and in no other kernel; and, where nvcc and
-cuobjdump are both installed, the same on a compiled kernel, checked by disassembling it."""
+cuobjdump are both installed, the same on a compiled kernel, checked by disassembling it.
+Also scripts/sass_stats.py's counts and spacing on the same synthetic listing."""
 
 import importlib.util
 import pathlib
@@ -194,3 +195,20 @@ def test_compiled_kernel_round_trip(tmp_path):
     assert fy.verify(before, after, kernels="promote") == []
     assert sum(".reuse" in x.text for x in after[0].instrs) < \
         sum(".reuse" in x.text for x in before[0].instrs)
+
+
+STATS = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "sass_stats.py"
+stats_spec = importlib.util.spec_from_file_location("sass_stats", STATS)
+ss = importlib.util.module_from_spec(stats_spec)
+stats_spec.loader.exec_module(ss)
+
+
+def test_sass_stats_counts_and_spacing():
+    gemm, _ = _parsed()
+    s = ss.stats(gemm, ["FFMA", "IADD3", "EXIT"], gaps="IADD3")
+    # 14 unpredicated FFMAs and the predicated one (its predicate is not the opcode)
+    assert (s["instructions"], s["FFMA"], s["IADD3"], s["EXIT"]) == (len(GEMM_BODY), 15, 3, 1)
+    # IADD3 at 0, 1 and 12 (stall field 4 each); the FFMAs between have stall field 1: one
+    # apart (4 cycles), then 11 apart (4 + 10 x 1)
+    assert s["gaps"] == [(1, 4), (11, 14)]
+    assert ss.stats(gemm, [])["gaps"] is None

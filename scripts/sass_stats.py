@@ -1,0 +1,61 @@
+"""Per-kernel SASS counts of a built library or object file: the figures NOTES-gemm and
+NOTES-mla quote from `cuobjdump -sass` (instructions, R2UR moves, the spacing of WGMMAs).
+
+  python scripts/sass_stats.py LIB [--kernels REGEX] [--count R2UR QGMMA ...] [--gaps PREFIX]
+
+Prints a line per kernel whose mangled name matches --kernels:
+- its instruction count;
+- how many instructions start with each --count prefix;
+- with --gaps, the distinct (instructions apart, stall fields summed) between consecutive
+  instructions starting with PREFIX, e.g. HGMMA.64x64x16 for MLA's S loop.
+cuobjdump as in scripts/ffma_yield.py ($CUOBJDUMP, PATH, CUDA's bin).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import re
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import ffma_yield  # noqa: E402  (the cuobjdump parser)
+
+STALL_SHIFT, STALL_MASK = 41, 0xF  # stall cycles: bits 41-44 of the high word
+
+
+def stats(fn, count, gaps=None) -> dict:
+    """{"instructions", each prefix in `count`: its number, "gaps": sorted distinct (apart,
+    stalls) between consecutive `gaps`-prefixed instructions (None without `gaps`)}."""
+    texts = [i.text.split(None, 1)[1] if i.text.startswith("@") else i.text for i in fn.instrs]
+    out = {"instructions": len(fn.instrs)}
+    for prefix in count:
+        out[prefix] = sum(t.startswith(prefix) for t in texts)
+    out["gaps"] = None
+    if gaps:
+        at = [k for k, t in enumerate(texts) if t.startswith(gaps)]
+        out["gaps"] = sorted({(b - a, sum((fn.instrs[k].hi >> STALL_SHIFT) & STALL_MASK
+                                          for k in range(a, b)))
+                              for a, b in zip(at, at[1:])})
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("lib", type=pathlib.Path)
+    ap.add_argument("--kernels", default=".", help="regex on the mangled kernel names")
+    ap.add_argument("--count", nargs="*", default=["R2UR"], help="opcode prefixes to count")
+    ap.add_argument("--gaps", help="opcode prefix whose consecutive spacing is listed")
+    args = ap.parse_args(argv)
+    pattern = re.compile(args.kernels)
+    for fn in ffma_yield.disassemble(args.lib):
+        if pattern.search(fn.name):
+            s = stats(fn, args.count, args.gaps)
+            cells = " ".join(f"{k}={v}" for k, v in s.items() if v is not None)
+            print(f"{fn.arch} {fn.name[:100]}: {cells}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
