@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jax_ds import ops
-from jax_ds.testing import calc_diff
+from jax_ds.testing import calc_diff, dot_equations
 
 KEY = jax.random.key(7)
 
@@ -208,3 +208,29 @@ def test_grouped_config_against_the_h200_sweep(name, count):
         cfg = grouped_config(row["rows"], row["groups"], row["n"], row["k"], 132)
         got = row["tflops"][cfg.key()]
         assert got >= 0.97 * max(row["tflops"].values()), (row, cfg)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_grouped_fp8_linear_wgrad_runs_at_the_operands_dtype(dtype):
+    """The grouped wgrad's ragged dot takes bf16 operands as they are (float32 accumulation), and
+    float32 ones at HIGHEST; its value is the float32 per-group product of the same values."""
+    m, n, k, sizes = 64, 72, 200, (10, 0, 25, 20)
+    kx, kw, kd = jax.random.split(KEY, 3)
+    x = jax.random.normal(kx, (m, k), dtype)
+    w = (jax.random.normal(kw, (len(sizes), n, k)) * 0.1).astype(dtype)
+    dy = jax.random.normal(kd, (m, n), dtype)
+    gs = jnp.array(sizes, jnp.int32)
+    dw_fn = jax.grad(lambda w: jnp.sum((ops.grouped_fp8_linear(x, w, gs) * dy)
+                                       .astype(jnp.float32)))
+    dots = [d for d in dot_equations(jax.make_jaxpr(dw_fn)(w).jaxpr, "ragged_dot_general")
+            if d[3] == (len(sizes), n, k)]  # the wgrad's [G, N, K] (the references make [M, *])
+    name = jnp.dtype(dtype).name
+    assert len(dots) == 1 and dots[0][0] == (name, name) and dots[0][2] == "float32", dots
+    highest = jax.lax.Precision.HIGHEST
+    assert (dots[0][1] in ((highest, highest), highest)) == (dtype == jnp.float32), dots
+    got = np.asarray(jax.jit(dw_fn)(w), np.float64)
+    ends = np.cumsum(sizes)
+    x64, dy64 = np.asarray(x, np.float64), np.asarray(dy, np.float64)
+    for g, (lo, hi) in enumerate(zip(ends - np.array(sizes), ends)):
+        want = dy64[lo:hi].T @ x64[lo:hi]
+        np.testing.assert_allclose(got[g], want, rtol=1e-2, atol=2e-2 * max(1, hi - lo) ** 0.5)

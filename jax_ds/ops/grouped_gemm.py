@@ -23,7 +23,7 @@ from jax_ds import _ffi
 from jax_ds.ops._checks import (BLOCK_K, FP8, cdiv, check_dtype, check_ndim, check_out_dtype,
                                 check_shape, concrete, gemm_out_dtype, pad_to)
 from jax_ds.ops._vma import match_vma
-from jax_ds.ops.gemm import TILES, gemm_config
+from jax_ds.ops.gemm import TILES, gemm_config, wgrad_operands, wgrad_precision
 from jax_ds.ops.quant import dequantize_fp8, quantize_fp8
 
 GROUPED_TARGET = "jax_ds_grouped_fp8_gemm"
@@ -186,11 +186,12 @@ def _sequential_vmap(f):
     return f
 
 
-def _ragged_dot(lhs, rhs, sizes, dims):
-    """jax.lax.ragged_dot_general in float32 (HIGHEST) that runs under any jax.vmap and keeps
-    its reverse-mode gradient (a custom_vmap has none of its own: custom_vjp goes outside)."""
+def _ragged_dot(lhs, rhs, sizes, dims, precision=_HIGHEST):
+    """jax.lax.ragged_dot_general with float32 accumulation (HIGHEST unless told) that runs under
+    any jax.vmap and keeps its reverse-mode gradient (a custom_vmap has none of its own:
+    custom_vjp goes outside)."""
     dot = lambda lhs, rhs, sizes: jax.lax.ragged_dot_general(
-        lhs, rhs, sizes, dims, precision=_HIGHEST, preferred_element_type=jnp.float32)
+        lhs, rhs, sizes, dims, precision=precision, preferred_element_type=jnp.float32)
     dot_vjp = lambda lhs, rhs, sizes, ct: jax.vjp(lambda l, r: dot(l, r, sizes), lhs, rhs)[1](ct)
     forward, backward = _sequential_vmap(dot), _sequential_vmap(dot_vjp)
 
@@ -329,12 +330,13 @@ def _grouped_linear_bwd(impl, res, dy):
     w_fp8_GKN = pad_to(jnp.swapaxes(w_fp8, 1, 2), 2, BLOCK_K)
     dx = grouped_fp8_gemm(dy_fp8, dy_scale, w_fp8_GKN, jnp.swapaxes(w_scale, 1, 2), group_sizes,
                           out_dtype=jnp.float32, impl=impl)[:, :k]
-    # wgrad: dw[g] = dy[rows of g]^T x[rows of g], float32 through XLA (not FP8 yet).
+    # wgrad: dw[g] = dy[rows of g]^T x[rows of g] through XLA's ragged dot (not FP8 yet), the
+    # operands in x's dtype, float32 accumulation (gemm.wgrad_operands says why).
     dims = jax.lax.RaggedDotDimensionNumbers(
         dot_dimension_numbers=(((0,), (0,)), ((), ())),
         lhs_ragged_dimensions=(0,), rhs_group_dimensions=())
-    dw = _ragged_dot(dy.astype(jnp.float32), x.astype(jnp.float32),
-                     _clamped_sizes(group_sizes, x.shape[0]), dims)
+    dw = _ragged_dot(*wgrad_operands(dy, x), _clamped_sizes(group_sizes, x.shape[0]), dims,
+                     precision=wgrad_precision(x.dtype))
     return dx.astype(x.dtype), dw.astype(w.dtype), None
 
 
@@ -345,8 +347,9 @@ def grouped_fp8_linear(x, w, group_sizes, *, impl="auto"):
     """y[rows of g] = x[rows of g] @ w[g]^T with FP8 operands quantized on the fly, differentiable.
 
     The expert-FFN building block. Forward and dgrad run `grouped_fp8_gemm` (x and dy per 1x128,
-    w per 128x128 block, transposed exactly for dgrad); wgrad is float32 through XLA's ragged dot
-    (not FP8 yet). K and N need no alignment (zero-padded, exact).
+    w per 128x128 block, transposed exactly for dgrad); wgrad is XLA's ragged dot (not FP8 yet)
+    on the operands in x's dtype with float32 accumulation. K and N need no alignment
+    (zero-padded, exact).
 
     Args:
       x: bf16 / f16 / f32 [M, K], rows sorted by group.
