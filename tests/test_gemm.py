@@ -286,7 +286,7 @@ def test_fp8_linear_forward_and_grads(dtype):
     assert calc_diff(dw, dw_ref) < tolerance(dtype)  # wgrad is float32 math (not FP8)
 
 
-@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("grouped", [False, 2, 3])  # grouped: the groups (3: windowed wgrad)
 def test_fp8_linear_inside_shard_map_sums_the_weight_gradient(grouped):
     """x split over a mesh axis, w replicated: inside shard_map the weight's cotangent varies
     over the axis where w does not, and its gradient is the sum over the shards, as outside."""
@@ -295,8 +295,8 @@ def test_fp8_linear_inside_shard_map_sums_the_weight_gradient(grouped):
 
     mesh = jax.make_mesh((4,), ("data",), devices=jax.devices("cpu")[:4])
     x = random((16, 256), jnp.float32, seed=11)
-    w = random((2, 64, 256) if grouped else (64, 256), jnp.float32, seed=12)
-    sizes = jnp.array([2, 2], jnp.int32)  # per shard of 4 rows: 2 rows a group
+    w = random((grouped, 64, 256) if grouped else (64, 256), jnp.float32, seed=12)
+    sizes = jnp.array([2, 2] if grouped == 2 else [1, 0, 3], jnp.int32)  # per shard of 4 rows
 
     def linear(x, w):
         return ops.grouped_fp8_linear(x, w, sizes) if grouped else ops.fp8_linear(x, w)
