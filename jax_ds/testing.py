@@ -1,4 +1,5 @@
-"""Test helpers shared by the CPU and GPU tests: one similarity metric, one tolerance table.
+"""Test helpers shared by the CPU and GPU tests: one similarity metric, one tolerance table, and
+a reader of the dots in a jaxpr.
 
 `calc_diff` is DeepGEMM's metric, 1 - 2<x,y> / (|x|^2 + |y|^2) = |x - y|^2 / (|x|^2 + |y|^2),
 computed in float64: 0 for identical tensors, about e^2 / 2 for a relative error e per element.
@@ -36,3 +37,21 @@ def tolerance(kind, k: int = 128) -> float:
     """TOLERANCE[kind] (kind: "bfloat16", "float32", "fp8" or a dtype) scaled by sqrt(k / 128)."""
     name = kind if isinstance(kind, str) else np.dtype(kind).name
     return TOLERANCE[name] * max(1.0, math.sqrt(k / 128))
+
+
+def dot_equations(jaxpr, primitive):
+    """(operand dtypes, precision, output dtype, output shape) of every `primitive` equation in
+    a jaxpr, nested ones included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == primitive:
+            out = eqn.outvars[0].aval
+            found.append((tuple(str(v.aval.dtype) for v in eqn.invars[:2]),
+                          eqn.params.get("precision"), str(out.dtype), tuple(out.shape)))
+        for value in eqn.params.values():
+            for inner in (value if isinstance(value, (tuple, list)) else (value,)):
+                inner = getattr(inner, "jaxpr", inner)
+                if hasattr(inner, "eqns"):
+                    found += dot_equations(inner, primitive)
+    return found
+

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Build, test, sanitize and benchmark the FP8 GEMM on a CUDA machine (no internet needed); on a
-# machine of several GPUs, also the LAST issue's runs (steps eptest, ep, pipeline, train).
+# machine of several GPUs, also the LAST issue's runs (steps eptest, ep, epxla, pipeline, train).
 #
 #   OUT=/path/to/logs scripts/device_gemm.sh [info] [build] [test] [sanitize] [bench] [sweep] [ab]
 #                                            [moe] [mla]
-#   OUT=/path/to/logs scripts/device_gemm.sh info build eptest ep pipeline train   # several GPUs
+#   OUT=/path/to/logs scripts/device_gemm.sh info build eptest ep epxla pipeline train  # several GPUs
 #
 # Knobs (environment): BUILD=cmake (skip `pip install -e .`), BENCH_ARGS="--shapes quick" or
 # "--m 4096 8192" (a part of the shapes), TEST_WORKERS (pytest-xdist processes, 4; 1 = none),
@@ -125,6 +125,29 @@ step_eptest() {  # the multi-GPU EP tests: ragged all_to_all, per assignment and
 
 step_ep() { run_bench ep ${EP_ARGS:-}; }
 
+# XLA's other implementations of ragged-all-to-all (the exchange of `ours` on GPU), one process
+# each, the largest EP only, JSON tagged with the variant (XLA_FLAGS is in the JSON too). The
+# flags exist in jaxlib 0.11.2 (benchmarks/NOTES-multigpu.md: what each selects); step ep is the
+# default (one-shot kernel, NCCL barrier). A variant that fails is logged and the next one runs.
+EPXLA_VARIANTS=(
+  "peer-oneshot|--xla_gpu_experimental_ragged_all_to_all_use_barrier_with_nccl=false"
+  "nccl-sendrecv|--xla_gpu_unsupported_use_ragged_all_to_all_one_shot_kernel=false --xla_gpu_allow_ragged_all_to_all_nccl_send_recv_fallback=true"
+  "device-kernel|--xla_gpu_experimental_ragged_all_to_all_use_device_kernel=true --xla_enable_nccl_symmetric_buffers_for_collectives=RaggedAllToAll --xla_gpu_unsupported_use_ragged_all_to_all_one_shot_kernel=false"
+)
+step_epxla() {
+  local n rc=0 v name flags
+  n=$("$PY" -c "import jax; print(jax.device_count())") || return $?
+  [ "$n" -ge 2 ] || { echo "epxla: $n device(s); needs 2 or more"; return 1; }
+  for v in "${EPXLA_VARIANTS[@]}"; do
+    name=${v%%|*}; flags=${v#*|}
+    echo "--- $name: $flags"
+    XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }$flags" BENCH_TIMEOUT=${EPXLA_TIMEOUT:-240} \
+      run_bench ep --ep "$n" --contestants ours ours_dedup --tag "xla-$name" ${EP_ARGS:-} \
+      || { echo "--- $name: FAILED ($?)"; rc=1; }
+  done
+  return $rc
+}
+
 step_pipeline() { run_bench pipeline ${PIPE_ARGS:-}; }
 
 # The whole model's training step on data x expert (tokens/s; the profiler traces, kept under
@@ -149,7 +172,7 @@ SUMMARY=()
 FAILED=0
 for step in "${STEPS[@]}"; do
   if ! declare -F "step_$step" >/dev/null; then
-    echo "unknown step '$step' (steps: info build test sanitize bench sweep ab moe mla eptest ep pipeline train)"
+    echo "unknown step '$step' (steps: info build test sanitize bench sweep ab moe mla eptest ep epxla pipeline train)"
     SUMMARY+=("$step|unknown|0"); FAILED=$((FAILED + 1)); continue
   fi
   echo "=================== $step ==================="

@@ -29,3 +29,14 @@ def test_bench_ep_runs(tmp_path):
         assert c["dispatch_us"] > 0 and c["combine_us"] > 0 and c["dispatch_gbps"] > 0
     assert all(c["dropped_pct"] == 0 for c in cells if c["contestant"].startswith("ours"))
     assert results[0]["ceiling"]["gbps"] > 0
+
+
+def test_bench_ep_contestants_and_tag(tmp_path):
+    """A part of the contestants (one XLA_FLAGS variant's run times only the ragged exchange),
+    written under its own name so that variants do not overwrite each other."""
+    assert main(["ep", "--tiny", "--ep", "2", "--budget", "0.01", "--repeats", "1",
+                 "--contestants", "ours_dedup", "--tag", "oneshot", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("ep-*.json")
+    assert path.stem.endswith("-oneshot")
+    cells = json.loads(path.read_text())["results"][0]["cells"]
+    assert {c["contestant"] for c in cells} == {"ours_dedup"} and len(cells) == 2

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from jax_ds import _ffi, ops
-from jax_ds.testing import calc_diff, tolerance
+from jax_ds.testing import calc_diff, dot_equations, tolerance
 
 
 def random(shape, dtype=jnp.bfloat16, seed=0):
@@ -286,7 +286,7 @@ def test_fp8_linear_forward_and_grads(dtype):
     assert calc_diff(dw, dw_ref) < tolerance(dtype)  # wgrad is float32 math (not FP8)
 
 
-@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("grouped", [False, 2, 3])  # grouped: the groups (3: windowed wgrad)
 def test_fp8_linear_inside_shard_map_sums_the_weight_gradient(grouped):
     """x split over a mesh axis, w replicated: inside shard_map the weight's cotangent varies
     over the axis where w does not, and its gradient is the sum over the shards, as outside."""
@@ -295,8 +295,8 @@ def test_fp8_linear_inside_shard_map_sums_the_weight_gradient(grouped):
 
     mesh = jax.make_mesh((4,), ("data",), devices=jax.devices("cpu")[:4])
     x = random((16, 256), jnp.float32, seed=11)
-    w = random((2, 64, 256) if grouped else (64, 256), jnp.float32, seed=12)
-    sizes = jnp.array([2, 2], jnp.int32)  # per shard of 4 rows: 2 rows a group
+    w = random((grouped, 64, 256) if grouped else (64, 256), jnp.float32, seed=12)
+    sizes = jnp.array([2, 2] if grouped == 2 else [1, 0, 3], jnp.int32)  # per shard of 4 rows
 
     def linear(x, w):
         return ops.grouped_fp8_linear(x, w, sizes) if grouped else ops.fp8_linear(x, w)
@@ -353,3 +353,28 @@ def test_ffi_path_lowers_for_cuda(monkeypatch):
     assert lower(jax.vmap(forward, in_axes=(0, None)), x[None], w).count("custom_call") == 3
     grad = jax.grad(lambda x, w: jnp.sum(ops.fp8_linear(x, w) ** 2), argnums=(0, 1))
     assert lower(grad, x.astype(jnp.float32), w.astype(jnp.float32)).count("@jax_ds_fp8_gemm") == 2
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_fp8_linear_wgrad_runs_at_the_operands_dtype(dtype):
+    """The wgrad dot takes 16-bit operands as they are (float32 accumulation: every product of two
+    is exact in float32, so it equals the float32 dot up to summation order, and on a GPU it runs
+    at the 16-bit matrix rate rather than as a float32 GEMM); float32 operands stay at HIGHEST."""
+    x = random((3, 130, 300), dtype, seed=21)
+    w = random((200, 300), dtype, seed=22)
+    r = random((3, 130, 200), dtype, seed=23)
+    dw_fn = jax.grad(lambda w: jnp.sum((ops.fp8_linear(x, w) * r).astype(jnp.float32)))
+    dots = dot_equations(jax.make_jaxpr(dw_fn)(w).jaxpr, "dot_general")
+    name = jnp.dtype(dtype).name
+    wgrad = [d for d in dots if d[3] == (200, 300)]  # [N, K]: no FP8 reference GEMM makes it
+    assert len(wgrad) == 1 and wgrad[0][0] == (name, name) and wgrad[0][2] == "float32", dots
+    highest = jax.lax.Precision.HIGHEST
+    assert (wgrad[0][1] in ((highest, highest), highest)) == (dtype == jnp.float32), wgrad
+    # its value: the float32 dot of the same (16-bit) values
+    dy = r.reshape(-1, 200)
+    want = jnp.einsum("MN,MK->NK", dy.astype(jnp.float32), x.reshape(-1, 300).astype(jnp.float32),
+                      precision=highest).astype(dtype)
+    got = jax.jit(dw_fn)(w)
+    assert got.dtype == dtype
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               rtol=1e-2 if dtype != jnp.float32 else 1e-5, atol=1e-3)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jax_ds import ops
-from jax_ds.testing import calc_diff
+from jax_ds.testing import calc_diff, dot_equations
 
 KEY = jax.random.key(7)
 
@@ -208,3 +208,98 @@ def test_grouped_config_against_the_h200_sweep(name, count):
         cfg = grouped_config(row["rows"], row["groups"], row["n"], row["k"], 132)
         got = row["tflops"][cfg.key()]
         assert got >= 0.97 * max(row["tflops"].values()), (row, cfg)
+
+
+@pytest.mark.parametrize("sizes,m", [
+    ((10, 0, 25, 20), 64),            # a zero group, rows past the sum
+    ((0, 0, 300, 0, 1), 301),         # one group holds (nearly) everything
+    ((7, 7, 7, 7, 7, 7, 7), 49),      # M / G whole
+    ((1, 2, 3, 4, 5, 6, 7, 8, 9), 50),
+    ((0, 0, 0, 0), 16),               # no rows at all
+    ((33, 8), 41), ((5,), 9)])
+@pytest.mark.parametrize("windows", [True, False])  # both ways, whatever the rule would pick
+def test_grouped_wgrad_matches_float64(sizes, m, windows):
+    from jax_ds.ops.grouped_gemm import grouped_wgrad
+    kd, kx = jax.random.split(jax.random.fold_in(KEY, m))
+    dy = jax.random.normal(kd, (m, 24), jnp.float32)
+    x = jax.random.normal(kx, (m, 40), jnp.float32)
+    wgrad = jax.jit(functools.partial(grouped_wgrad, windows=windows))
+    got = np.asarray(wgrad(dy, x, jnp.array(sizes, jnp.int32)))
+    ends = np.cumsum(sizes)
+    dy64, x64 = np.asarray(dy, np.float64), np.asarray(x, np.float64)
+    want = np.stack([dy64[e - s:e].T @ x64[e - s:e] for s, e in zip(sizes, ends)])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])  # bf16: the platform switch
+def test_grouped_wgrad_windows_under_vmap(dtype):
+    from jax_ds.ops.grouped_gemm import grouped_wgrad
+    kd, kx = jax.random.split(KEY)
+    dy, x = jax.random.normal(kd, (2, 30, 8), dtype), jax.random.normal(kx, (2, 30, 16), dtype)
+    sizes = jnp.array([[4, 0, 10], [30, 0, 0]], jnp.int32)
+    wgrad = functools.partial(grouped_wgrad, windows=True)
+    got = jax.jit(jax.vmap(wgrad))(dy, x, sizes)
+    for i in range(2):
+        np.testing.assert_allclose(got[i], wgrad(dy[i], x[i], sizes[i]), rtol=1e-6, atol=1e-6)
+
+
+def test_grouped_wgrad_takes_the_ragged_dot_when_it_costs_less():
+    """Few rows (or G <= 2): XLA's ragged dot, on the operands' dtype."""
+    from jax_ds.ops.grouped_gemm import grouped_wgrad, wgrad_uses_windows
+    assert not wgrad_uses_windows(64, 4) and not wgrad_uses_windows(10 ** 6, 2)
+    assert wgrad_uses_windows(8192, 32) and wgrad_uses_windows(32768, 4)
+    dy, x = jnp.ones((64, 8), jnp.bfloat16), jnp.ones((64, 16), jnp.bfloat16)
+    jaxpr = jax.make_jaxpr(grouped_wgrad)(dy, x, jnp.array([10, 0, 30, 24], jnp.int32)).jaxpr
+    dots = [d for d in dot_equations(jaxpr, "ragged_dot_general") if d[3] == (4, 8, 16)]
+    assert len(dots) == 1 and dots[0][0] == ("bfloat16", "bfloat16"), dots
+
+
+def test_grouped_wgrad_windows_cover_any_sizes():
+    """The static window count is enough for the worst placement of the rows, and the rows the
+    window GEMM runs over stay under about 2 M (XLA's ragged dot: G x M)."""
+    from jax_ds.ops.grouped_gemm import wgrad_windows
+    rng = np.random.default_rng(0)
+    for m, g in [(50, 9), (8192, 32), (32768, 4), (262144, 16), (7, 8), (1, 3), (1000, 3)]:
+        window, count = wgrad_windows(m, g)
+        assert window * count <= 2 * m + 2 * window, (m, g, window, count)
+        tries = [np.full(g, window + 1)[:m // (window + 1)],   # each group one row past W
+                 np.full(g, m // g)]
+        for _ in range(200):  # random sizes of a random total <= m
+            total = rng.integers(0, m + 1)
+            tries.append(np.diff(np.sort(rng.integers(0, total + 1, g - 1)), prepend=0,
+                                 append=total))
+        for sizes in tries:
+            assert -(-sizes // window).sum() <= count, (m, g, sizes)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_grouped_fp8_linear_wgrad_runs_at_the_operands_dtype(dtype):
+    """Off CPU the grouped wgrad is one batched dot over windows of the groups' rows (not XLA's
+    ragged dot) that takes bf16 operands as they are, float32 accumulation; float32 operands at
+    HIGHEST. Its value is the float32 per-group product of the same values."""
+    m, n, k, sizes = 4608, 24, 136, (1000, 0, 2500, 900)  # enough rows for windows
+    kx, kw, kd = jax.random.split(KEY, 3)
+    x = jax.random.normal(kx, (m, k), dtype)
+    w = (jax.random.normal(kw, (len(sizes), n, k)) * 0.1).astype(dtype)
+    dy = jax.random.normal(kd, (m, n), dtype)
+    gs = jnp.array(sizes, jnp.int32)
+    dw_fn = jax.grad(lambda w: jnp.sum((ops.grouped_fp8_linear(x, w, gs) * dy)
+                                       .astype(jnp.float32)))
+    jaxpr = jax.make_jaxpr(dw_fn)(w).jaxpr  # both platforms' branches: CPU's widens
+    from jax_ds.ops.grouped_gemm import wgrad_uses_windows, wgrad_windows
+    assert wgrad_uses_windows(m, len(sizes))
+    window, count = wgrad_windows(m, len(sizes))
+    assert not [d for d in dot_equations(jaxpr, "ragged_dot_general")
+                if d[3] == (len(sizes), n, k)]
+    name = jnp.dtype(dtype).name
+    dots = [d for d in dot_equations(jaxpr, "dot_general")
+            if d[3] == (count, n, k) and d[0] == (name, name)]
+    assert len(dots) == 1 and dots[0][2] == "float32", dots
+    highest = jax.lax.Precision.HIGHEST
+    assert (dots[0][1] in ((highest, highest), highest)) == (dtype == jnp.float32), dots
+    got = np.asarray(jax.jit(dw_fn)(w), np.float64)
+    ends = np.cumsum(sizes)
+    x64, dy64 = np.asarray(x, np.float64), np.asarray(dy, np.float64)
+    for g, (lo, hi) in enumerate(zip(ends - np.array(sizes), ends)):
+        want = dy64[lo:hi].T @ x64[lo:hi]
+        np.testing.assert_allclose(got[g], want, rtol=1e-2, atol=2e-2 * max(1, hi - lo) ** 0.5)

@@ -180,6 +180,28 @@ def test_grouped_linear_grads_match_reference():
         assert diff < 1e-3, f"{name}: calc_diff {diff:.2e}"
 
 
+@pytest.mark.parametrize("windows", [True, False])
+def test_grouped_wgrad_bf16_matches_float64(windows):
+    """The wgrad of grouped_fp8_linear on the GPU (bf16 operands to the matrix unit, float32
+    accumulation): both ways against float64 per group, one huge group and an empty one."""
+    sizes = np.array([3000, 0, 17, 1200, 800], np.int32)  # 5017 of 5120 rows: rows past the sum
+    m, n, k = 5120, 192, 320
+    kd, kx = jax.random.split(jax.random.key(11))
+    dy = jax.random.normal(kd, (m, n), jnp.bfloat16)
+    x = jax.random.normal(kx, (m, k), jnp.bfloat16)
+    assert grouped.wgrad_uses_windows(m, len(sizes))
+    got = np.asarray(jax.jit(lambda *a: grouped.grouped_wgrad(*a, windows=windows))(
+        dy, x, jnp.asarray(sizes)), np.float64)
+    dy64, x64 = np.asarray(dy, np.float64), np.asarray(x, np.float64)
+    ends = np.cumsum(sizes)
+    for g, (lo, hi) in enumerate(zip(ends - sizes, ends)):
+        want = dy64[lo:hi].T @ x64[lo:hi]
+        if hi == lo:
+            assert np.all(got[g] == 0)
+        else:  # float32 sums of exact products: only their rounding differs
+            assert testing.calc_diff(got[g], want) < 1e-10, g
+
+
 def test_bad_attributes_are_errors_not_launches():
     ops = _quantized(jax.random.key(9), (256,), 2, 128, 256)
     sizes = jnp.asarray([100, 100], jnp.int32)

@@ -51,6 +51,9 @@ from jax_ds.parallel.mesh import EXPERT, make_mesh
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 
 
+CONTESTANTS = ("ours", "ours_dedup", "xla_a2a")
+
+
 def add_arguments(parser):
     parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON")
     parser.add_argument("--ep", type=int, nargs="+", default=[2, 4, 8],
@@ -68,6 +71,10 @@ def add_arguments(parser):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true",
                         help="a CPU smoke test: 64 tokens x 256, top-4 of 16 experts")
+    parser.add_argument("--contestants", nargs="+", choices=CONTESTANTS, default=CONTESTANTS,
+                        help="which exchanges to time (the ceiling is always measured)")
+    parser.add_argument("--tag", default="",
+                        help="suffix of the JSON's name, e.g. the XLA_FLAGS variant it ran under")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,6 +187,8 @@ def bench_ep(p: Problem, args, platform: str) -> dict:
     for name, exchange, capacity, dedup in (("ours", ours, lossless, False),
                                             ("ours_dedup", ours, tokens, True),
                                             ("xla_a2a", "padded", padded, False)):
+        if name not in args.contestants:
+            continue
         for fp8 in (False, True):
             cell = {"contestant": name, "exchange": exchange, "capacity": capacity,
                     "dtype": "fp8" if fp8 else "bf16"}
@@ -262,6 +271,6 @@ def run(args):
         "ceiling_mb": args.ceiling_mb, "nccl_nvls_enable": os.environ.get("NCCL_NVLS_ENABLE"),
         "timing": {"kind": "device-bound (time_jax_launch)", "budget_s": args.budget,
                    "repeats": args.repeats},
-        "not_run_ep": skipped, "results": results})
+        "not_run_ep": skipped, "results": results}, args.tag)
     print(f"wrote {path}")
     return 0 if all("error" not in c for r in results for c in r["cells"]) else 1

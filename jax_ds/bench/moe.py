@@ -13,6 +13,12 @@ torch; "kernel" = our kernel time from jax.profiler):
   xla_ragged   jax.lax.ragged_dot in bf16 on the dequantized operands (masked: a batched dot)
   torch        torch._scaled_grouped_mm, FP8 with row-wise scales (when torch is importable)
   xla_argsort  routing through argsort + gather, then the FP8 cast (XLA); combine: gather + einsum
+--wgrad (its own table and file, `moe-...-wgrad.json`): the expert layer's weight gradient
+dw[g] = dy[rows of g]^T x[rows of g] on the contiguous shapes, bf16 operands, float32 out, as
+`grouped_fp8_linear`'s backward runs it:
+  windows      `grouped_wgrad(windows=True)`: a batched dot over windows of the groups' rows
+  xla_ragged   `grouped_wgrad(windows=False)`: XLA's ragged dot (one dense GEMM per group)
+  torch        torch._grouped_mm of dy^T [N, M] and x [M, K] with group offsets (bf16 out)
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ from jax_ds import _ffi
 from jax_ds.bench import (_profile, _timing, bar_plot, environment, error_cell, print_table,
                           write_json)
 from jax_ds.ops import dequantize_fp8, quantize_fp8
-from jax_ds.ops.grouped_gemm import (GROUPED_TARGET, grouped_fp8_gemm, masked_grouped_fp8_gemm)
+from jax_ds.ops.grouped_gemm import (GROUPED_TARGET, grouped_fp8_gemm, grouped_wgrad,
+                                     masked_grouped_fp8_gemm, wgrad_uses_windows)
 from jax_ds.ops.moe import moe_permute, moe_unpermute
 from jax_ds.testing import calc_diff
 
@@ -54,6 +61,10 @@ def add_arguments(parser):
     parser.add_argument("--quick", action="store_true", help="one shape per kind")
     parser.add_argument("--routing-only", action="store_true", help="skip the grouped GEMMs")
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--wgrad", action="store_true",
+                        help="only the expert weight gradient (windows vs ragged dot)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="with --wgrad: a CPU smoke test on two small shapes")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -151,6 +162,88 @@ def _gemm_row(kind, g, rows, n, k, key, args, ours_na):
     return row
 
 
+WGRAD_IMPLS = ("windows", "xla_ragged", "torch")
+
+
+def _wgrad_row(g, rows, n, k, key, args):
+    """The expert layer's wgrad on G x rows (dy [M, N], x [M, K], bf16) -> float32 [G, N, K]."""
+    m, flops = g * rows, 2 * g * rows * n * k
+    row = {"groups": g, "rows": rows, "n": n, "k": k, "flops": flops,
+           "rule_takes_windows": wgrad_uses_windows(m, g), "results": {}}
+    sizes = jnp.full((g,), rows, jnp.int32)
+    sets = []
+    for i in range(args.sets):
+        kd, kx = jax.random.split(jax.random.fold_in(key, i))
+        sets.append((jax.random.normal(kd, (m, n), jnp.bfloat16),
+                     jax.random.normal(kx, (m, k), jnp.bfloat16), sizes))
+    outs = {}
+    for name, windows in (("windows", True), ("xla_ragged", False)):
+        fn = jax.jit(functools.partial(grouped_wgrad, windows=windows))
+        try:
+            outs[name] = np.asarray(fn(*sets[0]))
+            t = _timing.time_jax_launch(fn, sets, budget_s=args.budget, repeats=args.repeats,
+                                        max_reps=4)  # each repeat keeps its [G, N, K] output
+            row["results"][name] = {"tflops": flops / t.median_s / 1e12,
+                                    "ms": t.median_s * 1e3}
+        except Exception as e:
+            row["results"][name] = error_cell(e)
+    if len(outs) == 2:
+        row["diff"] = calc_diff(outs["windows"], outs["xla_ragged"])
+    if not args.no_torch:
+        try:
+            import torch
+
+            offs = torch.arange(1, g + 1, device="cuda", dtype=torch.int32) * rows
+            fns = []
+            for dy, x, _ in sets:
+                dy_t = torch.from_numpy(np.asarray(dy.astype(jnp.float32))).cuda().bfloat16()
+                x_t = torch.from_numpy(np.asarray(x.astype(jnp.float32))).cuda().bfloat16()
+                fns.append(functools.partial(torch._grouped_mm, dy_t.t(), x_t, offs=offs))
+            t = _timing.time_torch_graph(lambda f: f(), [(f,) for f in fns],
+                                         budget_s=args.budget, repeats=args.repeats)
+            row["results"]["torch"] = {"tflops": flops / t.median_s / 1e12,
+                                       "ms": t.median_s * 1e3}
+        except Exception as e:
+            row["results"]["torch"] = error_cell(e)
+    return row
+
+
+def run_wgrad(args, env):
+    shapes = [(g, r, n, k) for g, r in CONTIGUOUS for n, k in NK]
+    if args.quick:
+        shapes = [s for s in shapes if s[:2] in ((4, 8192), (32, 256))]
+    if args.tiny:
+        shapes = [(4, 1536, 32, 48), (2, 64, 16, 16)]  # windows, then the ragged dot
+    rows = []
+    for i, (g, r, n, k) in enumerate(shapes):
+        row = _wgrad_row(g, r, n, k, jax.random.fold_in(jax.random.key(args.seed), i), args)
+        rows.append(row)
+        print(f"[{i + 1}/{len(shapes)}] wgrad {g}x{r} n{n} k{k}: " + " ".join(
+            f"{name} {_cell(row['results'].get(name, {}))}" for name in WGRAD_IMPLS), flush=True)
+    table = []
+    for row in rows:
+        res = row["results"]
+        ours, xla = res.get("windows", {}).get("tflops"), res.get("xla_ragged", {}).get("tflops")
+        torch_tf = res.get("torch", {}).get("tflops")
+        table.append([f"{row['groups']}x{row['rows']}", str(row["n"]), str(row["k"]),
+                      "windows" if row["rule_takes_windows"] else "ragged",
+                      *[_cell(res.get(name, {})) for name in WGRAD_IMPLS],
+                      f"{ours / xla:.1f}" if ours and xla else "-",
+                      f"{ours / torch_tf:.2f}" if ours and torch_tf else "-",
+                      "-" if row.get("diff") is None else f"{row['diff']:.1e}"])
+    print_table(f"Expert wgrad (bf16 operands, float32 out) on {env['device']}, TFLOP/s "
+                "(device-bound)",
+                ("GxM", "n", "k", "rule", *WGRAD_IMPLS, "windows/XLA", "windows/torch", "diff"),
+                table, ["useful FLOPs 2 M N K; rule = what grouped_wgrad picks for the shape; "
+                        "diff = calc_diff(windows, xla_ragged)"])
+    path = write_json(args.out, "moe", env, {
+        "timing": {"device": "time_jax_launch (max 4 repeats) / torch CUDA graph"},
+        "wgrad_rows": rows},
+        tag="wgrad-tiny" if args.tiny else "wgrad-quick" if args.quick else "wgrad")
+    print(f"wrote {path}")
+    return 0
+
+
 def _routing_row(key, args, tokens=4096, hidden=7168, experts=256, top_k=8):
     """Permute + FP8 cast: ours (moe_permute then quantize_fp8) vs argsort + gather + cast."""
     kx, ki = jax.random.split(key)
@@ -202,6 +295,8 @@ def _cell(res, key="tflops"):
 
 def run(args):
     env = environment()
+    if args.wgrad:
+        return run_wgrad(args, env)
     ours_na = _ffi.unavailable_reason(GROUPED_TARGET)
     shapes = [(kind, g, r, n, k) for kind, groups in (("contiguous", CONTIGUOUS),
                                                        ("masked", MASKED))

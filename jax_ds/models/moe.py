@@ -141,7 +141,7 @@ def grouped_gemm(x_MK, w_GNK, group_sizes_G):
 
 def grouped_gemm_fp8(x_MK, w_GNK, group_sizes_G):
     """FP8 grouped GEMM of the expert FFN: `jax_ds.ops.grouped_fp8_linear` (x per 1x128, each
-    expert's w per 128x128 block, FP8 dgrad, float32 wgrad). It runs the op's reference until the
+    expert's w per 128x128 block, FP8 dgrad, wgrad by XLA: `grouped_wgrad`). It runs the op's reference until the
     grouped kernel is registered, and the kernel automatically after."""
     return grouped_fp8_linear(x_MK, w_GNK, group_sizes_G.astype(jnp.int32))
 

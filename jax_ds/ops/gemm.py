@@ -256,6 +256,20 @@ def ffi_fp8_gemm(a, a_scale, b, b_scale, cfg: GemmConfig, out_dtype=jnp.bfloat16
     return call(a, a_scale, b, b_scale, **cfg.split_attrs())[0]
 
 
+def wgrad_operands(dy, x):
+    """The wgrad's operands as the matrix unit takes them: bf16 / f16 as they are (each product
+    of two is exact in float32, and the dot accumulates in float32: the values of the float32
+    dot, at the 16-bit rate instead of the far slower float32 GEMM on GPUs), float32 as float32."""
+    dtype = jnp.promote_types(dy.dtype, x.dtype)
+    return dy.astype(dtype), x.astype(dtype)
+
+
+def wgrad_precision(dtype):
+    """HIGHEST for float32 operands (no silent TF32 / bf16 passes), the default for 16-bit ones
+    (already the unit's exact input type)."""
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _fp8_linear(x, w, impl):
     y, _ = _fp8_linear_fwd(x, w, impl)
@@ -284,9 +298,9 @@ def _fp8_linear_bwd(impl, res, dy):
     w_fp8_KN = pad_to(w_fp8.T, 1, BLOCK_K)  # [Kp, Np], the "b" operand
     dx = fp8_gemm(dy_fp8, dy_scale, w_fp8_KN, w_scale.T, out_dtype=jnp.float32, impl=impl)
     dx = dx[:, :k].astype(x.dtype).reshape(x.shape)
-    # wgrad dw = dy^T @ x stays in float32 through XLA (not FP8 yet).
-    dw = jnp.einsum("MN,MK->NK", dy_MN.astype(jnp.float32),
-                    x.reshape(-1, k).astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    # wgrad dw = dy^T @ x through XLA (not FP8 yet), float32 accumulation.
+    dw = jnp.einsum("MN,MK->NK", *wgrad_operands(dy_MN, x.reshape(-1, k)),
+                    preferred_element_type=jnp.float32, precision=wgrad_precision(x.dtype))
     return dx, dw.astype(w.dtype)
 
 
@@ -298,7 +312,8 @@ def fp8_linear(x, w, *, impl="auto"):
 
     Forward: x per (1, 128) groups, w per (128, 128) blocks, `fp8_gemm`. Backward: dgrad
     dx = dy @ w through the FP8 GEMM (dy quantized per (1, 128) along N, the forward's quantized
-    w reused transposed); wgrad dw = dy^T @ x in float32 through XLA (wgrad is not FP8 yet).
+    w reused transposed); wgrad dw = dy^T @ x through XLA (wgrad is not FP8 yet): the operands
+    in x's dtype (bf16 / f16 at the 16-bit matrix rate, float32 at HIGHEST), float32 accumulation.
     K and N need no alignment: they are zero-padded to multiples of 128, which is exact.
 
     Args:

@@ -23,7 +23,7 @@ from jax_ds import _ffi
 from jax_ds.ops._checks import (BLOCK_K, FP8, cdiv, check_dtype, check_ndim, check_out_dtype,
                                 check_shape, concrete, gemm_out_dtype, pad_to)
 from jax_ds.ops._vma import match_vma
-from jax_ds.ops.gemm import TILES, gemm_config
+from jax_ds.ops.gemm import TILES, gemm_config, wgrad_operands, wgrad_precision
 from jax_ds.ops.quant import dequantize_fp8, quantize_fp8
 
 GROUPED_TARGET = "jax_ds_grouped_fp8_gemm"
@@ -197,11 +197,12 @@ def _sequential_vmap(f):
     return f
 
 
-def _ragged_dot(lhs, rhs, sizes, dims):
-    """jax.lax.ragged_dot_general in float32 (HIGHEST) that runs under any jax.vmap and keeps
-    its reverse-mode gradient (a custom_vmap has none of its own: custom_vjp goes outside)."""
+def _ragged_dot(lhs, rhs, sizes, dims, precision=_HIGHEST):
+    """jax.lax.ragged_dot_general with float32 accumulation (HIGHEST unless told) that runs under
+    any jax.vmap and keeps its reverse-mode gradient (a custom_vmap has none of its own:
+    custom_vjp goes outside)."""
     dot = lambda lhs, rhs, sizes: jax.lax.ragged_dot_general(
-        lhs, rhs, sizes, dims, precision=_HIGHEST, preferred_element_type=jnp.float32)
+        lhs, rhs, sizes, dims, precision=precision, preferred_element_type=jnp.float32)
     dot_vjp = lambda lhs, rhs, sizes, ct: jax.vjp(lambda l, r: dot(l, r, sizes), lhs, rhs)[1](ct)
     forward, backward = _sequential_vmap(dot), _sequential_vmap(dot_vjp)
 
@@ -340,13 +341,77 @@ def _grouped_linear_bwd(impl, res, dy):
     w_fp8_GKN = pad_to(jnp.swapaxes(w_fp8, 1, 2), 2, BLOCK_K)
     dx = grouped_fp8_gemm(dy_fp8, dy_scale, w_fp8_GKN, jnp.swapaxes(w_scale, 1, 2), group_sizes,
                           out_dtype=jnp.float32, impl=impl)[:, :k]
-    # wgrad: dw[g] = dy[rows of g]^T x[rows of g], float32 through XLA (not FP8 yet).
-    dims = jax.lax.RaggedDotDimensionNumbers(
-        dot_dimension_numbers=(((0,), (0,)), ((), ())),
-        lhs_ragged_dimensions=(0,), rhs_group_dimensions=())
-    dw = _ragged_dot(dy.astype(jnp.float32), x.astype(jnp.float32),
-                     _clamped_sizes(group_sizes, x.shape[0]), dims)
+    dw = grouped_wgrad(dy, x, _clamped_sizes(group_sizes, x.shape[0]))
     return dx.astype(x.dtype), dw.astype(w.dtype), None
+
+
+# What one window's float32 [N, K] product costs in memory traffic (written, then read by the
+# segment sum: 8 N K bytes), counted in rows of GEMM (2 N K FLOPs each): 4 x (bf16 matrix rate /
+# HBM bandwidth), 4 x 160-260 FLOP/B on an H200 / H100. Not measured: a count for the rule below.
+WINDOW_COST_ROWS = 1024
+
+
+def wgrad_windows(m: int, g: int) -> tuple[int, int]:
+    """(window rows W, window count) of `grouped_wgrad` for M rows in G groups: W = ceil(M / G)
+    and G + ceil(M / W) windows, enough for any sizes (group g needs ceil(m_g / W) of them, and
+    sum_g ceil(m_g / W) <= sum_g (m_g / W + 1) <= M / W + G)."""
+    window = max(1, cdiv(m, g))
+    return window, g + cdiv(m, window)
+
+
+def wgrad_uses_windows(m: int, g: int) -> bool:
+    """Whether `grouped_wgrad` takes windows: when their rows of GEMM plus their buffers' traffic
+    (`WINDOW_COST_ROWS` a window) come to less than the ragged dot's G x M rows. Never for G <= 2;
+    from M = 6147 rows for G = 3, 4099 for G = 4, 2187 for G = 32."""
+    window, count = wgrad_windows(m, g)
+    return count * (window + WINDOW_COST_ROWS) < g * m
+
+
+def grouped_wgrad(dy, x, sizes, windows: bool | None = None):
+    """float32 [G, N, K]: dw[g] = dy[rows of g]^T x[rows of g], the rows contiguous by group.
+
+    Not XLA's ragged dot: on the GPU that costs one dense GEMM over all M rows per group (NOTES-moe,
+    "The wgrad of grouped_fp8_linear"), G x M rows in all. Here each group's rows are cut into
+    windows of W = ceil(M / G) rows (its last window masked), a static count of them
+    (`wgrad_windows`), gathered into [windows, W, *]; one batched dot gives each window's product,
+    and a segment sum over the windows' groups adds them up: about 2 M rows of GEMM for any G,
+    and a float32 [windows, N, K] buffer (about twice dw). Where that costs more than the ragged
+    dot (G <= 2, or few rows: `wgrad_uses_windows`), the ragged dot runs. The operands go in x's
+    dtype with float32 accumulation (`gemm.wgrad_operands`). `sizes`: clamped [G] (non-negative,
+    sum <= M). `windows` True / False forces one way (tests); None: the rule.
+    """
+    m, g = x.shape[0], sizes.shape[0]
+    dy, x = wgrad_operands(dy, x)
+    precision = wgrad_precision(x.dtype)
+    if not (wgrad_uses_windows(m, g) if windows is None else windows):
+        dims = jax.lax.RaggedDotDimensionNumbers(
+            dot_dimension_numbers=(((0,), (0,)), ((), ())),
+            lhs_ragged_dimensions=(0,), rhs_group_dimensions=())
+        return _ragged_dot(dy, x, sizes, dims, precision=precision)
+    window, count = wgrad_windows(m, g)
+    per_group = (sizes + window - 1) // window                            # windows of each group
+    ends = jnp.cumsum(per_group)
+    w = jnp.arange(count, dtype=jnp.int32)
+    group = jnp.searchsorted(ends, w, side="right").astype(jnp.int32)   # G: a spare window
+    safe = jnp.minimum(group, g - 1)
+    first = ends[safe] - per_group[safe]                                  # group's first window
+    row0 = (jnp.cumsum(sizes) - sizes)[safe] + (w - first) * window
+    left = jnp.where(group < g, sizes[safe] - (w - first) * window, 0)    # rows in the window
+    offs = jnp.arange(window, dtype=jnp.int32)
+    rows = jnp.where(offs[None, :] < left[:, None], row0[:, None] + offs[None, :], m)  # m: none
+    take = functools.partial(jnp.take, indices=rows, axis=0, mode="fill", fill_value=0)
+    dy_w, x_w = take(dy), take(x)                                         # [count, W, N / K]
+    dot = functools.partial(jnp.einsum, "wmn,wmk->wnk", precision=precision,
+                            preferred_element_type=jnp.float32)
+    if dy_w.dtype == jnp.float32:
+        part = dot(dy_w, x_w)
+    else:  # XLA:CPU has no batched 16-bit dot with a float32 result: there the operands are
+        # widened (exact), by the platform the program is compiled for
+        part = jax.lax.platform_dependent(
+            dy_w, x_w, cpu=lambda a, b: dot(a.astype(jnp.float32), b.astype(jnp.float32)),
+            default=dot)
+    return jax.ops.segment_sum(part, group, num_segments=g,              # spare windows dropped
+                               indices_are_sorted=True)
 
 
 _grouped_fp8_linear.defvjp(_grouped_linear_fwd, _grouped_linear_bwd)
@@ -356,8 +421,9 @@ def grouped_fp8_linear(x, w, group_sizes, *, impl="auto"):
     """y[rows of g] = x[rows of g] @ w[g]^T with FP8 operands quantized on the fly, differentiable.
 
     The expert-FFN building block. Forward and dgrad run `grouped_fp8_gemm` (x and dy per 1x128,
-    w per 128x128 block, transposed exactly for dgrad); wgrad is float32 through XLA's ragged dot
-    (not FP8 yet). K and N need no alignment (zero-padded, exact).
+    w per 128x128 block, transposed exactly for dgrad); wgrad is XLA (not FP8 yet): a batched
+    dot over windows of each group's rows (`grouped_wgrad`), on the operands in x's dtype with
+    float32 accumulation. K and N need no alignment (zero-padded, exact).
 
     Args:
       x: bf16 / f16 / f32 [M, K], rows sorted by group.
