@@ -367,32 +367,3 @@ def test_grouped_linear_under_vmap(monkeypatch):
         gx, gw = jax.grad(loss, (0, 1))(x[i], w, gs[i])
         np.testing.assert_allclose(dx[i], gx, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(dw[i], gw, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("windows", [True, False])
-def test_grouped_linear_inside_shard_map_sums_the_weight_gradient(windows, monkeypatch):
-    """x split over a mesh axis, w replicated: the weight's gradient is the sum over the shards."""
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    from jax_ds.ops import grouped_gemm as gg
-    monkeypatch.setattr(gg, "uses_windows", lambda *args: windows)
-    mesh = jax.make_mesh((4,), ("data",), devices=jax.devices("cpu")[:4])
-    kx, kw = jax.random.split(KEY)
-    x = jax.random.normal(kx, (16, 32))
-    w = jax.random.normal(kw, (3, 8, 32))
-    sizes = jnp.array([1, 0, 3], jnp.int32)  # per shard of 4 rows
-    loss = lambda x, w: jnp.sum(gg.grouped_linear(x, w, sizes) ** 2)  # noqa: E731
-
-    def sharded_loss(x, w):
-        body = lambda x, w: jax.lax.psum(loss(x, w), "data")  # noqa: E731
-        return jax.shard_map(body, mesh=mesh, in_specs=(P("data"), P()), out_specs=P())(x, w)
-
-    xs = jax.device_put(x, NamedSharding(mesh, P("data")))
-    ws = jax.device_put(w, NamedSharding(mesh, P()))
-    dx, dw = jax.jit(jax.grad(sharded_loss, argnums=(0, 1)))(xs, ws)
-    per_shard = [jax.grad(loss, argnums=(0, 1))(x[i:i + 4], w) for i in range(0, 16, 4)]
-    np.testing.assert_allclose(np.asarray(dx), np.concatenate([g[0] for g in per_shard]),
-                               rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(dw), sum(np.asarray(g[1]) for g in per_shard),
-                               rtol=1e-4, atol=1e-4)
