@@ -286,12 +286,18 @@ def test_fp8_linear_forward_and_grads(dtype):
     assert calc_diff(dw, dw_ref) < tolerance(dtype)  # wgrad is float32 math (not FP8)
 
 
-@pytest.mark.parametrize("grouped", [False, 2, 3])  # grouped: the groups (3: windowed wgrad)
-def test_fp8_linear_inside_shard_map_sums_the_weight_gradient(grouped):
+@pytest.mark.parametrize("grouped,bf16_windows", [
+    (False, None), (2, None), (3, None),  # fp8_linear, grouped_fp8_linear with G groups
+    (3, True), (3, False)])               # grouped_linear (bf16 experts), the rule forced
+def test_fp8_linear_inside_shard_map_sums_the_weight_gradient(grouped, bf16_windows, monkeypatch):
     """x split over a mesh axis, w replicated: inside shard_map the weight's cotangent varies
     over the axis where w does not, and its gradient is the sum over the shards, as outside."""
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
+
+    from jax_ds.ops import grouped_gemm as gg
+    if bf16_windows is not None:
+        monkeypatch.setattr(gg, "uses_windows", lambda *args: bf16_windows)
 
     mesh = jax.make_mesh((4,), ("data",), devices=jax.devices("cpu")[:4])
     x = random((16, 256), jnp.float32, seed=11)
@@ -299,6 +305,8 @@ def test_fp8_linear_inside_shard_map_sums_the_weight_gradient(grouped):
     sizes = jnp.array([2, 2] if grouped == 2 else [1, 0, 3], jnp.int32)  # per shard of 4 rows
 
     def linear(x, w):
+        if bf16_windows is not None:
+            return gg.grouped_linear(x, w, sizes)
         return ops.grouped_fp8_linear(x, w, sizes) if grouped else ops.fp8_linear(x, w)
 
     def loss(x, w):

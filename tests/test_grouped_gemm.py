@@ -246,8 +246,10 @@ def test_grouped_wgrad_windows_under_vmap(dtype):
 def test_grouped_wgrad_takes_the_ragged_dot_when_it_costs_less():
     """Few rows (or G <= 2): XLA's ragged dot, on the operands' dtype."""
     from jax_ds.ops.grouped_gemm import grouped_wgrad, wgrad_uses_windows
-    assert not wgrad_uses_windows(64, 4) and not wgrad_uses_windows(10 ** 6, 2)
-    assert wgrad_uses_windows(8192, 32) and wgrad_uses_windows(32768, 4)
+    assert not wgrad_uses_windows(64, 4, 4096, 7168)
+    assert not wgrad_uses_windows(10 ** 6, 2, 4096, 7168)
+    assert not wgrad_uses_windows(10 ** 6, 4, 512, 1024)  # small N, K: the gathers dominate
+    assert wgrad_uses_windows(8192, 32, 4096, 7168) and wgrad_uses_windows(32768, 4, 4096, 7168)
     dy, x = jnp.ones((64, 8), jnp.bfloat16), jnp.ones((64, 16), jnp.bfloat16)
     jaxpr = jax.make_jaxpr(grouped_wgrad)(dy, x, jnp.array([10, 0, 30, 24], jnp.int32)).jaxpr
     dots = [d for d in dot_equations(jaxpr, "ragged_dot_general") if d[3] == (4, 8, 16)]
@@ -274,32 +276,94 @@ def test_grouped_wgrad_windows_cover_any_sizes():
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_grouped_fp8_linear_wgrad_runs_at_the_operands_dtype(dtype):
-    """Off CPU the grouped wgrad is one batched dot over windows of the groups' rows (not XLA's
-    ragged dot) that takes bf16 operands as they are, float32 accumulation; float32 operands at
-    HIGHEST. Its value is the float32 per-group product of the same values."""
-    m, n, k, sizes = 4608, 24, 136, (1000, 0, 2500, 900)  # enough rows for windows
-    kx, kw, kd = jax.random.split(KEY, 3)
-    x = jax.random.normal(kx, (m, k), dtype)
-    w = (jax.random.normal(kw, (len(sizes), n, k)) * 0.1).astype(dtype)
-    dy = jax.random.normal(kd, (m, n), dtype)
-    gs = jnp.array(sizes, jnp.int32)
-    dw_fn = jax.grad(lambda w: jnp.sum((ops.grouped_fp8_linear(x, w, gs) * dy)
-                                       .astype(jnp.float32)))
-    jaxpr = jax.make_jaxpr(dw_fn)(w).jaxpr  # both platforms' branches: CPU's widens
+    """Off CPU the grouped wgrad of a large enough problem is one batched dot over windows of the
+    groups' rows (not XLA's ragged dot) that takes bf16 operands as they are, float32
+    accumulation; float32 operands at HIGHEST (the jaxpr only: nothing runs; the values are
+    test_grouped_wgrad_matches_float64's)."""
     from jax_ds.ops.grouped_gemm import wgrad_uses_windows, wgrad_windows
-    assert wgrad_uses_windows(m, len(sizes))
-    window, count = wgrad_windows(m, len(sizes))
-    assert not [d for d in dot_equations(jaxpr, "ragged_dot_general")
-                if d[3] == (len(sizes), n, k)]
+    m, n, k, g = 8192, 2048, 7168, 32
+    assert wgrad_uses_windows(m, g, n, k)
+    x = jax.ShapeDtypeStruct((m, k), dtype)
+    w = jax.ShapeDtypeStruct((g, n, k), dtype)
+    gs = jax.ShapeDtypeStruct((g,), jnp.int32)
+    dw_fn = jax.grad(lambda w, x, gs: jnp.sum(ops.grouped_fp8_linear(x, w, gs)
+                                              .astype(jnp.float32)))
+    jaxpr = jax.make_jaxpr(dw_fn)(w, x, gs).jaxpr  # both platforms' branches: CPU's widens
+    window, count = wgrad_windows(m, g)
+    assert not [d for d in dot_equations(jaxpr, "ragged_dot_general") if d[3] == (g, n, k)]
     name = jnp.dtype(dtype).name
     dots = [d for d in dot_equations(jaxpr, "dot_general")
             if d[3] == (count, n, k) and d[0] == (name, name)]
     assert len(dots) == 1 and dots[0][2] == "float32", dots
     highest = jax.lax.Precision.HIGHEST
     assert (dots[0][1] in ((highest, highest), highest)) == (dtype == jnp.float32), dots
-    got = np.asarray(jax.jit(dw_fn)(w), np.float64)
-    ends = np.cumsum(sizes)
-    x64, dy64 = np.asarray(x, np.float64), np.asarray(dy, np.float64)
-    for g, (lo, hi) in enumerate(zip(ends - np.array(sizes), ends)):
-        want = dy64[lo:hi].T @ x64[lo:hi]
-        np.testing.assert_allclose(got[g], want, rtol=1e-2, atol=2e-2 * max(1, hi - lo) ** 0.5)
+
+
+@pytest.mark.parametrize("transpose_w", [False, True])
+@pytest.mark.parametrize("windows", [True, False])
+@pytest.mark.parametrize("sizes,m", [((10, 0, 25, 20), 64), ((0, 0, 300, 0, 1), 301),
+                                     ((1, 2, 3, 4, 5, 6, 7, 8, 9), 50), ((0, 0, 0), 8)])
+def test_grouped_matmul_matches_float64(sizes, m, windows, transpose_w):
+    from jax_ds.ops.grouped_gemm import grouped_matmul
+    n, k, g = 24, 40, len(sizes)
+    kx, kw = jax.random.split(jax.random.fold_in(KEY, m))
+    x = jax.random.normal(kx, (m, k))
+    w = jax.random.normal(kw, (g, k, n) if transpose_w else (g, n, k))
+    f = functools.partial(grouped_matmul, transpose_w=transpose_w, windows=windows)
+    got = np.asarray(jax.jit(f)(x, w, jnp.array(sizes, jnp.int32)))
+    x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    want = np.zeros((m, n))
+    for gi, (lo, hi) in enumerate(zip(np.cumsum(sizes) - sizes, np.cumsum(sizes))):
+        want[lo:hi] = x64[lo:hi] @ (w64[gi] if transpose_w else w64[gi].T)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    assert np.all(got[sum(sizes):] == 0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("windows", [True, False])
+def test_grouped_linear_grads(dtype, windows, monkeypatch):
+    """grouped_linear (the bf16 experts' GEMM): value and gradients against the per-group float32
+    product, both ways (the rule forced), traced group sizes with a negative one and a sum
+    past M (clamped, as grouped_fp8_linear does)."""
+    from jax_ds.ops import grouped_gemm as gg
+    monkeypatch.setattr(gg, "uses_windows", lambda *args: windows)
+    m, n, k = 48, 24, 40
+    kx, kw, kd = jax.random.split(KEY, 3)
+    x = jax.random.normal(kx, (m, k), dtype)
+    w = jax.random.normal(kw, (4, n, k), jnp.float32) * 0.2   # float32 weights, bf16 compute
+    dy = jax.random.normal(kd, (m, n), jnp.float32)
+    gs = jnp.array([10, -3, 30, 20], jnp.int32)                # clamped: 10, 0, 30, 8
+    clamped = (10, 0, 30, 8)
+
+    def exact(x, w):
+        rows = np.repeat(np.arange(4), clamped)
+        xs, ws = x.astype(jnp.float32)[:m], w.astype(dtype).astype(jnp.float32)[rows]
+        return jnp.einsum("MK,MNK->MN", xs, ws, precision="highest")
+
+    loss = lambda f: lambda x, w: jnp.sum(f(x, w).astype(jnp.float32) * dy)
+    y = jax.jit(lambda x, w, g: gg.grouped_linear(x, w, g))(x, w, gs)  # a fresh trace per rule
+    assert y.dtype == dtype and y.shape == (m, n)
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(exact(x, w)),
+                               rtol=2e-2, atol=2e-2)
+    got = jax.jit(jax.grad(loss(lambda x, w: gg.grouped_linear(x, w, gs)), (0, 1)))(x, w)
+    want = jax.grad(loss(exact), (0, 1))(x, w)
+    assert got[0].dtype == dtype and got[1].dtype == jnp.float32
+    for a, b in zip(got, want):
+        assert calc_diff(np.asarray(a, np.float64), np.asarray(b, np.float64)) < 1e-4
+
+
+def test_grouped_linear_under_vmap(monkeypatch):
+    from jax_ds.ops import grouped_gemm as gg
+    monkeypatch.setattr(gg, "uses_windows", lambda *args: True)
+    kx, kw = jax.random.split(KEY)
+    x = jax.random.normal(kx, (2, 20, 16))
+    w = jax.random.normal(kw, (3, 8, 16))
+    gs = jnp.array([[4, 0, 10], [20, 0, 0]], jnp.int32)
+    loss = lambda x, w, g: jnp.sum(gg.grouped_linear(x, w, g) ** 2)
+    y = jax.vmap(gg.grouped_linear, in_axes=(0, None, 0))(x, w, gs)
+    dx, dw = jax.vmap(jax.grad(loss, (0, 1)), in_axes=(0, None, 0))(x, w, gs)
+    for i in range(2):
+        np.testing.assert_allclose(y[i], gg.grouped_linear(x[i], w, gs[i]), rtol=1e-6, atol=1e-6)
+        gx, gw = jax.grad(loss, (0, 1))(x[i], w, gs[i])
+        np.testing.assert_allclose(dx[i], gx, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(dw[i], gw, rtol=1e-5, atol=1e-5)

@@ -189,7 +189,6 @@ def test_grouped_wgrad_bf16_matches_float64(windows):
     kd, kx = jax.random.split(jax.random.key(11))
     dy = jax.random.normal(kd, (m, n), jnp.bfloat16)
     x = jax.random.normal(kx, (m, k), jnp.bfloat16)
-    assert grouped.wgrad_uses_windows(m, len(sizes))
     got = np.asarray(jax.jit(lambda *a: grouped.grouped_wgrad(*a, windows=windows))(
         dy, x, jnp.asarray(sizes)), np.float64)
     dy64, x64 = np.asarray(dy, np.float64), np.asarray(x, np.float64)
@@ -200,6 +199,27 @@ def test_grouped_wgrad_bf16_matches_float64(windows):
             assert np.all(got[g] == 0)
         else:  # float32 sums of exact products: only their rounding differs
             assert testing.calc_diff(got[g], want) < 1e-10, g
+
+
+@pytest.mark.parametrize("windows", [True, False])
+def test_grouped_matmul_bf16_matches_float64(windows):
+    """The bf16 experts' forward on the GPU (`grouped_matmul`, and its dgrad form with w
+    transposed), both ways, against float64 per group; rows past the sum exactly zero."""
+    sizes = np.array([3000, 0, 17, 1200, 800], np.int32)
+    m, n, k = 5120, 192, 320
+    kx, kw = jax.random.split(jax.random.key(12))
+    x = jax.random.normal(kx, (m, k), jnp.bfloat16)
+    w = jax.random.normal(kw, (len(sizes), n, k), jnp.bfloat16)
+    x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    ends = np.cumsum(sizes)
+    for transpose_w in (False, True):
+        wt = jnp.swapaxes(w, 1, 2) if transpose_w else w
+        got = np.asarray(jax.jit(lambda *a: grouped.grouped_matmul(
+            *a, transpose_w=transpose_w, windows=windows))(x, wt, jnp.asarray(sizes)), np.float64)
+        for g, (lo, hi) in enumerate(zip(ends - sizes, ends)):
+            if hi > lo:
+                assert testing.calc_diff(got[lo:hi], x64[lo:hi] @ w64[g].T) < 1e-10, g
+        assert np.all(got[ends[-1]:] == 0)
 
 
 def test_bad_attributes_are_errors_not_launches():

@@ -13,12 +13,14 @@ torch; "kernel" = our kernel time from jax.profiler):
   xla_ragged   jax.lax.ragged_dot in bf16 on the dequantized operands (masked: a batched dot)
   torch        torch._scaled_grouped_mm, FP8 with row-wise scales (when torch is importable)
   xla_argsort  routing through argsort + gather, then the FP8 cast (XLA); combine: gather + einsum
---wgrad (its own table and file, `moe-...-wgrad.json`): the expert layer's weight gradient
-dw[g] = dy[rows of g]^T x[rows of g] on the contiguous shapes, bf16 operands, float32 out, as
-`grouped_fp8_linear`'s backward runs it:
-  windows      `grouped_wgrad(windows=True)`: a batched dot over windows of the groups' rows
-  xla_ragged   `grouped_wgrad(windows=False)`: XLA's ragged dot (one dense GEMM per group)
-  torch        torch._grouped_mm of dy^T [N, M] and x [M, K] with group offsets (bf16 out)
+--bf16 (its own table and file, `moe-...-bf16.json`): the bf16 expert GEMMs that XLA runs (the
+bf16 model's experts, and `grouped_fp8_linear`'s wgrad), bf16 operands, float32 out, on the
+contiguous shapes: forward out[rows of g] = x[rows of g] @ w[g]^T and wgrad
+dw[g] = dy[rows of g]^T x[rows of g], each
+  windows      `grouped_matmul` / `grouped_wgrad` with windows=True: batched dots over windows of
+               the groups' rows
+  xla_ragged   the same with windows=False: XLA's ragged dot (one dense GEMM per group on GPUs)
+  torch        torch._grouped_mm on the same bf16 values (bf16 out)
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ from jax_ds import _ffi
 from jax_ds.bench import (_profile, _timing, bar_plot, environment, error_cell, print_table,
                           write_json)
 from jax_ds.ops import dequantize_fp8, quantize_fp8
-from jax_ds.ops.grouped_gemm import (GROUPED_TARGET, grouped_fp8_gemm, grouped_wgrad,
-                                     masked_grouped_fp8_gemm, wgrad_uses_windows)
+from jax_ds.ops.grouped_gemm import (GROUPED_TARGET, grouped_fp8_gemm, grouped_matmul,
+                                     grouped_wgrad, masked_grouped_fp8_gemm, uses_windows)
 from jax_ds.ops.moe import moe_permute, moe_unpermute
 from jax_ds.testing import calc_diff
 
@@ -61,10 +63,11 @@ def add_arguments(parser):
     parser.add_argument("--quick", action="store_true", help="one shape per kind")
     parser.add_argument("--routing-only", action="store_true", help="skip the grouped GEMMs")
     parser.add_argument("--no-torch", action="store_true")
-    parser.add_argument("--wgrad", action="store_true",
-                        help="only the expert weight gradient (windows vs ragged dot)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="only the bf16 expert GEMMs by XLA, forward and wgrad (windows vs "
+                             "ragged dot vs torch)")
     parser.add_argument("--tiny", action="store_true",
-                        help="with --wgrad: a CPU smoke test on two small shapes")
+                        help="with --bf16: a CPU smoke test on two small shapes")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -162,27 +165,33 @@ def _gemm_row(kind, g, rows, n, k, key, args, ours_na):
     return row
 
 
-WGRAD_IMPLS = ("windows", "xla_ragged", "torch")
+BF16_IMPLS = ("windows", "xla_ragged", "torch")
+BF16_OPS = ("forward", "wgrad")
 
 
-def _wgrad_row(g, rows, n, k, key, args):
-    """The expert layer's wgrad on G x rows (dy [M, N], x [M, K], bf16) -> float32 [G, N, K]."""
+def _bf16_row(op, g, rows, n, k, key, args):
+    """A bf16 expert GEMM by XLA on G x rows, both ways: forward out [M, N] = x [M, K] @ w[g]^T
+    (`grouped_matmul`, w [G, N, K]) or wgrad dw [G, N, K] = dy [M, N]^T x [M, K]
+    (`grouped_wgrad`); float32 results. torch: `_grouped_mm` on the same bf16 values."""
     m, flops = g * rows, 2 * g * rows * n * k
-    row = {"groups": g, "rows": rows, "n": n, "k": k, "flops": flops,
-           "rule_takes_windows": wgrad_uses_windows(m, g), "results": {}}
+    row = {"op": op, "groups": g, "rows": rows, "n": n, "k": k, "flops": flops,
+           "rule_takes_windows": uses_windows(op, m, g, n, k), "results": {}}
     sizes = jnp.full((g,), rows, jnp.int32)
     sets = []
     for i in range(args.sets):
-        kd, kx = jax.random.split(jax.random.fold_in(key, i))
-        sets.append((jax.random.normal(kd, (m, n), jnp.bfloat16),
-                     jax.random.normal(kx, (m, k), jnp.bfloat16), sizes))
+        ka, kb = jax.random.split(jax.random.fold_in(key, i))
+        a_shape = (m, k) if op == "forward" else (m, n)
+        b_shape = (g, n, k) if op == "forward" else (m, k)
+        sets.append((jax.random.normal(ka, a_shape, jnp.bfloat16),
+                     jax.random.normal(kb, b_shape, jnp.bfloat16), sizes))
     outs = {}
     for name, windows in (("windows", True), ("xla_ragged", False)):
-        fn = jax.jit(functools.partial(grouped_wgrad, windows=windows))
+        fn = jax.jit(functools.partial(grouped_matmul if op == "forward" else grouped_wgrad,
+                                       windows=windows))
         try:
             outs[name] = np.asarray(fn(*sets[0]))
             t = _timing.time_jax_launch(fn, sets, budget_s=args.budget, repeats=args.repeats,
-                                        max_reps=4)  # each repeat keeps its [G, N, K] output
+                                        max_reps=4)  # each repeat keeps its float32 output
             row["results"][name] = {"tflops": flops / t.median_s / 1e12,
                                     "ms": t.median_s * 1e3}
         except Exception as e:
@@ -193,12 +202,18 @@ def _wgrad_row(g, rows, n, k, key, args):
         try:
             import torch
 
+            def cuda(v):
+                return torch.from_numpy(np.asarray(v.astype(jnp.float32))).cuda().bfloat16()
+
             offs = torch.arange(1, g + 1, device="cuda", dtype=torch.int32) * rows
             fns = []
-            for dy, x, _ in sets:
-                dy_t = torch.from_numpy(np.asarray(dy.astype(jnp.float32))).cuda().bfloat16()
-                x_t = torch.from_numpy(np.asarray(x.astype(jnp.float32))).cuda().bfloat16()
-                fns.append(functools.partial(torch._grouped_mm, dy_t.t(), x_t, offs=offs))
+            for a, b, _ in sets:
+                if op == "forward":  # [M, K] x [G, K, N] (w transposed: a view, as torch asks)
+                    fns.append(functools.partial(torch._grouped_mm, cuda(a),
+                                                 cuda(b).transpose(-2, -1), offs=offs))
+                else:  # [N, M] x [M, K] with offsets along M -> [G, N, K]
+                    fns.append(functools.partial(torch._grouped_mm, cuda(a).t(), cuda(b),
+                                                 offs=offs))
             t = _timing.time_torch_graph(lambda f: f(), [(f,) for f in fns],
                                          budget_s=args.budget, repeats=args.repeats)
             row["results"]["torch"] = {"tflops": flops / t.median_s / 1e12,
@@ -208,38 +223,40 @@ def _wgrad_row(g, rows, n, k, key, args):
     return row
 
 
-def run_wgrad(args, env):
-    shapes = [(g, r, n, k) for g, r in CONTIGUOUS for n, k in NK]
+def run_bf16(args, env):
+    shapes = [(op, g, r, n, k) for op in BF16_OPS for g, r in CONTIGUOUS for n, k in NK]
     if args.quick:
-        shapes = [s for s in shapes if s[:2] in ((4, 8192), (32, 256))]
-    if args.tiny:
-        shapes = [(4, 1536, 32, 48), (2, 64, 16, 16)]  # windows, then the ragged dot
+        shapes = [s for s in shapes if s[1:3] in ((4, 8192), (32, 256))]
+    if args.tiny:  # windows, then the ragged dot
+        shapes = [(op, *s) for op in BF16_OPS for s in ((32, 64, 256, 512), (2, 64, 16, 16))]
     rows = []
-    for i, (g, r, n, k) in enumerate(shapes):
-        row = _wgrad_row(g, r, n, k, jax.random.fold_in(jax.random.key(args.seed), i), args)
+    for i, (op, g, r, n, k) in enumerate(shapes):
+        row = _bf16_row(op, g, r, n, k, jax.random.fold_in(jax.random.key(args.seed), i), args)
         rows.append(row)
-        print(f"[{i + 1}/{len(shapes)}] wgrad {g}x{r} n{n} k{k}: " + " ".join(
-            f"{name} {_cell(row['results'].get(name, {}))}" for name in WGRAD_IMPLS), flush=True)
+        print(f"[{i + 1}/{len(shapes)}] {op} {g}x{r} n{n} k{k}: " + " ".join(
+            f"{name} {_cell(row['results'].get(name, {}))}" for name in BF16_IMPLS), flush=True)
     table = []
     for row in rows:
         res = row["results"]
         ours, xla = res.get("windows", {}).get("tflops"), res.get("xla_ragged", {}).get("tflops")
         torch_tf = res.get("torch", {}).get("tflops")
-        table.append([f"{row['groups']}x{row['rows']}", str(row["n"]), str(row["k"]),
+        table.append([row["op"], f"{row['groups']}x{row['rows']}", str(row["n"]), str(row["k"]),
                       "windows" if row["rule_takes_windows"] else "ragged",
-                      *[_cell(res.get(name, {})) for name in WGRAD_IMPLS],
+                      *[_cell(res.get(name, {})) for name in BF16_IMPLS],
                       f"{ours / xla:.1f}" if ours and xla else "-",
                       f"{ours / torch_tf:.2f}" if ours and torch_tf else "-",
                       "-" if row.get("diff") is None else f"{row['diff']:.1e}"])
-    print_table(f"Expert wgrad (bf16 operands, float32 out) on {env['device']}, TFLOP/s "
-                "(device-bound)",
-                ("GxM", "n", "k", "rule", *WGRAD_IMPLS, "windows/XLA", "windows/torch", "diff"),
-                table, ["useful FLOPs 2 M N K; rule = what grouped_wgrad picks for the shape; "
+    print_table(f"bf16 expert GEMMs by XLA on {env['device']}, TFLOP/s (device-bound)",
+                ("op", "GxM", "n", "k", "rule", *BF16_IMPLS, "windows/XLA", "windows/torch",
+                 "diff"),
+                table, ["forward: out = x @ w[g]^T (grouped_matmul); wgrad: dw[g] = dy^T x over "
+                        "the group's rows (grouped_wgrad); bf16 operands, float32 results; "
+                        "useful FLOPs 2 M N K; rule = what the op picks for the shape; "
                         "diff = calc_diff(windows, xla_ragged)"])
     path = write_json(args.out, "moe", env, {
         "timing": {"device": "time_jax_launch (max 4 repeats) / torch CUDA graph"},
-        "wgrad_rows": rows},
-        tag="wgrad-tiny" if args.tiny else "wgrad-quick" if args.quick else "wgrad")
+        "bf16_rows": rows},
+        tag="bf16-tiny" if args.tiny else "bf16-quick" if args.quick else "bf16")
     print(f"wrote {path}")
     return 0
 
@@ -295,8 +312,8 @@ def _cell(res, key="tflops"):
 
 def run(args):
     env = environment()
-    if args.wgrad:
-        return run_wgrad(args, env)
+    if args.bf16:
+        return run_bf16(args, env)
     ours_na = _ffi.unavailable_reason(GROUPED_TARGET)
     shapes = [(kind, g, r, n, k) for kind, groups in (("contiguous", CONTIGUOUS),
                                                        ("masked", MASKED))

@@ -345,26 +345,94 @@ def _grouped_linear_bwd(impl, res, dy):
     return dx.astype(x.dtype), dw.astype(w.dtype), None
 
 
-# What one window's float32 [N, K] product costs in memory traffic (written, then read by the
-# segment sum: 8 N K bytes), counted in rows of GEMM (2 N K FLOPs each): 4 x (bf16 matrix rate /
-# HBM bandwidth), 4 x 160-260 FLOP/B on an H200 / H100. Not measured: a count for the rule below.
-WINDOW_COST_ROWS = 1024
+# The rule between windows and XLA's ragged dot counts bytes moved as FLOPs at this rate: the
+# 16-bit matrix rate over the HBM bandwidth (about 780 TFLOP/s over 3.35 / 4.8 TB/s on an
+# H100 / H200). A count for the rule, not a measurement (NOTES-moe, "The wgrad ...").
+FLOP_PER_BYTE = 200
 
 
 def wgrad_windows(m: int, g: int) -> tuple[int, int]:
-    """(window rows W, window count) of `grouped_wgrad` for M rows in G groups: W = ceil(M / G)
-    and G + ceil(M / W) windows, enough for any sizes (group g needs ceil(m_g / W) of them, and
+    """(window rows W, window count) for M rows in G groups: W = ceil(M / G) and G + ceil(M / W)
+    windows, enough for any sizes (group g needs ceil(m_g / W) of them, and
     sum_g ceil(m_g / W) <= sum_g (m_g / W + 1) <= M / W + G)."""
     window = max(1, cdiv(m, g))
     return window, g + cdiv(m, window)
 
 
-def wgrad_uses_windows(m: int, g: int) -> bool:
-    """Whether `grouped_wgrad` takes windows: when their rows of GEMM plus their buffers' traffic
-    (`WINDOW_COST_ROWS` a window) come to less than the ragged dot's G x M rows. Never for G <= 2;
-    from M = 6147 rows for G = 3, 4099 for G = 4, 2187 for G = 32."""
+def uses_windows(kind: str, m: int, g: int, n: int, k: int) -> bool:
+    """Whether the windows cost less than XLA's ragged dot (G dense GEMMs over all M rows), both
+    counted in FLOPs with their extra bytes at `FLOP_PER_BYTE`. 16-bit operands.
+
+    kind "wgrad" (dw[g] = dy[rows of g]^T x[rows of g], dy [M, N], x [M, K]): the windows' rows of
+    GEMM, their gathered rows of dy and x (written and read: 4 (N + K) bytes a row) and each
+    window's float32 [N, K] product (written and read: 8 N K bytes).
+    kind "forward" (out[rows of g] = x[rows of g] @ w[g]^T, x [M, K], w [G, N, K]): the windows'
+    rows of GEMM, their gathered rows of x (4 K bytes a row), each window's copy of its weight
+    (4 N K bytes), each window row's float32 product (8 N bytes) and the output rows (2 N).
+    Never for G <= 2 (the windows then do as many rows of GEMM as the ragged dot).
+    """
     window, count = wgrad_windows(m, g)
-    return count * (window + WINDOW_COST_ROWS) < g * m
+    rows = count * window
+    if kind == "wgrad":
+        extra = rows * 4 * (n + k) + count * 8 * n * k
+    elif kind == "forward":
+        extra = rows * (4 * k + 8 * n) + count * 4 * n * k + m * 2 * n
+    else:
+        raise ValueError(f"uses_windows: kind must be 'wgrad' or 'forward', got {kind!r}")
+    return 2 * n * k * rows + FLOP_PER_BYTE * extra < 2 * n * k * g * m
+
+
+def wgrad_uses_windows(m: int, g: int, n: int, k: int) -> bool:
+    """`uses_windows("wgrad", ...)`: e.g. for n4096 k7168 from M = 3783 rows at G = 4 and 1725 at
+    G = 32; for n512 k1024 never at G = 4 (the gathers outweigh the GEMM rows saved), from 2200
+    at G = 16 and 1852 at G = 32."""
+    return uses_windows("wgrad", m, g, n, k)
+
+
+def _windows(sizes, m: int, g: int):
+    """The windows of `wgrad_windows(m, g)` over rows contiguous by group, `sizes` clamped [G]:
+    (group [count] int32, G for a spare window; rows [count, W] int32, the row of each window
+    slot, M where the slot holds no row)."""
+    window, count = wgrad_windows(m, g)
+    per_group = (sizes + window - 1) // window                            # windows of each group
+    ends = jnp.cumsum(per_group)
+    w = jnp.arange(count, dtype=jnp.int32)
+    group = jnp.searchsorted(ends, w, side="right").astype(jnp.int32)
+    safe = jnp.minimum(group, g - 1)
+    first = ends[safe] - per_group[safe]                                  # group's first window
+    row0 = (jnp.cumsum(sizes) - sizes)[safe] + (w - first) * window
+    left = jnp.where(group < g, sizes[safe] - (w - first) * window, 0)    # rows in the window
+    offs = jnp.arange(window, dtype=jnp.int32)
+    rows = jnp.where(offs[None, :] < left[:, None], row0[:, None] + offs[None, :], m)
+    return group, rows
+
+
+def _window_of_rows(sizes, m: int, g: int):
+    """For each row r of M: (window, slot) holding it in `_windows`, and whether a group owns r."""
+    window, _ = wgrad_windows(m, g)
+    r = jnp.arange(m, dtype=jnp.int32)
+    ends = jnp.cumsum(sizes)
+    group = jnp.minimum(jnp.searchsorted(ends, r, side="right"), g - 1).astype(jnp.int32)
+    local = r - (ends - sizes)[group]
+    per_group = (sizes + window - 1) // window
+    first = jnp.cumsum(per_group) - per_group
+    return first[group] + local // window, local % window, r < ends[-1]
+
+
+def _batched_dot(spec, a, b, precision):
+    """einsum with float32 accumulation and result; 16-bit operands go as they are, except on
+    CPU, where XLA has no batched 16-bit dot with a float32 result and they are widened (exact),
+    by the platform the program is compiled for."""
+    dot = functools.partial(jnp.einsum, spec, precision=precision,
+                            preferred_element_type=jnp.float32)
+    if a.dtype == jnp.float32 and b.dtype == jnp.float32:
+        return dot(a, b)
+    return jax.lax.platform_dependent(
+        a, b, cpu=lambda a, b: dot(a.astype(jnp.float32), b.astype(jnp.float32)), default=dot)
+
+
+def _take_rows(x, rows):
+    return jnp.take(x, rows, axis=0, mode="fill", fill_value=0)  # row index M: zeros
 
 
 def grouped_wgrad(dy, x, sizes, windows: bool | None = None):
@@ -380,38 +448,80 @@ def grouped_wgrad(dy, x, sizes, windows: bool | None = None):
     dtype with float32 accumulation (`gemm.wgrad_operands`). `sizes`: clamped [G] (non-negative,
     sum <= M). `windows` True / False forces one way (tests); None: the rule.
     """
-    m, g = x.shape[0], sizes.shape[0]
+    (m, k), n, g = x.shape, dy.shape[1], sizes.shape[0]
     dy, x = wgrad_operands(dy, x)
     precision = wgrad_precision(x.dtype)
-    if not (wgrad_uses_windows(m, g) if windows is None else windows):
+    if not (wgrad_uses_windows(m, g, n, k) if windows is None else windows):
         dims = jax.lax.RaggedDotDimensionNumbers(
             dot_dimension_numbers=(((0,), (0,)), ((), ())),
             lhs_ragged_dimensions=(0,), rhs_group_dimensions=())
         return _ragged_dot(dy, x, sizes, dims, precision=precision)
-    window, count = wgrad_windows(m, g)
-    per_group = (sizes + window - 1) // window                            # windows of each group
-    ends = jnp.cumsum(per_group)
-    w = jnp.arange(count, dtype=jnp.int32)
-    group = jnp.searchsorted(ends, w, side="right").astype(jnp.int32)   # G: a spare window
-    safe = jnp.minimum(group, g - 1)
-    first = ends[safe] - per_group[safe]                                  # group's first window
-    row0 = (jnp.cumsum(sizes) - sizes)[safe] + (w - first) * window
-    left = jnp.where(group < g, sizes[safe] - (w - first) * window, 0)    # rows in the window
-    offs = jnp.arange(window, dtype=jnp.int32)
-    rows = jnp.where(offs[None, :] < left[:, None], row0[:, None] + offs[None, :], m)  # m: none
-    take = functools.partial(jnp.take, indices=rows, axis=0, mode="fill", fill_value=0)
-    dy_w, x_w = take(dy), take(x)                                         # [count, W, N / K]
-    dot = functools.partial(jnp.einsum, "wmn,wmk->wnk", precision=precision,
-                            preferred_element_type=jnp.float32)
-    if dy_w.dtype == jnp.float32:
-        part = dot(dy_w, x_w)
-    else:  # XLA:CPU has no batched 16-bit dot with a float32 result: there the operands are
-        # widened (exact), by the platform the program is compiled for
-        part = jax.lax.platform_dependent(
-            dy_w, x_w, cpu=lambda a, b: dot(a.astype(jnp.float32), b.astype(jnp.float32)),
-            default=dot)
+    group, rows = _windows(sizes, m, g)
+    part = _batched_dot("wmn,wmk->wnk", _take_rows(dy, rows), _take_rows(x, rows), precision)
     return jax.ops.segment_sum(part, group, num_segments=g,              # spare windows dropped
                                indices_are_sorted=True)
+
+
+def grouped_matmul(x, w, sizes, *, transpose_w: bool = False, windows: bool | None = None):
+    """float32 [M, N]: out[rows of g] = x[rows of g] @ w[g]^T (w [G, N, K]; with transpose_w,
+    x[rows of g] @ w[g] for w [G, K, N]), rows contiguous by group, rows past the sum zero.
+    `sizes`: clamped [G]. x and w in one dtype; float32 at HIGHEST, 16-bit with float32
+    accumulation.
+
+    By windows where `uses_windows("forward", ...)` says they cost less than XLA's ragged dot (as
+    `grouped_wgrad`): each window's rows of x and a copy of its group's weight, one batched dot,
+    and each row read back from its window's product. `windows` forces one way (tests).
+    """
+    m, g = x.shape[0], w.shape[0]
+    n, k = (w.shape[2], w.shape[1]) if transpose_w else (w.shape[1], w.shape[2])
+    precision = wgrad_precision(x.dtype)
+    if not (uses_windows("forward", m, g, n, k) if windows is None else windows):
+        contract = 1 if transpose_w else 2
+        dims = jax.lax.RaggedDotDimensionNumbers(
+            dot_dimension_numbers=(((1,), (contract,)), ((), ())),
+            lhs_ragged_dimensions=(0,), rhs_group_dimensions=(0,))
+        return jax.lax.ragged_dot_general(x, w, sizes, dims, precision=precision,
+                                          preferred_element_type=jnp.float32)
+    group, rows = _windows(sizes, m, g)
+    w_w = jnp.take(w, jnp.minimum(group, g - 1), axis=0)   # spare windows: zero rows of x anyway
+    part = _batched_dot("wmk,wkn->wmn" if transpose_w else "wmk,wnk->wmn", _take_rows(x, rows),
+                        w_w, precision)                    # [count, W, N]
+    win, slot, owned = _window_of_rows(sizes, m, g)
+    return jnp.where(owned[:, None], part[win, slot], 0.0)
+
+
+def grouped_linear(x, w, group_sizes):
+    """out[rows of g] = x[rows of g] @ w[g]^T in x's dtype (bf16 / f16 / f32; w cast to it),
+    rows sorted by group, rows past sum(group_sizes) zero: the bf16 expert FFN's GEMM.
+
+    `jax.lax.ragged_dot` semantics with the weight in [G, N, K] ("NT") layout, without its cost on
+    GPUs (one dense GEMM over all M rows per group): forward, dgrad and wgrad go by windows of
+    each group's rows (`grouped_matmul`, `grouped_wgrad`) where those cost less. float32
+    accumulation throughout. No gradient to group_sizes (int32 [G]; negative sizes count as
+    empty, groups are cut at row M).
+    """
+    x, w = match_vma(x, w)  # inside shard_map: w's cotangent varies wherever x does
+    return _grouped_linear(x, w, group_sizes)
+
+
+@jax.custom_vjp
+def _grouped_linear(x, w, group_sizes):
+    return _grouped_linear_forward(x, w, group_sizes)[0]
+
+
+def _grouped_linear_forward(x, w, group_sizes):
+    sizes = _clamped_sizes(group_sizes, x.shape[0])
+    return grouped_matmul(x, w.astype(x.dtype), sizes).astype(x.dtype), (x, w, sizes)
+
+
+def _grouped_linear_backward(res, dy):
+    x, w, sizes = res
+    dx = grouped_matmul(dy.astype(x.dtype), w.astype(x.dtype), sizes, transpose_w=True)
+    dw = grouped_wgrad(dy.astype(x.dtype), x, sizes)
+    return dx.astype(x.dtype), dw.astype(w.dtype), None
+
+
+_grouped_linear.defvjp(_grouped_linear_forward, _grouped_linear_backward)
 
 
 _grouped_fp8_linear.defvjp(_grouped_linear_fwd, _grouped_linear_bwd)
