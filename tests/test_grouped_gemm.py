@@ -289,11 +289,13 @@ def test_grouped_fp8_linear_wgrad_runs_at_the_operands_dtype(dtype):
     dw_fn = jax.grad(lambda w, x, gs: jnp.sum(ops.grouped_fp8_linear(x, w, gs)
                                               .astype(jnp.float32)))
     jaxpr = jax.make_jaxpr(dw_fn)(w, x, gs).jaxpr  # both platforms' branches: CPU's widens
+    from jax_ds.ops.grouped_gemm import WINDOW_BUFFER_BYTES
     window, count = wgrad_windows(m, g)
+    lead = min(count, WINDOW_BUFFER_BYTES // (4 * n * k))  # windows a chunk (here: chunked)
     assert not [d for d in dot_equations(jaxpr, "ragged_dot_general") if d[3] == (g, n, k)]
     name = jnp.dtype(dtype).name
     dots = [d for d in dot_equations(jaxpr, "dot_general")
-            if d[3] == (count, n, k) and d[0] == (name, name)]
+            if d[3] == (lead, n, k) and d[0] == (name, name)]
     assert len(dots) == 1 and dots[0][2] == "float32", dots
     highest = jax.lax.Precision.HIGHEST
     assert (dots[0][1] in ((highest, highest), highest)) == (dtype == jnp.float32), dots
@@ -352,9 +354,10 @@ def test_grouped_linear_grads(dtype, windows, monkeypatch):
         assert calc_diff(np.asarray(a, np.float64), np.asarray(b, np.float64)) < 1e-4
 
 
-def test_grouped_linear_under_vmap(monkeypatch):
+@pytest.mark.parametrize("windows", [True, False])  # False: the ragged dot, w shared
+def test_grouped_linear_under_vmap(windows, monkeypatch):
     from jax_ds.ops import grouped_gemm as gg
-    monkeypatch.setattr(gg, "uses_windows", lambda *args: True)
+    monkeypatch.setattr(gg, "uses_windows", lambda *args: windows)
     kx, kw = jax.random.split(KEY)
     x = jax.random.normal(kx, (2, 20, 16))
     w = jax.random.normal(kw, (3, 8, 16))
@@ -367,3 +370,39 @@ def test_grouped_linear_under_vmap(monkeypatch):
         gx, gw = jax.grad(loss, (0, 1))(x[i], w, gs[i])
         np.testing.assert_allclose(dx[i], gx, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(dw[i], gw, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_linear_empty_edges():
+    """No groups, or no rows: zeros and zero gradients, both ways (the ragged dot gave them)."""
+    from jax_ds.ops import grouped_gemm as gg
+    x, w0 = jnp.ones((8, 16)), jnp.ones((0, 8, 16))
+    none = jnp.zeros((0,), jnp.int32)
+    np.testing.assert_array_equal(gg.grouped_linear(x, w0, none), np.zeros((8, 8)))
+    assert jax.grad(lambda w: gg.grouped_linear(x, w, none).sum())(w0).shape == (0, 8, 16)
+    x0, w = jnp.ones((0, 16)), jnp.ones((3, 8, 16))
+    for windows in (True, False):
+        assert gg.grouped_matmul(x0, w, jnp.zeros((3,), jnp.int32), windows=windows).shape == \
+            (0, 8)
+        dw = gg.grouped_wgrad(jnp.ones((0, 8)), x0, jnp.zeros((3,), jnp.int32), windows=windows)
+        np.testing.assert_array_equal(dw, np.zeros((3, 8, 16)))
+
+
+def test_windows_stay_under_the_buffer_cap(monkeypatch):
+    """Many experts on one device: a forward's weight copies past WINDOW_BUFFER_BYTES leave it to
+    the ragged dot; the wgrad's products go in chunks (a scan), with the same values."""
+    from jax_ds.ops import grouped_gemm as gg
+    assert not gg.uses_windows("forward", 8192, 256, 2048, 7168)
+    assert gg.uses_windows("forward", 8192, 32, 2048, 7168)
+    assert gg.uses_windows("wgrad", 8192, 256, 2048, 7168)      # chunked
+    for kind in ("wgrad", "forward"):
+        assert not gg.uses_windows(kind, 0, 4, 64, 64) and not gg.uses_windows(kind, 64, 0, 8, 8)
+    sizes = jnp.array([0, 0, 300, 0, 1, 7, 40], jnp.int32)
+    kd, kx = jax.random.split(KEY)
+    dy, x = jax.random.normal(kd, (400, 8)), jax.random.normal(kx, (400, 16))
+    whole = gg.grouped_wgrad(dy, x, sizes, windows=True)
+    monkeypatch.setattr(gg, "WINDOW_BUFFER_BYTES", 3 * 4 * 8 * 16)  # 3 windows a chunk
+    chunked = jax.jit(lambda *a: gg.grouped_wgrad(*a, windows=True))(dy, x, sizes)
+    np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="kind"):
+        gg.uses_windows("dgrad", 64, 4, 8, 8)
+

@@ -349,6 +349,12 @@ def _grouped_linear_bwd(impl, res, dy):
 # 16-bit matrix rate over the HBM bandwidth (about 780 TFLOP/s over 3.35 / 4.8 TB/s on an
 # H100 / H200). A count for the rule, not a measurement (NOTES-moe, "The wgrad ...").
 FLOP_PER_BYTE = 200
+# The windows' one big extra buffer ([windows, N, K]: the weight copies of the forward, the
+# float32 products of the wgrad; about 2 G N K elements) stays under this. The wgrad then runs
+# its windows in chunks (a scan adding each chunk's products into dw); the forward leaves it to
+# the ragged dot, whose only buffer is its output. (G = 32 of n4096 k7168 would want 7.5 GB of
+# wgrad products at once, G = 256 of n2048 k7168 15-30 GB.)
+WINDOW_BUFFER_BYTES = 2 << 30
 
 
 def wgrad_windows(m: int, g: int) -> tuple[int, int]:
@@ -369,23 +375,31 @@ def uses_windows(kind: str, m: int, g: int, n: int, k: int) -> bool:
     kind "forward" (out[rows of g] = x[rows of g] @ w[g]^T, x [M, K], w [G, N, K]): the windows'
     rows of GEMM, their gathered rows of x (4 K bytes a row), each window's copy of its weight
     (4 N K bytes), each window row's float32 product (8 N bytes) and the output rows (2 N).
-    Never for G <= 2 (the windows then do as many rows of GEMM as the ragged dot).
+    The wgrad's products past `WINDOW_BUFFER_BYTES` go in chunks, whose adds into dw cost another
+    8 N K bytes a window. Never for G <= 2 (the windows then do as many rows of GEMM as the ragged
+    dot), nor for a forward whose weight copies would pass `WINDOW_BUFFER_BYTES`.
     """
+    if kind not in ("wgrad", "forward"):
+        raise ValueError(f"uses_windows: kind must be 'wgrad' or 'forward', got {kind!r}")
+    if g < 1 or m < 1:
+        return False
     window, count = wgrad_windows(m, g)
     rows = count * window
     if kind == "wgrad":
-        extra = rows * 4 * (n + k) + count * 8 * n * k
-    elif kind == "forward":
-        extra = rows * (4 * k + 8 * n) + count * 4 * n * k + m * 2 * n
+        chunked = count * n * k * 4 > WINDOW_BUFFER_BYTES
+        extra = rows * 4 * (n + k) + count * (16 if chunked else 8) * n * k
+    elif count * n * k * 2 > WINDOW_BUFFER_BYTES:
+        return False
     else:
-        raise ValueError(f"uses_windows: kind must be 'wgrad' or 'forward', got {kind!r}")
+        extra = rows * (4 * k + 8 * n) + count * 4 * n * k + m * 2 * n
     return 2 * n * k * rows + FLOP_PER_BYTE * extra < 2 * n * k * g * m
 
 
 def wgrad_uses_windows(m: int, g: int, n: int, k: int) -> bool:
-    """`uses_windows("wgrad", ...)`: e.g. for n4096 k7168 from M = 3783 rows at G = 4 and 1725 at
-    G = 32; for n512 k1024 never at G = 4 (the gathers outweigh the GEMM rows saved), from 2200
-    at G = 16 and 1852 at G = 32."""
+    """`uses_windows("wgrad", ...)`: e.g. for n4096 k7168 from about M = 3783 rows at G = 4 and
+    3450 at G = 32 (chunked); for n512 k1024 never at G = 4 (the gathers outweigh the GEMM rows saved),
+    from about 2200 at G = 16 and 1852 at G = 32 (the window size's rounding makes the rule flip
+    back for a few M just past such a point)."""
     return uses_windows("wgrad", m, g, n, k)
 
 
@@ -442,13 +456,15 @@ def grouped_wgrad(dy, x, sizes, windows: bool | None = None):
     "The wgrad of grouped_fp8_linear"), G x M rows in all. Here each group's rows are cut into
     windows of W = ceil(M / G) rows (its last window masked), a static count of them
     (`wgrad_windows`), gathered into [windows, W, *]; one batched dot gives each window's product,
-    and a segment sum over the windows' groups adds them up: about 2 M rows of GEMM for any G,
-    and a float32 [windows, N, K] buffer (about twice dw). Where that costs more than the ragged
+    and a segment sum over the windows' groups adds them up: about 2 M rows of GEMM for any G
+    (G + M when M < G), and a float32 [windows, N, K] buffer (about twice dw). Where that costs more than the ragged
     dot (G <= 2, or few rows: `wgrad_uses_windows`), the ragged dot runs. The operands go in x's
     dtype with float32 accumulation (`gemm.wgrad_operands`). `sizes`: clamped [G] (non-negative,
     sum <= M). `windows` True / False forces one way (tests); None: the rule.
     """
     (m, k), n, g = x.shape, dy.shape[1], sizes.shape[0]
+    if m == 0 or g == 0:
+        return jnp.zeros((g, n, k), jnp.float32)
     dy, x = wgrad_operands(dy, x)
     precision = wgrad_precision(x.dtype)
     if not (wgrad_uses_windows(m, g, n, k) if windows is None else windows):
@@ -457,9 +473,24 @@ def grouped_wgrad(dy, x, sizes, windows: bool | None = None):
             lhs_ragged_dimensions=(0,), rhs_group_dimensions=())
         return _ragged_dot(dy, x, sizes, dims, precision=precision)
     group, rows = _windows(sizes, m, g)
-    part = _batched_dot("wmn,wmk->wnk", _take_rows(dy, rows), _take_rows(x, rows), precision)
-    return jax.ops.segment_sum(part, group, num_segments=g,              # spare windows dropped
-                               indices_are_sorted=True)
+    dy_w, x_w = _take_rows(dy, rows), _take_rows(x, rows)
+    per_chunk = max(1, WINDOW_BUFFER_BYTES // (4 * n * k))
+    if per_chunk >= group.shape[0]:
+        part = _batched_dot("wmn,wmk->wnk", dy_w, x_w, precision)
+        return jax.ops.segment_sum(part, group, num_segments=g,          # spare windows dropped
+                                   indices_are_sorted=True)
+    chunks = cdiv(group.shape[0], per_chunk)
+    pad = chunks * per_chunk - group.shape[0]                            # spare windows: zeros
+    group = jnp.pad(group, (0, pad), constant_values=g).reshape(chunks, per_chunk)
+    dy_w = jnp.pad(dy_w, ((0, pad), (0, 0), (0, 0))).reshape(chunks, per_chunk, *dy_w.shape[1:])
+    x_w = jnp.pad(x_w, ((0, pad), (0, 0), (0, 0))).reshape(chunks, per_chunk, *x_w.shape[1:])
+
+    def add_chunk(dw, chunk):
+        groups, a, b = chunk
+        return dw.at[groups].add(_batched_dot("wmn,wmk->wnk", a, b, precision), mode="drop",
+                                 indices_are_sorted=True), None
+
+    return jax.lax.scan(add_chunk, jnp.zeros((g, n, k), jnp.float32), (group, dy_w, x_w))[0]
 
 
 def grouped_matmul(x, w, sizes, *, transpose_w: bool = False, windows: bool | None = None):
@@ -474,14 +505,15 @@ def grouped_matmul(x, w, sizes, *, transpose_w: bool = False, windows: bool | No
     """
     m, g = x.shape[0], w.shape[0]
     n, k = (w.shape[2], w.shape[1]) if transpose_w else (w.shape[1], w.shape[2])
+    if m == 0 or g == 0:
+        return jnp.zeros((m, n), jnp.float32)
     precision = wgrad_precision(x.dtype)
     if not (uses_windows("forward", m, g, n, k) if windows is None else windows):
         contract = 1 if transpose_w else 2
         dims = jax.lax.RaggedDotDimensionNumbers(
             dot_dimension_numbers=(((1,), (contract,)), ((), ())),
             lhs_ragged_dimensions=(0,), rhs_group_dimensions=(0,))
-        return jax.lax.ragged_dot_general(x, w, sizes, dims, precision=precision,
-                                          preferred_element_type=jnp.float32)
+        return _ragged_dot(x, w, sizes, dims, precision=precision)  # vmaps with w shared too
     group, rows = _windows(sizes, m, g)
     w_w = jnp.take(w, jnp.minimum(group, g - 1), axis=0)   # spare windows: zero rows of x anyway
     part = _batched_dot("wmk,wkn->wmn" if transpose_w else "wmk,wnk->wmn", _take_rows(x, rows),
@@ -497,8 +529,9 @@ def grouped_linear(x, w, group_sizes):
     `jax.lax.ragged_dot` semantics with the weight in [G, N, K] ("NT") layout, without its cost on
     GPUs (one dense GEMM over all M rows per group): forward, dgrad and wgrad go by windows of
     each group's rows (`grouped_matmul`, `grouped_wgrad`) where those cost less. float32
-    accumulation throughout. No gradient to group_sizes (int32 [G]; negative sizes count as
-    empty, groups are cut at row M).
+    accumulation throughout (float32 operands at HIGHEST). No gradient to group_sizes (int32
+    [G]; negative sizes count as empty, groups are cut at row M). Reverse mode only (a
+    custom_vjp, as `grouped_fp8_linear`): jax.jvp / jacfwd refuse it.
     """
     x, w = match_vma(x, w)  # inside shard_map: w's cotangent varies wherever x does
     return _grouped_linear(x, w, group_sizes)
