@@ -17,3 +17,22 @@ def match_vma(*arrays):
     union = frozenset().union(*vmas)
     return tuple(a if v == union else jax.lax.pcast(a, tuple(sorted(union - v)), to="varying")
                  for a, v in zip(arrays, vmas))
+
+
+def vary_like(outputs, *inputs):
+    """`outputs` (a pytree), cast to vary over every manual axis any of `inputs` varies over.
+
+    For `jax.ffi.ffi_call` results: inside shard_map jax types them as varying over no axis
+    (seen in jax 0.11.2 and 0.12), as if every shard held the same value. A custom_vjp around
+    such a call then gets cotangents typed unlike its inputs and fails (the model's training step
+    on one GPU: moe_unpermute's backward), and jax could treat per-shard results as replicated.
+    """
+    union = frozenset().union(*(frozenset(jax.typeof(a).manual_axis_type.varying)
+                                for a in jax.tree.leaves(inputs)))
+
+    def cast(o):
+        missing = union - frozenset(jax.typeof(o).manual_axis_type.varying)
+        return jax.lax.pcast(o, tuple(sorted(missing)), to="varying") if missing else o
+
+    return jax.tree.map(cast, outputs)
+

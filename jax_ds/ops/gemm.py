@@ -23,7 +23,7 @@ import numpy as np
 from jax_ds import _ffi
 from jax_ds.ops._checks import (BLOCK_K, cdiv, check_dtype, check_fp8_gemm, gemm_out_dtype,
                                 pad_to, prod)
-from jax_ds.ops._vma import match_vma
+from jax_ds.ops._vma import match_vma, vary_like
 from jax_ds.ops.quant import dequantize_fp8, quantize_fp8
 
 TARGET = "jax_ds_fp8_gemm"
@@ -253,7 +253,7 @@ def ffi_fp8_gemm(a, a_scale, b, b_scale, cfg: GemmConfig, out_dtype=jnp.bfloat16
         TARGET, (jax.ShapeDtypeStruct((a.shape[0], b.shape[0]), out_dtype),
                  jax.ShapeDtypeStruct((cfg.workspace_floats(),), jnp.float32)),
         vmap_method="sequential")
-    return call(a, a_scale, b, b_scale, **cfg.split_attrs())[0]
+    return vary_like(call(a, a_scale, b, b_scale, **cfg.split_attrs())[0], a, a_scale, b, b_scale)
 
 
 def wgrad_operands(dy, x):

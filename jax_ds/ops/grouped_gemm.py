@@ -22,7 +22,7 @@ import numpy as np
 from jax_ds import _ffi
 from jax_ds.ops._checks import (BLOCK_K, FP8, cdiv, check_dtype, check_ndim, check_out_dtype,
                                 check_shape, concrete, gemm_out_dtype, pad_to)
-from jax_ds.ops._vma import match_vma
+from jax_ds.ops._vma import match_vma, vary_like
 from jax_ds.ops.gemm import TILES, gemm_config, wgrad_operands, wgrad_precision
 from jax_ds.ops.quant import dequantize_fp8, quantize_fp8
 
@@ -95,7 +95,7 @@ def ffi_grouped_fp8_gemm(target, a, a_scale, b, b_scale, sizes, out_shape, out_d
     if target == MASKED_TARGET:
         shared = MASKED_SHARED_SPACE if shared_space is None else shared_space
         attrs["shared_space"] = np.int32(bool(shared))
-    return call(a, a_scale, b, b_scale, sizes, **attrs)
+    return vary_like(call(a, a_scale, b, b_scale, sizes, **attrs), a, a_scale, b, b_scale, sizes)
 
 
 def _unsupported(g):
@@ -397,9 +397,9 @@ def uses_windows(kind: str, m: int, g: int, n: int, k: int) -> bool:
 
 def wgrad_uses_windows(m: int, g: int, n: int, k: int) -> bool:
     """`uses_windows("wgrad", ...)`: e.g. for n4096 k7168 from about M = 3783 rows at G = 4 and
-    3450 at G = 32 (chunked); for n512 k1024 never at G = 4 (the gathers outweigh the GEMM rows saved),
-    from about 2200 at G = 16 and 1852 at G = 32 (the window size's rounding makes the rule flip
-    back for a few M just past such a point)."""
+    3450 at G = 32 (chunked); for n512 k1024 never at G = 4 (the gathers outweigh the GEMM rows
+    saved), from about 2200 at G = 16 and 1852 at G = 32 (the window size's rounding makes the
+    rule flip back for a few M just past such a point)."""
     return uses_windows("wgrad", m, g, n, k)
 
 
@@ -457,10 +457,11 @@ def grouped_wgrad(dy, x, sizes, windows: bool | None = None):
     windows of W = ceil(M / G) rows (its last window masked), a static count of them
     (`wgrad_windows`), gathered into [windows, W, *]; one batched dot gives each window's product,
     and a segment sum over the windows' groups adds them up: about 2 M rows of GEMM for any G
-    (G + M when M < G), and a float32 [windows, N, K] buffer (about twice dw). Where that costs more than the ragged
-    dot (G <= 2, or few rows: `wgrad_uses_windows`), the ragged dot runs. The operands go in x's
-    dtype with float32 accumulation (`gemm.wgrad_operands`). `sizes`: clamped [G] (non-negative,
-    sum <= M). `windows` True / False forces one way (tests); None: the rule.
+    (G + M when M < G), and a float32 [windows, N, K] buffer (about twice dw). Where that costs
+    more than the ragged dot (G <= 2, or few rows: `wgrad_uses_windows`), the ragged dot runs.
+    The operands go in x's dtype with float32 accumulation (`gemm.wgrad_operands`). `sizes`:
+    clamped [G] (non-negative, sum <= M). `windows` True / False forces one way (tests); None:
+    the rule.
     """
     (m, k), n, g = x.shape, dy.shape[1], sizes.shape[0]
     if m == 0 or g == 0:

@@ -55,6 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_ds import _ffi
+from jax_ds.ops._vma import vary_like
 from jax_ds.ops._checks import (FP8_MAX, cdiv, check_dtype, check_ndim, check_shape, concrete,
                                 is_int)
 from jax_ds.ops.quant import _pow2_ceil
@@ -411,4 +412,4 @@ def ffi_mla_decode(q, kv_cache, block_table, cache_seqlens, scale, causal, num_p
                         softmax_scale=np.float32(scale), causal=bool(causal),
                         num_parts=np.int32(num_parts), fixed_cost=np.int32(fixed_cost),
                         fuse_max_splits=np.int32(fuse_max_splits))
-    return out, lse
+    return vary_like((out, lse), q, kv_cache, block_table, cache_seqlens)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_ds import _ffi
+from jax_ds.ops._vma import match_vma, vary_like
 from jax_ds.ops._checks import check_choice, check_dtype, check_floating, check_ndim, is_int
 from jax_ds.ops.quant import quantize_fp8
 
@@ -74,7 +75,7 @@ def _layout_kernel(topk_idx, num_experts):
                                             jax.ShapeDtypeStruct((n, k), i32),
                                             jax.ShapeDtypeStruct((n * k,), i32)),
                             vmap_method="sequential")
-    return call(topk_idx.astype(i32))
+    return vary_like(call(topk_idx.astype(i32)), topk_idx)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -89,7 +90,7 @@ def _permute_fwd(x, topk_idx, num_experts, use_kernel):
         call = jax.ffi.ffi_call(PERMUTE_TARGET, jax.ShapeDtypeStruct((n * k, x.shape[1]),
                                                                      x.dtype),
                                 vmap_method="sequential")
-        x_sorted = call(x, perm, src_row)
+        x_sorted = vary_like(call(x, perm, src_row), x, perm, src_row)
     else:
         group_sizes, perm, order = _layout_reference(topk_idx, num_experts)
         rows = jnp.arange(n * k)
@@ -152,7 +153,7 @@ def moe_permute(x, topk_idx, num_experts: int, *, fp8: bool = False, impl: str =
                             (jax.ShapeDtypeStruct((n * k, d), jnp.float8_e4m3fn),
                              jax.ShapeDtypeStruct((n * k, -(-d // 128)), jnp.float32)),
                             vmap_method="sequential")
-    x_fp8, scales = call(x, perm, src_row)
+    x_fp8, scales = vary_like(call(x, perm, src_row), x, perm, src_row)
     return x_fp8, scales, group_sizes, perm
 
 
@@ -171,7 +172,7 @@ def _unpermute(y, perm, topk_weights, use_kernel):
     call = jax.ffi.ffi_call(UNPERMUTE_TARGET,
                             jax.ShapeDtypeStruct((perm.shape[0], y.shape[1]), y.dtype),
                             vmap_method="sequential")
-    return call(y, perm, topk_weights.astype(jnp.float32))
+    return vary_like(call(y, perm, topk_weights.astype(jnp.float32)), y, perm, topk_weights)
 
 
 def _unpermute_fwd(y, perm, topk_weights, use_kernel):
@@ -220,6 +221,8 @@ def moe_unpermute(y, perm, topk_weights, *, impl: str = "auto"):
         check_choice(op, "impl", impl, _ffi.IMPLS)
         return jnp.zeros((perm.shape[0], y.shape[1]), y.dtype)
     use_kernel = _use_kernel(op, UNPERMUTE_TARGET, impl, y.dtype)
+    # inside shard_map the cotangents vary over every axis any input does: so must the inputs
+    y, perm, topk_weights = match_vma(y, perm, topk_weights)
     return _unpermute(y, perm, topk_weights, use_kernel)
 
 
