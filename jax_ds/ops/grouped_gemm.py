@@ -353,8 +353,9 @@ FLOP_PER_BYTE = 200
 # float32 products of the wgrad; about 2 G N K elements) stays under this. The wgrad then runs
 # its windows in chunks (a scan adding each chunk's products into dw); the forward leaves it to
 # the ragged dot, whose only buffer is its output. (G = 32 of n4096 k7168 would want 7.5 GB of
-# wgrad products at once, G = 256 of n2048 k7168 15-30 GB.)
-WINDOW_BUFFER_BYTES = 2 << 30
+# wgrad products at once, G = 256 of n2048 k7168 15-30 GB.) 4 GiB: the forward of 32 x 256 rows,
+# n4096 k7168 (3.8 GB of weight copies) ran 4.9x the ragged dot on the H200 (NOTES-moe).
+WINDOW_BUFFER_BYTES = 4 << 30
 
 
 def wgrad_windows(m: int, g: int) -> tuple[int, int]:
