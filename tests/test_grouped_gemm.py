@@ -231,7 +231,7 @@ def test_grouped_wgrad_matches_float64(sizes, m, windows):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])  # bf16: the platform switch
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_grouped_wgrad_windows_under_vmap(dtype):
     from jax_ds.ops.grouped_gemm import grouped_wgrad
     kd, kx = jax.random.split(KEY)
@@ -276,7 +276,7 @@ def test_grouped_wgrad_windows_cover_any_sizes():
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_grouped_fp8_linear_wgrad_runs_at_the_operands_dtype(dtype):
-    """Off CPU the grouped wgrad of a large enough problem is one batched dot over windows of the
+    """The grouped wgrad of a large enough problem is one batched dot over windows of the
     groups' rows (not XLA's ragged dot) that takes bf16 operands as they are, float32
     accumulation; float32 operands at HIGHEST (the jaxpr only: nothing runs; the values are
     test_grouped_wgrad_matches_float64's)."""
@@ -288,7 +288,7 @@ def test_grouped_fp8_linear_wgrad_runs_at_the_operands_dtype(dtype):
     gs = jax.ShapeDtypeStruct((g,), jnp.int32)
     dw_fn = jax.grad(lambda w, x, gs: jnp.sum(ops.grouped_fp8_linear(x, w, gs)
                                               .astype(jnp.float32)))
-    jaxpr = jax.make_jaxpr(dw_fn)(w, x, gs).jaxpr  # both platforms' branches: CPU's widens
+    jaxpr = jax.make_jaxpr(dw_fn)(w, x, gs).jaxpr
     from jax_ds.ops.grouped_gemm import WINDOW_BUFFER_BYTES
     window, count = wgrad_windows(m, g)
     lead = min(count, WINDOW_BUFFER_BYTES // (4 * n * k))  # windows a chunk (here: chunked)

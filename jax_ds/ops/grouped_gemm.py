@@ -435,15 +435,9 @@ def _window_of_rows(sizes, m: int, g: int):
 
 
 def _batched_dot(spec, a, b, precision):
-    """einsum with float32 accumulation and result; 16-bit operands go as they are, except on
-    CPU, where XLA has no batched 16-bit dot with a float32 result and they are widened (exact),
-    by the platform the program is compiled for."""
-    dot = functools.partial(jnp.einsum, spec, precision=precision,
-                            preferred_element_type=jnp.float32)
-    if a.dtype == jnp.float32 and b.dtype == jnp.float32:
-        return dot(a, b)
-    return jax.lax.platform_dependent(
-        a, b, cpu=lambda a, b: dot(a.astype(jnp.float32), b.astype(jnp.float32)), default=dot)
+    """einsum with float32 accumulation and result; 16-bit operands go as they are (XLA:CPU takes
+    batched 16-bit dots with a float32 result too: checked in jax 0.11.2 and 0.12)."""
+    return jnp.einsum(spec, a, b, precision=precision, preferred_element_type=jnp.float32)
 
 
 def _take_rows(x, rows):
@@ -457,8 +451,9 @@ def grouped_wgrad(dy, x, sizes, windows: bool | None = None):
     "The wgrad of grouped_fp8_linear"), G x M rows in all. Here each group's rows are cut into
     windows of W = ceil(M / G) rows (its last window masked), a static count of them
     (`wgrad_windows`), gathered into [windows, W, *]; one batched dot gives each window's product,
-    and a segment sum over the windows' groups adds them up: about 2 M rows of GEMM for any G
-    (G + M when M < G), and a float32 [windows, N, K] buffer (about twice dw). Where that costs
+    and an add into dw by the windows' groups sums them (in chunks past `WINDOW_BUFFER_BYTES`):
+    about 2 M rows of GEMM for any G (G + M when M < G), and a float32 [windows, N, K] buffer
+    (about twice dw). Where that costs
     more than the ragged dot (G <= 2, or few rows: `wgrad_uses_windows`), the ragged dot runs.
     The operands go in x's dtype with float32 accumulation (`gemm.wgrad_operands`). `sizes`:
     clamped [G] (non-negative, sum <= M). `windows` True / False forces one way (tests); None:
@@ -476,23 +471,21 @@ def grouped_wgrad(dy, x, sizes, windows: bool | None = None):
         return _ragged_dot(dy, x, sizes, dims, precision=precision)
     group, rows = _windows(sizes, m, g)
     dy_w, x_w = _take_rows(dy, rows), _take_rows(x, rows)
-    per_chunk = max(1, WINDOW_BUFFER_BYTES // (4 * n * k))
-    if per_chunk >= group.shape[0]:
-        part = _batched_dot("wmn,wmk->wnk", dy_w, x_w, precision)
-        return jax.ops.segment_sum(part, group, num_segments=g,          # spare windows dropped
-                                   indices_are_sorted=True)
+    # windows a chunk: all of them unless their float32 products would pass the buffer cap
+    per_chunk = max(1, min(group.shape[0], WINDOW_BUFFER_BYTES // (4 * n * k)))
     chunks = cdiv(group.shape[0], per_chunk)
     pad = chunks * per_chunk - group.shape[0]                            # spare windows: zeros
     group = jnp.pad(group, (0, pad), constant_values=g).reshape(chunks, per_chunk)
     dy_w = jnp.pad(dy_w, ((0, pad), (0, 0), (0, 0))).reshape(chunks, per_chunk, *dy_w.shape[1:])
     x_w = jnp.pad(x_w, ((0, pad), (0, 0), (0, 0))).reshape(chunks, per_chunk, *x_w.shape[1:])
 
-    def add_chunk(dw, chunk):
+    def add_chunk(dw, chunk):  # spare windows (group G) are dropped
         groups, a, b = chunk
         return dw.at[groups].add(_batched_dot("wmn,wmk->wnk", a, b, precision), mode="drop",
                                  indices_are_sorted=True), None
 
-    return jax.lax.scan(add_chunk, jnp.zeros((g, n, k), jnp.float32), (group, dy_w, x_w))[0]
+    zeros = vary_like(jnp.zeros((g, n, k), jnp.float32), dy_w, x_w)  # a carry typed as its adds
+    return jax.lax.scan(add_chunk, zeros, (group, dy_w, x_w))[0]
 
 
 def grouped_matmul(x, w, sizes, *, transpose_w: bool = False, windows: bool | None = None):
