@@ -55,7 +55,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_ds import _ffi
-from jax_ds.ops._vma import vary_like
 from jax_ds.ops._checks import (FP8_MAX, cdiv, check_dtype, check_ndim, check_shape, concrete,
                                 is_int)
 from jax_ds.ops.quant import _pow2_ceil
@@ -389,14 +388,12 @@ def ffi_mla_decode(q, kv_cache, block_table, cache_seqlens, scale, causal, num_p
     rows = sq * hq  # query rows per batch (heads x Sq), 64 per CTA
     # The three trailing results are the kernel's workspace: the splits per batch and their first
     # partial slot, and the partial outputs of batches split across parts (at most 2 per part).
-    call = jax.ffi.ffi_call(TARGET, (jax.ShapeDtypeStruct((b, sq, hq, HEAD_DIM_V), q.dtype),
-                                     jax.ShapeDtypeStruct((b, hq, sq), jnp.float32),
-                                     jax.ShapeDtypeStruct((2 * b,), jnp.int32),
-                                     jax.ShapeDtypeStruct((2 * num_parts * rows * HEAD_DIM_V,),
-                                                          jnp.float32),
-                                     jax.ShapeDtypeStruct((2 * num_parts * rows,), jnp.float32)),
-                            vmap_method="sequential")
-    out, lse, *_ = call(q, kv_cache, block_table, cache_seqlens,
-                        softmax_scale=np.float32(scale), causal=bool(causal),
-                        num_parts=np.int32(num_parts), fixed_cost=np.int32(fixed_cost))
-    return vary_like((out, lse), q, kv_cache, block_table, cache_seqlens)
+    types = (jax.ShapeDtypeStruct((b, sq, hq, HEAD_DIM_V), q.dtype),
+             jax.ShapeDtypeStruct((b, hq, sq), jnp.float32),
+             jax.ShapeDtypeStruct((2 * b,), jnp.int32),
+             jax.ShapeDtypeStruct((2 * num_parts * rows * HEAD_DIM_V,), jnp.float32),
+             jax.ShapeDtypeStruct((2 * num_parts * rows,), jnp.float32))
+    out, lse, *_ = _ffi.kernel_call(TARGET, types, q, kv_cache, block_table, cache_seqlens,
+                                    softmax_scale=np.float32(scale), causal=bool(causal),
+                                    num_parts=np.int32(num_parts), fixed_cost=np.int32(fixed_cost))
+    return out, lse
