@@ -173,3 +173,13 @@ def _device_num_sms(device) -> int:
 def num_sms() -> int:
     """Streaming multiprocessors of the default device (132, an H100/H800 SXM, when unknown)."""
     return _device_num_sms(jax.devices()[0])
+
+
+def kernel_call(target: str, result_types, *operands, **attrs):
+    """`jax.ffi.ffi_call(target, result_types)(*operands, **attrs)` (vmapped sequentially), with
+    its results typed inside shard_map as varying like the operands (`_vma.vary_like`: jax types
+    an ffi_call's results there as varying over no axis). Every kernel goes through here."""
+    from jax_ds.ops._vma import vary_like  # ops import this module
+
+    call = jax.ffi.ffi_call(target, result_types, vmap_method="sequential")
+    return vary_like(call(*operands, **attrs), *operands)

@@ -40,3 +40,36 @@ def test_bench_ep_contestants_and_tag(tmp_path):
     assert path.stem.endswith("-oneshot")
     cells = json.loads(path.read_text())["results"][0]["cells"]
     assert {c["contestant"] for c in cells} == {"ours_dedup"} and len(cells) == 2
+
+
+def _epxla_variants():
+    """The XLA flag sets of `scripts/device_gemm.sh`'s step epxla ("name|flags" lines)."""
+    import re
+    from pathlib import Path
+    text = (Path(__file__).parents[1] / "scripts" / "device_gemm.sh").read_text()
+    block = re.search(r"^EPXLA_VARIANTS=\((.*?)^\)", text, re.S | re.M).group(1)
+    return re.findall(r'"([\w-]+)\|([^"]+)"', block)
+
+
+def test_epxla_flag_sets_parse():
+    """NOTES-multigpu's claim: every flag set of step epxla is known to this jaxlib's XLA (an
+    unknown flag in XLA_FLAGS aborts the process at its first computation; on CPU they change
+    nothing). The check is shown to fail on a made-up flag."""
+    import os
+    import subprocess
+    import sys
+    variants = _epxla_variants()
+    assert [name for name, _ in variants] == ["peer-oneshot", "nccl-sendrecv", "device-kernel"]
+    code = "import jax.numpy as jnp; print(float(jnp.ones(2).sum()))"
+
+    def runs(flags):
+        env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              text=True, timeout=120)
+        return done.returncode == 0 and done.stdout.strip() == "2.0", done.stderr[-500:]
+
+    for name, flags in variants:
+        ok, err = runs(flags)
+        assert ok, (name, err)
+    ok, err = runs("--xla_jax_ds_no_such_flag=true")
+    assert not ok and "Unknown flag" in err

@@ -386,3 +386,19 @@ def test_fp8_linear_wgrad_runs_at_the_operands_dtype(dtype):
     assert got.dtype == dtype
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
                                rtol=1e-2 if dtype != jnp.float32 else 1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_16bit_matmul_equals_the_float32_dot_on_cpu(dtype):
+    """NOTES-moe's claim: the 16-bit dot with float32 accumulation (`matmul_operands`,
+    `matmul_precision`) gives XLA:CPU's float32 HIGHEST dot of the same values bit for bit (each
+    product is exact in float32, and XLA:CPU sums in the same order)."""
+    from jax_ds.ops.gemm import matmul_operands, matmul_precision
+    a, b = random((390, 200), dtype, seed=31), random((390, 300), dtype, seed=32)
+    got = jax.jit(lambda a, b: jnp.einsum("MN,MK->NK", *matmul_operands(a, b),
+                                          preferred_element_type=jnp.float32,
+                                          precision=matmul_precision(dtype)))(a, b)
+    want = jax.jit(lambda a, b: jnp.einsum("MN,MK->NK", a.astype(jnp.float32),
+                                           b.astype(jnp.float32),
+                                           precision=jax.lax.Precision.HIGHEST))(a, b)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -245,11 +245,12 @@ def test_grouped_wgrad_windows_under_vmap(dtype):
 
 def test_grouped_wgrad_takes_the_ragged_dot_when_it_costs_less():
     """Few rows (or G <= 2): XLA's ragged dot, on the operands' dtype."""
-    from jax_ds.ops.grouped_gemm import grouped_wgrad, wgrad_uses_windows
-    assert not wgrad_uses_windows(64, 4, 4096, 7168)
-    assert not wgrad_uses_windows(10 ** 6, 2, 4096, 7168)
-    assert not wgrad_uses_windows(10 ** 6, 4, 512, 1024)  # small N, K: the gathers dominate
-    assert wgrad_uses_windows(8192, 32, 4096, 7168) and wgrad_uses_windows(32768, 4, 4096, 7168)
+    from jax_ds.ops.grouped_gemm import grouped_wgrad, uses_windows
+    assert not uses_windows("wgrad", 64, 4, 4096, 7168)
+    assert not uses_windows("wgrad", 10 ** 6, 2, 4096, 7168)
+    assert not uses_windows("wgrad", 10 ** 6, 4, 512, 1024)  # small N, K: the gathers dominate
+    assert uses_windows("wgrad", 8192, 32, 4096, 7168)
+    assert uses_windows("wgrad", 32768, 4, 4096, 7168)
     dy, x = jnp.ones((64, 8), jnp.bfloat16), jnp.ones((64, 16), jnp.bfloat16)
     jaxpr = jax.make_jaxpr(grouped_wgrad)(dy, x, jnp.array([10, 0, 30, 24], jnp.int32)).jaxpr
     dots = [d for d in dot_equations(jaxpr, "ragged_dot_general") if d[3] == (4, 8, 16)]
@@ -259,10 +260,10 @@ def test_grouped_wgrad_takes_the_ragged_dot_when_it_costs_less():
 def test_grouped_wgrad_windows_cover_any_sizes():
     """The static window count is enough for the worst placement of the rows, and the rows the
     window GEMM runs over stay under about 2 M (XLA's ragged dot: G x M)."""
-    from jax_ds.ops.grouped_gemm import wgrad_windows
+    from jax_ds.ops.grouped_gemm import group_windows
     rng = np.random.default_rng(0)
     for m, g in [(50, 9), (8192, 32), (32768, 4), (262144, 16), (7, 8), (1, 3), (1000, 3)]:
-        window, count = wgrad_windows(m, g)
+        window, count = group_windows(m, g)
         assert window * count <= 2 * m + 2 * window, (m, g, window, count)
         tries = [np.full(g, window + 1)[:m // (window + 1)],   # each group one row past W
                  np.full(g, m // g)]
@@ -280,9 +281,9 @@ def test_grouped_fp8_linear_wgrad_runs_at_the_operands_dtype(dtype):
     groups' rows (not XLA's ragged dot) that takes bf16 operands as they are, float32
     accumulation; float32 operands at HIGHEST (the jaxpr only: nothing runs; the values are
     test_grouped_wgrad_matches_float64's)."""
-    from jax_ds.ops.grouped_gemm import wgrad_uses_windows, wgrad_windows
+    from jax_ds.ops.grouped_gemm import group_windows, uses_windows
     m, n, k, g = 8192, 2048, 7168, 32
-    assert wgrad_uses_windows(m, g, n, k)
+    assert uses_windows("wgrad", m, g, n, k)
     x = jax.ShapeDtypeStruct((m, k), dtype)
     w = jax.ShapeDtypeStruct((g, n, k), dtype)
     gs = jax.ShapeDtypeStruct((g,), jnp.int32)
@@ -290,7 +291,7 @@ def test_grouped_fp8_linear_wgrad_runs_at_the_operands_dtype(dtype):
                                               .astype(jnp.float32)))
     jaxpr = jax.make_jaxpr(dw_fn)(w, x, gs).jaxpr
     from jax_ds.ops.grouped_gemm import WINDOW_BUFFER_BYTES
-    window, count = wgrad_windows(m, g)
+    window, count = group_windows(m, g)
     lead = min(count, WINDOW_BUFFER_BYTES // (4 * n * k))  # windows a chunk (here: chunked)
     assert not [d for d in dot_equations(jaxpr, "ragged_dot_general") if d[3] == (g, n, k)]
     name = jnp.dtype(dtype).name

@@ -23,7 +23,7 @@ import numpy as np
 from jax_ds import _ffi
 from jax_ds.ops._checks import (BLOCK_K, cdiv, check_dtype, check_fp8_gemm, gemm_out_dtype,
                                 pad_to, prod)
-from jax_ds.ops._vma import match_vma, vary_like
+from jax_ds.ops._vma import match_vma
 from jax_ds.ops.quant import dequantize_fp8, quantize_fp8
 
 TARGET = "jax_ds_fp8_gemm"
@@ -249,22 +249,21 @@ def fp8_gemm(a, a_scale, b, b_scale, *, out_dtype=jnp.bfloat16, impl="auto"):
 
 def ffi_fp8_gemm(a, a_scale, b, b_scale, cfg: GemmConfig, out_dtype=jnp.bfloat16):
     """The kernel's custom call with an explicit tile and split (tests, sweeps); no validation."""
-    call = jax.ffi.ffi_call(
-        TARGET, (jax.ShapeDtypeStruct((a.shape[0], b.shape[0]), out_dtype),
-                 jax.ShapeDtypeStruct((cfg.workspace_floats(),), jnp.float32)),
-        vmap_method="sequential")
-    return vary_like(call(a, a_scale, b, b_scale, **cfg.split_attrs())[0], a, a_scale, b, b_scale)
+    types = (jax.ShapeDtypeStruct((a.shape[0], b.shape[0]), out_dtype),
+             jax.ShapeDtypeStruct((cfg.workspace_floats(),), jnp.float32))
+    return _ffi.kernel_call(TARGET, types, a, a_scale, b, b_scale, **cfg.split_attrs())[0]
 
 
-def wgrad_operands(dy, x):
-    """The wgrad's operands as the matrix unit takes them: bf16 / f16 as they are (each product
-    of two is exact in float32, and the dot accumulates in float32: the values of the float32
-    dot, at the 16-bit rate instead of the far slower float32 GEMM on GPUs), float32 as float32."""
-    dtype = jnp.promote_types(dy.dtype, x.dtype)
-    return dy.astype(dtype), x.astype(dtype)
+def matmul_operands(a, b):
+    """A float32-accumulated dot's operands as the matrix unit takes them (the wgrads, the bf16
+    expert GEMMs): bf16 / f16 as they are (each product of two is exact in float32, and the dot
+    accumulates in float32: the values of the float32 dot, at the 16-bit rate instead of the far
+    slower float32 GEMM on GPUs), float32 as float32."""
+    dtype = jnp.promote_types(a.dtype, b.dtype)
+    return a.astype(dtype), b.astype(dtype)
 
 
-def wgrad_precision(dtype):
+def matmul_precision(dtype):
     """HIGHEST for float32 operands (no silent TF32 / bf16 passes), the default for 16-bit ones
     (already the unit's exact input type)."""
     return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
@@ -299,8 +298,8 @@ def _fp8_linear_bwd(impl, res, dy):
     dx = fp8_gemm(dy_fp8, dy_scale, w_fp8_KN, w_scale.T, out_dtype=jnp.float32, impl=impl)
     dx = dx[:, :k].astype(x.dtype).reshape(x.shape)
     # wgrad dw = dy^T @ x through XLA (not FP8 yet), float32 accumulation.
-    dw = jnp.einsum("MN,MK->NK", *wgrad_operands(dy_MN, x.reshape(-1, k)),
-                    preferred_element_type=jnp.float32, precision=wgrad_precision(x.dtype))
+    dw = jnp.einsum("MN,MK->NK", *matmul_operands(dy_MN, x.reshape(-1, k)),
+                    preferred_element_type=jnp.float32, precision=matmul_precision(x.dtype))
     return dx, dw.astype(w.dtype)
 
 

@@ -23,7 +23,7 @@ from jax_ds import _ffi
 from jax_ds.ops._checks import (BLOCK_K, FP8, cdiv, check_dtype, check_ndim, check_out_dtype,
                                 check_shape, concrete, gemm_out_dtype, pad_to)
 from jax_ds.ops._vma import match_vma, vary_like
-from jax_ds.ops.gemm import TILES, gemm_config, wgrad_operands, wgrad_precision
+from jax_ds.ops.gemm import TILES, gemm_config, matmul_operands, matmul_precision
 from jax_ds.ops.quant import dequantize_fp8, quantize_fp8
 
 GROUPED_TARGET = "jax_ds_grouped_fp8_gemm"
@@ -89,13 +89,12 @@ def ffi_grouped_fp8_gemm(target, a, a_scale, b, b_scale, sizes, out_shape, out_d
     """The grouped (GROUPED_TARGET) or masked (MASKED_TARGET) kernel's custom call with an
     explicit tile (tests, tile sweeps); no validation. shared_space (masked only; None:
     MASKED_SHARED_SPACE)."""
-    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(out_shape, out_dtype),
-                            vmap_method="sequential")
     attrs = cfg.attrs()
     if target == MASKED_TARGET:
         shared = MASKED_SHARED_SPACE if shared_space is None else shared_space
         attrs["shared_space"] = np.int32(bool(shared))
-    return vary_like(call(a, a_scale, b, b_scale, sizes, **attrs), a, a_scale, b, b_scale, sizes)
+    return _ffi.kernel_call(target, jax.ShapeDtypeStruct(out_shape, out_dtype),
+                            a, a_scale, b, b_scale, sizes, **attrs)
 
 
 def _unsupported(g):
@@ -358,7 +357,7 @@ FLOP_PER_BYTE = 200
 WINDOW_BUFFER_BYTES = 4 << 30
 
 
-def wgrad_windows(m: int, g: int) -> tuple[int, int]:
+def group_windows(m: int, g: int) -> tuple[int, int]:
     """(window rows W, window count) for M rows in G groups: W = ceil(M / G) and G + ceil(M / W)
     windows, enough for any sizes (group g needs ceil(m_g / W) of them, and
     sum_g ceil(m_g / W) <= sum_g (m_g / W + 1) <= M / W + G)."""
@@ -379,12 +378,17 @@ def uses_windows(kind: str, m: int, g: int, n: int, k: int) -> bool:
     The wgrad's products past `WINDOW_BUFFER_BYTES` go in chunks, whose adds into dw cost another
     8 N K bytes a window. Never for G <= 2 (the windows then do as many rows of GEMM as the ragged
     dot), nor for a forward whose weight copies would pass `WINDOW_BUFFER_BYTES`.
+
+    E.g. the wgrad of n4096 k7168 takes the windows from about M = 3783 rows at G = 4 and 3450 at
+    G = 32 (chunked); that of n512 k1024 never at G = 4 (the gathers outweigh the GEMM rows saved),
+    from about 2200 at G = 16 and 1852 at G = 32 (the window size's rounding makes the rule flip
+    back for a few M just past such a point).
     """
     if kind not in ("wgrad", "forward"):
         raise ValueError(f"uses_windows: kind must be 'wgrad' or 'forward', got {kind!r}")
     if g < 1 or m < 1:
         return False
-    window, count = wgrad_windows(m, g)
+    window, count = group_windows(m, g)
     rows = count * window
     if kind == "wgrad":
         chunked = count * n * k * 4 > WINDOW_BUFFER_BYTES
@@ -396,19 +400,11 @@ def uses_windows(kind: str, m: int, g: int, n: int, k: int) -> bool:
     return 2 * n * k * rows + FLOP_PER_BYTE * extra < 2 * n * k * g * m
 
 
-def wgrad_uses_windows(m: int, g: int, n: int, k: int) -> bool:
-    """`uses_windows("wgrad", ...)`: e.g. for n4096 k7168 from about M = 3783 rows at G = 4 and
-    3450 at G = 32 (chunked); for n512 k1024 never at G = 4 (the gathers outweigh the GEMM rows
-    saved), from about 2200 at G = 16 and 1852 at G = 32 (the window size's rounding makes the
-    rule flip back for a few M just past such a point)."""
-    return uses_windows("wgrad", m, g, n, k)
-
-
 def _windows(sizes, m: int, g: int):
-    """The windows of `wgrad_windows(m, g)` over rows contiguous by group, `sizes` clamped [G]:
+    """The windows of `group_windows(m, g)` over rows contiguous by group, `sizes` clamped [G]:
     (group [count] int32, G for a spare window; rows [count, W] int32, the row of each window
     slot, M where the slot holds no row)."""
-    window, count = wgrad_windows(m, g)
+    window, count = group_windows(m, g)
     per_group = (sizes + window - 1) // window                            # windows of each group
     ends = jnp.cumsum(per_group)
     w = jnp.arange(count, dtype=jnp.int32)
@@ -424,7 +420,7 @@ def _windows(sizes, m: int, g: int):
 
 def _window_of_rows(sizes, m: int, g: int):
     """For each row r of M: (window, slot) holding it in `_windows`, and whether a group owns r."""
-    window, _ = wgrad_windows(m, g)
+    window, _ = group_windows(m, g)
     r = jnp.arange(m, dtype=jnp.int32)
     ends = jnp.cumsum(sizes)
     group = jnp.minimum(jnp.searchsorted(ends, r, side="right"), g - 1).astype(jnp.int32)
@@ -450,21 +446,21 @@ def grouped_wgrad(dy, x, sizes, windows: bool | None = None):
     Not XLA's ragged dot: on the GPU that costs one dense GEMM over all M rows per group (NOTES-moe,
     "The wgrad of grouped_fp8_linear"), G x M rows in all. Here each group's rows are cut into
     windows of W = ceil(M / G) rows (its last window masked), a static count of them
-    (`wgrad_windows`), gathered into [windows, W, *]; one batched dot gives each window's product,
+    (`group_windows`), gathered into [windows, W, *]; one batched dot gives each window's product,
     and an add into dw by the windows' groups sums them (in chunks past `WINDOW_BUFFER_BYTES`):
     about 2 M rows of GEMM for any G (G + M when M < G), and a float32 [windows, N, K] buffer
-    (about twice dw). Where that costs
-    more than the ragged dot (G <= 2, or few rows: `wgrad_uses_windows`), the ragged dot runs.
-    The operands go in x's dtype with float32 accumulation (`gemm.wgrad_operands`). `sizes`:
+    (about twice dw). Where that costs more than the ragged dot (G <= 2, or few rows:
+    `uses_windows("wgrad", ...)`), the ragged dot runs.
+    The operands go in x's dtype with float32 accumulation (`gemm.matmul_operands`). `sizes`:
     clamped [G] (non-negative, sum <= M). `windows` True / False forces one way (tests); None:
     the rule.
     """
     (m, k), n, g = x.shape, dy.shape[1], sizes.shape[0]
     if m == 0 or g == 0:
         return jnp.zeros((g, n, k), jnp.float32)
-    dy, x = wgrad_operands(dy, x)
-    precision = wgrad_precision(x.dtype)
-    if not (wgrad_uses_windows(m, g, n, k) if windows is None else windows):
+    dy, x = matmul_operands(dy, x)
+    precision = matmul_precision(x.dtype)
+    if not (uses_windows("wgrad", m, g, n, k) if windows is None else windows):
         dims = jax.lax.RaggedDotDimensionNumbers(
             dot_dimension_numbers=(((0,), (0,)), ((), ())),
             lhs_ragged_dimensions=(0,), rhs_group_dimensions=())
@@ -502,7 +498,7 @@ def grouped_matmul(x, w, sizes, *, transpose_w: bool = False, windows: bool | No
     n, k = (w.shape[2], w.shape[1]) if transpose_w else (w.shape[1], w.shape[2])
     if m == 0 or g == 0:
         return jnp.zeros((m, n), jnp.float32)
-    precision = wgrad_precision(x.dtype)
+    precision = matmul_precision(x.dtype)
     if not (uses_windows("forward", m, g, n, k) if windows is None else windows):
         contract = 1 if transpose_w else 2
         dims = jax.lax.RaggedDotDimensionNumbers(

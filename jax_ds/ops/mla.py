@@ -55,7 +55,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_ds import _ffi
-from jax_ds.ops._vma import vary_like
 from jax_ds.ops._checks import (FP8_MAX, cdiv, check_dtype, check_ndim, check_shape, concrete,
                                 is_int)
 from jax_ds.ops.quant import _pow2_ceil
@@ -399,17 +398,14 @@ def ffi_mla_decode(q, kv_cache, block_table, cache_seqlens, scale, causal, num_p
     # partial slot; the partial outputs of batches split across parts (at most 2 per part) and
     # their lse (one copy per consumer warpgroup); per (batch, head tile, warpgroup) the pieces
     # finished (for the merge in the decode kernel).
-    call = jax.ffi.ffi_call(TARGET, (jax.ShapeDtypeStruct((b, sq, hq, HEAD_DIM_V), q.dtype),
-                                     jax.ShapeDtypeStruct((b, hq, sq), jnp.float32),
-                                     jax.ShapeDtypeStruct((2 * b,), jnp.int32),
-                                     jax.ShapeDtypeStruct((2 * num_parts * rows * HEAD_DIM_V,),
-                                                          jnp.float32),
-                                     jax.ShapeDtypeStruct((2 * 2 * num_parts * rows,),
-                                                          jnp.float32),
-                                     jax.ShapeDtypeStruct((2 * b * tiles,), jnp.int32)),
-                            vmap_method="sequential")
-    out, lse, *_ = call(q, kv_cache, block_table, cache_seqlens,
-                        softmax_scale=np.float32(scale), causal=bool(causal),
-                        num_parts=np.int32(num_parts), fixed_cost=np.int32(fixed_cost),
-                        fuse_max_splits=np.int32(fuse_max_splits))
-    return vary_like((out, lse), q, kv_cache, block_table, cache_seqlens)
+    types = (jax.ShapeDtypeStruct((b, sq, hq, HEAD_DIM_V), q.dtype),
+             jax.ShapeDtypeStruct((b, hq, sq), jnp.float32),
+             jax.ShapeDtypeStruct((2 * b,), jnp.int32),
+             jax.ShapeDtypeStruct((2 * num_parts * rows * HEAD_DIM_V,), jnp.float32),
+             jax.ShapeDtypeStruct((2 * 2 * num_parts * rows,), jnp.float32),
+             jax.ShapeDtypeStruct((2 * b * tiles,), jnp.int32))
+    out, lse, *_ = _ffi.kernel_call(TARGET, types, q, kv_cache, block_table, cache_seqlens,
+                                    softmax_scale=np.float32(scale), causal=bool(causal),
+                                    num_parts=np.int32(num_parts), fixed_cost=np.int32(fixed_cost),
+                                    fuse_max_splits=np.int32(fuse_max_splits))
+    return out, lse

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_ds import _ffi
-from jax_ds.ops._vma import match_vma, vary_like
+from jax_ds.ops._vma import match_vma
 from jax_ds.ops._checks import check_choice, check_dtype, check_floating, check_ndim, is_int
 from jax_ds.ops.quant import quantize_fp8
 
@@ -71,11 +71,10 @@ def _use_kernel(op, target, impl, x_dtype, num_experts=1):
 def _layout_kernel(topk_idx, num_experts):
     n, k = topk_idx.shape
     i32 = jnp.int32
-    call = jax.ffi.ffi_call(LAYOUT_TARGET, (jax.ShapeDtypeStruct((num_experts,), i32),
+    return _ffi.kernel_call(LAYOUT_TARGET, (jax.ShapeDtypeStruct((num_experts,), i32),
                                             jax.ShapeDtypeStruct((n, k), i32),
                                             jax.ShapeDtypeStruct((n * k,), i32)),
-                            vmap_method="sequential")
-    return vary_like(call(topk_idx.astype(i32)), topk_idx)
+                            topk_idx.astype(i32))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -87,10 +86,9 @@ def _permute_fwd(x, topk_idx, num_experts, use_kernel):
     n, k = topk_idx.shape
     if use_kernel:
         group_sizes, perm, src_row = _layout_kernel(topk_idx, num_experts)
-        call = jax.ffi.ffi_call(PERMUTE_TARGET, jax.ShapeDtypeStruct((n * k, x.shape[1]),
-                                                                     x.dtype),
-                                vmap_method="sequential")
-        x_sorted = vary_like(call(x, perm, src_row), x, perm, src_row)
+        x_sorted = _ffi.kernel_call(PERMUTE_TARGET,
+                                    jax.ShapeDtypeStruct((n * k, x.shape[1]), x.dtype),
+                                    x, perm, src_row)
     else:
         group_sizes, perm, order = _layout_reference(topk_idx, num_experts)
         rows = jnp.arange(n * k)
@@ -149,11 +147,10 @@ def moe_permute(x, topk_idx, num_experts: int, *, fp8: bool = False, impl: str =
         return x_fp8, scales, group_sizes, perm
     group_sizes, perm, src_row = _layout_kernel(topk_idx, num_experts)
     d = x.shape[1]
-    call = jax.ffi.ffi_call(PERMUTE_FP8_TARGET,
-                            (jax.ShapeDtypeStruct((n * k, d), jnp.float8_e4m3fn),
+    x_fp8, scales = _ffi.kernel_call(
+        PERMUTE_FP8_TARGET, (jax.ShapeDtypeStruct((n * k, d), jnp.float8_e4m3fn),
                              jax.ShapeDtypeStruct((n * k, -(-d // 128)), jnp.float32)),
-                            vmap_method="sequential")
-    x_fp8, scales = vary_like(call(x, perm, src_row), x, perm, src_row)
+        x, perm, src_row)
     return x_fp8, scales, group_sizes, perm
 
 
@@ -169,10 +166,9 @@ def _unpermute_reference(y, perm, topk_weights):
 def _unpermute(y, perm, topk_weights, use_kernel):
     if not use_kernel:
         return _unpermute_reference(y, perm, topk_weights)
-    call = jax.ffi.ffi_call(UNPERMUTE_TARGET,
+    return _ffi.kernel_call(UNPERMUTE_TARGET,
                             jax.ShapeDtypeStruct((perm.shape[0], y.shape[1]), y.dtype),
-                            vmap_method="sequential")
-    return vary_like(call(y, perm, topk_weights.astype(jnp.float32)), y, perm, topk_weights)
+                            y, perm, topk_weights.astype(jnp.float32))
 
 
 def _unpermute_fwd(y, perm, topk_weights, use_kernel):

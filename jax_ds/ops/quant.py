@@ -30,7 +30,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_ds import _ffi
-from jax_ds.ops._vma import vary_like
 from jax_ds.ops._checks import (BLOCK_K, FP8, FP8_MAX, cdiv, check_block, check_choice,
                                 check_dtype, check_floating, check_min_ndim, check_quantize_input,
                                 check_shape, prod)
@@ -123,8 +122,8 @@ def _quantize_ffi_2d(x_MK, block_m: int, ue8m0: bool):
     m, k = x_MK.shape
     out_types = (jax.ShapeDtypeStruct((m, k), FP8),
                  jax.ShapeDtypeStruct((cdiv(m, block_m), cdiv(k, BLOCK_K)), jnp.float32))
-    call = jax.ffi.ffi_call(TARGET, out_types, vmap_method="sequential")
-    return vary_like(call(x_MK, block_m=np.int32(block_m), ue8m0=np.bool_(ue8m0)), x_MK)
+    return _ffi.kernel_call(TARGET, out_types, x_MK, block_m=np.int32(block_m),
+                            ue8m0=np.bool_(ue8m0))
 
 
 def quantize_fp8(x, *, block=(1, BLOCK_K), scale_format="f32", impl="auto"):
