@@ -355,6 +355,32 @@ def test_grouped_linear_grads(dtype, windows, monkeypatch):
         assert calc_diff(np.asarray(a, np.float64), np.asarray(b, np.float64)) < 1e-4
 
 
+@pytest.mark.parametrize("x_shape, w_shape, g", [((0, 8), (3, 4, 8), 3), ((5, 8), (0, 4, 8), 0),
+                                                  ((5, 8), (3, 0, 8), 3), ((5, 0), (3, 4, 0), 3)])
+def test_grouped_linear_empty_operands_give_zeros(x_shape, w_shape, g):
+    """The public op (jax_ds.ops.grouped_linear): no rows, groups, N or K: zeros, and gradients
+    of the operands' shapes."""
+    x, w = jnp.ones(x_shape, jnp.bfloat16), jnp.ones(w_shape, jnp.bfloat16)
+    gs = jnp.full((g,), 2, jnp.int32)
+    y = ops.grouped_linear(x, w, gs)
+    assert y.shape == (x_shape[0], w_shape[1]) and not np.asarray(y, np.float32).any()
+    dx, dw = jax.grad(lambda x, w: jnp.sum(ops.grouped_linear(x, w, gs).astype(jnp.float32)),
+                      (0, 1))(x, w)
+    assert dx.shape == x.shape and dw.shape == w.shape
+
+
+@pytest.mark.parametrize("x, w, gs, match", [
+    (jnp.ones((5, 8)), jnp.ones((3, 4, 9)), jnp.ones(3, jnp.int32), "expected x"),
+    (jnp.ones((5, 8)), jnp.ones((3, 4, 8)), jnp.ones(2, jnp.int32), "group_sizes"),
+    (jnp.ones((5, 8)), jnp.ones((3, 4, 8)), jnp.ones(3, jnp.float32), "group_sizes"),
+    (jnp.ones((5, 8), jnp.int32), jnp.ones((3, 4, 8)), jnp.ones(3, jnp.int32), "x"),
+    (jnp.ones((2, 5, 8)), jnp.ones((3, 4, 8)), jnp.ones(3, jnp.int32), "x"),
+])
+def test_grouped_linear_validation(x, w, gs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        ops.grouped_linear(x, w, gs)
+
+
 @pytest.mark.parametrize("windows", [True, False])  # False: the ragged dot, w shared
 def test_grouped_linear_under_vmap(windows, monkeypatch):
     from jax_ds.ops import grouped_gemm as gg

@@ -5,7 +5,8 @@ Every op takes `impl="auto" | "ffi" | "xla"`; JAX_DS_IMPL=xla routes all of them
 
 from jax_ds.ops.gemm import GemmConfig, fp8_gemm, fp8_gemm_reference, fp8_linear, gemm_config
 from jax_ds.ops.grouped_gemm import (grouped_fp8_gemm, grouped_fp8_gemm_reference,
-                                     grouped_fp8_linear, masked_grouped_fp8_gemm,
+                                     grouped_fp8_linear, grouped_linear,
+                                     masked_grouped_fp8_gemm,
                                      masked_grouped_fp8_gemm_reference)
 from jax_ds.ops.mla import dequantize_kv_fp8, mla_decode, mla_decode_reference, quantize_kv_fp8
 from jax_ds.ops.moe import moe_dispatch_layout, moe_permute, moe_unpermute
@@ -22,6 +23,7 @@ __all__ = [
     "grouped_fp8_gemm",
     "grouped_fp8_gemm_reference",
     "grouped_fp8_linear",
+    "grouped_linear",
     "masked_grouped_fp8_gemm",
     "masked_grouped_fp8_gemm_reference",
     "mla_decode",

@@ -513,6 +513,19 @@ def grouped_matmul(x, w, sizes, *, transpose_w: bool = False, windows: bool | No
     return jnp.where(owned[:, None], part[win, slot], 0.0)
 
 
+def _check_grouped_linear(op: str, x, w, group_sizes) -> None:
+    floats = (jnp.bfloat16, jnp.float16, jnp.float32)
+    check_dtype(op, "x", x, floats)
+    check_dtype(op, "w", w, floats)
+    check_ndim(op, "x", x, 2, "[M, K]")
+    check_ndim(op, "w", w, 3, "[G, N, K]")
+    if w.shape[2] != x.shape[1]:
+        raise ValueError(f"{op}: expected x [M, K] and w [G, N, K], got x {tuple(x.shape)}, "
+                         f"w {tuple(w.shape)}")
+    check_shape(op, "group_sizes", group_sizes, (w.shape[0],), "[G]")
+    check_dtype(op, "group_sizes", group_sizes, (jnp.int32,))
+
+
 def grouped_linear(x, w, group_sizes):
     """out[rows of g] = x[rows of g] @ w[g]^T in x's dtype (bf16 / f16 / f32; w cast to it),
     rows sorted by group, rows past sum(group_sizes) zero: the bf16 expert FFN's GEMM.
@@ -522,8 +535,10 @@ def grouped_linear(x, w, group_sizes):
     each group's rows (`grouped_matmul`, `grouped_wgrad`) where those cost less. float32
     accumulation throughout (float32 operands at HIGHEST). No gradient to group_sizes (int32
     [G]; negative sizes count as empty, groups are cut at row M). Reverse mode only (a
-    custom_vjp, as `grouped_fp8_linear`): jax.jvp / jacfwd refuse it.
+    custom_vjp, as `grouped_fp8_linear`): jax.jvp / jacfwd refuse it. Empty x or w (M, N, K or
+    G = 0) give zeros. Plain XLA on every platform (no kernel, so no `impl`).
     """
+    _check_grouped_linear("grouped_linear", x, w, group_sizes)
     x, w = match_vma(x, w)  # inside shard_map: w's cotangent varies wherever x does
     return _grouped_linear(x, w, group_sizes)
 
@@ -568,16 +583,7 @@ def grouped_fp8_linear(x, w, group_sizes, *, impl="auto"):
       x.dtype [M, N], zero past sum(group_sizes). No gradient flows to group_sizes.
     """
     op = "grouped_fp8_linear"
-    floats = (jnp.bfloat16, jnp.float16, jnp.float32)
-    check_dtype(op, "x", x, floats)
-    check_dtype(op, "w", w, floats)
-    check_ndim(op, "x", x, 2, "[M, K]")
-    check_ndim(op, "w", w, 3, "[G, N, K]")
-    if w.shape[2] != x.shape[1]:
-        raise ValueError(f"{op}: expected x [M, K] and w [G, N, K], got x {tuple(x.shape)}, "
-                         f"w {tuple(w.shape)}")
-    check_shape(op, "group_sizes", group_sizes, (w.shape[0],), "[G]")
-    check_dtype(op, "group_sizes", group_sizes, (jnp.int32,))
+    _check_grouped_linear(op, x, w, group_sizes)
     if min(x.shape) < 1 or min(w.shape) < 1:
         raise ValueError(f"{op}: x and w must be non-empty, got x {tuple(x.shape)}, "
                          f"w {tuple(w.shape)}")
