@@ -64,3 +64,19 @@ def test_bench_train_runs(tmp_path):
         assert row["step_ms"] > 0 and row["tokens_per_s"] > 0 and row["model_tflops"] > 0
         assert glob.glob(f"{row['trace_dir']}/**/*.xplane.pb", recursive=True)
         assert row["devices"] == {} and row["collectives"] == {}   # no GPU in a CPU trace
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_v3_slice_has_deepseek_v3_layer_widths(fp8):
+    """--model v3-slice: V3's layer with 32 routed experts (shapes only: nothing is allocated)."""
+    from jax_ds.models import DeepSeekConfig, param_counts
+    cfg = bench_train.model_config("v3-slice", 2, fp8)
+    v3 = DeepSeekConfig.v3()
+    same = ("d_model", "num_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_dim", "qk_rope_dim",
+            "v_head_dim", "expert_hidden", "top_k", "num_groups", "topk_groups", "score_func",
+            "num_shared_experts", "routed_scaling")
+    assert {k: getattr(cfg, k) for k in same} == {k: getattr(v3, k) for k in same}
+    assert (cfg.num_experts, cfg.num_layers, cfg.num_dense_layers, cfg.mtp_depth, cfg.fp8) == (
+        32, 2, 0, 0, fp8)
+    per_layer = param_counts(cfg)["total"] / 2
+    assert 1.6e9 < per_layer < 1.7e9, per_layer

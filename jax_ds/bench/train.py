@@ -4,8 +4,9 @@ This is the LAST issue's item 4. It reports the step time and tokens/s. From a p
 a few steps it also reports how much of the expert-parallel exchange runs while compute runs.
 
 Setup:
-  model  --model tiny (DeepSeekConfig.tiny) or mid (the pipeline benchmark's mid-size MoE:
-         d_model 1024, 16 experts of 512, top-4, bf16). --layers of them, every layer MoE.
+  model  --model tiny (DeepSeekConfig.tiny), mid (the pipeline benchmark's mid-size MoE:
+         d_model 1024, 16 experts of 512, top-4, bf16) or v3-slice (DeepSeek-V3's layer widths,
+         32 routed experts: `model_config`). --layers of them, every layer MoE.
          --gemm bf16 fp8 runs both (FP8: the 1x128 / 128x128 GEMMs, on Hopper our kernels).
   mesh   --mesh, one device per rank. Default: data=2 x expert=<devices / 2> on an even count of
          at least 4 devices, else expert=<all>.
@@ -58,7 +59,9 @@ KINDS = ("all_to_all", "all_reduce")  # the table's columns; the JSON keeps ever
 
 def add_arguments(parser):
     parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON")
-    parser.add_argument("--model", choices=("tiny", "mid"), default="mid")
+    parser.add_argument("--model", choices=("tiny", "mid", "v3-slice"), default="mid",
+                        help="v3-slice: DeepSeek-V3's layer widths with 32 routed experts (one of "
+                        "8 EP ranks' share of 256) and a 256-token vocabulary")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--gemm", nargs="+", choices=("bf16", "fp8"), default=["bf16"],
                         help="GEMM precision(s): fp8 = 1x128 / 128x128 scaled FP8")
@@ -79,7 +82,22 @@ def add_arguments(parser):
                         help="a CPU smoke run: tiny model, 2 layers, 16 x 32 tokens, 2 steps")
 
 
+# The experts of one rank when DeepSeek-V3's 256 are spread over EP = 8.
+V3_SLICE_EXPERTS = 32
+
+
 def model_config(name: str, num_layers: int, fp8: bool) -> DeepSeekConfig:
+    """tiny / mid: the pipeline benchmark's models. v3-slice: DeepSeek-V3's layer (d_model 7168,
+    MLA with 128 heads, q / kv ranks 1536 / 512, experts of 2048, top-8 of 8 groups' top-4,
+    sigmoid routing, one shared expert) with `V3_SLICE_EXPERTS` routed experts, every layer MoE,
+    no MTP and a 256-token vocabulary (the embedding and head of V3's 129k would be a third of
+    the memory). Its expert GEMMs have V3's widths, which the mid model's (1024 / 512) do not.
+    About 1.64 G parameters a layer: with float32 parameters and AdamW, 26 GB a layer."""
+    if name == "v3-slice":
+        return DeepSeekConfig.v3(
+            num_layers=num_layers, num_dense_layers=0, num_experts=V3_SLICE_EXPERTS,
+            vocab_size=256, mtp_depth=0, max_seq_len=4096, yarn=None, dtype="bfloat16",
+            fp8=fp8)
     from jax_ds.bench.pipeline import model_config as pipeline_model
 
     return pipeline_model(name, num_layers).replace(fp8=fp8)
