@@ -55,6 +55,7 @@ def cases():
         y, _, perm = ops.moe_permute(x, idx, 8)
         return jnp.sum(ops.moe_unpermute(y * 2, perm, wts).astype(jnp.float32))
 
+    yield "moe_permute + moe_unpermute", route, (xt, wts)
     yield "moe_permute + moe_unpermute grad", jax.grad(route, (0, 1)), (xt, wts)
     yield "moe_permute fp8", lambda x: ops.moe_permute(x, idx, 8, fp8=True), (xt,)
     yield "moe_dispatch_layout", lambda i: ops.moe_dispatch_layout(i, 8, 2), (idx,)
