@@ -80,3 +80,33 @@ def test_v3_slice_has_deepseek_v3_layer_widths(fp8):
         32, 2, 0, 0, fp8)
     per_layer = param_counts(cfg)["total"] / 2
     assert 1.6e9 < per_layer < 1.7e9, per_layer
+
+
+@pytest.mark.parametrize("kernels", [False, True])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_v3_slice_train_step_traces(fp8, kernels, monkeypatch):
+    """One v3-slice layer's training step (model, AdamW, loss and gradients) traced abstractly:
+    nothing is allocated (26 GB of state a layer). kernels: every op on its kernel path (the
+    ffi calls only traced), as on a GPU."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from jax_ds import _ffi
+    from jax_ds.models import Transformer, train_step
+    from jax_ds.ops import moe
+    from jax_ds.parallel.mesh import mesh_from_spec
+    if kernels:
+        monkeypatch.setattr(_ffi, "resolve_impl", lambda op, target, impl, *a, **k: "ffi")
+        monkeypatch.setattr(moe, "_use_kernel", lambda *args, **kwargs: True)
+    cfg = bench_train.model_config("v3-slice", 1, fp8)
+    mesh = mesh_from_spec("expert=1")
+
+    def step(batch):
+        model = Transformer(cfg, rngs=nnx.Rngs(0), mesh=mesh)
+        optimizer = nnx.Optimizer(model, optax.adamw(1e-4), wrt=nnx.Param)
+        return train_step(model, optimizer, batch, microbatches=1)
+
+    out = jax.eval_shape(step, jax.ShapeDtypeStruct((2, 257), jnp.int32))
+    assert out["loss"].shape == () and out["expert_counts"].shape == (1, 32)
