@@ -110,3 +110,32 @@ def test_v3_slice_train_step_traces(fp8, kernels, monkeypatch):
 
     out = jax.eval_shape(step, jax.ShapeDtypeStruct((2, 257), jnp.int32))
     assert out["loss"].shape == () and out["expert_counts"].shape == (1, 32)
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("void jax_ds::gemm::sm90_fp8_gemm_kernel<128, 192, 2, __nv_bfloat16, "
+     "jax_ds::gemm::GroupedScheduler<128, 192, 2, false, true> >(CUtensorMap)",
+     "ours grouped FP8 GEMM"),
+    ("void jax_ds::gemm::sm90_fp8_gemm_kernel<128, 192, 2, __nv_bfloat16, "
+     "jax_ds::gemm::DenseScheduler<128, 192, 2, true> >(CUtensorMap)", "ours FP8 GEMM"),
+    ("void jax_ds::gemm::(anonymous namespace)::quantize_rows_kernel<__nv_bfloat16>(...)",
+     "ours quantize"),
+    ("void jax_ds::moe::(anonymous namespace)::permute_fp8_kernel(...)", "ours MoE routing"),
+    ("void jax_ds::mla::(anonymous namespace)::CombineKernel(...)", "ours MLA decode"),
+    ("nvjet_tst_128x256_64x4_2x1_v_bz_coopA_TNN", "XLA GEMM (cuBLAS, Triton)"),
+    ("loop_multiply_fusion_3", "XLA fusion"), ("input_reduce_fusion", "XLA fusion"),
+    ("ncclDevKernel_AllReduce_Sum_f32_RING_LL", "all_reduce"), ("Memset", "copy"),
+    ("some_kernel_nobody_knows", "other")])
+def test_kernel_kinds(name, kind):
+    assert _profile.kernel_kind(name) == kind
+
+
+def test_kernel_breakdown_sums_per_step():
+    events = [("quantize_rows_kernel<float>", 0, 2_000_000),
+              ("quantize_rows_kernel<float>", 5, 1_000_005),
+              ("loop_add_fusion", 0, 4_000_000), ("nvjet_gemm", 10, 6_000_010)]
+    got = _profile.kernel_breakdown(events, steps=2, top=2)
+    assert got["kinds"] == {"XLA GEMM (cuBLAS, Triton)": 3.0, "XLA fusion": 2.0,
+                            "ours quantize": 1.5}
+    assert list(got["kinds"]) == ["XLA GEMM (cuBLAS, Triton)", "XLA fusion", "ours quantize"]
+    assert got["top"] == [("nvjet_gemm", 3.0), ("loop_add_fusion", 2.0)]

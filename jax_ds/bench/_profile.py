@@ -183,6 +183,44 @@ def collective_overlap(events) -> dict:
     return out
 
 
+# Compute kernels by what they do, first match wins (names as the profiler reports them: ours
+# are C++ templates, e.g. "void jax_ds::gemm::sm90_fp8_gemm_kernel<..., GroupedScheduler<...>>").
+KERNEL_KINDS = (
+    ("ours grouped FP8 GEMM", re.compile(r"fp8_gemm_kernel.*Grouped", re.I)),
+    ("ours FP8 GEMM", re.compile(r"fp8_gemm_kernel", re.I)),
+    ("ours quantize", re.compile(r"quantize_(rows|blocks)_kernel", re.I)),
+    ("ours MoE routing", re.compile(r"jax_ds::moe|(count|permute|permute_fp8|zero_rows|"
+                                    r"unpermute)_kernel", re.I)),
+    ("ours MLA decode", re.compile(r"jax_ds::mla|mla_decode|CombineKernel", re.I)),
+    ("XLA GEMM (cuBLAS, Triton)", re.compile(r"gemm|nvjet|xmma|cutlass|cublas|cudnn|wgmma", re.I)),
+    ("XLA fusion", re.compile(r"fusion|loop_|input_|reduce|transpose|concatenate|convert|"
+                              r"slice|scatter|gather|copy|triton", re.I)),
+)
+
+
+def kernel_kind(name: str) -> str:
+    """The kind of a GPU kernel for `kernel_breakdown`: a collective's or "copy"
+    (`collective_kind`), a KERNEL_KINDS name, else "other"."""
+    kind = collective_kind(name)
+    if kind:
+        return kind
+    return next((k for k, pattern in KERNEL_KINDS if pattern.search(name)), "other")
+
+
+def kernel_breakdown(events, steps: int, top: int = 8) -> dict:
+    """Kernel time per step of one GPU's `events` [(name, start_ns, end_ns)], summed (streams
+    that overlap count twice): {"kinds": {kind: ms}, "top": [(name, ms)]} (the `top` kernels,
+    names cut to 120 characters), both sorted by time."""
+    kinds: dict[str, float] = {}
+    names: dict[str, float] = {}
+    for name, start, end in events:
+        ms = (end - start) / 1e6 / steps
+        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + ms
+        names[name[:120]] = names.get(name[:120], 0.0) + ms
+    by_time = lambda d: sorted(d.items(), key=lambda kv: -kv[1])  # noqa: E731
+    return {"kinds": dict(by_time(kinds)), "top": by_time(names)[:top]}
+
+
 def gpu_kernels_by_device(trace_dir: str) -> dict[str, list]:
     """{GPU plane name: [(kernel name, start_ns, end_ns)]} from every .xplane.pb under
     trace_dir (empty when the trace holds no GPU, e.g. on CPU)."""

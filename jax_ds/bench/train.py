@@ -26,6 +26,9 @@ The trace's GPU kernels are read back per device (`_profile.collective_overlap`)
   - the time some collective kernel runs;
   - the part of that time during which a compute kernel also runs on the GPU.
 All-to-all is the EP dispatch and combine; all-reduce is the data-parallel gradient sum.
+The first GPU's kernel time per step is also summed by kind (`_profile.kernel_breakdown`: our
+FP8 GEMMs, quantize, routing, XLA's GEMMs and fusions, collectives, copies), a second table, with
+the top kernels by name in the JSON: where an FP8 step's time goes against a bf16 one's.
 
 model TFLOP/s = 6 x activated parameters x tokens / step time. This is the usual estimate; the
 attention scores' FLOPs are left out.
@@ -156,10 +159,15 @@ def measure(cfg, mesh, microbatches, activated, args):
             trace_dir = os.path.join(args.trace_dir, f"{gemm}-microbatches-{microbatches}")
             _profile.trace_to(trace_dir, lambda: jax.block_until_ready(
                 [run(i) for i in range(args.trace_steps)]))
-            per_device = {dev: _profile.collective_overlap(events) for dev, events
-                          in _profile.gpu_kernels_by_device(trace_dir).items()}
+            kernels = _profile.gpu_kernels_by_device(trace_dir)
+            per_device = {dev: _profile.collective_overlap(events)
+                          for dev, events in kernels.items()}
             row.update(trace_dir=trace_dir, trace_steps=args.trace_steps, devices=per_device,
                        collectives=summarize(per_device, args.trace_steps))
+            if kernels:  # the first GPU's kernel time by kind (all GPUs run the same program)
+                first = sorted(kernels)[0]
+                row["kernels"] = dict(_profile.kernel_breakdown(kernels[first],
+                                                                args.trace_steps), device=first)
     except Exception as e:  # a failed configuration is a table cell, not the end of the run
         row["error"] = error_cell(e)
     return row
@@ -207,6 +215,14 @@ def run(args):
          "activated parameters x tokens / step time",
          "a2a / all-reduce: per GPU and step (mean over GPUs) from the profiler trace, and the "
          "share of that time with a compute kernel running at the same time (- : no GPU trace)"])
+    for r in rows:
+        if r.get("kernels"):
+            print_table(f"GPU kernel time per step by kind, {r['gemm']} GEMMs, "
+                        f"{r['microbatches']} micro-batch(es), {r['kernels']['device']}",
+                        ["kind", "ms/step"],
+                        [[k, f"{v:.2f}"] for k, v in r["kernels"]["kinds"].items()],
+                        ["summed over streams (overlapping kernels count twice); the JSON also "
+                         "holds the top kernels by name"])
     path = write_json(args.out, "train", env, {
         "model": args.model, "layers": args.layers,
         "configs": {g: dataclasses.asdict(c) for g, c in cfgs.items()},
