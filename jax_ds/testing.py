@@ -55,3 +55,17 @@ def dot_equations(jaxpr, primitive):
                     found += dot_equations(inner, primitive)
     return found
 
+
+
+def xla_flags_parse(flags: str) -> tuple[bool, str]:
+    """Whether this jaxlib's XLA knows every flag in `flags` (an XLA_FLAGS string): a fresh CPU
+    process runs one computation under them (an unknown flag aborts it). Returns (ok, the tail
+    of its stderr)."""
+    import os
+    import subprocess
+    import sys
+    code = "import jax.numpy as jnp; print(float(jnp.ones(2).sum()))"
+    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120)
+    return done.returncode == 0 and done.stdout.strip() == "2.0", done.stderr[-500:]

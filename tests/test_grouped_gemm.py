@@ -434,3 +434,12 @@ def test_windows_stay_under_the_buffer_cap(monkeypatch):
     with pytest.raises(ValueError, match="kind"):
         gg.uses_windows("dgrad", 64, 4, 8, 8)
 
+
+
+def test_cudnn_ragged_dot_flag_parses():
+    """NOTES-moe: XLA's cuDNN ragged-dot fusion flag (the one to measure against the windows) is
+    known to this jaxlib."""
+    from jax_ds.testing import xla_flags_parse
+    for value in ("true", "false"):
+        ok, err = xla_flags_parse(f"--xla_gpu_experimental_use_ragged_dot_fusion={value}")
+        assert ok, err
