@@ -56,7 +56,6 @@ def dot_equations(jaxpr, primitive):
     return found
 
 
-
 def xla_flags_parse(flags: str) -> tuple[bool, str]:
     """Whether this jaxlib's XLA knows every flag in `flags` (an XLA_FLAGS string): a fresh CPU
     process runs one computation under them (an unknown flag aborts it). Returns (ok, the tail

@@ -60,6 +60,5 @@ def test_kernel_unpermute_gradient_types_inside_shard_map(monkeypatch):
         (jnp.ones((4 * n, d), jnp.bfloat16), spec),
         (jnp.asarray(np.arange(4 * n * k).reshape(4 * n, k) % e, jnp.int32), spec),
         (jnp.ones((2 * n, k), jnp.float32), P("expert")))]
-    w_spec = P("expert")
-    jax.make_jaxpr(jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, w_spec),
-                                 out_specs=P()))(*args[:2], args[2])
+    jax.make_jaxpr(jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, P("expert")),
+                                 out_specs=P()))(*args)

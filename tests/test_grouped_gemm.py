@@ -435,7 +435,6 @@ def test_windows_stay_under_the_buffer_cap(monkeypatch):
         gg.uses_windows("dgrad", 64, 4, 8, 8)
 
 
-
 def test_cudnn_ragged_dot_flag_parses():
     """NOTES-moe: XLA's cuDNN ragged-dot fusion flag (the one to measure against the windows) is
     known to this jaxlib."""

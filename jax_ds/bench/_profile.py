@@ -11,6 +11,7 @@ between them.
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import os
 import re
@@ -198,6 +199,7 @@ KERNEL_KINDS = (
 )
 
 
+@functools.lru_cache(maxsize=4096)  # a trace repeats a few hundred names thousands of times
 def kernel_kind(name: str) -> str:
     """The kind of a GPU kernel for `kernel_breakdown`: a collective's or "copy"
     (`collective_kind`), a KERNEL_KINDS name, else "other"."""
@@ -214,9 +216,9 @@ def kernel_breakdown(events, steps: int, top: int = 8) -> dict:
     kinds: dict[str, float] = {}
     names: dict[str, float] = {}
     for name, start, end in events:
-        ms = (end - start) / 1e6 / steps
-        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + ms
-        names[name[:120]] = names.get(name[:120], 0.0) + ms
+        ms, kind, short = (end - start) / 1e6 / steps, kernel_kind(name), name[:120]
+        kinds[kind] = kinds.get(kind, 0.0) + ms
+        names[short] = names.get(short, 0.0) + ms
     by_time = lambda d: sorted(d.items(), key=lambda kv: -kv[1])  # noqa: E731
     return {"kinds": dict(by_time(kinds)), "top": by_time(names)[:top]}
 

@@ -35,4 +35,3 @@ def vary_like(outputs, *inputs):
         return jax.lax.pcast(o, tuple(sorted(missing)), to="varying") if missing else o
 
     return jax.tree.map(cast, outputs)
-

@@ -320,10 +320,10 @@ def masked_grouped_fp8_gemm(a, a_scale, b, b_scale, masked_m, *, out_dtype=jnp.b
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _grouped_fp8_linear(x, w, group_sizes, impl):
-    return _grouped_linear_fwd(x, w, group_sizes, impl)[0]
+    return _grouped_fp8_linear_fwd(x, w, group_sizes, impl)[0]
 
 
-def _grouped_linear_fwd(x, w, group_sizes, impl):
+def _grouped_fp8_linear_fwd(x, w, group_sizes, impl):
     x_fp8, x_scale = quantize_fp8(pad_to(x, 1, BLOCK_K), block=(1, BLOCK_K), impl=impl)
     w_fp8, w_scale = quantize_fp8(pad_to(w, 2, BLOCK_K), block=(BLOCK_K, BLOCK_K), impl=impl)
     y = grouped_fp8_gemm(x_fp8, x_scale, w_fp8, w_scale, group_sizes,
@@ -331,7 +331,7 @@ def _grouped_linear_fwd(x, w, group_sizes, impl):
     return y, (x, w, w_fp8, w_scale, group_sizes)
 
 
-def _grouped_linear_bwd(impl, res, dy):
+def _grouped_fp8_linear_bwd(impl, res, dy):
     x, w, w_fp8, w_scale, group_sizes = res
     k = x.shape[-1]
     # dgrad: dx[rows of g] = dy @ w[g]; each expert's 128x128 blocks transpose exactly, and N is
@@ -342,6 +342,9 @@ def _grouped_linear_bwd(impl, res, dy):
                           out_dtype=jnp.float32, impl=impl)[:, :k]
     dw = grouped_wgrad(dy, x, _clamped_sizes(group_sizes, x.shape[0]))
     return dx.astype(x.dtype), dw.astype(w.dtype), None
+
+
+_grouped_fp8_linear.defvjp(_grouped_fp8_linear_fwd, _grouped_fp8_linear_bwd)
 
 
 # The rule between windows and XLA's ragged dot counts bytes moved as FLOPs at this rate: the
@@ -466,14 +469,15 @@ def grouped_wgrad(dy, x, sizes, windows: bool | None = None):
             lhs_ragged_dimensions=(0,), rhs_group_dimensions=())
         return _ragged_dot(dy, x, sizes, dims, precision=precision)
     group, rows = _windows(sizes, m, g)
-    dy_w, x_w = _take_rows(dy, rows), _take_rows(x, rows)
-    # windows a chunk: all of them unless their float32 products would pass the buffer cap
-    per_chunk = max(1, min(group.shape[0], WINDOW_BUFFER_BYTES // (4 * n * k)))
-    chunks = cdiv(group.shape[0], per_chunk)
-    pad = chunks * per_chunk - group.shape[0]                            # spare windows: zeros
+    # windows a chunk: all of them unless their float32 products would pass the buffer cap; the
+    # last chunk's spare windows (group G, every row index M) gather zeros and are dropped
+    count = group.shape[0]
+    per_chunk = max(1, min(count, WINDOW_BUFFER_BYTES // (4 * n * k)))
+    chunks = cdiv(count, per_chunk)
+    pad = chunks * per_chunk - count
     group = jnp.pad(group, (0, pad), constant_values=g).reshape(chunks, per_chunk)
-    dy_w = jnp.pad(dy_w, ((0, pad), (0, 0), (0, 0))).reshape(chunks, per_chunk, *dy_w.shape[1:])
-    x_w = jnp.pad(x_w, ((0, pad), (0, 0), (0, 0))).reshape(chunks, per_chunk, *x_w.shape[1:])
+    rows = jnp.pad(rows, ((0, pad), (0, 0)), constant_values=m).reshape(chunks, per_chunk, -1)
+    dy_w, x_w = _take_rows(dy, rows), _take_rows(x, rows)               # [chunks, per_chunk, W, *]
 
     def add_chunk(dw, chunk):  # spare windows (group G) are dropped
         groups, a, b = chunk
@@ -545,25 +549,23 @@ def grouped_linear(x, w, group_sizes):
 
 @jax.custom_vjp
 def _grouped_linear(x, w, group_sizes):
-    return _grouped_linear_forward(x, w, group_sizes)[0]
+    return _grouped_linear_fwd(x, w, group_sizes)[0]
 
 
-def _grouped_linear_forward(x, w, group_sizes):
+def _grouped_linear_fwd(x, w, group_sizes):
     sizes = _clamped_sizes(group_sizes, x.shape[0])
     return grouped_matmul(x, w.astype(x.dtype), sizes).astype(x.dtype), (x, w, sizes)
 
 
-def _grouped_linear_backward(res, dy):
+def _grouped_linear_bwd(res, dy):
     x, w, sizes = res
     dx = grouped_matmul(dy.astype(x.dtype), w.astype(x.dtype), sizes, transpose_w=True)
     dw = grouped_wgrad(dy.astype(x.dtype), x, sizes)
     return dx.astype(x.dtype), dw.astype(w.dtype), None
 
 
-_grouped_linear.defvjp(_grouped_linear_forward, _grouped_linear_backward)
+_grouped_linear.defvjp(_grouped_linear_fwd, _grouped_linear_bwd)
 
-
-_grouped_fp8_linear.defvjp(_grouped_linear_fwd, _grouped_linear_bwd)
 
 
 def grouped_fp8_linear(x, w, group_sizes, *, impl="auto"):
