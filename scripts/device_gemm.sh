@@ -3,7 +3,7 @@
 # machine of several GPUs, also the LAST issue's runs (steps eptest, ep, epxla, pipeline, train).
 #
 #   OUT=/path/to/logs scripts/device_gemm.sh [info] [build] [test] [sanitize] [bench] [sweep] [ab]
-#                                            [moe] [mla]
+#                                            [moe] [mla] [cudnnrd]
 #   OUT=/path/to/logs scripts/device_gemm.sh info build eptest ep epxla pipeline train  # several GPUs
 #
 # Knobs (environment): BUILD=cmake (skip `pip install -e .`), BENCH_ARGS="--shapes quick" or
@@ -33,8 +33,8 @@ step_info() {
   "$PY" - <<'EOF'
 import importlib.metadata as md, platform, sys
 print("python", platform.python_version(), sys.executable)
-for p in ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda13-pjrt", "torch", "nanobind",
-          "scikit-build-core", "numpy", "ml_dtypes"):
+for p in ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda13-pjrt", "nvidia-cudnn-cu13", "torch",
+          "nanobind", "scikit-build-core", "numpy", "ml_dtypes"):
     try:
         print(f"{p:20s} {md.version(p)}")
     except md.PackageNotFoundError:
@@ -166,13 +166,36 @@ step_moe() { run_bench moe ${MOE_ARGS:-}; }  # grouped GEMM + routing benchmark 
 
 step_mla() { run_bench mla ${MLA_ARGS:-}; }  # MLA decode benchmark (GPU 3)
 
+# XLA's cuDNN ragged-dot fusion (flag xla_gpu_experimental_use_ragged_dot_fusion; NOTES-moe) off
+# and on: whether the compiled 8-group ragged dot holds a cuDNN call, then `bench moe --bf16
+# --quick` under each (JSON in $OUT/ragged-dot-fusion-{false,true}/; the cuDNN version: step info).
+step_cudnnrd() {
+  local f flags rc=0
+  for f in false true; do
+    flags="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_experimental_use_ragged_dot_fusion=$f"
+    echo "--- $flags"
+    XLA_FLAGS="$flags" "$PY" - <<'EOF' || rc=1
+import jax, jax.numpy as jnp
+x = jax.ShapeDtypeStruct((8192, 7168), jnp.bfloat16)
+w = jax.ShapeDtypeStruct((8, 7168, 4096), jnp.bfloat16)
+g = jax.ShapeDtypeStruct((8,), jnp.int32)
+hlo = jax.jit(jax.lax.ragged_dot).lower(x, w, g).compile().as_text()
+print("compiled ragged dot: cudnn mentions", hlo.count("cudnn"), "custom-calls",
+      hlo.count("custom-call("), "dots", hlo.count(" dot("))
+EOF
+    XLA_FLAGS="$flags" timeout "${BENCH_TIMEOUT:-540}" "$PY" -m jax_ds.bench moe --bf16 --quick \
+      --out "$OUT/ragged-dot-fusion-$f" ${MOE_ARGS:-} || rc=1
+  done
+  return $rc
+}
+
 STEPS=("$@")
 [ ${#STEPS[@]} -eq 0 ] && STEPS=(info build test sanitize bench)
 SUMMARY=()
 FAILED=0
 for step in "${STEPS[@]}"; do
   if ! declare -F "step_$step" >/dev/null; then
-    echo "unknown step '$step' (steps: info build test sanitize bench sweep ab moe mla eptest ep epxla pipeline train)"
+    echo "unknown step '$step' (steps: $(declare -F | sed -n 's/^declare -f step_//p' | tr '\n' ' '))"
     SUMMARY+=("$step|unknown|0"); FAILED=$((FAILED + 1)); continue
   fi
   echo "=================== $step ==================="
