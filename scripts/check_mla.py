@@ -92,6 +92,17 @@ elif __name__ == "__main__" and sys.argv[1:2] == ["--ffi-only"]:  # for compute-
         out = np.asarray(out, np.float32)
         print(f"b{b} s_k{s_k} h{h_q} sq{s_q}: finite {bool(np.isfinite(out).all())}, "
               f"row 0 zero {bool((out[0] == 0).all())}", flush=True)
+    # Wild traced values (clamped in the kernel): block ids past num_blocks, negative, INT32
+    # extremes; lengths past the table and below 0.
+    args, lens = inputs(9, 6, 1000, 64, 2, True)
+    table = np.asarray(args[2]).copy()
+    table[0, 0], table[1, -1], table[2, 0], table[3, :] = 2**31 - 1, -(2**31), -5, 10**6
+    lens = lens.copy()
+    lens[4], lens[5] = 2**31 - 1, -7
+    out, lse = jax.block_until_ready(jax.jit(lambda *a: mla_decode(*a, impl="ffi"))(
+        *args[:2], jnp.asarray(table), jnp.asarray(lens)))
+    print(f"wild table and lengths: finite {bool(np.isfinite(np.asarray(out, np.float32)).all())}",
+          flush=True)
 elif __name__ == "__main__" and sys.argv[1:2] == ["--test-case"]:
     explain_test_case(*map(int, sys.argv[2:5]), bool(int(sys.argv[5])))
 elif __name__ == "__main__":

@@ -122,6 +122,18 @@ def test_jit_vmap_and_dtypes():
             np.testing.assert_array_equal(a, b)
 
 
+def test_host_counts_past_int32():
+    """numpy int64 / uint64 / Python-int loads of 2**31 and more plan as their float32 values
+    (as the reference's weight.float()); they were narrowed to int32 on the way into jit and
+    wrapped negative, which gave the hottest expert no extra replica."""
+    loads = [[3_000_000_000, 1, 1, 1]]
+    want = rebalance_experts(np.asarray(loads, np.float32), 6, 1, 1, 2)
+    assert want.logcnt.tolist() == [[3, 1, 1, 1]]
+    for weight in (np.asarray(loads, np.int64), np.asarray(loads, np.uint64), loads):
+        for a, b in zip(want, rebalance_experts(weight, 6, 1, 1, 2)):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_odd_loads_still_give_valid_plans():
     """inf, nan, negative or all-zero loads: no meaningful balance, but never a broken plan."""
     base = np.random.default_rng(2).random((3, 24)).astype(np.float32)

@@ -348,7 +348,8 @@ def test_grouped_linear_grads(dtype, windows, monkeypatch):
     assert y.dtype == dtype and y.shape == (m, n)
     np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(exact(x, w)),
                                rtol=2e-2, atol=2e-2)
-    got = jax.jit(jax.grad(loss(lambda x, w: gg.grouped_linear(x, w, gs)), (0, 1)))(x, w)
+    grads = jax.grad(lambda x, w, g: loss(lambda x, w: gg.grouped_linear(x, w, g))(x, w), (0, 1))
+    got = jax.jit(grads)(x, w, gs)
     want = jax.grad(loss(exact), (0, 1))(x, w)
     assert got[0].dtype == dtype and got[1].dtype == jnp.float32
     for a, b in zip(got, want):
@@ -361,7 +362,7 @@ def test_grouped_linear_empty_operands_give_zeros(x_shape, w_shape, g):
     """The public op (jax_ds.ops.grouped_linear): no rows, groups, N or K: zeros, and gradients
     of the operands' shapes."""
     x, w = jnp.ones(x_shape, jnp.bfloat16), jnp.ones(w_shape, jnp.bfloat16)
-    gs = jnp.full((g,), 2, jnp.int32)
+    gs = jnp.full((g,), x_shape[0] // max(g, 1), jnp.int32)  # sum <= M
     y = ops.grouped_linear(x, w, gs)
     assert y.shape == (x_shape[0], w_shape[1]) and not np.asarray(y, np.float32).any()
     dx, dw = jax.grad(lambda x, w: jnp.sum(ops.grouped_linear(x, w, gs).astype(jnp.float32)),
@@ -379,6 +380,17 @@ def test_grouped_linear_empty_operands_give_zeros(x_shape, w_shape, g):
 def test_grouped_linear_validation(x, w, gs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         ops.grouped_linear(x, w, gs)
+
+
+@pytest.mark.parametrize("sizes", [[2, -1, 1], [2, 2, 2]])
+def test_grouped_linears_refuse_concrete_bad_sizes(sizes):
+    """Concrete sizes negative or summing past M: a ValueError naming the op called (the FP8
+    linear named the GEMM inside it; the bf16 one clamped them silently)."""
+    x, w, gs = jnp.ones((5, 128)), jnp.ones((3, 4, 128)), jnp.array(sizes, jnp.int32)
+    for op in (ops.grouped_linear, ops.grouped_fp8_linear):
+        with pytest.raises(ValueError, match=rf"^{op.__name__}: group_sizes must be >= 0 with "
+                                             r"sum <= M = 5"):
+            op(x, w, gs)
 
 
 @pytest.mark.parametrize("windows", [True, False])  # False: the ragged dot, w shared

@@ -142,6 +142,11 @@ def test_sequence_ids_outside_the_slots_or_repeated_are_refused():
             kvc.fork(cache, bad, 2)
         with pytest.raises(ValueError, match="fork: " + lie):
             kvc.fork(cache, 0, bad)
+    for bad in (1.7, True, "1", np.array([0.0, 1.0]), 2 ** 33):  # were slot 1 / obscure errors
+        with pytest.raises(ValueError, match="free: sequence ids must"):
+            kvc.free(cache, bad)
+    with pytest.raises(ValueError, match="append: sequence ids must be integers, got a traced"):
+        jax.jit(lambda c, s: kvc.append(c, s, one))(cache, 1.0)
     with pytest.raises(ValueError, match=r"reserve: sequence ids must be distinct, got \[0, 0\]"):
         kvc.reserve(cache, jnp.array([0, 0]), 1)
     with pytest.raises(ValueError, match=r"write: sequence ids must be distinct"):

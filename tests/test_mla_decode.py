@@ -212,6 +212,15 @@ BAD = [
     (list(_good()), {"softmax_scale": float("inf")}, ValueError, "must be finite and > 0"),
     (list(_good()), {"softmax_scale": "0.1"}, TypeError, "softmax_scale must be a static"),
     (list(_good()), {"softmax_scale": np.array([0.1, 0.2])}, TypeError, "must be a static"),
+    # concrete block ids a length uses must name blocks (entries past a length may hold anything)
+    (_replace(2, jnp.array([[3, -7], [4, 9]], I32)), {}, ValueError,
+     r"block_table\[1, 1\] = 9 lies outside \[0, num_blocks = 7\)"),
+    (_replace(2, jnp.array([[-1, 0], [4, 5]], I32)), {}, ValueError, r"block_table\[0, 0\] = -1"),
+    # causal picks the mask: None / 0.0 / "no" / an array are not a bool (None dropped the mask)
+    (list(_good()), {"causal": None}, TypeError, "causal must be a static Python bool .*, got NoneType None"),
+    (list(_good()), {"causal": 0.0}, TypeError, "causal must be a static Python bool .*, got float"),
+    (list(_good()), {"causal": "no"}, TypeError, "causal must be a static Python bool .*, got str"),
+    (list(_good()), {"causal": np.array([1])}, TypeError, "causal must be a static"),
 ]
 
 

@@ -89,6 +89,21 @@ def test_kernel_edge_lengths(sq):
     check(out, lse, ref_out, ref_lse)
 
 
+def test_kernel_clamps_traced_values():
+    """Traced block ids outside [0, num_blocks) (huge, negative, INT32 extremes) and lengths past
+    the table or below 0: the kernel clamps them as the reference does (and reads nothing out of
+    bounds: scripts/check_mla.py --ffi-only runs this under memcheck)."""
+    q, kv, table, lens = paged(11, 6, 2, 64, max_len=2000)
+    table = np.asarray(table).copy()
+    table[0, 0], table[1, -1], table[2, 0] = 2**31 - 1, -(2**31), -5
+    table[3, :] = 10**6
+    wild = np.asarray(lens).copy()
+    wild[4], wild[5] = 2**31 - 1, -7
+    run = jax.jit(lambda *a, impl: mla_decode(*a, impl=impl), static_argnames="impl")
+    args = (q, kv, jnp.asarray(table), jnp.asarray(wild))
+    check(*run(*args, impl="ffi"), *run(*args, impl="xla"))
+
+
 @pytest.mark.parametrize("b,sq,hq", [(5, 1, 24), (3, 2, 20), (4, 2, 40), (2, 3, 33)])
 def test_kernel_odd_head_counts(b, sq, hq):
     """Hq * Sq not a multiple of 64: fewer rows than a tile (a short Q box, rounded up to 8 rows,

@@ -134,6 +134,9 @@ def test_bad_inputs_are_clear_errors():
         moe_unpermute(x.astype(bool), jnp.zeros((4, 2), jnp.int32), jnp.zeros((4, 2)))
     with pytest.raises(TypeError, match="topk_weights must be a floating-point array"):
         moe_unpermute(x, jnp.zeros((4, 2), jnp.int32), jnp.zeros((4, 2), jnp.int32))
+    for fp8 in ("no", None, 1.0):  # a path picked by truthiness: "no" quantized
+        with pytest.raises(TypeError, match="moe_permute: fp8 must be a Python bool"):
+            moe_permute(x, jnp.zeros((4, 2), jnp.int32), 4, fp8=fp8)
 
 
 def test_every_slot_dropped_and_wide_ids():

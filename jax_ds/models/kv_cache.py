@@ -22,7 +22,8 @@ that found no block are dropped: a sequence's length never exceeds the rows it h
 `check(cache)` raises a RuntimeError naming the flags (outside jit).
 
 Sequence ids must be slots, in [0, max_seqs), and distinct within one call (one call writes one
-position per slot). Concrete ids are checked (ValueError); traced ones cannot be, so a call with a
+position per slot). Concrete ids are checked (ValueError, also for ids that are not integers:
+1.7 or True are not slot 1); traced ones cannot be, so a call with a
 bad one changes nothing but the sticky BAD_SEQ bit (jnp's index clamping would otherwise act on
 another slot: free the last slot's blocks while it still holds them). Likewise a concrete
 `num_new` must be an int >= 0, and a traced negative one counts as 0 (a length moved back into
@@ -126,18 +127,28 @@ def _seq_ids(op: str, cache: PagedKVCache, seqs):
     """(ids int32 [B], bad): `seqs` (a slot or [B] slots) checked when concrete (ValueError);
     when traced, bad is true if one lies outside [0, max_seqs) or repeats (the op then changes
     nothing but BAD_SEQ), else a constant False."""
-    ids = jnp.atleast_1d(jnp.asarray(seqs, jnp.int32))
-    if ids.ndim != 1:
-        raise ValueError(f"{op}: seqs must be a slot id or [B] slot ids, got shape {ids.shape}")
     values = concrete(seqs)
     if values is not None:
+        # checked before the int32 cast, which would truncate 1.7 to slot 1, take True as 1
+        # and fail obscurely on 2**33 or "1"
+        if values.size and values.dtype.kind not in "iu":
+            raise ValueError(f"{op}: sequence ids must be integers, got {seqs!r} "
+                             f"({values.dtype.name})")
+        if values.ndim > 1:
+            raise ValueError(f"{op}: seqs must be a slot id or [B] slot ids, got shape "
+                             f"{values.shape}")
         values = np.atleast_1d(values).tolist()
         if any(not 0 <= v < cache.max_seqs for v in values):
             raise ValueError(f"{op}: sequence ids must lie in [0, max_seqs = {cache.max_seqs}), "
                              f"got {values}")
         if len(set(values)) != len(values):
             raise ValueError(f"{op}: sequence ids must be distinct, got {values}")
-        return ids, jnp.zeros((), bool)
+        return jnp.asarray(values, jnp.int32), jnp.zeros((), bool)
+    if not jnp.issubdtype(seqs.dtype, jnp.integer):
+        raise ValueError(f"{op}: sequence ids must be integers, got a traced {seqs.dtype}")
+    ids = jnp.atleast_1d(seqs.astype(jnp.int32))
+    if ids.ndim != 1:
+        raise ValueError(f"{op}: seqs must be a slot id or [B] slot ids, got shape {ids.shape}")
     repeated = jnp.triu(ids[:, None] == ids[None, :], k=1)
     return ids, jnp.any((ids < 0) | (ids >= cache.max_seqs)) | jnp.any(repeated)
 

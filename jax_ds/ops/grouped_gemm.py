@@ -137,12 +137,7 @@ def check_grouped(op, a, a_scale, b, b_scale, group_sizes, out_dtype):
     g, n = _check_grouped_b(op, b, b_scale, k)
     check_shape(op, "group_sizes", group_sizes, (g,), "[G]")
     check_dtype(op, "group_sizes", group_sizes, (jnp.int32,))
-    sizes = concrete(group_sizes)  # None when traced: the kernel clamps them
-    if sizes is not None:
-        sizes = sizes.astype(np.int64)
-        if sizes.size and (sizes.min() < 0 or sizes.sum() > m):
-            raise ValueError(f"{op}: group_sizes must be >= 0 with sum <= M = {m}, got min "
-                             f"{sizes.min()}, sum {sizes.sum()}")
+    _check_concrete_sizes(op, group_sizes, m)
     return m, n, k, g
 
 
@@ -528,6 +523,17 @@ def _check_grouped_linear(op: str, x, w, group_sizes) -> None:
                          f"w {tuple(w.shape)}")
     check_shape(op, "group_sizes", group_sizes, (w.shape[0],), "[G]")
     check_dtype(op, "group_sizes", group_sizes, (jnp.int32,))
+    _check_concrete_sizes(op, group_sizes, x.shape[0])
+
+
+def _check_concrete_sizes(op, group_sizes, m):
+    """Concrete group sizes must be >= 0 with sum <= M (ValueError); traced ones are clamped."""
+    sizes = concrete(group_sizes)  # None when traced: the kernel clamps them
+    if sizes is not None:
+        sizes = sizes.astype(np.int64)
+        if sizes.size and (sizes.min() < 0 or sizes.sum() > m):
+            raise ValueError(f"{op}: group_sizes must be >= 0 with sum <= M = {m}, got min "
+                             f"{sizes.min()}, sum {sizes.sum()}")
 
 
 def grouped_linear(x, w, group_sizes):
@@ -538,7 +544,8 @@ def grouped_linear(x, w, group_sizes):
     GPUs (one dense GEMM over all M rows per group): forward, dgrad and wgrad go by windows of
     each group's rows (`grouped_matmul`, `grouped_wgrad`) where those cost less. float32
     accumulation throughout (float32 operands at HIGHEST). No gradient to group_sizes (int32
-    [G]; negative sizes count as empty, groups are cut at row M). Reverse mode only (a
+    [G], >= 0 with sum <= M: a ValueError when concrete; traced, negative sizes count as empty
+    and groups are cut at row M). Reverse mode only (a
     custom_vjp, as `grouped_fp8_linear`): jax.jvp / jacfwd refuse it. Empty x or w (M, N, K or
     G = 0) give zeros. Plain XLA on every platform (no kernel, so no `impl`).
     """
@@ -579,7 +586,8 @@ def grouped_fp8_linear(x, w, group_sizes, *, impl="auto"):
     Args:
       x: bf16 / f16 / f32 [M, K], rows sorted by group.
       w: bf16 / f16 / f32 [G, N, K].
-      group_sizes: int32 [G], sum <= M.
+      group_sizes: int32 [G], >= 0 with sum <= M (a ValueError when concrete; traced ones are
+        clamped as in `grouped_fp8_gemm`).
 
     Returns:
       x.dtype [M, N], zero past sum(group_sizes). No gradient flows to group_sizes.

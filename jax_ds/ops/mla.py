@@ -27,7 +27,9 @@ Conventions (the reference and the kernel share them; the tests pin them):
                  tests/test_mla_decode_gpu.py::test_kernel_growing_scores).
   clamping       (traced values cannot be checked in Python) block_table entries are clamped into
                  [0, num_blocks - 1]; cache_seqlens into [0, max_blocks * 64]. Concrete (non-traced)
-                 cache_seqlens above max_blocks * 64 or below 0 are rejected with a ValueError.
+                 cache_seqlens above max_blocks * 64 or below 0 are rejected with a ValueError, and
+                 so are, when both are concrete, block_table entries outside [0, num_blocks) among
+                 the ceil(seqlen / 64) a sequence uses (the rest may hold anything, -1 say).
 
 FP8 cache (FlashMLA's FP8 layout, 656 bytes a token): kv_cache uint8 [num_blocks, 64, 1, 656]
 (or the same bytes typed float8_e4m3fn, as FlashMLA's own tensors are),
@@ -202,9 +204,11 @@ def _check_common(op, q, kv_cache, block_table, cache_seqlens, softmax_scale, he
         if not (np.isfinite(float(softmax_scale)) and float(softmax_scale) > 0):
             raise ValueError(f"{op}: softmax_scale must be finite and > 0 (or None for "
                              f"1/sqrt(d_qk)), got {softmax_scale!r}")
-    if isinstance(causal, jax.core.Tracer):  # bool(tracer) would fail deep inside, unnamed
+    if not isinstance(causal, (bool, np.bool_)):  # None or 0.0 would drop the MTP mask quietly
+        got = ("a traced value" if isinstance(causal, jax.core.Tracer)
+               else f"{type(causal).__name__} {causal!r}")
         raise TypeError(f"{op}: causal must be a static Python bool (it picks the mask at trace "
-                        f"time), got a traced value")
+                        f"time), got {got}")
     lens = concrete(cache_seqlens)  # None when traced: the kernel clamps them
     if lens is not None:
         cap = block_table.shape[1] * page
@@ -212,6 +216,16 @@ def _check_common(op, q, kv_cache, block_table, cache_seqlens, softmax_scale, he
             raise ValueError(f"{op}: cache_seqlens must lie in [0, max_blocks * block_size = "
                              f"{block_table.shape[1]} * {page} = {cap}], got min {lens.min()}, "
                              f"max {lens.max()}")
+        table = concrete(block_table)  # the entries the lengths use must name blocks
+        if table is not None:
+            used = np.arange(table.shape[1])[None, :] < -(-lens[:, None] // page)
+            bad = used & ((table < 0) | (table >= n))
+            if bad.any():
+                row, col = map(int, np.argwhere(bad)[0])
+                raise ValueError(f"{op}: block_table[{row}, {col}] = {int(table[row, col])} lies "
+                                 f"outside [0, num_blocks = {n}) and holds rows of sequence "
+                                 f"{row} (cache_seqlens[{row}] = {int(lens[row])}); entries past "
+                                 f"a sequence's length may hold anything")
     return b, sq, hq, d, page
 
 
@@ -343,7 +357,8 @@ def mla_decode(q, kv_cache, block_table, cache_seqlens, *, softmax_scale=None, c
         or an FP8 cache, uint8 [num_blocks, 64, 1, 656] (`quantize_kv_fp8`; q bfloat16; the
         reference reads it).
       block_table: int32 [B, max_blocks]: block_table[b, j] holds rows 64j..64j+63 of sequence b
-        (entries outside [0, num_blocks) are clamped).
+        (entries outside [0, num_blocks) that a length uses: a ValueError when both are
+        concrete, clamped when traced).
       cache_seqlens: int32 [B]: cached rows per sequence, in [0, max_blocks * 64] (clamped when
         traced, checked when concrete).
       softmax_scale: > 0; None means 1/sqrt(576).

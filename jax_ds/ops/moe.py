@@ -135,6 +135,8 @@ def moe_permute(x, topk_idx, num_experts: int, *, fp8: bool = False, impl: str =
     if not is_int(num_experts) or num_experts < 1:
         raise ValueError(f"{op}: num_experts must be a positive int, got {num_experts!r}")
     num_experts = int(num_experts)
+    if not isinstance(fp8, (bool, np.bool_)):  # "no" or 1.0 would pick a path by truthiness
+        raise TypeError(f"{op}: fp8 must be a Python bool, got {type(fp8).__name__} {fp8!r}")
     topk_idx = _expert_ids(topk_idx, num_experts)
     use_kernel = _use_kernel(op, LAYOUT_TARGET, impl, x.dtype, num_experts)
     if not fp8:

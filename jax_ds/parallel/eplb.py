@@ -125,6 +125,10 @@ def rebalance_experts(weight, num_replicas: int, num_groups: int, num_nodes: int
     if num_replicas < num_experts:
         raise ValueError(f"rebalance_experts: num_replicas={num_replicas} is less than the "
                          f"{num_experts} experts (weight shape {shape}): every expert needs a slot")
+    if not isinstance(weight, jax.Array):
+        # Host loads become float32 here, as the reference's weight.float(): handed to jit,
+        # int64 / uint64 counts would first be narrowed to int32 (x64 off) and wrap.
+        weight = np.asarray(weight, np.float32)
     return _rebalance(weight, num_replicas, num_groups, num_nodes, num_gpus)
 
 
