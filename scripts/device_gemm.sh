@@ -3,7 +3,7 @@
 # machine of several GPUs, also the LAST issue's runs (steps eptest, ep, epxla, pipeline, train).
 #
 #   OUT=/path/to/logs scripts/device_gemm.sh [info] [build] [test] [sanitize] [bench] [sweep] [ab]
-#                                            [moe] [mla] [cudnnrd]
+#                                            [moe] [mla] [cudnnrd] [gaps]
 #   OUT=/path/to/logs scripts/device_gemm.sh info build eptest ep epxla pipeline train  # several GPUs
 #
 # Knobs (environment): BUILD=cmake (skip `pip install -e .`), BENCH_ARGS="--shapes quick" or
@@ -185,6 +185,18 @@ print("compiled ragged dot: cudnn mentions", hlo.count("cudnn"), "custom-calls",
 EOF
     XLA_FLAGS="$flags" timeout "${BENCH_TIMEOUT:-540}" "$PY" -m jax_ds.bench moe --bf16 --quick \
       --out "$OUT/ragged-dot-fusion-$f" ${MOE_ARGS:-} || rc=1
+  done
+  return $rc
+}
+
+# The short shapes' time between calls (scripts/gemm_gaps.py), the device-bound executable's
+# outputs fresh (new buffers each execution: XLA re-records its CUDA graph) and then in place
+# (donated back in, as bench's device-bound timing now runs them).
+step_gaps() {
+  local o rc=0
+  for o in fresh in-place; do
+    echo "--- JAX_DS_BENCH_OUTPUTS=$o"
+    JAX_DS_BENCH_OUTPUTS=$o timeout "${SWEEP_TIMEOUT:-540}" "$PY" scripts/gemm_gaps.py || rc=1
   done
   return $rc
 }

@@ -3,12 +3,17 @@
     python scripts/gemm_gaps.py                      # the short shapes where ours < kernel
     python scripts/gemm_gaps.py 64 7168 2048         # one shape: m n k
     XLA_FLAGS=--xla_gpu_enable_command_buffer= python scripts/gemm_gaps.py  # no CUDA graphs
+    JAX_DS_BENCH_OUTPUTS=fresh python scripts/gemm_gaps.py  # new output buffers per execution
 
 One executable calls fp8_gemm `reps` times on each of 16 input sets (`_timing.repeated_calls`, as
 `bench gemm`'s device-bound column). Per call it prints: the wall time of the whole executable,
 the host time until the call returned (enqueue), the kernels' own time, their span on the GPU
-(first start to last end) and the mean idle gap between two kernels, from a `jax.profiler` trace.
-Host-bound when enqueue ~ wall; launch-gap-bound when span - kernels ~ gaps x calls.
+(first start to last end) and the mean idle gap between two kernels, from a `jax.profiler` trace;
+then "back to back": the wall time of 5 executions dispatched one after another (as the device-bound
+timing runs them). Host-bound when enqueue ~ wall; launch-gap-bound when span - kernels ~ gaps x
+calls. The outputs are written in place (donated back in, as `bench gemm` does) unless
+$JAX_DS_BENCH_OUTPUTS is "fresh": then every execution gets new buffers, and XLA re-records its
+CUDA graph for them.
 """
 import os
 import sys
@@ -36,32 +41,41 @@ def gpu_kernels(run):
 def measure(m, n, k):
     args = (tuple(block_sets(m, n, k, SETS)),)
     impl = "ffi" if jax.default_backend() == "gpu" else "xla"  # xla: a CPU smoke run
-    many = jax.jit(_timing.repeated_calls(lambda *o: fp8_gemm(*o, impl=impl), REPS))
-    compiled = many.lower(*args).compile()
+    call, _, in_place = _timing._compile_launch(lambda *o: fp8_gemm(*o, impl=impl), args[0],
+                                                REPS, _timing.outputs_in_place())
     calls = SETS * REPS
-    jax.block_until_ready(compiled(*args))
+    jax.block_until_ready(call(*args))
     walls, enqueues = [], []
     for _ in range(5):
         t0 = time.perf_counter()
-        out = compiled(*args)
+        out = call(*args)
         t1 = time.perf_counter()
         jax.block_until_ready(out)
         t2 = time.perf_counter()
         enqueues.append(t1 - t0)
         walls.append(t2 - t0)
         del out
-    ev = gpu_kernels(lambda: jax.block_until_ready(compiled(*args))) or [(0, 0)]  # none: CPU
+    t0 = time.perf_counter()
+    for _ in range(5):
+        out = call(*args)
+    jax.block_until_ready(out)
+    back_to_back = (time.perf_counter() - t0) / 5
+    del out
+    ev = gpu_kernels(lambda: jax.block_until_ready(call(*args))) or [(0, 0)]  # none: CPU
     kernel = sum(e - s for s, e in ev)
     span = ev[-1][1] - ev[0][0]
     gaps = [max(0, s - pe) for (_, pe), (s, _) in zip(ev, ev[1:])]
     us = 1e6 / calls
     flops = 2 * m * n * k
-    print(f"{m}x{n}x{k} ({calls} calls, {len(ev)} GPU events): per call wall "
-          f"{np.median(walls) * us:.1f} us, enqueue {np.median(enqueues) * us:.1f} us, kernels "
-          f"{kernel / 1e3 / calls:.1f} us ({flops / max(kernel / calls, 1e-9) / 1e3:.0f} TFLOP/s), span "
-          f"{span / 1e3 / calls:.1f} us, gap mean {np.mean(gaps) / 1e3:.2f} us "
-          f"median {np.median(gaps) / 1e3:.2f} us; device-bound {flops / np.median(walls) * calls / 1e12:.0f} "
-          f"TFLOP/s", flush=True)
+    tflops = lambda seconds_per_call: flops / max(seconds_per_call, 1e-15) / 1e12
+    wall = np.median(walls) / calls
+    print(f"{m}x{n}x{k} ({calls} calls, {len(ev)} GPU events, outputs "
+          f"{'in place' if in_place else 'fresh'}): per call wall {wall * 1e6:.1f} us, enqueue "
+          f"{np.median(enqueues) * us:.1f} us, kernels {kernel / 1e3 / calls:.1f} us "
+          f"({tflops(kernel * 1e-9 / calls):.0f} TFLOP/s), span {span / 1e3 / calls:.1f} us, "
+          f"gap mean {np.mean(gaps) / 1e3:.2f} us median {np.median(gaps) / 1e3:.2f} us; "
+          f"device-bound {tflops(wall):.0f} TFLOP/s; back to back {back_to_back * us:.1f} us "
+          f"({tflops(back_to_back / calls):.0f} TFLOP/s)", flush=True)
 
 
 def main(argv):

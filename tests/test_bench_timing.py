@@ -95,3 +95,86 @@ def test_span_jax_launch_is_the_devices_time():
     wall = _timing.time_jax_launch(fn, sets, budget_s=0.05, repeats=3, max_reps=4)
     kernels = _profile.device_time_jax(fn, sets, calls=16)
     assert 0 < 0.9 * kernels <= span <= 1.1 * wall.median_s
+
+
+def test_aliased_outputs_counts_donated_outputs():
+    x = jnp.ones((8, 8))
+    plain = jax.jit(lambda a, b: (a @ a, a + 1)).lower(x, x).compile()
+    assert _timing.aliased_outputs(plain) == 0
+    donated = jax.jit(lambda a, b: (a @ a, a + 1), donate_argnums=1,
+                      keep_unused=True).lower(x, x).compile()
+    assert _timing.aliased_outputs(donated) == 1  # one donated [8, 8] buffer for two outputs
+
+
+def test_in_place_launch_writes_into_the_same_buffers():
+    """The in-place executable aliases every output to a donated buffer (no copies added), and
+    call after call returns the right values in buffers it was handed."""
+    sets = tuple((jax.random.normal(jax.random.key(i), (32, 32)),) for i in range(3))
+    fn = lambda x: (x @ x.T, jnp.sum(x, axis=0))
+    call, compiled, placed = _timing._compile_launch(fn, sets, 2, True)
+    assert placed and _timing.aliased_outputs(compiled) == 2 * 3 * 2
+    assert compiled.as_text().count(" copy(") == 0
+    first = call.outs
+    for _ in range(3):
+        handed = call.outs
+        outs = call(sets)
+        assert all(leaf.is_deleted() for leaf in jax.tree.leaves(handed))
+        for rep in outs:
+            for (x,), (y, s) in zip(sets, rep):
+                assert jnp.allclose(y, x @ x.T, atol=1e-5) and jnp.allclose(s, x.sum(0))
+    assert all(leaf.is_deleted() for leaf in jax.tree.leaves(first))
+
+
+def test_in_place_falls_back_with_a_warning(monkeypatch):
+    monkeypatch.setattr(_timing, "aliased_outputs", lambda compiled: 0)
+    sets = tuple((jnp.full((4, 4), float(i)),) for i in range(2))
+    with pytest.warns(RuntimeWarning, match="aliased 0 of 2 outputs"):
+        call, _, placed = _timing._compile_launch(lambda x: x * 2, sets, 1, True)
+    assert not placed and jnp.allclose(call(sets)[0][1], 2.0)
+
+
+@pytest.mark.parametrize("env,want", [(None, True), ("in-place", True), ("fresh", False)])
+def test_time_jax_launch_outputs_env(monkeypatch, env, want):
+    if env is None:
+        monkeypatch.delenv(_timing.OUTPUTS_ENV, raising=False)
+    else:
+        monkeypatch.setenv(_timing.OUTPUTS_ENV, env)
+    sets = [(jnp.full((8,), float(i)),) for i in range(2)]
+    t = _timing.time_jax_launch(lambda x: x * 2 + 1, sets, budget_s=0.01, repeats=1, max_reps=2)
+    assert t.in_place is want
+
+
+def test_outputs_env_rejects_other_values(monkeypatch):
+    monkeypatch.setenv(_timing.OUTPUTS_ENV, "inplace")
+    with pytest.raises(ValueError, match="JAX_DS_BENCH_OUTPUTS"):
+        _timing.outputs_in_place()
+
+
+def test_in_place_launch_on_a_mesh():
+    """Sharded inputs: the donated buffers are laid out as the outputs are, so they alias."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    if jax.device_count() < 2:
+        pytest.skip("needs 2 devices")
+    mesh = jax.make_mesh((2,), ("expert",), devices=jax.devices()[:2])
+    f = jax.shard_map(lambda a: a * 2, mesh=mesh, in_specs=P("expert"), out_specs=P("expert"))
+    sets = tuple((jax.device_put(jnp.full((4, 3), float(i)), NamedSharding(mesh, P("expert"))),)
+                 for i in range(2))
+    call, compiled, placed = _timing._compile_launch(f, sets, 2, True)
+    assert placed and _timing.aliased_outputs(compiled) == 4
+    assert jnp.allclose(call(sets)[1][1], 2.0)
+
+
+def test_outputs_copied_into_donated_buffers_fall_back(monkeypatch):
+    """Copies under the ROOT that fresh outputs do not need (an input returned as it is is copied
+    either way) would add GPU work per call: then the launch warns and takes fresh outputs."""
+    sets = tuple((jnp.full((16, 16), float(i)),) for i in range(2))
+    _, compiled, placed = _timing._compile_launch(lambda x: x, sets, 1, True)
+    assert placed and _timing.root_copies(compiled) == 2  # as many as with fresh outputs
+    _, compiled, placed = _timing._compile_launch(lambda x: (x @ x, x.T * 2), sets, 1, True)
+    assert placed and _timing.root_copies(compiled) == 0  # the transpose is the function's own
+    counts = iter([2, 0])  # in place, then fresh
+    monkeypatch.setattr(_timing, "root_copies", lambda compiled: next(counts))
+    with pytest.warns(RuntimeWarning, match="copying 2 more into them than into fresh ones"):
+        call, _, placed = _timing._compile_launch(lambda x: x @ x, sets, 1, True)
+    assert not placed and jnp.allclose(call(sets)[0][1], 16.0)

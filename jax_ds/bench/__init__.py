@@ -75,6 +75,8 @@ def environment():
         "jax_ds_impl_env": os.environ.get("JAX_DS_IMPL"),
         # XLA's flags change what is measured (e.g. command buffers on or off): keep them with it
         "xla_flags": os.environ.get("XLA_FLAGS"),
+        # device-bound executables write their outputs in place (donated) unless "fresh"
+        "bench_outputs": os.environ.get("JAX_DS_BENCH_OUTPUTS", "in-place"),
     }
 
 

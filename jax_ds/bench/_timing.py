@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
 import statistics
 import time
 import warnings
@@ -32,6 +34,7 @@ class Timing:
     min_s: float
     calls: int
     repeats: int
+    in_place: bool | None = None  # time_jax_launch: outputs written into donated buffers
 
 
 def _calls_per_repeat(est_s, num_sets, budget_s, repeats, iters):
@@ -117,11 +120,101 @@ def kernel_ops(compiled) -> int:
                for line in compiled.as_text().splitlines())
 
 
-def time_jax_launch(fn, arg_sets, *, max_reps=32, **kwargs):
+def aliased_outputs(compiled) -> int:
+    """Outputs of a compiled executable that XLA writes into donated input buffers (the
+    `input_output_alias` entries of its HLO module)."""
+    header = compiled.as_text().split("\n", 1)[0]
+    start = header.find("input_output_alias={")
+    if start < 0:
+        return 0
+    depth, end = 0, start
+    for end in range(start + len("input_output_alias="), len(header)):
+        depth += {"{": 1, "}": -1}.get(header[end], 0)
+        if depth == 0:
+            break
+    return header[start:end].count("alias)")
+
+
+def root_copies(compiled) -> int:
+    """Copies among the entry computation's outputs (`copy` ops under its ROOT tuple): what XLA
+    adds where an output cannot be computed into its donated buffer directly."""
+    lines = compiled.as_text().splitlines()
+    entry = next((i for i, line in enumerate(lines) if line.startswith("ENTRY")), None)
+    if entry is None:
+        return 0
+    root = next((line for line in lines[entry:] if line.lstrip().startswith("ROOT")), "")
+    operands = root.split(" tuple(", 1)[1] if " tuple(" in root else root.split("=", 1)[-1]
+    return len(re.findall(r"(?:^|[(,\s])%?copy(?:\.\d+)?(?=[,)\s]|$)", operands))
+
+
+class _InPlace:
+    """A compiled `(sets, outs) -> outs'` whose outs are donated: each call passes the previous
+    call's outputs back in, so XLA writes every output into the same buffers, call after call."""
+
+    def __init__(self, compiled, outs):
+        self.compiled, self.outs = compiled, outs
+
+    def __call__(self, sets):
+        self.outs = self.compiled(sets, self.outs)
+        return self.outs
+
+
+def _compile_launch(fn, sets, reps, in_place):
+    """The device-bound executable of `reps` repeats over `sets`: (callable, compiled, in_place).
+    In place: the outputs alias donated buffers (a warning and fresh outputs when XLA would not
+    alias every one of them)."""
+    many = repeated_calls(fn, reps)
+    if in_place:
+        shapes = jax.eval_shape(many, sets)
+        if any(len(a.sharding.device_set) > 1 for a in jax.tree.leaves(sets)):
+            # the donated buffers must be laid out as the outputs are (a mesh's shardings)
+            shardings = jax.jit(many).lower(sets).compile().output_shardings
+            outs = jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
+                           out_shardings=shardings)()
+        else:
+            outs = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        compiled = jax.jit(lambda s, o: many(s), donate_argnums=1,
+                           keep_unused=True).lower(sets, outs).compile()
+        leaves, copies = len(jax.tree.leaves(shapes)), root_copies(compiled)
+        fresh = jax.jit(many).lower(sets).compile() if copies else None
+        if copies:  # an input returned as it is: copied with fresh outputs too
+            copies -= root_copies(fresh)
+        if aliased_outputs(compiled) == leaves and copies <= 0:
+            return _InPlace(compiled, outs), compiled, True
+        warnings.warn(f"time_jax_launch: XLA aliased {aliased_outputs(compiled)} of {leaves} "
+                      f"outputs to donated buffers, copying {max(copies, 0)} more into them "
+                      "than into fresh ones; timing with fresh outputs", RuntimeWarning,
+                      stacklevel=3)
+        if fresh is not None:
+            return fresh, fresh, False
+    compiled = jax.jit(many).lower(sets).compile()
+    return compiled, compiled, False
+
+
+OUTPUTS_ENV = "JAX_DS_BENCH_OUTPUTS"  # "in-place" (the default) or "fresh": time_jax_launch's
+
+
+def outputs_in_place() -> bool:
+    """time_jax_launch's default: outputs in place unless $JAX_DS_BENCH_OUTPUTS is "fresh"."""
+    value = os.environ.get(OUTPUTS_ENV, "in-place")
+    if value not in ("in-place", "fresh"):
+        raise ValueError(f"${OUTPUTS_ENV} must be 'in-place' or 'fresh', got {value!r}")
+    return value == "in-place"
+
+
+def time_jax_launch(fn, arg_sets, *, max_reps=32, in_place=None, **kwargs):
     """Per-call time of one executable that calls `fn` once on each of arg_sets, `reps` times
     over: one dispatch for them all, so what remains is the device's time per call. The sets
     must be distinct arrays, or XLA would merge the identical calls; each repeat's inputs pass
     through an `optimization_barrier`, so XLA cannot merge the repeats either.
+
+    `in_place` (None: `outputs_in_place()`, True unless $JAX_DS_BENCH_OUTPUTS=fresh): the
+    executable's outputs are donated back to it, so every execution writes into the same
+    buffers, as the replay of a captured CUDA graph does (torch's anchor, `time_torch_graph`).
+    With fresh outputs each execution gets new buffers, and XLA re-records its command buffer
+    (CUDA graph) for the moved buffers before it launches it: host work per call that did not
+    overlap the GPU's (3-4 us a call at 10-40 us kernels, NOTES-gemm.md, "Where the short
+    shapes' time goes"). `in_place=False` measures that way.
 
     An executable of a few short calls is still bound by the host's dispatch of it (tens of
     array arguments: 0.26-0.43 ms of idle GPU between executables were seen in a one-off trace
@@ -132,15 +225,17 @@ def time_jax_launch(fn, arg_sets, *, max_reps=32, **kwargs):
     Some XLA versions drop the barrier before CSE (jax 0.10.2 on CPU merged the repeats): the
     compiled executable of `reps` repeats must hold `reps` times the dots and custom calls of
     one, or the doubling stops there (a warning says so) and the last honest timing comes back.
+    The Timing's `in_place` says how the outputs were written.
     """
     n = len(arg_sets)
     args = (tuple(arg_sets),)
+    in_place = outputs_in_place() if in_place is None else in_place
 
     def launch(reps):
-        compiled = jax.jit(repeated_calls(fn, reps)).lower(*args).compile()
-        t = time_jax(compiled, [args], **kwargs)
+        call, compiled, placed = _compile_launch(fn, args[0], reps, in_place)
+        t = time_jax(call, [args], **kwargs)
         return (Timing(t.median_s / (n * reps), t.min_s / (n * reps), t.calls * n * reps,
-                       t.repeats), kernel_ops(compiled))
+                       t.repeats, placed), kernel_ops(compiled))
 
     reps, (best, ops_one) = 1, launch(1)
     while reps < max_reps:

@@ -229,8 +229,12 @@ def _notes(rows, args, floor, ours_desc, peak, torch_gemm):
              f"{torch_gemm.chosen}; (rw) = ratio against torch rowwise scaling.",
              f"%roofline of ours vs {peak.source}; diff = calc_diff(ours, f32 reference), "
              f"FAIL above {DIFF_LIMIT:g}.",
-             "device-bound table: 'ours kernel' = GPU kernel time from jax.profiler (the kind of "
-             "figure DeepGEMM publishes); ours/DeepGEMM uses it when present. 'ours span' = the "
+             "device-bound table: one executable of many calls (JAX: outputs "
+             + ("written in place, donated back in" if _timing.outputs_in_place()
+                else "fresh each execution") +
+             "; torch: a CUDA graph); 'ours kernel' = GPU kernel time from jax.profiler (the "
+             "kind of figure DeepGEMM publishes); ours/DeepGEMM uses it when present. 'ours "
+             "span' = the "
              "GPU's span (first kernel start to last end) of the executable of many calls, / "
              "calls: the device's time without the host's per-execution work (torch's CUDA "
              "graph replay is device time already)."]
@@ -275,7 +279,9 @@ def run(args):
         "timing": {"per_call": "median over repeats of T(n calls)/n, inputs rotating over sets",
                    "device": "one call per input set in one jitted executable (JAX; the sets "
                              "repeated inside it, doubling, while that still lowers the "
-                             "time per call) or one CUDA graph (torch), time / calls",
+                             "time per call; outputs donated back in, written in place, unless "
+                             "JAX_DS_BENCH_OUTPUTS=fresh) or one CUDA graph (torch), time / "
+                             "calls",
                    "kernel": "ours only: sum of GPU kernel durations from jax.profiler / calls",
                    "span": "ours only: GPU span (first kernel start to last end, jax.profiler) "
                            "of the device-bound executable at 4 repeats, / calls",
