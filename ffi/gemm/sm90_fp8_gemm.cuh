@@ -27,19 +27,27 @@
 // GEMM walks one [M, N] grid, the grouped GEMMs walk per-group row ranges over shared tensors.
 // A scheduler maps a work unit (kClusterN tiles side by side in N) and a cluster rank to a
 // TileCoord; every CTA of a cluster must see the same sequence of units.
+//
+// kBf16: the same kernel over bf16 operands (the bf16 grouped GEMM of the MoE experts): a stage
+// holds 64 bf16 of K per row (the same 128 bytes), WGMMA m64nBNk16 bf16 (the same 32 bytes of K
+// per instruction), no scales, and each k block's sums added to the total unscaled (float32
+// throughout, as one long WGMMA accumulation would be, summed in a different order).
 #pragma once
 #include <cuda.h>
 #include <cuda_bf16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "common/fastdiv.h"
 #include "common/sm90.cuh"
+#include "common/wgmma_bf16.cuh"
 #include "common/wgmma_fp8.cuh"
 
 namespace jax_ds::gemm {
 
 constexpr int kBlockK = 128;  // one scale block of K per pipeline stage (128 B per FP8 row)
+constexpr int kBlockKBf16 = 64;  // bf16 operands: the same 128 bytes of a row per stage
 
 struct TileCoord {
   int a_row;    // first row of A (and of the output) of the tile
@@ -370,10 +378,10 @@ __device__ __forceinline__ void stage_tile(uint8_t* slice, const float* total, i
 }
 
 // One k block for a consumer: wait for the stage, issue its 4 WGMMAs into `acc`, commit.
-template <int BN>
+template <int BN, bool kBf16 = false>
 __device__ __forceinline__ void issue_k_block(float* acc, uint64_t* full_bar, uint32_t parity,
                                               const uint8_t* tile_a, const uint8_t* tile_b) {
-  using Mma = WgmmaFp8<BN>;
+  using Mma = std::conditional_t<kBf16, WgmmaBf16<BN>, WgmmaFp8<BN>>;
   sm90::mbar_wait(full_bar, parity);
   const uint32_t desc_a = sm90::sw128_kmajor_desc_lo(tile_a);
   const uint32_t desc_b = sm90::sw128_kmajor_desc_lo(tile_b);
@@ -382,20 +390,20 @@ __device__ __forceinline__ void issue_k_block(float* acc, uint64_t* full_bar, ui
   sm90::wgmma_fence();
 #pragma unroll
   for (int k = 0; k < kBlockK / 32; ++k) {
-    // 32 FP8 = 32 bytes of K per WGMMA: advance the start address by 2 x 16 bytes.
+    // 32 FP8 (or 16 bf16) = 32 bytes of K per WGMMA: advance the start address by 2 x 16 bytes.
     Mma::mma(acc, sm90::sw128_kmajor_desc_from_lo(desc_a + 2 * k),
              sm90::sw128_kmajor_desc_from_lo(desc_b + 2 * k), k > 0 ? 1u : 0u);
   }
   sm90::wgmma_commit();
 }
 
-template <int BM, int BN, int kClusterN, typename OutT, typename Sched>
+template <int BM, int BN, int kClusterN, typename OutT, typename Sched, bool kBf16 = false>
 __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
-    sm90_fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a,    // A [M, K] e4m3
-                         const __grid_constant__ CUtensorMap tmap_b,    // B [rows, K] e4m3
+    sm90_fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a,    // A [M, K] e4m3 / bf16
+                         const __grid_constant__ CUtensorMap tmap_b,    // B [rows, K] e4m3 / bf16
                          const __grid_constant__ CUtensorMap tmap_out,  // out [M, N] (if TMA)
-                         const float* __restrict__ a_scale,             // [M, K/128]
-                         const float* __restrict__ b_scale,             // [sb rows, K/128]
+                         const float* __restrict__ a_scale,             // [M, K/128] (FP8)
+                         const float* __restrict__ b_scale,             // [sb rows, K/128] (FP8)
                          OutT* __restrict__ out,                        // [M, N]
                          const Sched sched_in, int M, int N, int K, int num_stages,
                          int out_bytes) {
@@ -403,7 +411,9 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
   static_assert((128 % BN == 0 && BN >= 16) || BN == 192,
                 "BN divides the 128-wide B scale block, or is 192 (two scale blocks per tile)");
   static_assert(kClusterN == 1 || kClusterN == 2, "clusters of 1 or 2 CTAs along N");
+  static_assert(!kBf16 || !Sched::kSplits, "bf16: no split-K workspace (grouped schedulers)");
   using Smem = GemmSmem<BM, BN, OutT>;
+  constexpr int kKElems = kBf16 ? kBlockKBf16 : kBlockK;  // K elements per stage
   constexpr int kAccRegs = WgmmaFp8<BN>::kRegs;
   // BN = 192 spans two B scale blocks (columns past `boundary` take the second) and leaves no
   // registers for a second accumulator set: its k blocks are issued, waited and promoted one
@@ -440,7 +450,8 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
   // (UR), computed once per warp on the uniform datapath, instead of per thread in R registers
   // and moved over with R2UR before every WGMMA (cuobjdump -sass, NOTES-gemm).
   const int warpgroup = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x / 128), 0);
-  const int k_blocks = K / kBlockK;
+  // (bf16: K need not fill the last block; TMA reads the columns past K as zeros)
+  const int k_blocks = kBf16 ? (K + kKElems - 1) / kKElems : K / kBlockK;
   // TMA stores (through the staging buffer) need 16-byte aligned output rows; the host passes
   // out_bytes = 0 for other N, and the tile goes out through guarded register stores.
   const bool tma_store = Smem::kTmaStore && out_bytes > 0;
@@ -477,11 +488,11 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
           const int a_row = c.a_row + static_cast<int>(rank) * kASliceRows;
           if constexpr (kClusterN > 1) {
             sm90::tma_load_2d_multicast(dst_a, &tmap_a, &full[stage], (1u << kClusterN) - 1,
-                                        kb * kBlockK, a_row);
+                                        kb * kKElems, a_row);
           } else {
-            sm90::tma_load_2d(dst_a, &tmap_a, &full[stage], kb * kBlockK, a_row);
+            sm90::tma_load_2d(dst_a, &tmap_a, &full[stage], kb * kKElems, a_row);
           }
-          sm90::tma_load_2d(tiles_b + stage * kBTileBytes, &tmap_b, &full[stage], kb * kBlockK,
+          sm90::tma_load_2d(tiles_b + stage * kBTileBytes, &tmap_b, &full[stage], kb * kKElems,
                             c.b_row);
           if (++stage == num_stages) stage = 0, phase ^= 1;
         }
@@ -591,26 +602,31 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
       const int row0 = c.a_row + row_in_tile;
       const int row1 = row0 + 8;
       // Rows past M read as zero through TMA; their scales are never loaded out of bounds.
-      const float* sa0 = a_scale + static_cast<int64_t>(min(row0, M - 1)) * k_blocks;
-      const float* sa1 = a_scale + static_cast<int64_t>(min(row1, M - 1)) * k_blocks;
-      const float* sb = b_scale + static_cast<int64_t>(c.sb_row) * k_blocks;
+      // (bf16: no scales; the pointers stay null and are never read)
+      const float* sa0 =
+          kBf16 ? a_scale : a_scale + static_cast<int64_t>(min(row0, M - 1)) * k_blocks;
+      const float* sa1 =
+          kBf16 ? a_scale : a_scale + static_cast<int64_t>(min(row1, M - 1)) * k_blocks;
+      const float* sb = kBf16 ? b_scale : b_scale + static_cast<int64_t>(c.sb_row) * k_blocks;
       // kTwoScales: the tile's columns from `boundary` on (a multiple of 64) take the next B
       // scale row, if the tile reaches it before N; else the one row serves all columns.
       const int n0 = c.n_block * BN;
       const int boundary = kTwoScales ? 128 - n0 % 128 : BN;
       const float* sb_hi =
-          sb + (kTwoScales && n0 + boundary < N ? static_cast<int64_t>(k_blocks) : 0);
+          sb + (!kBf16 && kTwoScales && n0 + boundary < N ? static_cast<int64_t>(k_blocks) : 0);
       if constexpr (!kDefer) {
 #pragma unroll
         for (int i = 0; i < kAccRegs; ++i) total[i] = 0.f;
       }
 
       auto issue = [&](int set, int kb) {
-        scale_a0[set] = __ldg(sa0 + kb);
-        scale_a1[set] = __ldg(sa1 + kb);
-        scale_b[set] = __ldg(sb + kb);
-        if constexpr (kTwoScales) scale_b_hi[set] = __ldg(sb_hi + kb);
-        issue_k_block<BN>(acc[set], &full[stage], phase,
+        if constexpr (!kBf16) {
+          scale_a0[set] = __ldg(sa0 + kb);
+          scale_a1[set] = __ldg(sa1 + kb);
+          scale_b[set] = __ldg(sb + kb);
+          if constexpr (kTwoScales) scale_b_hi[set] = __ldg(sb_hi + kb);
+        }
+        issue_k_block<BN, kBf16>(acc[set], &full[stage], phase,
                           tiles_a + stage * kATileBytes + consumer * 64 * kBlockK,
                           tiles_b + stage * kBTileBytes);
         if (++stage == num_stages) stage = 0, phase ^= 1;
@@ -634,29 +650,34 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
           }
         }
         if (++release_stage == num_stages) release_stage = 0;
-        const float s0 = scale_a0[set] * scale_b[set];
-        const float s1 = scale_a1[set] * scale_b[set];
-        // Registers 4j, 4j+1 hold row0; 4j+2, 4j+3 hold row1, at columns 8j + (lane % 4) * 2.
-        if constexpr (kTwoScales) {
-          const float h0 = scale_a0[set] * scale_b_hi[set];
-          const float h1 = scale_a1[set] * scale_b_hi[set];
-          // BN = 192 (the only two-scale tile), boundary 64 or 128: columns 0-63 take the first
-          // row's scale, 128-191 the second's, and only 64-127 depend on the tile (one select
-          // per k block, not per value).
-          const float m0 = boundary > 64 ? s0 : h0;
-          const float m1 = boundary > 64 ? s1 : h1;
+        if constexpr (kBf16) {  // no scales: the block's sums add up as they are
 #pragma unroll
-          for (int i = 0; i < kAccRegs; ++i) {
-            const int third = i / 32;  // 4 registers per 8 columns: 32 per 64 columns
-            const bool row1 = (i % 4) >= 2;
-            const float sc = third == 0 ? (row1 ? s1 : s0)
-                             : third == 1 ? (row1 ? m1 : m0) : (row1 ? h1 : h0);
-            total[i] = fmaf(a[i], sc, total[i]);
-          }
+          for (int i = 0; i < kAccRegs; ++i) total[i] += a[i];
         } else {
+          const float s0 = scale_a0[set] * scale_b[set];
+          const float s1 = scale_a1[set] * scale_b[set];
+          // Registers 4j, 4j+1 hold row0; 4j+2, 4j+3 hold row1, at columns 8j + (lane % 4) * 2.
+          if constexpr (kTwoScales) {
+            const float h0 = scale_a0[set] * scale_b_hi[set];
+            const float h1 = scale_a1[set] * scale_b_hi[set];
+            // BN = 192 (the only two-scale tile), boundary 64 or 128: columns 0-63 take the first
+            // row's scale, 128-191 the second's, and only 64-127 depend on the tile (one select
+            // per k block, not per value).
+            const float m0 = boundary > 64 ? s0 : h0;
+            const float m1 = boundary > 64 ? s1 : h1;
 #pragma unroll
-          for (int i = 0; i < kAccRegs; ++i) {
-            total[i] = fmaf(a[i], (i % 4) < 2 ? s0 : s1, total[i]);
+            for (int i = 0; i < kAccRegs; ++i) {
+              const int third = i / 32;  // 4 registers per 8 columns: 32 per 64 columns
+              const bool row1 = (i % 4) >= 2;
+              const float sc = third == 0 ? (row1 ? s1 : s0)
+                               : third == 1 ? (row1 ? m1 : m0) : (row1 ? h1 : h0);
+              total[i] = fmaf(a[i], sc, total[i]);
+            }
+          } else {
+#pragma unroll
+            for (int i = 0; i < kAccRegs; ++i) {
+              total[i] = fmaf(a[i], (i % 4) < 2 ? s0 : s1, total[i]);
+            }
           }
         }
       };

@@ -35,7 +35,7 @@ import numpy as np
 from jax_ds import _ffi
 from jax_ds.bench import (_profile, _timing, bar_plot, environment, error_cell, print_table,
                           write_json)
-from jax_ds.ops import dequantize_fp8, quantize_fp8
+from jax_ds.ops import dequantize_fp8, grouped_gemm, quantize_fp8
 from jax_ds.ops.grouped_gemm import (GROUPED_TARGET, grouped_fp8_gemm, grouped_matmul,
                                      grouped_wgrad, masked_grouped_fp8_gemm, uses_windows)
 from jax_ds.ops.moe import moe_permute, moe_unpermute
@@ -165,7 +165,7 @@ def _gemm_row(kind, g, rows, n, k, key, args, ours_na):
     return row
 
 
-BF16_IMPLS = ("windows", "xla_ragged", "torch")
+BF16_IMPLS = ("kernel", "windows", "xla_ragged", "torch")
 BF16_OPS = ("forward", "wgrad")
 
 
@@ -198,6 +198,22 @@ def _bf16_row(op, g, rows, n, k, key, args):
             row["results"][name] = error_cell(e)
     if len(outs) == 2:
         row["diff"] = calc_diff(outs["windows"], outs["xla_ragged"])
+    # the bf16 grouped kernel (grouped_linear's forward and dgrad; no wgrad kernel yet)
+    why = _ffi.unavailable_reason(grouped_gemm.BF16_TARGET)
+    if op != "forward" or why:
+        row["results"]["kernel"] = {"na": why or "no wgrad kernel"}
+    else:
+        fn = jax.jit(lambda a, b, s: grouped_gemm.ffi_grouped_bf16_gemm(a, b, s, jnp.float32))
+        try:
+            got = np.asarray(fn(*sets[0]))
+            if "windows" in outs:
+                row["kernel_diff"] = calc_diff(got, outs["windows"])
+            t = _timing.time_jax_launch(fn, sets, budget_s=args.budget, repeats=args.repeats,
+                                        max_reps=4)
+            row["results"]["kernel"] = {"tflops": flops / t.median_s / 1e12,
+                                        "ms": t.median_s * 1e3}
+        except Exception as e:
+            row["results"]["kernel"] = error_cell(e)
     if not args.no_torch:
         try:
             import torch
@@ -239,19 +255,21 @@ def run_bf16(args, env):
     for row in rows:
         res = row["results"]
         ours, xla = res.get("windows", {}).get("tflops"), res.get("xla_ragged", {}).get("tflops")
-        torch_tf = res.get("torch", {}).get("tflops")
+        torch_tf, kernel = res.get("torch", {}).get("tflops"), res.get("kernel", {}).get("tflops")
         table.append([row["op"], f"{row['groups']}x{row['rows']}", str(row["n"]), str(row["k"]),
                       "windows" if row["rule_takes_windows"] else "ragged",
                       *[_cell(res.get(name, {})) for name in BF16_IMPLS],
                       f"{ours / xla:.1f}" if ours and xla else "-",
                       f"{ours / torch_tf:.2f}" if ours and torch_tf else "-",
+                      f"{kernel / torch_tf:.2f}" if kernel and torch_tf else "-",
                       "-" if row.get("diff") is None else f"{row['diff']:.1e}"])
     print_table(f"bf16 expert GEMMs by XLA on {env['device']}, TFLOP/s (device-bound)",
                 ("op", "GxM", "n", "k", "rule", *BF16_IMPLS, "windows/XLA", "windows/torch",
-                 "diff"),
+                 "kernel/torch", "diff"),
                 table, ["forward: out = x @ w[g]^T (grouped_matmul); wgrad: dw[g] = dy^T x over "
                         "the group's rows (grouped_wgrad); bf16 operands, float32 results; "
                         "useful FLOPs 2 M N K; rule = what the op picks for the shape; "
+                        "kernel = the bf16 grouped kernel (forward only; float32 out here); "
                         "diff = calc_diff(windows, xla_ragged)"])
     path = write_json(args.out, "moe", env, {
         "timing": {"device": "time_jax_launch (max 4 repeats; outputs in place unless "
