@@ -545,9 +545,9 @@ def grouped_linear(x, w, group_sizes):
     each group's rows (`grouped_matmul`, `grouped_wgrad`) where those cost less. float32
     accumulation throughout (float32 operands at HIGHEST). No gradient to group_sizes (int32
     [G], >= 0 with sum <= M: a ValueError when concrete; traced, negative sizes count as empty
-    and groups are cut at row M). Reverse mode only (a
-    custom_vjp, as `grouped_fp8_linear`): jax.jvp / jacfwd refuse it. Empty x or w (M, N, K or
-    G = 0) give zeros. Plain XLA on every platform (no kernel, so no `impl`).
+    and groups are cut at row M). Reverse mode only (a custom_vjp, as `grouped_fp8_linear`):
+    jax.jvp / jacfwd refuse it. Empty x or w (M, N, K or G = 0) give zeros. Plain XLA on every
+    platform (no kernel, so no `impl`).
     """
     _check_grouped_linear("grouped_linear", x, w, group_sizes)
     x, w = match_vma(x, w)  # inside shard_map: w's cotangent varies wherever x does
