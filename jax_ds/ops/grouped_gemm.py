@@ -547,9 +547,8 @@ def grouped_linear(x, w, group_sizes, *, impl="auto"):
     each group's rows (`grouped_matmul`, `grouped_wgrad`) where those cost less. float32
     accumulation throughout (float32 operands at HIGHEST). No gradient to group_sizes (int32
     [G], >= 0 with sum <= M: a ValueError when concrete; traced, negative sizes count as empty
-    and groups are cut at row M). Reverse mode only (a
-    custom_vjp, as `grouped_fp8_linear`): jax.jvp / jacfwd refuse it. Empty x or w (M, N, K or
-    G = 0) give zeros.
+    and groups are cut at row M). Reverse mode only (a custom_vjp, as `grouped_fp8_linear`):
+    jax.jvp / jacfwd refuse it. Empty x or w (M, N, K or G = 0) give zeros.
 
     impl: "auto" runs the forward and dgrad through the bf16 grouped kernel
     (`jax_ds_grouped_bf16_gemm`: the FP8 grouped kernel's body on bf16 operands, float32
