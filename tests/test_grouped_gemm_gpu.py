@@ -265,7 +265,8 @@ def _check_bf16(out, x, w, sizes, what, out_dtype=jnp.bfloat16):
 def test_bf16_every_tile(block_m, block_n, cluster_n):
     """Each compiled bf16 tile, on 3 SMs and on all: group sizes with zeros, one row, rows past
     the groups; K not a multiple of the 64-wide k block (the TMA reads zeros past it); N not a
-    multiple of the tile (register stores at 300, TMA stores at 512); both output dtypes."""
+    multiple of the tile (bf16 rows of 300 take register stores; f32 rows of 300 and every row
+    of 512 TMA stores); both output dtypes."""
     _bf16_kernel()
     sizes = jnp.asarray([100, 0, 250, 1, 300], jnp.int32)  # 49 rows past the groups
     kx, kw = jax.random.split(jax.random.key(21))
@@ -310,7 +311,9 @@ def test_bf16_grouped_linear_uses_the_kernel(m, n, k, sizes):
     _check_bf16(dx, dy, jnp.swapaxes(w, 1, 2), clamped, "dgrad")
     dx_xla, dw_xla = jax.jit(lambda x, w, g, dy: jax.vjp(
         lambda x, w: grouped.grouped_linear(x, w, g, impl="xla"), x, w)[1](dy))(x, w, gs, dy)
-    np.testing.assert_array_equal(np.asarray(dw), np.asarray(dw_xla))  # the same wgrad
+    # the same wgrad (the windows' batched dot in both programs; compiled apart, so not
+    # necessarily to the bit)
+    assert testing.calc_diff(np.asarray(dw, np.float64), np.asarray(dw_xla, np.float64)) < 1e-6
 
 
 def test_bf16_bad_attributes_are_errors_not_launches():

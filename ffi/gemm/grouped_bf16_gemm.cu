@@ -45,11 +45,13 @@ ffi::Error GroupedBf16Impl(cudaStream_t stream, ffi::AnyBuffer a, ffi::AnyBuffer
   JAX_DS_CHECK_ARG(a.element_type() == ffi::BF16 && b.element_type() == ffi::BF16,
                    op + ": a and b must be bf16");
   const int64_t M = ad[0], K = ad[1], G = bd[0], N = bd[1];
+  // (K < 2^31 - 64: the kernel rounds K up to whole 64-wide blocks in int)
   JAX_DS_CHECK_ARG(M >= 1 && M < (int64_t(1) << 31) && K >= 8 && K % 8 == 0 &&
-                       K < (int64_t(1) << 31) && bd[2] == K,
+                       K < (int64_t(1) << 31) - 64 && bd[2] == K,
                    op + ": need M >= 1 rows and K a positive multiple of 8 shared by a and b");
-  JAX_DS_CHECK_ARG(G >= 1 && G <= kMaxGroups && N >= 1 && G * N < (int64_t(1) << 31),
-                   op + ": need 1 <= G <= 1024, N >= 1 and G * N < 2^31");
+  // (B rows: group * N + a tile's columns stay below 2^31)
+  JAX_DS_CHECK_ARG(G >= 1 && G <= kMaxGroups && N >= 1 && G * N < (int64_t(1) << 31) - 512,
+                   op + ": need 1 <= G <= 1024, N >= 1 and G * N < 2^31 - 512");
   JAX_DS_CHECK_ARG(gd[0] == G, op + ": group_sizes must be [G]");
   JAX_DS_CHECK_ARG(out->element_count() == M * N && out->dimensions().back() == N,
                    op + ": out must hold [M, N]");

@@ -575,7 +575,7 @@ def _bf16_unsupported(x, w):
         return f"grouped_linear: the kernel takes bf16 x, got {np.dtype(x.dtype).name}"
     if k % 8 or n % 8:
         return f"grouped_linear: the kernel needs K and N multiples of 8, got K {k}, N {n}"
-    if g > MAX_GROUPS or x.shape[0] >= 2**31 or g * max(n, k) >= 2**31:
+    if g > MAX_GROUPS or x.shape[0] >= 2**31 or g * max(n, k) >= 2**31 - 512:
         return (f"grouped_linear: the kernel takes up to {MAX_GROUPS} groups and int32 sizes, "
                 f"got x {tuple(x.shape)}, w {tuple(w.shape)}")
     return None
@@ -589,7 +589,11 @@ def bf16_grouped_config(m: int, g: int, n: int, k: int, num_sms: int):
     cfg = grouped_config(cdiv(m, max(g, 1)), g, n, 2 * k, num_sms)
     if cfg.block_m == 64:
         return type(cfg)(64, 128 if cfg.block_n >= 128 else 64, num_sms, 1)
-    return type(cfg)(128, 192 if cfg.block_n == 192 else 128, num_sms, cfg.cluster_n)
+    block_n = 192 if cfg.block_n == 192 else 128
+    # pairs only where the (possibly widened) tile's column blocks pair up, as grouped_config's
+    # rule: an odd count leaves every pair's second tile past N (computed, not stored)
+    cluster_n = cfg.cluster_n if cdiv(n, block_n) % 2 == 0 else 1
+    return type(cfg)(128, block_n, num_sms, cluster_n)
 
 
 def ffi_grouped_bf16_gemm(a, b, sizes, out_dtype, cfg=None):
