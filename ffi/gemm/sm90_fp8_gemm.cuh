@@ -30,8 +30,8 @@
 //
 // kBf16: the same kernel over bf16 operands (the bf16 grouped GEMM of the MoE experts): a stage
 // holds 64 bf16 of K per row (the same 128 bytes), WGMMA m64nBNk16 bf16 (the same 32 bytes of K
-// per instruction), no scales, and each k block's sums added to the total unscaled (float32
-// throughout, as one long WGMMA accumulation would be, summed in a different order).
+// per instruction), no scales and no promotion: a tile's sum runs on in one accumulator set
+// across its k blocks (bf16 products are exact, the tensor cores add them in float32).
 #pragma once
 #include <cuda.h>
 #include <cuda_bf16.h>
@@ -377,10 +377,12 @@ __device__ __forceinline__ void stage_tile(uint8_t* slice, const float* total, i
   }
 }
 
-// One k block for a consumer: wait for the stage, issue its 4 WGMMAs into `acc`, commit.
+// One k block for a consumer: wait for the stage, issue its 4 WGMMAs into `acc`, commit. The
+// first WGMMA overwrites `acc` unless `carry` (bf16: the tile's sum runs on in the accumulator).
 template <int BN, bool kBf16 = false>
 __device__ __forceinline__ void issue_k_block(float* acc, uint64_t* full_bar, uint32_t parity,
-                                              const uint8_t* tile_a, const uint8_t* tile_b) {
+                                              const uint8_t* tile_a, const uint8_t* tile_b,
+                                              bool carry = false) {
   using Mma = std::conditional_t<kBf16, WgmmaBf16<BN>, WgmmaFp8<BN>>;
   sm90::mbar_wait(full_bar, parity);
   const uint32_t desc_a = sm90::sw128_kmajor_desc_lo(tile_a);
@@ -392,7 +394,7 @@ __device__ __forceinline__ void issue_k_block(float* acc, uint64_t* full_bar, ui
   for (int k = 0; k < kBlockK / 32; ++k) {
     // 32 FP8 (or 16 bf16) = 32 bytes of K per WGMMA: advance the start address by 2 x 16 bytes.
     Mma::mma(acc, sm90::sw128_kmajor_desc_from_lo(desc_a + 2 * k),
-             sm90::sw128_kmajor_desc_from_lo(desc_b + 2 * k), k > 0 ? 1u : 0u);
+             sm90::sw128_kmajor_desc_from_lo(desc_b + 2 * k), k > 0 || carry ? 1u : 0u);
   }
   sm90::wgmma_commit();
 }
@@ -619,7 +621,7 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
         for (int i = 0; i < kAccRegs; ++i) total[i] = 0.f;
       }
 
-      auto issue = [&](int set, int kb) {
+      auto issue = [&](int set, int kb, bool carry = false) {
         if constexpr (!kBf16) {
           scale_a0[set] = __ldg(sa0 + kb);
           scale_a1[set] = __ldg(sa1 + kb);
@@ -628,16 +630,12 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
         }
         issue_k_block<BN, kBf16>(acc[set], &full[stage], phase,
                           tiles_a + stage * kATileBytes + consumer * 64 * kBlockK,
-                          tiles_b + stage * kBTileBytes);
+                          tiles_b + stage * kBTileBytes, carry);
         if (++stage == num_stages) stage = 0, phase ^= 1;
       };
-      // Called once the WGMMAs of a block (in set `set`) have completed: free its stage in
-      // every CTA of the cluster, promote.
       int release_stage = stage;
-      auto promote = [&](int set) {
-        float* a = acc[set];
-#pragma unroll
-        for (int i = 0; i < kAccRegs; ++i) sm90::fence_operand(a[i]);
+      // Frees the oldest stage still held, in every CTA of the cluster.
+      auto release = [&]() {
         __syncwarp();
         if (lane == 0) {
           if constexpr (kClusterN > 1) {
@@ -650,41 +648,61 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
           }
         }
         if (++release_stage == num_stages) release_stage = 0;
-        if constexpr (kBf16) {  // no scales: the block's sums add up as they are
+      };
+      // Called once the WGMMAs of a block (in set `set`) have completed: free its stage, promote.
+      auto promote = [&](int set) {
+        float* a = acc[set];
 #pragma unroll
-          for (int i = 0; i < kAccRegs; ++i) total[i] += a[i];
+        for (int i = 0; i < kAccRegs; ++i) sm90::fence_operand(a[i]);
+        release();
+        const float s0 = scale_a0[set] * scale_b[set];
+        const float s1 = scale_a1[set] * scale_b[set];
+        // Registers 4j, 4j+1 hold row0; 4j+2, 4j+3 hold row1, at columns 8j + (lane % 4) * 2.
+        if constexpr (kTwoScales) {
+          const float h0 = scale_a0[set] * scale_b_hi[set];
+          const float h1 = scale_a1[set] * scale_b_hi[set];
+          // BN = 192 (the only two-scale tile), boundary 64 or 128: columns 0-63 take the first
+          // row's scale, 128-191 the second's, and only 64-127 depend on the tile (one select
+          // per k block, not per value).
+          const float m0 = boundary > 64 ? s0 : h0;
+          const float m1 = boundary > 64 ? s1 : h1;
+#pragma unroll
+          for (int i = 0; i < kAccRegs; ++i) {
+            const int third = i / 32;  // 4 registers per 8 columns: 32 per 64 columns
+            const bool row1 = (i % 4) >= 2;
+            const float sc = third == 0 ? (row1 ? s1 : s0)
+                             : third == 1 ? (row1 ? m1 : m0) : (row1 ? h1 : h0);
+            total[i] = fmaf(a[i], sc, total[i]);
+          }
         } else {
-          const float s0 = scale_a0[set] * scale_b[set];
-          const float s1 = scale_a1[set] * scale_b[set];
-          // Registers 4j, 4j+1 hold row0; 4j+2, 4j+3 hold row1, at columns 8j + (lane % 4) * 2.
-          if constexpr (kTwoScales) {
-            const float h0 = scale_a0[set] * scale_b_hi[set];
-            const float h1 = scale_a1[set] * scale_b_hi[set];
-            // BN = 192 (the only two-scale tile), boundary 64 or 128: columns 0-63 take the first
-            // row's scale, 128-191 the second's, and only 64-127 depend on the tile (one select
-            // per k block, not per value).
-            const float m0 = boundary > 64 ? s0 : h0;
-            const float m1 = boundary > 64 ? s1 : h1;
 #pragma unroll
-            for (int i = 0; i < kAccRegs; ++i) {
-              const int third = i / 32;  // 4 registers per 8 columns: 32 per 64 columns
-              const bool row1 = (i % 4) >= 2;
-              const float sc = third == 0 ? (row1 ? s1 : s0)
-                               : third == 1 ? (row1 ? m1 : m0) : (row1 ? h1 : h0);
-              total[i] = fmaf(a[i], sc, total[i]);
-            }
-          } else {
-#pragma unroll
-            for (int i = 0; i < kAccRegs; ++i) {
-              total[i] = fmaf(a[i], (i % 4) < 2 ? s0 : s1, total[i]);
-            }
+          for (int i = 0; i < kAccRegs; ++i) {
+            total[i] = fmaf(a[i], (i % 4) < 2 ? s0 : s1, total[i]);
           }
         }
       };
 
       // This unit's k blocks (all of them unless the tile is split along K); at least one.
       const int kb_first = c.kb_begin, kb_end = min(c.kb_end, k_blocks);
-      if constexpr (kDefer) {  // one accumulator set, the previous tile's epilogue deferred
+      if constexpr (kBf16) {
+        // No promotion: the tile's sum runs on in one accumulator set (bf16 products are exact
+        // and the tensor cores add them in float32), one k block's WGMMAs in flight while the
+        // stage of the block before is released. A zero tile keeps total = 0.
+        if (!c.zero) {
+          issue(0, kb_first);
+          for (int kb = kb_first + 1; kb < kb_end; ++kb) {
+            issue(0, kb, true);
+            sm90::wgmma_wait<1>();
+            release();
+          }
+          sm90::wgmma_wait<0>();
+#pragma unroll
+          for (int i = 0; i < kAccRegs; ++i) sm90::fence_operand(acc[0][i]);
+          release();
+#pragma unroll
+          for (int i = 0; i < kAccRegs; ++i) total[i] = acc[0][i];
+        }
+      } else if constexpr (kDefer) {  // one accumulator set, the previous tile's epilogue deferred
         issue(0, kb_first);
         if (pending) epilogue(prev, prev_unit);  // `total` still holds the previous tile
 #pragma unroll
