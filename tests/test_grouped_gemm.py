@@ -478,14 +478,14 @@ def test_bf16_grouped_config_takes_compiled_tiles(g):
 
 def test_grouped_linear_routes_to_the_bf16_kernel(monkeypatch):
     """With the kernel "available", impl="auto" takes it for bf16 x with K, N multiples of 8
-    (forward and dgrad, w transposed for the dgrad) and the windows otherwise; "ffi" refuses
+    (forward and dgrad, the dgrad reading w as it is) and the windows otherwise; "ffi" refuses
     what the kernel cannot take."""
     from jax_ds.ops import grouped_gemm as gg
     calls = []
 
-    def fake_kernel(a, b, sizes, out_dtype, cfg=None):
-        calls.append((a.shape, b.shape))
-        return gg.grouped_matmul(a, b, sizes).astype(out_dtype)
+    def fake_kernel(a, b, sizes, out_dtype, cfg=None, *, transpose_b=False):
+        calls.append((a.shape, b.shape, transpose_b))
+        return gg.grouped_matmul(a, b, sizes, transpose_w=transpose_b).astype(out_dtype)
 
     monkeypatch.setattr(_ffi, "unavailable_reason", lambda target: None)
     monkeypatch.setattr(gg, "ffi_grouped_bf16_gemm", fake_kernel)
@@ -494,7 +494,7 @@ def test_grouped_linear_routes_to_the_bf16_kernel(monkeypatch):
     gs = jnp.array([10, 0, 30], jnp.int32)
     jax.grad(lambda x, w: jnp.sum(gg.grouped_linear(x, w, gs).astype(jnp.float32)),
              (0, 1))(x, w)
-    assert calls == [((48, 40), (3, 24, 40)), ((48, 24), (3, 40, 24))]
+    assert calls == [((48, 40), (3, 24, 40), False), ((48, 24), (3, 24, 40), True)]
     calls.clear()
     for xx, ww in ((x.astype(jnp.float32), w), (x[:, :36], w[:, :, :36]), (x, w[:, :20])):
         gg.grouped_linear(xx, ww, gs)  # f32 x, K 36, N 20: the windows

@@ -264,23 +264,28 @@ def _check_bf16(out, x, w, sizes, what, out_dtype=jnp.bfloat16):
 @pytest.mark.parametrize("block_m,block_n,cluster_n", BF16_TILES)
 def test_bf16_every_tile(block_m, block_n, cluster_n):
     """Each compiled bf16 tile, on 3 SMs and on all: group sizes with zeros, one row, rows past
-    the groups; K not a multiple of the 64-wide k block (the TMA reads zeros past it); N not a
-    multiple of the tile (bf16 rows of 300 take register stores; f32 rows of 300 and every row
-    of 512 TMA stores); both output dtypes."""
+    the groups; K not a multiple of the 64-wide k block (the TMA reads zeros past it; with b
+    [G, K, N] a 3-D map stops the block at the group's last row); N not a multiple of the tile
+    (bf16 rows of 300 take register stores; f32 rows and rows of 296 or 512 TMA stores); both
+    output dtypes; b NT and (N a multiple of 8) MN-major."""
     _bf16_kernel()
     sizes = jnp.asarray([100, 0, 250, 1, 300], jnp.int32)  # 49 rows past the groups
     kx, kw = jax.random.split(jax.random.key(21))
-    for n, k in ((300, 200), (512, 384)):
+    for n, k in ((300, 200), (296, 200), (512, 384)):
         x = jax.random.normal(kx, (700, k), jnp.bfloat16)
         w = jax.random.normal(kw, (5, n, k), jnp.bfloat16)
         for num_sms in (3, _ffi.num_sms()):
             for out_dtype in (jnp.bfloat16, jnp.float32):
-                cfg = GemmConfig(block_m, block_n, num_sms, cluster_n)
-                _poison((700, n), out_dtype)
-                out = jax.jit(lambda *a: grouped.ffi_grouped_bf16_gemm(*a, out_dtype, cfg))(
-                    x, w, sizes)
-                _check_bf16(out, x, w, sizes, f"{block_m}x{block_n}c{cluster_n} n{n} k{k} "
-                            f"{num_sms} SMs", out_dtype)
+                for trans in (False, True):  # b [G, N, K], or [G, K, N] read MN-major
+                    if trans and n % 8:
+                        continue
+                    cfg = GemmConfig(block_m, block_n, num_sms, cluster_n)
+                    _poison((700, n), out_dtype)
+                    b = jnp.swapaxes(w, 1, 2) if trans else w
+                    out = jax.jit(lambda *a: grouped.ffi_grouped_bf16_gemm(
+                        *a, out_dtype, cfg, transpose_b=trans))(x, b, sizes)
+                    _check_bf16(out, x, w, sizes, f"{block_m}x{block_n}c{cluster_n} n{n} k{k} "
+                                f"{num_sms} SMs transpose_b {trans}", out_dtype)
 
 
 @pytest.mark.parametrize("m,n,k,sizes", [
@@ -290,8 +295,8 @@ def test_bf16_every_tile(block_m, block_n, cluster_n):
     (1000, 256, 256, [-5, 700, 600]),                                     # traced: clamped
 ])
 def test_bf16_grouped_linear_uses_the_kernel(m, n, k, sizes):
-    """grouped_linear(impl="ffi") forward and dgrad (w transposed) through the kernel, against
-    float64; the windows path agrees with it."""
+    """grouped_linear(impl="ffi") forward and dgrad (w read MN-major) through the kernel,
+    against float64; the windows path agrees with it."""
     _bf16_kernel()
     kx, kw, kd = jax.random.split(jax.random.key(m + n + k), 3)
     x = jax.random.normal(kx, (m, k), jnp.bfloat16)
@@ -324,6 +329,9 @@ def test_bf16_bad_attributes_are_errors_not_launches():
     for cfg in (GemmConfig(128, 64, 8, 1), GemmConfig(64, 64, 0, 1), GemmConfig(64, 64, 8, 2)):
         with pytest.raises(Exception, match="grouped_bf16_gemm"):
             jax.block_until_ready(grouped.ffi_grouped_bf16_gemm(x, w, sizes, jnp.bfloat16, cfg))
+    with pytest.raises(Exception, match="grouped_bf16_gemm"):  # [G, K, N] with N 100
+        jax.block_until_ready(grouped.ffi_grouped_bf16_gemm(
+            x, jnp.ones((2, 128, 100), jnp.bfloat16), sizes, jnp.bfloat16, transpose_b=True))
     with pytest.raises(Exception, match="grouped_bf16_gemm"):  # K not a multiple of 8
         jax.block_until_ready(grouped.ffi_grouped_bf16_gemm(
             jnp.ones((256, 100), jnp.bfloat16), jnp.ones((2, 128, 100), jnp.bfloat16), sizes,

@@ -37,8 +37,10 @@ struct GemmArgs {
 
 // Launches one kernel instance. `max_units` bounds the scheduler's work units from above (the
 // grouped schedulers only know theirs on the device): it sizes the persistent grid. kBf16: bf16
-// operands (K in elements, rows 16-byte aligned), no scales.
-template <int BM, int BN, int kClusterN, typename OutT, typename Sched, bool kBf16 = false>
+// operands (K in elements, rows 16-byte aligned), no scales. kBTrans: b is [G, K, N] bf16
+// (b_rows = G * K), read MN-major.
+template <int BM, int BN, int kClusterN, typename OutT, typename Sched, bool kBf16 = false,
+          bool kBTrans = false>
 ffi::Error LaunchGemm(cudaStream_t stream, const GemmArgs<OutT>& g, const Sched& sched,
                       int64_t max_units, int extra_smem_bytes) {
   using Smem = GemmSmem<BM, BN, OutT>;
@@ -54,7 +56,7 @@ ffi::Error LaunchGemm(cudaStream_t stream, const GemmArgs<OutT>& g, const Sched&
     return ffi::Error::InvalidArgument("jax_ds: GEMM scheduler tables leave no room for stages");
   }
   const int smem_bytes = fixed_bytes + stages * (Smem::kStageBytes + 16);
-  auto kernel = sm90_fp8_gemm_kernel<BM, BN, kClusterN, OutT, Sched, kBf16>;
+  auto kernel = sm90_fp8_gemm_kernel<BM, BN, kClusterN, OutT, Sched, kBf16, kBTrans>;
   static KernelDeviceState per_device[64];
   int max_clusters = 0;
   if (auto err = PrepareKernel(kernel, per_device, Smem::kThreads, kClusterN, g.num_sms,
@@ -69,10 +71,17 @@ ffi::Error LaunchGemm(cudaStream_t stream, const GemmArgs<OutT>& g, const Sched&
                                  BM / kClusterN, kBlockKBf16);
         err.failure())
       return err;
-    if (auto err = EncodeTileMap(&map_b, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, g.b, g.b_rows, g.K,
-                                 BN, kBlockKBf16);
-        err.failure())
-      return err;
+    if constexpr (kBTrans) {  // [G, K, N] in boxes of [1, 64 k rows, 64 n columns]
+      if (auto err = EncodeTileMap3d(&map_b, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, g.b,
+                                     g.b_rows / g.K, g.K, g.N, kBlockKBf16, 64);
+          err.failure())
+        return err;
+    } else {
+      if (auto err = EncodeTileMap(&map_b, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, g.b, g.b_rows,
+                                   g.K, BN, kBlockKBf16);
+          err.failure())
+        return err;
+    }
   } else {
     if (auto err = EncodeFp8TileMap(&map_a, g.a, g.a_rows, g.K, BM / kClusterN, kBlockK);
         err.failure())

@@ -32,6 +32,9 @@
 // holds 64 bf16 of K per row (the same 128 bytes), WGMMA m64nBNk16 bf16 (the same 32 bytes of K
 // per instruction), no scales and no promotion: a tile's sum runs on in one accumulator set
 // across its k blocks (bf16 products are exact, the tensor cores add them in float32).
+// kBTrans (bf16 only): B is read MN-major, b[g] as [K, N] (the dgrad of out = a @ b[g]^T reads
+// b[g] itself): a stage's B tile is BN/64 chunks of [64 k rows x 64 n columns] loaded through a
+// 3-D tensor map over [G, K, N] (so a k block never reads into the next group's rows).
 #pragma once
 #include <cuda.h>
 #include <cuda_bf16.h>
@@ -379,14 +382,18 @@ __device__ __forceinline__ void stage_tile(uint8_t* slice, const float* total, i
 
 // One k block for a consumer: wait for the stage, issue its 4 WGMMAs into `acc`, commit. The
 // first WGMMA overwrites `acc` unless `carry` (bf16: the tile's sum runs on in the accumulator).
-template <int BN, bool kBf16 = false>
+template <int BN, bool kBf16 = false, bool kBTrans = false>
 __device__ __forceinline__ void issue_k_block(float* acc, uint64_t* full_bar, uint32_t parity,
                                               const uint8_t* tile_a, const uint8_t* tile_b,
                                               bool carry = false) {
-  using Mma = std::conditional_t<kBf16, WgmmaBf16<BN>, WgmmaFp8<BN>>;
+  using Mma = std::conditional_t<kBTrans, WgmmaBf16TransB<BN>,
+                                 std::conditional_t<kBf16, WgmmaBf16<BN>, WgmmaFp8<BN>>>;
+  // kBTrans: B's 64-column chunks are 64 rows x 128 B apart; a k16 step is 16 rows (2048 B)
+  constexpr uint32_t kBStep = kBTrans ? 2048 >> 4 : 2;
   sm90::mbar_wait(full_bar, parity);
   const uint32_t desc_a = sm90::sw128_kmajor_desc_lo(tile_a);
-  const uint32_t desc_b = sm90::sw128_kmajor_desc_lo(tile_b);
+  const uint32_t desc_b = kBTrans ? sm90::sw128_mnmajor_desc_lo(tile_b, 64 * 128)
+                                  : sm90::sw128_kmajor_desc_lo(tile_b);
 #pragma unroll
   for (int i = 0; i < Mma::kRegs; ++i) sm90::fence_operand(acc[i]);
   sm90::wgmma_fence();
@@ -394,15 +401,17 @@ __device__ __forceinline__ void issue_k_block(float* acc, uint64_t* full_bar, ui
   for (int k = 0; k < kBlockK / 32; ++k) {
     // 32 FP8 (or 16 bf16) = 32 bytes of K per WGMMA: advance the start address by 2 x 16 bytes.
     Mma::mma(acc, sm90::sw128_kmajor_desc_from_lo(desc_a + 2 * k),
-             sm90::sw128_kmajor_desc_from_lo(desc_b + 2 * k), k > 0 || carry ? 1u : 0u);
+             sm90::sw128_kmajor_desc_from_lo(desc_b + kBStep * k), k > 0 || carry ? 1u : 0u);
   }
   sm90::wgmma_commit();
 }
 
-template <int BM, int BN, int kClusterN, typename OutT, typename Sched, bool kBf16 = false>
+template <int BM, int BN, int kClusterN, typename OutT, typename Sched, bool kBf16 = false,
+          bool kBTrans = false>
 __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
     sm90_fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a,    // A [M, K] e4m3 / bf16
-                         const __grid_constant__ CUtensorMap tmap_b,    // B [rows, K] e4m3 / bf16
+                         const __grid_constant__ CUtensorMap tmap_b,    // B [rows, K] (kBTrans:
+                                                                        // [G, K, N] bf16, 3-D)
                          const __grid_constant__ CUtensorMap tmap_out,  // out [M, N] (if TMA)
                          const float* __restrict__ a_scale,             // [M, K/128] (FP8)
                          const float* __restrict__ b_scale,             // [sb rows, K/128] (FP8)
@@ -414,6 +423,7 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
                 "BN divides the 128-wide B scale block, or is 192 (two scale blocks per tile)");
   static_assert(kClusterN == 1 || kClusterN == 2, "clusters of 1 or 2 CTAs along N");
   static_assert(!kBf16 || !Sched::kSplits, "bf16: no split-K workspace (grouped schedulers)");
+  static_assert(!kBTrans || (kBf16 && BN % 64 == 0), "kBTrans: bf16, whole 64-column chunks");
   using Smem = GemmSmem<BM, BN, OutT>;
   constexpr int kKElems = kBf16 ? kBlockKBf16 : kBlockK;  // K elements per stage
   constexpr int kAccRegs = WgmmaFp8<BN>::kRegs;
@@ -494,8 +504,17 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
           } else {
             sm90::tma_load_2d(dst_a, &tmap_a, &full[stage], kb * kKElems, a_row);
           }
-          sm90::tma_load_2d(tiles_b + stage * kBTileBytes, &tmap_b, &full[stage], kb * kKElems,
-                            c.b_row);
+          if constexpr (kBTrans) {  // B's rows [kb*64, +64) of group g, BN/64 column chunks
+            const int n0 = c.n_block * BN, group = (c.b_row - n0) / N;
+#pragma unroll
+            for (int ch = 0; ch < BN / 64; ++ch) {
+              sm90::tma_load_3d(tiles_b + stage * kBTileBytes + ch * 64 * 128, &tmap_b,
+                                &full[stage], n0 + 64 * ch, kb * kKElems, group);
+            }
+          } else {
+            sm90::tma_load_2d(tiles_b + stage * kBTileBytes, &tmap_b, &full[stage],
+                              kb * kKElems, c.b_row);
+          }
           if (++stage == num_stages) stage = 0, phase ^= 1;
         }
       }
@@ -628,7 +647,7 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
           scale_b[set] = __ldg(sb + kb);
           if constexpr (kTwoScales) scale_b_hi[set] = __ldg(sb_hi + kb);
         }
-        issue_k_block<BN, kBf16>(acc[set], &full[stage], phase,
+        issue_k_block<BN, kBf16, kBTrans>(acc[set], &full[stage], phase,
                           tiles_a + stage * kATileBytes + consumer * 64 * kBlockK,
                           tiles_b + stage * kBTileBytes, carry);
         if (++stage == num_stages) stage = 0, phase ^= 1;

@@ -554,8 +554,8 @@ def grouped_linear(x, w, group_sizes, *, impl="auto"):
     (`jax_ds_grouped_bf16_gemm`: the FP8 grouped kernel's body on bf16 operands, float32
     accumulation, one rounding to bf16) when x is bf16, K and N are multiples of 8 and the
     library is loaded on a CUDA GPU; else (and with "xla") the windows / ragged dot above. The
-    dgrad's operand is w transposed per group by XLA ([G, K, N]). The wgrad is the windows'
-    batched dot either way.
+    dgrad reads w as it is (the kernel's MN-major B). The wgrad is the windows' batched dot
+    either way.
     """
     op = "grouped_linear"
     _check_grouped_linear(op, x, w, group_sizes)
@@ -596,14 +596,17 @@ def bf16_grouped_config(m: int, g: int, n: int, k: int, num_sms: int):
     return type(cfg)(128, block_n, num_sms, cluster_n)
 
 
-def ffi_grouped_bf16_gemm(a, b, sizes, out_dtype, cfg=None):
-    """out [M, N] = the bf16 grouped kernel on a bf16 [M, K], b bf16 [G, N, K] and sizes int32
-    [G] (the contiguous layout; rows past the groups zero); cfg None: bf16_grouped_config. No
-    validation (grouped_linear's)."""
-    m, (g, n, k) = a.shape[0], b.shape
+def ffi_grouped_bf16_gemm(a, b, sizes, out_dtype, cfg=None, *, transpose_b=False):
+    """out [M, N] = the bf16 grouped kernel on a bf16 [M, K], b bf16 [G, N, K] (out = a @ b[g]^T
+    per group) or, transpose_b, [G, K, N] (out = a @ b[g]: the dgrad reads the forward's weight
+    as it is, N a multiple of 8), and sizes int32 [G] (the contiguous layout; rows past the
+    groups zero); cfg None: bf16_grouped_config. No validation (grouped_linear's)."""
+    m = a.shape[0]
+    g, n, k = (b.shape[0], b.shape[2], b.shape[1]) if transpose_b else b.shape
     cfg = cfg or bf16_grouped_config(m, g, n, k, _ffi.num_sms())
     return _ffi.kernel_call(BF16_TARGET, jax.ShapeDtypeStruct((m, n), out_dtype), a, b,
-                            sizes.astype(jnp.int32), **cfg.attrs())
+                            sizes.astype(jnp.int32), **cfg.attrs(),
+                            transpose_b=np.int32(bool(transpose_b)))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -622,9 +625,9 @@ def _grouped_linear_fwd(x, w, group_sizes, use_kernel):
 
 def _grouped_linear_bwd(use_kernel, res, dy):
     x, w, sizes = res
-    if use_kernel:  # dx = dy @ w[g]: the kernel's NT layout wants w[g] as [K, N]
-        w_GKN = jnp.swapaxes(w.astype(jnp.bfloat16), 1, 2)
-        dx = ffi_grouped_bf16_gemm(dy.astype(jnp.bfloat16), w_GKN, sizes, x.dtype)
+    if use_kernel:  # dx = dy @ w[g]: w [G, N, K] read MN-major, as it is
+        dx = ffi_grouped_bf16_gemm(dy.astype(jnp.bfloat16), w.astype(jnp.bfloat16), sizes,
+                                   x.dtype, transpose_b=True)
     else:
         dx = grouped_matmul(dy.astype(x.dtype), w.astype(x.dtype), sizes, transpose_w=True)
     dw = grouped_wgrad(dy.astype(x.dtype), x, sizes)
