@@ -42,7 +42,8 @@ ffi::Error GroupedBf16Impl(cudaStream_t stream, ffi::AnyBuffer a, ffi::AnyBuffer
   auto ad = a.dimensions(), bd = b.dimensions(), gd = group_sizes.dimensions();
   JAX_DS_CHECK_ARG(ad.size() == 2 && bd.size() == 3 && gd.size() == 1 &&
                        out->dimensions().size() == 2,
-                   op + ": need a [M, K], b [G, N, K], group_sizes [G] and out [M, N]");
+                   op + ": need a [M, K], b [G, N, K] (transpose_b: [G, K, N]), group_sizes [G] "
+                        "and out [M, N]");
   JAX_DS_CHECK_ARG(a.element_type() == ffi::BF16 && b.element_type() == ffi::BF16,
                    op + ": a and b must be bf16");
   JAX_DS_CHECK_ARG(transpose_b == 0 || transpose_b == 1, op + ": transpose_b must be 0 or 1");

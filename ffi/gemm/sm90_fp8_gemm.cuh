@@ -493,6 +493,8 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
         const TileCoord c = sched.tile(u, rank);
         if (c.zero) continue;  // nothing to load: the consumers write zeros
         const int kb_end = min(c.kb_end, k_blocks);
+        // kBTrans: the tile's group, for the 3-D map of b (b_row = group * N + n_block * BN)
+        const int b_group = kBTrans ? (c.b_row - c.n_block * BN) / N : 0;
         for (int kb = c.kb_begin; kb < kb_end; ++kb) {
           sm90::mbar_wait(&empty[stage], phase ^ 1);  // a fresh barrier passes parity 1
           sm90::mbar_arrive_expect_tx(&full[stage], kATileBytes + kBTileBytes);
@@ -504,12 +506,11 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
           } else {
             sm90::tma_load_2d(dst_a, &tmap_a, &full[stage], kb * kKElems, a_row);
           }
-          if constexpr (kBTrans) {  // B's rows [kb*64, +64) of group g, BN/64 column chunks
-            const int n0 = c.n_block * BN, group = (c.b_row - n0) / N;
+          if constexpr (kBTrans) {  // B's rows [kb*64, +64) of the group, BN/64 column chunks
 #pragma unroll
             for (int ch = 0; ch < BN / 64; ++ch) {
               sm90::tma_load_3d(tiles_b + stage * kBTileBytes + ch * 64 * 128, &tmap_b,
-                                &full[stage], n0 + 64 * ch, kb * kKElems, group);
+                                &full[stage], c.n_block * BN + 64 * ch, kb * kKElems, b_group);
             }
           } else {
             sm90::tma_load_2d(tiles_b + stage * kBTileBytes, &tmap_b, &full[stage],
