@@ -166,28 +166,34 @@ def _gemm_row(kind, g, rows, n, k, key, args, ours_na):
 
 
 BF16_IMPLS = ("kernel", "windows", "xla_ragged", "torch")
-BF16_OPS = ("forward", "wgrad")
+BF16_OPS = ("forward", "dgrad", "wgrad")
 
 
 def _bf16_row(op, g, rows, n, k, key, args):
     """A bf16 expert GEMM by XLA on G x rows, both ways: forward out [M, N] = x [M, K] @ w[g]^T
-    (`grouped_matmul`, w [G, N, K]) or wgrad dw [G, N, K] = dy [M, N]^T x [M, K]
-    (`grouped_wgrad`); float32 results. torch: `_grouped_mm` on the same bf16 values."""
+    (`grouped_matmul`, w [G, N, K]), dgrad dx [M, K] = dy [M, N] @ w[g] (`grouped_matmul` with
+    transpose_w) or wgrad dw [G, N, K] = dy [M, N]^T x [M, K] (`grouped_wgrad`); float32
+    results. torch: `_grouped_mm` on the same bf16 values. kernel: the bf16 grouped kernel
+    (forward; dgrad reading w MN-major)."""
     m, flops = g * rows, 2 * g * rows * n * k
+    rule = uses_windows("forward", m, g, k, n) if op == "dgrad" else uses_windows(op, m, g, n, k)
     row = {"op": op, "groups": g, "rows": rows, "n": n, "k": k, "flops": flops,
-           "rule_takes_windows": uses_windows(op, m, g, n, k), "results": {}}
+           "rule_takes_windows": rule, "results": {}}
     sizes = jnp.full((g,), rows, jnp.int32)
     sets = []
     for i in range(args.sets):
         ka, kb = jax.random.split(jax.random.fold_in(key, i))
         a_shape = (m, k) if op == "forward" else (m, n)
-        b_shape = (g, n, k) if op == "forward" else (m, k)
+        b_shape = (m, k) if op == "wgrad" else (g, n, k)
         sets.append((jax.random.normal(ka, a_shape, jnp.bfloat16),
                      jax.random.normal(kb, b_shape, jnp.bfloat16), sizes))
     outs = {}
     for name, windows in (("windows", True), ("xla_ragged", False)):
-        fn = jax.jit(functools.partial(grouped_matmul if op == "forward" else grouped_wgrad,
-                                       windows=windows))
+        if op == "wgrad":
+            fn = jax.jit(functools.partial(grouped_wgrad, windows=windows))
+        else:
+            fn = jax.jit(functools.partial(grouped_matmul, windows=windows,
+                                           transpose_w=op == "dgrad"))
         try:
             outs[name] = np.asarray(fn(*sets[0]))
             t = _timing.time_jax_launch(fn, sets, budget_s=args.budget, repeats=args.repeats,
@@ -200,10 +206,11 @@ def _bf16_row(op, g, rows, n, k, key, args):
         row["diff"] = calc_diff(outs["windows"], outs["xla_ragged"])
     # the bf16 grouped kernel (grouped_linear's forward and dgrad; no wgrad kernel yet)
     why = _ffi.unavailable_reason(grouped_gemm.BF16_TARGET)
-    if op != "forward" or why:
+    if op == "wgrad" or why:
         row["results"]["kernel"] = {"na": why or "no wgrad kernel"}
     else:
-        fn = jax.jit(lambda a, b, s: grouped_gemm.ffi_grouped_bf16_gemm(a, b, s, jnp.float32))
+        fn = jax.jit(lambda a, b, s: grouped_gemm.ffi_grouped_bf16_gemm(
+            a, b, s, jnp.float32, transpose_b=op == "dgrad"))
         try:
             got = np.asarray(fn(*sets[0]))
             if "windows" in outs:
@@ -227,6 +234,8 @@ def _bf16_row(op, g, rows, n, k, key, args):
                 if op == "forward":  # [M, K] x [G, K, N] (w transposed: a view, as torch asks)
                     fns.append(functools.partial(torch._grouped_mm, cuda(a),
                                                  cuda(b).transpose(-2, -1), offs=offs))
+                elif op == "dgrad":  # [M, N] x [G, N, K] -> [M, K]
+                    fns.append(functools.partial(torch._grouped_mm, cuda(a), cuda(b), offs=offs))
                 else:  # [N, M] x [M, K] with offsets along M -> [G, N, K]
                     fns.append(functools.partial(torch._grouped_mm, cuda(a).t(), cuda(b),
                                                  offs=offs))
@@ -269,7 +278,8 @@ def run_bf16(args, env):
                 table, ["forward: out = x @ w[g]^T (grouped_matmul); wgrad: dw[g] = dy^T x over "
                         "the group's rows (grouped_wgrad); bf16 operands, float32 results; "
                         "useful FLOPs 2 M N K; rule = what the op picks for the shape; "
-                        "kernel = the bf16 grouped kernel (forward only; float32 out here); "
+                        "dgrad: dx = dy @ w[g] (grouped_matmul, transpose_w); "
+                        "kernel = the bf16 grouped kernel (forward, dgrad; float32 out here); "
                         "diff = calc_diff(windows, xla_ragged)"])
     path = write_json(args.out, "moe", env, {
         "timing": {"device": "time_jax_launch (max 4 repeats; outputs in place unless "
