@@ -3,9 +3,18 @@ bytes are counted as DeepEP counts them."""
 import json
 
 import numpy as np
+import pytest
 
+from jax_ds.bench import _timing
 from jax_ds.bench import ep as bench_ep
 from jax_ds.bench.__main__ import main
+
+
+@pytest.fixture(autouse=True)
+def _fresh_outputs(monkeypatch):
+    """Fresh outputs: in place, every launch on a mesh compiles twice (the outputs' shardings
+    first), which doubled these CPU runs; test_bench_timing covers the in-place mesh path."""
+    monkeypatch.setenv(_timing.OUTPUTS_ENV, "fresh")
 
 
 def test_received_pairs_counts_each_token_once_per_rank():
