@@ -8,6 +8,9 @@ computed in float64: 0 for identical tensors, about e^2 / 2 for a relative error
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 
@@ -60,9 +63,6 @@ def xla_flags_parse(flags: str) -> tuple[bool, str]:
     """Whether this jaxlib's XLA knows every flag in `flags` (an XLA_FLAGS string): a fresh CPU
     process runs one computation under them (an unknown flag aborts it). Returns (ok, the tail
     of its stderr)."""
-    import os
-    import subprocess
-    import sys
     code = "import jax.numpy as jnp; print(float(jnp.ones(2).sum()))"
     env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,

@@ -126,7 +126,7 @@ def test_in_place_launch_writes_into_the_same_buffers():
 
 
 def test_in_place_falls_back_with_a_warning(monkeypatch):
-    monkeypatch.setattr(_timing, "aliased_outputs", lambda compiled: 0)
+    monkeypatch.setattr(_timing, "aliased_outputs", lambda compiled, text=None: 0)
     sets = tuple((jnp.full((4, 4), float(i)),) for i in range(2))
     with pytest.warns(RuntimeWarning, match="aliased 0 of 2 outputs"):
         call, _, placed = _timing._compile_launch(lambda x: x * 2, sets, 1, True)
@@ -174,7 +174,7 @@ def test_outputs_copied_into_donated_buffers_fall_back(monkeypatch):
     _, compiled, placed = _timing._compile_launch(lambda x: (x @ x, x.T * 2), sets, 1, True)
     assert placed and _timing.root_copies(compiled) == 0  # the transpose is the function's own
     counts = iter([2, 0])  # in place, then fresh
-    monkeypatch.setattr(_timing, "root_copies", lambda compiled: next(counts))
+    monkeypatch.setattr(_timing, "root_copies", lambda compiled, text=None: next(counts))
     with pytest.warns(RuntimeWarning, match="copying 2 more into them than into fresh ones"):
         call, _, placed = _timing._compile_launch(lambda x: x @ x, sets, 1, True)
     assert not placed and jnp.allclose(call(sets)[0][1], 16.0)

@@ -43,6 +43,8 @@ def environment():
     """Device name, date, python, package and driver versions: the header of every result file."""
     import jax
 
+    from jax_ds.bench import _timing
+
     device = jax.devices()[0]
     versions = {}
     for name in _PACKAGES:
@@ -76,7 +78,7 @@ def environment():
         # XLA's flags change what is measured (e.g. command buffers on or off): keep them with it
         "xla_flags": os.environ.get("XLA_FLAGS"),
         # device-bound executables write their outputs in place (donated) unless "fresh"
-        "bench_outputs": os.environ.get("JAX_DS_BENCH_OUTPUTS", "in-place"),
+        "bench_outputs": "in-place" if _timing.outputs_in_place() else "fresh",
     }
 
 

@@ -120,10 +120,10 @@ def kernel_ops(compiled) -> int:
                for line in compiled.as_text().splitlines())
 
 
-def aliased_outputs(compiled) -> int:
+def aliased_outputs(compiled, text: str | None = None) -> int:
     """Outputs of a compiled executable that XLA writes into donated input buffers (the
-    `input_output_alias` entries of its HLO module)."""
-    header = compiled.as_text().split("\n", 1)[0]
+    `input_output_alias` entries of its HLO module; `text`: its as_text(), if already read)."""
+    header = (text or compiled.as_text()).split("\n", 1)[0]
     start = header.find("input_output_alias={")
     if start < 0:
         return 0
@@ -135,10 +135,10 @@ def aliased_outputs(compiled) -> int:
     return header[start:end].count("alias)")
 
 
-def root_copies(compiled) -> int:
+def root_copies(compiled, text: str | None = None) -> int:
     """Copies among the entry computation's outputs (`copy` ops under its ROOT tuple): what XLA
     adds where an output cannot be computed into its donated buffer directly."""
-    lines = compiled.as_text().splitlines()
+    lines = (text or compiled.as_text()).splitlines()
     entry = next((i for i, line in enumerate(lines) if line.startswith("ENTRY")), None)
     if entry is None:
         return 0
@@ -164,34 +164,40 @@ def _compile_launch(fn, sets, reps, in_place):
     In place: the outputs alias donated buffers (a warning and fresh outputs when XLA would not
     alias every one of them)."""
     many = repeated_calls(fn, reps)
+    compile_fresh = lambda: jax.jit(many).lower(sets).compile()  # noqa: E731
+    fresh = None
     if in_place:
         shapes = jax.eval_shape(many, sets)
+        zeros = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)  # noqa: E731
         if any(len(a.sharding.device_set) > 1 for a in jax.tree.leaves(sets)):
             # the donated buffers must be laid out as the outputs are (a mesh's shardings)
-            shardings = jax.jit(many).lower(sets).compile().output_shardings
-            outs = jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
-                           out_shardings=shardings)()
+            fresh = compile_fresh()
+            outs = jax.jit(zeros, out_shardings=fresh.output_shardings)()
         else:
-            outs = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            outs = zeros()
         compiled = jax.jit(lambda s, o: many(s), donate_argnums=1,
                            keep_unused=True).lower(sets, outs).compile()
-        leaves, copies = len(jax.tree.leaves(shapes)), root_copies(compiled)
-        fresh = jax.jit(many).lower(sets).compile() if copies else None
+        text = compiled.as_text()
+        aliased, copies = aliased_outputs(compiled, text), root_copies(compiled, text)
         if copies:  # an input returned as it is: copied with fresh outputs too
+            fresh = fresh or compile_fresh()
             copies -= root_copies(fresh)
-        if aliased_outputs(compiled) == leaves and copies <= 0:
+        if aliased == len(jax.tree.leaves(shapes)) and copies <= 0:
             return _InPlace(compiled, outs), compiled, True
-        warnings.warn(f"time_jax_launch: XLA aliased {aliased_outputs(compiled)} of {leaves} "
+        warnings.warn(f"time_jax_launch: XLA aliased {aliased} of {len(jax.tree.leaves(shapes))} "
                       f"outputs to donated buffers, copying {max(copies, 0)} more into them "
                       "than into fresh ones; timing with fresh outputs", RuntimeWarning,
                       stacklevel=3)
-        if fresh is not None:
-            return fresh, fresh, False
-    compiled = jax.jit(many).lower(sets).compile()
-    return compiled, compiled, False
+    fresh = fresh or compile_fresh()
+    return fresh, fresh, False
 
 
 OUTPUTS_ENV = "JAX_DS_BENCH_OUTPUTS"  # "in-place" (the default) or "fresh": time_jax_launch's
+# What a result file says of its device-bound column (the suites' JSON "timing").
+DEVICE_BOUND = ("one call per input set in one jitted executable (JAX; the sets repeated inside "
+                "it, doubling, while that still lowers the time per call; outputs donated back "
+                "in, written in place, unless JAX_DS_BENCH_OUTPUTS=fresh) or one CUDA graph "
+                "(torch), time / calls")
 
 
 def outputs_in_place() -> bool:

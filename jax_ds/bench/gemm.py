@@ -277,11 +277,7 @@ def run(args):
         "dispatch_floor_us": floor * 1e6, "torch": torch_gemm.report(), "shapes": args.shapes,
         "m_filter": args.m,
         "timing": {"per_call": "median over repeats of T(n calls)/n, inputs rotating over sets",
-                   "device": "one call per input set in one jitted executable (JAX; the sets "
-                             "repeated inside it, doubling, while that still lowers the "
-                             "time per call; outputs donated back in, written in place, unless "
-                             "JAX_DS_BENCH_OUTPUTS=fresh) or one CUDA graph (torch), time / "
-                             "calls",
+                   "device": _timing.DEVICE_BOUND,
                    "kernel": "ours only: sum of GPU kernel durations from jax.profiler / calls",
                    "span": "ours only: GPU span (first kernel start to last end, jax.profiler) "
                            "of the device-bound executable at 4 repeats, / calls",

@@ -282,8 +282,7 @@ def run_bf16(args, env):
                         "kernel = the bf16 grouped kernel (forward, dgrad; float32 out here); "
                         "diff = calc_diff(windows, xla_ragged)"])
     path = write_json(args.out, "moe", env, {
-        "timing": {"device": "time_jax_launch (max 4 repeats; outputs in place unless "
-                             "JAX_DS_BENCH_OUTPUTS=fresh) / torch CUDA graph"},
+        "timing": {"device": _timing.DEVICE_BOUND + " (max 4 repeats)"},
         "bf16_rows": rows},
         tag="bf16-tiny" if args.tiny else "bf16-quick" if args.quick else "bf16")
     print(f"wrote {path}")
@@ -390,11 +389,7 @@ def run(args):
                  routing["results"].items()])
     path = write_json(args.out, "moe", env, {
         "ours": ours_na or GROUPED_TARGET,
-        "timing": {"device": "one call per input set in one jitted executable (JAX; the sets "
-                             "repeated inside it, doubling, while that still lowers the "
-                             "time per call; outputs donated back in, written in place, unless "
-                             "JAX_DS_BENCH_OUTPUTS=fresh) or one CUDA graph (torch), time / "
-                             "calls",
+        "timing": {"device": _timing.DEVICE_BOUND,
                    "kernel": "ours only: GPU kernel durations from jax.profiler / calls"},
         "rows": rows, "routing": routing},
         # a part of the suite gets its own file name: it never overwrites a full run's

@@ -637,7 +637,6 @@ def _grouped_linear_bwd(use_kernel, res, dy):
 _grouped_linear.defvjp(_grouped_linear_fwd, _grouped_linear_bwd)
 
 
-
 def grouped_fp8_linear(x, w, group_sizes, *, impl="auto"):
     """y[rows of g] = x[rows of g] @ w[g]^T with FP8 operands quantized on the fly, differentiable.
 
