@@ -1,5 +1,7 @@
 """The benchmark harness's device-bound timing: repeated calls in one executable stay separate
 calls (nothing merged by XLA), and the timing reports them per call."""
+import json
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -128,9 +130,30 @@ def test_in_place_launch_writes_into_the_same_buffers():
 def test_in_place_falls_back_with_a_warning(monkeypatch):
     monkeypatch.setattr(_timing, "aliased_outputs", lambda compiled, text=None: 0)
     sets = tuple((jnp.full((4, 4), float(i)),) for i in range(2))
+    _timing.reset_fell_back()
+
+    def double(x):
+        return x * 2
+
     with pytest.warns(RuntimeWarning, match="aliased 0 of 2 outputs"):
-        call, _, placed = _timing._compile_launch(lambda x: x * 2, sets, 1, True)
+        call, _, placed = _timing._compile_launch(double, sets, 1, True)
     assert not placed and jnp.allclose(call(sets)[0][1], 2.0)
+    assert _timing.fell_back() == ["double"]
+
+
+def test_result_file_lists_fresh_fallbacks(tmp_path):
+    """A suite's result file names the functions timed with fresh outputs after in place failed;
+    environment() (a suite's start) forgets the last suite's."""
+    from jax_ds.bench import environment, write_json
+
+    env = environment()
+    path = write_json(tmp_path, "t", env, {})
+    assert "bench_outputs_fell_back" not in json.loads(path.read_text())
+    _timing._FELL_BACK.append("double")
+    assert json.loads(write_json(tmp_path, "t", env, {}).read_text())[
+        "bench_outputs_fell_back"] == ["double"]
+    environment()
+    assert _timing.fell_back() == []
 
 
 @pytest.mark.parametrize("env,want", [(None, True), ("in-place", True), ("fresh", False)])

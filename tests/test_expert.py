@@ -379,6 +379,26 @@ def test_bad_layouts_are_rejected():
         shard_batch(np.zeros((3, 4), np.int32), cpu_mesh(data=2, expert=4))
     with pytest.raises(ValueError, match="exchange"):
         ep_lib.resolve_exchange("nccl", cpu_mesh(expert=8))
+    with pytest.raises(ValueError, match="exchange='ragged' needs GPUs"):
+        ep_lib.resolve_exchange("ragged", cpu_mesh(expert=8))
+
+
+@pytest.mark.parametrize("which, match", [
+    ("x2d", "ep_moe: x must be 3-D"),
+    ("idx_rows", r"ep_moe: topk_idx has shape \(1, 4, 2\), expected \(8, 4, 2\)"),
+    ("w_k", r"ep_moe: topk_weights has shape \(8, 4, 3\), expected \(8, 4, 2\)"),
+])
+def test_ep_moe_names_a_mismatched_argument(which, match):
+    e, k, d, f = 8, 2, 16, 8
+    x = jnp.ones((8, 4, d))
+    idx, w = random_routing(jax.random.key(1), 32, k, e)
+    idx, w = idx.reshape(8, 4, k), w.reshape(8, 4, k)
+    weights = (jnp.ones((e, f, d)), jnp.ones((e, f, d)), jnp.ones((e, d, f)))
+    x, idx, w = {"x2d": (x[0], idx, w), "idx_rows": (x, idx[:1], w),
+                 "w_k": (x, idx, jnp.ones((8, 4, 3)))}[which]
+    with pytest.raises(ValueError, match=match):
+        ep_lib.ep_moe(x, idx, w, weights, expert_ffn, mesh=cpu_mesh(data=2, expert=4),
+                      num_experts=e, exchange="padded")
     with pytest.raises(ValueError, match="ep_exchange"):
         small_cfg(ep_exchange="nccl")
 

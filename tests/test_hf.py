@@ -205,6 +205,19 @@ def test_shape_mismatch_names_expected_and_found(tmp_path):
         load_hf_checkpoint(path)
 
 
+@pytest.mark.parametrize("name,dtype,match", [
+    ("model.norm.weight", ml_dtypes.float8_e4m3fn, "is float8_e4m3fn: expected a float type "
+                                                   r"\(e4m3 is for the linear weights\)"),
+    ("model.norm.weight", np.int32, "is int32: expected a float type"),
+    ("model.layers.0.mlp.up_proj.weight", np.int8, "is int8: expected a float type or e4m3"),
+])
+def test_weight_dtype_is_checked(tmp_path, name, dtype, match):
+    path = rewrite(os.path.join(DATA, "v2"), tmp_path / "c",
+                   lambda t: {**t, name: t[name].astype(np.float32).astype(dtype)})
+    with pytest.raises(CheckpointError, match=rf"dtype '{name}' {match}"):
+        load_hf_checkpoint(path)
+
+
 def test_unsupported_architecture_and_config(tmp_path):
     path = shutil.copytree(os.path.join(DATA, "v2"), tmp_path / "c")
     cfg = json.load(open(path / "config.json"))

@@ -117,6 +117,27 @@ def test_rows_past_the_length_may_hold_nan():
     np.testing.assert_array_equal(np.asarray(lse2), np.asarray(lse))
 
 
+@pytest.mark.parametrize("impl", ["xla", "reference"])
+def test_nan_in_a_row_a_query_sees_propagates(impl):
+    """A NaN in a cache row inside a length: NaN out and lse for the queries that see it (not
+    out 0 / lse -inf, as for a query that sees no key); causal query 0 of 2 does not see the last
+    row (the NaN is in its rope part, which is no value: in a value column it reaches every query
+    through 0 * NaN, in FlashMLA too), and the other sequences are untouched."""
+    q, kv, table, lens = paged_inputs(14, (70, 5, 0), 16, 2, jnp.float32)
+    last = int(np.asarray(table)[0, 1])  # sequence 0's row 69: block 1, row 5
+    kv_nan = kv.at[last, 5, 0, D - 1].set(jnp.nan)
+    fn = mla_decode if impl == "xla" else mla_decode_reference
+    kwargs = {"impl": "xla"} if impl == "xla" else {}
+    out, lse = (np.asarray(a, np.float32) for a in fn(q, kv, table, lens, **kwargs))
+    out2, lse2 = (np.asarray(a, np.float32) for a in fn(q, kv_nan, table, lens, **kwargs))
+    assert np.isnan(out2[0, 1]).all() and np.isnan(lse2[0, :, 1]).all()
+    np.testing.assert_array_equal(out2[0, 0], out[0, 0])
+    np.testing.assert_array_equal(lse2[0, :, 0], lse[0, :, 0])
+    np.testing.assert_array_equal(out2[1:], out[1:])
+    np.testing.assert_array_equal(lse2[1:], lse[1:])
+    assert (out2[2] == 0).all() and np.isneginf(lse2[2]).all()  # length 0: no key, no NaN
+
+
 def test_jit_traced_table_and_lengths():
     q, kv, table, lens = paged_inputs(7, LENGTHS, 16, 2)
     eager = mla_decode(q, kv, table, lens)

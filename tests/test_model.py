@@ -200,6 +200,25 @@ def test_mtp_loss_trains_the_mtp_module():
     assert g > 0
 
 
+def test_mtp_depths_without_targets_add_nothing():
+    """T <= mtp_depth: depth k >= T has no target (not 0/0 = NaN); the depths that have some are
+    averaged, and one training step keeps every weight finite."""
+    cfg = DeepSeekConfig.tiny(**SMALL, mtp_depth=2)
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    loss, m = lm_loss(model, jnp.array([[1, 2]], jnp.int32))  # T = 1: no depth has a target
+    assert float(m["mtp_ce"]) == 0 and np.isfinite(float(loss))
+    assert float(loss) == pytest.approx(float(m["ce"] + cfg.balance_loss_weight
+                                              * m["balance_loss"]), rel=1e-6)
+    tokens = jnp.array([[1, 2, 3]], jnp.int32)  # T = 2: depth 1 has one target, depth 2 none
+    _, m = lm_loss(model, tokens)
+    logits, aux = model.forward(tokens[:, :-1])
+    want = optax.softmax_cross_entropy_with_integer_labels(aux.mtp_logits[0][:, 0], tokens[:, 2])
+    assert float(m["mtp_ce"]) == pytest.approx(float(want.mean()), rel=1e-5)
+    opt = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+    train_step(model, opt, jnp.array([[1, 2]], jnp.int32))
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(nnx.state(model)))
+
+
 def test_sharded_model_matches_unsharded():
     """data=2 x expert=4 over 8 devices: same loss and gradients as one device."""
     cfg = DeepSeekConfig.tiny(**SMALL)

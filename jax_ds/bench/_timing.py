@@ -159,6 +159,19 @@ class _InPlace:
         return self.outs
 
 
+_FELL_BACK: list[str] = []  # executables timed with fresh outputs although in place was asked
+
+
+def fell_back() -> list[str]:
+    """Names of the functions timed with fresh outputs, in place having failed, since the last
+    `reset_fell_back()` (each suite's `environment()`): their result files list them."""
+    return list(_FELL_BACK)
+
+
+def reset_fell_back() -> None:
+    _FELL_BACK.clear()
+
+
 def _compile_launch(fn, sets, reps, in_place):
     """The device-bound executable of `reps` repeats over `sets`: (callable, compiled, in_place).
     In place: the outputs alias donated buffers (a warning and fresh outputs when XLA would not
@@ -188,6 +201,7 @@ def _compile_launch(fn, sets, reps, in_place):
                       f"outputs to donated buffers, copying {max(copies, 0)} more into them "
                       "than into fresh ones; timing with fresh outputs", RuntimeWarning,
                       stacklevel=3)
+        _FELL_BACK.append(getattr(fn, "__name__", type(fn).__name__))
     fresh = fresh or compile_fresh()
     return fresh, fresh, False
 

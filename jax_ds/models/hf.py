@@ -63,6 +63,8 @@ REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_hea
             "intermediate_size", "n_routed_experts", "moe_intermediate_size",
             "num_experts_per_tok")
 E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
+# what a weight may be stored as (and e4m3, with `_scale_inv` block scales, for a linear one)
+_FLOATS = tuple(np.dtype(d) for d in (ml_dtypes.bfloat16, np.float16, np.float32, np.float64))
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
 SHARD_FILE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 _SHOWN = 8  # problems listed per error
@@ -458,7 +460,7 @@ def _check(ckpt: Checkpoint, specs, copies, flat, cfg: DeepSeekConfig, num_mtp_l
     """Every tensor the model needs is there with its shape; nothing else is (but the MTP layers
     config.json declares when they are not loaded, and the MTP copies). Raises one
     CheckpointError listing the problems."""
-    missing, shapes, used = [], [], set(copies)
+    missing, shapes, dtypes, used = [], [], [], set(copies)
     for vpath, spec in specs.items():
         shape = tuple(flat[vpath].shape)
         want = shape[1:] if spec.stacked else shape
@@ -471,6 +473,11 @@ def _check(ckpt: Checkpoint, specs, copies, flat, cfg: DeepSeekConfig, num_mtp_l
             info = ckpt.info(name)
             if info.shape != want:
                 shapes.append(f"{name!r}: expected shape {want}, found {info.shape}")
+            if info.dtype not in _FLOATS + ((E4M3,) if spec.linear else ()):
+                dtypes.append(f"{name!r} is {info.dtype.name}: expected "
+                              + ("a float type or e4m3 with block scales" if spec.linear else
+                                 "a float type (e4m3 is for the linear weights)"))
+                continue
             if not spec.linear or info.dtype != E4M3:
                 continue
             scale_name = f"{name}_scale_inv"
@@ -490,7 +497,7 @@ def _check(ckpt: Checkpoint, specs, copies, flat, cfg: DeepSeekConfig, num_mtp_l
         if name in used or (m and int(m.group(1)) in skipped):
             continue
         unexpected.append(repr(name))
-    problems = [("missing tensor", missing), ("shape mismatch", shapes),
+    problems = [("missing tensor", missing), ("shape mismatch", shapes), ("dtype", dtypes),
                 ("unexpected tensor", unexpected)]
     lines = []
     for what, items in problems:

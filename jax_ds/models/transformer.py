@@ -148,7 +148,7 @@ class Transformer(nnx.Module):
         mtp_logits, h_BTD = [], x_BTD
         for k, module in enumerate(self.mtp, start=1):
             # Position i sees token i+k (zero-padded past the end; those positions are masked).
-            ahead_BT = jnp.pad(tokens_BT[:, k:], ((0, 0), (0, k)))
+            ahead_BT = jnp.pad(tokens_BT[:, k:], ((0, 0), (0, min(k, t))))
             h_BTD, s = module(h_BTD, self._embed(ahead_BT), positions_BT)
             stats += [s] if s is not None else []
             mtp_logits.append(self.head(module.norm(h_BTD)).astype(jnp.float32))
@@ -240,7 +240,8 @@ class PipelineStages:
 def lm_loss(model: Transformer, tokens_BS):
     """Next-token loss on tokens [B, T+1] (inputs tokens[:, :-1], targets tokens[:, 1:]).
 
-    loss = CE + lambda * mean_k CE_mtp_k + alpha * balance. Returns (loss, metrics dict).
+    loss = CE + lambda * mean_k CE_mtp_k + alpha * balance. Returns (loss, metrics dict). A depth
+    k >= T has no targets: it is left out of the mean (mtp_ce is 0 when no depth has any).
     """
     cfg = model.cfg
     inputs_BT, targets_BT = tokens_BS[:, :-1], tokens_BS[:, 1:]
@@ -249,14 +250,15 @@ def lm_loss(model: Transformer, tokens_BS):
     loss = ce + cfg.balance_loss_weight * aux.balance_loss
     mtp_ce = jnp.zeros((), jnp.float32)
     t = inputs_BT.shape[1]
-    for k, mtp_BTV in enumerate(aux.mtp_logits, start=1):
+    depths = [(k, mtp_BTV) for k, mtp_BTV in enumerate(aux.mtp_logits, start=1) if k < t]
+    for k, mtp_BTV in depths:
         # Depth k at position i predicts targets[i + k]; the last k positions have no target.
         target_BT = jnp.pad(targets_BT[:, k:], ((0, 0), (0, k)))
         valid_T = (jnp.arange(t) < t - k).astype(jnp.float32)
         token_ce = optax.softmax_cross_entropy_with_integer_labels(mtp_BTV, target_BT)
         mtp_ce += (token_ce * valid_T).sum() / (valid_T.sum() * inputs_BT.shape[0])
-    if aux.mtp_logits:
-        mtp_ce = mtp_ce / len(aux.mtp_logits)
+    if depths:
+        mtp_ce = mtp_ce / len(depths)
         loss = loss + cfg.mtp_loss_weight * mtp_ce
     metrics = dict(loss=loss, ce=ce, mtp_ce=mtp_ce, balance_loss=aux.balance_loss,
                    expert_counts=aux.expert_counts, dropped=aux.dropped.sum())

@@ -18,6 +18,11 @@ Conventions (the reference and the kernel share them; the tests pin them):
                  out = 0 and lse = -inf.
   unused rows    cache rows at or past a sequence's length are never read into the result (they
                  may hold anything, NaN included).
+  NaN in a row   a query that sees a NaN cache row gets NaN out and lse, as in FlashMLA (the
+                 reference; before 2026-12-05 it gave out = 0 and lse = -inf). The kernel is not
+                 yet checked against it: with such a row reachable, one GPU test saw other -inf
+                 positions in lse than the reference (a split batch may merge its pieces past
+                 the NaN one); tests/test_mla_decode_gpu.py keeps NaN to unused rows.
   precision      the kernel rounds P to bf16 for P V, as FlashMLA does; for sequences of at most
                  1024 keys it adds a second pass with P's rounding residual (few keys do not
                  average the 2^-9 error out). S, the softmax, lse and O accumulate in float32.
@@ -305,7 +310,7 @@ def _reference(q, kv_cache, block_table, cache_seqlens, scale, causal, dv, chunk
     # Stop after the chunk holding the longest sequence's last row (a traced bound: a while loop).
     needed = (jnp.max(lens_B) + width - 1) // width
     m_BQH, l_BQH, acc_BQHV = jax.lax.fori_loop(0, needed, step, init)
-    seen = l_BQH > 0
+    seen = l_BQH != 0  # 0: no key seen; NaN (a NaN in a row the query sees) propagates
     out = jnp.where(seen[..., None], acc_BQHV / jnp.where(seen, l_BQH, 1.0)[..., None], 0.0)
     lse_BQH = jnp.where(seen, m_BQH + jnp.log(jnp.where(seen, l_BQH, 1.0)), -jnp.inf)
     return out.astype(q.dtype), lse_BQH.transpose(0, 2, 1)

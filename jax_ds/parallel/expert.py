@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from jax_ds.ops._checks import is_int
+from jax_ds.ops._checks import check_ndim, check_shape, is_int
 from jax_ds.ops.moe import moe_permute, moe_unpermute
 from jax_ds.ops.quant import quantize_fp8
 from jax_ds.parallel.mesh import BATCH_AXES, EXPERT
@@ -97,9 +97,12 @@ def resolve_exchange(exchange: str, mesh: Mesh) -> str:
     """'auto' -> 'ragged' on GPU, else 'padded' (XLA:CPU does not implement ragged-all-to-all)."""
     if exchange not in EXCHANGES:
         raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
+    platform = mesh.devices.flat[0].platform
+    if exchange == "ragged" and platform != "gpu":  # else XLA fails when it compiles the step
+        raise ValueError(f"exchange='ragged' needs GPUs (XLA:{platform.upper()} does not implement "
+                         "ragged-all-to-all): use 'padded', 'emulated' or 'auto'")
     if exchange != "auto":
         return exchange
-    platform = mesh.devices.flat[0].platform
     chosen = "ragged" if platform == "gpu" else "padded"
     if chosen == "padded":
         _info_once("EP exchange: padded all_to_all on %s (ragged_all_to_all needs a GPU)",
@@ -483,11 +486,15 @@ def ep_moe(x, topk_idx, topk_weights, weights, ffn: ExpertFFN, *, mesh: Mesh, nu
       (y [B, T, D], counts [E] int32 assignments per expert over the whole batch,
        dropped [] int32 rows dropped by the budget over the whole batch).
     """
+    check_ndim("ep_moe", "x", x, 3, "[B, T, D]")
+    check_ndim("ep_moe", "topk_idx", topk_idx, 3, "[B, T, K]")
+    b, t, d = x.shape
+    k = topk_idx.shape[-1]
+    check_shape("ep_moe", "topk_idx", topk_idx, (b, t, k), "[B, T, K], B and T as x's")
+    check_shape("ep_moe", "topk_weights", topk_weights, (b, t, k), "[B, T, K] as topk_idx")
     ep = check_ep(num_experts, mesh)
     batch_axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
     shards = math.prod(mesh.shape[a] for a in batch_axes)
-    b, t, d = x.shape
-    k = topk_idx.shape[-1]
     n = b * t
     per_shard = -(-n // shards)
     pad = per_shard * shards - n
