@@ -11,6 +11,7 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxDsQuantizeFp8);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxDsFp8Gemm);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxDsGroupedFp8Gemm);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxDsMaskedGroupedFp8Gemm);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxDsGroupedBf16Gemm);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxDsMoeLayout);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxDsMoePermute);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxDsMoePermuteFp8);
@@ -35,6 +36,7 @@ NB_MODULE(_C, m) {
     targets["jax_ds_fp8_gemm"] = Capsule(JaxDsFp8Gemm);
     targets["jax_ds_grouped_fp8_gemm"] = Capsule(JaxDsGroupedFp8Gemm);
     targets["jax_ds_masked_grouped_fp8_gemm"] = Capsule(JaxDsMaskedGroupedFp8Gemm);
+    targets["jax_ds_grouped_bf16_gemm"] = Capsule(JaxDsGroupedBf16Gemm);
     targets["jax_ds_moe_layout"] = Capsule(JaxDsMoeLayout);
     targets["jax_ds_moe_permute"] = Capsule(JaxDsMoePermute);
     targets["jax_ds_moe_permute_fp8"] = Capsule(JaxDsMoePermuteFp8);

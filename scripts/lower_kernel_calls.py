@@ -43,6 +43,9 @@ def cases():
     yield "grouped_fp8_linear grad", jax.grad(
         lambda x, w: jnp.sum(ops.grouped_fp8_linear(x, w, gs).astype(jnp.float32)), (0, 1)), (
         x, wg)
+    yield "grouped_linear grad", jax.grad(
+        lambda x, w, g: jnp.sum(ops.grouped_linear(x, w, g).astype(jnp.float32)), (0, 1)), (
+        x, wg, gs)
     masked = (jnp.ones((4, 64, 256), jnp.float8_e4m3fn), jnp.ones((4, 64, 2), jnp.float32),
               jnp.ones((4, 256, 256), jnp.float8_e4m3fn), jnp.ones((4, 2, 2), jnp.float32),
               jnp.array([3, 64, 0, 10], jnp.int32))

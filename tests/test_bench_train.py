@@ -117,6 +117,19 @@ def test_v3_slice_train_step_traces(fp8, kernels, monkeypatch):
      "jax_ds::gemm::GroupedScheduler<128, 192, 2, false, true> >(CUtensorMap)",
      "ours grouped FP8 GEMM"),
     ("void jax_ds::gemm::sm90_fp8_gemm_kernel<128, 192, 2, __nv_bfloat16, "
+     "jax_ds::gemm::GroupedScheduler<128, 192, 2, false>, false>(CUtensorMap)",
+     "ours grouped FP8 GEMM"),
+    # as the profiler named them on the H200 (2026-12-05): kBf16 and kBTrans after the scheduler
+    ("void jax_ds::gemm::sm90_fp8_gemm_kernel<128, 128, 2, __nv_bfloat16, "
+     "jax_ds::gemm::GroupedScheduler<128, 128, 2, false>, true, false>(CUtensorMap)",
+     "ours grouped bf16 GEMM"),
+    ("void jax_ds::gemm::sm90_fp8_gemm_kernel<128, 128, 1, float, "
+     "jax_ds::gemm::GroupedScheduler<128, 128, 1, false>, true, true>(CUtensorMap)",
+     "ours grouped bf16 GEMM"),
+    ("void jax_ds::gemm::sm90_fp8_gemm_kernel<128, 128, 2, __nv_bfloat16, "
+     "jax_ds::gemm::GroupedScheduler<128, 128, 2, false>, false, false>(CUtensorMap)",
+     "ours grouped FP8 GEMM"),
+    ("void jax_ds::gemm::sm90_fp8_gemm_kernel<128, 192, 2, __nv_bfloat16, "
      "jax_ds::gemm::DenseScheduler<128, 192, 2, true> >(CUtensorMap)", "ours FP8 GEMM"),
     ("void jax_ds::gemm::(anonymous namespace)::quantize_rows_kernel<__nv_bfloat16>(...)",
      "ours quantize"),

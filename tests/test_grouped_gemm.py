@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_ds import ops
+from jax_ds import _ffi, ops
+from jax_ds.ops._checks import cdiv
 from jax_ds.testing import calc_diff, dot_equations
 
 KEY = jax.random.key(7)
@@ -454,3 +455,51 @@ def test_cudnn_ragged_dot_flag_parses():
     for value in ("true", "false"):
         ok, err = xla_flags_parse(f"--xla_gpu_experimental_use_ragged_dot_fusion={value}")
         assert ok, err
+
+
+# ------------------------------------------------------------- the bf16 kernel's Python side
+
+BF16_COMPILED = {(64, 64, 1), (64, 128, 1), (128, 128, 1), (128, 128, 2), (128, 192, 1),
+                 (128, 192, 2)}
+
+
+@pytest.mark.parametrize("g", [1, 4, 8, 32, 256])
+def test_bf16_grouped_config_takes_compiled_tiles(g):
+    """Every pick is a tile the bf16 handler compiles, and pairs only where the column blocks
+    pair up (a widened tile kept grouped_config's pairs at n = 1408: 11 blocks)."""
+    from jax_ds.ops import grouped_gemm as gg
+    for rows in (1, 7, 64, 100, 128, 256, 1024, 8192):
+        for n in (64, 129, 512, 1408, 2048, 4096, 7168):
+            for k in (128, 1024, 2048, 7168):
+                cfg = gg.bf16_grouped_config(rows * g, g, n, k, 132)
+                assert (cfg.block_m, cfg.block_n, cfg.cluster_n) in BF16_COMPILED, cfg
+                assert cfg.cluster_n == 1 or cdiv(n, cfg.block_n) % 2 == 0, (rows, n, k, cfg)
+
+
+def test_grouped_linear_routes_to_the_bf16_kernel(monkeypatch):
+    """With the kernel "available", impl="auto" takes it for bf16 x with K, N multiples of 8
+    (forward and dgrad, the dgrad reading w as it is) and the windows otherwise; "ffi" refuses
+    what the kernel cannot take."""
+    from jax_ds.ops import grouped_gemm as gg
+    calls = []
+
+    def fake_kernel(a, b, sizes, out_dtype, cfg=None, *, transpose_b=False):
+        calls.append((a.shape, b.shape, transpose_b))
+        return gg.grouped_matmul(a, b, sizes, transpose_w=transpose_b).astype(out_dtype)
+
+    monkeypatch.setattr(_ffi, "unavailable_reason", lambda target: None)
+    monkeypatch.setattr(gg, "ffi_grouped_bf16_gemm", fake_kernel)
+    x = jnp.ones((48, 40), jnp.bfloat16)
+    w = jnp.ones((3, 24, 40), jnp.bfloat16)
+    gs = jnp.array([10, 0, 30], jnp.int32)
+    jax.grad(lambda x, w: jnp.sum(gg.grouped_linear(x, w, gs).astype(jnp.float32)),
+             (0, 1))(x, w)
+    assert calls == [((48, 40), (3, 24, 40), False), ((48, 24), (3, 24, 40), True)]
+    calls.clear()
+    for xx, ww in ((x.astype(jnp.float32), w), (x[:, :36], w[:, :, :36]), (x, w[:, :20])):
+        gg.grouped_linear(xx, ww, gs)  # f32 x, K 36, N 20: the windows
+        with pytest.raises(ValueError, match="grouped_linear"):
+            gg.grouped_linear(xx, ww, gs, impl="ffi")
+    assert calls == []
+    gg.grouped_linear(x, w, gs, impl="xla")
+    assert calls == []

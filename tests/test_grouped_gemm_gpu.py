@@ -230,3 +230,113 @@ def test_bad_attributes_are_errors_not_launches():
             jax.block_until_ready(
                 _ffi_call(grouped.GROUPED_TARGET, ops, sizes, (256, 128), jnp.bfloat16, cfg))
     _check_contiguous(grouped.grouped_fp8_gemm(*ops, sizes, impl="ffi"), ops, sizes)
+
+
+# ------------------------------------------------------------------ bf16 grouped kernel
+
+BF16_TILES = [(64, 64, 1), (64, 128, 1), (128, 128, 1), (128, 128, 2), (128, 192, 1),
+              (128, 192, 2)]
+
+
+def _bf16_kernel():
+    why = _ffi.unavailable_reason(grouped.BF16_TARGET)
+    if why:
+        pytest.skip(f"bf16 grouped kernel unavailable: {why}")
+
+
+def _check_bf16(out, x, w, sizes, what, out_dtype=jnp.bfloat16):
+    """Per group against float64 (the products of bf16 are exact, the sums float32: calc_diff
+    well under bf16's output rounding); rows past the groups exactly zero."""
+    got = np.asarray(out, np.float64)
+    assert np.isfinite(got).all(), f"{what}: non-finite outputs"
+    x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    ends = np.minimum(np.cumsum(np.maximum(np.asarray(sizes, np.int64), 0)), x.shape[0])
+    limit = 1e-10 if out_dtype == jnp.float32 else testing.tolerance(jnp.bfloat16, 1)
+    start = 0
+    for g, end in enumerate(ends):
+        if end > start:
+            diff = testing.calc_diff(got[start:end], x64[start:end] @ w64[g].T)
+            assert diff < limit, f"{what}: group {g} rows {start}:{end}: calc_diff {diff:.2e}"
+        start = end
+    assert np.all(got[start:] == 0), f"{what}: rows {start}: past the groups must be zero"
+
+
+@pytest.mark.parametrize("block_m,block_n,cluster_n", BF16_TILES)
+def test_bf16_every_tile(block_m, block_n, cluster_n):
+    """Each compiled bf16 tile, on 3 SMs and on all: group sizes with zeros, one row, rows past
+    the groups; K not a multiple of the 64-wide k block (the TMA reads zeros past it; with b
+    [G, K, N] a 3-D map stops the block at the group's last row); N not a multiple of the tile
+    (bf16 rows of 300 take register stores; f32 rows and rows of 296 or 512 TMA stores); both
+    output dtypes; b NT and (N a multiple of 8) MN-major."""
+    _bf16_kernel()
+    sizes = jnp.asarray([100, 0, 250, 1, 300], jnp.int32)  # 49 rows past the groups
+    kx, kw = jax.random.split(jax.random.key(21))
+    for n, k in ((300, 200), (296, 200), (512, 384)):
+        x = jax.random.normal(kx, (700, k), jnp.bfloat16)
+        w = jax.random.normal(kw, (5, n, k), jnp.bfloat16)
+        for num_sms in (3, _ffi.num_sms()):
+            for out_dtype in (jnp.bfloat16, jnp.float32):
+                for trans in (False, True):  # b [G, N, K], or [G, K, N] read MN-major
+                    if trans and n % 8:
+                        continue
+                    cfg = GemmConfig(block_m, block_n, num_sms, cluster_n)
+                    _poison((700, n), out_dtype)
+                    b = jnp.swapaxes(w, 1, 2) if trans else w
+                    # group 1 is empty: Inf there shows a k block of group 0 reading past its
+                    # last row (a 2-D map over [G * K, N] would, 0 x Inf = NaN)
+                    b = b.at[1].set(jnp.inf)
+                    out = jax.jit(lambda *a: grouped.ffi_grouped_bf16_gemm(
+                        *a, out_dtype, cfg, transpose_b=trans))(x, b, sizes)
+                    _check_bf16(out, x, w, sizes, f"{block_m}x{block_n}c{cluster_n} n{n} k{k} "
+                                f"{num_sms} SMs transpose_b {trans}", out_dtype)
+
+
+@pytest.mark.parametrize("m,n,k,sizes", [
+    (8192, 4096, 7168, [2048, 0, 4000, 2144]),                           # DeepSeek-V3 widths
+    (4096, 7168, 2048, list(np.full(16, 256))),                           # aligned, sum == M
+    (3000, 64, 128, list(np.random.default_rng(3).integers(0, 20, 300))),  # many groups
+    (1000, 256, 256, [-5, 700, 600]),                                     # traced: clamped
+])
+def test_bf16_grouped_linear_uses_the_kernel(m, n, k, sizes):
+    """grouped_linear(impl="ffi") forward and dgrad (w read MN-major) through the kernel,
+    against float64; the windows path agrees with it."""
+    _bf16_kernel()
+    kx, kw, kd = jax.random.split(jax.random.key(m + n + k), 3)
+    x = jax.random.normal(kx, (m, k), jnp.bfloat16)
+    w = jax.random.normal(kw, (len(sizes), n, k), jnp.bfloat16)
+    dy = jax.random.normal(kd, (m, n), jnp.bfloat16)
+    gs = jnp.asarray(sizes, jnp.int32)
+    clamped = np.minimum(np.cumsum(np.maximum(sizes, 0)), m)
+    clamped = np.diff(np.concatenate([[0], clamped]))
+    _poison((m, n), jnp.bfloat16)
+    y = jax.jit(lambda x, w, g: grouped.grouped_linear(x, w, g, impl="ffi"))(x, w, gs)
+    _check_bf16(y, x, w, clamped, "forward")
+    y_xla = jax.jit(lambda x, w, g: grouped.grouped_linear(x, w, g, impl="xla"))(x, w, gs)
+    assert testing.calc_diff(np.asarray(y, np.float64), np.asarray(y_xla, np.float64)) < 1e-5
+    vjp = jax.jit(lambda x, w, g, dy: jax.vjp(
+        lambda x, w: grouped.grouped_linear(x, w, g, impl="ffi"), x, w)[1](dy))
+    _poison((m, k), jnp.bfloat16)
+    dx, dw = vjp(x, w, gs, dy)
+    _check_bf16(dx, dy, jnp.swapaxes(w, 1, 2), clamped, "dgrad")
+    dx_xla, dw_xla = jax.jit(lambda x, w, g, dy: jax.vjp(
+        lambda x, w: grouped.grouped_linear(x, w, g, impl="xla"), x, w)[1](dy))(x, w, gs, dy)
+    # the same wgrad (the windows' batched dot in both programs; compiled apart, so not
+    # necessarily to the bit)
+    assert testing.calc_diff(np.asarray(dw, np.float64), np.asarray(dw_xla, np.float64)) < 1e-6
+
+
+def test_bf16_bad_attributes_are_errors_not_launches():
+    _bf16_kernel()
+    x = jnp.ones((256, 128), jnp.bfloat16)
+    w = jnp.ones((2, 128, 128), jnp.bfloat16)
+    sizes = jnp.asarray([100, 100], jnp.int32)
+    for cfg in (GemmConfig(128, 64, 8, 1), GemmConfig(64, 64, 0, 1), GemmConfig(64, 64, 8, 2)):
+        with pytest.raises(Exception, match="grouped_bf16_gemm"):
+            jax.block_until_ready(grouped.ffi_grouped_bf16_gemm(x, w, sizes, jnp.bfloat16, cfg))
+    with pytest.raises(Exception, match="grouped_bf16_gemm"):  # [G, K, N] with N 100
+        jax.block_until_ready(grouped.ffi_grouped_bf16_gemm(
+            x, jnp.ones((2, 128, 100), jnp.bfloat16), sizes, jnp.bfloat16, transpose_b=True))
+    with pytest.raises(Exception, match="grouped_bf16_gemm"):  # K not a multiple of 8
+        jax.block_until_ready(grouped.ffi_grouped_bf16_gemm(
+            jnp.ones((256, 100), jnp.bfloat16), jnp.ones((2, 128, 100), jnp.bfloat16), sizes,
+            jnp.bfloat16))

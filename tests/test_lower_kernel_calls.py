@@ -20,10 +20,11 @@ def test_every_kernel_call_site_lowers_for_cuda(monkeypatch):
         runpy.run_path(str(script), run_name="__main__")
     text = out.getvalue()
     targets = {"quantize_fp8", "fp8_gemm", "grouped_fp8_gemm", "masked_grouped_fp8_gemm",
-               "moe_layout", "moe_permute", "moe_permute_fp8", "moe_unpermute", "mla_decode"}
+               "moe_layout", "moe_permute", "moe_permute_fp8", "moe_unpermute", "mla_decode",
+               "grouped_bf16_gemm"}
     for t in targets:
         assert f"custom_call @jax_ds_{t}(" in text, t
-    assert text.count("=====") == 10 and "loc(" not in text
+    assert text.count("=====") == 11 and "loc(" not in text
 
 
 if __name__ == "__main__":

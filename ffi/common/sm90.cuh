@@ -84,6 +84,16 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, u
       : "memory");
 }
 
+// As tma_load_2d for a 3-D tensor map (coordinates innermost first).
+__device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, uint64_t* bar,
+                                            int32_t c0, int32_t c1, int32_t c2) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%3, %4, %5}], [%2];" ::"r"(smem_addr(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(bar)), "r"(c0), "r"(c1), "r"(c2)
+      : "memory");
+}
+
 // An L2 eviction-priority policy for the copies of data read once (cache hint operand).
 __device__ __forceinline__ uint64_t l2_policy_evict_first() {
   uint64_t policy;
@@ -191,6 +201,15 @@ __device__ __forceinline__ uint32_t sw128_kmajor_desc_lo(const void* tile) {
 }
 __device__ __forceinline__ uint64_t sw128_kmajor_desc_from_lo(uint32_t lo) {
   return (uint64_t((1024 >> 4) | (1u << 30)) << 32) | lo;
+}
+
+// The low word of a descriptor for an operand read MN-major (B[k][n], n contiguous) from
+// [64 k x 64 n] chunks of 128-byte swizzled rows (the layout TMA boxes of [64 rows x 128 B]
+// give): 64-column groups `chunk_bytes` apart (leading byte offset), 8-row core groups 1024 B
+// apart (stride byte offset, the high word of sw128_kmajor_desc_from_lo, which completes it).
+// A k16 step is 16 rows: 2048 bytes further.
+__device__ __forceinline__ uint32_t sw128_mnmajor_desc_lo(const void* tile, uint32_t chunk_bytes) {
+  return ((smem_addr(tile) & 0x3FFFF) >> 4) | ((chunk_bytes >> 4) << 16);
 }
 
 // Register budget hand-off between the producer and consumer warpgroups (needs a launch cap).

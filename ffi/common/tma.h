@@ -52,6 +52,30 @@ inline ffi::Error EncodeTileMap(CUtensorMap* map, CUtensorMapDataType dtype, siz
   return ffi::Error::Success();
 }
 
+// A row-major [planes, rows, cols] tensor moved in boxes of [1, box_rows, box_cols] with the
+// 128-byte swizzle: boxes never cross a plane (rows past a plane's end read zeros, not the next
+// plane's first rows).
+inline ffi::Error EncodeTileMap3d(CUtensorMap* map, CUtensorMapDataType dtype, size_t elem_bytes,
+                                  const void* base, uint64_t planes, uint64_t rows,
+                                  uint64_t cols, uint32_t box_rows, uint32_t box_cols) {
+  auto encode = TensorMapEncoder();
+  if (encode == nullptr) {
+    return ffi::Error::Internal("jax_ds: cuTensorMapEncodeTiled is not available from the driver");
+  }
+  const cuuint64_t dims[3] = {cols, rows, planes};
+  const cuuint64_t strides[2] = {cols * elem_bytes, rows * cols * elem_bytes};
+  const cuuint32_t box[3] = {box_cols, box_rows, 1};
+  const cuuint32_t elem_strides[3] = {1, 1, 1};
+  CUresult res = encode(map, dtype, 3, const_cast<void*>(base), dims, strides, box, elem_strides,
+                        CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                        CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (res != CUDA_SUCCESS) {
+    return ffi::Error::Internal("jax_ds: cuTensorMapEncodeTiled (3-D) failed with CUresult " +
+                                std::to_string(static_cast<int>(res)));
+  }
+  return ffi::Error::Success();
+}
+
 inline ffi::Error EncodeFp8TileMap(CUtensorMap* map, const void* base, uint64_t rows,
                                    uint64_t cols, uint32_t box_rows, uint32_t box_cols) {
   return EncodeTileMap(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, base, rows, cols, box_rows, box_cols);

@@ -36,8 +36,11 @@ struct GemmArgs {
 };
 
 // Launches one kernel instance. `max_units` bounds the scheduler's work units from above (the
-// grouped schedulers only know theirs on the device): it sizes the persistent grid.
-template <int BM, int BN, int kClusterN, typename OutT, typename Sched>
+// grouped schedulers only know theirs on the device): it sizes the persistent grid. kBf16: bf16
+// operands (K in elements, rows 16-byte aligned), no scales. kBTrans: b is [G, K, N] bf16
+// (b_rows = G * K), read MN-major.
+template <int BM, int BN, int kClusterN, typename OutT, typename Sched, bool kBf16 = false,
+          bool kBTrans = false>
 ffi::Error LaunchGemm(cudaStream_t stream, const GemmArgs<OutT>& g, const Sched& sched,
                       int64_t max_units, int extra_smem_bytes) {
   using Smem = GemmSmem<BM, BN, OutT>;
@@ -53,7 +56,7 @@ ffi::Error LaunchGemm(cudaStream_t stream, const GemmArgs<OutT>& g, const Sched&
     return ffi::Error::InvalidArgument("jax_ds: GEMM scheduler tables leave no room for stages");
   }
   const int smem_bytes = fixed_bytes + stages * (Smem::kStageBytes + 16);
-  auto kernel = sm90_fp8_gemm_kernel<BM, BN, kClusterN, OutT, Sched>;
+  auto kernel = sm90_fp8_gemm_kernel<BM, BN, kClusterN, OutT, Sched, kBf16, kBTrans>;
   static KernelDeviceState per_device[64];
   int max_clusters = 0;
   if (auto err = PrepareKernel(kernel, per_device, Smem::kThreads, kClusterN, g.num_sms,
@@ -63,11 +66,29 @@ ffi::Error LaunchGemm(cudaStream_t stream, const GemmArgs<OutT>& g, const Sched&
 
   CUtensorMap map_a, map_b, map_out = {};
   // With clusters, each CTA loads (and multicasts) a 1/kClusterN slice of the A tile.
-  if (auto err = EncodeFp8TileMap(&map_a, g.a, g.a_rows, g.K, BM / kClusterN, kBlockK);
-      err.failure())
-    return err;
-  if (auto err = EncodeFp8TileMap(&map_b, g.b, g.b_rows, g.K, BN, kBlockK); err.failure())
-    return err;
+  if constexpr (kBf16) {
+    if (auto err = EncodeTileMap(&map_a, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, g.a, g.a_rows, g.K,
+                                 BM / kClusterN, kBlockKBf16);
+        err.failure())
+      return err;
+    if constexpr (kBTrans) {  // [G, K, N] in boxes of [1, 64 k rows, 64 n columns]
+      if (auto err = EncodeTileMap3d(&map_b, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, g.b,
+                                     g.b_rows / g.K, g.K, g.N, kBlockKBf16, 64);
+          err.failure())
+        return err;
+    } else {
+      if (auto err = EncodeTileMap(&map_b, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, g.b, g.b_rows,
+                                   g.K, BN, kBlockKBf16);
+          err.failure())
+        return err;
+    }
+  } else {
+    if (auto err = EncodeFp8TileMap(&map_a, g.a, g.a_rows, g.K, BM / kClusterN, kBlockK);
+        err.failure())
+      return err;
+    if (auto err = EncodeFp8TileMap(&map_b, g.b, g.b_rows, g.K, BN, kBlockK); err.failure())
+      return err;
+  }
   if (out_bytes > 0) {
     if (auto err = EncodeTileMap(&map_out, kOutMapType<OutT>, sizeof(OutT), g.out, g.a_rows, g.N,
                                  64, Smem::kBoxCols);

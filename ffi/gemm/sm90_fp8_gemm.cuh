@@ -27,19 +27,30 @@
 // GEMM walks one [M, N] grid, the grouped GEMMs walk per-group row ranges over shared tensors.
 // A scheduler maps a work unit (kClusterN tiles side by side in N) and a cluster rank to a
 // TileCoord; every CTA of a cluster must see the same sequence of units.
+//
+// kBf16: the same kernel over bf16 operands (the bf16 grouped GEMM of the MoE experts): a stage
+// holds 64 bf16 of K per row (the same 128 bytes), WGMMA m64nBNk16 bf16 (the same 32 bytes of K
+// per instruction), no scales and no promotion: a tile's sum runs on in one accumulator set
+// across its k blocks (bf16 products are exact, the tensor cores add them in float32).
+// kBTrans (bf16 only): B is read MN-major, b[g] as [K, N] (the dgrad of out = a @ b[g]^T reads
+// b[g] itself): a stage's B tile is BN/64 chunks of [64 k rows x 64 n columns] loaded through a
+// 3-D tensor map over [G, K, N] (so a k block never reads into the next group's rows).
 #pragma once
 #include <cuda.h>
 #include <cuda_bf16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "common/fastdiv.h"
 #include "common/sm90.cuh"
+#include "common/wgmma_bf16.cuh"
 #include "common/wgmma_fp8.cuh"
 
 namespace jax_ds::gemm {
 
 constexpr int kBlockK = 128;  // one scale block of K per pipeline stage (128 B per FP8 row)
+constexpr int kBlockKBf16 = 64;  // bf16 operands: the same 128 bytes of a row per stage
 
 struct TileCoord {
   int a_row;    // first row of A (and of the output) of the tile
@@ -369,33 +380,41 @@ __device__ __forceinline__ void stage_tile(uint8_t* slice, const float* total, i
   }
 }
 
-// One k block for a consumer: wait for the stage, issue its 4 WGMMAs into `acc`, commit.
-template <int BN>
+// One k block for a consumer: wait for the stage, issue its 4 WGMMAs into `acc`, commit. The
+// first WGMMA overwrites `acc` unless `carry` (bf16: the tile's sum runs on in the accumulator).
+template <int BN, bool kBf16 = false, bool kBTrans = false>
 __device__ __forceinline__ void issue_k_block(float* acc, uint64_t* full_bar, uint32_t parity,
-                                              const uint8_t* tile_a, const uint8_t* tile_b) {
-  using Mma = WgmmaFp8<BN>;
+                                              const uint8_t* tile_a, const uint8_t* tile_b,
+                                              bool carry = false) {
+  using Mma = std::conditional_t<kBTrans, WgmmaBf16TransB<BN>,
+                                 std::conditional_t<kBf16, WgmmaBf16<BN>, WgmmaFp8<BN>>>;
+  // kBTrans: B's 64-column chunks are 64 rows x 128 B apart; a k16 step is 16 rows (2048 B)
+  constexpr uint32_t kBStep = kBTrans ? 2048 >> 4 : 2;
   sm90::mbar_wait(full_bar, parity);
   const uint32_t desc_a = sm90::sw128_kmajor_desc_lo(tile_a);
-  const uint32_t desc_b = sm90::sw128_kmajor_desc_lo(tile_b);
+  const uint32_t desc_b = kBTrans ? sm90::sw128_mnmajor_desc_lo(tile_b, 64 * 128)
+                                  : sm90::sw128_kmajor_desc_lo(tile_b);
 #pragma unroll
   for (int i = 0; i < Mma::kRegs; ++i) sm90::fence_operand(acc[i]);
   sm90::wgmma_fence();
 #pragma unroll
   for (int k = 0; k < kBlockK / 32; ++k) {
-    // 32 FP8 = 32 bytes of K per WGMMA: advance the start address by 2 x 16 bytes.
+    // 32 FP8 (or 16 bf16) = 32 bytes of K per WGMMA: advance the start address by 2 x 16 bytes.
     Mma::mma(acc, sm90::sw128_kmajor_desc_from_lo(desc_a + 2 * k),
-             sm90::sw128_kmajor_desc_from_lo(desc_b + 2 * k), k > 0 ? 1u : 0u);
+             sm90::sw128_kmajor_desc_from_lo(desc_b + kBStep * k), k > 0 || carry ? 1u : 0u);
   }
   sm90::wgmma_commit();
 }
 
-template <int BM, int BN, int kClusterN, typename OutT, typename Sched>
+template <int BM, int BN, int kClusterN, typename OutT, typename Sched, bool kBf16 = false,
+          bool kBTrans = false>
 __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
-    sm90_fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a,    // A [M, K] e4m3
-                         const __grid_constant__ CUtensorMap tmap_b,    // B [rows, K] e4m3
+    sm90_fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a,    // A [M, K] e4m3 / bf16
+                         const __grid_constant__ CUtensorMap tmap_b,    // B [rows, K] (kBTrans:
+                                                                        // [G, K, N] bf16, 3-D)
                          const __grid_constant__ CUtensorMap tmap_out,  // out [M, N] (if TMA)
-                         const float* __restrict__ a_scale,             // [M, K/128]
-                         const float* __restrict__ b_scale,             // [sb rows, K/128]
+                         const float* __restrict__ a_scale,             // [M, K/128] (FP8)
+                         const float* __restrict__ b_scale,             // [sb rows, K/128] (FP8)
                          OutT* __restrict__ out,                        // [M, N]
                          const Sched sched_in, int M, int N, int K, int num_stages,
                          int out_bytes) {
@@ -403,7 +422,10 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
   static_assert((128 % BN == 0 && BN >= 16) || BN == 192,
                 "BN divides the 128-wide B scale block, or is 192 (two scale blocks per tile)");
   static_assert(kClusterN == 1 || kClusterN == 2, "clusters of 1 or 2 CTAs along N");
+  static_assert(!kBf16 || !Sched::kSplits, "bf16: no split-K workspace (grouped schedulers)");
+  static_assert(!kBTrans || (kBf16 && BN % 64 == 0), "kBTrans: bf16, whole 64-column chunks");
   using Smem = GemmSmem<BM, BN, OutT>;
+  constexpr int kKElems = kBf16 ? kBlockKBf16 : kBlockK;  // K elements per stage
   constexpr int kAccRegs = WgmmaFp8<BN>::kRegs;
   // BN = 192 spans two B scale blocks (columns past `boundary` take the second) and leaves no
   // registers for a second accumulator set: its k blocks are issued, waited and promoted one
@@ -440,7 +462,8 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
   // (UR), computed once per warp on the uniform datapath, instead of per thread in R registers
   // and moved over with R2UR before every WGMMA (cuobjdump -sass, NOTES-gemm).
   const int warpgroup = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x / 128), 0);
-  const int k_blocks = K / kBlockK;
+  // (bf16: K need not fill the last block; TMA reads the columns past K as zeros)
+  const int k_blocks = kBf16 ? (K + kKElems - 1) / kKElems : K / kBlockK;
   // TMA stores (through the staging buffer) need 16-byte aligned output rows; the host passes
   // out_bytes = 0 for other N, and the tile goes out through guarded register stores.
   const bool tma_store = Smem::kTmaStore && out_bytes > 0;
@@ -470,6 +493,8 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
         const TileCoord c = sched.tile(u, rank);
         if (c.zero) continue;  // nothing to load: the consumers write zeros
         const int kb_end = min(c.kb_end, k_blocks);
+        // kBTrans: the tile's group, for the 3-D map of b (b_row = group * N + n_block * BN)
+        const int b_group = kBTrans ? (c.b_row - c.n_block * BN) / N : 0;
         for (int kb = c.kb_begin; kb < kb_end; ++kb) {
           sm90::mbar_wait(&empty[stage], phase ^ 1);  // a fresh barrier passes parity 1
           sm90::mbar_arrive_expect_tx(&full[stage], kATileBytes + kBTileBytes);
@@ -477,12 +502,20 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
           const int a_row = c.a_row + static_cast<int>(rank) * kASliceRows;
           if constexpr (kClusterN > 1) {
             sm90::tma_load_2d_multicast(dst_a, &tmap_a, &full[stage], (1u << kClusterN) - 1,
-                                        kb * kBlockK, a_row);
+                                        kb * kKElems, a_row);
           } else {
-            sm90::tma_load_2d(dst_a, &tmap_a, &full[stage], kb * kBlockK, a_row);
+            sm90::tma_load_2d(dst_a, &tmap_a, &full[stage], kb * kKElems, a_row);
           }
-          sm90::tma_load_2d(tiles_b + stage * kBTileBytes, &tmap_b, &full[stage], kb * kBlockK,
-                            c.b_row);
+          if constexpr (kBTrans) {  // B's rows [kb*64, +64) of the group, BN/64 column chunks
+#pragma unroll
+            for (int ch = 0; ch < BN / 64; ++ch) {
+              sm90::tma_load_3d(tiles_b + stage * kBTileBytes + ch * 64 * 128, &tmap_b,
+                                &full[stage], c.n_block * BN + 64 * ch, kb * kKElems, b_group);
+            }
+          } else {
+            sm90::tma_load_2d(tiles_b + stage * kBTileBytes, &tmap_b, &full[stage],
+                              kb * kKElems, c.b_row);
+          }
           if (++stage == num_stages) stage = 0, phase ^= 1;
         }
       }
@@ -591,37 +624,38 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
       const int row0 = c.a_row + row_in_tile;
       const int row1 = row0 + 8;
       // Rows past M read as zero through TMA; their scales are never loaded out of bounds.
-      const float* sa0 = a_scale + static_cast<int64_t>(min(row0, M - 1)) * k_blocks;
-      const float* sa1 = a_scale + static_cast<int64_t>(min(row1, M - 1)) * k_blocks;
-      const float* sb = b_scale + static_cast<int64_t>(c.sb_row) * k_blocks;
+      // (bf16: no scales; the pointers stay null and are never read)
+      const float* sa0 =
+          kBf16 ? a_scale : a_scale + static_cast<int64_t>(min(row0, M - 1)) * k_blocks;
+      const float* sa1 =
+          kBf16 ? a_scale : a_scale + static_cast<int64_t>(min(row1, M - 1)) * k_blocks;
+      const float* sb = kBf16 ? b_scale : b_scale + static_cast<int64_t>(c.sb_row) * k_blocks;
       // kTwoScales: the tile's columns from `boundary` on (a multiple of 64) take the next B
       // scale row, if the tile reaches it before N; else the one row serves all columns.
       const int n0 = c.n_block * BN;
       const int boundary = kTwoScales ? 128 - n0 % 128 : BN;
       const float* sb_hi =
-          sb + (kTwoScales && n0 + boundary < N ? static_cast<int64_t>(k_blocks) : 0);
+          sb + (!kBf16 && kTwoScales && n0 + boundary < N ? static_cast<int64_t>(k_blocks) : 0);
       if constexpr (!kDefer) {
 #pragma unroll
         for (int i = 0; i < kAccRegs; ++i) total[i] = 0.f;
       }
 
-      auto issue = [&](int set, int kb) {
-        scale_a0[set] = __ldg(sa0 + kb);
-        scale_a1[set] = __ldg(sa1 + kb);
-        scale_b[set] = __ldg(sb + kb);
-        if constexpr (kTwoScales) scale_b_hi[set] = __ldg(sb_hi + kb);
-        issue_k_block<BN>(acc[set], &full[stage], phase,
+      auto issue = [&](int set, int kb, bool carry = false) {
+        if constexpr (!kBf16) {
+          scale_a0[set] = __ldg(sa0 + kb);
+          scale_a1[set] = __ldg(sa1 + kb);
+          scale_b[set] = __ldg(sb + kb);
+          if constexpr (kTwoScales) scale_b_hi[set] = __ldg(sb_hi + kb);
+        }
+        issue_k_block<BN, kBf16, kBTrans>(acc[set], &full[stage], phase,
                           tiles_a + stage * kATileBytes + consumer * 64 * kBlockK,
-                          tiles_b + stage * kBTileBytes);
+                          tiles_b + stage * kBTileBytes, carry);
         if (++stage == num_stages) stage = 0, phase ^= 1;
       };
-      // Called once the WGMMAs of a block (in set `set`) have completed: free its stage in
-      // every CTA of the cluster, promote.
       int release_stage = stage;
-      auto promote = [&](int set) {
-        float* a = acc[set];
-#pragma unroll
-        for (int i = 0; i < kAccRegs; ++i) sm90::fence_operand(a[i]);
+      // Frees the oldest stage still held, in every CTA of the cluster.
+      auto release = [&]() {
         __syncwarp();
         if (lane == 0) {
           if constexpr (kClusterN > 1) {
@@ -634,6 +668,13 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
           }
         }
         if (++release_stage == num_stages) release_stage = 0;
+      };
+      // Called once the WGMMAs of a block (in set `set`) have completed: free its stage, promote.
+      auto promote = [&](int set) {
+        float* a = acc[set];
+#pragma unroll
+        for (int i = 0; i < kAccRegs; ++i) sm90::fence_operand(a[i]);
+        release();
         const float s0 = scale_a0[set] * scale_b[set];
         const float s1 = scale_a1[set] * scale_b[set];
         // Registers 4j, 4j+1 hold row0; 4j+2, 4j+3 hold row1, at columns 8j + (lane % 4) * 2.
@@ -663,7 +704,25 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
 
       // This unit's k blocks (all of them unless the tile is split along K); at least one.
       const int kb_first = c.kb_begin, kb_end = min(c.kb_end, k_blocks);
-      if constexpr (kDefer) {  // one accumulator set, the previous tile's epilogue deferred
+      if constexpr (kBf16) {
+        // No promotion: the tile's sum runs on in one accumulator set (bf16 products are exact
+        // and the tensor cores add them in float32), one k block's WGMMAs in flight while the
+        // stage of the block before is released. A zero tile keeps total = 0.
+        if (!c.zero) {
+          issue(0, kb_first);
+          for (int kb = kb_first + 1; kb < kb_end; ++kb) {
+            issue(0, kb, true);
+            sm90::wgmma_wait<1>();
+            release();
+          }
+          sm90::wgmma_wait<0>();
+#pragma unroll
+          for (int i = 0; i < kAccRegs; ++i) sm90::fence_operand(acc[0][i]);
+          release();
+#pragma unroll
+          for (int i = 0; i < kAccRegs; ++i) total[i] = acc[0][i];
+        }
+      } else if constexpr (kDefer) {  // one accumulator set, the previous tile's epilogue deferred
         issue(0, kb_first);
         if (pending) epilogue(prev, prev_unit);  // `total` still holds the previous tile
 #pragma unroll

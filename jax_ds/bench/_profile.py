@@ -187,6 +187,9 @@ def collective_overlap(events) -> dict:
 # Compute kernels by what they do, first match wins (names as the profiler reports them: ours
 # are C++ templates, e.g. "void jax_ds::gemm::sm90_fp8_gemm_kernel<..., GroupedScheduler<...>>").
 KERNEL_KINDS = (
+    # the kernel's bf16 mode: the argument after the scheduler (kBf16) true, kBTrans after it
+    ("ours grouped bf16 GEMM",
+     re.compile(r"fp8_gemm_kernel.*GroupedScheduler<[^>]*>\s*,\s*true\b", re.I)),
     ("ours grouped FP8 GEMM", re.compile(r"fp8_gemm_kernel.*Grouped", re.I)),
     ("ours FP8 GEMM", re.compile(r"fp8_gemm_kernel", re.I)),
     ("ours quantize", re.compile(r"quantize_(rows|blocks)_kernel", re.I)),

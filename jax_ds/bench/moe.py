@@ -35,7 +35,7 @@ import numpy as np
 from jax_ds import _ffi
 from jax_ds.bench import (_profile, _timing, bar_plot, environment, error_cell, print_table,
                           write_json)
-from jax_ds.ops import dequantize_fp8, quantize_fp8
+from jax_ds.ops import dequantize_fp8, grouped_gemm, quantize_fp8
 from jax_ds.ops.grouped_gemm import (GROUPED_TARGET, grouped_fp8_gemm, grouped_matmul,
                                      grouped_wgrad, masked_grouped_fp8_gemm, uses_windows)
 from jax_ds.ops.moe import moe_permute, moe_unpermute
@@ -165,29 +165,35 @@ def _gemm_row(kind, g, rows, n, k, key, args, ours_na):
     return row
 
 
-BF16_IMPLS = ("windows", "xla_ragged", "torch")
-BF16_OPS = ("forward", "wgrad")
+BF16_IMPLS = ("kernel", "windows", "xla_ragged", "torch")
+BF16_OPS = ("forward", "dgrad", "wgrad")
 
 
 def _bf16_row(op, g, rows, n, k, key, args):
     """A bf16 expert GEMM by XLA on G x rows, both ways: forward out [M, N] = x [M, K] @ w[g]^T
-    (`grouped_matmul`, w [G, N, K]) or wgrad dw [G, N, K] = dy [M, N]^T x [M, K]
-    (`grouped_wgrad`); float32 results. torch: `_grouped_mm` on the same bf16 values."""
+    (`grouped_matmul`, w [G, N, K]), dgrad dx [M, K] = dy [M, N] @ w[g] (`grouped_matmul` with
+    transpose_w) or wgrad dw [G, N, K] = dy [M, N]^T x [M, K] (`grouped_wgrad`); float32
+    results. torch: `_grouped_mm` on the same bf16 values. kernel: the bf16 grouped kernel
+    (forward; dgrad reading w MN-major)."""
     m, flops = g * rows, 2 * g * rows * n * k
+    rule = uses_windows("forward", m, g, k, n) if op == "dgrad" else uses_windows(op, m, g, n, k)
     row = {"op": op, "groups": g, "rows": rows, "n": n, "k": k, "flops": flops,
-           "rule_takes_windows": uses_windows(op, m, g, n, k), "results": {}}
+           "rule_takes_windows": rule, "results": {}}
     sizes = jnp.full((g,), rows, jnp.int32)
     sets = []
     for i in range(args.sets):
         ka, kb = jax.random.split(jax.random.fold_in(key, i))
         a_shape = (m, k) if op == "forward" else (m, n)
-        b_shape = (g, n, k) if op == "forward" else (m, k)
+        b_shape = (m, k) if op == "wgrad" else (g, n, k)
         sets.append((jax.random.normal(ka, a_shape, jnp.bfloat16),
                      jax.random.normal(kb, b_shape, jnp.bfloat16), sizes))
     outs = {}
     for name, windows in (("windows", True), ("xla_ragged", False)):
-        fn = jax.jit(functools.partial(grouped_matmul if op == "forward" else grouped_wgrad,
-                                       windows=windows))
+        if op == "wgrad":
+            fn = jax.jit(functools.partial(grouped_wgrad, windows=windows))
+        else:
+            fn = jax.jit(functools.partial(grouped_matmul, windows=windows,
+                                           transpose_w=op == "dgrad"))
         try:
             outs[name] = np.asarray(fn(*sets[0]))
             t = _timing.time_jax_launch(fn, sets, budget_s=args.budget, repeats=args.repeats,
@@ -198,6 +204,23 @@ def _bf16_row(op, g, rows, n, k, key, args):
             row["results"][name] = error_cell(e)
     if len(outs) == 2:
         row["diff"] = calc_diff(outs["windows"], outs["xla_ragged"])
+    # the bf16 grouped kernel (grouped_linear's forward and dgrad; no wgrad kernel yet)
+    why = _ffi.unavailable_reason(grouped_gemm.BF16_TARGET)
+    if op == "wgrad" or why:
+        row["results"]["kernel"] = {"na": why or "no wgrad kernel"}
+    else:
+        fn = jax.jit(lambda a, b, s: grouped_gemm.ffi_grouped_bf16_gemm(
+            a, b, s, jnp.float32, transpose_b=op == "dgrad"))
+        try:
+            got = np.asarray(fn(*sets[0]))
+            if "windows" in outs:
+                row["kernel_diff"] = calc_diff(got, outs["windows"])
+            t = _timing.time_jax_launch(fn, sets, budget_s=args.budget, repeats=args.repeats,
+                                        max_reps=4)
+            row["results"]["kernel"] = {"tflops": flops / t.median_s / 1e12,
+                                        "ms": t.median_s * 1e3}
+        except Exception as e:
+            row["results"]["kernel"] = error_cell(e)
     if not args.no_torch:
         try:
             import torch
@@ -211,6 +234,8 @@ def _bf16_row(op, g, rows, n, k, key, args):
                 if op == "forward":  # [M, K] x [G, K, N] (w transposed: a view, as torch asks)
                     fns.append(functools.partial(torch._grouped_mm, cuda(a),
                                                  cuda(b).transpose(-2, -1), offs=offs))
+                elif op == "dgrad":  # [M, N] x [G, N, K] -> [M, K]
+                    fns.append(functools.partial(torch._grouped_mm, cuda(a), cuda(b), offs=offs))
                 else:  # [N, M] x [M, K] with offsets along M -> [G, N, K]
                     fns.append(functools.partial(torch._grouped_mm, cuda(a).t(), cuda(b),
                                                  offs=offs))
@@ -239,19 +264,22 @@ def run_bf16(args, env):
     for row in rows:
         res = row["results"]
         ours, xla = res.get("windows", {}).get("tflops"), res.get("xla_ragged", {}).get("tflops")
-        torch_tf = res.get("torch", {}).get("tflops")
+        torch_tf, kernel = res.get("torch", {}).get("tflops"), res.get("kernel", {}).get("tflops")
         table.append([row["op"], f"{row['groups']}x{row['rows']}", str(row["n"]), str(row["k"]),
                       "windows" if row["rule_takes_windows"] else "ragged",
                       *[_cell(res.get(name, {})) for name in BF16_IMPLS],
                       f"{ours / xla:.1f}" if ours and xla else "-",
                       f"{ours / torch_tf:.2f}" if ours and torch_tf else "-",
+                      f"{kernel / torch_tf:.2f}" if kernel and torch_tf else "-",
                       "-" if row.get("diff") is None else f"{row['diff']:.1e}"])
     print_table(f"bf16 expert GEMMs by XLA on {env['device']}, TFLOP/s (device-bound)",
                 ("op", "GxM", "n", "k", "rule", *BF16_IMPLS, "windows/XLA", "windows/torch",
-                 "diff"),
+                 "kernel/torch", "diff"),
                 table, ["forward: out = x @ w[g]^T (grouped_matmul); wgrad: dw[g] = dy^T x over "
                         "the group's rows (grouped_wgrad); bf16 operands, float32 results; "
                         "useful FLOPs 2 M N K; rule = what the op picks for the shape; "
+                        "dgrad: dx = dy @ w[g] (grouped_matmul, transpose_w); "
+                        "kernel = the bf16 grouped kernel (forward, dgrad; float32 out here); "
                         "diff = calc_diff(windows, xla_ragged)"])
     path = write_json(args.out, "moe", env, {
         "timing": {"device": _timing.DEVICE_BOUND + " (max 4 repeats)"},

@@ -28,6 +28,8 @@ from jax_ds.ops.quant import dequantize_fp8, quantize_fp8
 
 GROUPED_TARGET = "jax_ds_grouped_fp8_gemm"
 MASKED_TARGET = "jax_ds_masked_grouped_fp8_gemm"
+BF16_TARGET = "jax_ds_grouped_bf16_gemm"  # grouped_linear's forward and dgrad (bf16 operands)
+_ffi.declare_op("grouped_linear", BF16_TARGET)
 _ffi.declare_op("grouped_fp8_gemm", GROUPED_TARGET)
 _ffi.declare_op("masked_grouped_fp8_gemm", MASKED_TARGET)
 _ffi.declare_op("grouped_fp8_linear", GROUPED_TARGET)
@@ -536,7 +538,7 @@ def _check_concrete_sizes(op, group_sizes, m):
                              f"{sizes.min()}, sum {sizes.sum()}")
 
 
-def grouped_linear(x, w, group_sizes):
+def grouped_linear(x, w, group_sizes, *, impl="auto"):
     """out[rows of g] = x[rows of g] @ w[g]^T in x's dtype (bf16 / f16 / f32; w cast to it),
     rows sorted by group, rows past sum(group_sizes) zero: the bf16 expert FFN's GEMM.
 
@@ -546,27 +548,88 @@ def grouped_linear(x, w, group_sizes):
     accumulation throughout (float32 operands at HIGHEST). No gradient to group_sizes (int32
     [G], >= 0 with sum <= M: a ValueError when concrete; traced, negative sizes count as empty
     and groups are cut at row M). Reverse mode only (a custom_vjp, as `grouped_fp8_linear`):
-    jax.jvp / jacfwd refuse it. Empty x or w (M, N, K or G = 0) give zeros. Plain XLA on every
-    platform (no kernel, so no `impl`).
+    jax.jvp / jacfwd refuse it. Empty x or w (M, N, K or G = 0) give zeros.
+
+    impl: "auto" runs the forward and dgrad through the bf16 grouped kernel
+    (`jax_ds_grouped_bf16_gemm`: the FP8 grouped kernel's body on bf16 operands, float32
+    accumulation, one rounding to bf16) when x is bf16, K and N are multiples of 8 and the
+    library is loaded on a CUDA GPU; else (and with "xla") the windows / ragged dot above. The
+    dgrad reads w as it is (the kernel's MN-major B). The wgrad is the windows' batched dot
+    either way.
     """
-    _check_grouped_linear("grouped_linear", x, w, group_sizes)
+    op = "grouped_linear"
+    _check_grouped_linear(op, x, w, group_sizes)
+    use_kernel = False
+    if min(x.shape) > 0 and min(w.shape) > 0:
+        use_kernel = _ffi.resolve_impl(op, BF16_TARGET, impl, _bf16_unsupported(x, w)) == "ffi"
+    else:
+        _ffi.resolve_impl(op, BF16_TARGET, impl)  # impl checked; empty operands give zeros
     x, w = match_vma(x, w)  # inside shard_map: w's cotangent varies wherever x does
-    return _grouped_linear(x, w, group_sizes)
+    return _grouped_linear(x, w, group_sizes, use_kernel)
 
 
-@jax.custom_vjp
-def _grouped_linear(x, w, group_sizes):
-    return _grouped_linear_fwd(x, w, group_sizes)[0]
+def _bf16_unsupported(x, w):
+    """Why the bf16 grouped kernel cannot take x [M, K] and w [G, N, K], or None."""
+    g, n, k = w.shape
+    if np.dtype(x.dtype) != np.dtype(jnp.bfloat16):
+        return f"grouped_linear: the kernel takes bf16 x, got {np.dtype(x.dtype).name}"
+    if k % 8 or n % 8:
+        return f"grouped_linear: the kernel needs K and N multiples of 8, got K {k}, N {n}"
+    if g > MAX_GROUPS or x.shape[0] >= 2**31 or g * max(n, k) >= 2**31 - 512:
+        return (f"grouped_linear: the kernel takes up to {MAX_GROUPS} groups and int32 sizes, "
+                f"got x {tuple(x.shape)}, w {tuple(w.shape)}")
+    return None
 
 
-def _grouped_linear_fwd(x, w, group_sizes):
+def bf16_grouped_config(m: int, g: int, n: int, k: int, num_sms: int):
+    """The bf16 kernel's tile for a [m, k] x [g, n, k] grouped GEMM: `grouped_config` with K in
+    bytes (a k block is 64 bf16, 128 bytes, as FP8's is 128 FP8), mapped onto the bf16 kernel's
+    compiled tiles (64x64, 64x128 single; 128x128, 128x192 single or pairs). Not tuned on a GPU
+    yet."""
+    cfg = grouped_config(cdiv(m, max(g, 1)), g, n, 2 * k, num_sms)
+    if cfg.block_m == 64:
+        return type(cfg)(64, 128 if cfg.block_n >= 128 else 64, num_sms, 1)
+    block_n = 192 if cfg.block_n == 192 else 128
+    # pairs only where the (possibly widened) tile's column blocks pair up, as grouped_config's
+    # rule: an odd count leaves every pair's second tile past N (computed, not stored)
+    cluster_n = cfg.cluster_n if cdiv(n, block_n) % 2 == 0 else 1
+    return type(cfg)(128, block_n, num_sms, cluster_n)
+
+
+def ffi_grouped_bf16_gemm(a, b, sizes, out_dtype, cfg=None, *, transpose_b=False):
+    """out [M, N] = the bf16 grouped kernel on a bf16 [M, K], b bf16 [G, N, K] (out = a @ b[g]^T
+    per group) or, transpose_b, [G, K, N] (out = a @ b[g]: the dgrad reads the forward's weight
+    as it is, N a multiple of 8), and sizes int32 [G] (the contiguous layout; rows past the
+    groups zero); cfg None: bf16_grouped_config. No validation (grouped_linear's)."""
+    m = a.shape[0]
+    g, n, k = (b.shape[0], b.shape[2], b.shape[1]) if transpose_b else b.shape
+    cfg = cfg or bf16_grouped_config(m, g, n, k, _ffi.num_sms())
+    return _ffi.kernel_call(BF16_TARGET, jax.ShapeDtypeStruct((m, n), out_dtype), a, b,
+                            sizes.astype(jnp.int32), **cfg.attrs(),
+                            transpose_b=np.int32(bool(transpose_b)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _grouped_linear(x, w, group_sizes, use_kernel):
+    return _grouped_linear_fwd(x, w, group_sizes, use_kernel)[0]
+
+
+def _grouped_linear_fwd(x, w, group_sizes, use_kernel):
     sizes = _clamped_sizes(group_sizes, x.shape[0])
-    return grouped_matmul(x, w.astype(x.dtype), sizes).astype(x.dtype), (x, w, sizes)
+    if use_kernel:
+        y = ffi_grouped_bf16_gemm(x, w.astype(jnp.bfloat16), sizes, x.dtype)
+    else:
+        y = grouped_matmul(x, w.astype(x.dtype), sizes).astype(x.dtype)
+    return y, (x, w, sizes)
 
 
-def _grouped_linear_bwd(res, dy):
+def _grouped_linear_bwd(use_kernel, res, dy):
     x, w, sizes = res
-    dx = grouped_matmul(dy.astype(x.dtype), w.astype(x.dtype), sizes, transpose_w=True)
+    if use_kernel:  # dx = dy @ w[g]: w [G, N, K] read MN-major, as it is
+        dx = ffi_grouped_bf16_gemm(dy.astype(jnp.bfloat16), w.astype(jnp.bfloat16), sizes,
+                                   x.dtype, transpose_b=True)
+    else:
+        dx = grouped_matmul(dy.astype(x.dtype), w.astype(x.dtype), sizes, transpose_w=True)
     dw = grouped_wgrad(dy.astype(x.dtype), x, sizes)
     return dx.astype(x.dtype), dw.astype(w.dtype), None
 
