@@ -1,6 +1,7 @@
 """Device check of the MLA decode kernel against the reference: prints errors, asserts nothing.
 
     python scripts/check_mla.py            # a few shapes; one line per case
+    python scripts/check_mla.py --nan-row  # a NaN in a row a query sees: kernel vs reference
 Columns: max |out - ref|, calc_diff, max |lse - ref| (finite), NaN/Inf mismatches, and the batch
 rows with the worst error (split batches go through the combine kernel, others do not).
 """
@@ -103,6 +104,26 @@ elif __name__ == "__main__" and sys.argv[1:2] == ["--ffi-only"]:  # for compute-
         *args[:2], jnp.asarray(table), jnp.asarray(lens)))
     print(f"wild table and lengths: finite {bool(np.isfinite(np.asarray(out, np.float32)).all())}",
           flush=True)
+elif __name__ == "__main__" and sys.argv[1:2] == ["--nan-row"]:
+    # One NaN in a cache row that batch 0's queries see (its middle row; in a value column or
+    # in the rope part), short (one part) and long (split across parts) sequences: per batch,
+    # the NaN and -inf counts of out and lse, kernel against the reference (NOTES-mla, 12-05).
+    from jax_ds.bench.mla import inputs
+    run_both = jax.jit(lambda *a, impl: mla_decode(*a, impl=impl), static_argnames="impl")
+    for b, s_k, h_q, s_q in [(4, 300, 16, 1), (2, 9000, 16, 2), (2, 9000, 128, 1)]:
+        for col in (7, 575):
+            args, lens = inputs(3, b, s_k, h_q, s_q, False)
+            row = int(lens[0]) // 2
+            block = int(np.asarray(args[2])[0, row // 64])
+            kv = args[1].at[block, row % 64, 0, col].set(jnp.nan)
+            got = [[np.asarray(a, np.float32) for a in run_both(args[0], kv, *args[2:], impl=i)]
+                   for i in ("ffi", "xla")]
+            print(f"b{b} s_k{s_k} h{h_q} sq{s_q} NaN at row {row} col {col}:", flush=True)
+            for bi in range(b):
+                print(f"  batch {bi}: " + " | ".join(
+                    f"{name} out nan {np.isnan(o[bi]).sum()} lse nan {np.isnan(l[bi]).sum()} "
+                    f"-inf {np.isneginf(l[bi]).sum()}"
+                    for name, (o, l) in zip(("ffi", "ref"), got)), flush=True)
 elif __name__ == "__main__" and sys.argv[1:2] == ["--test-case"]:
     explain_test_case(*map(int, sys.argv[2:5]), bool(int(sys.argv[5])))
 elif __name__ == "__main__":
