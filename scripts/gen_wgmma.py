@@ -10,8 +10,8 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "ffi" / "common"
 FP8_N = (16, 32, 64, 128, 192)
-BF16 = (("WgmmaBf16", 16, False), ("WgmmaBf16", 32, False), ("WgmmaBf16", 64, False),
-        ("WgmmaBf16", 128, False), ("WgmmaBf16", 192, False),
+# the MLA kernel's (64, TransB 256) and the bf16 GEMM tiles' (64, 128, 192, each both ways)
+BF16 = (("WgmmaBf16", 64, False), ("WgmmaBf16", 128, False), ("WgmmaBf16", 192, False),
         ("WgmmaBf16TransB", 64, True), ("WgmmaBf16TransB", 128, True),
         ("WgmmaBf16TransB", 192, True), ("WgmmaBf16TransB", 256, True))  # (struct, N, B MN-major)
 

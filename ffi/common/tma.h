@@ -26,6 +26,27 @@ inline PFN_cuTensorMapEncodeTiled_v12000 TensorMapEncoder() {
   return fn;
 }
 
+// Encodes a `rank`-D tensor map (dims, strides and box innermost first; strides in bytes, one
+// fewer than dims) with the 128-byte swizzle; loads past the edges read zeros.
+inline ffi::Error EncodeSwizzled128(CUtensorMap* map, CUtensorMapDataType dtype, cuuint32_t rank,
+                                    const void* base, const cuuint64_t* dims,
+                                    const cuuint64_t* strides, const cuuint32_t* box) {
+  auto encode = TensorMapEncoder();
+  if (encode == nullptr) {
+    return ffi::Error::Internal("jax_ds: cuTensorMapEncodeTiled is not available from the driver");
+  }
+  const cuuint32_t elem_strides[3] = {1, 1, 1};
+  CUresult res = encode(map, dtype, rank, const_cast<void*>(base), dims, strides, box,
+                        elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                        CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (res != CUDA_SUCCESS) {
+    return ffi::Error::Internal("jax_ds: cuTensorMapEncodeTiled (" + std::to_string(rank) +
+                                "-D) failed with CUresult " +
+                                std::to_string(static_cast<int>(res)));
+  }
+  return ffi::Error::Success();
+}
+
 // A row-major [rows, cols] matrix moved in boxes of [box_rows, box_cols] with the 128-byte
 // swizzle (box_cols * elem_bytes must be 128): the layout WGMMA descriptors expect for loads, and
 // a bank-conflict-free staging layout for stores. Loads past the edges read zeros and stores
@@ -33,23 +54,10 @@ inline PFN_cuTensorMapEncodeTiled_v12000 TensorMapEncoder() {
 inline ffi::Error EncodeTileMap(CUtensorMap* map, CUtensorMapDataType dtype, size_t elem_bytes,
                                 const void* base, uint64_t rows, uint64_t cols, uint32_t box_rows,
                                 uint32_t box_cols) {
-  auto encode = TensorMapEncoder();
-  if (encode == nullptr) {
-    return ffi::Error::Internal("jax_ds: cuTensorMapEncodeTiled is not available from the driver");
-  }
   const cuuint64_t dims[2] = {cols, rows};
   const cuuint64_t strides[1] = {cols * elem_bytes};  // bytes between rows
   const cuuint32_t box[2] = {box_cols, box_rows};
-  const cuuint32_t elem_strides[2] = {1, 1};
-  CUresult res = encode(map, dtype, 2, const_cast<void*>(base), dims,
-                        strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                        CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                        CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (res != CUDA_SUCCESS) {
-    return ffi::Error::Internal("jax_ds: cuTensorMapEncodeTiled failed with CUresult " +
-                                std::to_string(static_cast<int>(res)));
-  }
-  return ffi::Error::Success();
+  return EncodeSwizzled128(map, dtype, 2, base, dims, strides, box);
 }
 
 // A row-major [planes, rows, cols] tensor moved in boxes of [1, box_rows, box_cols] with the
@@ -58,27 +66,10 @@ inline ffi::Error EncodeTileMap(CUtensorMap* map, CUtensorMapDataType dtype, siz
 inline ffi::Error EncodeTileMap3d(CUtensorMap* map, CUtensorMapDataType dtype, size_t elem_bytes,
                                   const void* base, uint64_t planes, uint64_t rows,
                                   uint64_t cols, uint32_t box_rows, uint32_t box_cols) {
-  auto encode = TensorMapEncoder();
-  if (encode == nullptr) {
-    return ffi::Error::Internal("jax_ds: cuTensorMapEncodeTiled is not available from the driver");
-  }
   const cuuint64_t dims[3] = {cols, rows, planes};
   const cuuint64_t strides[2] = {cols * elem_bytes, rows * cols * elem_bytes};
   const cuuint32_t box[3] = {box_cols, box_rows, 1};
-  const cuuint32_t elem_strides[3] = {1, 1, 1};
-  CUresult res = encode(map, dtype, 3, const_cast<void*>(base), dims, strides, box, elem_strides,
-                        CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                        CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (res != CUDA_SUCCESS) {
-    return ffi::Error::Internal("jax_ds: cuTensorMapEncodeTiled (3-D) failed with CUresult " +
-                                std::to_string(static_cast<int>(res)));
-  }
-  return ffi::Error::Success();
-}
-
-inline ffi::Error EncodeFp8TileMap(CUtensorMap* map, const void* base, uint64_t rows,
-                                   uint64_t cols, uint32_t box_rows, uint32_t box_cols) {
-  return EncodeTileMap(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, base, rows, cols, box_rows, box_cols);
+  return EncodeSwizzled128(map, dtype, 3, base, dims, strides, box);
 }
 
 }  // namespace jax_ds

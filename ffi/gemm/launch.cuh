@@ -65,28 +65,23 @@ ffi::Error LaunchGemm(cudaStream_t stream, const GemmArgs<OutT>& g, const Sched&
     return err;
 
   CUtensorMap map_a, map_b, map_out = {};
-  // With clusters, each CTA loads (and multicasts) a 1/kClusterN slice of the A tile.
-  if constexpr (kBf16) {
-    if (auto err = EncodeTileMap(&map_a, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, g.a, g.a_rows, g.K,
-                                 BM / kClusterN, kBlockKBf16);
+  // With clusters, each CTA loads (and multicasts) a 1/kClusterN slice of the A tile. A stage
+  // holds 128 bytes of K per row: 128 FP8 (as bytes) or 64 bf16.
+  constexpr auto kInType = kBf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_UINT8;
+  constexpr size_t kInBytes = kBf16 ? 2 : 1;
+  constexpr int kStageK = kBf16 ? kBlockKBf16 : kBlockK;
+  if (auto err = EncodeTileMap(&map_a, kInType, kInBytes, g.a, g.a_rows, g.K, BM / kClusterN,
+                               kStageK);
+      err.failure())
+    return err;
+  if constexpr (kBTrans) {  // [G, K, N] in boxes of [1, 64 k rows, 64 n columns]
+    if (auto err = EncodeTileMap3d(&map_b, kInType, kInBytes, g.b, g.b_rows / g.K, g.K, g.N,
+                                   kStageK, 64);
         err.failure())
       return err;
-    if constexpr (kBTrans) {  // [G, K, N] in boxes of [1, 64 k rows, 64 n columns]
-      if (auto err = EncodeTileMap3d(&map_b, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, g.b,
-                                     g.b_rows / g.K, g.K, g.N, kBlockKBf16, 64);
-          err.failure())
-        return err;
-    } else {
-      if (auto err = EncodeTileMap(&map_b, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, g.b, g.b_rows,
-                                   g.K, BN, kBlockKBf16);
-          err.failure())
-        return err;
-    }
   } else {
-    if (auto err = EncodeFp8TileMap(&map_a, g.a, g.a_rows, g.K, BM / kClusterN, kBlockK);
+    if (auto err = EncodeTileMap(&map_b, kInType, kInBytes, g.b, g.b_rows, g.K, BN, kStageK);
         err.failure())
-      return err;
-    if (auto err = EncodeFp8TileMap(&map_b, g.b, g.b_rows, g.K, BN, kBlockK); err.failure())
       return err;
   }
   if (out_bytes > 0) {

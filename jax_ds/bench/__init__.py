@@ -91,7 +91,8 @@ def write_json(out_dir, suite, env, payload, tag=""):
     from jax_ds.bench import _timing
 
     # the cells timed with fresh outputs although the file says in place (a warning said so)
-    fell_back = {"bench_outputs_fell_back": _timing.fell_back()} if _timing.fell_back() else {}
+    names = _timing.fell_back()
+    fell_back = {"bench_outputs_fell_back": names} if names else {}
     path.write_text(json.dumps({"suite": suite, **env, **fell_back, **payload}, indent=1,
                                default=str) + "\n")
     return path
