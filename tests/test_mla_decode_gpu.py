@@ -108,6 +108,24 @@ def test_kernel_clamps_traced_values():
     check(*run(*args, impl="ffi"), *run(*args, impl="xla"))
 
 
+@pytest.mark.parametrize("b,s_k,sq,hq", [(128, 300, 1, 16), (2, 9000, 2, 16),
+                                         (2, 9000, 1, 128)])
+@pytest.mark.parametrize("col", [7, 575])
+def test_kernel_nan_in_a_visible_row(b, s_k, sq, hq, col):
+    """A NaN in a cache row that sequence 0's queries see (a value column, or the rope part):
+    NaN out and lse there, as the reference gives, whether the sequence runs in one part (300)
+    or is split across parts and merged (9000); the other sequences untouched. (128 x 300: 5
+    blocks each, every batch whole in one part; 2 x 9000: each batch cut into many.)"""
+    q, kv, table, lens = paged(col + b, b, sq, hq, fixed_len=s_k)
+    kv = jax.random.normal(jax.random.key(col), kv.shape, kv.dtype)
+    row = s_k // 2
+    kv = kv.at[int(np.asarray(table)[0, row // 64]), row % 64, 0, col].set(jnp.nan)
+    run = jax.jit(lambda *a, impl: mla_decode(*a, impl=impl), static_argnames="impl")
+    out, lse = run(q, kv, table, lens, impl="ffi")
+    assert np.isnan(np.asarray(lse)[0]).all() and np.isnan(np.asarray(out, np.float32)[0]).all()
+    check(out, lse, *run(q, kv, table, lens, impl="xla"))
+
+
 @pytest.mark.parametrize("b,sq,hq", [(5, 1, 24), (3, 2, 20), (4, 2, 40), (2, 3, 33)])
 def test_kernel_odd_head_counts(b, sq, hq):
     """Hq * Sq not a multiple of 64: fewer rows than a tile (a short Q box, rounded up to 8 rows,

@@ -394,7 +394,7 @@ __device__ __forceinline__ void MergeSplits(const Params& p, int wg, int b, int 
       }
       #pragma unroll
       for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, o);
-      const float lse = sum > 0.f ? m_use + logf(sum) : -INFINITY;
+      const float lse = sum != 0.f ? m_use + logf(sum) : -INFINITY;  // a NaN piece: NaN
       if (wg == 0 && lane == 0) {
         const int sq_i = row / p.hq, h_i = row % p.hq;
         p.lse[(static_cast<int64_t>(b) * p.hq + h_i) * p.sq + sq_i] = lse;
@@ -727,8 +727,9 @@ DecodeKernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ 
       for (int h = 0; h < 2; ++h) {
         l[h] += __shfl_xor_sync(0xffffffff, l[h], 1);
         l[h] += __shfl_xor_sync(0xffffffff, l[h], 2);
-        inv[h] = l[h] > 0.f ? 1.f / l[h] : 0.f;
-        lse[h] = l[h] > 0.f ? m[h] * p.scale + logf(l[h]) : -INFINITY;
+        // l == 0: no key seen (out 0, lse -inf); a NaN l (a NaN in a row seen) stays NaN
+        inv[h] = l[h] != 0.f ? 1.f / l[h] : 0.f;
+        lse[h] = l[h] != 0.f ? m[h] * p.scale + logf(l[h]) : -INFINITY;
       }
       if (handoff > 0) mbar_wait(bars.p_empty, (handoff - 1) & 1);
       if (lane % 4 == 0) {
@@ -854,7 +855,7 @@ __global__ void CombineKernel(Params p) {
   }
   #pragma unroll
   for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, o);
-  const float lse = sum > 0.f ? m_use + logf(sum) : -INFINITY;
+  const float lse = sum != 0.f ? m_use + logf(sum) : -INFINITY;  // a NaN piece: NaN
   if (lane == 0) *lse_out = lse;
   float4 o[4] = {};
   for (int j = 0; j < n; ++j) {

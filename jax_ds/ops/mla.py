@@ -18,11 +18,9 @@ Conventions (the reference and the kernel share them; the tests pin them):
                  out = 0 and lse = -inf.
   unused rows    cache rows at or past a sequence's length are never read into the result (they
                  may hold anything, NaN included).
-  NaN in a row   a query that sees a NaN cache row gets NaN out and lse, as in FlashMLA (the
-                 reference; before 2026-12-05 it gave out = 0 and lse = -inf). The kernel is not
-                 yet checked against it: with such a row reachable, one GPU test saw other -inf
-                 positions in lse than the reference (a split batch may merge its pieces past
-                 the NaN one); tests/test_mla_decode_gpu.py keeps NaN to unused rows.
+  NaN in a row   a query that sees a NaN cache row gets NaN out and lse, as in FlashMLA (before
+                 2026-12-05 both gave out = 0 and lse = -inf for a part that saw it, and the
+                 kernel merged a split batch's other parts past it).
   precision      the kernel rounds P to bf16 for P V, as FlashMLA does; for sequences of at most
                  1024 keys it adds a second pass with P's rounding residual (few keys do not
                  average the 2^-9 error out). S, the softmax, lse and O accumulate in float32.
