@@ -29,6 +29,8 @@ SUITES = {  # name -> (module, one-line help)
               "full-model training step on a data x expert mesh: tokens/s, EP overlap (trace)"),
     "checkpoint": ("jax_ds.bench.checkpoint",
                    "checkpoint save/restore GB/s: ours vs Orbax defaults vs raw disk"),
+    "standings": ("jax_ds.bench.standings",
+                  "result files of gemm, moe and mla against the issues' acceptance bars (no GPU)"),
 }
 
 _PACKAGES = ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda13-pjrt", "jax-cuda12-plugin",

@@ -1,0 +1,57 @@
+"""`python -m jax_ds.bench standings`: the committed result files against the issues' bars."""
+import json
+import pathlib
+
+import pytest
+
+from jax_ds.bench import standings
+from jax_ds.bench.__main__ import main
+
+RESULTS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+
+
+def _load(name):
+    return json.loads((RESULTS / name).read_text())
+
+
+def test_h100_gemm_of_2026_12_05():
+    """The counts NOTES-gemm quotes for this file (18 of 19 shapes; 8192^3 was cut)."""
+    s = standings.summary(standings.standings(
+        _load("gemm-nvidia-h100-80gb-hbm3-2026-12-05-partial.json")))
+    assert s["ours/torch blockwise >= 1.0"][:2] == (8, 18)
+    assert s["ours/XLA dequant >= 1.5 (m >= 128)"] == (11, 12, ["4096x32768x512"])
+    assert s["ours/DeepGEMM H800 >= 0.8"][:2] == (6, 9)
+    assert s["kernel/DeepGEMM H800 (not a bar)"][:2] == (9, 9)
+
+
+def test_moe_and_mla_bars():
+    moe = standings.summary(standings.standings(_load("moe-nvidia-h200-2026-12-05.json")))
+    assert moe["contiguous ours/torch >= 1.0"][:2] == (6, 6)
+    assert moe["permute+FP8 XLA time/ours >= 1.5"][:2] == (1, 1)
+    mla = standings.summary(standings.standings(_load("mla-nvidia-h200-2026-12-04.json")))
+    assert mla["h16 GB/s / copy ceiling >= 0.85"][:2] == (11, 12)
+    assert mla["h128 TFLOP/s >= 500"][:2] == (10, 12)
+    assert mla["XLA time/ours >= 5"][:2] == (48, 48)
+
+
+def test_every_committed_result_reads():
+    files = [p for p in sorted(RESULTS.glob("*.json"))
+             if isinstance(d := json.loads(p.read_text()), dict)
+             and d.get("suite") in standings.CHECKS]
+    assert len(files) >= 20
+    for path in files:
+        for name, label, value, bar, ok in standings.standings(json.loads(path.read_text())):
+            assert ok is None or ok == (value >= bar), (path.name, name, label)
+    assert main(["standings", *map(str, files[:3])]) == 0
+
+
+def test_a_missing_column_is_not_a_pass():
+    row = {"m": 128, "n": 256, "k": 512, "deepgemm_h800_tflops": 100,
+           "results": {"ours": {"tflops": 90.0}, "xla_dequant": {"error": "failed"}}}
+    checks = standings.standings({"suite": "gemm", "rows": [row]})
+    met = {name: ok for name, _, _, _, ok in checks}
+    assert met == {"ours/torch blockwise >= 1.0": None, "ours/XLA dequant >= 1.5 (m >= 128)": None,
+                   "ours/DeepGEMM H800 >= 0.8": True}
+    assert standings.summary(checks)["ours/torch blockwise >= 1.0"] == (0, 0, ["128x256x512"])
+    with pytest.raises(ValueError, match="not a gemm, moe or mla"):
+        standings.standings({"suite": "train"})
