@@ -136,7 +136,7 @@ def standings(data: dict) -> list:
 def summary(checks) -> dict:
     """bar -> (passed, measured, failed shapes)."""
     out = defaultdict(lambda: [0, 0, []])
-    for name, label, value, _, ok in checks:
+    for name, label, _, _, ok in checks:
         entry = out[name]
         if ok is not None:
             entry[1] += 1
