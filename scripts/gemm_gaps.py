@@ -10,7 +10,8 @@ One executable calls fp8_gemm `reps` times on each of 16 input sets (`_timing.re
 the host time until the call returned (enqueue), the kernels' own time, their span on the GPU
 (first start to last end) and the mean idle gap between two kernels, from a `jax.profiler` trace;
 then "back to back": the wall time of 5 executions dispatched one after another (as the device-bound
-timing runs them). Host-bound when enqueue ~ wall; launch-gap-bound when span - kernels ~ gaps x
+timing runs them), and the slope from 5 to 10 such executions (what the 5 more cost: the steady
+state, without the first execution's enqueue that nothing overlaps). Host-bound when enqueue ~ wall; launch-gap-bound when span - kernels ~ gaps x
 calls. The outputs are written in place (donated back in, as `bench gemm` does) unless
 $JAX_DS_BENCH_OUTPUTS is "fresh": then every execution gets new buffers, and XLA re-records its
 CUDA graph for them.
@@ -55,12 +56,18 @@ def measure(m, n, k):
         enqueues.append(t1 - t0)
         walls.append(t2 - t0)
         del out
-    t0 = time.perf_counter()
-    for _ in range(5):
-        out = call(*args)
-    jax.block_until_ready(out)
-    back_to_back = (time.perf_counter() - t0) / 5
-    del out
+    def dispatched(executions):  # the wall time of `executions` dispatched back to back
+        t0 = time.perf_counter()
+        for _ in range(executions):
+            out = call(*args)
+        jax.block_until_ready(out)
+        return time.perf_counter() - t0
+
+    t5, t10 = dispatched(5), dispatched(10)
+    back_to_back = t5 / 5
+    # the slope leaves out what one batch of executions pays once (the first one's enqueue,
+    # which no GPU work overlaps): the steady state of a long run
+    slope = (t10 - t5) / 5
     ev = gpu_kernels(lambda: jax.block_until_ready(call(*args))) or [(0, 0)]  # none: CPU
     kernel = sum(e - s for s, e in ev)
     span = ev[-1][1] - ev[0][0]
@@ -75,7 +82,8 @@ def measure(m, n, k):
           f"({tflops(kernel * 1e-9 / calls):.0f} TFLOP/s), span {span / 1e3 / calls:.1f} us, "
           f"gap mean {np.mean(gaps) / 1e3:.2f} us median {np.median(gaps) / 1e3:.2f} us; "
           f"device-bound {tflops(wall):.0f} TFLOP/s; back to back {back_to_back * us:.1f} us "
-          f"({tflops(back_to_back / calls):.0f} TFLOP/s)", flush=True)
+          f"({tflops(back_to_back / calls):.0f} TFLOP/s), slope of 5 -> 10 executions "
+          f"{slope * us:.1f} us ({tflops(slope / calls):.0f} TFLOP/s)", flush=True)
 
 
 def main(argv):
