@@ -11,10 +11,10 @@ the host time until the call returned (enqueue), the kernels' own time, their sp
 (first start to last end) and the mean idle gap between two kernels, from a `jax.profiler` trace;
 then "back to back": the wall time of 5 executions dispatched one after another (as the device-bound
 timing runs them), and the slope from 5 to 10 such executions (what the 5 more cost: the steady
-state, without the first execution's enqueue that nothing overlaps). Host-bound when enqueue ~ wall; launch-gap-bound when span - kernels ~ gaps x
-calls. The outputs are written in place (donated back in, as `bench gemm` does) unless
-$JAX_DS_BENCH_OUTPUTS is "fresh": then every execution gets new buffers, and XLA re-records its
-CUDA graph for them.
+state, without the first execution's enqueue that nothing overlaps). Host-bound when enqueue ~
+wall; launch-gap-bound when span - kernels ~ gaps x calls. The outputs are written in place
+(donated back in, as `bench gemm` does) unless $JAX_DS_BENCH_OUTPUTS is "fresh": then every
+execution gets new buffers, and XLA re-records its CUDA graph for them.
 """
 import os
 import sys

@@ -40,9 +40,18 @@ def test_every_committed_result_reads():
              and d.get("suite") in standings.CHECKS]
     assert len(files) >= 20
     for path in files:
-        for name, label, value, bar, ok in standings.standings(json.loads(path.read_text())):
-            assert ok is None or ok == (value >= bar), (path.name, name, label)
-    assert main(["standings", *map(str, files[:3])]) == 0
+        data = json.loads(path.read_text())
+        checks = standings.standings(data)
+        if not checks:  # only a file of rows no bar is about (bench moe --bf16's bf16_rows)
+            kinds = {r.get("kind") for r in data.get("rows", [])}
+            assert data["suite"] == "moe" and not data.get("routing"), path.name
+            assert not kinds & {"contiguous", "masked"}, path.name
+            continue
+        # a key the reader gets wrong shows as a file with nothing measured
+        assert any(ok is not None for *_, ok in checks), path.name
+        values = [value for _, _, value, _, _ in checks if value is not None]
+        assert all(0 < v < 1e4 for v in values), path.name
+    assert main(["standings", *map(str, files)]) == 0
 
 
 def test_a_missing_column_is_not_a_pass():

@@ -93,9 +93,8 @@ def test_kernel_clamps_traced_values():
     """Traced block ids outside [0, num_blocks) (huge, negative, INT32 extremes) and lengths past
     the table or below 0: the kernel clamps them as the reference does (and reads nothing out of
     bounds: scripts/check_mla.py --ffi-only runs this under memcheck). The cache is finite here:
-    the wild values make rows that `paged` poisons reachable, and NaN in rows a query sees is not
-    what this checks (mla.py's module docstring; run on the H200 2026-12-05 with the poisoned
-    cache, the -inf positions of lse differed)."""
+    the wild values make rows that `paged` poisons reachable, and a NaN in a row a query sees is
+    test_kernel_nan_in_a_visible_row's case."""
     q, kv, table, lens = paged(11, 6, 2, 64, max_len=2000)
     kv = jax.random.normal(jax.random.key(12), kv.shape, kv.dtype)
     table = np.asarray(table).copy()

@@ -151,8 +151,8 @@ def run(args) -> int:
         data = json.loads(path.read_text())
         checks = standings(data)
         if not checks:
-            print(f"{path.name}: no rows with a bar (suite {data['suite']}, "
-                  f"kinds {sorted({str(r.get('kind')) for r in data.get('rows', [])})})")
+            print(f"{path.name}: no row that a bar is about (suite {data['suite']}, "
+                  f"keys {sorted(k for k in data if k.endswith('rows'))})")
             continue
         head = (f"{path.name}: {data.get('device', '?')}, {data.get('date', '?')[:10]}"
                 + ("" if data.get("complete", True) else " (incomplete run)"))
