@@ -19,7 +19,7 @@ def test_h100_gemm_of_2026_12_05():
     s = standings.summary(standings.standings(
         _load("gemm-nvidia-h100-80gb-hbm3-2026-12-05-partial.json")))
     assert s["ours/torch blockwise >= 1.0"][:2] == (8, 18)
-    assert s["ours/XLA dequant >= 1.5 (m >= 128)"] == (11, 12, ["4096x32768x512"])
+    assert s["ours/XLA dequant >= 1.5 (m >= 128)"][:3] == (11, 12, ["4096x32768x512"])
     assert s["ours/DeepGEMM H800 >= 0.8"][:2] == (6, 9)
     assert s["kernel/DeepGEMM H800 (not a bar)"][:2] == (9, 9)
 
@@ -32,6 +32,15 @@ def test_moe_and_mla_bars():
     assert mla["h16 GB/s / copy ceiling >= 0.85"][:2] == (11, 12)
     assert mla["h128 TFLOP/s >= 500"][:2] == (10, 12)
     assert mla["XLA time/ours >= 5"][:2] == (48, 48)
+
+
+def test_mla_without_the_reference_column():
+    """bench mla --no-xla (the fuse A/B of 2026-12-05): the XLA bar is not measured, not short."""
+    mla = standings.summary(standings.standings(_load("mla-nvidia-h200-2026-12-05-fuse0-r2.json")))
+    assert mla["h16 GB/s / copy ceiling >= 0.85"][:3] == (12, 12, [])
+    assert mla["h128 TFLOP/s >= 500"][:3] == (11, 12, ["b128 s4096 h128 sq1 var"])
+    passed, measured, short, missing = mla["XLA time/ours >= 5"]
+    assert (passed, measured, short, len(missing)) == (0, 0, [], 48)
 
 
 def test_every_committed_result_reads():
@@ -61,6 +70,7 @@ def test_a_missing_column_is_not_a_pass():
     met = {name: ok for name, _, _, _, ok in checks}
     assert met == {"ours/torch blockwise >= 1.0": None, "ours/XLA dequant >= 1.5 (m >= 128)": None,
                    "ours/DeepGEMM H800 >= 0.8": True}
-    assert standings.summary(checks)["ours/torch blockwise >= 1.0"] == (0, 0, ["128x256x512"])
+    assert standings.summary(checks)["ours/torch blockwise >= 1.0"] == (0, 0, [], ["128x256x512"])
+    assert standings.summary(checks)["ours/DeepGEMM H800 >= 0.8"] == (1, 1, [], [])
     with pytest.raises(ValueError, match="not a gemm, moe or mla"):
         standings.standings({"suite": "train"})

@@ -134,16 +134,28 @@ def standings(data: dict) -> list:
 
 
 def summary(checks) -> dict:
-    """bar -> (passed, measured, failed shapes)."""
-    out = defaultdict(lambda: [0, 0, []])
+    """bar -> (passed, measured, shapes short of the bar, shapes not measured)."""
+    out = defaultdict(lambda: [0, 0, [], []])
     for name, label, _, _, ok in checks:
         entry = out[name]
-        if ok is not None:
-            entry[1] += 1
-            entry[0] += ok
+        if ok is None:
+            entry[3].append(label)
+            continue
+        entry[1] += 1
+        entry[0] += ok
         if not ok:
             entry[2].append(label)
     return {k: tuple(v) for k, v in out.items()}
+
+
+def _note(name, passed, measured, short, missing):
+    note = f"{name}: {passed} of {measured}"
+    if short:
+        note += f"; short: {', '.join(short)}"
+    if missing:  # a whole column left out (bench mla --no-xla) would list every shape
+        note += (f"; not measured: {', '.join(missing)}" if len(missing) <= 4
+                 else f"; not measured: {len(missing)} shapes")
+    return note
 
 
 def run(args) -> int:
@@ -159,7 +171,6 @@ def run(args) -> int:
         rows = [[name, label, "n/a" if value is None else f"{value:.3g}", f"{bar:g}",
                  {True: "yes", False: "NO", None: "not measured"}[ok]]
                 for name, label, value, bar, ok in checks]
-        notes = [f"{name}: {p} of {n}" + (f"; short: {', '.join(bad)}" if bad else "")
-                 for name, (p, n, bad) in summary(checks).items()]
+        notes = [_note(name, *counts) for name, counts in summary(checks).items()]
         print_table(head, ("bar", "shape", "value", "needs", "met"), rows, notes)
     return 0

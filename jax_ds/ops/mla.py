@@ -323,8 +323,11 @@ FIXED_COST = 2
 # A batch split into at most this many pieces is merged inside the decode kernel by the warpgroup
 # that finishes its last piece, instead of by the separate combine kernel (same arithmetic, same
 # bits); batches of more pieces (a few long sequences over many parts) keep the combine kernel,
-# which spreads their merge over many CTAs. 0: every split batch goes to the combine kernel.
-FUSE_MAX_SPLITS = 4
+# which spreads their merge over many CTAs. 0: every split batch goes to the combine kernel, and
+# the decode kernel is the instance without the merge. 0 is the default: on the H200 it was faster
+# than 4 on all 48 shapes of `bench mla` (geometric mean +3.4%, up to +11% at s_k 4096 with
+# variable lengths; three runs of each, alternating; benchmarks/NOTES-mla.md, nineteenth session).
+FUSE_MAX_SPLITS = 0
 
 
 def plan_payload(block_counts, num_parts, fixed_cost=FIXED_COST):
