@@ -32,7 +32,8 @@ def operands(m, n, k, seed=0, dtype=jnp.bfloat16):
     return x, w, (a, a_scale, b, b_scale)
 
 
-SHAPES = [(1, 1, 128), (7, 129, 256), (130, 200, 384), (64, 300, 1024)]
+SHAPES = [(1, 1, 128), (7, 129, 256), (130, 200, 384), (64, 300, 1024),
+          (3, 5, 1), (2, 7, 64), (9, 130, 200)]  # any K: scales ceil(K/128) wide
 
 
 @pytest.mark.parametrize("m, n, k", SHAPES)
@@ -92,10 +93,13 @@ def _bad(**changes):
     (dict(a_scale=jnp.ones((8, 3), jnp.float32)), ValueError,
      r"a_scale has shape \(8, 3\), expected \(8, 2\)"),
     (dict(b_scale=jnp.ones((1, 2), jnp.float32)), ValueError,
-     r"b_scale has shape \(1, 2\), expected \(2, 2\) = \[ceil\(N/128\), K/128\]"),
+     r"b_scale has shape \(1, 2\), expected \(2, 2\) = \[ceil\(N/128\), ceil\(K/128\)\]"),
     (dict(b=jnp.zeros((130, 384), jnp.float8_e4m3fn)), ValueError, r"b has shape \(130, 384\)"),
-    (dict(a=jnp.zeros((8, 200), jnp.float8_e4m3fn), b=jnp.zeros((130, 200), jnp.float8_e4m3fn)),
-     ValueError, r"K must be a positive multiple of 128, got K = 200 .* to 256"),
+    (dict(a=jnp.zeros((8, 200), jnp.float8_e4m3fn), b=jnp.zeros((130, 200), jnp.float8_e4m3fn),
+          a_scale=jnp.ones((8, 1), jnp.float32)),  # K 200 takes ceil(200/128) = 2 scales
+     ValueError, r"a_scale has shape \(8, 1\), expected \(8, 2\)"),
+    (dict(a=jnp.zeros((8, 0), jnp.float8_e4m3fn), b=jnp.zeros((130, 0), jnp.float8_e4m3fn)),
+     ValueError, r"K must be >= 1"),
     (dict(a=jnp.zeros((0, 256), jnp.float8_e4m3fn), a_scale=jnp.ones((0, 2), jnp.float32)),
      ValueError, r"M and N must be >= 1"),
     (dict(out_dtype=jnp.float16), TypeError, r"out_dtype must be bfloat16 or float32, got float16"),

@@ -127,6 +127,15 @@ def test_fp8_gemm_matches_reference(m, n, k):
         _check(out, ref, err_scale, k, f"fp8_gemm {m}x{n}x{k}")
 
 
+@pytest.mark.parametrize("m,n,k", [(7, 129, 1), (130, 300, 200), (64, 2112, 7000)])
+def test_fp8_gemm_pads_an_unaligned_k(m, n, k):
+    """K not a multiple of 128 (scales ceil(K/128) wide): fp8_gemm zero-pads a and b to the
+    kernel's whole 128-blocks, exact against the reference on the unpadded operands."""
+    ops, ref, err_scale = _case(m, n, k)
+    for out_dtype, out in zip(OUT_DTYPES, _fp8_gemm_both(*ops)):
+        _check(out, ref, err_scale, k, f"fp8_gemm {m}x{n}x{k} (K padded)")
+
+
 def _ffi_gemm(ops, out_dtype, block_m, block_n, num_sms, cluster_n=1, overlap=False):
     """The kernel with an explicit tile and cluster size, bypassing gemm_config."""
     cfg = gemm.GemmConfig(block_m, block_n, num_sms, cluster_n, overlap=overlap)

@@ -29,8 +29,9 @@ def _operands(key, m, n, k, g, lead=()):
 
 @pytest.mark.parametrize("sizes", [(5, 0, 17, 1), (0, 0, 0, 0), (40, 0, 0, 0), (3, 9, 0, 20)])
 @pytest.mark.parametrize("out_dtype", [jnp.float32, jnp.bfloat16])
-def test_grouped_matches_float64(sizes, out_dtype):
-    m, n, k = 48, 130, 256  # rows past sum(sizes) (<= 40) must come out zero
+@pytest.mark.parametrize("k", [256, 200])  # 200: scales ceil(K/128) wide, the kernel pads K
+def test_grouped_matches_float64(sizes, out_dtype, k):
+    m, n = 48, 130  # rows past sum(sizes) (<= 40) must come out zero
     (a8, sa, b8, sb), a64, b64 = _operands(KEY, m, n, k, len(sizes))
     gs = jnp.array(sizes, jnp.int32)
     out = jax.jit(lambda *x: ops.grouped_fp8_gemm(*x, out_dtype=out_dtype))(a8, sa, b8, sb, gs)
@@ -57,6 +58,32 @@ def test_grouped_sum_past_m_is_cut_at_m():
     for sizes in ([6, 0, 10], [6, -3, 2]):
         with pytest.raises(ValueError, match=r"group_sizes must be >= 0 with sum <= M = 8"):
             ops.grouped_fp8_gemm(a8, sa, b8, sb, jnp.array(sizes, jnp.int32))
+
+
+@pytest.mark.parametrize("sizes,ends", [((6, 2**31 - 1, 0), (6, 8, 8)),
+                                        ((2**31 - 1, 2**31 - 1, 4), (8, 8, 8)),
+                                        ((3, 2**31 - 2, 2**31 - 1), (3, 8, 8))])
+def test_grouped_traced_sizes_near_int32_max_do_not_wrap(sizes, ends):
+    """The clamp's running sum saturates at M: in int32 it wrapped past 2^31 - 1 (rows came back
+    zero, or summed over two groups), while the kernel sums in 64 bits."""
+    (a8, sa, b8, sb), a64, b64 = _operands(KEY, 8, 16, 128, 3)
+    gemm = jax.jit(lambda *o: ops.grouped_fp8_gemm(*o, out_dtype=jnp.float32))
+    out = np.asarray(gemm(a8, sa, b8, sb, jnp.array(sizes, jnp.int32)), np.float64)
+    starts = (0,) + ends[:-1]
+    want = np.zeros((8, 16))
+    for g, (lo, hi) in enumerate(zip(starts, ends)):
+        want[lo:hi] = a64[lo:hi] @ b64[g].T
+    assert calc_diff(out, want) < 1e-9
+
+
+@pytest.mark.parametrize("k", [1, 64, 300])
+def test_masked_takes_any_k(k):
+    (a8, sa, b8, sb), a64, b64 = _operands(KEY, 16, 64, k, 2, lead=(2,))
+    assert sa.shape == (2, 16, -(-k // 128))
+    got = np.asarray(ops.masked_grouped_fp8_gemm(a8, sa, b8, sb, jnp.array([16, 5], jnp.int32),
+                                                 out_dtype=jnp.float32), np.float64)
+    assert calc_diff(got[0], a64[0] @ b64[0].T) < 1e-9
+    assert calc_diff(got[1, :5], a64[1, :5] @ b64[1].T) < 1e-9 and np.all(got[1, 5:] == 0)
 
 
 def test_masked_m_out_of_range():
@@ -90,8 +117,10 @@ def test_grouped_validation_names_the_argument(no_kernels):
         ops.grouped_fp8_gemm(a8, sa, b8, sb, jnp.array([4, 4, 0], jnp.int32))
     with pytest.raises(ValueError, match="b_scale"):
         ops.grouped_fp8_gemm(a8, sa, b8, sb[:, :, :0], gs)
-    with pytest.raises(ValueError, match="multiple of 128"):
+    with pytest.raises(ValueError, match=r"a_scale has shape \(8, 0\), expected \(8, 1\)"):
         ops.grouped_fp8_gemm(a8[:, :64], sa[:, :0], b8[:, :, :64], sb[:, :, :0], gs)
+    with pytest.raises(ValueError, match="K must be >= 1"):
+        ops.grouped_fp8_gemm(a8[:, :0], sa[:, :0], b8[:, :, :0], sb[:, :, :0], gs)
     with pytest.raises(ValueError, match="masked_m"):
         ops.masked_grouped_fp8_gemm(a8[None].repeat(2, 0), sa[None].repeat(2, 0), b8, sb, gs[:1])
     with pytest.raises(RuntimeError, match="jax_ds_grouped_fp8_gemm"):
@@ -503,3 +532,24 @@ def test_grouped_linear_routes_to_the_bf16_kernel(monkeypatch):
     assert calls == []
     gg.grouped_linear(x, w, gs, impl="xla")
     assert calls == []
+
+
+def test_kernel_calls_get_k_padded_to_whole_blocks(monkeypatch):
+    """K = 200 (scales 2 wide): the custom calls of all three FP8 GEMMs, lowered for CUDA on this
+    machine, take a and b zero-padded to K = 256 and the scales as they are."""
+    monkeypatch.setattr(_ffi, "resolve_impl", lambda op, target, impl, unsupported=None: "ffi")
+    f8 = jnp.float8_e4m3fn
+    dense = (jnp.ones((8, 200), f8), jnp.ones((8, 2)), jnp.ones((130, 200), f8), jnp.ones((2, 2)))
+    grouped_b = (jnp.ones((3, 130, 200), f8), jnp.ones((3, 2, 2)))
+    cases = [(ops.fp8_gemm, dense, "jax_ds_fp8_gemm", ("8x256", "130x256")),
+             (ops.grouped_fp8_gemm, (*dense[:2], *grouped_b, jnp.array([3, 0, 5], jnp.int32)),
+              "jax_ds_grouped_fp8_gemm", ("8x256", "3x130x256")),
+             (ops.masked_grouped_fp8_gemm, (jnp.ones((3, 8, 200), f8), jnp.ones((3, 8, 2)),
+                                            *grouped_b, jnp.array([3, 0, 5], jnp.int32)),
+              "jax_ds_masked_grouped_fp8_gemm", ("3x8x256", "3x130x256"))]
+    for fn, args, target, shapes in cases:
+        text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        call = next(line for line in text.splitlines() if f"custom_call @{target}(" in line)
+        operands = call[call.index(": (") + 3:call.index(") ->")]
+        assert [f"tensor<{s}xf8E4M3FN>" in operands for s in shapes] == [True, True], call
+        assert "x200x" not in operands and "x200xf8" not in operands, call

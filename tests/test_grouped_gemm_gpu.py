@@ -42,9 +42,9 @@ def _quantized(key, a_shape, g, n, k):
 
 def _dequant(a8, sa, b8, sb):
     """numpy float32 dequantized operands."""
-    n = b8.shape[1]
-    a32 = np.asarray(a8).astype(np.float32) * np.repeat(np.asarray(sa), 128, axis=-1)
-    sbn = np.repeat(np.repeat(np.asarray(sb), 128, axis=-2)[:, :n], 128, axis=-1)
+    n, k = b8.shape[1:]
+    a32 = np.asarray(a8).astype(np.float32) * np.repeat(np.asarray(sa), 128, axis=-1)[..., :k]
+    sbn = np.repeat(np.repeat(np.asarray(sb), 128, axis=-2)[:, :n], 128, axis=-1)[..., :k]
     return a32, np.asarray(b8).astype(np.float32) * sbn
 
 
@@ -95,6 +95,7 @@ CONTIGUOUS = [  # (m, n, k, group sizes)
     (1000, 256, 256, [-5, 700, 600]),                         # negative, sum past M
     (64, 7168, 128, [0]),                                     # nothing but zeros
     (3000, 64, 128, list(np.random.default_rng(0).integers(0, 20, 300))),  # many groups
+    (500, 256, 200, [100, 0, 350]),                           # K not a multiple of 128: padded
 ]
 
 
@@ -114,6 +115,7 @@ MASKED = [  # (g, mmax, n, k, masked_m)
     (4, 64, 2112, 512, [0, 64, 17, 33]),
     (32, 200, 129, 256, list(np.random.default_rng(1).integers(-3, 260, 32))),
     (2, 512, 4096, 1024, [512, 300]),
+    (3, 70, 300, 64, [70, 5, 0]),                             # K 64: padded to 128
 ]
 
 

@@ -130,6 +130,35 @@ def test_decoding_past_the_slot_flags_the_cache_eagerly_as_under_jit():
     np.testing.assert_allclose(np.asarray(eager), np.asarray(jitted), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("cached", [0, 60])
+def test_an_exhausted_pool_flags_the_cache_eagerly_as_under_jit(cached):
+    """Slot 1 needs a block the pool no longer has (slot 0 holds the only one): a new sequence
+    (cached 0) or one crossing into its next block (cached 60). OUT_OF_BLOCKS is set, eagerly
+    and under jit alike, and the step attends over the rows slot 1's blocks hold: never over a
+    -1 table entry, which mla_decode refused eagerly and clamped to slot 0's block under jit
+    (slot 1's logits then changed with slot 0's tokens)."""
+    model = Transformer(DeepSeekConfig.tiny(**SMALL), rngs=nnx.Rngs(0))
+    tokens = jnp.full((1, 8), 7, jnp.int32)
+    results = []
+    for other in (1, 5):  # slot 0's tokens: slot 1's logits must not depend on them
+        cache = model.init_cache(num_blocks=1 + (cached > 0), max_seqs=2, max_blocks_per_seq=2,
+                                 dtype=jnp.float32)
+        if cached:
+            _, cache = model.decode(jnp.ones((1, cached), jnp.int32), cache, jnp.array([1]))
+        _, cache = model.decode(jnp.full((1, 3), other, jnp.int32), cache, jnp.array([0]))
+        assert int(cache.error) == 0
+        eager, cache_e = model.decode(tokens, cache, jnp.array([1]))
+        jitted, cache_j = nnx.jit(lambda m, t, c: m.decode(t, c, jnp.array([1])))(
+            model, tokens, cache)
+        for c in (cache_e, cache_j):
+            assert int(c.error) == kvc.OUT_OF_BLOCKS
+            np.testing.assert_array_equal(np.asarray(c.block_table), np.asarray(cache.block_table))
+        assert np.isfinite(np.asarray(eager)).all()
+        np.testing.assert_allclose(np.asarray(eager), np.asarray(jitted), rtol=1e-5, atol=1e-6)
+        results.append(np.asarray(eager))
+    np.testing.assert_allclose(results[0], results[1], rtol=1e-5, atol=1e-6)
+
+
 def test_one_sequence_decodes_on_an_expert_parallel_mesh():
     """A single sequence (batch 1) on data=2 x expert=4: its tokens are padded up to the 8 shards
     inside the MoE layers, and the logits equal the unsharded model's forward."""

@@ -139,6 +139,20 @@ def test_bad_inputs_are_clear_errors():
             moe_permute(x, jnp.zeros((4, 2), jnp.int32), 4, fp8=fp8)
 
 
+def test_zero_rows_resolve_impl_too(no_kernels, monkeypatch):
+    """y of 0 rows (every slot dropped) returned zeros before impl was resolved: impl="ffi"
+    without a kernel and a bad JAX_DS_IMPL passed there, and raised at any other size."""
+    perm, w = jnp.full((1, 2), -1, jnp.int32), jnp.ones((1, 2))
+    for rows in (0, 1):
+        with pytest.raises(RuntimeError, match="kernels disabled by the test"):
+            moe_unpermute(jnp.ones((rows, 3)), perm, w, impl="ffi")
+    monkeypatch.setenv("JAX_DS_IMPL", "bogus")
+    with pytest.raises(ValueError, match="JAX_DS_IMPL"):
+        moe_unpermute(jnp.ones((0, 3)), perm, w)
+    with pytest.raises(TypeError, match="moe_permute: x must be a floating-point array"):
+        moe_permute(jnp.ones((4, 8), jnp.int32), jnp.zeros((4, 2), jnp.int32), 4, fp8=True)
+
+
 def test_every_slot_dropped_and_wide_ids():
     x = jnp.ones((3, 8))
     x_sorted, sizes, perm = moe_permute(x, jnp.full((3, 1), -1, jnp.int32), 4)

@@ -176,6 +176,12 @@ def _held(cache, seq):
     return jnp.sum(cache.block_table[seq] >= 0).astype(jnp.int32)
 
 
+def held_rows(cache: PagedKVCache, seqs) -> jax.Array:
+    """[len(seqs)] int32: the rows the slots' blocks hold (a slot's blocks are a prefix of its
+    table row). A length the pool could not grow to (OUT_OF_BLOCKS, SEQ_TOO_LONG) exceeds it."""
+    return (jnp.sum(cache.block_table[seqs] >= 0, axis=-1) * cache.block_size).astype(jnp.int32)
+
+
 def _grow_one(cache: PagedKVCache, seq, rows) -> PagedKVCache:
     """Takes free blocks until slot `seq` holds blocks for `rows` rows (flags what it cannot)."""
     max_blocks = cache.block_table.shape[1]

@@ -196,10 +196,12 @@ class MLAttention(nnx.Module):
         q_BTHD = jnp.concatenate([q_lat_BTHC, q_rope_BTHR.astype(jnp.float32)], axis=-1)
         # an FP8 cache (uint8 rows) is read with bf16 queries
         q_dtype = jnp.bfloat16 if cache.fp8 else cache.kv.dtype
-        # A step past the slot's rows (SEQ_TOO_LONG, flagged by reserve) attends over the rows
-        # its table holds: the clamp mla_decode applies to traced lengths, here eagerly too.
+        # A step past the slot's rows (SEQ_TOO_LONG or OUT_OF_BLOCKS, flagged by reserve; those
+        # rows were dropped) attends over the rows its blocks hold, eagerly and under jit alike:
+        # never over a -1 table entry, which mla_decode would refuse eagerly and clamp to another
+        # sequence's block when traced.
         table_BM = cache.block_table[seqs_B]
-        seqlens_B = jnp.minimum(cache.lengths[seqs_B] + t, table_BM.shape[1] * cache.block_size)
+        seqlens_B = jnp.minimum(cache.lengths[seqs_B] + t, kv_cache.held_rows(cache, seqs_B))
         out_BTHC = paged_attention(q_BTHD.astype(q_dtype), cache.kv[layer], table_BM, seqlens_B,
                                    self.scale, self.kv_rank)
         out_BTHV = _einsum_f32("BTHC,HVC->BTHV", out_BTHC.astype(w_uv_HVC.dtype), w_uv_HVC)

@@ -230,10 +230,13 @@ def fp8_gemm(a, a_scale, b, b_scale, *, out_dtype=jnp.bfloat16, impl="auto"):
     """out = (a * a_scale) @ (b * b_scale)^T with FP8 operands and float32 accumulation.
 
     Args:
-      a: float8_e4m3fn [M, K]; K a multiple of 128, any M >= 1.
-      a_scale: float32 [M, K/128], one scale per row per 128 columns (`quantize_fp8`, (1, 128)).
+      a: float8_e4m3fn [M, K]; any M, K >= 1 (the kernel path zero-pads K to a multiple of 128:
+        exact, at the cost of a copy of a and b; quantize with K padded to skip it).
+      a_scale: float32 [M, ceil(K/128)], one scale per row per 128 columns (`quantize_fp8`,
+        (1, 128)).
       b: float8_e4m3fn [N, K]; any N >= 1.
-      b_scale: float32 [ceil(N/128), K/128], one per 128x128 block (`quantize_fp8`, (128, 128)).
+      b_scale: float32 [ceil(N/128), ceil(K/128)], one per 128x128 block (`quantize_fp8`,
+        (128, 128)).
       out_dtype: bfloat16 or float32.
       impl: "auto" (CUDA kernel when available, else the reference), "ffi" or "xla".
 
@@ -244,7 +247,9 @@ def fp8_gemm(a, a_scale, b, b_scale, *, out_dtype=jnp.bfloat16, impl="auto"):
     m, n, k = check_fp8_gemm(op, a, a_scale, b, b_scale, out_dtype)
     if _ffi.resolve_impl(op, TARGET, impl) == "xla":
         return fp8_gemm_reference(a, a_scale, b, b_scale, out_dtype=out_dtype)
-    return ffi_fp8_gemm(a, a_scale, b, b_scale, gemm_config(m, n, k, _ffi.num_sms()), out_dtype)
+    a, b = pad_to(a, 1, BLOCK_K), pad_to(b, 1, BLOCK_K)  # the kernel's K: whole 128-blocks
+    return ffi_fp8_gemm(a, a_scale, b, b_scale, gemm_config(m, n, a.shape[1], _ffi.num_sms()),
+                        out_dtype)
 
 
 def ffi_fp8_gemm(a, a_scale, b, b_scale, cfg: GemmConfig, out_dtype=jnp.bfloat16):

@@ -114,15 +114,14 @@ def _check_grouped_b(op, b, b_scale, k):
                          f"match a's")
     if g < 1 or n < 1:
         raise ValueError(f"{op}: b must have G >= 1 and N >= 1, got shape {tuple(b.shape)}")
-    check_shape(op, "b_scale", b_scale, (g, cdiv(n, BLOCK_K), k // BLOCK_K),
-                "[G, ceil(N/128), K/128]")
+    check_shape(op, "b_scale", b_scale, (g, cdiv(n, BLOCK_K), cdiv(k, BLOCK_K)),
+                "[G, ceil(N/128), ceil(K/128)]")
     return g, n
 
 
 def _check_k(op, a, k):
-    if k < BLOCK_K or k % BLOCK_K:
-        raise ValueError(f"{op}: K must be a positive multiple of {BLOCK_K}, got K = {k} "
-                         f"(a {tuple(a.shape)}); pad K with zeros (exact)")
+    if k < 1:
+        raise ValueError(f"{op}: K must be >= 1, got a of shape {tuple(a.shape)}")
 
 
 def check_grouped(op, a, a_scale, b, b_scale, group_sizes, out_dtype):
@@ -135,7 +134,7 @@ def check_grouped(op, a, a_scale, b, b_scale, group_sizes, out_dtype):
     if m < 1:
         raise ValueError(f"{op}: a must have M >= 1 rows, got shape {tuple(a.shape)}")
     _check_k(op, a, k)
-    check_shape(op, "a_scale", a_scale, (m, k // BLOCK_K), "[M, K/128]")
+    check_shape(op, "a_scale", a_scale, (m, cdiv(k, BLOCK_K)), "[M, ceil(K/128)]")
     g, n = _check_grouped_b(op, b, b_scale, k)
     check_shape(op, "group_sizes", group_sizes, (g,), "[G]")
     check_dtype(op, "group_sizes", group_sizes, (jnp.int32,))
@@ -153,7 +152,7 @@ def check_masked(op, a, a_scale, b, b_scale, masked_m, out_dtype):
     if mmax < 1:
         raise ValueError(f"{op}: a must have Mmax >= 1, got shape {tuple(a.shape)}")
     _check_k(op, a, k)
-    check_shape(op, "a_scale", a_scale, (g, mmax, k // BLOCK_K), "[G, Mmax, K/128]")
+    check_shape(op, "a_scale", a_scale, (g, mmax, cdiv(k, BLOCK_K)), "[G, Mmax, ceil(K/128)]")
     gb, n = _check_grouped_b(op, b, b_scale, k)
     if gb != g:
         raise ValueError(f"{op}: b has {gb} groups, a has {g}: shapes {tuple(b.shape)} and "
@@ -215,8 +214,10 @@ def _ragged_dot(lhs, rhs, sizes, dims, precision=_HIGHEST):
 
 def _clamped_sizes(group_sizes, m: int):
     """Negative sizes count as empty groups, and groups are cut at row M (the contract asks for
-    sum(group_sizes) <= M; a traced violation must not read past a)."""
-    ends = jnp.minimum(jnp.cumsum(jnp.maximum(group_sizes, 0)), m)
+    sum(group_sizes) <= M; a traced violation must not read past a). The running sum saturates
+    at M, so sizes near 2^31 cannot wrap it around in int32 (the kernel sums in 64 bits)."""
+    sizes = jnp.clip(group_sizes, 0, m).astype(jnp.int32)
+    ends = jax.lax.associative_scan(lambda x, y: jnp.minimum(x + y, m), sizes)
     return jnp.diff(ends, prepend=0).astype(jnp.int32)
 
 
@@ -252,9 +253,11 @@ def grouped_fp8_gemm(a, a_scale, b, b_scale, group_sizes, *, out_dtype=jnp.bfloa
     """Contiguous grouped FP8 GEMM: row block g of a times b[g]^T.
 
     Args:
-      a: float8_e4m3fn [M, K], rows sorted by group; K a multiple of 128.
-      a_scale: float32 [M, K/128] (per 1x128 group).
-      b: float8_e4m3fn [G, N, K]; b_scale: float32 [G, ceil(N/128), K/128] (128x128 blocks).
+      a: float8_e4m3fn [M, K], rows sorted by group; any K >= 1 (the kernel path zero-pads K
+        to a multiple of 128: exact, at the cost of a copy of a and b).
+      a_scale: float32 [M, ceil(K/128)] (per 1x128 group).
+      b: float8_e4m3fn [G, N, K]; b_scale: float32 [G, ceil(N/128), ceil(K/128)] (128x128
+        blocks).
       group_sizes: int32 [G], each >= 0, sum <= M; zeros allowed, no alignment needed.
         Concrete values are checked (ValueError); traced ones are clamped as the kernel does
         (a negative size counts as 0, groups are cut at row M), never read past a.
@@ -267,7 +270,8 @@ def grouped_fp8_gemm(a, a_scale, b, b_scale, group_sizes, *, out_dtype=jnp.bfloa
     m, n, k, g = check_grouped(op, a, a_scale, b, b_scale, group_sizes, out_dtype)
     if _ffi.resolve_impl(op, GROUPED_TARGET, impl, _unsupported(g)) == "xla":
         return _grouped_reference(a, a_scale, b, b_scale, group_sizes, np.dtype(out_dtype))
-    cfg = grouped_config(cdiv(m, g), g, n, k, _ffi.num_sms())
+    a, b = pad_to(a, 1, BLOCK_K), pad_to(b, 2, BLOCK_K)  # the kernel's K: whole 128-blocks
+    cfg = grouped_config(cdiv(m, g), g, n, a.shape[1], _ffi.num_sms())
     return ffi_grouped_fp8_gemm(GROUPED_TARGET, a, a_scale, b, b_scale, group_sizes, (m, n),
                                 out_dtype, cfg)
 
@@ -297,8 +301,9 @@ def masked_grouped_fp8_gemm(a, a_scale, b, b_scale, masked_m, *, out_dtype=jnp.b
     """Masked grouped FP8 GEMM (decode): static [G, Mmax, K] shapes, masked_m[g] valid rows.
 
     Args:
-      a: float8_e4m3fn [G, Mmax, K]; a_scale: float32 [G, Mmax, K/128].
-      b: float8_e4m3fn [G, N, K]; b_scale: float32 [G, ceil(N/128), K/128].
+      a: float8_e4m3fn [G, Mmax, K]; a_scale: float32 [G, Mmax, ceil(K/128)]; any K >= 1 (as
+        `grouped_fp8_gemm`).
+      b: float8_e4m3fn [G, N, K]; b_scale: float32 [G, ceil(N/128), ceil(K/128)].
       masked_m: int32 [G], valid rows of each group (0..Mmax). Concrete values are checked
         (ValueError); traced ones are clamped to [0, Mmax].
       out_dtype: bfloat16 or float32.
@@ -310,7 +315,8 @@ def masked_grouped_fp8_gemm(a, a_scale, b, b_scale, masked_m, *, out_dtype=jnp.b
     g, mmax, n, k = check_masked(op, a, a_scale, b, b_scale, masked_m, out_dtype)
     if _ffi.resolve_impl(op, MASKED_TARGET, impl, _unsupported(g)) == "xla":
         return _masked_reference(a, a_scale, b, b_scale, masked_m, np.dtype(out_dtype))
-    cfg = grouped_config(mmax, g, n, k, _ffi.num_sms())
+    a, b = pad_to(a, 2, BLOCK_K), pad_to(b, 2, BLOCK_K)  # the kernel's K: whole 128-blocks
+    cfg = grouped_config(mmax, g, n, a.shape[2], _ffi.num_sms())
     return ffi_grouped_fp8_gemm(MASKED_TARGET, a, a_scale, b, b_scale, masked_m, (g, mmax, n),
                                 out_dtype, cfg)
 

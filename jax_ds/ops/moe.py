@@ -24,7 +24,7 @@ import numpy as np
 
 from jax_ds import _ffi
 from jax_ds.ops._vma import match_vma
-from jax_ds.ops._checks import check_choice, check_dtype, check_floating, check_ndim, is_int
+from jax_ds.ops._checks import check_dtype, check_floating, check_ndim, is_int
 from jax_ds.ops.quant import quantize_fp8
 
 LAYOUT_TARGET = "jax_ds_moe_layout"
@@ -137,6 +137,8 @@ def moe_permute(x, topk_idx, num_experts: int, *, fp8: bool = False, impl: str =
     num_experts = int(num_experts)
     if not isinstance(fp8, (bool, np.bool_)):  # "no" or 1.0 would pick a path by truthiness
         raise TypeError(f"{op}: fp8 must be a Python bool, got {type(fp8).__name__} {fp8!r}")
+    if fp8:
+        check_floating(op, "x", x)  # the FP8 cast takes floating rows
     topk_idx = _expert_ids(topk_idx, num_experts)
     use_kernel = _use_kernel(op, LAYOUT_TARGET, impl, x.dtype, num_experts)
     if not fp8:
@@ -215,10 +217,9 @@ def moe_unpermute(y, perm, topk_weights, *, impl: str = "auto"):
     if topk_weights.shape != perm.shape:
         raise ValueError(f"{op}: topk_weights {tuple(topk_weights.shape)} must match perm "
                          f"{tuple(perm.shape)}")
+    use_kernel = _use_kernel(op, UNPERMUTE_TARGET, impl, y.dtype)  # impl resolved (and refused) first
     if y.shape[0] == 0:  # every slot dropped (y sliced to sum(group_sizes) = 0): all zeros
-        check_choice(op, "impl", impl, _ffi.IMPLS)
         return jnp.zeros((perm.shape[0], y.shape[1]), y.dtype)
-    use_kernel = _use_kernel(op, UNPERMUTE_TARGET, impl, y.dtype)
     # inside shard_map the cotangents vary over every axis any input does: so must the inputs
     y, perm, topk_weights = match_vma(y, perm, topk_weights)
     return _unpermute(y, perm, topk_weights, use_kernel)
