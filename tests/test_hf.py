@@ -164,6 +164,20 @@ def test_save_then_load_is_exact(tmp_path, variant, fp8, dtype):
         assert cfg["quantization_config"]["weight_block_size"] == [128, 128]
 
 
+def test_save_from_an_expert_mesh_is_bit_exact(tmp_path):
+    """Saving experts sharded over a mesh keeps -0.0 (and FP8's 0x80): indexing a sharded array
+    runs a gather that sums the shards' pieces, which gave +0.0 there."""
+    mesh = make_mesh(data=2, expert=4, devices=jax.devices("cpu")[:8])
+    model = load_hf_checkpoint(os.path.join(DATA, "bf16"), dtype=jnp.float32, mesh=mesh)
+    w = model.blocks[1].ffn.w_gate
+    w[...] = w[...].at[5, 0, 0].set(-0.0).at[6, 1, 2].set(-0.0)
+    assert w[...].sharding.spec[0] == "expert"
+    save_hf_checkpoint(model, tmp_path)
+    again = load_hf_checkpoint(tmp_path, dtype=jnp.float32)
+    np.testing.assert_array_equal(bits(again.blocks[1].ffn.w_gate[...]), bits(w[...]))
+    assert bits(again.blocks[1].ffn.w_gate[...])[5, 0, 0] == 0x80000000
+
+
 # ----------------------------------------------------------------------------- bad checkpoints
 
 
@@ -252,3 +266,31 @@ def test_broken_files_are_named(tmp_path):
     shard.write_bytes(n.to_bytes(8, "little") + b"{garbage header}" + bytes(64))
     with pytest.raises(ValueError, match=rf"{shard.name}: not a safetensors file .* not JSON"):
         load_hf_checkpoint(path)
+
+
+def test_missing_optional_fields_take_the_hf_defaults(caplog):
+    """A config.json that leaves an optional field out means transformers' default for its
+    model type (V3: 2.5x routed scaling, normalized top-k, 8/4 groups, one shared expert, 3
+    dense layers, q_lora 1536), where V2's values were taken for both."""
+    from jax_ds.models.hf import config_from_hf
+
+    base = dict(vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+                intermediate_size=64, n_routed_experts=16, moe_intermediate_size=16,
+                num_experts_per_tok=2)
+    v3 = config_from_hf(dict(base, model_type="deepseek_v3"))
+    assert (v3.routed_scaling, v3.norm_topk_prob, v3.num_groups, v3.topk_groups,
+            v3.num_shared_experts, v3.num_dense_layers, v3.q_lora_rank, v3.max_seq_len) == (
+        2.5, True, 8, 4, 1, 3, 1536, 4096)
+    v2 = config_from_hf(dict(base, model_type="deepseek_v2"))
+    assert (v2.routed_scaling, v2.norm_topk_prob, v2.num_groups, v2.num_shared_experts,
+            v2.num_dense_layers, v2.q_lora_rank, v2.max_seq_len) == (1.0, False, 1, 2, 0, 1536,
+                                                                      2048)
+    # an explicit null is kept: no query compression
+    assert config_from_hf(dict(base, model_type="deepseek_v3", q_lora_rank=None)).q_lora_rank == 0
+    # YaRN: rope_scaling's factor, with a warning where max_position_embeddings disagrees
+    yarn = dict(type="yarn", factor=4.0, original_max_position_embeddings=16)
+    with caplog.at_level("WARNING", logger="jax_ds.models.hf"):
+        cfg = config_from_hf(dict(base, model_type="deepseek_v3", rope_scaling=yarn,
+                                  max_position_embeddings=32))
+    assert cfg.yarn.factor == 4.0 and "differs from max_position_embeddings" in caplog.text

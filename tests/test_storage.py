@@ -203,6 +203,39 @@ def test_innermost_mount_decides(tmp_path):
     assert not threefs.is_3fs_path(root / "elsewhere", mounts_file=f)
 
 
+def test_links_are_followed_before_the_lookup(tmp_path):
+    """Where the file is decides: a link on 3FS pointing to local disk is local, and ".." after
+    a link is the link target's sibling, as the OS resolves it. A mount of an "hf3fs..." source
+    is 3FS only as a FUSE mount."""
+    root = tmp_path.resolve()
+    (root / "3fs").mkdir()
+    (root / "local" / "data").mkdir(parents=True)
+    (root / "3fs" / "tolocal").symlink_to(root / "local" / "data")
+    (root / "local" / "link").symlink_to(root / "3fs")
+    mounts = tmp_path / "mounts"
+    mounts.write_text(f"/dev/sda1 / ext4 rw 0 0\nhf3fs.a {root / '3fs'} fuse.hf3fs rw 0 0\n"
+                      "hf3fs-gw:/export /mnt/nfs nfs4 rw 0 0\n"
+                      "hf3fs.b /mnt/other fuse.other rw 0 0\n")
+    f = str(mounts)
+    assert threefs.mount_point(root / "3fs" / "tolocal" / "ckpt", mounts_file=f) is None
+    assert threefs.mount_point(root / "3fs" / "ckpt", mounts_file=f) == str(root / "3fs")
+    # local/link/.. is root (the link's target's parent), not local
+    assert threefs.mount_point(root / "local" / "link" / ".." / "3fs" / "x",
+                               mounts_file=f) == str(root / "3fs")
+    assert threefs.mount_point("/mnt/nfs/a", mounts_file=f) is None
+    assert threefs.mount_point("/mnt/other/a", mounts_file=f) == "/mnt/other"
+    with CheckpointManager(root / "local" / "link" / ".." / "ck", async_save=False) as mngr:
+        assert mngr.directory == str(root / "ck")
+
+
+def test_directory_with_glob_characters(tmp_path):
+    """A run directory named like a glob pattern ("run[1]") restores: the shard index is
+    looked up with the name escaped."""
+    with CheckpointManager(tmp_path / "run[1]" / "x*?", async_save=False) as mngr:
+        mngr.save(0, {"w": jnp.arange(3.0)})
+        np.testing.assert_array_equal(np.asarray(mngr.restore().state["w"]), np.arange(3.0))
+
+
 @pytest.mark.parametrize("kwargs, match", [(dict(max_to_keep=0), "max_to_keep=0"),
                                            (dict(save_interval_steps=0), "save_interval_steps=0"),
                                            (dict(save_interval_steps=1.5), "save_interval_steps")])

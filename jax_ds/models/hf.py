@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import math
 import os
 import re
@@ -62,6 +63,19 @@ REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_hea
             "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
             "intermediate_size", "n_routed_experts", "moe_intermediate_size",
             "num_experts_per_tok")
+log = logging.getLogger(__name__)
+
+# transformers' DeepseekV3Config / DeepseekV2Config defaults of the optional fields read here:
+# a config.json that leaves one out means that value (for V3: 2.5x routed scaling, normalized
+# top-k, 8 groups, one shared expert, 3 dense layers), not V2's.
+HF_DEFAULTS = {
+    "deepseek_v3": dict(q_lora_rank=1536, first_k_dense_replace=3, n_shared_experts=1,
+                        norm_topk_prob=True, routed_scaling_factor=2.5, n_group=8, topk_group=4,
+                        max_position_embeddings=4096, rms_norm_eps=1e-6),
+    "deepseek_v2": dict(q_lora_rank=1536, first_k_dense_replace=0, n_shared_experts=2,
+                        norm_topk_prob=False, routed_scaling_factor=1.0, n_group=None,
+                        topk_group=None, max_position_embeddings=2048, rms_norm_eps=1e-6),
+}
 E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
 # what a weight may be stored as (and e4m3, with `_scale_inv` block scales, for a linear one)
 _FLOATS = tuple(np.dtype(d) for d in (ml_dtypes.bfloat16, np.float16, np.float32, np.float64))
@@ -100,6 +114,7 @@ def config_from_hf(hf: dict, *, dtype=jnp.bfloat16, fp8_weights: bool = False,
     need(hf.get("rope_interleave", True), "rope_interleave", hf.get("rope_interleave"),
          "true: DeepSeek's interleaved rotary pairs")
     v3 = model_type == "deepseek_v3"
+    hf = {**HF_DEFAULTS[model_type], **hf}  # an explicit null stays null (q_lora_rank: none)
     score = hf.get("scoring_func", "sigmoid" if v3 else "softmax")
     need(score == ("sigmoid" if v3 else "softmax"), "scoring_func", score,
          "'sigmoid'" if v3 else "'softmax'")
@@ -127,9 +142,9 @@ def config_from_hf(hf: dict, *, dtype=jnp.bfloat16, fp8_weights: bool = False,
         norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
         routed_scaling=float(hf.get("routed_scaling_factor") or 1.0),
         router_bias=v3, bias_update_rate=1e-3 if v3 else 0.0, balance_loss_weight=0.0,
-        max_seq_len=hf.get("max_position_embeddings", 4096),
+        max_seq_len=hf["max_position_embeddings"],
         rope_theta=float(_rope_params(hf).get("rope_theta", hf.get("rope_theta", 10000.0))),
-        yarn=_yarn_from_hf(hf), norm_eps=hf.get("rms_norm_eps", 1e-6),
+        yarn=_yarn_from_hf(hf), norm_eps=hf["rms_norm_eps"],
         mtp_depth=hf.get("num_nextn_predict_layers", 0) if mtp else 0,
         dtype=np.dtype(dtype).name, param_dtype=np.dtype(dtype).name, init_std=0.02,
         fp8_weights=fp8_weights)
@@ -144,7 +159,12 @@ def _rope_params(hf: dict) -> dict:
 
 
 def _yarn_from_hf(hf: dict) -> YarnConfig | None:
-    """YaRN as Hugging Face reads rope_scaling (its defaults included), or None for plain RoPE."""
+    """YaRN from rope_scaling (Hugging Face's defaults included), or None for plain RoPE.
+
+    The scaling factor is rope_scaling's `factor`, as DeepSeek's own inference code reads it;
+    transformers' DeepseekV3 instead takes max_position_embeddings /
+    original_max_position_embeddings when the latter is given. The released checkpoints agree
+    (163840 / 4096 = 40); a config where they differ is loaded with `factor`, with a warning."""
     rope = _rope_params(hf)
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind == "default":
@@ -153,7 +173,12 @@ def _yarn_from_hf(hf: dict) -> YarnConfig | None:
         raise CheckpointError(f"config.json: unsupported rope_scaling type {kind!r} (expected "
                               "'yarn' or none)")
     original = rope.get("original_max_position_embeddings", hf.get("max_position_embeddings"))
-    factor = rope.get("factor") or hf["max_position_embeddings"] / original
+    ratio = hf["max_position_embeddings"] / original
+    factor = rope.get("factor") or ratio
+    if "original_max_position_embeddings" in rope and not math.isclose(factor, ratio):
+        log.warning("config.json: rope_scaling factor %g differs from max_position_embeddings / "
+                    "original_max_position_embeddings = %g; using factor (DeepSeek's code does; "
+                    "transformers' DeepseekV3 uses the ratio)", factor, ratio)
     mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
     amplitude = rope.get("attention_factor")
     if amplitude is None:  # on cos/sin; the softmax scale gets mscale_all_dim's share only
@@ -512,6 +537,21 @@ def _check(ckpt: Checkpoint, specs, copies, flat, cfg: DeepSeekConfig, num_mtp_l
 # ----------------------------------------------------------------------------- save
 
 
+def _host_row(array, index: int) -> np.ndarray:
+    """array[index] on the host, bit for bit. Indexing a sharded jax.Array runs a gather that
+    sums the shards' masked pieces (-0.0 + 0.0 gives +0.0, an FP8 0x80 byte comes back 0x00), so
+    the row is copied out of the addressable shards that hold it instead."""
+    if not isinstance(array, jax.Array) or len(array.sharding.device_set) == 1 \
+            or not array.is_fully_addressable:
+        return np.asarray(array[index])
+    out = np.empty(array.shape[1:], array.dtype)
+    for shard in array.addressable_shards:
+        rows = range(*shard.index[0].indices(array.shape[0]))
+        if index in rows:  # replicas write the same bytes
+            out[shard.index[1:]] = np.asarray(shard.data)[rows.index(index)]
+    return out
+
+
 def save_hf_checkpoint(model: Transformer, path, *, max_shard_bytes: int | None = 5 << 30):
     """Writes `model` as a Hugging Face DeepSeek checkpoint folder (config.json + safetensors).
 
@@ -529,7 +569,7 @@ def save_hf_checkpoint(model: Transformer, path, *, max_shard_bytes: int | None 
 
     def add(name, array, index=None):
         shape = tuple(array.shape[1:] if index is not None else array.shape)
-        make = (lambda: np.asarray(array[index])) if index is not None else \
+        make = (lambda: _host_row(array, index)) if index is not None else \
             (lambda: np.asarray(array))
         entries.append(st.Entry(name, np.dtype(array.dtype), shape, make))
 

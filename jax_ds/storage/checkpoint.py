@@ -122,7 +122,8 @@ class CheckpointManager:
                 raise ValueError(f"CheckpointManager: {name}={value!r} must be an int >= "
                                  f"{lowest}" + (" (or None: keep all)" if name == "max_to_keep"
                                                 else ""))
-        self.directory = os.path.abspath(os.fspath(directory))
+        # realpath, not abspath: "link/../x" is the link target's sibling, as the OS reads it
+        self.directory = os.path.realpath(os.fspath(directory))
         self._closed = False
         mount = threefs.mount_point(self.directory, mounts_file=mounts_file)
         if backend == "auto":

@@ -235,7 +235,7 @@ class ShardHandler(ocp.AsyncCheckpointHandler):
 
     def _index(self, directory) -> dict[str, dict]:
         leaves: dict[str, dict] = {}
-        paths = sorted(glob.glob(os.path.join(os.fspath(directory), "index.p*.json")))
+        paths = sorted(glob.glob(os.path.join(glob.escape(os.fspath(directory)), "index.p*.json")))
         if not paths:
             raise FileNotFoundError(f"{directory}: no index.p*.json (not a jax_ds shard "
                                     f"checkpoint, or an incomplete one)")

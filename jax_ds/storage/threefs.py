@@ -79,7 +79,9 @@ def _mount_table(mounts_file: str | None) -> list[tuple[str, bool]]:
     for line in lines:
         fields = line.split()
         if len(fields) >= 3:
-            is_3fs = fields[2] == FSTYPE or fields[0].startswith("hf3fs")
+            # the FUSE type, or a FUSE mount of an "hf3fs..." source (not an NFS export so named)
+            is_3fs = fields[2] == FSTYPE or (fields[0].startswith("hf3fs")
+                                             and fields[2].split(".")[0] == "fuse")
             table.append((os.path.normpath(_unescape(fields[1])), is_3fs))
     return table
 
@@ -112,9 +114,10 @@ def load_client():
 def mount_point(path, *, mounts_file: str | None = None) -> str | None:
     """The 3FS mount point holding `path` (which need not exist yet), or None.
 
-    The innermost mount of the mounts file containing the absolute path decides (a local disk
-    mounted inside a 3FS mount is not 3FS); when that is not 3FS, the same for the path with
-    symlinks resolved (a link into a 3FS mount is on 3FS). Otherwise the client library
+    The path with its symlinks resolved (`os.path.realpath`: where the file is, so a link into
+    a 3FS mount is on 3FS and a link out of one is not; ".." applies after the links, as the OS
+    does) is looked up: the innermost mount of the mounts file containing it decides (a local
+    disk mounted inside a 3FS mount is not 3FS). Otherwise the client library
     (`extract_mount_point`), if importable, may name a 3FS mount the file does not mark as one
     (a FUSE type of another name); its answer counts only when it is not outside the innermost
     listed mount holding the path, which a real mounts file always has ("/"): a disk mounted
@@ -123,29 +126,21 @@ def mount_point(path, *, mounts_file: str | None = None) -> str | None:
     path = os.fspath(path)
     if isinstance(path, bytes):
         path = os.fsdecode(path)
-    path = os.path.abspath(path)
-    candidates = dict.fromkeys((path, os.path.realpath(path)))   # in order, once each
-    table = _mount_table(mounts_file)
-    inner = {}
-    for candidate in candidates:
-        inner[candidate] = _innermost(table, candidate)
-        if inner[candidate] is not None and inner[candidate][1]:
-            return inner[candidate][0]
+    path = os.path.realpath(path)
+    listed = _innermost(_mount_table(mounts_file), path)
+    if listed is not None and listed[1]:
+        return listed[0]
     client = load_client()
     if client is None or not hasattr(client, "extract_mount_point"):
         return None
-    for candidate in candidates:
-        try:
-            point = client.extract_mount_point(candidate)
-        except (OSError, ValueError):
-            point = None
-        if not point:
-            continue
-        point = os.path.normpath(os.fsdecode(point) if isinstance(point, bytes) else point)
-        listed = inner[candidate]
-        if listed is None or _contains(listed[0], point):
-            return point
-    return None
+    try:
+        point = client.extract_mount_point(path)
+    except (OSError, ValueError):
+        point = None
+    if not point:
+        return None
+    point = os.path.normpath(os.fsdecode(point) if isinstance(point, bytes) else point)
+    return point if listed is None or _contains(listed[0], point) else None
 
 
 def _contains(outer: str, path: str) -> bool:
