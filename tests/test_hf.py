@@ -294,3 +294,11 @@ def test_missing_optional_fields_take_the_hf_defaults(caplog):
         cfg = config_from_hf(dict(base, model_type="deepseek_v3", rope_scaling=yarn,
                                   max_position_embeddings=32))
     assert cfg.yarn.factor == 4.0 and "differs from max_position_embeddings" in caplog.text
+
+
+def test_fp8_scale_dtype_is_checked(tmp_path):
+    name = "model.layers.0.mlp.up_proj.weight_scale_inv"
+    path = rewrite(os.path.join(DATA, "fp8"), tmp_path / "c",
+                   lambda t: {**t, name: t[name].astype(np.int32)})
+    with pytest.raises(CheckpointError, match=rf"dtype '{name}' is int32: expected a float type"):
+        load_hf_checkpoint(path)

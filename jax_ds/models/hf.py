@@ -514,6 +514,9 @@ def _check(ckpt: Checkpoint, specs, copies, flat, cfg: DeepSeekConfig, num_mtp_l
             elif ckpt.info(scale_name).shape != blocks:
                 shapes.append(f"{scale_name!r}: expected shape {blocks}, found "
                               f"{ckpt.info(scale_name).shape}")
+            elif ckpt.info(scale_name).dtype not in _FLOATS:  # an int would pass as a scale
+                dtypes.append(f"{scale_name!r} is {ckpt.info(scale_name).dtype.name}: expected "
+                              "a float type (float32 block scales)")
     layer = re.compile(r"model\.layers\.(\d+)\.")
     skipped = range(cfg.num_layers + cfg.mtp_depth, cfg.num_layers + num_mtp_layers)
     unexpected = []
