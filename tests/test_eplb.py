@@ -1,10 +1,15 @@
-"""EPLB planner: DeepSeek's README example, the plain-loop reference, invariants, jit/vmap, errors.
+"""EPLB planner: DeepSeek's README example and outputs, the plain-loop reference, the emulated
+torch sort, invariants, jit/vmap, errors.
 
 `rebalance_experts_reference` (numpy loops) is the oracle: the jitted planner must agree with it
-bit for bit, ties included. Agreement with DeepSeek's torch `eplb.py` itself was checked outside
-the test suite (torch is not a dependency); the README example below is its published output.
+bit for bit, ties included. tests/data/eplb_reference.json holds outputs of DeepSeek's torch
+`eplb.py` itself (torch is not a dependency here), the README example below its published one.
 """
 
+import json
+import pathlib
+import shutil
+import subprocess
 import zlib
 
 import jax
@@ -12,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jax_ds.parallel import eplb
 from jax_ds.parallel.eplb import (balanced_packing, gpu_loads, max_replicas, rebalance_experts,
                                   rebalance_experts_reference, replicate_experts)
 
@@ -39,7 +45,7 @@ CONFIGS = [
     (2, 16, 24, 4, 1, 4),    # one node: its groups ordered by load
     (4, 32, 48, 8, 8, 8),    # one group per node, one GPU per node
     (2, 64, 96, 8, 2, 4),    # 48 replicas per node onto 2 GPUs
-    (2, 400, 400, 1, 1, 2),  # > 384 slots per node: the argsort path of _descending_rank
+    (2, 400, 400, 1, 1, 2),  # 400 slots per node
 ]
 
 
@@ -132,6 +138,93 @@ def test_host_counts_past_int32():
     for weight in (np.asarray(loads, np.int64), np.asarray(loads, np.uint64), loads):
         for a, b in zip(want, rebalance_experts(weight, 6, 1, 1, 2)):
             np.testing.assert_array_equal(a, b)
+
+
+def _padded(log2phy, width):
+    out = np.full((*log2phy.shape[:2], width), -1, np.int64)
+    out[..., :log2phy.shape[2]] = log2phy
+    return out
+
+
+def test_outputs_of_deepseek_eplb():
+    """DeepSeek's eplb.py under torch (CPU): its sort is not stable past 16 items, and the plans
+    follow its tie order exactly: phy2log, logcnt and log2phy (which replica rank of an expert
+    lands in which slot) equal, on tie-heavy integer loads, constant and zero loads, float loads
+    at DeepSeek-V3 scale, hierarchical and global."""
+    data = json.loads((pathlib.Path(__file__).parent / "data" / "eplb_reference.json").read_text())
+    for case in data["cases"]:
+        w = np.asarray(case["weight"], np.float32)
+        sizes = (case["num_replicas"], case["num_groups"], case["num_nodes"], case["num_gpus"])
+        want = (np.asarray(case["phy2log"]), np.asarray(case["log2phy"]),
+                np.asarray(case["logcnt"]))
+        for plan in (rebalance_experts(w, *sizes), rebalance_experts_reference(w, *sizes)):
+            phy2log, log2phy, logcnt = (np.asarray(x) for x in plan)
+            np.testing.assert_array_equal(phy2log, want[0], err_msg=str(sizes))
+            np.testing.assert_array_equal(logcnt, want[2], err_msg=str(sizes))
+            assert log2phy.shape[2] >= want[1].shape[2]
+            np.testing.assert_array_equal(log2phy, _padded(want[1], log2phy.shape[2]))
+
+
+def _tie_heavy_rows(seed, count, max_n=300):
+    rng = np.random.default_rng(seed)
+    for t in range(count):
+        n = int(rng.integers(1, max_n))
+        yield [rng.integers(0, 3, n), np.ones(n), rng.random(n),
+               np.sort(rng.integers(0, 9, n))[::-1]][t % 4].astype(np.float32)
+
+
+@pytest.mark.parametrize("n,depth", [(17, None), (72, None), (288, None), (40, 0), (90, 1),
+                                     (200, 2)])
+def test_sort_emulation_matches_its_step_by_step_oracle(n, depth):
+    """The vectorised partitions (and the heapsort past the depth limit, forced with small
+    limits) leave ties in the order the step-by-step std::sort does."""
+    rng = np.random.default_rng(n)
+    rows = np.stack([rng.integers(0, 3, n), np.ones(n), rng.random(n), rng.integers(0, 40, n),
+                     np.sort(rng.integers(0, 9, n))[::-1], np.arange(n) % 5]).astype(np.float32)
+    got = jax.jit(jax.vmap(lambda k: eplb._std_sort_order(k, depth)))(jnp.asarray(rows))
+    for keys, order in zip(rows, np.asarray(got)):
+        np.testing.assert_array_equal(order, eplb._std_sort_order_np(keys, depth))
+
+
+STD_SORT_CPP = r"""
+#include <algorithm>
+#include <cstdio>
+#include <utility>
+#include <vector>
+int main() {
+  int rows, heap, n;
+  if (std::scanf("%d", &rows) != 1) return 1;
+  while (rows--) {
+    std::scanf("%d %d", &heap, &n);
+    std::vector<std::pair<float, int>> a(n);
+    for (int i = 0; i < n; ++i) { std::scanf("%f", &a[i].first); a[i].second = i; }
+    auto gt = [](const std::pair<float, int>& x, const std::pair<float, int>& y) {
+      return x.first > y.first; };
+    if (heap) { std::make_heap(a.begin(), a.end(), gt); std::sort_heap(a.begin(), a.end(), gt); }
+    else std::sort(a.begin(), a.end(), gt);
+    for (int i = 0; i < n; ++i) std::printf("%d ", a[i].second);
+    std::printf("\n");
+  }
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (libstdc++'s std::sort)")
+def test_sort_oracle_is_libstdcxx_std_sort(tmp_path):
+    """The oracle against std::sort itself (what torch.sort(descending=True) runs on the CPU)
+    and std::make_heap + std::sort_heap (the introsort's fallback, depth limit 0)."""
+    (tmp_path / "s.cpp").write_text(STD_SORT_CPP)
+    subprocess.run(["g++", "-O1", "-o", str(tmp_path / "s"), str(tmp_path / "s.cpp")], check=True)
+    rows = [(i % 2, keys) for i, keys in enumerate(_tie_heavy_rows(1, 400))]
+    text = f"{len(rows)}\n" + "".join(
+        f"{heap} {len(k)} " + " ".join(repr(float(x)) for x in k) + "\n" for heap, k in rows)
+    lines = subprocess.run([str(tmp_path / "s")], input=text, capture_output=True, text=True,
+                           check=True).stdout.splitlines()
+    for (heap, keys), line in zip(rows, lines):
+        if heap and len(keys) <= 16:
+            continue  # std::sort never heapsorts an insertion-sort row
+        want = np.array(line.split(), np.int64)
+        np.testing.assert_array_equal(eplb._std_sort_order_np(keys, 0 if heap else None), want)
 
 
 def test_odd_loads_still_give_valid_plans():

@@ -9,10 +9,10 @@
                path/to/eplb.py` is given: run by `--reference-python` (an interpreter with torch;
                torch's and this jax's wheels may need different Pythons) on the same loads, in
                the same run. The file is DeepSeek's (github.com/deepseek-ai/EPLB), not shipped.
-Also whether the plans agree: ours vs numpy loops, all outputs; ours vs DeepSeek, phy2log and
-logcnt (with these loads only replicas of one expert tie, and its unstable sort may order those
-differently, which permutes log2phy's rows and nothing else; see `jax_ds.parallel.eplb`). And the
-plan's balance: max / mean GPU load, averaged over layers.
+Also whether the plans agree, all three outputs (log2phy padded to our static width): ours vs
+numpy loops, and ours vs DeepSeek, whose sort's tie order (which replica rank of an expert goes
+to which slot) ours follows (`jax_ds.parallel.eplb`). And the plan's balance: max / mean GPU
+load, averaged over layers.
 """
 
 from __future__ import annotations
@@ -65,9 +65,9 @@ loads = [torch.from_numpy(w) for w in np.load(folder + "/loads.npy")]
 out = {"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": []}
 for i, (r, n, g) in enumerate(json.loads(configs)):
     args = (r, int(groups), n, g)
-    phy2log, _, logcnt = eplb.rebalance_experts(loads[0], *args)  # also the warm-up
-    np.save(f"{folder}/phy2log{i}.npy", phy2log.numpy()); np.save(f"{folder}/logcnt{i}.npy",
-                                                                  logcnt.numpy())
+    plan = eplb.rebalance_experts(loads[0], *args)  # also the warm-up
+    for name, x in zip(("phy2log", "log2phy", "logcnt"), plan):
+        np.save(f"{folder}/{name}{i}.npy", x.numpy())
     times = []
     for k in range(int(repeats)):
         t0 = time.perf_counter(); eplb.rebalance_experts(loads[k % len(loads)], *args)
@@ -78,7 +78,8 @@ print(json.dumps(out))
 
 
 def run_reference(args, loads):
-    """DeepSeek's planner in a subprocess: ({config: (median ms, phy2log, logcnt)}, status)."""
+    """DeepSeek's planner in a subprocess: ({config: (median ms, (phy2log, log2phy, logcnt))},
+    status)."""
     if not args.reference:
         return {}, "not requested (--reference path/to/eplb.py [--reference-python PY])"
     with tempfile.TemporaryDirectory() as folder:
@@ -89,8 +90,8 @@ def run_reference(args, loads):
         if done.returncode:
             return {}, f"unavailable: {done.stderr.strip().splitlines()[-1:]}"
         report = json.loads(done.stdout.strip().splitlines()[-1])
-        rows = {config: (row["median_ms"], np.load(f"{folder}/phy2log{i}.npy"),
-                         np.load(f"{folder}/logcnt{i}.npy"))
+        rows = {config: (row["median_ms"], tuple(np.load(f"{folder}/{name}{i}.npy")
+                                                 for name in ("phy2log", "log2phy", "logcnt")))
                 for i, (config, row) in enumerate(zip(CONFIGS, report["rows"]))}
     return rows, (f"{args.reference} (torch {report['torch']}, {report['threads']} threads, "
                   f"{args.reference_python})")
@@ -117,10 +118,14 @@ def bench_config(config, loads, reference, args):
            "deepseek_ms": None, "same_as_deepseek": None,
            "max_over_mean_gpu_load": float(np.mean(gpu.max(-1) / gpu.mean(-1)))}
     if config in reference:
-        ms, phy2log, logcnt = reference[config]
+        ms, (phy2log, log2phy, logcnt) = reference[config]
+        width = ours.log2phy.shape[-1]
+        padded = np.full((*log2phy.shape[:2], max(width, log2phy.shape[-1])), -1, np.int64)
+        padded[..., :log2phy.shape[-1]] = log2phy
         row["deepseek_ms"] = ms
         row["same_as_deepseek"] = bool(np.array_equal(ours.phy2log, phy2log) and
-                                       np.array_equal(ours.logcnt, logcnt))
+                                       np.array_equal(ours.logcnt, logcnt) and
+                                       np.array_equal(ours.log2phy, padded))
     return row
 
 
@@ -152,7 +157,7 @@ def run(args):
     print_table(f"EPLB plan, {LAYERS} layers x {EXPERTS} experts, {GROUPS} groups, on "
                 f"{env['device']}", COLUMNS, table,
                 ["ours: jitted, steady state per call (median), loads rotating over 4 sets",
-                 "same plan: ours vs numpy loops (all outputs) / vs deepseek (phy2log, logcnt)"])
+                 "same plan: ours vs numpy loops / vs deepseek (all three outputs)"])
     path = write_json(args.out, "eplb", env, {
         "shape": {"layers": LAYERS, "experts": EXPERTS, "groups": GROUPS},
         "loads": "lognormal(0, 1) * 1000, float32", "deepseek_reference": ref_status,

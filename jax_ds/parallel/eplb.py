@@ -17,33 +17,38 @@ Both are built from two greedy steps:
 
 How it runs: all L layers (L x nodes rows) at once, item-major ([items, rows]) so that every
 sequential step is elementwise over the rows. Replication is a `lax.scan` of R - E argmax steps,
-packing a `lax.scan` over the items in sorted order; the sort itself is a count of the items that
-go before each one (XLA:CPU's comparator sort is several times slower at these lengths). Loads
+packing a `lax.scan` over the items in sorted order; the sort, for up to 16 items a count of the
+items that go before each one (XLA:CPU's comparator sort is several times slower at these
+lengths), for more the reference's std::sort step for step (Ties, below). Loads
 become float32, as the reference's `weight.float()` (integer loads are exact below 2^24); -0.0
 and nan count as 0. Loads are meant to be >= 0; negative or infinite ones still give a valid plan.
 
-Ties. Our descending sorts are stable: equal loads go in increasing index order. The reference
-sorts with `torch.sort(descending=True)`, which on CPU is stable for rows of <= 16 items (an
-insertion sort) but not for longer rows (introsort). Replicas of one expert always tie in the
-last packing step (load w / count each), so for more than 16 slots per node the reference may
-put a different *replica rank* of an expert on a GPU: phy2log and logcnt are identical, log2phy's
-row for that expert lists the same slots in another order. With loads that tie between
-*different* experts (integer counts, zeros) in rows of more than 16 items, both plans follow the
-greedy rule, and they may differ. `python -m jax_ds.bench eplb --reference PATH/eplb.py` runs
-DeepSeek's planner beside this one on the bench's configurations and reports whether phy2log
-and logcnt agree. (A one-off comparison during development, whose script is not kept, found all three
-outputs identical to eplb.py with `stable=True` in its sort on 1,018 cases: 1,000 random and
-18 at V3 scale.)
+Ties. The reference sorts with `torch.sort(descending=True)` on the CPU: libstdc++'s std::sort,
+an insertion sort (stable) for rows of <= 16 items, an introsort (not stable) for longer ones.
+Ties are everywhere in its last step (the replicas of one expert carry equal loads), so the
+order matters for log2phy (which replica rank of an expert lands in which slot), and with tied
+loads of different experts (integer counts, zeros) for phy2log too. `_std_sort_order` follows
+std::sort's partitions exactly (each in closed form, vectorised; the heapsort fallback too), so
+all three outputs equal the reference's. Checked against DeepSeek's eplb.py under torch 2.13:
+`tests/data/eplb_reference.json` (8 cases; hierarchical and global, tie-heavy integer, constant,
+zero and float loads, DeepSeek-V3 scale) in the tests; once, 764 further random cases (all
+three outputs equal) and 7 x 400 V3-scale layers of large integer and float loads (phy2log and
+logcnt equal but in one layer); and `python -m jax_ds.bench eplb --reference` (5 V3 placements,
+all equal). The sort itself is checked against g++'s std::sort in the tests. The one difference
+left: group loads are summed left to right in float32, torch's sum vectorised, so two groups
+whose loads agree to a few ulps (sums near 2^24) may go to nodes in the other order (that one
+layer, float loads below 1e6).
 
 Differences in contract: log2phy's last dimension is static, the most replicas an expert can get
 (`max_replicas`), not the data-dependent maximum of logcnt; unused entries are -1 in both. Sizes
 the reference asserts on raise ValueError here, before tracing.
 
-Speed, `python -m jax_ds.bench eplb` (benchmarks/results/eplb-cpu-2026-11-24.json: 2-core CPU,
-jax 0.11.2, DeepSeek's eplb.py on torch 2.13.0, same loads, same run): 58 layers x 256 experts in
-8 groups onto 288 slots, 4 nodes, 32 GPUs takes the reference 328 ms per call and this 0.73 ms
-steady state under jit (450x; the first call, with compilation, about 1 s). The five V3-scale
-placements of the benchmark: 0.56-0.90 ms hierarchical (405-463x), 4.0 ms global (371x).
+Speed, `python -m jax_ds.bench eplb --reference ...` (benchmarks/results/eplb-cpu-2026-12-05.json:
+2-core CPU, jax 0.12, DeepSeek's eplb.py on torch 2.13.0 with the same loads in the same run):
+58 layers x 256 experts in 8 groups, the five V3-scale placements take 3.0-6.0 ms per call
+hierarchical (44-71x the reference's 181-263 ms), 17.5 ms global (55x its 958 ms), steady state
+under jit; the first call, with compilation, about 1.7 s. (Before the sort emulation, with
+stable sorts, 0.56-0.90 ms and 4.0 ms: eplb-cpu-2026-11-24.json.)
 """
 
 from __future__ import annotations
@@ -200,8 +205,9 @@ def gpu_loads(weight, plan, num_gpus: int):
 def balanced_packing(weight_XN, num_packs: int):
     """Greedy packing of N items into num_packs packs of exactly N / num_packs items per row.
 
-    Items go heaviest first (stable: equal loads in index order), each into the lightest pack that
-    is not yet full, the lowest-numbered one on ties. Pack loads add up in float32 in that order,
+    Items go heaviest first (equal loads in the order of the reference's sort: index order up to
+    16 items, std::sort's beyond), each into the lightest pack that is not yet full, the
+    lowest-numbered one on ties. Pack loads add up in float32 in that order,
     as the reference's do, so comparisons between them agree bit for bit.
 
     Args:
@@ -266,19 +272,16 @@ def _pack(w_NX, num_packs):
 
 
 def _descending_rank(w_NX):
-    """Position of each item in a stable descending sort, per column: [N, X] int32.
+    """Position of each item in the reference's descending sort, per column: [N, X] int32.
 
-    XLA:CPU's sort calls a comparator per comparison; for the row lengths of EPLB, counting the
-    items that go before each one (N^2 compares, all vectorised) is several times faster.
-    """
+    Up to 16 items that sort is stable (an insertion sort): counting the items that go before
+    each one (N^2 compares, all vectorised) is several times faster than XLA:CPU's comparator
+    sort. Longer columns follow std::sort's partitions (`_std_sort_order`)."""
     n = w_NX.shape[0]
     w_NX = jnp.where(jnp.isnan(w_NX), -jnp.inf, w_NX)  # (inf - inf): a total order all the same
-    if n > 384:
-        order = jnp.argsort(w_NX, axis=0, descending=True, stable=True).astype(jnp.int32)
-        cols = jnp.arange(w_NX.shape[1], dtype=jnp.int32)
-        return jnp.zeros_like(order).at[order, cols].set(
-            jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[:, None], order.shape),
-            unique_indices=True)
+    if n > _STD_SORT_THRESHOLD:
+        order_XN = jax.vmap(_std_sort_order)(w_NX.T)
+        return _inverse(order_XN).T
     ids = jnp.arange(n, dtype=jnp.int32)[:, None]
 
     def count(j, rank_NX):
@@ -287,6 +290,148 @@ def _descending_rank(w_NX):
         return rank_NX + goes_before.astype(jnp.int32)
 
     return jax.lax.fori_loop(0, n, count, jnp.zeros(w_NX.shape, jnp.int32))
+
+
+# ------------------------------------------------------------- the reference's sort, emulated
+# DeepSeek's planner sorts with torch.sort(descending=True) on the CPU, which is libstdc++'s
+# std::sort (introsort) of (key, index) pairs under key_a > key_b: an insertion sort for rows of
+# at most 16 items (stable), otherwise median-of-3 partitions down to segments of 16 (heapsort for
+# a segment still longer after 2 floor(log2 n) levels), then one insertion sort over the row.
+# Ties come out in the order the partitions leave them. Below, that order is computed exactly:
+# each partition in closed form (vectorised), the final insertion sort as the stable sort it is.
+
+_STD_SORT_THRESHOLD = 16  # libstdc++'s _S_threshold
+
+
+def _std_sort_order(keys, depth_limit=None):
+    """Item ids in the order std::sort under `key_a > key_b` leaves them: [n] int32 (n static).
+
+    keys: [n] float32 without NaN. depth_limit: the introsort depth (default 2 floor(log2 n), as
+    std::sort; tests lower it to reach the heapsort)."""
+    n = keys.shape[0]
+    ids = jnp.arange(n, dtype=jnp.int32)
+    keys = jnp.where(keys == 0, 0.0, keys)  # -0.0 ties with 0.0 (the argsorts order them apart)
+    if n <= _STD_SORT_THRESHOLD:  # insertion sort only: stable
+        return jnp.argsort(-keys, stable=True).astype(jnp.int32)
+    depth = 2 * (n.bit_length() - 1) if depth_limit is None else depth_limit
+    stack = jnp.zeros((n + 2, 3), jnp.int32).at[0].set(jnp.array([0, n, depth], jnp.int32))
+    heaps = jnp.zeros((n + 2, 2), jnp.int32)
+
+    # The stack holds segments of more than 16 items only (the rest wait for the insertion
+    # sort); the order segments are taken in does not matter: they are disjoint.
+    def body(state):
+        keys, ids, stack, sp, heaps, nheap = state
+        sp = sp - 1
+        first, last, depth = stack[sp, 0], stack[sp, 1], stack[sp, 2]
+        part, heap = depth > 0, depth == 0
+        k2, i2, cut = _std_partition(keys, ids, first, last)
+        keys, ids = jnp.where(part, k2, keys), jnp.where(part, i2, ids)
+        for lo, hi in ((cut, last), (first, cut)):
+            push = part & (hi - lo > _STD_SORT_THRESHOLD)
+            stack = jnp.where(push, stack.at[sp].set(jnp.stack([lo, hi, depth - 1])), stack)
+            sp = sp + push
+        heaps = jnp.where(heap, heaps.at[nheap].set(jnp.stack([first, last])), heaps)
+        return keys, ids, stack, sp, heaps, nheap + heap
+
+    init = (keys, ids, stack, jnp.int32(1), heaps, jnp.int32(0))
+    keys, ids, _, _, heaps, nheap = jax.lax.while_loop(lambda s: s[3] > 0, body, init)
+
+    def heap_one(state):
+        j, keys, ids = state
+        keys, ids = _std_heap_sort(keys, ids, heaps[j, 0], heaps[j, 1])
+        return j + 1, keys, ids
+
+    _, keys, ids = jax.lax.while_loop(lambda s: s[0] < nheap, heap_one, (jnp.int32(0), keys, ids))
+    # the final insertion sort: a stable sort of the arrangement the partitions left
+    return ids[jnp.argsort(-keys, stable=True)]
+
+
+def _std_partition(keys, ids, first, last):
+    """std::__unguarded_partition_pivot on [first, last): the median of a[first + 1], a[mid],
+    a[last - 1] swapped to first, then Hoare's scans from both ends, swapping the k-th stop of
+    the left scan (an item <= pivot) with the k-th of the right (>= pivot) while left < right.
+    The stops come from the array as it was: the scans stop where the swaps left items, so the
+    k-th swap pairs the k-th left and right candidates; the cut is where the left scan stops
+    after the last swap. Returns (keys, ids, cut)."""
+    n = keys.shape[0]
+    pos = jnp.arange(n, dtype=jnp.int32)
+    mid = first + (last - first) // 2
+    a, b, c = first + 1, mid, last - 1
+    ka, kb, kc = keys[a], keys[b], keys[c]
+    median = jnp.where(ka > kb, jnp.where(kb > kc, b, jnp.where(ka > kc, c, a)),
+                       jnp.where(ka > kc, a, jnp.where(kb > kc, c, b)))
+    swap = jnp.where(pos == first, median, jnp.where(pos == median, first, pos))
+    keys, ids = keys[swap], ids[swap]
+    pivot = keys[first]
+    inside = (pos > first) & (pos < last)
+    left = inside & ~(keys > pivot)    # where the left scan stops
+    right = inside & ~(pivot > keys)   # where the right scan stops
+    rank_l = jnp.cumsum(left) - 1                      # k-th stop from the left
+    rank_r = jnp.cumsum(right[::-1])[::-1] - 1          # k-th stop from the right
+    stops_l = jnp.full(n + 1, n, jnp.int32).at[jnp.where(left, rank_l, n)].set(pos).at[n].set(n)
+    stops_r = jnp.full(n + 1, -1, jnp.int32).at[jnp.where(right, rank_r, n)].set(pos).at[n].set(-1)
+    swaps = jnp.sum(stops_l[:n] < stops_r[:n]).astype(jnp.int32)   # a prefix of the pairs
+    cut = jnp.minimum(stops_l[swaps], jnp.where(swaps > 0, stops_r[swaps - 1], n))
+    partner = jnp.where(left & (rank_l < swaps), stops_r[jnp.maximum(rank_l, 0)],
+                        jnp.where(right & (rank_r < swaps), stops_l[jnp.maximum(rank_r, 0)], pos))
+    return keys[partner], ids[partner], cut
+
+
+def _std_heap_sort(keys, ids, first, last):
+    """std::__partial_sort(first, last, last): make_heap, then sort_heap, as libstdc++."""
+    length = last - first
+
+    # Under vmap a loop body also runs for the columns whose loop is over, on their idle state:
+    # indices stay in range there (a negative hole would never leave the sift-down loop).
+    def make(j, kv):
+        parent = jnp.maximum((length - 2) // 2 - j, 0)
+        return _std_adjust_heap(*kv, first, parent, length, kv[0][first + parent],
+                                kv[1][first + parent])
+
+    keys, ids = jax.lax.fori_loop(0, jnp.maximum((length - 2) // 2 + 1, 0), make, (keys, ids))
+
+    def pop(j, kv):
+        keys, ids = kv
+        end = last - 1 - j
+        vk, vi = keys[end], ids[end]
+        keys, ids = keys.at[end].set(keys[first]), ids.at[end].set(ids[first])
+        return _std_adjust_heap(keys, ids, first, 0, end - first, vk, vi)
+
+    return jax.lax.fori_loop(0, jnp.maximum(length - 1, 0), pop, (keys, ids))
+
+
+def _std_adjust_heap(keys, ids, first, hole, length, vk, vi):
+    """std::__adjust_heap (then __push_heap) of value (vk, vi) into the hole, a max-heap of
+    `key_a > key_b` over [first, first + length)."""
+    top = hole
+
+    def down(state):
+        hole, child, keys, ids = state
+        child = 2 * (child + 1)
+        child = jnp.where(keys[first + child] > keys[first + child - 1], child - 1, child)
+        return child, child, keys.at[first + hole].set(keys[first + child]), \
+            ids.at[first + hole].set(ids[first + child])
+
+    hole, child, keys, ids = jax.lax.while_loop(
+        lambda s: (s[1] >= 0) & (s[1] < (length - 1) // 2), down, (hole, hole, keys, ids))
+    tail = ((length & 1) == 0) & (child == (length - 2) // 2)
+    src = first + 2 * (child + 1) - 1
+    keys = jnp.where(tail, keys.at[first + hole].set(keys[src]), keys)
+    ids = jnp.where(tail, ids.at[first + hole].set(ids[src]), ids)
+    hole = jnp.where(tail, 2 * (child + 1) - 1, hole)
+
+    def up_cond(state):
+        hole, keys, _ = state
+        return (hole > top) & (keys[first + (hole - 1) // 2] > vk)
+
+    def up(state):
+        hole, keys, ids = state
+        parent = (hole - 1) // 2
+        return parent, keys.at[first + hole].set(keys[first + parent]), \
+            ids.at[first + hole].set(ids[first + parent])
+
+    hole, keys, ids = jax.lax.while_loop(up_cond, up, (hole, keys, ids))
+    return keys.at[first + hole].set(vk), ids.at[first + hole].set(vi)
 
 
 def _replicate(w_EX, num_phy):
@@ -336,9 +481,10 @@ def rebalance_experts_reference(weight, num_replicas: int, num_groups: int, num_
                                 num_gpus: int) -> Plan:
     """The same plan by the plain greedy loops, in numpy float32: the oracle and the baseline.
 
-    Equivalent to DeepSeek's `eplb.rebalance_experts` with its sorts made stable, and to
-    `rebalance_experts` (which must agree with it bit for bit, ties included). Returns numpy
-    arrays in a Plan; log2phy as wide as `rebalance_experts`'.
+    Equivalent to DeepSeek's `eplb.rebalance_experts` (its sorts as std::sort runs them, step by
+    step: `_std_sort_order_np`), and to `rebalance_experts` (which must agree with it bit for
+    bit, ties included). Returns numpy arrays in a Plan; log2phy as wide as
+    `rebalance_experts`'.
     """
     w = np.asarray(weight).astype(np.float32)
     w = np.where((w == 0) | np.isnan(w), np.float32(0), w)
@@ -390,9 +536,79 @@ def _greedy_pack(load, num_packs):
         return list(range(n)), [0] * n
     pack, rank = [0] * n, [0] * n
     totals, counts = [np.float32(0)] * num_packs, [0] * num_packs
-    for i in np.argsort(-load, kind="stable"):
+    for i in _std_sort_order_np(np.asarray(load, np.float32)):
         p = min((j for j in range(num_packs) if counts[j] < per_pack), key=totals.__getitem__)
         pack[i], rank[i] = p, counts[p]
         totals[p] = np.float32(totals[p] + load[i])
         counts[p] += 1
     return pack, rank
+
+
+def _std_sort_order_np(keys, depth_limit=None):
+    """`_std_sort_order` step by step, as libstdc++'s std::sort runs (the oracle of the tests):
+    introsort of (key, index) pairs under key_a > key_b, heapsort past the depth limit, then
+    the insertion sort."""
+    a = [(float(k), i) for i, k in enumerate(keys)]
+    n = len(a)
+    gt = lambda x, y: x[0] > y[0]
+
+    def swap(i, j):
+        a[i], a[j] = a[j], a[i]
+
+    def partition(first, last):
+        mid = first + (last - first) // 2
+        i, j, k = first + 1, mid, last - 1
+        if gt(a[i], a[j]):
+            swap(first, j if gt(a[j], a[k]) else k if gt(a[i], a[k]) else i)
+        else:
+            swap(first, i if gt(a[i], a[k]) else k if gt(a[j], a[k]) else j)
+        lo, hi = first + 1, last
+        while True:
+            while gt(a[lo], a[first]):
+                lo += 1
+            hi -= 1
+            while gt(a[first], a[hi]):
+                hi -= 1
+            if lo >= hi:
+                return lo
+            swap(lo, hi)
+            lo += 1
+
+    def adjust_heap(first, hole, length, value):
+        top = child = hole
+        while child < (length - 1) // 2:
+            child = 2 * (child + 1)
+            if gt(a[first + child], a[first + child - 1]):
+                child -= 1
+            a[first + hole] = a[first + child]
+            hole = child
+        if length % 2 == 0 and child == (length - 2) // 2:
+            child = 2 * (child + 1)
+            a[first + hole] = a[first + child - 1]
+            hole = child - 1
+        while hole > top and gt(a[first + (hole - 1) // 2], value):
+            a[first + hole] = a[first + (hole - 1) // 2]
+            hole = (hole - 1) // 2
+        a[first + hole] = value
+
+    def heap_sort(first, last):
+        for parent in range((last - first - 2) // 2, -1, -1):
+            adjust_heap(first, parent, last - first, a[first + parent])
+        for end in range(last - 1, first, -1):
+            value, a[end] = a[end], a[first]
+            adjust_heap(first, 0, end - first, value)
+
+    def introsort(first, last, depth):
+        while last - first > _STD_SORT_THRESHOLD:
+            if depth == 0:
+                heap_sort(first, last)
+                return
+            depth -= 1
+            cut = partition(first, last)
+            introsort(cut, last, depth)
+            last = cut
+
+    if n > _STD_SORT_THRESHOLD:
+        introsort(0, n, 2 * (n.bit_length() - 1) if depth_limit is None else depth_limit)
+    # the insertion sort (stable): what is left to do, whatever the stretch it runs over
+    return np.array([i for _, i in sorted(a, key=lambda x: -x[0])], np.int64)
