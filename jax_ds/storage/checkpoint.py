@@ -98,7 +98,8 @@ class CheckpointManager:
     Args:
       directory: root of the step directories (local disk or a 3FS mount).
       max_to_keep: newest checkpoints kept (None keeps all).
-      save_interval_steps: `save` writes only on multiples of this (unless force=True).
+      save_interval_steps: `save` writes the first step saved into an empty directory, then
+        only multiples of this (orbax's policy), unless force=True.
       async_save: return from `save` once every shard is on the host (on CPU, a zero-copy view
         that keeps its buffer from being donated); files are written in the background
         (`wait_until_finished` blocks until committed).
