@@ -5,8 +5,8 @@ the memory-bound side; TFLOP/s otherwise), the sets' medians, and B's median ove
 the geometric mean, least and greatest of those ratios. Runs of the two sets should come from
 one machine, interleaved (the lent GPUs differ by a few percent).
 
-    python scripts/compare_mla_runs.py --a benchmarks/results/mla-nvidia-h200-2026-12-05-fuse4*.json \\
-        --b benchmarks/results/mla-nvidia-h200-2026-12-05-fuse0-r*.json
+    cd benchmarks/results && python ../../scripts/compare_mla_runs.py \\
+        --a mla-nvidia-h200-2026-12-05-fuse4*.json --b mla-nvidia-h200-2026-12-05-fuse0-r*.json
 """
 import argparse
 import json

@@ -173,8 +173,8 @@ def _tie_heavy_rows(seed, count, max_n=300):
                np.sort(rng.integers(0, 9, n))[::-1]][t % 4].astype(np.float32)
 
 
-@pytest.mark.parametrize("n,depth", [(17, None), (72, None), (288, None), (40, 0), (90, 1),
-                                     (200, 2)])
+@pytest.mark.parametrize("n,depth", [(9, None), (17, None), (72, None), (288, None), (40, 0),
+                                     (90, 1), (200, 2)])
 def test_sort_emulation_matches_its_step_by_step_oracle(n, depth):
     """The vectorised partitions (and the heapsort past the depth limit, forced with small
     limits) leave ties in the order the step-by-step std::sort does."""

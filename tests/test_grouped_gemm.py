@@ -552,4 +552,4 @@ def test_kernel_calls_get_k_padded_to_whole_blocks(monkeypatch):
         call = next(line for line in text.splitlines() if f"custom_call @{target}(" in line)
         operands = call[call.index(": (") + 3:call.index(") ->")]
         assert [f"tensor<{s}xf8E4M3FN>" in operands for s in shapes] == [True, True], call
-        assert "x200x" not in operands and "x200xf8" not in operands, call
+        assert "x200x" not in operands, call

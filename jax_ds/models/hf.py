@@ -118,7 +118,7 @@ def config_from_hf(hf: dict, *, dtype=jnp.bfloat16, fp8_weights: bool = False,
     score = hf.get("scoring_func", "sigmoid" if v3 else "softmax")
     need(score == ("sigmoid" if v3 else "softmax"), "scoring_func", score,
          "'sigmoid'" if v3 else "'softmax'")
-    groups, topk_groups = hf.get("n_group") or 1, hf.get("topk_group") or 1
+    groups, topk_groups = hf["n_group"] or 1, hf["topk_group"] or 1
     if not v3:  # V2: greedy top-k, or group-limited by each group's best score
         method = hf.get("topk_method", "greedy")
         need(method in ("greedy", "group_limited_greedy"), "topk_method", method,
@@ -131,16 +131,16 @@ def config_from_hf(hf: dict, *, dtype=jnp.bfloat16, fp8_weights: bool = False,
     layers = hf["num_hidden_layers"]
     fields = dict(
         vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], num_layers=layers,
-        num_heads=hf["num_attention_heads"], q_lora_rank=hf.get("q_lora_rank") or 0,
+        num_heads=hf["num_attention_heads"], q_lora_rank=hf["q_lora_rank"] or 0,
         kv_lora_rank=hf["kv_lora_rank"], qk_nope_dim=hf["qk_nope_head_dim"],
         qk_rope_dim=hf["qk_rope_head_dim"], v_head_dim=hf["v_head_dim"],
         dense_hidden=hf["intermediate_size"],
-        num_dense_layers=min(hf.get("first_k_dense_replace") or 0, layers),
-        num_experts=hf["n_routed_experts"], num_shared_experts=hf.get("n_shared_experts") or 0,
+        num_dense_layers=min(hf["first_k_dense_replace"] or 0, layers),
+        num_experts=hf["n_routed_experts"], num_shared_experts=hf["n_shared_experts"] or 0,
         expert_hidden=hf["moe_intermediate_size"], top_k=hf["num_experts_per_tok"],
         num_groups=groups, topk_groups=topk_groups, score_func=score,
-        norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
-        routed_scaling=float(hf.get("routed_scaling_factor") or 1.0),
+        norm_topk_prob=bool(hf["norm_topk_prob"]),
+        routed_scaling=float(hf["routed_scaling_factor"] or 1.0),
         router_bias=v3, bias_update_rate=1e-3 if v3 else 0.0, balance_loss_weight=0.0,
         max_seq_len=hf["max_position_embeddings"],
         rope_theta=float(_rope_params(hf).get("rope_theta", hf.get("rope_theta", 10000.0))),
@@ -172,7 +172,7 @@ def _yarn_from_hf(hf: dict) -> YarnConfig | None:
     if kind != "yarn":
         raise CheckpointError(f"config.json: unsupported rope_scaling type {kind!r} (expected "
                               "'yarn' or none)")
-    original = rope.get("original_max_position_embeddings", hf.get("max_position_embeddings"))
+    original = rope.get("original_max_position_embeddings", hf["max_position_embeddings"])
     ratio = hf["max_position_embeddings"] / original
     factor = rope.get("factor") or ratio
     if "original_max_position_embeddings" in rope and not math.isclose(factor, ratio):

@@ -172,14 +172,15 @@ def _row_width(cache: PagedKVCache) -> int:
     return mla_ops.HEAD_DIM_QK if cache.fp8 else cache.kv.shape[-1]
 
 
-def _held(cache, seq):
-    return jnp.sum(cache.block_table[seq] >= 0).astype(jnp.int32)
+def _held(cache, seqs):
+    """Blocks the slot(s) hold, int32 (a slot's blocks are a prefix of its table row)."""
+    return jnp.sum(cache.block_table[seqs] >= 0, axis=-1).astype(jnp.int32)
 
 
 def held_rows(cache: PagedKVCache, seqs) -> jax.Array:
-    """[len(seqs)] int32: the rows the slots' blocks hold (a slot's blocks are a prefix of its
-    table row). A length the pool could not grow to (OUT_OF_BLOCKS, SEQ_TOO_LONG) exceeds it."""
-    return (jnp.sum(cache.block_table[seqs] >= 0, axis=-1) * cache.block_size).astype(jnp.int32)
+    """[len(seqs)] int32: the rows the slots' blocks hold. A length the pool could not grow to
+    (OUT_OF_BLOCKS, SEQ_TOO_LONG) exceeds it; `commit` caps lengths at it."""
+    return _held(cache, seqs) * cache.block_size
 
 
 def _grow_one(cache: PagedKVCache, seq, rows) -> PagedKVCache:
@@ -256,8 +257,7 @@ def commit(cache: PagedKVCache, seqs, num_new: int) -> PagedKVCache:
     """lengths[seqs] += num_new, capped at the rows their blocks hold (failed reservations)."""
     seqs, bad = _seq_ids("commit", cache, seqs)
     num_new = _num_new("commit", num_new)
-    capacity = jax.vmap(lambda s: _held(cache, s))(seqs) * cache.block_size
-    new = jnp.minimum(cache.lengths[seqs] + num_new, capacity)
+    new = jnp.minimum(cache.lengths[seqs] + num_new, held_rows(cache, seqs))
     lengths = cache.lengths.at[jnp.where(bad, cache.max_seqs, seqs)].set(new, mode="drop")
     return cache.replace(lengths=lengths, error=_flag(cache.error, bad))
 

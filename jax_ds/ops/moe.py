@@ -217,7 +217,7 @@ def moe_unpermute(y, perm, topk_weights, *, impl: str = "auto"):
     if topk_weights.shape != perm.shape:
         raise ValueError(f"{op}: topk_weights {tuple(topk_weights.shape)} must match perm "
                          f"{tuple(perm.shape)}")
-    use_kernel = _use_kernel(op, UNPERMUTE_TARGET, impl, y.dtype)  # impl resolved (and refused) first
+    use_kernel = _use_kernel(op, UNPERMUTE_TARGET, impl, y.dtype)  # resolved (or refused) first
     if y.shape[0] == 0:  # every slot dropped (y sliced to sum(group_sizes) = 0): all zeros
         return jnp.zeros((perm.shape[0], y.shape[1]), y.dtype)
     # inside shard_map the cotangents vary over every axis any input does: so must the inputs

@@ -31,13 +31,13 @@ loads of different experts (integer counts, zeros) for phy2log too. `_std_sort_o
 std::sort's partitions exactly (each in closed form, vectorised; the heapsort fallback too), so
 all three outputs equal the reference's. Checked against DeepSeek's eplb.py under torch 2.13:
 `tests/data/eplb_reference.json` (8 cases; hierarchical and global, tie-heavy integer, constant,
-zero and float loads, DeepSeek-V3 scale) in the tests; once, 764 further random cases (all
-three outputs equal) and 7 x 400 V3-scale layers of large integer and float loads (phy2log and
-logcnt equal but in one layer); and `python -m jax_ds.bench eplb --reference` (5 V3 placements,
-all equal). The sort itself is checked against g++'s std::sort in the tests. The one difference
-left: group loads are summed left to right in float32, torch's sum vectorised, so two groups
-whose loads agree to a few ulps (sums near 2^24) may go to nodes in the other order (that one
-layer, float loads below 1e6).
+zero and float loads, DeepSeek-V3 scale) in the tests, and `python -m jax_ds.bench eplb
+--reference` (5 V3 placements, all equal). The sort itself is checked against g++'s std::sort in
+the tests. (One-off comparisons during development, whose scripts are not kept: 764 further
+random cases, all three outputs equal; 7 x 400 V3-scale layers of large integer and float loads,
+phy2log and logcnt equal but in one layer.) The one difference left: group loads are summed
+left to right in float32, torch's sum vectorised, so two groups whose loads agree to a few ulps
+(sums near 2^24) may go to nodes in the other order (that one layer, float loads below 1e6).
 
 Differences in contract: log2phy's last dimension is static, the most replicas an expert can get
 (`max_replicas`), not the data-dependent maximum of logcnt; unused entries are -1 in both. Sizes
@@ -310,9 +310,7 @@ def _std_sort_order(keys, depth_limit=None):
     std::sort; tests lower it to reach the heapsort)."""
     n = keys.shape[0]
     ids = jnp.arange(n, dtype=jnp.int32)
-    keys = jnp.where(keys == 0, 0.0, keys)  # -0.0 ties with 0.0 (the argsorts order them apart)
-    if n <= _STD_SORT_THRESHOLD:  # insertion sort only: stable
-        return jnp.argsort(-keys, stable=True).astype(jnp.int32)
+    keys = jnp.where(keys == 0, 0.0, keys)  # -0.0 ties with 0.0 (the argsort orders them apart)
     depth = 2 * (n.bit_length() - 1) if depth_limit is None else depth_limit
     stack = jnp.zeros((n + 2, 3), jnp.int32).at[0].set(jnp.array([0, n, depth], jnp.int32))
     heaps = jnp.zeros((n + 2, 2), jnp.int32)
@@ -333,7 +331,8 @@ def _std_sort_order(keys, depth_limit=None):
         heaps = jnp.where(heap, heaps.at[nheap].set(jnp.stack([first, last])), heaps)
         return keys, ids, stack, sp, heaps, nheap + heap
 
-    init = (keys, ids, stack, jnp.int32(1), heaps, jnp.int32(0))
+    # up to 16 items nothing is partitioned: the insertion sort alone (stable)
+    init = (keys, ids, stack, jnp.int32(n > _STD_SORT_THRESHOLD), heaps, jnp.int32(0))
     keys, ids, _, _, heaps, nheap = jax.lax.while_loop(lambda s: s[3] > 0, body, init)
 
     def heap_one(state):
