@@ -326,7 +326,8 @@ FIXED_COST = 2
 # which spreads their merge over many CTAs. 0: every split batch goes to the combine kernel, and
 # the decode kernel is the instance without the merge. 0 is the default: on the H200 it was faster
 # than 4 on all 48 shapes of `bench mla` (geometric mean +3.4%, up to +11% at s_k 4096 with
-# variable lengths; three runs of each, alternating; benchmarks/NOTES-mla.md, nineteenth session).
+# variable lengths; three runs against four, interleaved; benchmarks/NOTES-mla.md, nineteenth
+# session).
 FUSE_MAX_SPLITS = 0
 
 
