@@ -309,3 +309,19 @@ def test_pipeline_stages_compute_the_model():
     np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
     with pytest.raises(ValueError, match="num_dense_layers=1"):
         PipelineStages(Transformer(cfg.replace(num_dense_layers=1), rngs=nnx.Rngs(0)))
+
+
+def test_explicit_mesh():
+    """A mesh of Explicit axes (jax.make_mesh's default), with inputs unplaced or placed on it:
+    the same loss and gradients as the oracle."""
+    schedule = make_schedule("1f1b", 4, 4)
+    mesh = jax.make_mesh((4, 2), ("pipe", DATA), devices=jax.devices()[:8])
+    assert set(mesh.axis_types) == {jax.sharding.AxisType.Explicit}
+    params, batch, _ = mlp_problem(schedule.num_stages, 4, jnp.float32)
+    ref_loss, ref_grads, _, _ = reference(mlp_stage, mse, params, *batch)
+    placed = (jax.device_put(params, NamedSharding(mesh, P("pipe"))),
+              jax.device_put(batch, NamedSharding(mesh, P(None, DATA))))
+    for p, b in ((params, batch), placed):
+        loss, grads = run(schedule, mlp_stage, p, b, mse, mesh)
+        assert abs(float(loss) - float(ref_loss)) < 1e-6
+        assert_close(grads, ref_grads, 1e-6)

@@ -10,6 +10,7 @@ equal them exactly, for every micro-batch count.
 import dataclasses
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from jax_ds.parallel.pipeline import (Chunk, Costs, Op, compile_tables, dualpipe, dualpipev,
@@ -219,3 +220,21 @@ def test_simulate_takes_a_dict_of_costs():
         simulate(schedule, {"f": 1.0, "B": 2.0, "bw": 1.0})
     with pytest.raises(ValueError, match="W=3 .* exceeds the full backward B=2"):
         simulate(schedule, {"B": 2, "W": 3})
+
+
+def test_simulate_unpacks_and_takes_the_readme_names():
+    """`makespan, bubble, peak = simulate(...)` (the contract's three results); "F&B", the
+    README's name of the overlapped pair, is FB; a cost function's times are checked."""
+    schedule = dualpipev(4, 8)
+    sim = simulate(schedule, {"F": 1, "B": 2, "W": 1, "F&B": 2.5})
+    makespan, bubble, peak = sim
+    assert (makespan, bubble, peak) == (sim.makespan, sim.bubble, sim.peak_activations)
+    assert sim == simulate(schedule, Costs(FB=2.5))
+    with pytest.raises(TypeError, match="both FB and F&B"):
+        simulate(schedule, {"FB": 2.0, "F&B": 2.5})
+    with pytest.raises(ValueError, match="cost function returned -1.0 .* finite and >= 0"):
+        simulate(schedule, lambda op: -1.0)
+    with pytest.raises(TypeError, match="cost function returned 'x'"):
+        simulate(schedule, lambda op: "x")
+    assert simulate(schedule, lambda op: 1.0).makespan == simulate(
+        schedule, lambda op: np.float32(1.0)).makespan

@@ -24,7 +24,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jax_ds.parallel.mesh import PIPE
@@ -268,6 +268,19 @@ class _WithoutParams:
         return hash((_WithoutParams, self.fn))
 
 
+def _on_auto_mesh(tree, mesh: Mesh):
+    """Concrete arrays of `tree` whose NamedSharding's mesh has non-Auto axes, put on `mesh`
+    (the same devices and axis names, Auto) with the same spec; everything else as it is."""
+    def one(x):
+        sharding = getattr(x, "sharding", None)
+        if (isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+                and isinstance(sharding, NamedSharding)
+                and any(t != AxisType.Auto for t in sharding.mesh.axis_types)):
+            return jax.device_put(x, NamedSharding(mesh, sharding.spec))
+        return x
+    return jax.tree.map(one, tree)
+
+
 def execute(schedule: Schedule, stage_fn: Callable, params: Any, batch: Any, loss_fn: Callable,
             mesh: Mesh, axis: str = PIPE, *, loss_params: Any = None,
             input_grads: bool = False) -> PipelineOutput:
@@ -280,6 +293,13 @@ def execute(schedule: Schedule, stage_fn: Callable, params: Any, batch: Any, los
     `PipelineOutput.input_grads` is d loss / d inputs. See `run` for the rest.
     """
     _check_inputs(schedule, params, batch, mesh, axis)
+    # The program places arrays by sharding constraints, which JAX takes on Auto axes only:
+    # a mesh of Explicit axes (jax.make_mesh's default) runs as the same devices and names, Auto,
+    # and arrays placed on it are relabelled onto that mesh (same devices and split: no copy).
+    if any(t != AxisType.Auto for t in mesh.axis_types):
+        mesh = Mesh(mesh.devices, mesh.axis_names,
+                    axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+        params, batch, loss_params = _on_auto_mesh((params, batch, loss_params), mesh)
     has_loss_params = loss_params is not None
     if not has_loss_params:
         loss_fn, loss_params = _WithoutParams(loss_fn), ()

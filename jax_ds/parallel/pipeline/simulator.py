@@ -77,6 +77,10 @@ class SimResult:
     start: list
     end: list
 
+    def __iter__(self):
+        """(makespan, bubble, peak_activations): `mk, bubble, peak = simulate(...)` unpacks."""
+        return iter((self.makespan, self.bubble, self.peak_activations))
+
     @property
     def bubble_fraction(self) -> float:
         """Idle share of all ranks' time: sum(bubble) / (ranks x makespan)."""
@@ -125,11 +129,17 @@ def unit_cost(op: Op) -> float:
 def simulate(schedule: Schedule,
              costs: Costs | Mapping[str, float] | Callable[[Op], float] = Costs()) -> SimResult:
     """Runs `schedule` with per-op `costs` (a Costs, a dict of its fields such as
-    {"F": 1, "B": 2, "W": 1}, or a function op -> time); see `SimResult`.
+    {"F": 1, "B": 2, "W": 1}; "F&B", the README's name of the overlapped pair, is FB there; or a
+    function op -> time, which must return finite times >= 0); see `SimResult`, which also
+    unpacks as (makespan, bubble per rank, peak activations per rank).
 
     Raises RuntimeError naming the stuck ranks if the schedule deadlocks.
     """
     if isinstance(costs, Mapping):
+        if "F&B" in costs:
+            if "FB" in costs:
+                raise TypeError("simulate: costs gives both FB and F&B (the same cost)")
+            costs = {("FB" if k == "F&B" else k): v for k, v in costs.items()}
         fields = [f.name for f in dataclasses.fields(Costs)]
         unknown = [k for k in costs if k not in fields]
         if unknown:
@@ -139,7 +149,10 @@ def simulate(schedule: Schedule,
     if not (isinstance(costs, Costs) or callable(costs)):
         raise TypeError(f"simulate: costs must be a Costs, a dict of its fields or a function "
                         f"op -> time, got {type(costs).__name__} {costs!r}")
-    cost_of, comm = (costs.of, costs.comm) if isinstance(costs, Costs) else (costs, 0.0)
+    if isinstance(costs, Costs):
+        cost_of, comm = costs.of, costs.comm
+    else:
+        cost_of, comm = _checked(costs), 0.0
     pp = schedule.num_ranks
     done: dict[tuple[str, Chunk], tuple[float, int]] = {}  # event -> (time, rank)
     pos = [0] * pp
@@ -175,6 +188,21 @@ def simulate(schedule: Schedule,
     return SimResult(makespan=makespan, busy=busy, bubble=[makespan - b for b in busy],
                      peak_activations=[peak_live(ops) for ops in schedule.ops],
                      param_copies=copies, start=start, end=end)
+
+
+def _checked(fn: Callable[[Op], float]) -> Callable[[Op], float]:
+    """A cost function whose results are checked as Costs' fields are: finite numbers >= 0."""
+    def cost_of(op: Op) -> float:
+        value = fn(op)
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer,
+                                                              np.floating)):
+            raise TypeError(f"simulate: the cost function returned {value!r} for {op}; "
+                            f"expected a number")
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"simulate: the cost function returned {value} for {op}; costs "
+                             f"must be finite and >= 0")
+        return float(value)
+    return cost_of
 
 
 def _deadlock_message(schedule: Schedule, pos, done) -> str:
