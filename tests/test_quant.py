@@ -16,7 +16,8 @@ INV_448 = np.float32(1) / np.float32(448)
 def quantize_np(x, block_m, ue8m0):
     """DeepGEMM's per_token_cast_to_fp8 / per_block_cast_to_fp8, in numpy float32 + ml_dtypes.
 
-    `amax / 448.0` is written as torch runs it on CUDA: times float32(1/448).
+    `amax / 448.0` is written as torch runs it on CUDA: times float32(1/448); `1.0 / sf` is
+    torch's reciprocal, an IEEE division (numpy float32 divides the same way).
     """
     x = np.asarray(x, np.float32)
     m, k = x.shape
@@ -31,7 +32,7 @@ def quantize_np(x, block_m, ue8m0):
         inv = np.float32(1) / sf
     else:
         sf = amax * INV_448
-        inv = np.float32(448) / amax
+        inv = np.float32(1) / sf
     inv_full = np.repeat(np.repeat(inv, block_m, axis=0), 128, axis=1)
     with np.errstate(invalid="ignore"):
         q = np.where(finite, xp * inv_full, np.nan)[:m, :k].astype(E4M3)
@@ -196,3 +197,12 @@ def test_impl_xla_and_env_switch(monkeypatch):
     monkeypatch.setenv("JAX_DS_IMPL", "triton")
     with pytest.raises(ValueError, match="JAX_DS_IMPL"):
         ops.quantize_fp8(x)
+
+
+def test_multiplier_is_the_reciprocal_of_the_scale():
+    """DeepGEMM's `x * (1.0 / sf)`: here 1/sf = 372.36362 and 448/amax = 372.36365, and
+    0.01275634765625 * those straddles an e4m3 rounding midpoint (bytes 73 and 74)."""
+    x = jnp.zeros((1, 128), jnp.bfloat16).at[0, 0].set(1.203125).at[0, 1].set(0.01275634765625)
+    q, s = ops.quantize_fp8(x)
+    assert np.asarray(s)[0, 0] == np.float32(1.203125) * INV_448
+    assert np.asarray(q).view(np.uint8)[0, 1] == 73

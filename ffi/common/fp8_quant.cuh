@@ -2,7 +2,7 @@
 // MoE permute with its fused cast): the same expressions, in the same order, as the Python
 // reference (jax_ds/ops/quant.py), so results agree bit for bit.
 //   amax  = max |x| over the block's finite elements, clamped to >= 1e-4
-//   f32:    scale = amax * (1/448),             q = x * (448 / amax)
+//   f32:    scale = amax * (1/448),             q = x * (1 / scale)
 //   ue8m0:  scale = 2^ceil(log2(amax * (1/448))), q = x * (1 / scale)     (exact power of two)
 //   x_fp8 = e4m3(q) rounded to nearest even; NaN / +-Inf inputs become NaN (e4m3fn has no Inf).
 #pragma once
@@ -25,9 +25,10 @@ __device__ __forceinline__ float finite_abs(float v) { return isfinite(v) ? fabs
 __device__ __forceinline__ float2 block_scale(float amax, bool ue8m0) {
   amax = fmaxf(amax, 1e-4f);
   // amax * (1/448), not amax / 448: PyTorch (DeepGEMM's reference) and XLA both turn a division
-  // by a constant into this multiplication, and the scale must match them bit for bit.
+  // by a constant into this multiplication, and the scale must match them bit for bit. The
+  // multiplier is 1 / scale, as DeepGEMM's `x * (1.0 / sf)` (a correctly rounded reciprocal).
   const float scaled = amax * (1.f / kFp8Max);
-  if (!ue8m0) return make_float2(scaled, kFp8Max / amax);  // IEEE division (no fast math)
+  if (!ue8m0) return make_float2(scaled, 1.f / scaled);  // IEEE division (no fast math)
   int e;
   const float mant = frexpf(scaled, &e);  // amax/448 = mant * 2^e, mant in [0.5, 1)
   const int exp2 = mant == 0.5f ? e - 1 : e;       // ceil(log2(.)), exact

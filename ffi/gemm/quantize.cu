@@ -2,7 +2,7 @@
 //
 // Per block of x (1x128 token group or 128x128 weight block):
 //   amax  = max |x| over the block's finite elements, clamped to >= 1e-4
-//   f32:    scale = amax * (1/448),             q = x * (448 / amax)
+//   f32:    scale = amax * (1/448),             q = x * (1 / scale)
 //   ue8m0:  scale = 2^ceil(log2(amax * (1/448))), q = x * (1 / scale)     (exact power of two)
 //   x_fp8 = e4m3(q) rounded to nearest even; NaN / +-Inf inputs become NaN (e4m3fn has no Inf),
 //   so non-finite values poison the GEMM visibly instead of being scaled away.

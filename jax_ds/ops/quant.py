@@ -2,19 +2,22 @@
 
 Each block of x gets one float32 scale so that its largest finite magnitude maps to 448, the
 largest finite float8_e4m3fn, and x ~= x_fp8 * scale. The math matches DeepGEMM's
-`per_token_cast_to_fp8` / `per_block_cast_to_fp8` and the CUDA kernel bit for bit:
+`per_token_cast_to_fp8` / `per_block_cast_to_fp8` (deep_gemm/utils/math.py: `sf = amax / 448.0`,
+`x * (1.0 / sf)`) as PyTorch runs them on CUDA, and the CUDA kernel, bit for bit:
 
   amax  = max(max |x| over the block's finite elements (padding counts as 0), 1e-4)
-  "f32":   scale = amax * (1 / 448);                  x_fp8 = e4m3(x * (448 / amax))
+  "f32":   scale = amax * (1 / 448);                  x_fp8 = e4m3(x * (1 / scale))
   "ue8m0": scale = 2 ** ceil(log2(amax * (1 / 448)));  x_fp8 = e4m3(x * (1 / scale))
 
 in float32, in that order, cast with round-to-nearest-even. `amax * (1 / 448)`, with 1/448 rounded
-to float32 first, is what `amax / 448.0` computes in DeepGEMM's helpers (PyTorch on CUDA turns a
-division by a Python scalar into a multiplication by its reciprocal) and in XLA (which rewrites
-division by a constant the same way); it can differ from an IEEE division in the last bit.
-`448 / amax` is an IEEE division (also on GPU, where XLA's own float32 division is not). "ue8m0"
-scales are exact powers of two (the values of the UE8M0 format) stored as float32; ceil(log2(.))
-is read off the float's bits, so it is exact.
+to float32 first, is what `amax / 448.0` computes there (PyTorch on CUDA turns a division by a
+Python scalar into a multiplication by its reciprocal) and in XLA (which rewrites division by a
+constant the same way); it can differ from an IEEE division in the last bit. `1 / scale` is an
+IEEE division (PyTorch's `1.0 / sf` is `sf.reciprocal()`, correctly rounded on CUDA; XLA's own
+float32 division on GPU is not, so the reference divides in float64). "ue8m0" scales are exact
+powers of two (the values of the UE8M0 format) stored as float32; ceil(log2(.)) is read off the
+float's bits, so it is exact. (Before 2026-12-05 the "f32" multiplier was 448 / amax, which
+differs from 1 / scale in the last bit and then moved ~0.1% of bf16 inputs' e4m3 bytes.)
 
 Non-finite inputs: NaN and +-Inf become NaN in x_fp8 (e4m3fn has no Inf) and are left out of their
 block's amax. This is deliberate: the rest of the block keeps a sane scale, and the bad value
@@ -79,7 +82,8 @@ def _quantize_3d(x_BMK, block_m: int, ue8m0: bool):
     if ue8m0:
         scale, inv = _pow2_ceil(amax * INV_FP8_MAX)
     else:
-        scale, inv = amax * INV_FP8_MAX, _div_rn(FP8_MAX, amax)
+        scale = amax * INV_FP8_MAX
+        inv = _div_rn(1.0, scale)
     q = jnp.where(finite, x * inv[:, :, None, :, None], jnp.nan)
     q = q.reshape(b, mb * block_m, kb * BLOCK_K)[:, :m, :k]
     return q.astype(FP8), scale
@@ -93,7 +97,7 @@ def quantize_fp8_reference(x, *, block=(1, BLOCK_K), scale_format="f32"):
 
       amax = jnp.maximum(jnp.where(isfinite(xb), abs(xb), 0).max(axis=(1, 3)), 1e-4)
       scale = amax * float32(1 / 448)             # "ue8m0": 2 ** ceil(log2(that))
-      x_fp8 = where(isfinite(xb), xb * (448 / amax), nan).astype(float8_e4m3fn)
+      x_fp8 = where(isfinite(xb), xb * (1 / scale), nan).astype(float8_e4m3fn)
 
     Args:
       x: bf16 / f16 / f32, [..., K] for block (1, 128) or [..., M, K] for block (128, 128).
