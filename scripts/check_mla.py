@@ -107,8 +107,8 @@ elif __name__ == "__main__" and sys.argv[1:2] == ["--ffi-only"]:  # for compute-
 elif __name__ == "__main__" and sys.argv[1:2] == ["--nan-row"]:
     # One NaN in a cache row that batch 0's queries see (its middle row; in a value column or
     # in the rope part), 128 x 300 (each batch whole in one part) and 2 x 9000 (each cut into
-    # many): the NaN and -inf counts of out and lse, kernel against the reference, for batch 0
-    # and any other batch where they differ (NOTES-mla, 12-05).
+    # many): the NaN and +inf (no key) counts of out and lse, kernel against the reference, for
+    # batch 0 and any other batch where they differ (NOTES-mla, 12-05).
     from jax_ds.bench.mla import inputs
     run_both = jax.jit(lambda *a, impl: mla_decode(*a, impl=impl), static_argnames="impl")
     for b, s_k, h_q, s_q in [(128, 300, 16, 1), (2, 9000, 16, 2), (2, 9000, 128, 1)]:
@@ -121,11 +121,11 @@ elif __name__ == "__main__" and sys.argv[1:2] == ["--nan-row"]:
                    for i in ("ffi", "xla")]
             print(f"b{b} s_k{s_k} h{h_q} sq{s_q} NaN at row {row} col {col}:", flush=True)
             for bi in range(b):
-                counts = [(np.isnan(o[bi]).sum(), np.isnan(l[bi]).sum(), np.isneginf(l[bi]).sum())
+                counts = [(np.isnan(o[bi]).sum(), np.isnan(l[bi]).sum(), np.isposinf(l[bi]).sum())
                           for o, l in got]
                 if bi == 0 or counts[0] != counts[1]:
                     print(f"  batch {bi}: " + " | ".join(
-                        f"{name} out nan {c[0]} lse nan {c[1]} -inf {c[2]}"
+                        f"{name} out nan {c[0]} lse nan {c[1]} +inf {c[2]}"
                         for name, c in zip(("ffi", "ref"), counts)), flush=True)
 elif __name__ == "__main__" and sys.argv[1:2] == ["--test-case"]:
     explain_test_case(*map(int, sys.argv[2:5]), bool(int(sys.argv[5])))

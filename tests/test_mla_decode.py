@@ -28,7 +28,7 @@ def numpy_mla(q, kv, table, lens, scale, causal, dv=DV):
     b, sq, hq, d = q.shape
     n, page = kv.shape[:2]
     out = np.zeros((b, sq, hq, dv))
-    lse = np.full((b, hq, sq), -np.inf)
+    lse = np.full((b, hq, sq), np.inf)  # FlashMLA's lse of a query that sees no key
     for i in range(b):
         length = int(np.clip(lens[i], 0, table.shape[1] * page))
         rows = kv[np.clip(table[i], 0, n - 1)].reshape(-1, d)[:length]  # [S, d]
@@ -61,7 +61,7 @@ def paged_inputs(seed, lens, hq, sq, dtype=jnp.bfloat16, max_blocks=4, d=D, page
 
 def check_close(out, lse, ref_out, ref_lse, dtype):
     out, lse = np.asarray(out, np.float64), np.asarray(lse)
-    assert np.array_equal(np.isinf(lse), np.isinf(ref_lse)), "-inf positions of lse differ"
+    assert np.array_equal(np.isinf(lse), np.isinf(ref_lse)), "inf positions of lse differ"
     np.testing.assert_allclose(lse, ref_lse, atol=1e-4, rtol=1e-5)
     assert calc_diff(out, ref_out) < tolerance(dtype)
     bound = 1e-2 if dtype == jnp.bfloat16 else 1e-5  # bf16 rounding of values around 1
@@ -120,7 +120,7 @@ def test_rows_past_the_length_may_hold_nan():
 @pytest.mark.parametrize("impl", ["xla", "reference"])
 def test_nan_in_a_row_a_query_sees_propagates(impl):
     """A NaN in a cache row inside a length: NaN out and lse for the queries that see it (not
-    out 0 / lse -inf, as for a query that sees no key); causal query 0 of 2 does not see the last
+    out 0 / lse +inf, as for a query that sees no key); causal query 0 of 2 does not see the last
     row (the NaN is in its rope part, which is no value: in a value column it reaches every query
     through 0 * NaN, in FlashMLA too), and the other sequences are untouched."""
     q, kv, table, lens = paged_inputs(14, (70, 5, 0), 16, 2, jnp.float32)
@@ -135,7 +135,7 @@ def test_nan_in_a_row_a_query_sees_propagates(impl):
     np.testing.assert_array_equal(lse2[0, :, 0], lse[0, :, 0])
     np.testing.assert_array_equal(out2[1:], out[1:])
     np.testing.assert_array_equal(lse2[1:], lse[1:])
-    assert (out2[2] == 0).all() and np.isneginf(lse2[2]).all()  # length 0: no key, no NaN
+    assert (out2[2] == 0).all() and np.isposinf(lse2[2]).all()  # length 0: no key, no NaN
 
 
 def test_jit_traced_table_and_lengths():
@@ -157,11 +157,12 @@ def test_traced_values_are_clamped():
     ref_out, ref_lse = numpy_mla(q, kv, np.clip(np.asarray(table), 0, n - 1), clamped_lens,
                                  D ** -0.5, True)
     check_close(out, lse, ref_out, ref_lse, jnp.float32)
-    assert np.all(np.isneginf(np.asarray(lse)[3])) and not np.asarray(out)[3].any()
+    assert np.all(np.isposinf(np.asarray(lse)[3])) and not np.asarray(out)[3].any()
 
 
 def test_lse_and_empty_row_conventions():
-    """lse = log(sum exp(scale * q.k)) (natural log, scaled scores); no key: out 0, lse -inf."""
+    """lse = log(sum exp(scale * q.k)) (natural log, scaled scores); no key: out 0 and lse +inf,
+    as FlashMLA's kernel and reference (tests/test_flash_mla_dense_decoding.py) give."""
     q, kv, table, lens = paged_inputs(9, (1, 0, 2), 16, 2, jnp.float32)
     out, lse = mla_decode(q, kv, table, lens)  # default scale 1/sqrt(576)
     out, lse = np.asarray(out), np.asarray(lse)
@@ -170,8 +171,8 @@ def test_lse_and_empty_row_conventions():
     np.testing.assert_allclose(lse[0, :, 1], np.asarray(q)[0, 1] @ k0 / 24.0, rtol=1e-5,
                                atol=1e-5)
     np.testing.assert_allclose(out[0, 1], np.broadcast_to(k0[:DV], (16, DV)), rtol=1e-6)
-    assert np.all(np.isneginf(lse[0, :, 0])) and not out[0, 0].any()
-    assert np.all(np.isneginf(lse[1])) and not out[1].any()  # length 0
+    assert np.all(np.isposinf(lse[0, :, 0])) and not out[0, 0].any()
+    assert np.all(np.isposinf(lse[1])) and not out[1].any()  # length 0
     assert np.all(np.isfinite(lse[2])) and np.all(np.isfinite(out))
     # Without causal masking every query of sequence 0 sees its key.
     _, lse_nc = mla_decode(q, kv, table, lens, causal=False)

@@ -15,7 +15,9 @@ Conventions (the reference and the kernel share them; the tests pin them):
   causal, Sq > 1 query i (0-based) of Sq (MTP drafts) sees keys < seqlen - (Sq - 1 - i);
                  causal=False: every query sees keys < seqlen.
   empty rows     a query that sees no key (seqlen 0, or causal with seqlen <= Sq - 1 - i) gets
-                 out = 0 and lse = -inf.
+                 out = 0 and lse = +inf, FlashMLA's convention (its kernel and its reference,
+                 tests/test_flash_mla_dense_decoding.py; the log of the empty sum would be -inf,
+                 which the kernel writes and `ffi_mla_decode` maps; before 2026-12-05 -inf here).
   unused rows    cache rows at or past a sequence's length are never read into the result (they
                  may hold anything, NaN included).
   NaN in a row   a query that sees a NaN cache row gets NaN out and lse, as in FlashMLA (before
@@ -247,6 +249,7 @@ def mla_decode_reference(q, kv_cache, block_table, cache_seqlens, *, softmax_sca
       s = where(arange(S) < limit[:, :, None, None], s, -inf)
       lse = logsumexp(s, -1)                         # -inf where no key is seen
       out = where(lse > -inf, einsum("BQHS,BSV->BQHV", exp(s - lse), rows[..., :dv]), 0)
+      lse = where(lse > -inf, lse, +inf)             # FlashMLA's lse of a query with no key
       return out.astype(q.dtype), lse.transpose(0, 2, 1)
 
     Args/returns as `mla_decode` (out in q's dtype; lse float32 [B, Hq, Sq]).
@@ -310,7 +313,7 @@ def _reference(q, kv_cache, block_table, cache_seqlens, scale, causal, dv, chunk
     m_BQH, l_BQH, acc_BQHV = jax.lax.fori_loop(0, needed, step, init)
     seen = l_BQH != 0  # 0: no key seen; NaN (a NaN in a row the query sees) propagates
     out = jnp.where(seen[..., None], acc_BQHV / jnp.where(seen, l_BQH, 1.0)[..., None], 0.0)
-    lse_BQH = jnp.where(seen, m_BQH + jnp.log(jnp.where(seen, l_BQH, 1.0)), -jnp.inf)
+    lse_BQH = jnp.where(seen, m_BQH + jnp.log(jnp.where(seen, l_BQH, 1.0)), jnp.inf)
     return out.astype(q.dtype), lse_BQH.transpose(0, 2, 1)
 
 
@@ -375,7 +378,7 @@ def mla_decode(q, kv_cache, block_table, cache_seqlens, *, softmax_scale=None, c
 
     Returns:
       (out [B, Sq, Hq, 512] in q's dtype, lse float32 [B, Hq, Sq]); rows that see no key are
-      out = 0, lse = -inf.
+      out = 0, lse = +inf (FlashMLA's convention).
     """
     op = "mla_decode"
     check_ndim(op, "q", q, 4, "[B, Sq, Hq, d_qk]")
@@ -430,4 +433,6 @@ def ffi_mla_decode(q, kv_cache, block_table, cache_seqlens, scale, causal, num_p
                                     softmax_scale=np.float32(scale), causal=bool(causal),
                                     num_parts=np.int32(num_parts), fixed_cost=np.int32(fixed_cost),
                                     fuse_max_splits=np.int32(fuse_max_splits))
-    return out, lse
+    # The kernel writes the empty sum's log, -inf, for a query that sees no key (only those:
+    # a key's score is finite or NaN); FlashMLA's convention, and the reference's, is +inf.
+    return out, jnp.where(lse == -jnp.inf, jnp.inf, lse)
