@@ -268,6 +268,55 @@ def test_broken_files_are_named(tmp_path):
         load_hf_checkpoint(path)
 
 
+def _header_file(path, header: dict, data: bytes = bytes(64)):
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+
+
+@pytest.mark.parametrize("entry, match", [
+    ({"shape": [4]}, "malformed header entry"),                       # no dtype / offsets
+    (5, "malformed header entry"),
+    ({"dtype": "F32", "shape": "ab", "data_offsets": [0, 16]}, "malformed header entry"),
+    ({"dtype": "F32", "shape": [4], "data_offsets": [-8, 8]}, "malformed header entry"),
+    ({"dtype": "U16", "shape": [4], "data_offsets": [0, 8]}, "has dtype 'U16', not one of"),
+    ({"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}, "has 8 bytes"),
+])
+def test_malformed_safetensors_headers_are_named(tmp_path, entry, match):
+    _header_file(tmp_path / "x.safetensors", {"t": entry})
+    with pytest.raises(ValueError, match=rf"x.safetensors: tensor 't' .*{match}"):
+        st.SafetensorsFile(tmp_path / "x.safetensors")
+
+
+def test_malformed_index_and_config_are_checkpoint_errors(tmp_path):
+    path = shutil.copytree(os.path.join(DATA, "v2"), tmp_path / "c")
+    index = path / "model.safetensors.index.json"
+    for text in ("{bad", "[]", '{"weight_map": [1]}'):
+        index.write_text(text)
+        with pytest.raises(CheckpointError, match="model.safetensors.index.json"):
+            load_hf_checkpoint(path)
+    index.unlink()
+    cfg = json.load(open(path / "config.json"))
+    json.dump({**cfg, "num_hidden_layers": "2"}, open(path / "config.json", "w"))
+    with pytest.raises(CheckpointError, match="config.json"):
+        load_hf_checkpoint(path)
+
+
+def test_rope_buffers_and_a_tied_head_copy_are_not_read(tmp_path):
+    """Tensors Hugging Face's loader ignores: RoPE's inv_freq buffers, and with
+    tie_word_embeddings an lm_head.weight beside the embedding (the embedding is the head)."""
+    ref = load_hf_checkpoint(os.path.join(DATA, "v2"), dtype=jnp.float32)
+    path = rewrite(os.path.join(DATA, "v2"), tmp_path / "c", lambda t: {
+        **t, "model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(8, np.float32)})
+    tokens = jnp.arange(6, dtype=jnp.int32).reshape(1, 6) % ref.cfg.vocab_size
+    np.testing.assert_array_equal(
+        np.asarray(load_hf_checkpoint(path, dtype=jnp.float32)(tokens)), np.asarray(ref(tokens)))
+    cfg = json.load(open(path / "config.json"))
+    json.dump({**cfg, "tie_word_embeddings": True}, open(path / "config.json", "w"))
+    tied = load_hf_checkpoint(path, dtype=jnp.float32)
+    np.testing.assert_array_equal(np.asarray(tied.head.kernel[...]),
+                                  np.asarray(tied.embed[...]))
+
+
 def test_missing_optional_fields_take_the_hf_defaults(caplog):
     """A config.json that leaves an optional field out means transformers' default for its
     model type (V3: 2.5x routed scaling, normalized top-k, 8/4 groups, one shared expert, 3

@@ -6,6 +6,7 @@ state. The one stand-in is `FakeUsrbio`, a thin double of the 3FS USRBIO client 
 """
 
 import errno
+import fcntl
 import functools
 import json
 import os
@@ -93,6 +94,7 @@ class FakeUsrbio(types.ModuleType):
         super().__init__("hf3fs_fuse.io")
         self.mount = mount
         self.registered, self.fsynced, self.batches = set(), [], []
+        self.fsync_status = 0
 
     def make_iovec(self, shm, hf3fs_mount_point, block_size=0, numa=-1):
         assert hf3fs_mount_point == self.mount
@@ -108,10 +110,12 @@ class FakeUsrbio(types.ModuleType):
     def deregister_fd(self, fd):
         self.registered.remove(fd)
 
-    def force_fsync(self, fd):
+    def force_fsync(self, fd):  # the binding's ioctl status: 0, or -1 on failure
         assert fd in self.registered
+        assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR, "fd must be readable"
         os.fsync(fd)
         self.fsynced.append(fd)
+        return self.fsync_status
 
     def extract_mount_point(self, path):
         path = os.path.abspath(path)
@@ -253,6 +257,26 @@ def test_save_rejects_what_it_cannot_restore(tmp_path):
         assert mngr.all_steps() == []
     with pytest.raises(RuntimeError, match="save after close"):
         mngr.save(1, {"x": jnp.ones(2)})
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_save_rejects_meta_that_is_not_json(tmp_path, async_save):
+    """Checked before anything is written (Orbax would fail mid-save, or, async, only at the
+    next save, losing this step); the manager stays usable."""
+    with CheckpointManager(tmp_path / "ckpt", async_save=async_save) as mngr:
+        with pytest.raises(TypeError, match="meta must be JSON"):
+            mngr.save(0, {"x": jnp.ones(2)}, meta={"n": np.int64(3)})
+        with pytest.raises(TypeError, match="meta must be JSON"):
+            mngr.save(0, {"x": jnp.ones(2)}, meta={"loss": float("nan")})
+        assert mngr.save(1, {"x": jnp.ones(2)}, meta={"n": 3})
+        mngr.wait_until_finished()
+        assert mngr.all_steps() == [1] and mngr.restore().meta["n"] == 3
+
+
+def test_manager_rejects_a_file_as_directory(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is not a directory"):
+        CheckpointManager(tmp_path / "f")
 
 
 def test_mount_from_client(tmp_path, monkeypatch):
@@ -419,6 +443,17 @@ def test_usrbio_io_round_trip(on_3fs):
     os.truncate(path, 9000)
     with pytest.raises(OSError, match="f.bin.*short"):
         io.read_file(path, [(o, memoryview(x)) for o, x in back])
+    assert not client.registered
+
+
+def test_usrbio_io_raises_when_force_fsync_fails(on_3fs):
+    """The binding returns the ioctl's -1 rather than raising: a write that cannot make its
+    length final is an error, and the fd is still deregistered and closed."""
+    mount, client = on_3fs
+    client.fsync_status = -1
+    io = threefs.shard_io(mount / "x")
+    with pytest.raises(OSError, match="force_fsync.*g.bin.*status -1"):
+        io.write_file(str(mount / "g.bin"), [(0, memoryview(np.arange(64, dtype=np.uint8)))])
     assert not client.registered
 
 

@@ -64,11 +64,19 @@ class SafetensorsFile:
         self.metadata = header.pop("__metadata__", None) or {}
         self._tensors: dict[str, TensorInfo] = {}
         for name, h in header.items():
+            if not (isinstance(h, dict) and {"dtype", "shape", "data_offsets"} <= h.keys()
+                    and isinstance(h["shape"], list) and isinstance(h["data_offsets"], list)
+                    and len(h["data_offsets"]) == 2
+                    and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                            for d in h["shape"] + h["data_offsets"])):
+                raise ValueError(f"{self.path}: tensor {name!r} has a malformed header entry "
+                                 f"{h!r} (expected dtype, shape [ints >= 0] and data_offsets "
+                                 "[begin, end])")
             if h["dtype"] not in DTYPES:
                 raise ValueError(f"{self.path}: tensor {name!r} has dtype {h['dtype']!r}, not "
                                  f"one of {sorted(DTYPES)}")
-            dtype, shape = DTYPES[h["dtype"]], tuple(int(d) for d in h["shape"])
-            begin, end = (8 + n + int(o) for o in h["data_offsets"])
+            dtype, shape = DTYPES[h["dtype"]], tuple(h["shape"])
+            begin, end = (8 + n + o for o in h["data_offsets"])
             if end - begin != math.prod(shape) * dtype.itemsize or end > size:
                 raise ValueError(f"{self.path}: tensor {name!r} ({h['dtype']} {list(shape)}) "
                                  f"has {end - begin} bytes at [{begin}, {end}) of a {size}-byte "

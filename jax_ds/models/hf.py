@@ -82,6 +82,9 @@ _FLOATS = tuple(np.dtype(d) for d in (ml_dtypes.bfloat16, np.float16, np.float32
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
 SHARD_FILE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 _SHOWN = 8  # problems listed per error
+# Tensors some checkpoints carry that the model does not read: RoPE's inverse frequencies (a
+# buffer, recomputed from config.json), as Hugging Face's loader ignores them.
+_IGNORED = (".rotary_emb.inv_freq",)
 
 
 class CheckpointError(ValueError):
@@ -324,8 +327,16 @@ class Checkpoint:
         self.files: dict[str, st.SafetensorsFile] = {}
         self.where: dict[str, str] = {}
         if os.path.exists(index):
-            with open(index) as f:
-                weight_map = json.load(f).get("weight_map") or {}
+            try:
+                with open(index) as f:
+                    weight_map = json.load(f)
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise CheckpointError(f"{index}: not valid JSON ({err})") from None
+            weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+            if not (isinstance(weight_map, dict) and all(
+                    isinstance(v, str) for v in weight_map.values())):
+                raise CheckpointError(f"{index}: expected an object with a \"weight_map\" of "
+                                      "tensor name -> shard file name")
             for name, shard in weight_map.items():
                 if shard not in self.files:
                     file = os.path.join(self.path, shard)
@@ -409,13 +420,21 @@ def load_hf_checkpoint(path, *, dtype=jnp.bfloat16, fp8: str = "keep", mesh: Mes
     if not isinstance(hf, dict):
         raise CheckpointError(f"{config_file}: expected a JSON object, got {type(hf).__name__}")
     quantized = _is_fp8_checkpoint(hf)
-    cfg = config_from_hf(hf, dtype=dtype, fp8_weights=quantized and fp8 == "keep", mtp=mtp)
+    try:
+        cfg = config_from_hf(hf, dtype=dtype, fp8_weights=quantized and fp8 == "keep", mtp=mtp)
+    except CheckpointError:
+        raise
+    except (TypeError, ValueError) as err:  # a field of the wrong type or value
+        raise CheckpointError(f"{config_file}: {err}") from None
     ckpt = Checkpoint(path)
-    specs, copies = tensor_specs(cfg, tied=bool(hf.get("tie_word_embeddings")))
+    tied = bool(hf.get("tie_word_embeddings"))
+    specs, copies = tensor_specs(cfg, tied=tied)
     graphdef, state = nnx.split(nnx.eval_shape(
         lambda: Transformer(cfg, rngs=nnx.Rngs(0), mesh=mesh)))
     flat = dict(nnx.to_flat_state(state))
-    _check(ckpt, specs, copies, flat, cfg, hf.get("num_nextn_predict_layers") or 0)
+    # Tied: the head is the embedding; an lm_head.weight beside it is not read (as in HF).
+    _check(ckpt, specs, copies + ["lm_head.weight"] * tied, flat, cfg,
+           hf.get("num_nextn_predict_layers") or 0)
     part = dict(nnx.to_flat_state(nnx.get_partition_spec(state)))
 
     def sharding(vpath):
@@ -522,7 +541,7 @@ def _check(ckpt: Checkpoint, specs, copies, flat, cfg: DeepSeekConfig, num_mtp_l
     unexpected = []
     for name in ckpt.where:
         m = layer.match(name)
-        if name in used or (m and int(m.group(1)) in skipped):
+        if name in used or (m and int(m.group(1)) in skipped) or name.endswith(_IGNORED):
             continue
         unexpected.append(repr(name))
     problems = [("missing tensor", missing), ("shape mismatch", shapes), ("dtype", dtypes),

@@ -20,6 +20,7 @@ file at restore (naming it), and on the same disk it is faster than Orbax's defa
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 import shutil
@@ -125,6 +126,9 @@ class CheckpointManager:
                                                 else ""))
         # realpath, not abspath: "link/../x" is the link target's sibling, as the OS reads it
         self.directory = os.path.realpath(os.fspath(directory))
+        if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+            raise NotADirectoryError(f"CheckpointManager: {self.directory} exists and is not a "
+                                     "directory")
         self._closed = False
         mount = threefs.mount_point(self.directory, mounts_file=mounts_file)
         if backend == "auto":
@@ -171,6 +175,11 @@ class CheckpointManager:
                                 f"{type(leaf).__name__}, not an array or a number")
         item = ShardSave(state) if self.io is not None else ocp.args.StandardSave(state)
         meta = {"step": int(step), **(meta or {})}
+        try:  # before anything is written: Orbax would fail mid-save (or, async, at the next)
+            json.dumps(meta, allow_nan=False)
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"CheckpointManager.save: meta must be JSON (str keys; str, int, "
+                            f"float, bool, None, lists and dicts of them): {err}") from None
         if force or self._manager.should_save(int(step)):  # not on the steps the interval skips
             self._purge_deleted()
         try:

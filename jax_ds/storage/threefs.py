@@ -373,13 +373,18 @@ class UsrbioIO:
         """As PosixIO.write_file; checksums are taken from the shared-memory buffer right after
         each request's copy into it."""
         sums = [0] * len(pieces) if checksum else None
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        # Readable too: force_fsync's documented requirement on its fd (hf3fs_py_usrbio).
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             self.client.register_fd(fd)
             try:
                 self._move(fd, pieces, for_read=False, path=path, checksum=checksum, sums=sums)
-                # File length is eventually consistent in 3FS until synced.
-                self.client.force_fsync(fd)
+                # File length is eventually consistent in 3FS until synced. The binding returns
+                # the ioctl's status (-1 on failure) instead of raising.
+                status = self.client.force_fsync(fd)
+                if status not in (None, 0):
+                    raise OSError(f"3FS force_fsync({path}) failed with status {status}: its "
+                                  "length may not be final")
             finally:
                 self.client.deregister_fd(fd)
         finally:
