@@ -267,6 +267,27 @@ def test_gemm_config_against_tile_sweeps(sweep, within, checked):
     assert compared == checked, (sweep, compared)
 
 
+def test_wide_max_kblocks_against_the_2026_12_05_sweep(monkeypatch):
+    """gemm.WIDE_MAX_KBLOCKS = 15 (off by default: sustained A/B pending) against main's two
+    runs in the H200 sweep of 2026-12-05 (128x128 tiles and the picks of then, kernel times):
+    within 3% of the fastest timed config on all seven m >= 4096 shapes (4096x7168x2048 takes
+    128x128 pairs, 2.5% under single CTAs there), and 128x128 exactly at the four long-K shapes
+    whose 192-wide columns are not full."""
+    from jax_ds.ops import gemm
+    assert gemm.WIDE_MAX_KBLOCKS is None
+    monkeypatch.setattr(gemm, "WIDE_MAX_KBLOCKS", 15)
+    data = json.loads((RESULTS / "gemm-tiles-sweep-h200-2026-12-05-one-acc-128.json").read_text())
+    runs = [r["rows"] for r in data["runs"] if r["variant"].startswith("main")]
+    assert len(runs) == 2
+    for rows in runs:
+        assert len(rows) == 7
+        for row in rows:
+            m, n, k = row["m"], row["n"], row["k"]
+            key = ops.gemm_config(m, n, k, 132).key()
+            assert key.startswith("128x128") == (n in (4096, 7168, 8192) and k >= 2048), key
+            assert row["tflops"][key] >= 0.97 * max(row["tflops"].values()), (m, n, k, key)
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_fp8_linear_forward_and_grads(dtype):
     x = random((2, 5, 300), dtype, seed=4)  # ragged K: padded to 384 inside

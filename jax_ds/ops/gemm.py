@@ -48,6 +48,13 @@ SPLIT_MIN_GAIN = 0.07  # (4096x7168x2048, 128x192: 6% by the count, 1% slower me
 # +4-7% at 12 to 128 k blocks, -12% at 4).
 OVERLAP_MIN_KBLOCKS = 8
 OVERLAP_TILES = ((128, 192),)  # the tiles of one accumulator set, compiled with the overlap
+# At m > 128, 128x192 only up to this many k blocks where its columns are emptier than 128x128's
+# (N's tail); None: no such limit (the rule the 2026-12-03 sweeps fitted). In the H200 sweep of
+# 2026-12-05 (kernel times, after the kernel changes of the eleventh to fifteenth sessions) 15
+# would have picked the faster tile at all seven m >= 4096 shapes (128x128 pairs +1..+4.6% at
+# 4096x{4096x7168, 7168x2048, 7168x16384}); the bars' sustained timing on the H100 is not
+# measured yet, so it stays off: benchmarks/NOTES-gemm.md, twentieth session, has the A/B.
+WIDE_MAX_KBLOCKS: int | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -157,6 +164,8 @@ def gemm_config(m: int, n: int, k: int, num_sms: int, *, tiles=TILES) -> GemmCon
     # 5-16% faster per tile at m = 4096 (the H200 sweep of 2026-12-03), not at n = 48.
     n_used = lambda bn: n / (cdiv(n, bn) * bn)
     narrow = lambda t: t == (128, 192) and n_used(192) < 0.9 * n_used(128)
+    long_k = lambda t: (t == (128, 192) and m > 128 and WIDE_MAX_KBLOCKS is not None
+                        and k_blocks > WIDE_MAX_KBLOCKS and n_used(192) < n_used(128))
     if 64 < m <= 128:
         # share of the SMs busy over all waves; 128x64 tiles pay ~10% per FLOP
         busy = {t: count[t] / (cdiv(count[t], num_sms) * num_sms) * (0.9 if t[1] == 64 else 1.0)
@@ -167,7 +176,7 @@ def gemm_config(m: int, n: int, k: int, num_sms: int, *, tiles=TILES) -> GemmCon
             return GemmConfig(bm, bn, min(count[(bm, bn)], num_sms), 1,
                               overlap=_overlap(m, n, bm, bn, 1, k_blocks, num_sms))
     candidates = [t for t in tiles if m > 128 or t[0] == 64]
-    wide = [t for t in candidates if fills(t) and not narrow(t)]
+    wide = [t for t in candidates if fills(t) and not narrow(t) and not long_k(t)]
     bm, bn = wide[0] if wide else max(candidates, key=lambda t: (count[t], t[0]))
     if m <= 128:  # 64-row tiles, no clusters (2-15% slower there) and no split (below)
         return GemmConfig(bm, bn, min(count[(bm, bn)], num_sms), 1)

@@ -1,0 +1,30 @@
+"""scripts/make_variant.py: a copy of the package with module constants overridden (lib_ab A/Bs)."""
+
+import importlib.util
+import pathlib
+
+import pytest
+
+SCRIPT = pathlib.Path(__file__).parent.parent / "scripts" / "make_variant.py"
+spec = importlib.util.spec_from_file_location("make_variant", SCRIPT)
+make_variant = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(make_variant)
+
+
+def test_copy_with_overrides(tmp_path):
+    assert make_variant.main([str(tmp_path), "jax_ds.ops.gemm.WIDE_MAX_KBLOCKS=15",
+                              "jax_ds.ops.mla.FUSE_MAX_SPLITS=4"]) == 0
+    gemm = (tmp_path / "jax_ds" / "ops" / "gemm.py").read_text()
+    assert gemm.endswith("\n\nWIDE_MAX_KBLOCKS = 15  # scripts/make_variant.py\n")
+    assert (tmp_path / "jax_ds" / "ops" / "mla.py").read_text().endswith(
+        "FUSE_MAX_SPLITS = 4  # scripts/make_variant.py\n")
+    assert (tmp_path / "jax_ds" / "ops" / "quant.py").is_file()
+    assert not list(tmp_path.rglob("__pycache__"))
+
+
+@pytest.mark.parametrize("item", ["jax_ds.ops.gemm.NOPE=1", "jax_ds.ops.gemm.WIDE_MAX_KBLOCKS=x+",
+                                  "gemm.WIDE_MAX_KBLOCKS=1", "jax_ds.ops.nomodule.X=1"])
+def test_bad_overrides_copy_nothing(tmp_path, item):
+    with pytest.raises(SystemExit):
+        make_variant.main([str(tmp_path), item])
+    assert not (tmp_path / "jax_ds").exists()
