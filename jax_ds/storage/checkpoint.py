@@ -176,7 +176,7 @@ class CheckpointManager:
         item = ShardSave(state) if self.io is not None else ocp.args.StandardSave(state)
         meta = {"step": int(step), **(meta or {})}
         try:  # before anything is written: Orbax would fail mid-save (or, async, at the next)
-            json.dumps(meta, allow_nan=False)
+            json.dumps(meta)  # as Orbax's JsonSave writes it (NaN and inf pass, as there)
         except (TypeError, ValueError) as err:
             raise TypeError(f"CheckpointManager.save: meta must be JSON (str keys; str, int, "
                             f"float, bool, None, lists and dicts of them): {err}") from None
