@@ -45,6 +45,9 @@ def main(argv=None) -> int:
             ap.error(f"{item!r}: {src / rel} defines no module-level {name}")
         edits.append((rel, name, value))
     dst = args.dir / "jax_ds"
+    if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents or \
+            dst.resolve() in src.resolve().parents:
+        ap.error(f"{dst} is, or overlaps, the package it copies ({src}): choose another DIR")
     if dst.exists():
         shutil.rmtree(dst)
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))

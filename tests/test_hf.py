@@ -275,6 +275,7 @@ def _header_file(path, header: dict, data: bytes = bytes(64)):
 
 @pytest.mark.parametrize("entry, match", [
     ({"shape": [4]}, "malformed header entry"),                       # no dtype / offsets
+    ({"dtype": ["F32"], "shape": [4], "data_offsets": [0, 16]}, "malformed header entry"),
     (5, "malformed header entry"),
     ({"dtype": "F32", "shape": "ab", "data_offsets": [0, 16]}, "malformed header entry"),
     ({"dtype": "F32", "shape": [4], "data_offsets": [-8, 8]}, "malformed header entry"),
@@ -296,9 +297,14 @@ def test_malformed_index_and_config_are_checkpoint_errors(tmp_path):
             load_hf_checkpoint(path)
     index.unlink()
     cfg = json.load(open(path / "config.json"))
-    json.dump({**cfg, "num_hidden_layers": "2"}, open(path / "config.json", "w"))
-    with pytest.raises(CheckpointError, match="config.json"):
-        load_hf_checkpoint(path)
+    for bad in ({"num_hidden_layers": "2"}, {"rope_scaling": "yarn"},
+                {"quantization_config": "fp8"}, {"vocab_size": None}):
+        json.dump({**cfg, **bad}, open(path / "config.json", "w"))
+        with pytest.raises(CheckpointError, match="config.json"):
+            load_hf_checkpoint(path)
+    json.dump(cfg, open(path / "config.json", "w"))
+    with pytest.raises(ValueError, match="load_hf_checkpoint: dtype='bf17'"):
+        load_hf_checkpoint(path, dtype="bf17")
 
 
 def test_rope_buffers_and_a_tied_head_copy_are_not_read(tmp_path):

@@ -22,6 +22,14 @@ def test_copy_with_overrides(tmp_path):
     assert not list(tmp_path.rglob("__pycache__"))
 
 
+def test_refuses_to_overwrite_the_package_it_copies():
+    src = pathlib.Path(make_variant.jax_ds.__file__).parent
+    for target in (src.parent, src):  # DIR/jax_ds is the package, or inside it
+        with pytest.raises(SystemExit):
+            make_variant.main([str(target)])
+    assert (src / "__init__.py").is_file()
+
+
 @pytest.mark.parametrize("item", ["jax_ds.ops.gemm.NOPE=1", "jax_ds.ops.gemm.WIDE_MAX_KBLOCKS=x+",
                                   "gemm.WIDE_MAX_KBLOCKS=1", "jax_ds.ops.nomodule.X=1"])
 def test_bad_overrides_copy_nothing(tmp_path, item):

@@ -325,3 +325,11 @@ def test_explicit_mesh():
         loss, grads = run(schedule, mlp_stage, p, b, mse, mesh)
         assert abs(float(loss) - float(ref_loss)) < 1e-6
         assert_close(grads, ref_grads, 1e-6)
+    # the results are on the caller's mesh: an update with the placed parameters works
+    new = jax.tree.map(lambda a, g: a - 0.1 * g, placed[0], grads)
+    assert new["w1"].sharding.mesh == mesh
+    with jax.set_mesh(mesh):  # under the caller's mesh as context too
+        loss2, _ = run(schedule, mlp_stage, *placed, mse, mesh)
+    assert float(loss2) == float(loss)
+    with pytest.raises(ValueError, match="inside jax.jit the mesh must have Auto axes"):
+        jax.jit(lambda p, b: run(schedule, mlp_stage, p, b, mse, mesh))(*placed)

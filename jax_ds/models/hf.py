@@ -406,6 +406,10 @@ def load_hf_checkpoint(path, *, dtype=jnp.bfloat16, fp8: str = "keep", mesh: Mes
     """
     if fp8 not in ("keep", "dequant"):
         raise ValueError(f"load_hf_checkpoint: fp8={fp8!r} not in ('keep', 'dequant')")
+    try:
+        np.dtype(dtype)
+    except TypeError as err:
+        raise ValueError(f"load_hf_checkpoint: dtype={dtype!r}: {err}") from None
     path = os.fspath(path)
     config_file = os.path.join(path, "config.json")
     if not os.path.isdir(path):
@@ -419,13 +423,14 @@ def load_hf_checkpoint(path, *, dtype=jnp.bfloat16, fp8: str = "keep", mesh: Mes
         raise CheckpointError(f"{config_file}: not valid JSON ({err})") from None
     if not isinstance(hf, dict):
         raise CheckpointError(f"{config_file}: expected a JSON object, got {type(hf).__name__}")
-    quantized = _is_fp8_checkpoint(hf)
     try:
+        quantized = _is_fp8_checkpoint(hf)
         cfg = config_from_hf(hf, dtype=dtype, fp8_weights=quantized and fp8 == "keep", mtp=mtp)
     except CheckpointError:
         raise
-    except (TypeError, ValueError) as err:  # a field of the wrong type or value
-        raise CheckpointError(f"{config_file}: {err}") from None
+    except (TypeError, ValueError, AttributeError, KeyError) as err:  # a missing field, or one
+        # of the wrong type ("2" for an int, a string for rope_scaling's object)
+        raise CheckpointError(f"{config_file}: {type(err).__name__}: {err}") from None
     ckpt = Checkpoint(path)
     tied = bool(hf.get("tie_word_embeddings"))
     specs, copies = tensor_specs(cfg, tied=tied)

@@ -249,7 +249,7 @@ def mla_decode_reference(q, kv_cache, block_table, cache_seqlens, *, softmax_sca
       s = where(arange(S) < limit[:, :, None, None], s, -inf)
       lse = logsumexp(s, -1)                         # -inf where no key is seen
       out = where(lse > -inf, einsum("BQHS,BSV->BQHV", exp(s - lse), rows[..., :dv]), 0)
-      lse = where(lse > -inf, lse, +inf)             # FlashMLA's lse of a query with no key
+      lse = where(isneginf(lse), +inf, lse)          # FlashMLA's lse of a query with no key
       return out.astype(q.dtype), lse.transpose(0, 2, 1)
 
     Args/returns as `mla_decode` (out in q's dtype; lse float32 [B, Hq, Sq]).

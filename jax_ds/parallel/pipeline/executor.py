@@ -268,16 +268,18 @@ class _WithoutParams:
         return hash((_WithoutParams, self.fn))
 
 
-def _on_auto_mesh(tree, mesh: Mesh):
-    """Concrete arrays of `tree` whose NamedSharding's mesh has non-Auto axes, put on `mesh`
-    (the same devices and axis names, Auto) with the same spec; everything else as it is."""
+def _relabel(tree, source: Mesh | None, mesh: Mesh):
+    """Concrete arrays of `tree` with a NamedSharding on `source` (None: on any mesh with a
+    non-Auto axis) put on `mesh` (the same devices and axis names) with the same spec: no copy.
+    Everything else as it is."""
     def one(x):
         sharding = getattr(x, "sharding", None)
-        if (isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
-                and isinstance(sharding, NamedSharding)
-                and any(t != AxisType.Auto for t in sharding.mesh.axis_types)):
-            return jax.device_put(x, NamedSharding(mesh, sharding.spec))
-        return x
+        if not (isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+                and isinstance(sharding, NamedSharding)):
+            return x
+        on = (sharding.mesh == source if source is not None
+              else any(t != AxisType.Auto for t in sharding.mesh.axis_types))
+        return jax.device_put(x, NamedSharding(mesh, sharding.spec)) if on else x
     return jax.tree.map(one, tree)
 
 
@@ -294,17 +296,30 @@ def execute(schedule: Schedule, stage_fn: Callable, params: Any, batch: Any, los
     """
     _check_inputs(schedule, params, batch, mesh, axis)
     # The program places arrays by sharding constraints, which JAX takes on Auto axes only:
-    # a mesh of Explicit axes (jax.make_mesh's default) runs as the same devices and names, Auto,
-    # and arrays placed on it are relabelled onto that mesh (same devices and split: no copy).
-    if any(t != AxisType.Auto for t in mesh.axis_types):
+    # a mesh of Explicit axes (jax.make_mesh's default) runs as the same devices and names, Auto;
+    # arrays placed on it are relabelled onto that mesh and the results back (no copies). Under
+    # jit the inputs' types carry the Explicit mesh: there it takes an Auto mesh.
+    caller = mesh
+    explicit = any(t != AxisType.Auto for t in mesh.axis_types)
+    if explicit:
+        if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((params, batch,
+                                                                        loss_params))):
+            raise ValueError("pipeline: inside jax.jit the mesh must have Auto axes (e.g. "
+                             "jax_ds.parallel.mesh.make_mesh, or jax.make_mesh(..., axis_types="
+                             "(AxisType.Auto,) * n)); a mesh of Explicit axes works outside jit")
         mesh = Mesh(mesh.devices, mesh.axis_names,
                     axis_types=(AxisType.Auto,) * len(mesh.axis_names))
-        params, batch, loss_params = _on_auto_mesh((params, batch, loss_params), mesh)
+        params, batch, loss_params = _relabel((params, batch, loss_params), None, mesh)
     has_loss_params = loss_params is not None
     if not has_loss_params:
         loss_fn, loss_params = _WithoutParams(loss_fn), ()
     program, tables = _program(schedule, stage_fn, loss_fn, mesh, axis, bool(input_grads))
-    loss, grads, lp_grads, dxs = program(params, loss_params, *batch)
+    if explicit:
+        with jax.set_mesh(mesh):  # a context mesh (jax.set_mesh(caller)) must match the program's
+            outs = program(params, loss_params, *batch)
+        loss, grads, lp_grads, dxs = _relabel(outs, mesh, caller)
+    else:
+        loss, grads, lp_grads, dxs = program(params, loss_params, *batch)
     return PipelineOutput(loss, grads, lp_grads if has_loss_params else None, dxs,
                           jnp.asarray(tables.peak_chunks, jnp.int32),
                           dict(tables.capacity), tables.num_ticks)
