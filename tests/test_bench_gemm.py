@@ -12,7 +12,7 @@ ARGS = ["gemm", "--shapes", "tiny", "--impl", "xla", "--no-torch", "--budget", "
 
 def test_bench_gemm_some_m(tmp_path):
     assert main([*ARGS, "--m", "128", "--out", str(tmp_path)]) == 0
-    (path,) = tmp_path.glob("gemm-*-m128.json")
+    (path,) = tmp_path.glob("gemm-*-tiny-m128.json")  # a part of the shapes: its own file
     result = json.loads(path.read_text())
     assert result["complete"] and result["m_filter"] == [128]
     assert "xla_flags" in result  # the run's XLA_FLAGS, whatever they are

@@ -3,6 +3,8 @@ and wgrad) run and agree (the FP8 rows need the kernels: GPU only)."""
 
 import json
 
+import pytest
+
 from jax_ds.bench.__main__ import main
 
 
@@ -16,3 +18,9 @@ def test_bench_moe_bf16_runs(tmp_path):
     for r in rows:
         assert r["results"]["windows"]["tflops"] > 0 and r["results"]["xla_ragged"]["tflops"] > 0
         assert r["diff"] < 1e-6  # the same float32 sums, in another order
+
+
+def test_tiny_goes_with_bf16(tmp_path):
+    with pytest.raises(SystemExit, match="--tiny goes with --bf16"):
+        main(["moe", "--tiny", "--no-torch", "--out", str(tmp_path)])
+    assert not list(tmp_path.iterdir())

@@ -74,3 +74,28 @@ def test_a_missing_column_is_not_a_pass():
     assert standings.summary(checks)["ours/DeepGEMM H800 >= 0.8"] == (1, 1, [], [])
     with pytest.raises(ValueError, match="not a gemm, moe or mla"):
         standings.standings({"suite": "train"})
+
+
+def test_the_readme_glob_skips_files_that_are_not_results(capsys):
+    """`standings benchmarks/results/gemm-*.json` also matches sweeps and A/B files: each is
+    skipped with a line, the results are read."""
+    files = sorted(RESULTS.glob("gemm-*.json"))
+    assert any("sweep" in p.name for p in files)
+    assert main(["standings", *map(str, files), str(RESULTS / "no-such-file.json")]) == 0
+    out = capsys.readouterr().out
+    assert "gemm-tiles-sweep-h100-2026-11-24.json: skipped" in out
+    assert "no-such-file.json: skipped (FileNotFoundError" in out
+    assert "gemm-nvidia-h100-80gb-hbm3-2026-12-05.json: NVIDIA H100" in out
+
+
+def test_device_figures_with_a_column_not_run():
+    """A column not run (torch absent: {"na": ...}) does not hide the others' device-bound
+    figures: ours/XLA-dequant is judged on them."""
+    row = {"m": 128, "n": 256, "k": 512, "deepgemm_h800_tflops": None, "results": {
+        "ours": {"tflops": 50.0, "device_tflops": 100.0},
+        "xla_dequant": {"tflops": 60.0, "device_tflops": 50.0},
+        "torch_blockwise": {"na": "torch not importable"}}}
+    checks = standings.standings({"suite": "gemm", "rows": [row]})
+    value = {name: v for name, _, v, _, _ in checks}
+    assert value["ours/XLA dequant >= 1.5 (m >= 128)"] == 2.0
+    assert value["ours/torch blockwise >= 1.0"] is None

@@ -110,15 +110,17 @@ def print_table(title, columns, rows, footnotes=()):
     """Prints rows (lists of strings) under columns, with rich when it is importable."""
     try:
         from rich.console import Console
+        from rich.markup import escape
         from rich.table import Table
     except ImportError:
         Console = None
-    if Console is not None:
-        table = Table(title=title, caption="\n".join(footnotes) or None, caption_justify="left")
+    if Console is not None:  # plain text: "[g]" or "[all rows]" is not rich markup
+        table = Table(title=escape(title), caption=escape("\n".join(footnotes)) or None,
+                      caption_justify="left")
         for c in columns:
-            table.add_column(c, justify="right", no_wrap=False)
+            table.add_column(escape(c), justify="right", no_wrap=False)
         for r in rows:
-            table.add_row(*r)
+            table.add_row(*(escape(v) for v in r))
         Console(width=max(200, shutil.get_terminal_size().columns)).print(table)
         return
     widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c)

@@ -252,6 +252,8 @@ def run(args):
         "ours": lambda folder, check: run_ours(folder, state, abstract, check, options),
     }
     names = list(contestants)
+    if args.dir is not None:
+        os.makedirs(args.dir, exist_ok=True)
     root = tempfile.mkdtemp(prefix="jax_ds_bench_ckpt_", dir=args.dir)
     disk = disk_of(root)
     print(f"{nbytes / 1e9:.2f} GB in {len(state)} arrays over {jax.device_count()} "

@@ -266,12 +266,14 @@ def run(args):
     floor = _timing.dispatch_floor_s()
     print(f"device: {env['device']} ({num_sms} SMs); peak: {peak.source}\nours: {ours_desc}; "
           f"torch: {torch_gemm.status}; jax dispatch floor {floor * 1e6:.1f} us/call")
-    tag = ""  # a run of some m writes its own file: two runs (two device calls) make the set
+    # a part of the shapes writes its own file (a full run's is never overwritten): a run of
+    # some m (two runs, two device calls, make the set), or the quick / tiny shapes
+    tag = "" if args.shapes == "all" else args.shapes
     if args.m:
         shapes = [s for s in shapes if s[0] in args.m]
         if not shapes:
             raise SystemExit(f"bench gemm: no {args.shapes!r} shape has m in {args.m}")
-        tag = "m" + "-".join(str(m) for m in sorted(set(args.m)))
+        tag = "-".join(filter(None, (tag, "m" + "-".join(str(m) for m in sorted(set(args.m))))))
     meta = {
         "ours_impl": ours_desc, "peak": peak.source, "num_sms": num_sms,
         "dispatch_floor_us": floor * 1e6, "torch": torch_gemm.report(), "shapes": args.shapes,

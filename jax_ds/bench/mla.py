@@ -152,8 +152,11 @@ def run(args):
                 [f"copy ceiling: {ceiling:.1f} GB/s (jitted x + 0 over {copy_gb} GB, read + "
                  f"write)", f"ours: {ours_na or TARGET}; per call, and device-bound (dev: one "
                  f"executable of many calls, two input sets)"])
+    # a part of the grid writes its own file: a full run's is never overwritten
+    tag = ("tiny" if args.tiny else "quick" if args.quick
+           else "part" if args.s_k or args.h_q else "")
     path = write_json(args.out, "mla", env, {"ours": ours_na or TARGET,
-                                             "copy_ceiling_gbps": ceiling, "rows": rows})
+                                             "copy_ceiling_gbps": ceiling, "rows": rows}, tag)
     print(f"wrote {path}")
     return 0
 

@@ -339,6 +339,9 @@ def _cell(res, key="tflops"):
 
 
 def run(args):
+    if args.tiny and not args.bf16:  # the FP8 grouped GEMMs have no small shapes here
+        raise SystemExit("bench moe: --tiny goes with --bf16 (a CPU smoke test of the bf16 "
+                         "expert GEMMs); the FP8 grouped GEMMs have --quick")
     env = environment()
     if args.bf16:
         return run_bf16(args, env)

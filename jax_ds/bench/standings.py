@@ -40,7 +40,8 @@ def _figure(result: dict, metric: str, device: bool):
 
 def _has_device(results: dict) -> bool:
     return all(r.get("device_us") is not None or r.get("device_tflops") is not None
-               for r in results.values() if isinstance(r, dict) and "error" not in r)
+               for r in results.values()
+               if isinstance(r, dict) and "error" not in r and "na" not in r)
 
 
 def _check(checks, name, label, value, bar):
@@ -159,8 +160,16 @@ def _note(name, passed, measured, short, missing):
 
 
 def run(args) -> int:
-    for path in args.files:
-        data = json.loads(path.read_text())
+    for path in args.files:  # a glob (gemm-*.json) also matches sweeps and A/B files: skipped
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            print(f"{path}: skipped ({type(err).__name__}: {err})")
+            continue
+        suite = data.get("suite") if isinstance(data, dict) else None
+        if suite not in CHECKS:
+            print(f"{path.name}: skipped (not a {', '.join(CHECKS)} result file: suite {suite!r})")
+            continue
         checks = standings(data)
         if not checks:
             print(f"{path.name}: no row that a bar is about (suite {data['suite']}, "

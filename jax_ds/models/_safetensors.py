@@ -65,7 +65,8 @@ class SafetensorsFile:
         self._tensors: dict[str, TensorInfo] = {}
         for name, h in header.items():
             if not (isinstance(h, dict) and {"dtype", "shape", "data_offsets"} <= h.keys()
-                    and isinstance(h["dtype"], str) and isinstance(h["shape"], list) and isinstance(h["data_offsets"], list)
+                    and isinstance(h["dtype"], str) and isinstance(h["shape"], list)
+                    and isinstance(h["data_offsets"], list)
                     and len(h["data_offsets"]) == 2
                     and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                             for d in h["shape"] + h["data_offsets"])):
