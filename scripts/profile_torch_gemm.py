@@ -1,29 +1,36 @@
-"""Three calls of torch's blockwise FP8 GEMM (cuBLAS, `_scaled_mm` with DeepSeek-V3's 1x128 /
-128x128 scales) at one shape, for a profiler to pick one: the anchor of `bench gemm`, alone in its
-process (no JAX kernels to filter out). scripts/profile_gemm.py is ours at the same shape.
+"""Three calls of torch's blockwise FP8 GEMM (cuBLAS through `TorchGemm`, the `bench gemm` anchor:
+the same recipe search and check against our reference) at one shape, for a profiler to pick one.
+scripts/profile_gemm.py is ours at the same shape, on the same operands (`block_sets`).
 
-    ncu --target-processes all --kernel-name regex:'gemm|xmma|cutlass' --launch-skip 1 \
-        --launch-count 1 --section SpeedOfLight --section ComputeWorkloadAnalysis \
+    ncu --target-processes all --kernel-name regex:nvjet --launch-skip 1 --launch-count 1 \
+        --section SpeedOfLight --section ComputeWorkloadAnalysis \
         --section MemoryWorkloadAnalysis python scripts/profile_torch_gemm.py 4096 4096 7168
 
-Operand values are random normal cast to e4m3 and the scales random in [0.5, 1): the timing does
-not depend on them.
+(`nvjet_sm90_...` is cuBLAS's blockwise FP8 kernel in torch 2.11 + CUDA 13; the recipe search
+runs the same kernel first, so skip one launch.)
 """
 import sys
 
-import torch
+import jax.numpy as jnp
+import numpy as np
+
+from jax_ds.bench._torch_gemm import TorchGemm
+from jax_ds.bench.gemm import block_sets
+from jax_ds.ops import fp8_gemm_reference
 
 m, n, k = map(int, sys.argv[1:4])
-if k % 128 or n % 128:
-    sys.exit("k and n must be multiples of 128 (128x128 weight blocks)")
-gen = torch.Generator(device="cuda").manual_seed(0)
-a = torch.randn(m, k, device="cuda", generator=gen).to(torch.float8_e4m3fn)
-b = torch.randn(n, k, device="cuda", generator=gen).to(torch.float8_e4m3fn)
-# The layouts `bench gemm` passes: scale_a [m, k/128] outer-major, scale_b [k/128, n/128] (a
-# transposed view of the [n/128, k/128] block scales).
-sa = (torch.rand(m, k // 128, device="cuda", generator=gen) / 2 + 0.5).t().contiguous().t()
-sb = (torch.rand(n // 128, k // 128, device="cuda", generator=gen) / 2 + 0.5).t()
-for _ in range(3):
-    out = torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
-torch.cuda.synchronize()
-print(f"{m}x{n}x{k}: {tuple(out.shape)} {out.dtype}, |out| mean {out.float().abs().mean():.3g}")
+(operands,) = block_sets(m, n, k, 1)
+ref = np.asarray(fp8_gemm_reference(*operands, out_dtype=jnp.float32))
+torch_gemm = TorchGemm()
+
+
+def three_calls(call, sets):
+    for _ in range(3):
+        out = call(*sets[0])
+    torch_gemm.torch.cuda.synchronize()
+    return {"shape": list(out.shape)}
+
+
+cell = torch_gemm.measure("torch_blockwise", [{"block": operands}], ref, three_calls)
+print(f"{m}x{n}x{k}: {cell}")
+sys.exit(0 if "recipe" in cell else 1)

@@ -382,7 +382,7 @@ class UsrbioIO:
                 # File length is eventually consistent in 3FS until synced. The binding returns
                 # the ioctl's status (-1 on failure) instead of raising.
                 status = self.client.force_fsync(fd)
-                if status not in (None, 0):
+                if status:
                     raise OSError(f"3FS force_fsync({path}) failed with status {status}: its "
                                   "length may not be final")
             finally:

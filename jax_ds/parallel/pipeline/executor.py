@@ -268,18 +268,14 @@ class _WithoutParams:
         return hash((_WithoutParams, self.fn))
 
 
-def _relabel(tree, source: Mesh | None, mesh: Mesh):
-    """Concrete arrays of `tree` with a NamedSharding on `source` (None: on any mesh with a
-    non-Auto axis) put on `mesh` (the same devices and axis names) with the same spec: no copy.
-    Everything else as it is."""
+def _relabel(tree, source: Mesh, mesh: Mesh):
+    """Arrays of `tree` placed on `source` put on `mesh` (the same devices and axis names, other
+    axis types) with the same spec: no copy. Everything else as it is."""
     def one(x):
         sharding = getattr(x, "sharding", None)
-        if not (isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
-                and isinstance(sharding, NamedSharding)):
-            return x
-        on = (sharding.mesh == source if source is not None
-              else any(t != AxisType.Auto for t in sharding.mesh.axis_types))
-        return jax.device_put(x, NamedSharding(mesh, sharding.spec)) if on else x
+        if isinstance(sharding, NamedSharding) and sharding.mesh == source:
+            return jax.device_put(x, NamedSharding(mesh, sharding.spec))
+        return x
     return jax.tree.map(one, tree)
 
 
@@ -309,7 +305,7 @@ def execute(schedule: Schedule, stage_fn: Callable, params: Any, batch: Any, los
                              "(AxisType.Auto,) * n)); a mesh of Explicit axes works outside jit")
         mesh = Mesh(mesh.devices, mesh.axis_names,
                     axis_types=(AxisType.Auto,) * len(mesh.axis_names))
-        params, batch, loss_params = _relabel((params, batch, loss_params), None, mesh)
+        params, batch, loss_params = _relabel((params, batch, loss_params), caller, mesh)
     has_loss_params = loss_params is not None
     if not has_loss_params:
         loss_fn, loss_params = _WithoutParams(loss_fn), ()

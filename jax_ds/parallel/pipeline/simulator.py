@@ -23,6 +23,15 @@ import numpy as np
 from jax_ds.parallel.pipeline.schedules import Chunk, Op, Schedule
 
 
+def _check_cost(what: str, value) -> float:
+    """A cost (a Costs field, a cost function's result) is a finite number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{what} must be a number, got {value!r}")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{what}={value} must be finite and >= 0")
+    return float(value)
+
+
 @dataclass(frozen=True, slots=True)
 class Costs:
     """Per-op times (any unit). FB=None means F + B."""
@@ -35,13 +44,8 @@ class Costs:
     def __post_init__(self):
         for name in ("F", "B", "W", "comm", "FB"):
             value = getattr(self, name)
-            if name == "FB" and value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer,
-                                                                  np.floating)):
-                raise TypeError(f"Costs: {name} must be a number, got {value!r}")
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"Costs: {name}={value} must be finite and >= 0")
+            if not (name == "FB" and value is None):
+                _check_cost(f"Costs: {name}", value)
         if self.W > self.B:
             raise ValueError(f"Costs: W={self.W} (weight-gradient part) exceeds the full "
                              f"backward B={self.B}")
@@ -191,18 +195,8 @@ def simulate(schedule: Schedule,
 
 
 def _checked(fn: Callable[[Op], float]) -> Callable[[Op], float]:
-    """A cost function whose results are checked as Costs' fields are: finite numbers >= 0."""
-    def cost_of(op: Op) -> float:
-        value = fn(op)
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer,
-                                                              np.floating)):
-            raise TypeError(f"simulate: the cost function returned {value!r} for {op}; "
-                            f"expected a number")
-        if not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"simulate: the cost function returned {value} for {op}; costs "
-                             f"must be finite and >= 0")
-        return float(value)
-    return cost_of
+    """A cost function whose results are checked as Costs' fields are."""
+    return lambda op: _check_cost(f"simulate: the cost function's time for {op}", fn(op))
 
 
 def _deadlock_message(schedule: Schedule, pos, done) -> str:
