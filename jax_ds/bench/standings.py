@@ -128,7 +128,7 @@ CHECKS = {"gemm": gemm_checks, "moe": moe_checks, "mla": mla_checks}
 def standings(data: dict) -> list:
     """(bar, shape, value, threshold, passed) for one result file's rows; passed is None where
     the value was not measured (a failed or missing column)."""
-    suite = data.get("suite")
+    suite = data.get("suite") if isinstance(data, dict) else None
     if suite not in CHECKS:
         raise ValueError(f"standings: not a gemm, moe or mla result file (suite {suite!r})")
     return CHECKS[suite](data)
@@ -166,11 +166,11 @@ def run(args) -> int:
         except (OSError, ValueError) as err:
             print(f"{path}: skipped ({type(err).__name__}: {err})")
             continue
-        suite = data.get("suite") if isinstance(data, dict) else None
-        if suite not in CHECKS:
-            print(f"{path.name}: skipped (not a {', '.join(CHECKS)} result file: suite {suite!r})")
+        try:
+            checks = standings(data)
+        except ValueError as err:  # not a result file of a suite with bars
+            print(f"{path.name}: skipped ({err})")
             continue
-        checks = standings(data)
         if not checks:
             print(f"{path.name}: no row that a bar is about (suite {data['suite']}, "
                   f"keys {sorted(k for k in data if k.endswith('rows'))})")
