@@ -12,6 +12,7 @@ GB/s of cache for h16. Prints a table of
 medians, writes $OUT/lib-ab-<device>-<date>.json (OUT defaults to .).
 
   python scripts/lib_ab.py DIR_A DIR_B [...] [--rounds 3] [--suite dense grouped] [--quick]
+  python scripts/lib_ab.py A B --suite dense --shapes 4096x4096x7168 8192x8192x8192
   python scripts/lib_ab.py A B --impl xla --tiny --rounds 2   # a dry run of the script on CPU
 """
 
@@ -46,7 +47,7 @@ TINY_DENSE = [(128, 256, 256)]
 TINY_GROUPED = [("contiguous", 2, 128, 256, 256), ("masked", 2, 64, 256, 256)]
 
 
-def _child(suites, quick, impl, tiny) -> list:
+def _child(suites, quick, impl, tiny, dense_shapes=None) -> list:
     """Runs in the variant's process: [(label, figure, figure)]. GEMM: device-bound and kernel
     TFLOP/s; MLA: per-call and device-bound, in the label's unit."""
     import jax
@@ -80,7 +81,7 @@ def _child(suites, quick, impl, tiny) -> list:
         record(label, flops / t.median_s / 1e12, flops / kern / 1e12)
 
     if "dense" in suites:
-        for m, n, k in shapes(DENSE, QUICK_DENSE, TINY_DENSE):
+        for m, n, k in dense_shapes or shapes(DENSE, QUICK_DENSE, TINY_DENSE):
             timed(f"dense {m}x{n}x{k}", lambda *o: fp8_gemm(*o, impl=impl),
                   block_sets(m, n, k, 4), 2 * m * n * k)
     if "grouped" in suites:
@@ -111,6 +112,16 @@ def _child(suites, quick, impl, tiny) -> list:
     return rows
 
 
+def _mnk(text: str) -> tuple:
+    try:
+        m, n, k = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected MxNxK, e.g. 4096x7168x2048")
+    if min(m, n, k) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: sizes must be >= 1")
+    return m, n, k
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("variants", nargs="*", type=pathlib.Path)
@@ -121,10 +132,12 @@ def main(argv=None) -> int:
     ap.add_argument("--impl", default="ffi", choices=["ffi", "xla"],
                     help="xla: the references, no kernel time (a dry run of this script on CPU)")
     ap.add_argument("--tiny", action="store_true", help="small shapes (with --impl xla on CPU)")
+    ap.add_argument("--shapes", nargs="+", metavar="MxNxK", type=_mnk,
+                    help="the dense suite's shapes instead of its list (e.g. the ones a knob moves)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        json.dump(_child(args.suite, args.quick, args.impl, args.tiny), sys.stdout)
+        json.dump(_child(args.suite, args.quick, args.impl, args.tiny, args.shapes), sys.stdout)
         return 0
     if len(args.variants) < 2:
         ap.error("give at least two variant directories")
@@ -145,9 +158,11 @@ def main(argv=None) -> int:
                    "--suite", *args.suite]
             cmd += ["--quick"] if args.quick else []
             cmd += ["--tiny"] if args.tiny else []
-            out = subprocess.run(cmd, env=env, check=True,
-                                 capture_output=True, text=True, cwd=v)
+            cmd += ["--shapes", *(f"{m}x{n}x{k}" for m, n, k in args.shapes)] if args.shapes else []
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=v)
             sys.stderr.write(out.stderr[-4000:])
+            if out.returncode:
+                raise SystemExit(f"{v}: the child process failed (exit {out.returncode})")
             for label, dev, kern in json.loads(out.stdout):
                 results[str(v)].setdefault(label, []).append((dev, kern))
 
