@@ -28,7 +28,7 @@ from flax import nnx
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from jax_ds import data
+from jax_ds import cli, data
 from jax_ds.models import DeepSeekConfig, Transformer, train_step
 from jax_ds.parallel.load_stats import init_expert_load, update_expert_load
 from jax_ds.parallel.mesh import mesh_from_spec, request_cpu_devices, shard_batch, shard_model
@@ -39,15 +39,17 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dir", default=None, help="checkpoint directory (default: a temp dir)")
-    p.add_argument("--steps", type=int, default=20, help="total optimizer steps")
-    p.add_argument("--every", type=int, default=5, help="save every this many steps")
-    p.add_argument("--kill-at", type=int, default=13, help="SIGKILL phase 1 at this step")
+    p.add_argument("--steps", type=cli.at_least(0), default=20, help="total optimizer steps")
+    p.add_argument("--every", type=cli.at_least(1), default=5, help="save every this many steps")
+    p.add_argument("--kill-at", type=cli.at_least(1), default=13,
+                   help="SIGKILL phase 1 at this step")
     p.add_argument("--train-mesh", default="data=1,expert=8", help="phase 1 mesh")
     p.add_argument("--resume-mesh", default="data=2,expert=4", help="phase 2 mesh")
     p.add_argument("--backend", default="auto", help="auto, orbax, posix or usrbio")
-    p.add_argument("--batch", type=int, default=8, help="sequences per step")
-    p.add_argument("--seq-len", type=int, default=64, help="tokens per sequence")
-    p.add_argument("--devices", type=int, default=8, help="virtual CPU devices (CPU only)")
+    p.add_argument("--batch", type=cli.at_least(1), default=8, help="sequences per step")
+    p.add_argument("--seq-len", type=cli.at_least(1), default=64, help="tokens per sequence")
+    p.add_argument("--devices", type=cli.at_least(1), default=8,
+                   help="virtual CPU devices (CPU only)")
     p.add_argument("--phase", default="both", choices=["both", "train", "resume"],
                    help=argparse.SUPPRESS)
     return p.parse_args()
@@ -160,4 +162,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

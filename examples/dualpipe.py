@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
-from jax_ds import data
+from jax_ds import cli, data
 from jax_ds.models import DeepSeekConfig, PipelineStages, Transformer
 from jax_ds.parallel.mesh import EXPERT, make_mesh, request_cpu_devices
 from jax_ds.parallel.pipeline import (Costs, execute, make_schedule, readme_bubble,
@@ -39,14 +39,17 @@ def parse_args():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--schedule", default="dualpipe",
                    choices=("1f1b", "zb1p", "dualpipe", "dualpipev"))
-    p.add_argument("--pipe", type=int, default=4, help="pipeline ranks")
-    p.add_argument("--expert", type=int, default=2, help="expert-axis size (splits micro-batches)")
-    p.add_argument("--devices", type=int, default=8, help="virtual CPU devices (CPU only)")
-    p.add_argument("--microbatches", type=int, default=8)
-    p.add_argument("--microbatch-size", type=int, default=2, help="sequences per micro-batch")
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--pipe", type=cli.at_least(1), default=4, help="pipeline ranks")
+    p.add_argument("--expert", type=cli.at_least(1), default=2,
+                   help="expert-axis size (splits micro-batches)")
+    p.add_argument("--devices", type=cli.at_least(1), default=8,
+                   help="virtual CPU devices (CPU only)")
+    p.add_argument("--microbatches", type=cli.at_least(1), default=8)
+    p.add_argument("--microbatch-size", type=cli.at_least(1), default=2,
+                   help="sequences per micro-batch")
+    p.add_argument("--seq-len", type=cli.at_least(1), default=64)
+    p.add_argument("--steps", type=cli.at_least(0), default=40)
+    p.add_argument("--lr", type=cli.positive_float, default=3e-3)
     p.add_argument("--ep", action="store_true",
                    help="split each stage's routed experts over the expert axis (all-to-all "
                         "dispatch inside the stage)")
@@ -172,4 +175,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

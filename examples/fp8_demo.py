@@ -18,17 +18,20 @@ import optax
 from rich.progress import track
 
 import jax_ds
-from jax_ds import info
+from jax_ds import cli, info
 from jax_ds.testing import calc_diff
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--m", type=int, default=256, help="tokens (rows of the activation)")
-    p.add_argument("--n", type=int, default=512, help="output features (rows of the weight)")
-    p.add_argument("--k", type=int, default=1024, help="input features (multiple of 128)")
-    p.add_argument("--steps", type=int, default=30, help="training steps through fp8_linear")
-    p.add_argument("--lr", type=float, default=3e-2, help="Adam learning rate")
+    p.add_argument("--m", type=cli.at_least(1), default=256, help="tokens (rows of the activation)")
+    p.add_argument("--n", type=cli.at_least(1), default=512,
+                   help="output features (rows of the weight)")
+    p.add_argument("--k", type=cli.at_least(1), default=1024,
+                   help="input features (multiple of 128)")
+    p.add_argument("--steps", type=cli.at_least(1), default=30,
+                   help="training steps through fp8_linear")
+    p.add_argument("--lr", type=cli.positive_float, default=3e-2, help="Adam learning rate")
     p.add_argument("--impl", default="auto", choices=["auto", "ffi", "xla"])
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args()
@@ -96,7 +99,8 @@ def main():
     losses = []
     for _ in track(range(args.steps), description="training through fp8_linear"):
         w_student, opt_state, loss = step(w_student, opt_state)
-        losses.append(float(loss))
+        losses.append(float(loss))  # the loss each update starts from
+    losses.append(float(jax.jit(loss_fn, static_argnums=2)(w_student, x32, fp8_linear)))
 
     print(f"fp8_linear: loss {losses[0]:.4f} -> {losses[-1]:.4f} in {args.steps} Adam steps")
     # The backward pass at the random weight w: dgrad (input grad) through the FP8 GEMM, wgrad
@@ -112,4 +116,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

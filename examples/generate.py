@@ -25,6 +25,7 @@ from flax import nnx
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+from jax_ds import cli
 from jax_ds.models import kv_cache, load_hf_checkpoint
 from jax_ds.parallel.mesh import mesh_from_spec, request_cpu_devices
 
@@ -35,14 +36,15 @@ def parse_args():
     p.add_argument("--checkpoint", required=True, help="Hugging Face checkpoint folder")
     p.add_argument("--prompt", default="DeepSeek", help="prompt text")
     p.add_argument("--prompt-ids", default=None, help="comma-separated token ids (no tokenizer)")
-    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=cli.at_least(0), default=16)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--fp8", default="keep", choices=["keep", "dequant"],
                    help="FP8 checkpoints: keep e4m3 weights (FP8 GEMMs) or dequantize")
     p.add_argument("--fp8-cache", action="store_true",
                    help="KV cache rows in FlashMLA's FP8 layout (656 bytes; needs 512 + 64 rows)")
     p.add_argument("--mesh", default=None, help="e.g. expert=8 (routed experts split over it)")
-    p.add_argument("--devices", type=int, default=8, help="virtual CPU devices (CPU only)")
+    p.add_argument("--devices", type=cli.at_least(1), default=8,
+                   help="virtual CPU devices (CPU only)")
     return p.parse_args()
 
 
@@ -133,4 +135,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -24,6 +24,7 @@ import numpy as np
 from rich.console import Console
 from rich.progress import Progress
 
+from jax_ds import cli
 from jax_ds.parallel.eplb import gpu_loads, rebalance_experts
 from jax_ds.parallel.load_stats import init_expert_load, update_expert_load
 
@@ -36,18 +37,20 @@ README_PHY2LOG = [[5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--layers", type=int, default=58, help="MoE layers")
-    p.add_argument("--experts", type=int, default=256, help="logical experts per layer")
-    p.add_argument("--replicas", type=int, default=288, help="physical expert slots per layer")
-    p.add_argument("--groups", type=int, default=8, help="expert groups (group-limited routing)")
-    p.add_argument("--nodes", type=int, default=4, help="server nodes")
-    p.add_argument("--gpus", type=int, default=32, help="GPUs in all")
-    p.add_argument("--top-k", type=int, default=8, help="experts per token")
-    p.add_argument("--tokens", type=int, default=16384, help="tokens per step")
-    p.add_argument("--steps", type=int, default=50, help="steps of routing statistics")
+    p.add_argument("--layers", type=cli.at_least(1), default=58, help="MoE layers")
+    p.add_argument("--experts", type=cli.at_least(1), default=256, help="logical experts per layer")
+    p.add_argument("--replicas", type=cli.at_least(1), default=288,
+                   help="physical expert slots per layer")
+    p.add_argument("--groups", type=cli.at_least(1), default=8,
+                   help="expert groups (group-limited routing)")
+    p.add_argument("--nodes", type=cli.at_least(1), default=4, help="server nodes")
+    p.add_argument("--gpus", type=cli.at_least(1), default=32, help="GPUs in all")
+    p.add_argument("--top-k", type=cli.at_least(1), default=8, help="experts per token")
+    p.add_argument("--tokens", type=cli.at_least(1), default=16384, help="tokens per step")
+    p.add_argument("--steps", type=cli.at_least(1), default=50, help="steps of routing statistics")
     p.add_argument("--skew", type=float, default=1.0, help="popularity ~ 1 / rank^skew")
     p.add_argument("--decay", type=float, default=0.9, help="moving-average decay")
-    p.add_argument("--layer", type=int, default=0, help="layer shown in the plot")
+    p.add_argument("--layer", type=cli.at_least(0), default=0, help="layer shown in the plot")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", default="out/rebalance_gpu_load.png", help="bar plot PNG path")
     return p.parse_args()
@@ -146,4 +149,4 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

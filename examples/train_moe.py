@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 
-from jax_ds import data
+from jax_ds import cli, data
 from jax_ds.models import (DeepSeekConfig, Transformer, lm_loss, param_counts,
                            save_hf_checkpoint, train_step)
 from jax_ds.parallel.mesh import mesh_from_spec, request_cpu_devices, shard_batch, shard_model
@@ -31,20 +31,20 @@ from jax_ds.parallel.mesh import mesh_from_spec, request_cpu_devices, shard_batc
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--steps", type=int, default=150, help="optimizer steps")
+    p.add_argument("--steps", type=cli.at_least(0), default=150, help="optimizer steps")
     p.add_argument("--config", default="tiny", help="preset: tiny, v2_lite or v3")
     p.add_argument("--mesh", default="auto",
                    help="axis sizes, e.g. data=2,expert=4 (one may be -1); 'auto': CPU "
                         "data=2,expert=-1, GPU expert=<all GPUs>")
-    p.add_argument("--devices", type=int, default=8,
+    p.add_argument("--devices", type=cli.at_least(1), default=8,
                    help="virtual CPU devices to create when running on CPU")
     p.add_argument("--fp8", action="store_true", help="FP8 GEMMs (1x128 / 128x128 scaling)")
-    p.add_argument("--batch", type=int, default=16, help="sequences per step")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
-    p.add_argument("--lr", type=float, default=8e-3, help="peak learning rate")
-    p.add_argument("--warmup", type=int, default=15, help="linear warmup steps")
-    p.add_argument("--mtp", type=int, default=None, help="multi-token-prediction depth")
-    p.add_argument("--capacity-factor", type=float, default=None,
+    p.add_argument("--batch", type=cli.at_least(1), default=16, help="sequences per step")
+    p.add_argument("--seq-len", type=cli.at_least(1), default=128, help="tokens per sequence")
+    p.add_argument("--lr", type=cli.positive_float, default=8e-3, help="peak learning rate")
+    p.add_argument("--warmup", type=cli.at_least(0), default=15, help="linear warmup steps")
+    p.add_argument("--mtp", type=cli.at_least(0), default=None, help="multi-token-prediction depth")
+    p.add_argument("--capacity-factor", type=cli.positive_float, default=None,
                    help="EP exchange budget (default: lossless)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", default="out/train_moe_loss.png", help="loss-curve PNG path")
@@ -168,4 +168,4 @@ def save_plot(losses, val_ce, path):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -38,3 +38,45 @@ def test_checkpoint_example_takes_a_mesh_of_fewer_devices(mesh_flag, tmp_path):
         assert out.returncode == 0, out.stderr[-2000:]
     else:  # an empty directory: it gets as far as looking for a committed step
         assert "no committed checkpoint" in out.stderr, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name,args,message", [
+    ("fp8_demo.py", ("--m", "0"), "argument --m: must be >= 1, got 0"),
+    ("fp8_demo.py", ("--lr", "nan"), "argument --lr: must be a finite number > 0"),
+    ("rebalance.py", ("--replicas", "10"), "error: rebalance_experts: num_replicas=10"),
+])
+def test_examples_report_bad_arguments_in_one_line(name, args, message, tmp_path):
+    """Counts out of range are argparse's usage errors; combinations the library rejects are
+    one `error:` line (exit 2), not a traceback."""
+    out = run_example(name, *args, tmp_path=tmp_path)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert message in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
+
+
+def test_cli_helpers(capsys, monkeypatch):
+    import argparse
+
+    from jax_ds import cli
+    p = argparse.ArgumentParser()
+    p.add_argument("--n", type=cli.at_least(0))
+    assert p.parse_args(["--n", "0"]).n == 0
+    for bad in ("-1", "x", "1.5"):
+        with pytest.raises(SystemExit):
+            p.parse_args(["--n", bad])
+    assert "must be >= 0, got -1" in capsys.readouterr().err
+    for bad in ("0", "-2", "inf", "nan", "x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            cli.positive_float(bad)
+    assert cli.positive_float("3e-3") == 3e-3
+
+    def fails():
+        raise ValueError("bad shape")
+    with pytest.raises(SystemExit) as e:
+        cli.run(fails)
+    assert e.value.code == 2 and capsys.readouterr().err == "error: bad shape\n"
+    monkeypatch.setenv("JAX_DS_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="bad shape"):
+        cli.run(fails)
+    with pytest.raises(SystemExit) as e:
+        cli.run(lambda: 1)
+    assert e.value.code == 1
