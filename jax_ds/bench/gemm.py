@@ -264,7 +264,9 @@ def run(args):
     torch_gemm = _torch_gemm.TorchGemm(enabled=not args.no_torch)
     shapes = {"all": arg_specs.gemm_bench_shapes(), "quick": QUICK, "tiny": TINY}[args.shapes]
     floor = _timing.dispatch_floor_s()
-    print(f"device: {env['device']} ({num_sms} SMs); peak: {peak.source}\nours: {ours_desc}; "
+    sms = f"{num_sms} SMs" + ("" if getattr(jax.devices()[0], "core_count", None)
+                              else ", assumed for the tile picks")
+    print(f"device: {env['device']} ({sms}); peak: {peak.source}\nours: {ours_desc}; "
           f"torch: {torch_gemm.status}; jax dispatch floor {floor * 1e6:.1f} us/call")
     # a part of the shapes writes its own file (a full run's is never overwritten): a run of
     # some m (two runs, two device calls, make the set), or the quick / tiny shapes
