@@ -40,6 +40,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jax_ds import cli
 from jax_ds.bench import environment, print_table, write_json
 from jax_ds.parallel.mesh import make_mesh, request_cpu_devices
 from jax_ds.storage import CheckpointManager, ShardOptions
@@ -61,19 +62,21 @@ COLUMNS = ("", "save GB/s", "% of raw", "% of best", "restore GB/s", "% of raw",
 
 
 def add_arguments(parser):
-    parser.add_argument("--size-gb", type=float, default=2.0, help="state size (1e9 bytes)")
-    parser.add_argument("--rounds", type=int, default=3, help="save+restore rounds each")
+    parser.add_argument("--size-gb", type=cli.positive_float, default=2.0,
+                        help="state size (1e9 bytes)")
+    parser.add_argument("--rounds", type=cli.at_least(1), default=3,
+                        help="save+restore rounds each")
     parser.add_argument("--dir", default=None,
                         help="folder on the disk to measure (default: a new temp folder)")
-    parser.add_argument("--raw-block-mb", type=int, default=64,
+    parser.add_argument("--raw-block-mb", type=cli.at_least(1), default=64,
                         help="bytes per pwrite/preadv call of the raw row (MiB)")
     parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON")
     defaults = ShardOptions()
-    parser.add_argument("--threads", type=int, default=defaults.threads,
+    parser.add_argument("--threads", type=cli.at_least(1), default=defaults.threads,
                         help="ours: shard handler threads")
-    parser.add_argument("--file-mb", type=int, default=defaults.file_bytes >> 20,
+    parser.add_argument("--file-mb", type=cli.at_least(1), default=defaults.file_bytes >> 20,
                         help="ours: shard file size (MiB)")
-    parser.add_argument("--read-mb", type=int, default=defaults.read_bytes >> 20,
+    parser.add_argument("--read-mb", type=cli.at_least(1), default=defaults.read_bytes >> 20,
                         help="ours: bytes per restore read task (MiB)")
 
 

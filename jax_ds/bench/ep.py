@@ -44,6 +44,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jax_ds import cli
 from jax_ds.bench import _timing, environment, error_cell, print_table, write_json
 from jax_ds.parallel import expert as ep_lib
 from jax_ds.parallel.mesh import EXPERT, make_mesh
@@ -56,18 +57,19 @@ CONTESTANTS = ("ours", "ours_dedup", "xla_a2a")
 
 def add_arguments(parser):
     parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON")
-    parser.add_argument("--ep", type=int, nargs="+", default=[2, 4, 8],
+    parser.add_argument("--ep", type=cli.at_least(1), nargs="+", default=[2, 4, 8],
                         help="EP sizes (those the host has devices for are run)")
-    parser.add_argument("--tokens", type=int, default=4096, help="tokens per rank")
-    parser.add_argument("--hidden", type=int, default=7168)
-    parser.add_argument("--experts", type=int, default=256)
-    parser.add_argument("--top-k", type=int, default=8)
-    parser.add_argument("--capacity-factor", type=float, default=1.25,
+    parser.add_argument("--tokens", type=cli.at_least(1), default=4096, help="tokens per rank")
+    parser.add_argument("--hidden", type=cli.at_least(1), default=7168)
+    parser.add_argument("--experts", type=cli.at_least(1), default=256)
+    parser.add_argument("--top-k", type=cli.at_least(1), default=8)
+    parser.add_argument("--capacity-factor", type=cli.positive_float, default=1.25,
                         help="the padded all_to_all baseline's budget (x the even share)")
-    parser.add_argument("--ceiling-mb", type=float, default=256.0,
+    parser.add_argument("--ceiling-mb", type=cli.positive_float, default=256.0,
                         help="bytes per rank of the all_to_all ceiling (MiB)")
-    parser.add_argument("--budget", type=float, default=0.25, help="seconds per measurement")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--budget", type=cli.positive_float, default=0.25,
+                        help="seconds per measurement")
+    parser.add_argument("--repeats", type=cli.at_least(1), default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true",
                         help="a CPU smoke test: 64 tokens x 256, top-4 of 16 experts")

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_ds import cli
 from jax_ds.bench import _timing, environment, print_table, write_json
 from jax_ds.parallel.eplb import gpu_loads, rebalance_experts, rebalance_experts_reference
 
@@ -49,8 +50,9 @@ def add_arguments(parser):
     parser.add_argument("--reference-python", default=sys.executable,
                         help="Python interpreter with torch that runs --reference")
     parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON")
-    parser.add_argument("--budget", type=float, default=0.5, help="seconds per measurement")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--budget", type=cli.positive_float, default=0.5,
+                        help="seconds per measurement")
+    parser.add_argument("--repeats", type=cli.at_least(1), default=7)
     parser.add_argument("--seed", type=int, default=0)
 
 

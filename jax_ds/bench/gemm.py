@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_ds import _ffi, arg_specs
+from jax_ds import _ffi, arg_specs, cli
 from jax_ds.bench import (_profile, _timing, _torch_gemm, bar_plot, environment, error_cell,
                           print_table, write_json)
 from jax_ds.ops import dequantize_fp8, fp8_gemm, fp8_gemm_reference, gemm_config, quantize_fp8
@@ -42,13 +42,14 @@ def add_arguments(parser):
     parser.add_argument("--shapes", choices=("all", "quick", "tiny"), default="all",
                         help="all: arg_specs.gemm_bench_shapes(); quick: 3 of them; "
                              "tiny: a CPU smoke test")
-    parser.add_argument("--m", type=int, nargs="+", default=None,
+    parser.add_argument("--m", type=cli.at_least(1), nargs="+", default=None,
                         help="only the shapes with these m (to split a long run)")
     parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON and plot")
-    parser.add_argument("--iters", type=int, default=None,
+    parser.add_argument("--iters", type=cli.at_least(1), default=None,
                         help="calls per timing repeat (default: what fills --budget)")
-    parser.add_argument("--budget", type=float, default=0.25, help="seconds per measurement")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--budget", type=cli.positive_float, default=0.25,
+                        help="seconds per measurement")
+    parser.add_argument("--repeats", type=cli.at_least(1), default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-torch", action="store_true", help="skip the torch/cuBLAS columns")
     parser.add_argument("--impl", choices=("ffi", "xla"), default="ffi",

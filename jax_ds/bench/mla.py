@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_ds import _ffi
+from jax_ds import _ffi, cli
 from jax_ds.bench import _timing, environment, error_cell, print_table, write_json
 from jax_ds.ops.mla import BLOCK_SIZE, HEAD_DIM_QK, HEAD_DIM_V, TARGET, mla_decode
 
@@ -31,14 +31,18 @@ IMPLS = ("ours", "xla")
 
 def add_arguments(parser):
     parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON")
-    parser.add_argument("--budget", type=float, default=0.25, help="seconds per measurement")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--budget", type=cli.positive_float, default=0.25,
+                        help="seconds per measurement")
+    parser.add_argument("--repeats", type=cli.at_least(1), default=5)
     parser.add_argument("--quick", action="store_true", help="s_k 4096, h_q 16 and 128")
-    parser.add_argument("--s-k", type=int, nargs="+", help="only these s_k (default: the grid's)")
-    parser.add_argument("--h-q", type=int, nargs="+", help="only these h_q (default: the grid's)")
+    parser.add_argument("--s-k", type=cli.at_least(1), nargs="+",
+                        help="only these s_k (default: the grid's)")
+    parser.add_argument("--h-q", type=cli.at_least(1), nargs="+",
+                        help="only these h_q (default: the grid's)")
     parser.add_argument("--tiny", action="store_true", help="small shapes (runs on CPU)")
     parser.add_argument("--no-xla", action="store_true", help="skip the reference column")
-    parser.add_argument("--copy-gb", type=float, default=2.0, help="size of the copy ceiling")
+    parser.add_argument("--copy-gb", type=cli.positive_float, default=2.0,
+                        help="size of the copy ceiling")
     parser.add_argument("--seed", type=int, default=0)
 
 

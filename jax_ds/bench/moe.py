@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_ds import _ffi
+from jax_ds import _ffi, cli
 from jax_ds.bench import (_profile, _timing, bar_plot, environment, error_cell, print_table,
                           write_json)
 from jax_ds.ops import dequantize_fp8, grouped_gemm, quantize_fp8
@@ -57,9 +57,10 @@ IMPLS = ("ours", "xla_ragged", "torch")
 
 def add_arguments(parser):
     parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON")
-    parser.add_argument("--budget", type=float, default=0.25, help="seconds per measurement")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--sets", type=int, default=3, help="input sets per shape")
+    parser.add_argument("--budget", type=cli.positive_float, default=0.25,
+                        help="seconds per measurement")
+    parser.add_argument("--repeats", type=cli.at_least(1), default=5)
+    parser.add_argument("--sets", type=cli.at_least(1), default=3, help="input sets per shape")
     parser.add_argument("--quick", action="store_true", help="one shape per kind")
     parser.add_argument("--routing-only", action="store_true", help="skip the grouped GEMMs")
     parser.add_argument("--no-torch", action="store_true")

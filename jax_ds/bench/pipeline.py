@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jax_ds import cli
 from jax_ds.bench import _timing, environment, error_cell, print_table, write_json
 from jax_ds.models import DeepSeekConfig, PipelineStages, Transformer
 from jax_ds.parallel.mesh import make_mesh
@@ -48,16 +49,17 @@ SCHEDULE_NAMES = ("1f1b", "zb1p", "dualpipe", "dualpipev")
 
 def add_arguments(parser):
     parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON")
-    parser.add_argument("--pipe", type=int, nargs="+", default=[4, 8],
+    parser.add_argument("--pipe", type=cli.at_least(1), nargs="+", default=[4, 8],
                         help="pipe sizes (those the host has devices for are run)")
     parser.add_argument("--schedules", nargs="+", default=list(SCHEDULE_NAMES),
                         choices=SCHEDULE_NAMES)
     parser.add_argument("--model", choices=("tiny", "mid"), default="tiny")
-    parser.add_argument("--microbatches", type=int, default=16)
-    parser.add_argument("--microbatch-size", type=int, default=4, help="sequences")
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--budget", type=float, default=0.5, help="seconds per measurement")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--microbatches", type=cli.at_least(1), default=16)
+    parser.add_argument("--microbatch-size", type=cli.at_least(1), default=4, help="sequences")
+    parser.add_argument("--seq-len", type=cli.at_least(1), default=256)
+    parser.add_argument("--budget", type=cli.positive_float, default=0.5,
+                        help="seconds per measurement")
+    parser.add_argument("--repeats", type=cli.at_least(1), default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true",
                         help="a CPU smoke test: pipe 2, 4 micro-batches of 2 x 16 tokens")
