@@ -51,10 +51,12 @@ OVERLAP_TILES = ((128, 192),)  # the tiles of one accumulator set, compiled with
 # At m > 128, 128x192 only up to this many k blocks where its columns are emptier than 128x128's
 # (N's tail); None: no such limit (the rule the 2026-12-03 sweeps fitted). In the H200 sweep of
 # 2026-12-05 (kernel times, after the kernel changes of the eleventh to fifteenth sessions) 15
-# would have picked the faster tile at all seven m >= 4096 shapes (128x128 pairs +1..+4.6% at
-# 4096x{4096x7168, 7168x2048, 7168x16384}); the bars' sustained timing on the H100 is not
-# measured yet, so it stays off: benchmarks/NOTES-gemm.md, twentieth session, has the A/B.
-WIDE_MAX_KBLOCKS: int | None = None
+# picks the faster tile at all seven m >= 4096 shapes (128x128 pairs +1..+4.6% at
+# 4096x{4096x7168, 7168x2048, 7168x16384}); sustained on the H100 (2026-12-06, scripts/lib_ab.py,
+# 3 rounds, device-bound): 4096x4096x7168 +1.6%, 4096x7168x2048 +1.4%, 8192^3 +0.4%,
+# 4096x7168x16384 -1.4%, 1024x4096x7168 +20% (128x192's 1.3 waves, split, against 1.9 waves of
+# pairs). benchmarks/NOTES-gemm.md, twenty-first session.
+WIDE_MAX_KBLOCKS: int | None = 15
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -143,7 +145,8 @@ def gemm_config(m: int, n: int, k: int, num_sms: int, *, tiles=TILES) -> GemmCon
     k block (`overlap`) from OVERLAP_MIN_KBLOCKS k blocks on, and then runs in CTA pairs where
     its column blocks pair up; 128x128 runs in pairs too. The last wave is split along K
     (`split_plan`) where it is short, and pairs give way to single CTAs when the singles' last
-    wave (with its split) is 3% shorter by that count.
+    wave (with its split) is 3% shorter by that count. At m > 128, 128x192 only up to
+    WIDE_MAX_KBLOCKS k blocks unless its columns are as full as 128x128's (n = 2112: 11 x 192).
     64 < m <= 128: one 128-row tile 192, 128 or 64 wide when such tiles fill 3/4 of the SMs, the
     one that keeps the SMs busier over its waves (128x64 pays 10%); otherwise 64-row tiles as for
     m <= 64, which double the parallelism; no pairs and no split at m <= 128 (the split lost 17%
@@ -152,9 +155,9 @@ def gemm_config(m: int, n: int, k: int, num_sms: int, *, tiles=TILES) -> GemmCon
     times; tests/test_gemm.py checks each file): at m <= 128 on the H200
     (benchmarks/results/gemm-tiles-sweep-h200-2026-12-03.json) the fastest tile on 11 of 12
     shapes, the 12th within 1%; on the H100 (gemm-tiles-sweep-h100-2026-11-24.json) 11 of 12,
-    the 12th within 2%. At m >= 4096 on the H200 (gemm-tiles-sweep-h200-2026-12-03-overlap.json,
-    128x128 and 128x192, clusters, splits and overlap) the fastest on 6 of 7, the 7th within
-    0.3%.
+    the 12th within 2%. At m >= 4096 on the H200 (gemm-tiles-sweep-h200-2026-12-05-one-acc-128.json,
+    main's two runs: 128x128 and 128x192, clusters, splits and overlap) within 3% of the fastest
+    on all 7, and in the H100's sustained A/B of WIDE_MAX_KBLOCKS (2026-12-06) within 1.4%.
     `tiles`: the (block_m, block_n) walked, widest first (a subset of TILES, in its order).
     """
     k_blocks = max(1, k // BLOCK_K)
