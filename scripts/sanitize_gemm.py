@@ -22,7 +22,7 @@ from jax_ds.ops import fp8_gemm, fp8_gemm_reference, quantize_fp8
 from jax_ds.ops.gemm import GemmConfig, ffi_fp8_gemm, work_units
 from jax_ds.testing import calc_diff, tolerance
 
-SHAPES = ((7, 129, 256), (4095, 2112, 7168))  # ragged tiles; a large GEMM, its last wave split
+SHAPES = ((7, 129, 256), (4095, 2112, 7168))  # ragged tiles; a large GEMM (128x192, overlap)
 
 
 def check(m, n, k, seed):

@@ -200,27 +200,30 @@ def test_gemm_config_is_always_a_valid_launch():
 
 def test_split_plan():
     plan = ops.gemm.split_plan
-    # 544 units on 132 SMs: 4 full waves and 16 units; 8 slices of 7 k blocks each + 2 for the
-    # partial sums instead of a fifth 56-block wave.
-    assert plan(544, 132, 56) == (16, 8, 4 * 56 + 7 + 2)
+    assert ops.gemm.SPLIT_MIN_KBLOCKS == 16
+    # 544 units on 132 SMs: 4 full waves and 16 units; 3 slices of 19 k blocks each (at least
+    # 16 a slice) + 2 for the partial sums instead of a fifth 56-block wave.
+    assert plan(544, 132, 56) == (16, 3, 4 * 56 + 19 + 2)
     assert plan(528, 132, 56) == (0, 1, 4 * 56)  # no partial wave
     assert plan(100, 132, 56) == (0, 1, 56)  # less than a wave: smaller tiles' business
-    assert plan(17, 132, 56, short_grid=True) == (17, 7, 8 + 2)  # ... unless asked (sweeps)
+    assert plan(17, 132, 56, short_grid=True) == (17, 3, 19 + 2)  # ... unless asked (sweeps)
     assert plan(100, 132, 56, short_grid=True) == (0, 1, 56)  # 132 // 100 = 1 slice
-    assert plan(544, 132, 4) == (0, 1, 5 * 4)  # slices under 4 k blocks are not worth it
+    # slices under 16 k blocks are not worth it (H100, 2026-12-06: 8-block slices lost 9%)
+    assert plan(544, 132, 4) == (0, 1, 5 * 4)
+    assert plan(224, 66, 16) == (0, 1, 4 * 16)  # 1024x7168x2048 in 128x128 pairs
     assert plan(2048, 66, 64) == (0, 1, 32 * 64)  # 8192^3: 2 units left, saves under 5%
     assert plan(288, 66, 56) == (24, 2, 4 * 56 + 28 + 2)  # 2 slices fit the 42 idle clusters
     # the units: 4096x2112 in 128x128 tiles, 32 x 17; in pairs 32 x 9 (the 18th tile past N)
     assert ops.gemm.work_units(4096, 2112, 128, 128) == 544
     assert ops.gemm.work_units(4096, 2112, 128, 128, 2) == 288
-    # Never more slices than idle clusters can take at once, nor than k blocks / 4.
+    # Never more slices than idle clusters can take at once, nor than k blocks / 16.
     for units in range(1, 700, 7):
         for k_blocks in (1, 4, 12, 56, 128):
             split_units, splits, t = plan(units, 132, k_blocks)
             assert t <= -(-units // 132) * k_blocks
             if split_units:
                 assert split_units == units % 132 and split_units * splits <= 132
-                assert 2 <= splits <= k_blocks // 4
+                assert 2 <= splits <= k_blocks // ops.gemm.SPLIT_MIN_KBLOCKS
 
 
 def test_gemm_config_splits_a_short_last_wave(monkeypatch):

@@ -41,7 +41,9 @@ FILL_FRACTION = 0.75  # a tile shape is "wide enough" once its tiles cover this 
 # Split-K of the last, partial wave (dense GEMM): a slice gets at least SPLIT_MIN_KBLOCKS k blocks,
 # the partial sums' round trip is estimated at SPLIT_COST_KBLOCKS k blocks' time, and the split is
 # used only when it saves SPLIT_MIN_GAIN of the estimated time.
-SPLIT_MIN_KBLOCKS = 4
+# 16: on the H100 (2026-12-06, sustained, 128x128 pairs) slices of 8 and 4 k blocks (1024x7168x2048,
+# 1536x7168x2048) lost 9% and 4% against no split, slices of 19-64 gained 2-23% (k 7168, 16384).
+SPLIT_MIN_KBLOCKS = 16
 SPLIT_COST_KBLOCKS = 2
 SPLIT_MIN_GAIN = 0.07  # (4096x7168x2048, 128x192: 6% by the count, 1% slower measured)
 # The 128x192 tile's epilogue overlap from this many k blocks on (H200 sweep of 2026-12-03:
@@ -167,8 +169,11 @@ def gemm_config(m: int, n: int, k: int, num_sms: int, *, tiles=TILES) -> GemmCon
     # 5-16% faster per tile at m = 4096 (the H200 sweep of 2026-12-03), not at n = 48.
     n_used = lambda bn: n / (cdiv(n, bn) * bn)
     narrow = lambda t: t == (128, 192) and n_used(192) < 0.9 * n_used(128)
+    # (not where 128x192's tiles fill whole waves: 768x4096x7168, 132 tiles, was 9% faster so
+    # than 128x128's 1.45 waves, split, on the H100)
     long_k = lambda t: (t == (128, 192) and m > 128 and WIDE_MAX_KBLOCKS is not None
-                        and k_blocks > WIDE_MAX_KBLOCKS and n_used(192) < n_used(128))
+                        and k_blocks > WIDE_MAX_KBLOCKS and n_used(192) < n_used(128)
+                        and count[t] % num_sms != 0)
     if 64 < m <= 128:
         # share of the SMs busy over all waves; 128x64 tiles pay ~10% per FLOP
         busy = {t: count[t] / (cdiv(count[t], num_sms) * num_sms) * (0.9 if t[1] == 64 else 1.0)
