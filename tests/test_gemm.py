@@ -437,3 +437,40 @@ def test_16bit_matmul_equals_the_float32_dot_on_cpu(dtype):
                                            b.astype(jnp.float32),
                                            precision=jax.lax.Precision.HIGHEST))(a, b)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+# The H100's sustained A/Bs of 2026-12-06 (scripts/lib_ab.py, device-bound TFLOP/s, 3 rounds) and
+# the gemm constants each variant ran with (scripts/make_variant.py overrides).
+LIB_AB_2026_12_06 = {
+    "lib-ab-h100-2026-12-06-wide-max-kblocks.json": {
+        "ab/A": {"WIDE_MAX_KBLOCKS": None, "SPLIT_MIN_KBLOCKS": 4},
+        "ab/B": {"WIDE_MAX_KBLOCKS": 15, "SPLIT_MIN_KBLOCKS": 4}},
+    "lib-ab-h100-2026-12-06-mid-m-splits.json": {
+        "ab/A": {"WIDE_MAX_KBLOCKS": None, "SPLIT_MIN_KBLOCKS": 4},
+        "ab/B": {"WIDE_MAX_KBLOCKS": 15, "SPLIT_MIN_KBLOCKS": 4},
+        "ab/C": {"WIDE_MAX_KBLOCKS": 15, "SPLIT_MIN_KBLOCKS": 4, "SPLIT_MIN_GAIN": 1.0}},
+}
+
+
+@pytest.mark.parametrize("name", sorted(LIB_AB_2026_12_06))
+def test_gemm_config_against_the_h100_ab(name, monkeypatch):
+    """gemm_config's m > 128 rule against the H100's sustained A/Bs: on every shape, the config
+    it picks today is one some variant ran, and that variant's median is within 2% of the
+    fastest variant's (the rounds agree within 1-4%)."""
+    from jax_ds.ops import gemm
+    data = json.loads((RESULTS / name).read_text())
+    variants = LIB_AB_2026_12_06[name]
+    assert sorted(data["results"]) == sorted(variants) and data["rounds"] == 3
+    for label in data["results"]["ab/A"]:
+        m, n, k = (int(x) for x in label.split()[1].split("x"))
+        ran = {}  # config key -> median device-bound TFLOP/s of the variants that ran it
+        for variant, constants in variants.items():
+            with monkeypatch.context() as patch:
+                for attr, value in constants.items():
+                    patch.setattr(gemm, attr, value)
+                key = ops.gemm_config(m, n, k, 132).key()
+            median = float(np.median([r[0] for r in data["results"][variant][label]]))
+            ran[key] = max(ran.get(key, 0.0), median)
+        pick = ops.gemm_config(m, n, k, 132).key()
+        assert pick in ran, (label, pick, ran)
+        assert ran[pick] >= 0.98 * max(ran.values()), (label, pick, ran)
