@@ -59,6 +59,9 @@ OVERLAP_TILES = ((128, 192),)  # the tiles of one accumulator set, compiled with
 # 4096x7168x16384 -1.4%, 1024x4096x7168 +20% (128x192's 1.3 waves, split, against 1.9 waves of
 # pairs). benchmarks/NOTES-gemm.md, twenty-first session.
 WIDE_MAX_KBLOCKS: int | None = 15
+# ... except where 128x192's tiles fill whole waves (768x4096x7168, 132 tiles: 9% ahead of
+# 128x128's 1.45 waves, split, on the H100 in the same A/B).
+WIDE_KEEP_FULL_WAVES = True
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -159,7 +162,9 @@ def gemm_config(m: int, n: int, k: int, num_sms: int, *, tiles=TILES) -> GemmCon
     shapes, the 12th within 1%; on the H100 (gemm-tiles-sweep-h100-2026-11-24.json) 11 of 12,
     the 12th within 2%. At m >= 4096 on the H200 (gemm-tiles-sweep-h200-2026-12-05-one-acc-128.json,
     main's two runs: 128x128 and 128x192, clusters, splits and overlap) within 3% of the fastest
-    on all 7, and in the H100's sustained A/B of WIDE_MAX_KBLOCKS (2026-12-06) within 1.4%.
+    on all 7; in the H100's sustained A/Bs of 2026-12-06 (lib-ab-h100-2026-12-06-*.json: 17
+    shapes from 384 to 16384 rows, long-K limit and split on and off) within 1.4% of the fastest
+    variant, the fastest on 16 (tests/test_gemm.py checks both files).
     `tiles`: the (block_m, block_n) walked, widest first (a subset of TILES, in its order).
     """
     k_blocks = max(1, k // BLOCK_K)
@@ -169,11 +174,9 @@ def gemm_config(m: int, n: int, k: int, num_sms: int, *, tiles=TILES) -> GemmCon
     # 5-16% faster per tile at m = 4096 (the H200 sweep of 2026-12-03), not at n = 48.
     n_used = lambda bn: n / (cdiv(n, bn) * bn)
     narrow = lambda t: t == (128, 192) and n_used(192) < 0.9 * n_used(128)
-    # (not where 128x192's tiles fill whole waves: 768x4096x7168, 132 tiles, was 9% faster so
-    # than 128x128's 1.45 waves, split, on the H100)
     long_k = lambda t: (t == (128, 192) and m > 128 and WIDE_MAX_KBLOCKS is not None
                         and k_blocks > WIDE_MAX_KBLOCKS and n_used(192) < n_used(128)
-                        and count[t] % num_sms != 0)
+                        and not (WIDE_KEEP_FULL_WAVES and count[t] % num_sms == 0))
     if 64 < m <= 128:
         # share of the SMs busy over all waves; 128x64 tiles pay ~10% per FLOP
         busy = {t: count[t] / (cdiv(count[t], num_sms) * num_sms) * (0.9 if t[1] == 64 else 1.0)
