@@ -441,15 +441,15 @@ def test_16bit_matmul_equals_the_float32_dot_on_cpu(dtype):
 
 # The H100's sustained A/Bs of 2026-12-06 (scripts/lib_ab.py, device-bound TFLOP/s, 3 rounds) and
 # the gemm constants each variant ran with (scripts/make_variant.py overrides).
+_BEFORE = {"SPLIT_MIN_KBLOCKS": 4, "WIDE_KEEP_FULL_WAVES": False}  # the rules of then
 LIB_AB_2026_12_06 = {
     "lib-ab-h100-2026-12-06-wide-max-kblocks.json": {
-        "ab/A": {"WIDE_MAX_KBLOCKS": None, "SPLIT_MIN_KBLOCKS": 4, "WIDE_KEEP_FULL_WAVES": False},
-        "ab/B": {"WIDE_MAX_KBLOCKS": 15, "SPLIT_MIN_KBLOCKS": 4, "WIDE_KEEP_FULL_WAVES": False}},
+        "ab/A": {**_BEFORE, "WIDE_MAX_KBLOCKS": None},
+        "ab/B": {**_BEFORE, "WIDE_MAX_KBLOCKS": 15}},
     "lib-ab-h100-2026-12-06-mid-m-splits.json": {
-        "ab/A": {"WIDE_MAX_KBLOCKS": None, "SPLIT_MIN_KBLOCKS": 4, "WIDE_KEEP_FULL_WAVES": False},
-        "ab/B": {"WIDE_MAX_KBLOCKS": 15, "SPLIT_MIN_KBLOCKS": 4, "WIDE_KEEP_FULL_WAVES": False},
-        "ab/C": {"WIDE_MAX_KBLOCKS": 15, "SPLIT_MIN_KBLOCKS": 4, "WIDE_KEEP_FULL_WAVES": False,
-                 "SPLIT_MIN_GAIN": 1.0}},
+        "ab/A": {**_BEFORE, "WIDE_MAX_KBLOCKS": None},
+        "ab/B": {**_BEFORE, "WIDE_MAX_KBLOCKS": 15},
+        "ab/C": {**_BEFORE, "WIDE_MAX_KBLOCKS": 15, "SPLIT_MIN_GAIN": 1.0}},
 }
 
 

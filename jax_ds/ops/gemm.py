@@ -174,7 +174,8 @@ def gemm_config(m: int, n: int, k: int, num_sms: int, *, tiles=TILES) -> GemmCon
     # 5-16% faster per tile at m = 4096 (the H200 sweep of 2026-12-03), not at n = 48.
     n_used = lambda bn: n / (cdiv(n, bn) * bn)
     narrow = lambda t: t == (128, 192) and n_used(192) < 0.9 * n_used(128)
-    long_k = lambda t: (t == (128, 192) and m > 128 and WIDE_MAX_KBLOCKS is not None
+    # (128x192 reaches the `wide` walk below at m > 128 only)
+    long_k = lambda t: (t == (128, 192) and WIDE_MAX_KBLOCKS is not None
                         and k_blocks > WIDE_MAX_KBLOCKS and n_used(192) < n_used(128)
                         and not (WIDE_KEEP_FULL_WAVES and count[t] % num_sms == 0))
     if 64 < m <= 128:
