@@ -13,6 +13,7 @@ medians, writes $OUT/lib-ab-<device>-<date>.json (OUT defaults to .).
 
   python scripts/lib_ab.py DIR_A DIR_B [...] [--rounds 3] [--suite dense grouped] [--quick]
   python scripts/lib_ab.py A B --suite dense --shapes 4096x4096x7168 8192x8192x8192
+  python scripts/lib_ab.py A B --suite grouped --grouped-shapes contiguous:32x256:4096x7168
   python scripts/lib_ab.py A B --impl xla --tiny --rounds 2   # a dry run of the script on CPU
 """
 
@@ -47,7 +48,7 @@ TINY_DENSE = [(128, 256, 256)]
 TINY_GROUPED = [("contiguous", 2, 128, 256, 256), ("masked", 2, 64, 256, 256)]
 
 
-def _child(suites, quick, impl, tiny, dense_shapes=None) -> list:
+def _child(suites, quick, impl, tiny, dense_shapes=None, grouped_shapes=None) -> list:
     """Runs in the variant's process: [(label, figure, figure)]. GEMM: device-bound and kernel
     TFLOP/s; MLA: per-call and device-bound, in the label's unit."""
     import jax
@@ -85,7 +86,7 @@ def _child(suites, quick, impl, tiny, dense_shapes=None) -> list:
             timed(f"dense {m}x{n}x{k}", lambda *o: fp8_gemm(*o, impl=impl),
                   block_sets(m, n, k, 4), 2 * m * n * k)
     if "grouped" in suites:
-        for kind, g, r, n, k in shapes(GROUPED, QUICK_GROUPED, TINY_GROUPED):
+        for kind, g, r, n, k in grouped_shapes or shapes(GROUPED, QUICK_GROUPED, TINY_GROUPED):
             a_shape = (g, r) if kind == "masked" else (g * r,)
             sets = [(*_operands(jax.random.key(i), a_shape, g, n, k),
                      jnp.full((g,), r, jnp.int32)) for i in range(4)]
@@ -122,6 +123,20 @@ def _mnk(text: str) -> tuple:
     return m, n, k
 
 
+def _grouped(text: str) -> tuple:
+    """KIND:GxR:NxK (e.g. masked:32x256:7168x2048) -> (kind, g, rows per group, n, k)."""
+    try:
+        kind, gr, nk = text.lower().split(":")
+        (g, r), (n, k) = ((int(x) for x in part.split("x")) for part in (gr, nk))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected KIND:GxR:NxK, e.g. contiguous:32x256:4096x7168")
+    if kind not in ("contiguous", "masked") or min(g, r, n, k) < 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: KIND is contiguous or masked, and sizes are >= 1")
+    return kind, g, r, n, k
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("variants", nargs="*", type=pathlib.Path)
@@ -134,10 +149,13 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="small shapes (with --impl xla on CPU)")
     ap.add_argument("--shapes", nargs="+", metavar="MxNxK", type=_mnk,
                     help="the dense suite's shapes instead of its list (e.g. the ones a knob moves)")
+    ap.add_argument("--grouped-shapes", nargs="+", metavar="KIND:GxR:NxK", type=_grouped,
+                    help="the grouped suite's shapes instead of its list")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        json.dump(_child(args.suite, args.quick, args.impl, args.tiny, args.shapes), sys.stdout)
+        json.dump(_child(args.suite, args.quick, args.impl, args.tiny, args.shapes,
+                         args.grouped_shapes), sys.stdout)
         return 0
     if len(args.variants) < 2:
         ap.error("give at least two variant directories")
@@ -159,6 +177,9 @@ def main(argv=None) -> int:
             cmd += ["--quick"] if args.quick else []
             cmd += ["--tiny"] if args.tiny else []
             cmd += ["--shapes", *(f"{m}x{n}x{k}" for m, n, k in args.shapes)] if args.shapes else []
+            cmd += (["--grouped-shapes", *(f"{kd}:{g}x{r}:{n}x{k}"
+                                           for kd, g, r, n, k in args.grouped_shapes)]
+                    if args.grouped_shapes else [])
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=v)
             sys.stderr.write(out.stderr[-4000:])
             if out.returncode:

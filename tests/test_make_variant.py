@@ -36,3 +36,20 @@ def test_bad_overrides_copy_nothing(tmp_path, item):
     with pytest.raises(SystemExit):
         make_variant.main([str(tmp_path), item])
     assert not (tmp_path / "jax_ds").exists()
+
+
+def _lib_ab():
+    path = SCRIPT.parent / "lib_ab.py"
+    spec = importlib.util.spec_from_file_location("lib_ab", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_lib_ab_shape_arguments():
+    lib_ab = _lib_ab()
+    assert lib_ab._mnk("4096x7168x2048") == (4096, 7168, 2048)
+    assert lib_ab._grouped("Masked:32x256:7168x2048") == ("masked", 32, 256, 7168, 2048)
+    for bad in ("dense:1x2:3x4", "masked:0x2:3x4", "masked:1x2", "masked:1x2:3x4x5", "1x2x3"):
+        with pytest.raises(Exception, match="expected|KIND"):
+            lib_ab._grouped(bad)

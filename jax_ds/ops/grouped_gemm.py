@@ -44,6 +44,11 @@ SHORT_K_BLOCKS = 16  # up to this many k blocks, grouped_config weighs tiles, no
 # the first; at 1216 tiles (masked 32x128) the two were within 0.3%, at 2432 (32x256) and more
 # the pairs were ahead in 7 of 8 cases (-0.3% to +3.3%). A small, not settled gain.
 SHORT_K_PAIR_WAVES = 4
+# The dense rule's long-K limit (gemm.WIDE_MAX_KBLOCKS) for the grouped widening to 128x192: past
+# this many k blocks, 128x192 only where its columns are as full as 128x128's. None: off. The
+# dense kernel's 128x128 pairs ran 4-8% ahead of 128x192 at long K on the H100 (2026-12-06);
+# the grouped tiles were picked from sweeps of the kernels of 2026-12-03. To be measured.
+GROUPED_WIDE_MAX_KBLOCKS: int | None = None
 
 
 def grouped_config(rows_per_group: int, g: int, n: int, k: int, num_sms: int):
@@ -71,7 +76,10 @@ def grouped_config(rows_per_group: int, g: int, n: int, k: int, num_sms: int):
         # measured, not derived: with short tiles a partial last wave cost about its share
         # (presumably the persistent CTAs' tiles drift apart and the waves overlap)
         waves = lambda bn: tiles(bn) / num_sms if short_k else cdiv(tiles(bn), num_sms)
-        if waves(192) * 192 / WIDE_GAIN < waves(128) * 128:
+        n_used = lambda bn: n / (cdiv(n, bn) * bn)
+        long_k = (GROUPED_WIDE_MAX_KBLOCKS is not None and k // BLOCK_K > GROUPED_WIDE_MAX_KBLOCKS
+                  and n_used(192) < n_used(128))
+        if waves(192) * 192 / WIDE_GAIN < waves(128) * 128 and not long_k:
             block_n = 192
     # partners sit in the same group; an odd column-block count would leave every pair's second
     # tile of the last column past N (computed, not stored), as for the dense rule
