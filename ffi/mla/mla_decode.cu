@@ -29,7 +29,8 @@
 //
 // Guards: block ids are clamped into [0, num_blocks), lengths into [0, max_blocks * 64]; cache
 // rows at or past a length are zeroed in shared memory before P V (they may hold NaN) and masked
-// out of S; query rows that see no key give out = 0, lse = -inf.
+// out of S; query rows that see no key give out = 0, lse = +inf (FlashMLA's convention; the
+// partials of a split keep the empty sum's log, -inf, which the merges weigh as zero).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -103,6 +104,10 @@ __device__ __forceinline__ float Exp2Ftz(float x) {
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
 }
+
+// The lse a query row reports: the empty sum's log (-inf: no key seen) becomes +inf, FlashMLA's
+// convention. Only the final stores use it; partials keep -inf for the merges.
+__device__ __forceinline__ float FinalLse(float lse) { return lse == -INFINITY ? INFINITY : lse; }
 
 __device__ __forceinline__ int ClampedLen(const Params& p, int b) {
   return min(max(p.seqlens[b], 0), p.max_blocks * kPage);
@@ -397,7 +402,7 @@ __device__ __forceinline__ void MergeSplits(const Params& p, int wg, int b, int 
       const float lse = sum != 0.f ? m_use + logf(sum) : -INFINITY;  // a NaN piece: NaN
       if (wg == 0 && lane == 0) {
         const int sq_i = row / p.hq, h_i = row % p.hq;
-        p.lse[(static_cast<int64_t>(b) * p.hq + h_i) * p.sq + sq_i] = lse;
+        p.lse[(static_cast<int64_t>(b) * p.hq + h_i) * p.sq + sq_i] = FinalLse(lse);
       }
       float4 o0 = make_float4(0.f, 0.f, 0.f, 0.f), o1 = o0;
       #pragma unroll
@@ -753,7 +758,7 @@ DecodeKernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ 
             p.lse_acc[static_cast<int64_t>(slot) * p.rows + row] = lse[h];
           } else {
             const int sq_i = row / p.hq, h_i = row % p.hq;
-            p.lse[(static_cast<int64_t>(seg.b) * p.hq + h_i) * p.sq + sq_i] = lse[h];
+            p.lse[(static_cast<int64_t>(seg.b) * p.hq + h_i) * p.sq + sq_i] = FinalLse(lse[h]);
           }
         }
       }
@@ -856,7 +861,7 @@ __global__ void CombineKernel(Params p) {
   #pragma unroll
   for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, o);
   const float lse = sum != 0.f ? m_use + logf(sum) : -INFINITY;  // a NaN piece: NaN
-  if (lane == 0) *lse_out = lse;
+  if (lane == 0) *lse_out = FinalLse(lse);
   float4 o[4] = {};
   for (int j = 0; j < n; ++j) {
     const int64_t slot = base + j;

@@ -45,9 +45,11 @@ SHORT_K_BLOCKS = 16  # up to this many k blocks, grouped_config weighs tiles, no
 # the pairs were ahead in 7 of 8 cases (-0.3% to +3.3%). A small, not settled gain.
 SHORT_K_PAIR_WAVES = 4
 # The dense rule's long-K limit (gemm.WIDE_MAX_KBLOCKS) for the grouped widening to 128x192: past
-# this many k blocks, 128x192 only where its columns are as full as 128x128's. None: off. The
-# dense kernel's 128x128 pairs ran 4-8% ahead of 128x192 at long K on the H100 (2026-12-06);
-# the grouped tiles were picked from sweeps of the kernels of 2026-12-03. To be measured.
+# this many k blocks, 128x192 only where its columns are as full as 128x128's. None: off. Where
+# the dense kernel's 128x128 pairs ran 4-8% ahead of 128x192 at long K (H100, 2026-12-06), the
+# grouped ones did not: 15 moved the eight `bench moe` shapes it changes by -2.2..+1.4%
+# device-bound, 5 of 8 slower (benchmarks/results/lib-ab-h100-2026-12-06-grouped-long-k.json,
+# NOTES-moe). Off; kept so the A/B reruns after a kernel change.
 GROUPED_WIDE_MAX_KBLOCKS: int | None = None
 
 

@@ -16,8 +16,8 @@ Conventions (the reference and the kernel share them; the tests pin them):
                  causal=False: every query sees keys < seqlen.
   empty rows     a query that sees no key (seqlen 0, or causal with seqlen <= Sq - 1 - i) gets
                  out = 0 and lse = +inf, FlashMLA's convention (its kernel and its reference,
-                 tests/test_flash_mla_dense_decoding.py; the log of the empty sum would be -inf,
-                 which the kernel writes and `ffi_mla_decode` maps; before 2026-12-05 -inf here).
+                 tests/test_flash_mla_dense_decoding.py; the log of the empty sum would be -inf;
+                 before 2026-12-05 -inf here). The kernel writes it in its final lse store.
   unused rows    cache rows at or past a sequence's length are never read into the result (they
                  may hold anything, NaN included).
   NaN in a row   a query that sees a NaN cache row gets NaN out and lse, as in FlashMLA (before
@@ -433,6 +433,4 @@ def ffi_mla_decode(q, kv_cache, block_table, cache_seqlens, scale, causal, num_p
                                     softmax_scale=np.float32(scale), causal=bool(causal),
                                     num_parts=np.int32(num_parts), fixed_cost=np.int32(fixed_cost),
                                     fuse_max_splits=np.int32(fuse_max_splits))
-    # The kernel writes the empty sum's log, -inf, for a query that sees no key (only those:
-    # a key's score is finite or NaN); FlashMLA's convention, and the reference's, is +inf.
-    return out, jnp.where(lse == -jnp.inf, jnp.inf, lse)
+    return out, lse
