@@ -159,6 +159,10 @@ def main(argv=None) -> int:
         return 0
     if len(args.variants) < 2:
         ap.error("give at least two variant directories")
+    for flag, given, suite in (("--shapes", args.shapes, "dense"),
+                               ("--grouped-shapes", args.grouped_shapes, "grouped")):
+        if given and suite not in args.suite:
+            ap.error(f"{flag} sets the {suite} suite's shapes, and --suite leaves it out")
     for v in args.variants:
         if not (v / "jax_ds").is_dir() or (args.impl == "ffi" and
                                             not list((v / "jax_ds").glob("_C*.so"))):

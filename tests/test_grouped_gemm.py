@@ -219,6 +219,22 @@ def test_grouped_config_keeps_the_swept_tiles():
         assert (cfg.split_units, cfg.splits) == (0, 1)
 
 
+def test_grouped_long_k_knob(monkeypatch):
+    """GROUPED_WIDE_MAX_KBLOCKS (off by default: the H100 A/B of 2026-12-06 did not gain): past
+    that many k blocks 128x192 gives way to 128x128 where its columns are emptier (n4096: 22 x
+    192), not where they are as full (n2112: 11 x 192), nor at or under the limit."""
+    from jax_ds.ops import grouped_gemm
+    pick = lambda *a: (lambda c: (c.block_m, c.block_n, c.cluster_n))(
+        grouped_gemm.grouped_config(*a, 132))
+    assert grouped_gemm.GROUPED_WIDE_MAX_KBLOCKS is None
+    monkeypatch.setattr(grouped_gemm, "GROUPED_WIDE_MAX_KBLOCKS", 15)
+    assert pick(256, 32, 4096, 7168) == (128, 128, 2)  # 56 k blocks
+    assert pick(4096, 8, 7168, 2048) == (128, 128, 2)  # 16
+    assert pick(256, 8, 2112, 7168) == (128, 192, 1)  # columns as full
+    monkeypatch.setattr(grouped_gemm, "GROUPED_WIDE_MAX_KBLOCKS", 16)
+    assert pick(4096, 8, 7168, 2048) == (128, 192, 2)
+
+
 RESULTS = pathlib.Path(__file__).parent.parent / "benchmarks" / "results"
 
 
