@@ -57,7 +57,8 @@ def check(out, lse, ref_out, ref_lse):
     lse, ref_lse = np.asarray(lse), np.asarray(ref_lse)
     for name, a, r in (("out", out, ref_out), ("lse", lse, ref_lse)):
         assert np.array_equal(np.isnan(a), np.isnan(r)), f"{name}: NaN positions differ"
-        assert np.array_equal(np.isinf(a), np.isinf(r)), f"{name}: Inf positions differ"
+        assert np.array_equal(np.isposinf(a), np.isposinf(r)), f"{name}: +Inf positions differ"
+        assert np.array_equal(np.isneginf(a), np.isneginf(r)), f"{name}: -Inf positions differ"
     fin = np.isfinite(ref_out)
     assert np.all(np.abs(out[fin] - ref_out[fin]) <= 8e-4 + 2 / 128 * np.abs(ref_out[fin]))
     assert calc_diff(out[fin], ref_out[fin]) < 5e-6
@@ -162,7 +163,8 @@ def test_kernel_growing_scores(softmax_scale, max_len):
     out, ref_out = np.asarray(out, np.float64), np.asarray(ref_out, np.float64)
     lse, ref_lse = np.asarray(lse, np.float64), np.asarray(ref_lse, np.float64)
     assert np.array_equal(np.isnan(out), np.isnan(ref_out))
-    assert np.array_equal(np.isinf(lse), np.isinf(ref_lse)) and not np.isnan(lse).any()
+    assert np.array_equal(np.isposinf(lse), np.isposinf(ref_lse)) and not np.isnan(lse).any()
+    assert np.array_equal(np.isneginf(lse), np.isneginf(ref_lse))
     fin = np.isfinite(ref_out)
     assert calc_diff(out[fin], ref_out[fin]) < 5e-6
     scale = softmax_scale or 576 ** -0.5
