@@ -115,6 +115,18 @@ def work_units(m: int, n: int, block_m: int, block_n: int, cluster_n: int = 1) -
     return cdiv(m, block_m) * cdiv(cdiv(n, block_n), cluster_n)
 
 
+def columns_used(n: int, block_n: int) -> float:
+    """The share of the tile columns that lie inside N (its tail tile's emptiness)."""
+    return n / (cdiv(n, block_n) * block_n)
+
+
+def wide_over_long_k(n: int, k_blocks: int, limit: int | None) -> bool:
+    """The long-K limit of 128x192 (dense WIDE_MAX_KBLOCKS, grouped GROUPED_WIDE_MAX_KBLOCKS):
+    past `limit` k blocks (None: no limit) 128x192 gives way where its columns are emptier than
+    128x128's."""
+    return limit is not None and k_blocks > limit and columns_used(n, 192) < columns_used(n, 128)
+
+
 def split_plan(units: int, clusters: int, k_blocks: int, *,
                short_grid: bool = False) -> tuple[int, int, int]:
     """(split_units, splits, estimated time in k-block steps) for `units` work units of
@@ -172,11 +184,9 @@ def gemm_config(m: int, n: int, k: int, num_sms: int, *, tiles=TILES) -> GemmCon
     fills = lambda t: count[t] >= FILL_FRACTION * num_sms
     # 128x192 only where its columns are not much emptier than 128x128's (N's tail tile): it is
     # 5-16% faster per tile at m = 4096 (the H200 sweep of 2026-12-03), not at n = 48.
-    n_used = lambda bn: n / (cdiv(n, bn) * bn)
-    narrow = lambda t: t == (128, 192) and n_used(192) < 0.9 * n_used(128)
+    narrow = lambda t: t == (128, 192) and columns_used(n, 192) < 0.9 * columns_used(n, 128)
     # (128x192 reaches the `wide` walk below at m > 128 only)
-    long_k = lambda t: (t == (128, 192) and WIDE_MAX_KBLOCKS is not None
-                        and k_blocks > WIDE_MAX_KBLOCKS and n_used(192) < n_used(128)
+    long_k = lambda t: (t == (128, 192) and wide_over_long_k(n, k_blocks, WIDE_MAX_KBLOCKS)
                         and not (WIDE_KEEP_FULL_WAVES and count[t] % num_sms == 0))
     if 64 < m <= 128:
         # share of the SMs busy over all waves; 128x64 tiles pay ~10% per FLOP

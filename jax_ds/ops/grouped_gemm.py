@@ -23,7 +23,8 @@ from jax_ds import _ffi
 from jax_ds.ops._checks import (BLOCK_K, FP8, cdiv, check_dtype, check_ndim, check_out_dtype,
                                 check_shape, concrete, gemm_out_dtype, pad_to)
 from jax_ds.ops._vma import match_vma, vary_like
-from jax_ds.ops.gemm import TILES, gemm_config, matmul_operands, matmul_precision
+from jax_ds.ops.gemm import (TILES, gemm_config, matmul_operands, matmul_precision,
+                             wide_over_long_k)
 from jax_ds.ops.quant import dequantize_fp8, quantize_fp8
 
 GROUPED_TARGET = "jax_ds_grouped_fp8_gemm"
@@ -78,10 +79,8 @@ def grouped_config(rows_per_group: int, g: int, n: int, k: int, num_sms: int):
         # measured, not derived: with short tiles a partial last wave cost about its share
         # (presumably the persistent CTAs' tiles drift apart and the waves overlap)
         waves = lambda bn: tiles(bn) / num_sms if short_k else cdiv(tiles(bn), num_sms)
-        n_used = lambda bn: n / (cdiv(n, bn) * bn)
-        long_k = (GROUPED_WIDE_MAX_KBLOCKS is not None and k // BLOCK_K > GROUPED_WIDE_MAX_KBLOCKS
-                  and n_used(192) < n_used(128))
-        if waves(192) * 192 / WIDE_GAIN < waves(128) * 128 and not long_k:
+        if (waves(192) * 192 / WIDE_GAIN < waves(128) * 128
+                and not wide_over_long_k(n, k // BLOCK_K, GROUPED_WIDE_MAX_KBLOCKS)):
             block_n = 192
     # partners sit in the same group; an odd column-block count would leave every pair's second
     # tile of the last column past N (computed, not stored), as for the dense rule
