@@ -251,7 +251,8 @@ def test_gemm_config_splits_a_short_last_wave(monkeypatch):
 @pytest.mark.parametrize("sweep,within,checked", [
     ("gemm-tiles-sweep-h100-2026-11-24.json", 0.98, 11),
     ("gemm-tiles-sweep-h200-2026-12-03.json", 0.98, 11),
-    ("gemm-tiles-sweep-h200-2026-12-03-m64-128-split.json", 0.92, 12)])
+    ("gemm-tiles-sweep-h200-2026-12-03-m64-128-split.json", 0.92, 12),
+    ("gemm-tiles-sweep-h100-2026-12-06-short-grid-splits.json", 0.94, 6)])
 def test_gemm_config_against_tile_sweeps(sweep, within, checked):
     """gemm_config's docstring claim, from the committed sweeps (scripts/sweep_gemm.py kernel
     times of every tile): on every swept shape its pick is within 2% of the fastest tile; in the
@@ -296,6 +297,22 @@ def test_wide_max_kblocks_against_the_2026_12_05_sweep():
             key = ops.gemm_config(m, n, k, 132).key()
             assert key.startswith("128x128") == (n in (4096, 7168, 8192) and k >= 2048), key
             assert row["tflops"][key] >= 0.97 * max(row["tflops"].values()), (m, n, k, key)
+
+
+def test_narrow_split_picks(monkeypatch):
+    """gemm.NARROW_SPLIT: 64x16 picks become 64x32 tiles in two K slices where those fit one
+    wave with slices of at least SPLIT_MIN_KBLOCKS k blocks; every other pick stays."""
+    from jax_ds.ops import gemm
+    monkeypatch.setattr(gemm, "NARROW_SPLIT", True)
+    assert ops.gemm_config(64, 2112, 7168, 132) == ops.GemmConfig(64, 32, 132, 1, 66, 2)
+    assert ops.gemm_config(1, 576, 7168, 132) == ops.GemmConfig(64, 32, 36, 1, 18, 2)
+    for shape, key in [((64, 2112, 2048), "64x16c1"),     # slices of 8 k blocks
+                       ((100, 1536, 7168), "64x16c1"),    # 2 x 96 units: over one wave
+                       ((64, 4096, 7168), "64x32c1"),     # not a 64x16 pick
+                       ((128, 2112, 7168), "64x32c1")]:
+        assert ops.gemm_config(*shape, 132).key() == key, shape
+    tiles = tuple(t for t in gemm.TILES if t != (64, 32))
+    assert ops.gemm_config(64, 2112, 7168, 132, tiles=tiles).key() == "64x16c1"
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])

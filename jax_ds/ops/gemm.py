@@ -62,6 +62,11 @@ WIDE_MAX_KBLOCKS: int | None = 15
 # ... except where 128x192's tiles fill whole waves (768x4096x7168, 132 tiles: 9% ahead of
 # 128x128's 1.45 waves, split, on the H100 in the same A/B).
 WIDE_KEEP_FULL_WAVES = True
+# At m <= 128, where the pick is 64x16 (A re-read from L2 for every 16 columns), 64x32 tiles each
+# cut into two K slices of at least SPLIT_MIN_KBLOCKS k blocks, when they fit one wave: as many
+# units, half of 64x16's A traffic (H100 kernel-time sweep of 2026-12-06: 64x2112x7168 198 against
+# 188 TFLOP/s; the same cut of 64x64 at 64x4096x7168 lost 6% to 64x32).
+NARROW_SPLIT = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -200,7 +205,11 @@ def gemm_config(m: int, n: int, k: int, num_sms: int, *, tiles=TILES) -> GemmCon
     candidates = [t for t in tiles if m > 128 or t[0] == 64]
     wide = [t for t in candidates if fills(t) and not narrow(t) and not long_k(t)]
     bm, bn = wide[0] if wide else max(candidates, key=lambda t: (count[t], t[0]))
-    if m <= 128:  # 64-row tiles, no clusters (2-15% slower there) and no split (below)
+    if m <= 128:  # 64-row tiles, no clusters (2-15% slower there) and no split (below) ...
+        units = count.get((64, 32), 0)
+        if (NARROW_SPLIT and (bm, bn) == (64, 16) and (64, 32) in tiles
+                and 2 * units <= num_sms and k_blocks >= 2 * SPLIT_MIN_KBLOCKS):
+            return GemmConfig(64, 32, 2 * units, 1, units, 2)  # ... but for NARROW_SPLIT
         return GemmConfig(bm, bn, min(count[(bm, bn)], num_sms), 1)
     # Pairs of CTAs that share (multicast) the A tile: on the H100 +15-18% on the long-K large
     # shapes (4096x7168x16384, 4096x4096x7168, 8192^3) with 128x128 tiles, where L2 -> SM traffic
