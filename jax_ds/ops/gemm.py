@@ -64,8 +64,9 @@ WIDE_MAX_KBLOCKS: int | None = 15
 WIDE_KEEP_FULL_WAVES = True
 # At m <= 128, where the pick is 64x16 (A re-read from L2 for every 16 columns), 64x32 tiles each
 # cut into two K slices of at least SPLIT_MIN_KBLOCKS k blocks, when they fit one wave: as many
-# units, half of 64x16's A traffic (H100 kernel-time sweep of 2026-12-06: 64x2112x7168 198 against
-# 188 TFLOP/s; the same cut of 64x64 at 64x4096x7168 lost 6% to 64x32).
+# units, half of 64x16's A traffic. Off: +5% in a kernel-time sweep of two input sets (30 MB, held
+# in L2: 64x2112x7168 198 against 188 TFLOP/s), but with four sets rotating (scripts/lib_ab.py,
+# H100, 2026-12-06) 6% slower there and 12% at 64x2112x4096, +7-12% only at n = 576 and m = 8.
 NARROW_SPLIT = False
 
 
