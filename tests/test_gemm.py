@@ -299,20 +299,25 @@ def test_wide_max_kblocks_against_the_2026_12_05_sweep():
             assert row["tflops"][key] >= 0.97 * max(row["tflops"].values()), (m, n, k, key)
 
 
-def test_narrow_split_picks(monkeypatch):
-    """gemm.NARROW_SPLIT: 64x16 picks become 64x32 tiles in two K slices where those fit one
-    wave with slices of at least SPLIT_MIN_KBLOCKS k blocks; every other pick stays."""
+def test_short_grid_fill_picks(monkeypatch):
+    """gemm.SHORT_GRID_FILL (off by default): at m <= 128 a grid of fewer tiles than that share of
+    the SMs is cut along K into as many slices as fit one wave, each of at least
+    SHORT_GRID_MIN_KBLOCKS k blocks; fuller grids and m > 128 keep their picks."""
     from jax_ds.ops import gemm
-    monkeypatch.setattr(gemm, "NARROW_SPLIT", True)
-    assert ops.gemm_config(64, 2112, 7168, 132) == ops.GemmConfig(64, 32, 132, 1, 66, 2)
-    assert ops.gemm_config(1, 576, 7168, 132) == ops.GemmConfig(64, 32, 36, 1, 18, 2)
-    for shape, key in [((64, 2112, 2048), "64x16c1"),     # slices of 8 k blocks
-                       ((100, 1536, 7168), "64x16c1"),    # 2 x 96 units: over one wave
-                       ((64, 4096, 7168), "64x32c1"),     # not a 64x16 pick
-                       ((128, 2112, 7168), "64x32c1")]:
+    assert gemm.SHORT_GRID_FILL is None
+    assert ops.gemm_config(64, 576, 7168, 132) == ops.GemmConfig(64, 16, 36, 1)
+    monkeypatch.setattr(gemm, "SHORT_GRID_FILL", 0.5)
+    assert ops.gemm_config(64, 576, 7168, 132) == ops.GemmConfig(64, 16, 108, 1, 36, 3)
+    assert ops.gemm_config(5, 256, 7168, 132) == ops.GemmConfig(64, 16, 112, 1, 16, 7)
+    assert ops.gemm_config(64, 576, 2048, 132) == ops.GemmConfig(64, 16, 72, 1, 36, 2)
+    for shape, key in [((64, 576, 1024), "64x16c1"),      # one slice of 8 k blocks at most
+                       ((128, 576, 7168), "64x16c1"),     # 72 tiles: over half the SMs
+                       ((64, 2112, 7168), "64x16c1")]:    # a full wave
         assert ops.gemm_config(*shape, 132).key() == key, shape
-    tiles = tuple(t for t in gemm.TILES if t != (64, 32))
-    assert ops.gemm_config(64, 2112, 7168, 132, tiles=tiles).key() == "64x16c1"
+    monkeypatch.setattr(gemm, "SHORT_GRID_FILL", None)
+    off = ops.gemm_config(512, 576, 7168, 132)  # m > 128: the other rule, unchanged
+    monkeypatch.setattr(gemm, "SHORT_GRID_FILL", 0.5)
+    assert ops.gemm_config(512, 576, 7168, 132) == off
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])

@@ -62,12 +62,15 @@ WIDE_MAX_KBLOCKS: int | None = 15
 # ... except where 128x192's tiles fill whole waves (768x4096x7168, 132 tiles: 9% ahead of
 # 128x128's 1.45 waves, split, on the H100 in the same A/B).
 WIDE_KEEP_FULL_WAVES = True
-# At m <= 128, where the pick is 64x16 (A re-read from L2 for every 16 columns), 64x32 tiles each
-# cut into two K slices of at least SPLIT_MIN_KBLOCKS k blocks, when they fit one wave: as many
-# units, half of 64x16's A traffic. Off: +5% in a kernel-time sweep of two input sets (30 MB, held
-# in L2: 64x2112x7168 198 against 188 TFLOP/s), but with four sets rotating (scripts/lib_ab.py,
-# H100, 2026-12-06) 6% slower there and 12% at 64x2112x4096, +7-12% only at n = 576 and m = 8.
-NARROW_SPLIT = False
+# At m <= 128, a grid of fewer tiles than SHORT_GRID_FILL x the SMs (n = 576, DeepSeek-V3's kv_a
+# projection: 36 tiles of 64x16) leaves most SMs, and with them most of HBM's bandwidth, idle:
+# every unit is cut into as many K slices as fit one wave, each of at least SHORT_GRID_MIN_KBLOCKS
+# k blocks. None: off. With 0.5 on the H100 (scripts/lib_ab.py, 2026-12-06, device-bound):
+# 64x576x7168 +10% (3 slices), 64x256x7168 +24% (7), 64x1024x7168 +0% (2), but 8x576x7168 -16%
+# (3; why m = 8 loses where m = 64 gains is not known) and 64x576x2048 -40% (2 slices of 8 k
+# blocks). benchmarks/NOTES-gemm.md, twenty-third session.
+SHORT_GRID_FILL: float | None = None
+SHORT_GRID_MIN_KBLOCKS = 8
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -207,10 +210,11 @@ def gemm_config(m: int, n: int, k: int, num_sms: int, *, tiles=TILES) -> GemmCon
     wide = [t for t in candidates if fills(t) and not narrow(t) and not long_k(t)]
     bm, bn = wide[0] if wide else max(candidates, key=lambda t: (count[t], t[0]))
     if m <= 128:  # 64-row tiles, no clusters (2-15% slower there) and no split (below) ...
-        units = count.get((64, 32), 0)
-        if (NARROW_SPLIT and (bm, bn) == (64, 16) and (64, 32) in tiles
-                and 2 * units <= num_sms and k_blocks >= 2 * SPLIT_MIN_KBLOCKS):
-            return GemmConfig(64, 32, 2 * units, 1, units, 2)  # ... but for NARROW_SPLIT
+        units = count[(bm, bn)]  # ... but for SHORT_GRID_FILL
+        if SHORT_GRID_FILL is not None and units < SHORT_GRID_FILL * num_sms:
+            splits = min(num_sms // units, k_blocks // SHORT_GRID_MIN_KBLOCKS)
+            if splits >= 2:
+                return GemmConfig(bm, bn, units * splits, 1, units, splits)
         return GemmConfig(bm, bn, min(count[(bm, bn)], num_sms), 1)
     # Pairs of CTAs that share (multicast) the A tile: on the H100 +15-18% on the long-K large
     # shapes (4096x7168x16384, 4096x4096x7168, 8192^3) with 128x128 tiles, where L2 -> SM traffic
