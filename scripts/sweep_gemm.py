@@ -6,6 +6,10 @@ of under one wave too, every unit cut along K) is also timed with that split (ke
 With --splits S ..., each tile x cluster whose grid fits one wave is also timed with every unit cut
 into S K slices, for each S whose slices still fit one wave (key suffix "s" + S, e.g. "64x64c1s4").
 gemm_config's pick is timed as it is configured. Keys: GemmConfig.key().
+Operands rotate over --sets input sets (2 by default, as in the committed sweeps): at m <= 128 two
+sets of B fit in the 50 MB L2, which favoured splits that `bench gemm` (16 sets) and
+`scripts/lib_ab.py` (4) then measured slower (NOTES-gemm, twenty-third session): use --sets 4 or more
+there.
 
   python scripts/sweep_gemm.py --shapes 64x2112x7168 128x4096x7168 --splits 2 3 4 7"""
 import argparse, json, os
@@ -24,6 +28,7 @@ parser.add_argument("--shapes", nargs="+", metavar="MxNxK",
                     help="these shapes instead of the benchmark's")
 parser.add_argument("--splits", type=int, nargs="+", default=[], metavar="S",
                     help="also cut every unit of a grid under one wave into S K slices")
+parser.add_argument("--sets", type=int, default=2, help="input sets the calls rotate over")
 parser.add_argument("--split", action="store_true",
                     help="also time each tile x cluster with split_plan's K split of its last wave")
 args = parser.parse_args()
@@ -32,7 +37,7 @@ rows = []
 for (m, n, k) in args.shapes or gemm_bench_shapes():
     if args.m and m not in args.m:
         continue
-    sets = block_sets(m, n, k, 2, seed=1)
+    sets = block_sets(m, n, k, args.sets, seed=1)
     res = {}
 
     def measure(cfg, suffix=""):

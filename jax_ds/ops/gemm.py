@@ -215,7 +215,7 @@ def gemm_config(m: int, n: int, k: int, num_sms: int, *, tiles=TILES) -> GemmCon
             splits = min(num_sms // units, k_blocks // SHORT_GRID_MIN_KBLOCKS)
             if splits >= 2:
                 return GemmConfig(bm, bn, units * splits, 1, units, splits)
-        return GemmConfig(bm, bn, min(count[(bm, bn)], num_sms), 1)
+        return GemmConfig(bm, bn, min(units, num_sms), 1)
     # Pairs of CTAs that share (multicast) the A tile: on the H100 +15-18% on the long-K large
     # shapes (4096x7168x16384, 4096x4096x7168, 8192^3) with 128x128 tiles, where L2 -> SM traffic
     # bounds them, -2..+6% on the others. On the H200 within 2% either way at 128x128; at 128x192
