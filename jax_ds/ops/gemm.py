@@ -176,7 +176,7 @@ def gemm_config(m: int, n: int, k: int, num_sms: int, *, tiles=TILES) -> GemmCon
     64 < m <= 128: one 128-row tile 192, 128 or 64 wide when such tiles fill 3/4 of the SMs, the
     one that keeps the SMs busier over its waves (128x64 pays 10%); otherwise 64-row tiles as for
     m <= 64, which double the parallelism; no pairs and no split at m <= 128 (the split lost 17%
-    at 64x24576x1536).
+    at 64x24576x1536; SHORT_GRID_FILL, off by default, splits grids under a share of the SMs).
     Checked against every tile timed on every benchmark shape (scripts/sweep_gemm.py, kernel
     times; tests/test_gemm.py checks each file): at m <= 128 on the H200
     (benchmarks/results/gemm-tiles-sweep-h200-2026-12-03.json) the fastest tile on 11 of 12
