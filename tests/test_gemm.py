@@ -258,7 +258,9 @@ def test_gemm_config_against_tile_sweeps(sweep, within, checked):
     times of every tile): on every swept shape its pick is within 2% of the fastest tile; in the
     m <= 128 sweep with short-grid splits (which gemm_config does not use: 64x2112x7168 cut 7
     ways in 64x32 tiles is 8% faster there; 128x4096x7168 moved 4% between H200 runs) within
-    8%, which still catches a split that loses (64x24576x1536: 0.81 of the best).
+    8%, which still catches a split that loses (64x24576x1536: 0.81 of the best); in the H100's
+    of 2026-12-06 (forced splits, two input sets: 64x2112x7168 in 64x32 halves 5% ahead there,
+    6% behind with four sets in lib-ab-h100-2026-12-06-narrow-split.json) within 6%.
     A shape whose pick a sweep did not time (a sweep from before the tile, the split or the
     overlap) is skipped; `checked` counts the others, so a rule change that moves picks out of
     every sweep fails here instead of passing on nothing (then sweep again)."""

@@ -65,7 +65,7 @@ WIDE_KEEP_FULL_WAVES = True
 # At m <= 128, a grid of fewer tiles than SHORT_GRID_FILL x the SMs (n = 576, DeepSeek-V3's kv_a
 # projection: 36 tiles of 64x16) leaves most SMs, and with them most of HBM's bandwidth, idle:
 # every unit is cut into as many K slices as fit one wave, each of at least SHORT_GRID_MIN_KBLOCKS
-# k blocks. None: off. With 0.5 on the H100 (scripts/lib_ab.py, 2026-12-06, device-bound):
+# k blocks (split_plan's short grid). None: off. With 0.5 on the H100 (scripts/lib_ab.py, 2026-12-06, device-bound):
 # 64x576x7168 +10% (3 slices), 64x256x7168 +24% (7), 64x1024x7168 +0% (2), but 8x576x7168 -16%
 # (3; why m = 8 loses where m = 64 gains is not known) and 64x576x2048 -40% (2 slices of 8 k
 # blocks). benchmarks/NOTES-gemm.md, twenty-third session.
@@ -136,8 +136,8 @@ def wide_over_long_k(n: int, k_blocks: int, limit: int | None) -> bool:
     return limit is not None and k_blocks > limit and columns_used(n, 192) < columns_used(n, 128)
 
 
-def split_plan(units: int, clusters: int, k_blocks: int, *,
-               short_grid: bool = False) -> tuple[int, int, int]:
+def split_plan(units: int, clusters: int, k_blocks: int, *, short_grid: bool = False,
+               min_kblocks: int | None = None) -> tuple[int, int, int]:
     """(split_units, splits, estimated time in k-block steps) for `units` work units of
     `k_blocks` each on `clusters` persistent clusters.
 
@@ -146,13 +146,14 @@ def split_plan(units: int, clusters: int, k_blocks: int, *,
     SPLIT_MIN_KBLOCKS k blocks a slice) it takes ceil(k_blocks / splits) plus the partial sums'
     round trip (SPLIT_COST_KBLOCKS). Only a full wave before the tail is split (smaller problems
     choose smaller tiles instead), unless `short_grid`: then a grid of less than one wave is
-    split too, every unit (an experiment for `scripts/sweep_gemm.py --split`: wide tiles cut
-    along K against the narrow tiles gemm_config takes at small m; not used by gemm_config).
+    split too, every unit (`scripts/sweep_gemm.py --split`, and gemm_config's SHORT_GRID_FILL,
+    off by default). `min_kblocks`: the shortest slice instead of SPLIT_MIN_KBLOCKS.
     A split is returned only when it saves SPLIT_MIN_GAIN of the time.
     """
+    min_kblocks = SPLIT_MIN_KBLOCKS if min_kblocks is None else min_kblocks
     waves, tail = divmod(units, clusters)
     whole = cdiv(units, clusters) * k_blocks
-    splits = min(clusters // tail, k_blocks // SPLIT_MIN_KBLOCKS) if tail else 0
+    splits = min(clusters // tail, k_blocks // min_kblocks) if tail else 0
     if (waves == 0 and not short_grid) or splits < 2:
         return 0, 1, whole
     t = waves * k_blocks + cdiv(k_blocks, splits) + SPLIT_COST_KBLOCKS
@@ -212,9 +213,10 @@ def gemm_config(m: int, n: int, k: int, num_sms: int, *, tiles=TILES) -> GemmCon
     if m <= 128:  # 64-row tiles, no clusters (2-15% slower there) and no split (below) ...
         units = count[(bm, bn)]  # ... but for SHORT_GRID_FILL
         if SHORT_GRID_FILL is not None and units < SHORT_GRID_FILL * num_sms:
-            splits = min(num_sms // units, k_blocks // SHORT_GRID_MIN_KBLOCKS)
-            if splits >= 2:
-                return GemmConfig(bm, bn, units * splits, 1, units, splits)
+            split_units, splits, _ = split_plan(units, num_sms, k_blocks, short_grid=True,
+                                                min_kblocks=SHORT_GRID_MIN_KBLOCKS)
+            if splits > 1:
+                return GemmConfig(bm, bn, units * splits, 1, split_units, splits)
         return GemmConfig(bm, bn, min(units, num_sms), 1)
     # Pairs of CTAs that share (multicast) the A tile: on the H100 +15-18% on the long-K large
     # shapes (4096x7168x16384, 4096x4096x7168, 8192^3) with 128x128 tiles, where L2 -> SM traffic
