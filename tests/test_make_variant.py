@@ -5,10 +5,18 @@ import pathlib
 
 import pytest
 
-SCRIPT = pathlib.Path(__file__).parent.parent / "scripts" / "make_variant.py"
-spec = importlib.util.spec_from_file_location("make_variant", SCRIPT)
-make_variant = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(make_variant)
+SCRIPTS = pathlib.Path(__file__).parent.parent / "scripts"
+
+
+def _script(name):
+    """scripts/<name>.py imported as a module."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+make_variant = _script("make_variant")
 
 
 def test_copy_with_overrides(tmp_path):
@@ -38,16 +46,8 @@ def test_bad_overrides_copy_nothing(tmp_path, item):
     assert not (tmp_path / "jax_ds").exists()
 
 
-def _lib_ab():
-    path = SCRIPT.parent / "lib_ab.py"
-    spec = importlib.util.spec_from_file_location("lib_ab", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_lib_ab_shape_arguments():
-    lib_ab = _lib_ab()
+    lib_ab = _script("lib_ab")
     assert lib_ab._mnk("4096x7168x2048") == (4096, 7168, 2048)
     assert lib_ab._grouped("Masked:32x256:7168x2048") == ("masked", 32, 256, 7168, 2048)
     for bad in ("dense:1x2:3x4", "masked:0x2:3x4", "masked:1x2", "masked:1x2:3x4x5", "1x2x3"):
