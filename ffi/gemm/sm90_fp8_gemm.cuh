@@ -561,8 +561,9 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
     const bool even_n = (N % 2) == 0;
     uint8_t* out_slice = out_tile + consumer * 64 * BN * sizeof(OutT);
 
-    // Two accumulator sets: the WGMMAs of k block kb run while block kb-1 is promoted. The
-    // scales of a block are loaded when its WGMMAs are issued, so promotion never waits on them.
+    // kSets accumulator sets: the WGMMAs of k blocks kb .. kb+kSets-2 run while block kb-1 is
+    // promoted. The scales of a block are loaded when its WGMMAs are issued, so promotion never
+    // waits on them.
     float acc[kSets][kAccRegs];
     float scale_a0[kSets], scale_a1[kSets], scale_b[kSets], scale_b_hi[kSets];
     float total[kAccRegs];
