@@ -124,6 +124,20 @@ __device__ __forceinline__ void banded_order(int unit, int num_m_tiles, const Fa
 template <int BN>
 inline constexpr bool kOneAccSet = 3 * WgmmaFp8<BN>::kRegs > 192;
 
+// Accumulator sets of the narrow tiles (BN <= 64: 8-32 registers a set): kSmallTileAccSets - 1
+// k blocks in flight while the block before is promoted. Measured on the H100 (NOTES-gemm,
+// twenty-fourth session; kernel times, four input sets): 4 sets against 2 gained 4-10% on every
+// m <= 128 shape whose pick is 64 wide or narrower (64x2112x7168 171 -> 185 TFLOP/s), 3 sets
+// nothing, 6 sets -1..+5% against 4 at BN <= 32 but spills at BN = 64. Rebuild with
+// -DJAX_DS_GEMM_SMALL_ACC_SETS=S (2..6) to compare.
+#ifndef JAX_DS_GEMM_SMALL_ACC_SETS
+#define JAX_DS_GEMM_SMALL_ACC_SETS 4
+#endif
+inline constexpr int kSmallTileAccSets = JAX_DS_GEMM_SMALL_ACC_SETS;
+static_assert(kSmallTileAccSets >= 2 && kSmallTileAccSets <= 6, "2 to 6 sets");
+template <int BN>
+inline constexpr int kAccSets = kOneAccSet<BN> ? 1 : BN <= 64 ? kSmallTileAccSets : 2;
+
 // kOverlap_: kernels of one accumulator set (128x192) store a tile while the next tile's first
 // k block runs (attribute `overlap`; a separate instance: a runtime switch made ptxas spill in
 // the epilogue and cost both variants 8-12% on the H200).
@@ -406,6 +420,21 @@ __device__ __forceinline__ void issue_k_block(float* acc, uint64_t* full_bar, ui
   sm90::wgmma_commit();
 }
 
+// f(std::integral_constant<int, v>{}) for the runtime value v in [0, N): a compile-time body per
+// value (the GEMM's last round of k blocks).
+template <int N, int I = 0, typename F>
+__device__ __forceinline__ void dispatch_below(int v, F& f) {
+  if constexpr (I + 1 < N) {
+    if (v == I) {
+      f(std::integral_constant<int, I>{});
+    } else {
+      dispatch_below<N, I + 1>(v, f);
+    }
+  } else {
+    f(std::integral_constant<int, I>{});
+  }
+}
+
 template <int BM, int BN, int kClusterN, typename OutT, typename Sched, bool kBf16 = false,
           bool kBTrans = false>
 __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
@@ -431,7 +460,8 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
   // registers for a second accumulator set: its k blocks are issued, waited and promoted one
   // at a time (the other consumer warpgroup's WGMMAs keep the tensor cores busy meanwhile).
   constexpr bool kTwoScales = 128 % BN != 0;
-  constexpr bool kDoubleAcc = !kOneAccSet<BN>;
+  constexpr int kSets = kAccSets<BN>;
+  constexpr bool kDoubleAcc = kSets >= 2;  // (two or more sets)
   // With one set, a tile's epilogue may run under the next tile's first k block (dense GEMM,
   // Sched::kOverlap: its tiles are never zero tiles, so the first issue is unconditional;
   // ptxas serialises WGMMAs issued on a data-dependent path). Measured on the H200: +4-7% at
@@ -532,10 +562,11 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
     const bool even_n = (N % 2) == 0;
     uint8_t* out_slice = out_tile + consumer * 64 * BN * sizeof(OutT);
 
-    // Two accumulator sets: the WGMMAs of k block kb run while block kb-1 is promoted. The
-    // scales of a block are loaded when its WGMMAs are issued, so promotion never waits on them.
-    float acc[kDoubleAcc ? 2 : 1][kAccRegs];
-    float scale_a0[2], scale_a1[2], scale_b[2], scale_b_hi[2];
+    // kSets accumulator sets: the WGMMAs of k blocks kb .. kb+kSets-2 run while block kb-1 is
+    // promoted. The scales of a block are loaded when its WGMMAs are issued, so promotion never
+    // waits on them.
+    float acc[kSets][kAccRegs];
+    float scale_a0[kSets], scale_a1[kSets], scale_b[kSets], scale_b_hi[kSets];
     float total[kAccRegs];
     int stage = 0;
     uint32_t phase = 0;
@@ -741,25 +772,50 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
           promote(0);
         }
       } else if (!c.zero) {  // a zero tile keeps total = 0 and goes straight to the stores
-        issue(0, kb_first);
-        int kb = kb_first + 1;
-        for (; kb + 1 < kb_end; kb += 2) {  // register sets must be named statically: unroll by 2
-          issue(1, kb);
-          sm90::wgmma_wait<1>();
-          promote(0);
-          issue(0, kb + 1);
-          sm90::wgmma_wait<1>();
-          promote(1);
-        }
-        if (kb < kb_end) {  // an even count: block kb is left, block kb-1 is in flight in set 0
-          issue(1, kb);
-          sm90::wgmma_wait<1>();
-          promote(0);
+        // Block i of the unit (0-based) runs in set i % kSets and is promoted once block
+        // i + kSets - 1 is issued (kSets - 1 blocks in flight), the last kSets - 1 after a full
+        // wait. Register sets are named statically (rounds unrolled by kSets), and every path
+        // that reads an accumulator has waited for it in straight-line code: ptxas serialises
+        // the WGMMAs (C7514) when a read may meet a WGMMA in flight on any path.
+        constexpr int S = kSets;
+        const int n = kb_end - kb_first;
+        if (n >= S - 1) {
+#pragma unroll
+          for (int s = 0; s < S - 1; ++s) issue(s, kb_first + s);
+          int base = 0;  // first block of the round, a multiple of S
+          for (; base + 2 * S - 2 < n; base += S) {  // rounds whose S issues all exist
+#pragma unroll
+            for (int s = 0; s < S; ++s) {
+              issue((s + S - 1) % S, kb_first + base + s + S - 1);
+              sm90::wgmma_wait<S - 1>();
+              promote(s);
+            }
+          }
+          // The last round: R = n - base - (S - 1) blocks left to issue (0 <= R < S), one
+          // straight-line body per R.
+          auto last_round = [&](auto r) {
+            constexpr int R = decltype(r)::value;
+#pragma unroll
+            for (int s = 0; s < R; ++s) {
+              issue((s + S - 1) % S, kb_first + base + s + S - 1);
+              sm90::wgmma_wait<S - 1>();
+              promote(s);
+            }
+            sm90::wgmma_wait<0>();
+#pragma unroll
+            for (int d = 0; d < S - 1; ++d) promote((R + d) % S);
+          };
+          dispatch_below<S>(n - base - (S - 1), last_round);
+        } else {  // fewer blocks than sets in flight (S > 2 only): issue all, wait, promote all
+#pragma unroll
+          for (int s = 0; s < S - 1; ++s) {
+            if (s < n) issue(s, kb_first + s);
+          }
           sm90::wgmma_wait<0>();
-          promote(1);
-        } else {
-          sm90::wgmma_wait<0>();
-          promote(0);
+#pragma unroll
+          for (int s = 0; s < S - 1; ++s) {
+            if (s < n) promote(s);
+          }
         }
       }
 
