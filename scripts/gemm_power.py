@@ -27,6 +27,7 @@ from jax_ds.bench._torch_gemm import TorchGemm
 from jax_ds.bench.gemm import block_sets
 from jax_ds.ops import gemm
 
+
 def fields():
     """nvidia-smi's query fields (the reasons field was renamed from clocks_throttle_reasons)."""
     for reasons in ("clocks_event_reasons.active", "clocks_throttle_reasons.active"):
@@ -107,7 +108,9 @@ def main(argv=None) -> int:
     thread.join(timeout=2)
 
     flops = 2.0 * m * n * k
-    print(f"{m}x{n}x{k}, ours pick {gemm.gemm_config(m, n, k, 132).key()}, {jax.devices()[0].device_kind}")
+    dev = jax.devices()[0]
+    pick = gemm.gemm_config(m, n, k, dev.core_count).key()
+    print(f"{m}x{n}x{k}, ours pick {pick}, {dev.device_kind}")
     print(f"{'impl':6s} {'TFLOP/s':>8s} {'calls':>6s} {'SM MHz':>7s} {'W':>6s} {'C':>4s} reasons")
     for impl, t0, t1, calls in phases:
         lo, hi = t0 + 0.1 * (t1 - t0), t1 - 0.1 * (t1 - t0)
