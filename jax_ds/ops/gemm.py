@@ -309,8 +309,8 @@ def ffi_fp8_gemm(a, a_scale, b, b_scale, cfg: GemmConfig, out_dtype=jnp.bfloat16
 def matmul_operands(a, b):
     """A float32-accumulated dot's operands as the matrix unit takes them (the wgrads, the bf16
     expert GEMMs): bf16 / f16 as they are (each product of two is exact in float32, and the dot
-    accumulates in float32: the values of the float32 dot, at the 16-bit rate instead of the far
-    slower float32 GEMM on GPUs), float32 as float32."""
+    accumulates in float32: the values of the float32 dot up to the order of its float32 sums,
+    at the 16-bit rate instead of the far slower float32 GEMM on GPUs), float32 as float32."""
     dtype = jnp.promote_types(a.dtype, b.dtype)
     return a.astype(dtype), b.astype(dtype)
 
