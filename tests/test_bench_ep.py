@@ -2,6 +2,7 @@
 bytes are counted as DeepEP counts them."""
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -61,14 +62,19 @@ def _epxla_variants():
 
 
 def test_epxla_flag_sets_parse():
-    """NOTES-multigpu's claim: every flag set of step epxla is known to this jaxlib's XLA (an
-    unknown flag in XLA_FLAGS aborts the process at its first computation; on CPU they change
-    nothing). The check is shown to fail on a made-up flag."""
+    """NOTES-multigpu's claim: every flag set of step epxla is known to jaxlib 0.11.2's XLA (the
+    device's) and later (an unknown flag in XLA_FLAGS aborts the process at its first
+    computation; on CPU they change nothing). jaxlib 0.10.2 (Python 3.11's newest here) knows
+    only the first set's: the step logs the other two as failed and goes on. The check is shown
+    to fail on a made-up flag."""
     from jax_ds.testing import xla_flags_parse
     variants = _epxla_variants()
     assert [name for name, _ in variants] == ["peer-oneshot", "nccl-sendrecv", "device-kernel"]
-    for name, flags in variants:
+    for i, (name, flags) in enumerate(variants):
         ok, err = xla_flags_parse(flags)
-        assert ok, (name, err)
+        if jax.__version_info__ >= (0, 11) or i == 0:
+            assert ok, (name, err)
+        else:
+            assert not ok and "Unknown flag" in err, (name, err)
     ok, err = xla_flags_parse("--xla_jax_ds_no_such_flag=true")
     assert not ok and "Unknown flag" in err

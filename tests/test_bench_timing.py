@@ -109,13 +109,18 @@ def test_aliased_outputs_counts_donated_outputs():
 
 
 def test_in_place_launch_writes_into_the_same_buffers():
-    """The in-place executable aliases every output to a donated buffer (no copies added), and
-    call after call returns the right values in buffers it was handed."""
+    """The in-place executable aliases every output to a donated buffer (no copies added: as
+    many as the same executable with fresh outputs has, none from jax 0.11 on; jax 0.10.2's
+    XLA:CPU copies the second repeat's outputs in both), and call after call returns the right
+    values in buffers it was handed."""
     sets = tuple((jax.random.normal(jax.random.key(i), (32, 32)),) for i in range(3))
     fn = lambda x: (x @ x.T, jnp.sum(x, axis=0))
     call, compiled, placed = _timing._compile_launch(fn, sets, 2, True)
     assert placed and _timing.aliased_outputs(compiled) == 2 * 3 * 2
-    assert compiled.as_text().count(" copy(") == 0
+    fresh = jax.jit(_timing.repeated_calls(fn, 2)).lower(sets).compile()
+    assert compiled.as_text().count(" copy(") == fresh.as_text().count(" copy(")
+    if jax.__version_info__ >= (0, 11):
+        assert compiled.as_text().count(" copy(") == 0
     first = call.outs
     for _ in range(3):
         handed = call.outs
