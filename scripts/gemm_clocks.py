@@ -2,10 +2,11 @@
 
     python scripts/gemm_clocks.py [m n k] [seconds]
 A sustained FP8 GEMM on an H100 runs at its power limit, so TFLOP/s depends on the clock each
-kernel can hold. This runs each implementation for `seconds` while nvidia-smi samples the SM clock
-and power every 100 ms, and prints TFLOP/s, mean clock and mean power per implementation:
-a kernel that is slower at the same clock does less per cycle; one that is slower at a lower clock
-spends more energy per FLOP.
+kernel can hold. This runs each implementation for `seconds` while nvidia-smi samples the SM clock,
+power and clock-event reasons every 100 ms, and prints TFLOP/s, mean clock, mean power and the
+reasons seen (nvidia-smi's bit mask: 0x4 software power cap, 0x20 / 0x40 thermal slowdown, ...)
+per implementation: a kernel that is slower at the same clock does less per cycle; one that is
+slower at a lower clock spends more energy per FLOP.
 """
 import subprocess
 import sys
@@ -19,18 +20,29 @@ import numpy as np
 from jax_ds.ops import fp8_gemm, quantize_fp8
 
 
-def sampler(samples, stop):
-    p = subprocess.Popen(["nvidia-smi", "--query-gpu=clocks.sm,power.draw",
+def query():
+    """nvidia-smi's fields: SM clock, power, clock-event reasons (renamed from
+    clocks_throttle_reasons in newer drivers)."""
+    for reasons in ("clocks_event_reasons.active", "clocks_throttle_reasons.active"):
+        q = f"clocks.sm,power.draw,{reasons}"
+        if subprocess.run(["nvidia-smi", f"--query-gpu={q}", "--format=csv,noheader"],
+                          capture_output=True).returncode == 0:
+            return q
+    raise SystemExit("nvidia-smi answers neither clock-event-reasons field")
+
+
+def sampler(samples, stop, fields):
+    p = subprocess.Popen(["nvidia-smi", f"--query-gpu={fields}",
                           "--format=csv,noheader,nounits", "-lms", "100"],
                          stdout=subprocess.PIPE, text=True)
     for line in p.stdout:
         if stop.is_set():
             break
         try:
-            clock, power = (float(x) for x in line.split(","))
+            clock, power, reasons = (x.strip() for x in line.split(","))
+            samples.append((time.perf_counter(), float(clock), float(power), int(reasons, 16)))
         except ValueError:
             continue
-        samples.append((time.perf_counter(), clock, power))
     p.kill()
 
 
@@ -41,11 +53,13 @@ def phase(name, run_once, flops_per_call, seconds, samples):
     while time.perf_counter() - t0 < seconds:
         calls += run_once()
     t1 = time.perf_counter()
-    s = [(c, p) for t, c, p in samples if t0 + 0.5 < t < t1]
-    clock = np.mean([c for c, _ in s]) if s else float("nan")
-    power = np.mean([p for _, p in s]) if s else float("nan")
+    s = [(c, p, r) for t, c, p, r in samples if t0 + 0.5 < t < t1]
+    clock = np.mean([c for c, _, _ in s]) if s else float("nan")
+    power = np.mean([p for _, p, _ in s]) if s else float("nan")
+    reasons = ",".join(sorted({hex(r) for _, _, r in s}))
     print(f"{name}: {flops_per_call * calls / (t1 - t0) / 1e12:.0f} TFLOP/s, SM clock "
-          f"{clock:.0f} MHz, power {power:.0f} W ({len(s)} samples)", flush=True)
+          f"{clock:.0f} MHz, power {power:.0f} W, reasons {reasons} ({len(s)} samples)",
+          flush=True)
 
 
 def main(argv):
@@ -65,7 +79,7 @@ def main(argv):
         return jax.lax.fori_loop(0, reps, body, jnp.float32(0))
 
     samples, stop = [], threading.Event()
-    threading.Thread(target=sampler, args=(samples, stop), daemon=True).start()
+    threading.Thread(target=sampler, args=(samples, stop, query()), daemon=True).start()
     time.sleep(0.5)
     phase("ours", lambda: (jax.block_until_ready(ours(a8, sa, b8, sb)), reps)[1],
           2 * m * n * k, seconds, samples)
