@@ -128,7 +128,7 @@ inline constexpr bool kOneAccSet = 3 * WgmmaFp8<BN>::kRegs > 192;
 // k blocks in flight while the block before is promoted. Measured on the H100 (NOTES-gemm,
 // twenty-fourth session; kernel times, four input sets): 4 sets against 2 gained 4-10% on every
 // m <= 128 shape whose pick is 64 wide or narrower (64x2112x7168 171 -> 185 TFLOP/s), 3 sets
-// nothing, 6 sets -1..+5% against 4 at BN <= 32 but spills at BN = 64. Rebuild with
+// nothing, 6 sets -3..+5% against 4 at BN <= 32 but spills at BN = 64. Rebuild with
 // -DJAX_DS_GEMM_SMALL_ACC_SETS=S (2..6) to compare.
 #ifndef JAX_DS_GEMM_SMALL_ACC_SETS
 #define JAX_DS_GEMM_SMALL_ACC_SETS 4
