@@ -7,8 +7,10 @@ computed in float64: 0 for identical tensors, about e^2 / 2 for a relative error
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -68,3 +70,14 @@ def xla_flags_parse(flags: str) -> tuple[bool, str]:
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           timeout=120)
     return done.returncode == 0 and done.stdout.strip() == "2.0", done.stderr[-500:]
+
+
+def load_script(path):
+    """A script file (the repository's scripts/*.py) imported as a module, for its tests;
+    registered in sys.modules under its file name first (dataclasses look their module up)."""
+    path = pathlib.Path(path)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -3,19 +3,16 @@ bits, in every copy of a selected kernel's code and in no other kernel; and, whe
 cuobjdump are both installed, the same on a compiled kernel, checked by disassembling it.
 Also scripts/sass_stats.py's counts and spacing on the same synthetic listing."""
 
-import importlib.util
 import pathlib
 import shutil
 import subprocess
-import sys
 
 import pytest
 
+from jax_ds.testing import load_script
+
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "ffma_yield.py"
-spec = importlib.util.spec_from_file_location("ffma_yield", SCRIPT)
-fy = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = fy  # dataclasses look their module up
-spec.loader.exec_module(fy)
+fy = load_script(SCRIPT)
 
 YIELD = 1 << fy.YIELD_BIT
 REUSE_B = 1 << 59
@@ -198,9 +195,7 @@ def test_compiled_kernel_round_trip(tmp_path):
 
 
 STATS = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "sass_stats.py"
-stats_spec = importlib.util.spec_from_file_location("sass_stats", STATS)
-ss = importlib.util.module_from_spec(stats_spec)
-stats_spec.loader.exec_module(ss)
+ss = load_script(STATS)
 
 
 def test_sass_stats_counts_and_spacing():

@@ -1,22 +1,13 @@
 """scripts/make_variant.py: a copy of the package with module constants overridden (lib_ab A/Bs)."""
 
-import importlib.util
 import pathlib
 
 import pytest
 
+from jax_ds.testing import load_script
+
 SCRIPTS = pathlib.Path(__file__).parent.parent / "scripts"
-
-
-def _script(name):
-    """scripts/<name>.py imported as a module."""
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-make_variant = _script("make_variant")
+make_variant = load_script(SCRIPTS / "make_variant.py")
 
 
 def test_copy_with_overrides(tmp_path):
@@ -47,7 +38,7 @@ def test_bad_overrides_copy_nothing(tmp_path, item):
 
 
 def test_lib_ab_shape_arguments():
-    lib_ab = _script("lib_ab")
+    lib_ab = load_script(SCRIPTS / "lib_ab.py")
     assert lib_ab._mnk("4096x7168x2048") == (4096, 7168, 2048)
     assert lib_ab._grouped("Masked:32x256:7168x2048") == ("masked", 32, 256, 7168, 2048)
     for bad in ("dense:1x2:3x4", "masked:0x2:3x4", "masked:1x2", "masked:1x2:3x4x5", "1x2x3"):
