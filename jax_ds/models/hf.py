@@ -49,9 +49,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, make_single_device_sharding
 
-from jax_ds._jax_compat import single_device_sharding
 from jax_ds.models import _safetensors as st
 from jax_ds.models.config import DeepSeekConfig, YarnConfig
 from jax_ds.models.layers import FP8_BLOCK, yarn_mscale
@@ -445,7 +444,7 @@ def load_hf_checkpoint(path, *, dtype=jnp.bfloat16, fp8: str = "keep", mesh: Mes
 
     def sharding(vpath):
         if mesh is None:
-            return single_device_sharding(jax.devices()[0])
+            return make_single_device_sharding(jax.devices()[0])
         return NamedSharding(mesh, part[vpath].get_value())
 
     for vpath, spec in specs.items():

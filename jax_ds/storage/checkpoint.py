@@ -30,10 +30,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, make_single_device_sharding
 from jax.sharding import PartitionSpec as P
 
-from jax_ds._jax_compat import single_device_sharding
 from jax_ds.ops._checks import is_int
 from jax_ds.storage import threefs
 from jax_ds.storage.shards import ShardHandler, ShardOptions, ShardRestore, ShardSave
@@ -69,7 +68,7 @@ def abstract_state(tree, mesh: Mesh | None = None):
     def one(x, spec):
         own = getattr(x, "sharding", None)
         if mesh is None:
-            sharding = own if own is not None else single_device_sharding(jax.devices()[0])
+            sharding = own if own is not None else make_single_device_sharding(jax.devices()[0])
         else:
             if not spec and isinstance(own, NamedSharding):
                 spec = own.spec
