@@ -2,7 +2,8 @@
 the best per shape next to gemm_config's pick and writes JSON (for tuning gemm_config).
 With --split, each tile x cluster whose last wave gemm.split_plan would split (short_grid: a grid
 of under one wave too, every unit cut along K) is also timed with that split (key suffix "s");
-128x192 (one accumulator set) is timed with and without the epilogue overlap (suffix "o").
+The tiles of one accumulator set (128x192, 192x128) are timed with and without the epilogue
+overlap (suffix "o"); 192x128 (gemm.DENSE_EXTRA_TILES) only when --tiles names it.
 With --splits S ..., each tile x cluster whose grid fits one wave is also timed with every unit cut
 into S K slices, for each S whose slices still fit one wave (key suffix "s" + S, e.g. "64x64c1s4").
 gemm_config's pick is timed as it is configured. Keys: GemmConfig.key().
@@ -44,8 +45,9 @@ for (m, n, k) in args.shapes or gemm_bench_shapes():
         f = jax.jit(lambda *o: gemm.ffi_fp8_gemm(*o, cfg))
         res[cfg.key() + suffix] = 2 * m * n * k / device_time_jax(f, sets, 12) / 1e12
 
-    for bm, bn in gemm.TILES:
-        if m <= 64 and bm == 128 or args.tiles and f"{bm}x{bn}" not in args.tiles:
+    for bm, bn in gemm.DENSE_TILES:
+        if (m <= 64 and bm >= 128 or args.tiles and f"{bm}x{bn}" not in args.tiles
+                or not args.tiles and (bm, bn) in gemm.DENSE_EXTRA_TILES):
             continue
         for cn in gemm.CLUSTERS:
             units = gemm.work_units(m, n, bm, bn, cn)

@@ -139,7 +139,7 @@ RESULTS = pathlib.Path(__file__).parent.parent / "benchmarks" / "results"
 def test_gemm_config():
     for m, n, k in [(1, 1, 128), (64, 2112, 7168), (128, 7168, 16384), (4096, 24576, 1536)]:
         cfg = ops.gemm_config(m, n, k, 132)
-        assert (cfg.block_m, cfg.block_n) in ops.gemm.TILES
+        assert (cfg.block_m, cfg.block_n) in ops.gemm.DENSE_TILES
         tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
         assert 0 < cfg.num_sms <= min(132, tiles)
         assert cfg.cluster_n in ops.gemm.CLUSTERS
@@ -152,12 +152,21 @@ def test_gemm_config():
     # the pairs' last wave is not 3% worse
     G = ops.GemmConfig
     assert ops.gemm_config(4096, 2112, 7168, 132) == G(128, 192, 132, 1, overlap=True)  # 11
-    assert ops.gemm_config(4096, 24576, 1536, 132) == G(128, 192, 132, 2, overlap=True)
-    assert ops.gemm_config(4096, 32768, 512, 132) == G(128, 192, 132, 1)  # 4 k blocks: no
+    # up to TALL_MAX_KBLOCKS k blocks 192x128 in its place (4096 rows: 0.97 used; >= 8 waves)
+    assert ops.gemm_config(4096, 24576, 1536, 132) == G(192, 128, 132, 2, overlap=True)
+    assert ops.gemm_config(4096, 32768, 512, 132) == G(192, 128, 132, 1)  # 4 k blocks: no
+    assert ops.gemm_config(4096, 7168, 2048, 132) == G(192, 128, 132, 2, overlap=True)
+    assert ops.gemm_config(1024, 7168, 2048, 132) == G(128, 128, 132, 2)  # 1024 of 1152 rows
+    assert ops.gemm_config(1536, 7168, 2048, 132) == G(128, 128, 132, 2)  # 3.4 waves of 192x128
+    assert ops.gemm_config(129, 32768, 512, 132) == G(128, 192, 132, 1)  # 129 of 192
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ops.gemm, "TALL_MAX_KBLOCKS", None)
+        assert ops.gemm_config(4096, 24576, 1536, 132) == G(128, 192, 132, 2, overlap=True)
+        assert ops.gemm_config(4096, 32768, 512, 132) == G(128, 192, 132, 1)
+        assert ops.gemm_config(4096, 7168, 2048, 132) == G(128, 128, 132, 2)
     assert ops.gemm_config(8192, 8256, 8192, 132) == G(128, 192, 132, 1, overlap=True)  # 43
     # over WIDE_MAX_KBLOCKS k blocks 128x192 only where its columns are as full as 128x128's
     assert ops.gemm_config(8192, 8192, 8192, 132) == G(128, 128, 132, 2)  # 43 x 192 > 8192
-    assert ops.gemm_config(4096, 7168, 2048, 132) == G(128, 128, 132, 2)
     assert ops.gemm_config(100000, 48, 256, 132).block_n == 128  # 48 of 192 columns: no
     assert ops.gemm_config(256, 7168, 7168, 132) == ops.GemmConfig(128, 128, 112, 2)
     # 64 < m <= 128 (the H200 tile sweep): one 128-row tile when 128x192, 128x128 or 128x64
@@ -183,7 +192,7 @@ def test_gemm_config_is_always_a_valid_launch():
             for k in (128, 512, 1536, 7168):
                 cfg = ops.gemm_config(m, n, k, 132)
                 bm, bn, cn = cfg.block_m, cfg.block_n, cfg.cluster_n
-                assert (bm, bn) in ops.gemm.TILES and cn in ops.gemm.CLUSTERS, cfg
+                assert (bm, bn) in ops.gemm.DENSE_TILES and cn in ops.gemm.CLUSTERS, cfg
                 assert cn == 1 or cdiv(n, bn) % 2 == 0, (m, n, k, cfg)
                 assert 1 <= cfg.num_sms <= min(132, cdiv(m, bm) * cdiv(n, bn)), (m, n, k, cfg)
                 units = ops.gemm.work_units(m, n, bm, bn, cn)
@@ -193,7 +202,9 @@ def test_gemm_config_is_always_a_valid_launch():
                 else:
                     assert cfg.splits == 1 and cfg.workspace_floats() == 1, (m, n, k, cfg)
                 if cfg.overlap:
-                    assert (bm, bn) == (128, 192) and k // 128 >= 8, (m, n, k, cfg)
+                    assert (bm, bn) in ops.gemm.OVERLAP_TILES and k // 128 >= 8, (m, n, k, cfg)
+                if bm == 192:
+                    assert m > 128 and k // 128 <= ops.gemm.TALL_MAX_KBLOCKS, (m, n, k, cfg)
                 if m <= 64:
                     assert bm == 64, (m, n, k, cfg)
 
@@ -284,7 +295,7 @@ def test_gemm_config_against_tile_sweeps(sweep, within, checked):
     assert compared == checked, (sweep, compared)
 
 
-def test_wide_max_kblocks_against_the_2026_12_05_sweep():
+def test_wide_max_kblocks_against_the_2026_12_05_sweep(monkeypatch):
     """gemm.WIDE_MAX_KBLOCKS = 15 (the default since the H100's sustained A/B of 2026-12-06)
     against main's two runs in the H200 sweep of 2026-12-05 (128x128 tiles and the picks of
     then, kernel times): within 3% of the fastest timed config on all seven m >= 4096 shapes
@@ -292,6 +303,7 @@ def test_wide_max_kblocks_against_the_2026_12_05_sweep():
     the four long-K shapes whose 192-wide columns are not full."""
     from jax_ds.ops import gemm
     assert gemm.WIDE_MAX_KBLOCKS == 15
+    monkeypatch.setattr(gemm, "TALL_MAX_KBLOCKS", None)  # (a sweep from before 192x128)
     data = json.loads((RESULTS / "gemm-tiles-sweep-h200-2026-12-05-one-acc-128.json").read_text())
     runs = [r["rows"] for r in data["runs"] if r["variant"].startswith("main")]
     assert len(runs) == 2
@@ -487,7 +499,8 @@ def test_16bit_matmul_equals_the_float32_dot_on_cpu(dtype):
 
 # The H100's sustained A/Bs of 2026-12-06 (scripts/lib_ab.py, device-bound TFLOP/s, 3 rounds) and
 # the gemm constants each variant ran with (scripts/make_variant.py overrides).
-_BEFORE = {"SPLIT_MIN_KBLOCKS": 4, "WIDE_KEEP_FULL_WAVES": False}  # the rules of then
+_BEFORE = {"SPLIT_MIN_KBLOCKS": 4, "WIDE_KEEP_FULL_WAVES": False,  # the rules of then
+           "TALL_MAX_KBLOCKS": None}
 LIB_AB_2026_12_06 = {
     "lib-ab-h100-2026-12-06-wide-max-kblocks.json": {
         "ab/A": {**_BEFORE, "WIDE_MAX_KBLOCKS": None},
@@ -496,6 +509,10 @@ LIB_AB_2026_12_06 = {
         "ab/A": {**_BEFORE, "WIDE_MAX_KBLOCKS": None},
         "ab/B": {**_BEFORE, "WIDE_MAX_KBLOCKS": 15},
         "ab/C": {**_BEFORE, "WIDE_MAX_KBLOCKS": 15, "SPLIT_MIN_GAIN": 1.0}},
+    # 192x128 (twenty-fifth session): A the picks of then, T every 128-row pick >= 128 wide
+    "lib-ab-h100-2026-12-06-tall-tile.json": {
+        "ab/next/A": {"TALL_MAX_KBLOCKS": None},
+        "ab/next/T": {"TALL_TILE": True}},
 }
 
 
@@ -503,12 +520,13 @@ LIB_AB_2026_12_06 = {
 def test_gemm_config_against_the_h100_ab(name, monkeypatch):
     """gemm_config's m > 128 rule against the H100's sustained A/Bs: on every shape, the config
     it picks today is one some variant ran, and that variant's median is within 2% of the
-    fastest variant's (the rounds agree within 1-4%)."""
+    fastest variant's (the rounds agree within 1-4%). A 192x128 pick on a shape of an A/B from
+    before that tile is judged by the tall-tile A/B, which must have run the shape."""
     from jax_ds.ops import gemm
     data = json.loads((RESULTS / name).read_text())
     variants = LIB_AB_2026_12_06[name]
     assert sorted(data["results"]) == sorted(variants) and data["rounds"] == 3
-    for label in data["results"]["ab/A"]:
+    for label in next(iter(data["results"].values())):
         m, n, k = (int(x) for x in label.split()[1].split("x"))
         ran = {}  # config key -> median device-bound TFLOP/s of the variants that ran it
         for variant, constants in variants.items():
@@ -522,5 +540,10 @@ def test_gemm_config_against_the_h100_ab(name, monkeypatch):
             # what the variants ran (NOTES-gemm's table), reconstructed from their constants
             assert sorted(ran) == ["128x128c2", "128x128c2s", "128x192c2"], ran
         pick = ops.gemm_config(m, n, k, 132).key()
+        if pick.startswith("192x128") and "tall-tile" not in name:
+            # a tile from after this A/B: the tall-tile A/B must have run the shape instead
+            tall = json.loads((RESULTS / "lib-ab-h100-2026-12-06-tall-tile.json").read_text())
+            assert label in tall["results"]["ab/next/T"], label
+            continue
         assert pick in ran, (label, pick, ran)
         assert ran[pick] >= 0.98 * max(ran.values()), (label, pick, ran)

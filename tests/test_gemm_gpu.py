@@ -147,7 +147,7 @@ def _overlaps(block_m, block_n):
     return (False, True) if (block_m, block_n) in gemm.OVERLAP_TILES else (False,)
 
 
-TILES = list(gemm.TILES)  # every tile compiled into the library
+TILES = list(gemm.DENSE_TILES)  # every tile compiled into the dense GEMM
 
 
 @pytest.mark.parametrize("cluster_n", gemm.CLUSTERS)
@@ -170,7 +170,7 @@ def test_every_tile(m, n, k, block_m, block_n, cluster_n):
 
 @pytest.mark.parametrize("block_m,block_n,cluster_n",
                          [(128, 128, 1), (128, 128, 2), (64, 64, 1), (128, 16, 2), (64, 128, 2),
-                          (128, 192, 1), (128, 192, 2)])
+                          (128, 192, 1), (128, 192, 2), (192, 128, 1), (192, 128, 2)])
 @pytest.mark.parametrize("m,n,k", [(4095, 2112, 1024), (200, 300, 384), (1000, 129, 7168),
                                    (130, 48, 640)])
 def test_split_k_tail(m, n, k, block_m, block_n, cluster_n):

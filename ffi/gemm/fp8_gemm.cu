@@ -50,17 +50,23 @@ ffi::Error Launch(SplitPlan plan, cudaStream_t stream, const GemmArgs<OutT>& arg
 template <typename OutT>
 ffi::Error Dispatch(int block_m, int block_n, int cluster_n, SplitPlan plan, cudaStream_t stream,
                     const GemmArgs<OutT>& args, float* workspace, int64_t workspace_floats) {
-  return DispatchTile("jax_ds_fp8_gemm", block_m, block_n, cluster_n, [&](auto tile) {
+  auto run = [&](auto tile) {
     using T = decltype(tile);
-    // The epilogue overlap is an instance of its own, compiled for the one-set tile only (the
+    // The epilogue overlap is an instance of its own, compiled for the one-set tiles only (the
     // others ignore the attribute).
-    if constexpr (kOneAccSet<T::BN>) {
+    if constexpr (kOneAccSetTile<T::BM, T::BN>) {
       if (plan.overlap) {
         return Launch<T, true>(plan, stream, args, workspace, workspace_floats);
       }
     }
     return Launch<T, false>(plan, stream, args, workspace, workspace_floats);
-  });
+  };
+  // 192x128 (three consumer warpgroups): the dense GEMM's only, not the grouped kernels'.
+  if (block_m == 192 && block_n == 128) {
+    if (cluster_n == 1) return run(TileTag<192, 128, 1>{});
+    if (cluster_n == 2) return run(TileTag<192, 128, 2>{});
+  }
+  return DispatchTile("jax_ds_fp8_gemm", block_m, block_n, cluster_n, run);
 }
 
 ffi::Error Fp8GemmImpl(cudaStream_t stream, ffi::AnyBuffer a,

@@ -138,6 +138,15 @@ static_assert(kSmallTileAccSets >= 2 && kSmallTileAccSets <= 6, "2 to 6 sets");
 template <int BN>
 inline constexpr int kAccSets = kOneAccSet<BN> ? 1 : BN <= 64 ? kSmallTileAccSets : 2;
 
+// 192-row tiles run three consumer warpgroups (512 threads): at 65536 registers a CTA, a consumer
+// gets 152 (the producer 40), room for one accumulator set and the promoted sums of BN <= 128
+// (64 + 64). Its k blocks are issued, waited and promoted one at a time, as 128x192's are; the
+// other two warpgroups' WGMMAs keep the tensor cores busy meanwhile.
+template <int BM, int BN>
+inline constexpr bool kOneAccSetTile = BM > 128 || kOneAccSet<BN>;
+template <int BM, int BN>
+inline constexpr int kTileAccSets = BM > 128 ? 1 : kAccSets<BN>;
+
 // kOverlap_: kernels of one accumulator set (128x192) store a tile while the next tile's first
 // k block runs (attribute `overlap`; a separate instance: a runtime switch made ptxas spill in
 // the epilogue and cost both variants 8-12% on the H200).
@@ -323,6 +332,13 @@ template <int BM, int BN, typename OutT>
 struct GemmSmem {
   static constexpr int kConsumers = BM / 64;
   static constexpr int kThreads = 128 * (kConsumers + 1);
+  // setmaxnreg: the producer warpgroup drops to kProducerRegs, the consumers take what is left
+  // of the CTA's 65536 registers (a multiple of 8), at most 232.
+  static constexpr int kProducerRegs = 40;
+  static constexpr int kConsumerRegs =
+      ((65536 - 128 * kProducerRegs) / (128 * kConsumers) / 8 * 8) < 232
+          ? ((65536 - 128 * kProducerRegs) / (128 * kConsumers) / 8 * 8)
+          : 232;
   static constexpr int kStageBytes = (BM + BN) * kBlockK;
   // Output staging for the TMA store: the tile in 128-byte-wide column boxes, 128-byte swizzled
   // (see stage_tile). Tiles narrower than one box store straight from registers instead.
@@ -447,7 +463,9 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
                          OutT* __restrict__ out,                        // [M, N]
                          const Sched sched_in, int M, int N, int K, int num_stages,
                          int out_bytes) {
-  static_assert(BM == 64 || BM == 128, "BM is 64 rows per consumer warpgroup");
+  static_assert(BM == 64 || BM == 128 || BM == 192, "BM is 64 rows per consumer warpgroup");
+  static_assert(BM <= 128 || (BN <= 128 && !kBf16),
+                "192-row tiles: FP8, BN <= 128 (one accumulator set and the sums in 152 registers)");
   static_assert((128 % BN == 0 && BN >= 16) || BN == 192,
                 "BN divides the 128-wide B scale block, or is 192 (two scale blocks per tile)");
   static_assert(kClusterN == 1 || kClusterN == 2, "clusters of 1 or 2 CTAs along N");
@@ -460,7 +478,7 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
   // registers for a second accumulator set: its k blocks are issued, waited and promoted one
   // at a time (the other consumer warpgroup's WGMMAs keep the tensor cores busy meanwhile).
   constexpr bool kTwoScales = 128 % BN != 0;
-  constexpr int kSets = kAccSets<BN>;
+  constexpr int kSets = kTileAccSets<BM, BN>;
   constexpr bool kDoubleAcc = kSets >= 2;  // (two or more sets)
   // With one set, a tile's epilogue may run under the next tile's first k block (dense GEMM,
   // Sched::kOverlap: its tiles are never zero tiles, so the first issue is unconditional;
@@ -515,7 +533,7 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
 
   if (warpgroup == 0) {
     // ---------------- producer ----------------
-    sm90::regs_dealloc<40>();
+    sm90::regs_dealloc<Smem::kProducerRegs>();
     if (threadIdx.x == 0) {
       int stage = 0;
       uint32_t phase = 0;
@@ -552,7 +570,7 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
     }
   } else {
     // ---------------- consumers ----------------
-    sm90::regs_alloc<232>();
+    sm90::regs_alloc<Smem::kConsumerRegs>();
     const int consumer = warpgroup - 1;
     const int warp = (threadIdx.x / 32) % 4;
     const int lane = threadIdx.x % 32;
@@ -613,8 +631,10 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
       }
 
       // A consumer's 64 rows go out through TMA when the tensor's edge clips them (dense) or they
-      // all belong to the tile's group; otherwise through guarded register stores.
+      // all belong to the tile's group; otherwise through guarded register stores. A slice past
+      // the tile's last row (192-row tiles at M's tail) stores nothing.
       const int slice_row = t.a_row + consumer * 64;
+      if (slice_row >= t.row_end) return;
       if (tma_store && (t.row_end >= M || slice_row + 64 <= t.row_end)) {
         // The previous tile's store must have left the staging buffer before it is rewritten.
         if (leader) sm90::tma_store_wait_read();

@@ -36,6 +36,11 @@ _ffi.declare_op("fp8_linear", TARGET)
 # promoted in turn). 128-row tiles run two consumer warpgroups.
 TILES = ((128, 192), (128, 128), (128, 64), (128, 32), (128, 16), (64, 128), (64, 64), (64, 32),
          (64, 16))
+# Compiled into the dense GEMM only (not the grouped kernels): 192x128, three consumer
+# warpgroups of one accumulator set each (512 threads, 152 registers a consumer); gemm_config
+# takes it in place of a 128-row pick (TALL_MAX_KBLOCKS below), never in its walk.
+DENSE_EXTRA_TILES = ((192, 128),)
+DENSE_TILES = TILES + DENSE_EXTRA_TILES  # every tile of the dense GEMM
 CLUSTERS = (1, 2)  # CTAs per cluster along N (2: the pair shares A, loaded once from L2)
 FILL_FRACTION = 0.75  # a tile shape is "wide enough" once its tiles cover this share of the SMs
 # Split-K of the last, partial wave (dense GEMM): a slice gets at least SPLIT_MIN_KBLOCKS k blocks,
@@ -49,7 +54,7 @@ SPLIT_MIN_GAIN = 0.07  # (4096x7168x2048, 128x192: 6% by the count, 1% slower me
 # The 128x192 tile's epilogue overlap from this many k blocks on (H200 sweep of 2026-12-03:
 # +4-7% at 12 to 128 k blocks, -12% at 4).
 OVERLAP_MIN_KBLOCKS = 8
-OVERLAP_TILES = ((128, 192),)  # the tiles of one accumulator set, compiled with the overlap
+OVERLAP_TILES = ((128, 192), (192, 128))  # the tiles of one accumulator set, with the overlap
 # At m > 128, 128x192 only up to this many k blocks where its columns are emptier than 128x128's
 # (N's tail); None: no such limit (the rule the 2026-12-03 sweeps fitted). In the H200 sweep of
 # 2026-12-05 (kernel times, after the kernel changes of the eleventh to fifteenth sessions) 15
@@ -71,12 +76,28 @@ WIDE_KEEP_FULL_WAVES = True
 # blocks). benchmarks/NOTES-gemm.md, twenty-third session.
 SHORT_GRID_FILL: float | None = None
 SHORT_GRID_MIN_KBLOCKS = 8
+# 192x128 (DENSE_EXTRA_TILES: three consumer warpgroups of one accumulator set, with the
+# epilogue overlap) in place of a 128-row pick >= 128 wide at m > 128 when K has at most
+# TALL_MAX_KBLOCKS k blocks (None: never), M's tail leaves its rows at least TALL_MIN_ROWS_USED
+# used and its tiles make TALL_MIN_WAVES waves. Sustained on the H100 (2026-12-06,
+# scripts/lib_ab.py, 3 rounds, device-bound): 4096x7168x2048 +6% (990 -> 1052 TFLOP/s),
+# 4096x32768x512 +4%, 4096x24576x1536 +0.3%; at k >= 7168 it lost 3-7% (4096x7168x16384,
+# 8192^3, 4096x2112x7168) or tied (4096x4096x7168). benchmarks/NOTES-gemm.md, twenty-fifth
+# session. Only m = 4096 was measured (9.3 to 42 waves of 192x128 tiles, 97% of its rows used);
+# the row and wave limits keep the rule there, where M's tail and the last wave cost 192-row
+# tiles about what they cost 128-row ones.
+TALL_MAX_KBLOCKS: int | None = 16
+TALL_MIN_ROWS_USED = 0.95
+TALL_MIN_WAVES = 8
+# To measure 192x128 against the picks: when True, at m > 128 every pick of 128 rows and >= 128
+# columns becomes 192x128, its cluster size, split and overlap chosen as for any pick. Off.
+TALL_TILE = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class GemmConfig:
     block_m: int  # rows of a per tile (64 per consumer warpgroup)
-    block_n: int  # rows of b per tile; (block_m, block_n) is one of TILES
+    block_n: int  # rows of b per tile; (block_m, block_n) is one of DENSE_TILES (grouped: TILES)
     num_sms: int  # SMs the persistent grid may use (the kernel also caps it at the tile count)
     cluster_n: int = 1  # one of CLUSTERS
     # Dense GEMM only: the last `split_units` work units (a unit is cluster_n tiles side by side)
@@ -162,7 +183,7 @@ def split_plan(units: int, clusters: int, k_blocks: int, *, short_grid: bool = F
     return tail, splits, t
 
 
-def gemm_config(m: int, n: int, k: int, num_sms: int, *, tiles=TILES) -> GemmConfig:
+def gemm_config(m: int, n: int, k: int, num_sms: int, *, tiles=DENSE_TILES) -> GemmConfig:
     """Chooses the output tile for an [m, k] x [n, k]^T FP8 GEMM on `num_sms` SMs.
 
     m > 128: the widest tile (most FLOPs per byte pulled from L2, which is what bounds large
@@ -187,10 +208,14 @@ def gemm_config(m: int, n: int, k: int, num_sms: int, *, tiles=TILES) -> GemmCon
     on all 7; in the H100's sustained A/Bs of 2026-12-06 (lib-ab-h100-2026-12-06-*.json: 17
     shapes from 384 to 16384 rows, long-K limit and split on and off) within 1.4% of the fastest
     variant, the fastest on 16 (tests/test_gemm.py checks both files).
-    `tiles`: the (block_m, block_n) walked, widest first (a subset of TILES, in its order).
+    Up to TALL_MAX_KBLOCKS k blocks (short K) at m = 4096-like M, 192x128 in place of a 128-row
+    pick >= 128 wide (`_tall`).
+    `tiles`: the (block_m, block_n) it may pick (a subset of DENSE_TILES, in its order): those of
+    TILES walked widest first, those of DENSE_EXTRA_TILES only in place of a pick as above (the
+    grouped kernels pass theirs, without them).
     """
     k_blocks = max(1, k // BLOCK_K)
-    count = {t: work_units(m, n, *t) for t in TILES}  # tiles of each shape
+    count = {t: work_units(m, n, *t) for t in DENSE_TILES}  # tiles of each shape
     fills = lambda t: count[t] >= FILL_FRACTION * num_sms
     # 128x192 only where its columns are not much emptier than 128x128's (N's tail tile): it is
     # 5-16% faster per tile at m = 4096 (the H200 sweep of 2026-12-03), not at n = 48.
@@ -207,9 +232,12 @@ def gemm_config(m: int, n: int, k: int, num_sms: int, *, tiles=TILES) -> GemmCon
             bm, bn = max(busy, key=busy.get)  # (a tie goes to the wider tile)
             return GemmConfig(bm, bn, min(count[(bm, bn)], num_sms), 1,
                               overlap=_overlap(m, n, bm, bn, 1, k_blocks, num_sms))
-    candidates = [t for t in tiles if m > 128 or t[0] == 64]
+    candidates = [t for t in tiles if (m > 128 or t[0] == 64) and t not in DENSE_EXTRA_TILES]
     wide = [t for t in candidates if fills(t) and not narrow(t) and not long_k(t)]
     bm, bn = wide[0] if wide else max(candidates, key=lambda t: (count[t], t[0]))
+    if ((192, 128) in tiles and m > 128 and bm == 128 and bn >= 128
+            and (TALL_TILE or _tall(m, k_blocks, count, num_sms))):
+        bm, bn = 192, 128
     if m <= 128:  # 64-row tiles, no clusters (2-15% slower there) and no split (below) ...
         units = count[(bm, bn)]  # ... but for SHORT_GRID_FILL
         if SHORT_GRID_FILL is not None and units < SHORT_GRID_FILL * num_sms:
@@ -234,6 +262,18 @@ def gemm_config(m: int, n: int, k: int, num_sms: int, *, tiles=TILES) -> GemmCon
     split_units, splits, _ = plans[cluster_n]
     return GemmConfig(bm, bn, min(count[(bm, bn)], num_sms), cluster_n, split_units, splits,
                       _overlap(m, n, bm, bn, cluster_n, k_blocks, num_sms))
+
+
+def rows_used(m: int, block_m: int) -> float:
+    """The share of the tile rows that lie inside M (its tail tile's emptiness)."""
+    return m / (cdiv(m, block_m) * block_m)
+
+
+def _tall(m, k_blocks, count, num_sms) -> bool:
+    """Whether 192x128 replaces a 128-row pick (TALL_MAX_KBLOCKS and the limits beside it)."""
+    return (TALL_MAX_KBLOCKS is not None and k_blocks <= TALL_MAX_KBLOCKS
+            and rows_used(m, 192) >= TALL_MIN_ROWS_USED
+            and count[(192, 128)] >= TALL_MIN_WAVES * num_sms)
 
 
 def _can_overlap(bm, bn, k_blocks) -> bool:
