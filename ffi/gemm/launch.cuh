@@ -139,7 +139,8 @@ ffi::Error DispatchTile(const char* op, int block_m, int block_n, int cluster_n,
   return ffi::Error::InvalidArgument(
       std::string(op) + ": no compiled tile " + std::to_string(block_m) + "x" +
       std::to_string(block_n) + " cluster " + std::to_string(cluster_n) +
-      " (block_m in {64,128}, block_n in {16,32,64,128} or 128x192, cluster_n in {1,2})");
+      " (block_m in {64,128}, block_n in {16,32,64,128} or 128x192 (dense: also 192x128), "
+      "cluster_n in {1,2})");
 }
 
 }  // namespace jax_ds::gemm

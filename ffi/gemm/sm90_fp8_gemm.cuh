@@ -17,6 +17,8 @@
 // A stage is refilled only after the consumers of *both* CTAs released it.
 // BN divides 128, so a tile sees a single B scale per K block; or BN = 192, whose tiles span
 // two scale blocks (the column where the second starts is the tile's `boundary`).
+// BM is 64, 128 or 192 (one to three consumer warpgroups); 192-row tiles (dense, BN = 128) have
+// 152 registers a consumer and so one accumulator set, as 128x192 has.
 //
 // Split-K of the tail (dense scheduler): the last work units, which would leave most SMs idle
 // for a whole K loop in the last wave, are computed as K slices on different SMs; each slice
