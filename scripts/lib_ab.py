@@ -13,6 +13,7 @@ medians, writes $OUT/lib-ab-<device>-<date>.json (OUT defaults to .).
 
   python scripts/lib_ab.py DIR_A DIR_B [...] [--rounds 3] [--suite dense grouped] [--quick]
   python scripts/lib_ab.py A B --suite dense --shapes 4096x4096x7168 8192x8192x8192
+  python scripts/lib_ab.py A B --suite dense --sets 16 --max-reps 32   # bench gemm's timing
   python scripts/lib_ab.py A B --suite grouped --grouped-shapes contiguous:32x256:4096x7168
   python scripts/lib_ab.py A B --impl xla --tiny --rounds 2   # a dry run of the script on CPU
 """
@@ -48,7 +49,8 @@ TINY_DENSE = [(128, 256, 256)]
 TINY_GROUPED = [("contiguous", 2, 128, 256, 256), ("masked", 2, 64, 256, 256)]
 
 
-def _child(suites, quick, impl, tiny, dense_shapes=None, grouped_shapes=None) -> list:
+def _child(suites, quick, impl, tiny, dense_shapes=None, grouped_shapes=None, num_sets=4,
+           max_reps=4) -> list:
     """Runs in the variant's process: [(label, figure, figure)]. GEMM: device-bound and kernel
     TFLOP/s; MLA: per-call and device-bound, in the label's unit."""
     import jax
@@ -77,14 +79,14 @@ def _child(suites, quick, impl, tiny, dense_shapes=None, grouped_shapes=None) ->
         print(f"  {label:40s} {a:7.0f} {b:7.0f}", file=sys.stderr, flush=True)
 
     def timed(label, fn, sets, flops):
-        t = time_jax_launch(fn, sets, max_reps=4, budget_s=0.25, repeats=3)
+        t = time_jax_launch(fn, sets, max_reps=max_reps, budget_s=0.25, repeats=3)
         kern = device_time_jax(jax.jit(fn), sets, 2 * len(sets)) if impl == "ffi" else t.median_s
         record(label, flops / t.median_s / 1e12, flops / kern / 1e12)
 
     if "dense" in suites:
         for m, n, k in dense_shapes or shapes(DENSE, QUICK_DENSE, TINY_DENSE):
             timed(f"dense {m}x{n}x{k}", lambda *o: fp8_gemm(*o, impl=impl),
-                  block_sets(m, n, k, 4), 2 * m * n * k)
+                  block_sets(m, n, k, num_sets), 2 * m * n * k)
     if "grouped" in suites:
         for kind, g, r, n, k in grouped_shapes or shapes(GROUPED, QUICK_GROUPED, TINY_GROUPED):
             a_shape = (g, r) if kind == "masked" else (g * r,)
@@ -151,11 +153,15 @@ def main(argv=None) -> int:
                     help="the dense suite's shapes instead of its list (e.g. the ones a knob moves)")
     ap.add_argument("--grouped-shapes", nargs="+", metavar="KIND:GxR:NxK", type=_grouped,
                     help="the grouped suite's shapes instead of its list")
+    ap.add_argument("--sets", type=int, default=4,
+                    help="dense suite: input sets the calls rotate over (bench gemm: 4-16)")
+    ap.add_argument("--max-reps", type=int, default=4,
+                    help="dense and grouped suites: time_jax_launch's max_reps (bench: 32)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         json.dump(_child(args.suite, args.quick, args.impl, args.tiny, args.shapes,
-                         args.grouped_shapes), sys.stdout)
+                         args.grouped_shapes, args.sets, args.max_reps), sys.stdout)
         return 0
     if len(args.variants) < 2:
         ap.error("give at least two variant directories")
@@ -178,6 +184,7 @@ def main(argv=None) -> int:
                     os.pathsep) if p]))
             cmd = [sys.executable, os.path.abspath(__file__), "--child", "--impl", args.impl,
                    "--suite", *args.suite]
+            cmd += ["--sets", str(args.sets), "--max-reps", str(args.max_reps)]
             cmd += ["--quick"] if args.quick else []
             cmd += ["--tiny"] if args.tiny else []
             cmd += ["--shapes", *(f"{m}x{n}x{k}" for m, n, k in args.shapes)] if args.shapes else []
@@ -207,7 +214,8 @@ def main(argv=None) -> int:
     from jax_ds.bench import environment, write_json
     path = write_json(os.environ.get("OUT", "."), "lib-ab", environment(), {
         "note": "per variant and shape, each round: GEMM [device-bound, kernel] TFLOP/s "
-                "(time_jax_launch max_reps 4 median of 3; profiler kernel time); MLA [per call, "
+                f"(time_jax_launch max_reps {args.max_reps} median of 3, dense over "
+                f"{args.sets} input sets; profiler kernel time); MLA [per call, "
                 "device-bound] in the label's unit (time_jax, time_jax_launch over two input "
                 "sets); rounds alternate the variants' order",
         "variants": [str(v) for v in args.variants], "rounds": args.rounds, "results": results})

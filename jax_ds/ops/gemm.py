@@ -62,7 +62,9 @@ OVERLAP_TILES = ((128, 192), (192, 128))  # the tiles of one accumulator set, wi
 # 4096x{4096x7168, 7168x2048, 7168x16384}); sustained on the H100 (2026-12-06, scripts/lib_ab.py,
 # 3 rounds, device-bound): 4096x4096x7168 +1.6%, 4096x7168x2048 +1.4%, 8192^3 +0.4%,
 # 4096x7168x16384 -1.4%, 1024x4096x7168 +20% (128x192's 1.3 waves, split, against 1.9 waves of
-# pairs). benchmarks/NOTES-gemm.md, twenty-first session.
+# pairs). benchmarks/NOTES-gemm.md, twenty-first session. Timed as bench gemm times (twenty-fifth
+# session): +20% / +7% / +3% at 1024x4096x7168 / 2048x4096x7168 / 2048x7168x16384, -1..-3% at
+# 8192^3, 16384x4096x7168, 1024x7168x16384, 4096x7168x16384 -0.3% and -3.9% in two calls.
 WIDE_MAX_KBLOCKS: int | None = 15
 # ... except where 128x192's tiles fill whole waves (768x4096x7168, 132 tiles: 9% ahead of
 # 128x128's 1.45 waves, split, on the H100 in the same A/B).
@@ -82,8 +84,9 @@ SHORT_GRID_MIN_KBLOCKS = 8
 # used and its tiles make TALL_MIN_WAVES waves. Sustained on the H100 (2026-12-06,
 # scripts/lib_ab.py, 3 rounds, device-bound): 4096x7168x2048 +6% (990 -> 1052 TFLOP/s),
 # 4096x32768x512 +4%, 4096x24576x1536 +0.3%; at k >= 7168 it lost 3-7% (4096x7168x16384,
-# 8192^3, 4096x2112x7168) or tied (4096x4096x7168). benchmarks/NOTES-gemm.md, twenty-fifth
-# session. Only m = 4096 was measured (9.3 to 42 waves of 192x128 tiles, 97% of its rows used);
+# 8192^3, 4096x2112x7168) or tied (4096x4096x7168). Timed as bench gemm times (16 input sets,
+# up to 32 repeats per executable) the three short-K gains shrink to +0.6 / +1.3 / +1.0%.
+# benchmarks/NOTES-gemm.md, twenty-fifth session. Only m = 4096 was measured (9.3 to 42 waves of 192x128 tiles, 97% of its rows used);
 # the row and wave limits keep the rule there, where M's tail and the last wave cost 192-row
 # tiles about what they cost 128-row ones.
 TALL_MAX_KBLOCKS: int | None = 16
