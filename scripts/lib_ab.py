@@ -13,7 +13,13 @@ medians, writes $OUT/lib-ab-<device>-<date>.json (OUT defaults to .).
 
   python scripts/lib_ab.py DIR_A DIR_B [...] [--rounds 3] [--suite dense grouped] [--quick]
   python scripts/lib_ab.py A B --suite dense --shapes 4096x4096x7168 8192x8192x8192
-  python scripts/lib_ab.py A B --suite dense --sets 16 --max-reps 32   # bench gemm's timing
+  python scripts/lib_ab.py A B --suite dense --sets 4 --max-reps 4   # the defaults before 12-06
+
+The device-bound figure is timed as the benchmarks time it: bench gemm's input sets per shape
+(4-16, `bench.gemm.input_set_count`), bench moe's 3 for the grouped suite, executables of up to
+32 repeats. Until the twenty-fifth session (2026-12-06) the defaults were 4 sets and 4 repeats,
+which moved tile decisions by up to 5 points against `bench gemm` (NOTES-gemm): the committed
+lib-ab files from before then were timed that way.
   python scripts/lib_ab.py A B --suite grouped --grouped-shapes contiguous:32x256:4096x7168
   python scripts/lib_ab.py A B --impl xla --tiny --rounds 2   # a dry run of the script on CPU
 """
@@ -49,8 +55,8 @@ TINY_DENSE = [(128, 256, 256)]
 TINY_GROUPED = [("contiguous", 2, 128, 256, 256), ("masked", 2, 64, 256, 256)]
 
 
-def _child(suites, quick, impl, tiny, dense_shapes=None, grouped_shapes=None, num_sets=4,
-           max_reps=4) -> list:
+def _child(suites, quick, impl, tiny, dense_shapes=None, grouped_shapes=None, num_sets=None,
+           max_reps=32) -> list:
     """Runs in the variant's process: [(label, figure, figure)]. GEMM: device-bound and kernel
     TFLOP/s; MLA: per-call and device-bound, in the label's unit."""
     import jax
@@ -60,7 +66,7 @@ def _child(suites, quick, impl, tiny, dense_shapes=None, grouped_shapes=None, nu
     from jax_ds import _ffi
     from jax_ds.bench._profile import device_time_jax
     from jax_ds.bench._timing import time_jax_launch
-    from jax_ds.bench.gemm import block_sets
+    from jax_ds.bench.gemm import block_sets, input_set_count
     from jax_ds.bench.moe import _operands
     from jax_ds.ops import fp8_gemm, grouped_fp8_gemm, masked_grouped_fp8_gemm
 
@@ -86,12 +92,12 @@ def _child(suites, quick, impl, tiny, dense_shapes=None, grouped_shapes=None, nu
     if "dense" in suites:
         for m, n, k in dense_shapes or shapes(DENSE, QUICK_DENSE, TINY_DENSE):
             timed(f"dense {m}x{n}x{k}", lambda *o: fp8_gemm(*o, impl=impl),
-                  block_sets(m, n, k, num_sets), 2 * m * n * k)
+                  block_sets(m, n, k, num_sets or input_set_count(m, n, k)), 2 * m * n * k)
     if "grouped" in suites:
         for kind, g, r, n, k in grouped_shapes or shapes(GROUPED, QUICK_GROUPED, TINY_GROUPED):
             a_shape = (g, r) if kind == "masked" else (g * r,)
             sets = [(*_operands(jax.random.key(i), a_shape, g, n, k),
-                     jnp.full((g,), r, jnp.int32)) for i in range(4)]
+                     jnp.full((g,), r, jnp.int32)) for i in range(num_sets or 3)]
             op = masked_grouped_fp8_gemm if kind == "masked" else grouped_fp8_gemm
             timed(f"{kind} {g}x{r} n{n} k{k}", lambda *o, op=op: op(*o, impl=impl), sets,
                   2 * g * r * n * k)
@@ -153,10 +159,11 @@ def main(argv=None) -> int:
                     help="the dense suite's shapes instead of its list (e.g. the ones a knob moves)")
     ap.add_argument("--grouped-shapes", nargs="+", metavar="KIND:GxR:NxK", type=_grouped,
                     help="the grouped suite's shapes instead of its list")
-    ap.add_argument("--sets", type=int, default=4,
-                    help="dense suite: input sets the calls rotate over (bench gemm: 4-16)")
-    ap.add_argument("--max-reps", type=int, default=4,
-                    help="dense and grouped suites: time_jax_launch's max_reps (bench: 32)")
+    ap.add_argument("--sets", type=int, default=None,
+                    help="GEMM suites: input sets the calls rotate over (default: as bench gemm "
+                         "per shape, 4-16; grouped as bench moe, 3)")
+    ap.add_argument("--max-reps", type=int, default=32,
+                    help="GEMM suites: time_jax_launch's max_reps (the benchmarks': 32)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -184,7 +191,8 @@ def main(argv=None) -> int:
                     os.pathsep) if p]))
             cmd = [sys.executable, os.path.abspath(__file__), "--child", "--impl", args.impl,
                    "--suite", *args.suite]
-            cmd += ["--sets", str(args.sets), "--max-reps", str(args.max_reps)]
+            cmd += ["--sets", str(args.sets)] if args.sets else []
+            cmd += ["--max-reps", str(args.max_reps)]
             cmd += ["--quick"] if args.quick else []
             cmd += ["--tiny"] if args.tiny else []
             cmd += ["--shapes", *(f"{m}x{n}x{k}" for m, n, k in args.shapes)] if args.shapes else []
@@ -212,10 +220,12 @@ def main(argv=None) -> int:
         print(f"{label:46s}{''.join(cells)}")
 
     from jax_ds.bench import environment, write_json
+    sets_note = str(args.sets) if args.sets else "the benchmarks'"
     path = write_json(os.environ.get("OUT", "."), "lib-ab", environment(), {
         "note": "per variant and shape, each round: GEMM [device-bound, kernel] TFLOP/s "
-                f"(time_jax_launch max_reps {args.max_reps} median of 3, dense over "
-                f"{args.sets} input sets; profiler kernel time); MLA [per call, "
+                f"(time_jax_launch max_reps {args.max_reps} median of 3, over "
+                f"{sets_note} input sets; profiler kernel time); "
+                "MLA [per call, "
                 "device-bound] in the label's unit (time_jax, time_jax_launch over two input "
                 "sets); rounds alternate the variants' order",
         "variants": [str(v) for v in args.variants], "rounds": args.rounds, "results": results})

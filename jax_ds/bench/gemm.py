@@ -124,6 +124,11 @@ def _rates(prefix, seconds, row):
             f"{prefix}roofline_pct": None if frac is None else 100 * frac}
 
 
+def input_set_count(m, n, k) -> int:
+    """Input sets of a shape (SETS, under SET_BYTES): scripts/lib_ab.py times the same way."""
+    return int(np.clip(SET_BYTES // (3 * (m * k + n * k)), *SETS))
+
+
 def bench_shape(m, n, k, key, args, *, ours_na, num_sms, peak, torch_gemm):
     """One row: every implementation timed on the same input sets; failures land in their cell."""
     kb, nb = math.ceil(k / 128), math.ceil(n / 128)
@@ -138,7 +143,7 @@ def bench_shape(m, n, k, key, args, *, ours_na, num_sms, peak, torch_gemm):
     except Exception as e:  # a bad config is a row's problem, not the run's
         row["config"] = error_cell(e)["error"]
     try:
-        count = int(np.clip(SET_BYTES // (3 * (m * k + n * k)), *SETS))
+        count = input_set_count(m, n, k)
         sets = [_make_set(jax.random.fold_in(key, i), m, n, k) for i in range(count)]
         jax.block_until_ready(sets)
     except Exception as e:
