@@ -14,14 +14,14 @@ medians, writes $OUT/lib-ab-<device>-<date>.json (OUT defaults to .).
   python scripts/lib_ab.py DIR_A DIR_B [...] [--rounds 3] [--suite dense grouped] [--quick]
   python scripts/lib_ab.py A B --suite dense --shapes 4096x4096x7168 8192x8192x8192
   python scripts/lib_ab.py A B --suite dense --sets 4 --max-reps 4   # the defaults before 12-06
+  python scripts/lib_ab.py A B --suite grouped --grouped-shapes contiguous:32x256:4096x7168
+  python scripts/lib_ab.py A B --impl xla --tiny --rounds 2   # a dry run of the script on CPU
 
 The device-bound figure is timed as the benchmarks time it: bench gemm's input sets per shape
 (4-16, `bench.gemm.input_set_count`), bench moe's 3 for the grouped suite, executables of up to
 32 repeats. Until the twenty-fifth session (2026-12-06) the defaults were 4 sets and 4 repeats,
 which moved tile decisions by up to 5 points against `bench gemm` (NOTES-gemm): the committed
 lib-ab files from before then were timed that way.
-  python scripts/lib_ab.py A B --suite grouped --grouped-shapes contiguous:32x256:4096x7168
-  python scripts/lib_ab.py A B --impl xla --tiny --rounds 2   # a dry run of the script on CPU
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 the best per shape next to gemm_config's pick and writes JSON (for tuning gemm_config).
 With --split, each tile x cluster whose last wave gemm.split_plan would split (short_grid: a grid
 of under one wave too, every unit cut along K) is also timed with that split (key suffix "s");
-The tiles of one accumulator set (128x192, 192x128) are timed with and without the epilogue
-overlap (suffix "o"); 192x128 (gemm.DENSE_EXTRA_TILES) only when --tiles names it.
+the tiles of one accumulator set (128x192, 192x128) with and without the epilogue overlap
+(suffix "o"); 192x128 (gemm.DENSE_EXTRA_TILES) only when --tiles names it.
 With --splits S ..., each tile x cluster whose grid fits one wave is also timed with every unit cut
 into S K slices, for each S whose slices still fit one wave (key suffix "s" + S, e.g. "64x64c1s4").
 gemm_config's pick is timed as it is configured. Keys: GemmConfig.key().

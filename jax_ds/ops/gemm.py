@@ -86,9 +86,9 @@ SHORT_GRID_MIN_KBLOCKS = 8
 # 4096x32768x512 +4%, 4096x24576x1536 +0.3%; at k >= 7168 it lost 3-7% (4096x7168x16384,
 # 8192^3, 4096x2112x7168) or tied (4096x4096x7168). Timed as bench gemm times (16 input sets,
 # up to 32 repeats per executable) the three short-K gains shrink to +0.6 / +1.3 / +1.0%.
-# benchmarks/NOTES-gemm.md, twenty-fifth session. Only m = 4096 was measured (9.3 to 42 waves of 192x128 tiles, 97% of its rows used);
-# the row and wave limits keep the rule there, where M's tail and the last wave cost 192-row
-# tiles about what they cost 128-row ones.
+# benchmarks/NOTES-gemm.md, twenty-fifth session. Only m = 4096 was measured (9.3 to 42 waves
+# of 192x128 tiles, 97% of its rows used); the row and wave limits keep the rule there, where
+# M's tail and the last wave cost 192-row tiles about what they cost 128-row ones.
 TALL_MAX_KBLOCKS: int | None = 16
 TALL_MIN_ROWS_USED = 0.95
 TALL_MIN_WAVES = 8
