@@ -196,7 +196,8 @@ def cuobjdump() -> str:
                                    "cuobjdump"), "/usr/local/cuda/bin/cuobjdump"):
         if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             return candidate
-    raise FileNotFoundError("cuobjdump not found: set CUOBJDUMP, or put CUDA's bin on PATH")
+    raise FileNotFoundError("cuobjdump not found: set CUOBJDUMP, or put CUDA's bin on PATH (the "
+                            "wheel nvidia-cuda-cuobjdump holds one: nvidia/cu13/bin/cuobjdump)")
 
 
 def disassemble(path) -> list:
