@@ -6,7 +6,10 @@ kernel can hold. This runs each implementation for `seconds` while nvidia-smi sa
 power and clock-event reasons every 100 ms, and prints TFLOP/s, mean clock, mean power and the
 reasons seen (nvidia-smi's bit mask: 0x4 software power cap, 0x20 / 0x40 thermal slowdown, ...)
 per implementation: a kernel that is slower at the same clock does less per cycle; one that is
-slower at a lower clock spends more energy per FLOP.
+slower at a lower clock spends more energy per FLOP. Both run as `bench gemm` times them: its
+input sets for the shape, ours as its device-bound executable (outputs donated back in), torch
+(the benchmark's blockwise recipe, checked against our reference) as a CUDA graph of a call per
+set; so the TFLOP/s are comparable with the benchmark's device-bound figures.
 """
 import subprocess
 import sys
@@ -17,7 +20,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_ds.ops import fp8_gemm, quantize_fp8
+from jax_ds.bench import _timing
+from jax_ds.bench._torch_gemm import TorchGemm
+from jax_ds.bench.gemm import block_sets, input_set_count
+from jax_ds.ops import fp8_gemm, fp8_gemm_reference
+
+REPS = 4  # repeats of the sets per executable (the benchmark doubles up to 32 as needed)
+BATCH = 4  # executables queued per wait
 
 
 def query():
@@ -65,45 +74,53 @@ def phase(name, run_once, flops_per_call, seconds, samples):
 def main(argv):
     m, n, k = (int(x) for x in argv[:3]) if len(argv) >= 3 else (4096, 7168, 16384)
     seconds = float(argv[3]) if len(argv) > 3 else 4.0
-    ka, kb = jax.random.split(jax.random.key(0))
-    a = jax.random.normal(ka, (m, k), jnp.float32)
-    b = jax.random.normal(kb, (n, k), jnp.float32)
-    a8, sa = quantize_fp8(a, block=(1, 128))
-    b8, sb = quantize_fp8(b, block=(128, 128))
-    reps = 20
+    # The benchmark's operands and timing: its input sets for the shape (bench.gemm), ours as
+    # its device-bound executable (each set once, REPS times over, outputs donated back in),
+    # torch as one CUDA graph of a call per set. (Until 2026-12-06 this script looped one set
+    # through a fori_loop, which left the GPU idle between iterations at ~100-us calls.)
+    sets = block_sets(m, n, k, input_set_count(m, n, k))
+    calls = len(sets) * REPS
+    run, _, _ = _timing._compile_launch(lambda *o: fp8_gemm(*o), tuple(sets), REPS, True)
 
-    @jax.jit
-    def ours(a8, sa, b8, sb):  # reps GEMMs in one executable: one dispatch
-        def body(i, acc):
-            return acc + fp8_gemm(a8, sa, b8, sb)[0, 0].astype(jnp.float32)
-        return jax.lax.fori_loop(0, reps, body, jnp.float32(0))
+    def ours_once():  # a few executions queued back to back, then one wait
+        for _ in range(BATCH):
+            out = run(tuple(sets))
+        jax.block_until_ready(out)
+        return BATCH * calls
 
     samples, stop = [], threading.Event()
     threading.Thread(target=sampler, args=(samples, stop, query()), daemon=True).start()
     time.sleep(0.5)
-    phase("ours", lambda: (jax.block_until_ready(ours(a8, sa, b8, sb)), reps)[1],
-          2 * m * n * k, seconds, samples)
+    phase("ours", ours_once, 2 * m * n * k, seconds, samples)
     time.sleep(2)  # let the clock recover between phases
-    try:
-        import torch
-        ta = torch.from_numpy(np.asarray(a8).view(np.uint8).copy()).cuda().view(torch.float8_e4m3fn)
-        tb = torch.from_numpy(np.asarray(b8).view(np.uint8).copy()).cuda().view(torch.float8_e4m3fn)
-        tsa = torch.from_numpy(np.asarray(sa).copy()).cuda().t().contiguous().t()
-        tsb = torch.from_numpy(np.asarray(sb).copy()).cuda().t()
-        fn = lambda: torch._scaled_mm(ta, tb.t(), scale_a=tsa, scale_b=tsb, out_dtype=torch.bfloat16)
-        ref = np.asarray(jnp.asarray(fp8_gemm(a8, sa, b8, sb), jnp.float32))
-        diff = float(np.abs(fn().float().cpu().numpy() - ref).max() / np.abs(ref).max())
-        if diff > 1e-2:  # this torch build reads the scale layout differently: not the same GEMM
-            raise RuntimeError(f"torch's result differs from ours (max rel diff {diff:.2e})")
+    torch_gemm = TorchGemm()
 
-        def torch_once():
-            for _ in range(reps):
-                fn()
+    def torch_phase(call, sets_t):
+        torch = torch_gemm.torch
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up before capturing
+            for s in sets_t:
+                call(*s)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = [call(*s) for s in sets_t]
+
+        def once():
+            for _ in range(BATCH * REPS):
+                graph.replay()
             torch.cuda.synchronize()
-            return reps
-        phase("torch blockwise", torch_once, 2 * m * n * k, seconds, samples)
-    except Exception as e:
-        print("torch phase failed:", type(e).__name__, e)
+            return BATCH * REPS * len(sets_t)
+
+        phase("torch blockwise", once, 2 * m * n * k, seconds, samples)
+        del outs, graph
+        return {}
+
+    ref = np.asarray(fp8_gemm_reference(*sets[0], out_dtype=jnp.float32))
+    cell = torch_gemm.measure("torch_blockwise", [{"block": s} for s in sets], ref, torch_phase)
+    if "recipe" not in cell:
+        print("torch phase not run:", cell)
     stop.set()
 
 
