@@ -96,21 +96,12 @@ def main(argv):
     torch_gemm = TorchGemm()
 
     def torch_phase(call, sets_t):
-        torch = torch_gemm.torch
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm up before capturing
-            for s in sets_t:
-                call(*s)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            outs = [call(*s) for s in sets_t]
+        graph, outs = _timing.torch_graph(call, sets_t)
 
         def once():
             for _ in range(BATCH * REPS):
                 graph.replay()
-            torch.cuda.synchronize()
+            torch_gemm.torch.cuda.synchronize()
             return BATCH * REPS * len(sets_t)
 
         phase("torch blockwise", once, 2 * m * n * k, seconds, samples)

@@ -287,20 +287,27 @@ def span_jax_launch(fn, arg_sets, *, reps=4, repeats=3):
     return statistics.median(spans) * 1e-9 / (len(arg_sets) * reps)
 
 
-def time_torch_graph(fn, arg_sets, **kwargs):
-    """Per-call time of one CUDA graph that calls `fn` once on each of arg_sets: torch's device
-    time per call."""
+def torch_graph(fn, arg_sets):
+    """(graph, outputs): one CUDA graph that calls `fn` once on each of arg_sets, captured after a
+    warm-up on a side stream (handles, workspaces); keep the outputs as long as the graph."""
     import torch
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm up (handles, workspaces) before capturing
+    with torch.cuda.stream(side):
         for args in arg_sets:
             fn(*args)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         outs = [fn(*args) for args in arg_sets]
+    return graph, outs
+
+
+def time_torch_graph(fn, arg_sets, **kwargs):
+    """Per-call time of one CUDA graph that calls `fn` once on each of arg_sets (`torch_graph`):
+    torch's device time per call."""
+    graph, outs = torch_graph(fn, arg_sets)
     t = time_torch(graph.replay, [()], **kwargs)
     del outs, graph
     n = len(arg_sets)
