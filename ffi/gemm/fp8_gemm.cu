@@ -61,12 +61,7 @@ ffi::Error Dispatch(int block_m, int block_n, int cluster_n, SplitPlan plan, cud
     }
     return Launch<T, false>(plan, stream, args, workspace, workspace_floats);
   };
-  // 192x128 (three consumer warpgroups): the dense GEMM's only, not the grouped kernels'.
-  if (block_m == 192 && block_n == 128) {
-    if (cluster_n == 1) return run(TileTag<192, 128, 1>{});
-    if (cluster_n == 2) return run(TileTag<192, 128, 2>{});
-  }
-  return DispatchTile("jax_ds_fp8_gemm", block_m, block_n, cluster_n, run);
+  return DispatchTile</*kDense=*/true>("jax_ds_fp8_gemm", block_m, block_n, cluster_n, run);
 }
 
 ffi::Error Fp8GemmImpl(cudaStream_t stream, ffi::AnyBuffer a,

@@ -120,8 +120,9 @@ struct TileTag {
 };
 
 // Calls fn(TileTag<BM, BN, C>{}) for the compiled instance named by the attributes; Python's
-// gemm_config() picks one per problem shape.
-template <typename Fn>
+// gemm_config() picks one per problem shape. kDense: also 192x128 (three consumer warpgroups),
+// which only the dense GEMM compiles (gemm.DENSE_EXTRA_TILES).
+template <bool kDense = false, typename Fn>
 ffi::Error DispatchTile(const char* op, int block_m, int block_n, int cluster_n, Fn&& fn) {
 #define JAX_DS_GEMM_TILE(BM_, BN_)                                                \
   if (block_m == BM_ && block_n == BN_ && cluster_n == 1) return fn(TileTag<BM_, BN_, 1>{}); \
@@ -135,12 +136,15 @@ ffi::Error DispatchTile(const char* op, int block_m, int block_n, int cluster_n,
   JAX_DS_GEMM_TILE(128, 64)
   JAX_DS_GEMM_TILE(128, 128)
   JAX_DS_GEMM_TILE(128, 192)
+  if constexpr (kDense) {
+    JAX_DS_GEMM_TILE(192, 128)
+  }
 #undef JAX_DS_GEMM_TILE
   return ffi::Error::InvalidArgument(
       std::string(op) + ": no compiled tile " + std::to_string(block_m) + "x" +
       std::to_string(block_n) + " cluster " + std::to_string(cluster_n) +
-      " (block_m in {64,128}, block_n in {16,32,64,128} or 128x192 (dense: also 192x128), "
-      "cluster_n in {1,2})");
+      " (block_m in {64,128}, block_n in {16,32,64,128} or 128x192" +
+      (kDense ? std::string(" or 192x128") : std::string()) + ", cluster_n in {1,2})");
 }
 
 }  // namespace jax_ds::gemm

@@ -137,17 +137,15 @@ inline constexpr bool kOneAccSet = 3 * WgmmaFp8<BN>::kRegs > 192;
 #endif
 inline constexpr int kSmallTileAccSets = JAX_DS_GEMM_SMALL_ACC_SETS;
 static_assert(kSmallTileAccSets >= 2 && kSmallTileAccSets <= 6, "2 to 6 sets");
-template <int BN>
-inline constexpr int kAccSets = kOneAccSet<BN> ? 1 : BN <= 64 ? kSmallTileAccSets : 2;
-
 // 192-row tiles run three consumer warpgroups (512 threads): at 65536 registers a CTA, a consumer
 // gets 152 (the producer 40), room for one accumulator set and the promoted sums of BN <= 128
 // (64 + 64). Its k blocks are issued, waited and promoted one at a time, as 128x192's are; the
 // other two warpgroups' WGMMAs keep the tensor cores busy meanwhile.
 template <int BM, int BN>
-inline constexpr bool kOneAccSetTile = BM > 128 || kOneAccSet<BN>;
+inline constexpr int kTileAccSets =
+    BM > 128 || kOneAccSet<BN> ? 1 : BN <= 64 ? kSmallTileAccSets : 2;
 template <int BM, int BN>
-inline constexpr int kTileAccSets = BM > 128 ? 1 : kAccSets<BN>;
+inline constexpr bool kOneAccSetTile = kTileAccSets<BM, BN> == 1;
 
 // kOverlap_: kernels of one accumulator set (128x192) store a tile while the next tile's first
 // k block runs (attribute `overlap`; a separate instance: a runtime switch made ptxas spill in
@@ -337,10 +335,9 @@ struct GemmSmem {
   // setmaxnreg: the producer warpgroup drops to kProducerRegs, the consumers take what is left
   // of the CTA's 65536 registers (a multiple of 8), at most 232.
   static constexpr int kProducerRegs = 40;
-  static constexpr int kConsumerRegs =
-      ((65536 - 128 * kProducerRegs) / (128 * kConsumers) / 8 * 8) < 232
-          ? ((65536 - 128 * kProducerRegs) / (128 * kConsumers) / 8 * 8)
-          : 232;
+  static constexpr int kConsumerRegsLeft =
+      (65536 - 128 * kProducerRegs) / (128 * kConsumers) / 8 * 8;
+  static constexpr int kConsumerRegs = kConsumerRegsLeft < 232 ? kConsumerRegsLeft : 232;
   static constexpr int kStageBytes = (BM + BN) * kBlockK;
   // Output staging for the TMA store: the tile in 128-byte-wide column boxes, 128-byte swizzled
   // (see stage_tile). Tiles narrower than one box store straight from registers instead.
@@ -467,7 +464,7 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
                          int out_bytes) {
   static_assert(BM == 64 || BM == 128 || BM == 192, "BM is 64 rows per consumer warpgroup");
   static_assert(BM <= 128 || (BN <= 128 && !kBf16),
-                "192-row tiles: FP8, BN <= 128 (one accumulator set and the sums in 152 registers)");
+                "192-row tiles: FP8, BN <= 128 (one set and the sums in 152 registers)");
   static_assert((128 % BN == 0 && BN >= 16) || BN == 192,
                 "BN divides the 128-wide B scale block, or is 192 (two scale blocks per tile)");
   static_assert(kClusterN == 1 || kClusterN == 2, "clusters of 1 or 2 CTAs along N");
