@@ -67,6 +67,7 @@ def _child(suites, quick, impl, tiny, dense_shapes=None, grouped_shapes=None, nu
     from jax_ds.bench._profile import device_time_jax
     from jax_ds.bench._timing import time_jax_launch
     from jax_ds.bench.gemm import block_sets, input_set_count
+    from jax_ds.bench.moe import SETS as MOE_SETS
     from jax_ds.bench.moe import _operands
     from jax_ds.ops import fp8_gemm, grouped_fp8_gemm, masked_grouped_fp8_gemm
 
@@ -97,7 +98,7 @@ def _child(suites, quick, impl, tiny, dense_shapes=None, grouped_shapes=None, nu
         for kind, g, r, n, k in grouped_shapes or shapes(GROUPED, QUICK_GROUPED, TINY_GROUPED):
             a_shape = (g, r) if kind == "masked" else (g * r,)
             sets = [(*_operands(jax.random.key(i), a_shape, g, n, k),
-                     jnp.full((g,), r, jnp.int32)) for i in range(num_sets or 3)]
+                     jnp.full((g,), r, jnp.int32)) for i in range(num_sets or MOE_SETS)]
             op = masked_grouped_fp8_gemm if kind == "masked" else grouped_fp8_gemm
             timed(f"{kind} {g}x{r} n{n} k{k}", lambda *o, op=op: op(*o, impl=impl), sets,
                   2 * g * r * n * k)

@@ -53,6 +53,7 @@ DEEPGEMM_H800 = {
     ("masked", 4, 256, 4096, 7168): 932, ("masked", 4, 256, 7168, 2048): 815,
 }
 IMPLS = ("ours", "xla_ragged", "torch")
+SETS = 3  # input sets per shape (--sets); scripts/lib_ab.py's grouped suite uses as many
 
 
 def add_arguments(parser):
@@ -60,7 +61,7 @@ def add_arguments(parser):
     parser.add_argument("--budget", type=cli.positive_float, default=0.25,
                         help="seconds per measurement")
     parser.add_argument("--repeats", type=cli.at_least(1), default=5)
-    parser.add_argument("--sets", type=cli.at_least(1), default=3, help="input sets per shape")
+    parser.add_argument("--sets", type=cli.at_least(1), default=SETS, help="input sets per shape")
     parser.add_argument("--quick", action="store_true", help="one shape per kind")
     parser.add_argument("--routing-only", action="store_true", help="skip the grouped GEMMs")
     parser.add_argument("--no-torch", action="store_true")
