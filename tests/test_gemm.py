@@ -513,8 +513,8 @@ LIB_AB_2026_12_06 = {
     "lib-ab-h100-2026-12-06-tall-tile.json": {
         "ab/next/A": {"TALL_MAX_KBLOCKS": None},
         "ab/next/T": {"TALL_TILE": True}},
-    # the same session, timed as bench gemm times (--sets 16 --max-reps 32): the short-K rule
-    # against none, and the long-K rule against none
+    # the same session, with bench gemm's repeats and 16 input sets (--sets 16 --max-reps 32):
+    # the short-K rule against none, and the long-K rule against none
     "lib-ab-h100-2026-12-06-tall-tile-bench-timing.json": {
         "ab/next/N": {"TALL_MAX_KBLOCKS": None},
         "ab/next/D": {}},

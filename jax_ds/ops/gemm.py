@@ -62,9 +62,10 @@ OVERLAP_TILES = ((128, 192), (192, 128))  # the tiles of one accumulator set, wi
 # 4096x{4096x7168, 7168x2048, 7168x16384}); sustained on the H100 (2026-12-06, scripts/lib_ab.py,
 # 3 rounds, device-bound): 4096x4096x7168 +1.6%, 4096x7168x2048 +1.4%, 8192^3 +0.4%,
 # 4096x7168x16384 -1.4%, 1024x4096x7168 +20% (128x192's 1.3 waves, split, against 1.9 waves of
-# pairs). benchmarks/NOTES-gemm.md, twenty-first session. Timed as bench gemm times (twenty-fifth
-# session): +20% / +7% / +3% at 1024x4096x7168 / 2048x4096x7168 / 2048x7168x16384, -1..-3% at
-# 8192^3, 16384x4096x7168, 1024x7168x16384, 4096x7168x16384 -0.3% and -3.9% in two calls.
+# pairs). benchmarks/NOTES-gemm.md, twenty-first session. With bench gemm's repeats and 16 input
+# sets (the benchmark takes 4 at these shapes; twenty-fifth session): +20% / +7% / +3% at
+# 1024x4096x7168 / 2048x4096x7168 / 2048x7168x16384, -1..-3% at 8192^3, 16384x4096x7168,
+# 1024x7168x16384, 4096x7168x16384 -0.3% and -3.9% in two calls.
 WIDE_MAX_KBLOCKS: int | None = 15
 # ... except where 128x192's tiles fill whole waves (768x4096x7168, 132 tiles: 9% ahead of
 # 128x128's 1.45 waves, split, on the H100 in the same A/B).
