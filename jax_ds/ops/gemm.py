@@ -39,7 +39,8 @@ TILES = ((128, 192), (128, 128), (128, 64), (128, 32), (128, 16), (64, 128), (64
 # Compiled into the dense GEMM only (not the grouped kernels): 192x128, three consumer
 # warpgroups of one accumulator set each (512 threads, 152 registers a consumer); gemm_config
 # takes it in place of a 128-row pick (TALL_MAX_KBLOCKS below), never in its walk.
-DENSE_EXTRA_TILES = ((192, 128),)
+TALL = (192, 128)
+DENSE_EXTRA_TILES = (TALL,)
 DENSE_TILES = TILES + DENSE_EXTRA_TILES  # every tile of the dense GEMM
 CLUSTERS = (1, 2)  # CTAs per cluster along N (2: the pair shares A, loaded once from L2)
 FILL_FRACTION = 0.75  # a tile shape is "wide enough" once its tiles cover this share of the SMs
@@ -54,7 +55,7 @@ SPLIT_MIN_GAIN = 0.07  # (4096x7168x2048, 128x192: 6% by the count, 1% slower me
 # The 128x192 tile's epilogue overlap from this many k blocks on (H200 sweep of 2026-12-03:
 # +4-7% at 12 to 128 k blocks, -12% at 4).
 OVERLAP_MIN_KBLOCKS = 8
-OVERLAP_TILES = ((128, 192), (192, 128))  # the tiles of one accumulator set, with the overlap
+OVERLAP_TILES = ((128, 192), TALL)  # the tiles of one accumulator set, with the overlap
 # At m > 128, 128x192 only up to this many k blocks where its columns are emptier than 128x128's
 # (N's tail); None: no such limit (the rule the 2026-12-03 sweeps fitted). In the H200 sweep of
 # 2026-12-05 (kernel times, after the kernel changes of the eleventh to fifteenth sessions) 15
@@ -239,9 +240,9 @@ def gemm_config(m: int, n: int, k: int, num_sms: int, *, tiles=DENSE_TILES) -> G
     candidates = [t for t in tiles if (m > 128 or t[0] == 64) and t not in DENSE_EXTRA_TILES]
     wide = [t for t in candidates if fills(t) and not narrow(t) and not long_k(t)]
     bm, bn = wide[0] if wide else max(candidates, key=lambda t: (count[t], t[0]))
-    if ((192, 128) in tiles and m > 128 and bm == 128 and bn >= 128
+    if (TALL in tiles and m > 128 and bm == 128 and bn >= 128
             and (TALL_TILE or _tall(m, k_blocks, count, num_sms))):
-        bm, bn = 192, 128
+        bm, bn = TALL
     if m <= 128:  # 64-row tiles, no clusters (2-15% slower there) and no split (below) ...
         units = count[(bm, bn)]  # ... but for SHORT_GRID_FILL
         if SHORT_GRID_FILL is not None and units < SHORT_GRID_FILL * num_sms:
@@ -276,8 +277,8 @@ def rows_used(m: int, block_m: int) -> float:
 def _tall(m, k_blocks, count, num_sms) -> bool:
     """Whether 192x128 replaces a 128-row pick (TALL_MAX_KBLOCKS and the limits beside it)."""
     return (TALL_MAX_KBLOCKS is not None and k_blocks <= TALL_MAX_KBLOCKS
-            and rows_used(m, 192) >= TALL_MIN_ROWS_USED
-            and count[(192, 128)] >= TALL_MIN_WAVES * num_sms)
+            and rows_used(m, TALL[0]) >= TALL_MIN_ROWS_USED
+            and count[TALL] >= TALL_MIN_WAVES * num_sms)
 
 
 def _can_overlap(bm, bn, k_blocks) -> bool:
