@@ -150,16 +150,17 @@ def work_units(m: int, n: int, block_m: int, block_n: int, cluster_n: int = 1) -
     return cdiv(m, block_m) * cdiv(cdiv(n, block_n), cluster_n)
 
 
-def columns_used(n: int, block_n: int) -> float:
-    """The share of the tile columns that lie inside N (its tail tile's emptiness)."""
-    return n / (cdiv(n, block_n) * block_n)
+def used(extent: int, block: int) -> float:
+    """The share of `block`-wide tiles over `extent` that lies inside it (the tail tile's
+    emptiness): N's columns for block_n, M's rows for block_m."""
+    return extent / (cdiv(extent, block) * block)
 
 
 def wide_over_long_k(n: int, k_blocks: int, limit: int | None) -> bool:
     """The long-K limit of 128x192 (dense WIDE_MAX_KBLOCKS, grouped GROUPED_WIDE_MAX_KBLOCKS):
     past `limit` k blocks (None: no limit) 128x192 gives way where its columns are emptier than
     128x128's."""
-    return limit is not None and k_blocks > limit and columns_used(n, 192) < columns_used(n, 128)
+    return limit is not None and k_blocks > limit and used(n, 192) < used(n, 128)
 
 
 def split_plan(units: int, clusters: int, k_blocks: int, *, short_grid: bool = False,
@@ -224,7 +225,7 @@ def gemm_config(m: int, n: int, k: int, num_sms: int, *, tiles=DENSE_TILES) -> G
     fills = lambda t: count[t] >= FILL_FRACTION * num_sms
     # 128x192 only where its columns are not much emptier than 128x128's (N's tail tile): it is
     # 5-16% faster per tile at m = 4096 (the H200 sweep of 2026-12-03), not at n = 48.
-    narrow = lambda t: t == (128, 192) and columns_used(n, 192) < 0.9 * columns_used(n, 128)
+    narrow = lambda t: t == (128, 192) and used(n, 192) < 0.9 * used(n, 128)
     # (128x192 reaches the `wide` walk below at m > 128 only)
     long_k = lambda t: (t == (128, 192) and wide_over_long_k(n, k_blocks, WIDE_MAX_KBLOCKS)
                         and not (WIDE_KEEP_FULL_WAVES and count[t] % num_sms == 0))
@@ -269,15 +270,10 @@ def gemm_config(m: int, n: int, k: int, num_sms: int, *, tiles=DENSE_TILES) -> G
                       _overlap(m, n, bm, bn, cluster_n, k_blocks, num_sms))
 
 
-def rows_used(m: int, block_m: int) -> float:
-    """The share of the tile rows that lie inside M (its tail tile's emptiness)."""
-    return m / (cdiv(m, block_m) * block_m)
-
-
 def _tall(m, k_blocks, count, num_sms) -> bool:
     """Whether 192x128 replaces a 128-row pick (TALL_MAX_KBLOCKS and the limits beside it)."""
     return (TALL_MAX_KBLOCKS is not None and k_blocks <= TALL_MAX_KBLOCKS
-            and rows_used(m, TALL[0]) >= TALL_MIN_ROWS_USED
+            and used(m, TALL[0]) >= TALL_MIN_ROWS_USED
             and count[TALL] >= TALL_MIN_WAVES * num_sms)
 
 
