@@ -16,6 +16,10 @@ medians, writes $OUT/lib-ab-<device>-<date>.json (OUT defaults to .).
   python scripts/lib_ab.py A B --suite dense --sets 4 --max-reps 4   # the defaults before 12-06
   python scripts/lib_ab.py A B --suite grouped --grouped-shapes contiguous:32x256:4096x7168
   python scripts/lib_ab.py A B --impl xla --tiny --rounds 2   # a dry run of the script on CPU
+  python scripts/lib_ab.py --show benchmarks/results/lib-ab-h100-2026-12-06-scale-offsets.json
+
+After the medians it prints each variant against the first: the ratio of the medians and every
+round's device-bound (MLA: per-call) figure against the first variant's median.
 
 The device-bound figure is timed as the benchmarks time it: bench gemm's input sets per shape
 (4-16, `bench.gemm.input_set_count`), bench moe's 3 for the grouped suite, executables of up to
@@ -146,6 +150,36 @@ def _grouped(text: str) -> tuple:
     return kind, g, r, n, k
 
 
+def _median(runs, i):
+    return statistics.median(r[i] for r in runs) if runs else float("nan")
+
+
+def report(results: dict) -> None:
+    """Prints the medians of every variant and shape, then each variant against the first: the
+    ratio of the medians (first figure, second figure) and of every round's first figure to the
+    first variant's median (the spread a decision has to clear)."""
+    labels = list(next(iter(results.values())))
+    head = "".join(f" | {pathlib.Path(v).name[:18]:>18s}" for v in results)
+    print(f"{'shape (GEMM: device-bound / kernel TFLOP/s; MLA: per call / device-bound)':46s}"
+          f"{head}")
+    for label in labels:
+        cells = [f" | {_median(results[v].get(label, []), 0):8.0f} / "
+                 f"{_median(results[v].get(label, []), 1):7.0f}" for v in results]
+        print(f"{label:46s}{''.join(cells)}")
+    base, *others = results
+    for v in others:
+        print(f"{pathlib.Path(v).name} / {pathlib.Path(base).name} (medians; each round's first "
+              "figure):")
+        for label in labels:
+            a, b = results[base].get(label, []), results[v].get(label, [])
+            if not a or not b:
+                continue
+            ref = _median(a, 0)
+            rounds = " ".join(f"{r[0] / ref - 1:+.1%}" for r in b)
+            print(f"  {label:44s} {_median(b, 0) / ref - 1:+6.1%} / "
+                  f"{_median(b, 1) / _median(a, 1) - 1:+6.1%}   rounds {rounds}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("variants", nargs="*", type=pathlib.Path)
@@ -165,8 +199,13 @@ def main(argv=None) -> int:
                          "per shape, 4-16; grouped as bench moe, 3)")
     ap.add_argument("--max-reps", type=int, default=32,
                     help="GEMM suites: time_jax_launch's max_reps (the benchmarks': 32)")
+    ap.add_argument("--show", type=pathlib.Path, metavar="FILE",
+                    help="print the report of a lib-ab JSON file written before (no runs)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.show:
+        report(json.loads(args.show.read_text())["results"])
+        return 0
     if args.child:
         json.dump(_child(args.suite, args.quick, args.impl, args.tiny, args.shapes,
                          args.grouped_shapes, args.sets, args.max_reps), sys.stdout)
@@ -207,18 +246,7 @@ def main(argv=None) -> int:
             for label, dev, kern in json.loads(out.stdout):
                 results[str(v)].setdefault(label, []).append((dev, kern))
 
-    labels = list(next(iter(results.values())))
-    head = "".join(f" | {pathlib.Path(v).name[:18]:>18s}" for v in results)
-    print(f"{'shape (GEMM: device-bound / kernel TFLOP/s; MLA: per call / device-bound)':46s}"
-          f"{head}")
-    for label in labels:
-        cells = []
-        for v in results:
-            runs = results[v].get(label, [])
-            dev = statistics.median(r[0] for r in runs) if runs else float("nan")
-            kern = statistics.median(r[1] for r in runs) if runs else float("nan")
-            cells.append(f" | {dev:8.0f} / {kern:7.0f}")
-        print(f"{label:46s}{''.join(cells)}")
+    report(results)
 
     from jax_ds.bench import environment, write_json
     sets_note = str(args.sets) if args.sets else "the benchmarks'"

@@ -44,3 +44,20 @@ def test_lib_ab_shape_arguments():
     for bad in ("dense:1x2:3x4", "masked:0x2:3x4", "masked:1x2", "masked:1x2:3x4x5", "1x2x3"):
         with pytest.raises(Exception, match="expected|KIND"):
             lib_ab._grouped(bad)
+
+
+def test_lib_ab_report_against_the_first_variant(tmp_path, capsys):
+    """The report: medians per variant, then each variant's median ratios to the first and every
+    round's first figure against the first variant's median; `--show` reads a written file."""
+    import json
+
+    lib_ab = load_script(SCRIPTS / "lib_ab.py")
+    results = {"ab/A": {"dense 1x2x3": [[100.0, 200.0], [110.0, 210.0], [90.0, 190.0]]},
+               "ab/B": {"dense 1x2x3": [[105.0, 180.0], [99.0, 200.0], [120.0, 190.0]]}}
+    path = tmp_path / "lib-ab.json"
+    path.write_text(json.dumps({"results": results}))
+    assert lib_ab.main(["--show", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "dense 1x2x3" in out and "     100 /     200" in out and "     105 /     190" in out
+    line = next(s for s in out.splitlines() if s.startswith("  dense 1x2x3"))
+    assert "+5.0% /  -5.0%" in line and line.endswith("rounds +5.0% -1.0% +20.0%")
