@@ -1,13 +1,18 @@
 """Per-kernel SASS counts of a built library or object file: the figures NOTES-gemm and
-NOTES-mla quote from `cuobjdump -sass` (instructions, R2UR moves, the spacing of WGMMAs).
+NOTES-mla quote from `cuobjdump -sass` (instructions, R2UR moves, the spacing of WGMMAs, the
+length and spills of the loops around them).
 
   python scripts/sass_stats.py LIB [--kernels REGEX] [--count R2UR QGMMA ...] [--gaps PREFIX]
+                               [--loops PREFIX]
 
 Prints a line per kernel whose mangled name matches --kernels:
 - its instruction count;
 - how many instructions start with each --count prefix;
 - with --gaps, the distinct (instructions apart, stall fields summed) between consecutive
-  instructions starting with PREFIX, e.g. HGMMA.64x64x16 for MLA's S loop.
+  instructions starting with PREFIX, e.g. HGMMA.64x64x16 for MLA's S loop;
+- with --loops, each loop (a backward branch and the code up to it from its target) that holds
+  PREFIX instructions: its length, how many, and its LDL/STL (spills inside it). The GEMM's
+  steady K loop is the shortest one with QGMMAs (a round of the accumulator sets' k blocks).
 cuobjdump as in scripts/ffma_yield.py ($CUOBJDUMP, PATH, CUDA's bin).
 """
 
@@ -41,12 +46,36 @@ def stats(fn, count, gaps=None) -> dict:
     return out
 
 
+BRANCH = re.compile(r"\bBRA(?:\.\S+)?\s+(?:\S+\s+)?0x([0-9a-f]+)")
+
+
+def loops(fn, prefix) -> list:
+    """The loops whose body holds `prefix`-opcode instructions: (first, last address, length in
+    instructions, those instructions, local-memory loads and stores) for each backward branch, the
+    body being [its target, the branch]. Nested loops are listed each (inner ones shorter)."""
+    texts = [i.text.split(None, 1)[1] if i.text.startswith("@") else i.text for i in fn.instrs]
+    out = []
+    for k, ins in enumerate(fn.instrs):
+        m = BRANCH.search(ins.text)
+        if not m or int(m.group(1), 16) >= ins.addr:
+            continue
+        body = texts[int(m.group(1), 16) // 16:k + 1]
+        n = sum(t.startswith(prefix) for t in body)
+        if n:
+            out.append((int(m.group(1), 16), ins.addr, len(body), n,
+                        sum(t.startswith(("LDL", "STL")) for t in body)))
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("lib", type=pathlib.Path)
     ap.add_argument("--kernels", default=".", help="regex on the mangled kernel names")
     ap.add_argument("--count", nargs="*", default=["R2UR"], help="opcode prefixes to count")
     ap.add_argument("--gaps", help="opcode prefix whose consecutive spacing is listed")
+    ap.add_argument("--loops", metavar="PREFIX",
+                    help="also list the loops holding PREFIX instructions (e.g. QGMMA, HGMMA): "
+                         "addresses, length, their count, LDL/STL")
     args = ap.parse_args(argv)
     pattern = re.compile(args.kernels)
     for fn in ffma_yield.disassemble(args.lib):
@@ -54,6 +83,9 @@ def main(argv=None) -> int:
             s = stats(fn, args.count, args.gaps)
             cells = " ".join(f"{k}={v}" for k, v in s.items() if v is not None)
             print(f"{fn.arch} {fn.name[:100]}: {cells}")
+            for first, last, length, n, local in loops(fn, args.loops) if args.loops else ():
+                print(f"  loop {first:#x}-{last:#x}: {length} instructions, {n} {args.loops}, "
+                      f"{local} LDL/STL")
     return 0
 
 

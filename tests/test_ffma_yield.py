@@ -207,3 +207,15 @@ def test_sass_stats_counts_and_spacing():
     # apart (4 cycles), then 11 apart (4 + 10 x 1)
     assert s["gaps"] == [(1, 4), (11, 14)]
     assert ss.stats(gemm, [])["gaps"] is None
+
+
+def test_sass_stats_loops():
+    """--loops: a backward branch and the code from its target up to it, when it holds the
+    prefix; forward branches and loops without it are not listed."""
+    body = [_other(0), ("QGMMA.64x128x32.F32.E4M3.E4M3 R24, gdesc[UR4], R24", 0x7, 0x0),
+            ("LDL R5, [R1+0x4]", 0x7, 0x0), ("@P1 BRA 0x60", 0x7, 0x0), _other(1),
+            ("@!P0 BRA 0x10", 0x7, 0x0), _other(2), ("BRA 0x60", 0x7, 0x0), _other(3, "EXIT")]
+    fn, = fy.parse_sass(_listing([(GEMM, body)]))
+    assert ss.loops(fn, "QGMMA") == [(0x10, 0x50, 5, 1, 1)]
+    assert ss.loops(fn, "HGMMA") == []
+    assert ss.loops(fn, "IADD3") == [(0x10, 0x50, 5, 1, 1), (0x60, 0x70, 2, 1, 0)]
