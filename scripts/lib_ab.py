@@ -154,6 +154,11 @@ def _median(runs, i):
     return statistics.median(r[i] for r in runs) if runs else float("nan")
 
 
+def _change(x, ref):
+    """x / ref - 1, NaN where ref is 0 or NaN (a cell that failed or timed nothing)."""
+    return x / ref - 1 if ref else float("nan")
+
+
 def report(results: dict) -> None:
     """Prints the medians of every variant and shape, then each variant against the first: the
     ratio of the medians (first figure, second figure) and of every round's first figure to the
@@ -175,9 +180,9 @@ def report(results: dict) -> None:
             if not a or not b:
                 continue
             ref = _median(a, 0)
-            rounds = " ".join(f"{r[0] / ref - 1:+.1%}" for r in b)
-            print(f"  {label:44s} {_median(b, 0) / ref - 1:+6.1%} / "
-                  f"{_median(b, 1) / _median(a, 1) - 1:+6.1%}   rounds {rounds}")
+            rounds = " ".join(f"{_change(r[0], ref):+.1%}" for r in b)
+            print(f"  {label:44s} {_change(_median(b, 0), ref):+6.1%} / "
+                  f"{_change(_median(b, 1), _median(a, 1)):+6.1%}   rounds {rounds}")
 
 
 def main(argv=None) -> int:
@@ -246,8 +251,6 @@ def main(argv=None) -> int:
             for label, dev, kern in json.loads(out.stdout):
                 results[str(v)].setdefault(label, []).append((dev, kern))
 
-    report(results)
-
     from jax_ds.bench import environment, write_json
     sets_note = str(args.sets) if args.sets else "the benchmarks'"
     path = write_json(os.environ.get("OUT", "."), "lib-ab", environment(), {
@@ -258,6 +261,7 @@ def main(argv=None) -> int:
                 "device-bound] in the label's unit (time_jax, time_jax_launch over two input "
                 "sets); rounds alternate the variants' order",
         "variants": [str(v) for v in args.variants], "rounds": args.rounds, "results": results})
+    report(results)  # after the file: a report that fails loses no run
     print(f"wrote {path}")
     return 0
 

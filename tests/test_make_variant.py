@@ -61,3 +61,8 @@ def test_lib_ab_report_against_the_first_variant(tmp_path, capsys):
     assert "dense 1x2x3" in out and "     100 /     200" in out and "     105 /     190" in out
     line = next(s for s in out.splitlines() if s.startswith("  dense 1x2x3"))
     assert "+5.0% /  -5.0%" in line and line.endswith("rounds +5.0% -1.0% +20.0%")
+    # a first variant that timed nothing (0) gives NaN ratios, not a ZeroDivisionError
+    results["ab/A"]["dense 1x2x3"] = [[0.0, 0.0]]
+    lib_ab.report(results)
+    line = next(s for s in capsys.readouterr().out.splitlines() if s.startswith("  dense 1x2x3"))
+    assert "nan%" in line and line.endswith("rounds +nan% +nan% +nan%")
