@@ -121,8 +121,9 @@ __device__ __forceinline__ void banded_order(int unit, int num_m_tiles, const Fa
 // partial last wave) may each be cut into `splits` K slices, consecutive in the walk, so they
 // run on different SMs at once instead of leaving most SMs idle for a whole tile's K loop.
 // A tile of BN columns has one accumulator set when three (two WGMMA sets and the promoted sums)
-// would pass 192 registers a thread: 128x192 only. Its k blocks are issued, waited and promoted
-// one at a time, and only it has the epilogue overlap (kOverlap below; the handler's dispatch).
+// would pass 192 registers a thread: 128x192 (and 192x128, by its registers: kTileAccSets). Their
+// k blocks are issued, waited and promoted one at a time, and only they have the epilogue overlap
+// (kOverlap below; the handler's dispatch, kOneAccSetTile).
 template <int BN>
 inline constexpr bool kOneAccSet = 3 * WgmmaFp8<BN>::kRegs > 192;
 
@@ -147,9 +148,9 @@ inline constexpr int kTileAccSets =
 template <int BM, int BN>
 inline constexpr bool kOneAccSetTile = kTileAccSets<BM, BN> == 1;
 
-// kOverlap_: kernels of one accumulator set (128x192) store a tile while the next tile's first
-// k block runs (attribute `overlap`; a separate instance: a runtime switch made ptxas spill in
-// the epilogue and cost both variants 8-12% on the H200).
+// kOverlap_: kernels of one accumulator set (128x192, 192x128) store a tile while the next
+// tile's first k block runs (attribute `overlap`; a separate instance: a runtime switch made
+// ptxas spill in the epilogue and cost both variants 8-12% on the H200).
 template <int BM, int BN, int kClusterN, bool kOverlap_ = false>
 struct DenseScheduler {
   static constexpr bool kSplits = true;
