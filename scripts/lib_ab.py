@@ -21,6 +21,11 @@ medians, writes $OUT/lib-ab-<device>-<date>.json (OUT defaults to .).
 After the medians it prints each variant against the first: the ratio of the medians and every
 round's device-bound (MLA: per-call) figure against the first variant's median.
 
+A variant whose child process fails, or gives no result within --child-timeout seconds (600; a
+kernel that hangs: one did on 2026-12-06 and took the whole device call), is dropped from the
+remaining rounds and named under "dropped" in the file; the others go on. The first variant is
+the baseline: if it fails, the run stops.
+
 The device-bound figure is timed as the benchmarks time it: bench gemm's input sets per shape
 (4-16, `bench.gemm.input_set_count`), bench moe's 3 for the grouped suite, executables of up to
 32 repeats. Until the twenty-fifth session (2026-12-06) the defaults were 4 sets and 4 repeats,
@@ -204,6 +209,10 @@ def main(argv=None) -> int:
                          "per shape, 4-16; grouped as bench moe, 3)")
     ap.add_argument("--max-reps", type=int, default=32,
                     help="GEMM suites: time_jax_launch's max_reps (the benchmarks': 32)")
+    ap.add_argument("--child-timeout", type=float, default=600, metavar="SECONDS",
+                    help="a variant whose process gives no result in this time (a hung kernel) "
+                         "or fails is dropped from the remaining rounds; the first variant, the "
+                         "baseline, ends the run instead (default 600)")
     ap.add_argument("--show", type=pathlib.Path, metavar="FILE",
                     help="print the report of a lib-ab JSON file written before (no runs)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -227,9 +236,12 @@ def main(argv=None) -> int:
             ap.error(f"{v}: no jax_ds package with its _C*.so in it")
 
     results = {str(v): {} for v in args.variants}
+    dropped = {}  # variant -> why
     for rnd in range(args.rounds):
         order = args.variants if rnd % 2 == 0 else args.variants[::-1]
         for v in order:
+            if str(v) in dropped:
+                continue
             print(f"round {rnd} {v}", file=sys.stderr, flush=True)
             env = dict(os.environ, PYTHONPATH=os.pathsep.join(
                 [str(v.resolve())] + [p for p in os.environ.get("PYTHONPATH", "").split(
@@ -244,10 +256,23 @@ def main(argv=None) -> int:
             cmd += (["--grouped-shapes", *(f"{kd}:{g}x{r}:{n}x{k}"
                                            for kd, g, r, n, k in args.grouped_shapes)]
                     if args.grouped_shapes else [])
-            out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=v)
-            sys.stderr.write(out.stderr[-4000:])
-            if out.returncode:
-                raise SystemExit(f"{v}: the child process failed (exit {out.returncode})")
+            try:
+                out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=v,
+                                     timeout=args.child_timeout)
+            except subprocess.TimeoutExpired as e:  # run() has killed the child
+                err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr
+                sys.stderr.write((err or "")[-4000:])
+                why = f"no result within {args.child_timeout:g} s (a hung kernel?)"
+            else:
+                sys.stderr.write(out.stderr[-4000:])
+                why = f"the child process failed (exit {out.returncode})" if out.returncode else ""
+            if why:
+                if v == args.variants[0]:
+                    raise SystemExit(f"{v}: {why}; the others are compared with it, run stopped")
+                print(f"{v}: {why}; dropped from the remaining rounds", file=sys.stderr,
+                      flush=True)
+                dropped[str(v)] = why
+                continue
             for label, dev, kern in json.loads(out.stdout):
                 results[str(v)].setdefault(label, []).append((dev, kern))
 
@@ -260,8 +285,11 @@ def main(argv=None) -> int:
                 "MLA [per call, "
                 "device-bound] in the label's unit (time_jax, time_jax_launch over two input "
                 "sets); rounds alternate the variants' order",
-        "variants": [str(v) for v in args.variants], "rounds": args.rounds, "results": results})
+        "variants": [str(v) for v in args.variants], "rounds": args.rounds, "dropped": dropped,
+        "results": results})
     report(results)  # after the file: a report that fails loses no run
+    for v, why in dropped.items():
+        print(f"{v}: dropped, {why}")
     print(f"wrote {path}")
     return 0
 

@@ -66,3 +66,44 @@ def test_lib_ab_report_against_the_first_variant(tmp_path, capsys):
     lib_ab.report(results)
     line = next(s for s in capsys.readouterr().out.splitlines() if s.startswith("  dense 1x2x3"))
     assert "nan%" in line and line.endswith("rounds +nan% +nan% +nan%")
+
+
+def test_lib_ab_drops_a_variant_that_hangs_or_fails(tmp_path, monkeypatch):
+    """A variant whose child process gives no result in time (a hung kernel) or fails leaves the
+    remaining rounds, said in the written file; the others are still timed. A baseline that hangs
+    stops the run (the others are compared with it). The child processes are stood in for: a
+    real one would need a GPU kernel that hangs."""
+    import json
+    import subprocess
+
+    lib_ab = load_script(SCRIPTS / "lib_ab.py")
+    variants = []
+    for name in ("base", "hangs", "fails", "good"):
+        (tmp_path / name / "jax_ds").mkdir(parents=True)
+        (tmp_path / name / "jax_ds" / "_C.so").write_text("")
+        variants.append(str(tmp_path / name))
+    calls = []
+
+    def child(cmd, *, cwd, timeout, **kwargs):
+        name = pathlib.Path(cwd).name
+        calls.append((name, timeout))
+        if name == "hangs":
+            raise subprocess.TimeoutExpired(cmd, timeout, stderr=b"stuck in a kernel")
+        if name == "fails":
+            return subprocess.CompletedProcess(cmd, 3, stdout="", stderr="a failed check")
+        return subprocess.CompletedProcess(
+            cmd, 0, stdout=json.dumps([["dense 1x2x3", 100.0, 200.0]]), stderr="")
+
+    monkeypatch.setattr(lib_ab.subprocess, "run", child)
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    assert lib_ab.main([*variants, "--rounds", "3", "--child-timeout", "5"]) == 0
+    names = [n for n, _ in calls]
+    assert {t for _, t in calls} == {5.0}
+    assert [names.count(n) for n in ("base", "hangs", "fails", "good")] == [3, 1, 1, 3]
+    data = json.loads(next((tmp_path / "out").glob("lib-ab*.json")).read_text())
+    assert sorted(data["dropped"]) == sorted(variants[1:3])
+    assert "5 s" in data["dropped"][variants[1]] and "exit 3" in data["dropped"][variants[2]]
+    assert len(data["results"][variants[3]]["dense 1x2x3"]) == 3
+    assert data["results"][variants[1]] == {}
+    with pytest.raises(SystemExit, match="run stopped"):
+        lib_ab.main([variants[1], variants[0], "--child-timeout", "5"])
