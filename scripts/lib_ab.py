@@ -218,7 +218,10 @@ def main(argv=None) -> int:
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.show:
-        report(json.loads(args.show.read_text())["results"])
+        data = json.loads(args.show.read_text())
+        report(data["results"])
+        for v, why in data.get("dropped", {}).items():
+            print(f"{v}: dropped, {why}")
         return 0
     if args.child:
         json.dump(_child(args.suite, args.quick, args.impl, args.tiny, args.shapes,

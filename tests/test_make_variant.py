@@ -68,7 +68,7 @@ def test_lib_ab_report_against_the_first_variant(tmp_path, capsys):
     assert "nan%" in line and line.endswith("rounds +nan% +nan% +nan%")
 
 
-def test_lib_ab_drops_a_variant_that_hangs_or_fails(tmp_path, monkeypatch):
+def test_lib_ab_drops_a_variant_that_hangs_or_fails(tmp_path, monkeypatch, capsys):
     """A variant whose child process gives no result in time (a hung kernel) or fails leaves the
     remaining rounds, said in the written file; the others are still timed. A baseline that hangs
     stops the run (the others are compared with it). The child processes are stood in for: a
@@ -105,5 +105,8 @@ def test_lib_ab_drops_a_variant_that_hangs_or_fails(tmp_path, monkeypatch):
     assert "5 s" in data["dropped"][variants[1]] and "exit 3" in data["dropped"][variants[2]]
     assert len(data["results"][variants[3]]["dense 1x2x3"]) == 3
     assert data["results"][variants[1]] == {}
+    capsys.readouterr()
+    assert lib_ab.main(["--show", str(next((tmp_path / "out").glob("lib-ab*.json")))]) == 0
+    assert f"{variants[1]}: dropped, no result within 5 s" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="run stopped"):
         lib_ab.main([variants[1], variants[0], "--child-timeout", "5"])

@@ -335,10 +335,11 @@ struct GemmSmem {
   static constexpr int kThreads = 128 * (kConsumers + 1);
   // setmaxnreg: the producer warpgroup drops to kProducerRegs, the consumers take what is left
   // of the registers the CTA was launched with (a multiple of 8), at most 232. That pool is the
-  // launch's count a thread (65536 / threads down to a multiple of 8, at most 248: 168 for two
-  // consumers) times the threads, not 65536: a consumer count past it would wait in
+  // launch's count a thread times the threads, not 65536: a consumer count past it would wait in
   // `setmaxnreg.inc` forever (a 48-register producer with 232-register consumers hung on the
-  // H100, NOTES-gemm).
+  // H100, NOTES-gemm). kLaunchRegs is the most the launch bound allows (65536 / threads down to
+  // a multiple of 8, at most 248), what ptxas gives these kernels at 384 and 512 threads (168,
+  // 128: "Used N registers"); at 256 threads it gives 232, and one consumer needs no more.
   static constexpr int kProducerRegs = 40;
   static constexpr int kLaunchRegs =
       65536 / kThreads / 8 * 8 < 255 ? 65536 / kThreads / 8 * 8 : 248;
