@@ -21,10 +21,12 @@ medians, writes $OUT/lib-ab-<device>-<date>.json (OUT defaults to .).
 After the medians it prints each variant against the first: the ratio of the medians and every
 round's device-bound (MLA: per-call) figure against the first variant's median.
 
-A variant whose child process fails, or gives no result within --child-timeout seconds (600; a
+A variant whose child process fails, or gives no result within --child-timeout seconds (300; a
 kernel that hangs: one did on 2026-12-06 and took the whole device call), is dropped from the
 remaining rounds and named under "dropped" in the file; the others go on. The first variant is
-the baseline: if it fails, the run stops.
+the baseline: if it fails, the run stops. The file is written once, after the last round: a run
+cut short from outside (a device call's 600 s) leaves nothing, so keep --child-timeout and the
+rounds under that limit.
 
 The device-bound figure is timed as the benchmarks time it: bench gemm's input sets per shape
 (4-16, `bench.gemm.input_set_count`), bench moe's 3 for the grouped suite, executables of up to
@@ -164,10 +166,11 @@ def _change(x, ref):
     return x / ref - 1 if ref else float("nan")
 
 
-def report(results: dict) -> None:
+def report(results: dict, dropped: dict | None = None) -> None:
     """Prints the medians of every variant and shape, then each variant against the first: the
     ratio of the medians (first figure, second figure) and of every round's first figure to the
-    first variant's median (the spread a decision has to clear)."""
+    first variant's median (the spread a decision has to clear); last, the variants dropped and
+    why."""
     labels = list(next(iter(results.values())))
     head = "".join(f" | {pathlib.Path(v).name[:18]:>18s}" for v in results)
     print(f"{'shape (GEMM: device-bound / kernel TFLOP/s; MLA: per call / device-bound)':46s}"
@@ -188,6 +191,8 @@ def report(results: dict) -> None:
             rounds = " ".join(f"{_change(r[0], ref):+.1%}" for r in b)
             print(f"  {label:44s} {_change(_median(b, 0), ref):+6.1%} / "
                   f"{_change(_median(b, 1), _median(a, 1)):+6.1%}   rounds {rounds}")
+    for v, why in (dropped or {}).items():
+        print(f"{v}: dropped, {why}")
 
 
 def main(argv=None) -> int:
@@ -209,19 +214,18 @@ def main(argv=None) -> int:
                          "per shape, 4-16; grouped as bench moe, 3)")
     ap.add_argument("--max-reps", type=int, default=32,
                     help="GEMM suites: time_jax_launch's max_reps (the benchmarks': 32)")
-    ap.add_argument("--child-timeout", type=float, default=600, metavar="SECONDS",
+    ap.add_argument("--child-timeout", type=float, default=300, metavar="SECONDS",
                     help="a variant whose process gives no result in this time (a hung kernel) "
                          "or fails is dropped from the remaining rounds; the first variant, the "
-                         "baseline, ends the run instead (default 600)")
+                         "baseline, ends the run instead (default 300: under a device call's "
+                         "600 s, which would end the run with nothing written)")
     ap.add_argument("--show", type=pathlib.Path, metavar="FILE",
                     help="print the report of a lib-ab JSON file written before (no runs)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.show:
         data = json.loads(args.show.read_text())
-        report(data["results"])
-        for v, why in data.get("dropped", {}).items():
-            print(f"{v}: dropped, {why}")
+        report(data["results"], data.get("dropped"))
         return 0
     if args.child:
         json.dump(_child(args.suite, args.quick, args.impl, args.tiny, args.shapes,
@@ -290,9 +294,7 @@ def main(argv=None) -> int:
                 "sets); rounds alternate the variants' order",
         "variants": [str(v) for v in args.variants], "rounds": args.rounds, "dropped": dropped,
         "results": results})
-    report(results)  # after the file: a report that fails loses no run
-    for v, why in dropped.items():
-        print(f"{v}: dropped, {why}")
+    report(results, dropped)  # after the file: a report that fails loses no run
     print(f"wrote {path}")
     return 0
 
