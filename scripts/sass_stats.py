@@ -11,8 +11,10 @@ Prints a line per kernel whose mangled name matches --kernels:
 - with --gaps, the distinct (instructions apart, stall fields summed) between consecutive
   instructions starting with PREFIX, e.g. HGMMA.64x64x16 for MLA's S loop;
 - with --loops, each loop (a backward branch and the code up to it from its target) that holds
-  PREFIX instructions: its length, how many, and its LDL/STL (spills inside it). The GEMM's
-  steady K loop is the shortest one with QGMMAs (a round of the accumulator sets' k blocks).
+  PREFIX instructions: its length, how many, its LDL/STL (spills inside it) and, given --count,
+  each counted prefix inside it (e.g. --count LDG LDS: where a K loop's loads come from). The
+  GEMM's steady K loop is the shortest one with QGMMAs (a round of the accumulator sets' k
+  blocks).
 cuobjdump as in scripts/ffma_yield.py ($CUOBJDUMP, PATH, CUDA's bin).
 """
 
@@ -33,7 +35,7 @@ STALL_SHIFT, STALL_MASK = 41, 0xF  # stall cycles: bits 41-44 of the high word
 def stats(fn, count, gaps=None) -> dict:
     """{"instructions", each prefix in `count`: its number, "gaps": sorted distinct (apart,
     stalls) between consecutive `gaps`-prefixed instructions (None without `gaps`)}."""
-    texts = [i.text.split(None, 1)[1] if i.text.startswith("@") else i.text for i in fn.instrs]
+    texts = _opcodes(fn)
     out = {"instructions": len(fn.instrs)}
     for prefix in count:
         out[prefix] = sum(t.startswith(prefix) for t in texts)
@@ -49,11 +51,17 @@ def stats(fn, count, gaps=None) -> dict:
 BRANCH = re.compile(r"\bBRA(?:\.\S+)?\s+(?:\S+\s+)?0x([0-9a-f]+)")
 
 
-def loops(fn, prefix) -> list:
+def _opcodes(fn) -> list:
+    """Each instruction's text without its predicate (`@P0 `)."""
+    return [i.text.split(None, 1)[1] if i.text.startswith("@") else i.text for i in fn.instrs]
+
+
+def loops(fn, prefix, count=()) -> list:
     """The loops whose body holds `prefix`-opcode instructions: (first, last address, length in
     instructions, those instructions, local-memory loads and stores) for each backward branch, the
-    body being [its target, the branch]. Nested loops are listed each (inner ones shorter)."""
-    texts = [i.text.split(None, 1)[1] if i.text.startswith("@") else i.text for i in fn.instrs]
+    body being [its target, the branch], and with `count` a sixth item: {each prefix: how many in
+    the body}. Nested loops are listed each (inner ones shorter)."""
+    texts = _opcodes(fn)
     out = []
     for k, ins in enumerate(fn.instrs):
         m = BRANCH.search(ins.text)
@@ -62,8 +70,10 @@ def loops(fn, prefix) -> list:
         body = texts[int(m.group(1), 16) // 16:k + 1]
         n = sum(t.startswith(prefix) for t in body)
         if n:
-            out.append((int(m.group(1), 16), ins.addr, len(body), n,
-                        sum(t.startswith(("LDL", "STL")) for t in body)))
+            row = (int(m.group(1), 16), ins.addr, len(body), n,
+                   sum(t.startswith(("LDL", "STL")) for t in body))
+            out.append(row + ({c: sum(t.startswith(c) for t in body) for c in count},)
+                       if count else row)
     return out
 
 
@@ -83,9 +93,11 @@ def main(argv=None) -> int:
             s = stats(fn, args.count, args.gaps)
             cells = " ".join(f"{k}={v}" for k, v in s.items() if v is not None)
             print(f"{fn.arch} {fn.name[:100]}: {cells}")
-            for first, last, length, n, local in loops(fn, args.loops) if args.loops else ():
+            for first, last, length, n, local, *counts in (
+                    loops(fn, args.loops, args.count) if args.loops else ()):
+                inside = "".join(f", {k}={v}" for k, v in counts[0].items()) if counts else ""
                 print(f"  loop {first:#x}-{last:#x}: {length} instructions, {n} {args.loops}, "
-                      f"{local} LDL/STL")
+                      f"{local} LDL/STL{inside}")
     return 0
 
 

@@ -219,3 +219,5 @@ def test_sass_stats_loops():
     assert ss.loops(fn, "QGMMA") == [(0x10, 0x50, 5, 1, 1)]
     assert ss.loops(fn, "HGMMA") == []
     assert ss.loops(fn, "IADD3") == [(0x10, 0x50, 5, 1, 1), (0x60, 0x70, 2, 1, 0)]
+    # --count inside each loop: where its loads come from
+    assert ss.loops(fn, "QGMMA", ["LDL", "LDG"]) == [(0x10, 0x50, 5, 1, 1, {"LDL": 1, "LDG": 0})]
