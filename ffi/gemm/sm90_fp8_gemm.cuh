@@ -616,7 +616,10 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT, kBf16>::kThreads, 1)
   } else {
     // ---------------- consumers ----------------
     sm90::regs_alloc<Smem::kConsumerRegs>();
-    const int consumer = warpgroup - 1;
+    // Read again here rather than kept from the kernel's start: a value live into both roles
+    // must fit the producer's 40 registers too, and ptxas spilled it (an LDL in the K loop of
+    // the grouped 128x128 kernels).
+    const int consumer = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x / 128), 0) - 1;
     const int warp = (threadIdx.x / 32) % 4;
     const int lane = threadIdx.x % 32;
     const bool leader = threadIdx.x % 128 == 0;
