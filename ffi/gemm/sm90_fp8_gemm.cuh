@@ -339,7 +339,8 @@ struct GemmSmem {
   // times the threads, not 65536: a consumer count past it waits in setmaxnreg forever (48 for
   // the producer, 232 for two consumers, hung on the H100).
   static constexpr int kProducerRegs = 40;
-  static constexpr int kLaunchRegs = 65536 / kThreads / 8 * 8 < 255 ? 65536 / kThreads / 8 * 8 : 248;
+  static constexpr int kLaunchRegs =
+      65536 / kThreads / 8 * 8 < 255 ? 65536 / kThreads / 8 * 8 : 248;
   static constexpr int kConsumerRegsLeft =
       (kLaunchRegs * kThreads - 128 * kProducerRegs) / (128 * kConsumers) / 8 * 8;
   static constexpr int kConsumerRegs = kConsumerRegsLeft < 232 ? kConsumerRegsLeft : 232;
