@@ -334,18 +334,21 @@ struct GemmSmem {
   static constexpr int kConsumers = BM / 64;
   static constexpr int kThreads = 128 * (kConsumers + 1);
   // setmaxnreg: the producer warpgroup drops to kProducerRegs, the consumers take what is left
-  // of the registers the CTA was launched with (a multiple of 8), at most 232. The pool is the
-  // launch's count a thread (65536 / threads, down to a multiple of 8: 168 for two consumers)
-  // times the threads, not 65536: a consumer count past it waits in setmaxnreg forever (48 for
-  // the producer, 232 for two consumers, hung on the H100).
+  // of the registers the CTA was launched with (a multiple of 8), at most 232. That pool is the
+  // launch's count a thread (65536 / threads down to a multiple of 8, at most 248: 168 for two
+  // consumers) times the threads, not 65536: a consumer count past it would wait in
+  // `setmaxnreg.inc` forever (a 48-register producer with 232-register consumers hung on the
+  // H100, NOTES-gemm).
   static constexpr int kProducerRegs = 40;
   static constexpr int kLaunchRegs =
       65536 / kThreads / 8 * 8 < 255 ? 65536 / kThreads / 8 * 8 : 248;
   static constexpr int kConsumerRegsLeft =
       (kLaunchRegs * kThreads - 128 * kProducerRegs) / (128 * kConsumers) / 8 * 8;
   static constexpr int kConsumerRegs = kConsumerRegsLeft < 232 ? kConsumerRegsLeft : 232;
+  static_assert(128 * kProducerRegs + 128 * kConsumers * kConsumerRegs <= kLaunchRegs * kThreads,
+                "setmaxnreg: the roles' registers must fit the launch's pool");
   // A stage: the A and B tiles and, for FP8, the k block's scales (BM of A's, then B's one or
-  // two, padded to 16 bytes), copied in by the producer warp with the tiles.
+  // two, padded to 16 bytes), copied in by the producer warpgroup's second warp.
   static constexpr int kScaleFloats = kBf16 ? 0 : BM + 4;
   static constexpr int kStageBytes = (BM + BN) * kBlockK + kScaleFloats * 4;
   // Output staging for the TMA store: the tile in 128-byte-wide column boxes, 128-byte swizzled
