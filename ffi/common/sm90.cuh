@@ -53,6 +53,10 @@ __device__ __forceinline__ void cp_async_4(void* dst, const void* src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(smem_addr(dst)), "l"(src)
                : "memory");
 }
+// Waits until every cp.async this thread issued has landed.
+__device__ __forceinline__ void cp_async_wait_all() {
+  asm volatile("cp.async.wait_all;" ::: "memory");
+}
 // Arrives on the barrier once every cp.async this thread issued before has landed; the arrival
 // counts toward the barrier's expected count (.noinc).
 __device__ __forceinline__ void cp_async_mbar_arrive(uint64_t* bar) {

@@ -616,6 +616,7 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT, kBf16>::kThreads, 1)
           if (++stage == num_stages) stage = 0, phase ^= 1;
         }
       }
+      sm90::cp_async_wait_all();  // no lane leaves with its copies in flight
     }
   } else {
     // ---------------- consumers ----------------
