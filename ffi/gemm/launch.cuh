@@ -43,7 +43,7 @@ template <int BM, int BN, int kClusterN, typename OutT, typename Sched, bool kBf
           bool kBTrans = false>
 ffi::Error LaunchGemm(cudaStream_t stream, const GemmArgs<OutT>& g, const Sched& sched,
                       int64_t max_units, int extra_smem_bytes) {
-  using Smem = GemmSmem<BM, BN, OutT>;
+  using Smem = GemmSmem<BM, BN, OutT, kBf16>;
   // The output staging buffer only where TMA stores can be used (16-byte aligned rows); without
   // it the stages get its room. (Dropping it everywhere for 7 stages and register stores was
   // 3-45% slower at m = 4096 on the H200, NOTES-gemm.md.)

@@ -329,7 +329,7 @@ struct GroupedScheduler {
   }
 };
 
-template <int BM, int BN, typename OutT>
+template <int BM, int BN, typename OutT, bool kBf16 = false>
 struct GemmSmem {
   static constexpr int kConsumers = BM / 64;
   static constexpr int kThreads = 128 * (kConsumers + 1);
@@ -348,7 +348,10 @@ struct GemmSmem {
   static constexpr int kConsumerRegs = kConsumerRegsLeft < 232 ? kConsumerRegsLeft : 232;
   static_assert(128 * kProducerRegs + 128 * kConsumers * kConsumerRegs <= kLaunchRegs * kThreads,
                 "setmaxnreg: the roles' registers must fit the launch's pool");
-  static constexpr int kStageBytes = (BM + BN) * kBlockK;
+  // A stage: the A and B tiles and, for FP8, the k block's scales (BM of A's, then B's one or
+  // two, padded to 16 bytes), copied in by the producer warpgroup's second warp.
+  static constexpr int kScaleFloats = kBf16 ? 0 : BM + 4;
+  static constexpr int kStageBytes = (BM + BN) * kBlockK + kScaleFloats * 4;
   // Output staging for the TMA store: the tile in 128-byte-wide column boxes, 128-byte swizzled
   // (see stage_tile). Tiles narrower than one box store straight from registers instead.
   static constexpr int kBoxCols = 128 / sizeof(OutT);
@@ -419,17 +422,19 @@ __device__ __forceinline__ void stage_tile(uint8_t* slice, const float* total, i
   }
 }
 
-// One k block for a consumer: wait for the stage, issue its 4 WGMMAs into `acc`, commit. The
-// first WGMMA overwrites `acc` unless `carry` (bf16: the tile's sum runs on in the accumulator).
-template <int BN, bool kBf16 = false, bool kBTrans = false>
+// One k block for a consumer: wait for the stage, call ready() (FP8: reads the block's scales
+// from the stage), issue its 4 WGMMAs into `acc`, commit. The first WGMMA overwrites `acc`
+// unless `carry` (bf16: the tile's sum runs on in the accumulator).
+template <int BN, bool kBf16, bool kBTrans, typename Ready>
 __device__ __forceinline__ void issue_k_block(float* acc, uint64_t* full_bar, uint32_t parity,
                                               const uint8_t* tile_a, const uint8_t* tile_b,
-                                              bool carry = false) {
+                                              bool carry, Ready&& ready) {
   using Mma = std::conditional_t<kBTrans, WgmmaBf16TransB<BN>,
                                  std::conditional_t<kBf16, WgmmaBf16<BN>, WgmmaFp8<BN>>>;
   // kBTrans: B's 64-column chunks are 64 rows x 128 B apart; a k16 step is 16 rows (2048 B)
   constexpr uint32_t kBStep = kBTrans ? 2048 >> 4 : 2;
   sm90::mbar_wait(full_bar, parity);
+  ready();
   const uint32_t desc_a = sm90::sw128_kmajor_desc_lo(tile_a);
   const uint32_t desc_b = kBTrans ? sm90::sw128_mnmajor_desc_lo(tile_b, 64 * 128)
                                   : sm90::sw128_kmajor_desc_lo(tile_b);
@@ -462,7 +467,7 @@ __device__ __forceinline__ void dispatch_below(int v, F& f) {
 
 template <int BM, int BN, int kClusterN, typename OutT, typename Sched, bool kBf16 = false,
           bool kBTrans = false>
-__global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
+__global__ void __launch_bounds__(GemmSmem<BM, BN, OutT, kBf16>::kThreads, 1)
     sm90_fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a,    // A [M, K] e4m3 / bf16
                          const __grid_constant__ CUtensorMap tmap_b,    // B [rows, K] (kBTrans:
                                                                         // [G, K, N] bf16, 3-D)
@@ -480,7 +485,7 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
   static_assert(kClusterN == 1 || kClusterN == 2, "clusters of 1 or 2 CTAs along N");
   static_assert(!kBf16 || !Sched::kSplits, "bf16: no split-K workspace (grouped schedulers)");
   static_assert(!kBTrans || (kBf16 && BN % 64 == 0), "kBTrans: bf16, whole 64-column chunks");
-  using Smem = GemmSmem<BM, BN, OutT>;
+  using Smem = GemmSmem<BM, BN, OutT, kBf16>;
   constexpr int kKElems = kBf16 ? kBlockKBf16 : kBlockK;  // K elements per stage
   constexpr int kAccRegs = WgmmaFp8<BN>::kRegs;
   // BN = 192 spans two B scale blocks (columns past `boundary` take the second) and leaves no
@@ -507,7 +512,9 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
   uint8_t* out_tile = smem;
   uint8_t* tiles_a = out_tile + out_bytes;  // 0: no staging buffer, register stores
   uint8_t* tiles_b = tiles_a + num_stages * kATileBytes;
-  uint64_t* full = reinterpret_cast<uint64_t*>(tiles_b + num_stages * kBTileBytes);
+  constexpr int kScaleFloats = Smem::kScaleFloats;
+  float* const scales = reinterpret_cast<float*>(tiles_b + num_stages * kBTileBytes);
+  uint64_t* full = reinterpret_cast<uint64_t*>(scales + num_stages * kScaleFloats);
   uint64_t* empty = full + num_stages;
   Sched sched = sched_in;
   sched.init(reinterpret_cast<int*>(empty + num_stages));  // the scheduler's tables, if any
@@ -531,7 +538,8 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
     sm90::prefetch_tensormap(&tmap_a);
     sm90::prefetch_tensormap(&tmap_b);
     for (int s = 0; s < num_stages; ++s) {
-      sm90::mbar_init(&full[s], 1);  // producer's expect_tx arrival
+      // the producer's expect_tx arrival (+ FP8: one per lane of the scale warp)
+      sm90::mbar_init(&full[s], kBf16 ? 1 : 1 + 32);
       // one arrival per consumer warp of every CTA whose smem the stage's loads write into
       sm90::mbar_init(&empty[s], Smem::kConsumers * 4 * kClusterN);
     }
@@ -543,7 +551,7 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
   if (warpgroup == 0) {
     // ---------------- producer ----------------
     sm90::regs_dealloc<Smem::kProducerRegs>();
-    if (threadIdx.x == 0) {
+    if (threadIdx.x == 0) {  // the tiles, through TMA
       int stage = 0;
       uint32_t phase = 0;
       for (int u = cluster; u < sched.num_units(); u += num_clusters) {
@@ -576,11 +584,48 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
           if (++stage == num_stages) stage = 0, phase ^= 1;
         }
       }
+    } else if (!kBf16 && threadIdx.x / 32 == 1) {
+      // FP8: the second warp copies each k block's scales into its stage (cp.async, 4 bytes a
+      // lane), every lane arriving on the stage's full barrier once its copies land. Lane l
+      // copies A's scales of the tile's rows l, l+32, ... (clamped to M - 1: rows past M read
+      // as zero and are never stored), lane 0 B's scale row, lane 1 (BN = 192) the next one
+      // if the tile reaches it before N (else the same). A loop of its own beside the TMA
+      // thread's: in one loop the two roles' registers added up and ptxas spilled.
+      const int lane = threadIdx.x % 32;
+      int stage = 0;
+      uint32_t phase = 0;
+      for (int u = cluster; u < sched.num_units(); u += num_clusters) {
+        const TileCoord c = sched.tile(u, rank);
+        if (c.zero) continue;
+        const int kb_end = min(c.kb_end, k_blocks);
+        const int n0 = c.n_block * BN;
+        const int sb_row = c.sb_row + (kTwoScales && lane == 1 && n0 + 128 - n0 % 128 < N);
+        for (int kb = c.kb_begin; kb < kb_end; ++kb) {
+          sm90::mbar_wait(&empty[stage], phase ^ 1);
+          float* dst = scales + stage * kScaleFloats;
+#pragma unroll
+          for (int i = 0; i < BM / 32; ++i) {
+            const int row = min(c.a_row + lane + 32 * i, M - 1);
+            sm90::cp_async_4(dst + lane + 32 * i,
+                             a_scale + static_cast<int64_t>(row) * k_blocks + kb);
+          }
+          if (lane < (kTwoScales ? 2 : 1)) {
+            sm90::cp_async_4(dst + BM + lane,
+                             b_scale + static_cast<int64_t>(sb_row) * k_blocks + kb);
+          }
+          sm90::cp_async_mbar_arrive(&full[stage]);
+          if (++stage == num_stages) stage = 0, phase ^= 1;
+        }
+      }
+      sm90::cp_async_wait_all();  // no lane leaves with its copies in flight
     }
   } else {
     // ---------------- consumers ----------------
     sm90::regs_alloc<Smem::kConsumerRegs>();
-    const int consumer = warpgroup - 1;
+    // Read again here rather than kept from the kernel's start: a value live into both roles
+    // must fit the producer's 40 registers too, and ptxas spilled it (an LDL in the K loop of
+    // the grouped 128x128 kernels).
+    const int consumer = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x / 128), 0) - 1;
     const int warp = (threadIdx.x / 32) % 4;
     const int lane = threadIdx.x % 32;
     const bool leader = threadIdx.x % 128 == 0;
@@ -590,8 +635,8 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
     uint8_t* out_slice = out_tile + consumer * 64 * BN * sizeof(OutT);
 
     // kSets accumulator sets: the WGMMAs of k blocks kb .. kb+kSets-2 run while block kb-1 is
-    // promoted. The scales of a block are loaded when its WGMMAs are issued, so promotion never
-    // waits on them.
+    // promoted. The scales of a block are read from its stage when its WGMMAs are issued, so
+    // promotion never waits on them.
     float acc[kSets][kAccRegs];
     float scale_a0[kSets], scale_a1[kSets], scale_b[kSets], scale_b_hi[kSets];
     float total[kAccRegs];
@@ -681,36 +726,30 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT>::kThreads, 1)
     for (int u = cluster; u < num_units; u += num_clusters) {
       const TileCoord c = Sched::kUniformTiles ? sched.tile(u, rank)
                                                : warp_uniform(sched.tile(u, rank));
-      const int row0 = c.a_row + row_in_tile;
-      const int row1 = row0 + 8;
-      // Rows past M read as zero through TMA; their scales are never loaded out of bounds.
-      // (bf16: no scales; the pointers stay null and are never read)
-      const float* sa0 =
-          kBf16 ? a_scale : a_scale + static_cast<int64_t>(min(row0, M - 1)) * k_blocks;
-      const float* sa1 =
-          kBf16 ? a_scale : a_scale + static_cast<int64_t>(min(row1, M - 1)) * k_blocks;
-      const float* sb = kBf16 ? b_scale : b_scale + static_cast<int64_t>(c.sb_row) * k_blocks;
-      // kTwoScales: the tile's columns from `boundary` on (a multiple of 64) take the next B
-      // scale row, if the tile reaches it before N; else the one row serves all columns.
+      // kTwoScales: the tile's columns from `boundary` on (a multiple of 64) take the stage's
+      // second B scale (the next scale row, or the same one if the tile ends before it).
       const int n0 = c.n_block * BN;
       const int boundary = kTwoScales ? 128 - n0 % 128 : BN;
-      const float* sb_hi =
-          sb + (!kBf16 && kTwoScales && n0 + boundary < N ? static_cast<int64_t>(k_blocks) : 0);
       if constexpr (!kDefer) {
 #pragma unroll
         for (int i = 0; i < kAccRegs; ++i) total[i] = 0.f;
       }
 
-      auto issue = [&](int set, int kb, bool carry = false) {
-        if constexpr (!kBf16) {
-          scale_a0[set] = __ldg(sa0 + kb);
-          scale_a1[set] = __ldg(sa1 + kb);
-          scale_b[set] = __ldg(sb + kb);
-          if constexpr (kTwoScales) scale_b_hi[set] = __ldg(sb_hi + kb);
-        }
+      auto issue = [&](int set, int /*kb: the stage holds it*/, bool carry = false) {
+        // The block's scales come from its stage once the stage is full (shared memory, a few
+        // cycles; read from global memory here, their latency showed in the K loop).
+        auto read_scales = [&]() {
+          if constexpr (!kBf16) {
+            const float* ss = scales + stage * kScaleFloats;
+            scale_a0[set] = ss[row_in_tile];
+            scale_a1[set] = ss[row_in_tile + 8];
+            scale_b[set] = ss[BM];
+            if constexpr (kTwoScales) scale_b_hi[set] = ss[BM + 1];
+          }
+        };
         issue_k_block<BN, kBf16, kBTrans>(acc[set], &full[stage], phase,
                           tiles_a + stage * kATileBytes + consumer * 64 * kBlockK,
-                          tiles_b + stage * kBTileBytes, carry);
+                          tiles_b + stage * kBTileBytes, carry, read_scales);
         if (++stage == num_stages) stage = 0, phase ^= 1;
       };
       int release_stage = stage;
