@@ -3,7 +3,7 @@ NOTES-mla quote from `cuobjdump -sass` (instructions, R2UR moves, the spacing of
 length and spills of the loops around them).
 
   python scripts/sass_stats.py LIB [--kernels REGEX] [--count R2UR QGMMA ...] [--gaps PREFIX]
-                               [--loops PREFIX]
+                               [--loops PREFIX] [--same-as OTHER_LIB]
 
 Prints a line per kernel whose mangled name matches --kernels:
 - its instruction count;
@@ -15,6 +15,9 @@ Prints a line per kernel whose mangled name matches --kernels:
   each counted prefix inside it (e.g. --count LDG LDS: where a K loop's loads come from). The
   GEMM's steady K loop is the shortest one with QGMMAs (a round of the accumulator sets' k
   blocks).
+- with --same-as, whether OTHER_LIB's kernel of the same name and architecture has the same
+  machine code (both instruction words of every instruction), and a closing count: which kernels
+  a source change touched.
 cuobjdump as in scripts/ffma_yield.py ($CUOBJDUMP, PATH, CUDA's bin).
 """
 
@@ -77,6 +80,14 @@ def loops(fn, prefix, count=()) -> list:
     return out
 
 
+def same_code(fns, others) -> dict:
+    """{(arch, name): True / False (same machine code or not) / None (absent from `others`)}
+    for each function of `fns`."""
+    theirs = {(f.arch, f.name): f.code() for f in others}
+    return {(f.arch, f.name): (None if (f.arch, f.name) not in theirs
+                               else theirs[(f.arch, f.name)] == f.code()) for f in fns}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("lib", type=pathlib.Path)
@@ -86,18 +97,28 @@ def main(argv=None) -> int:
     ap.add_argument("--loops", metavar="PREFIX",
                     help="also list the loops holding PREFIX instructions (e.g. QGMMA, HGMMA): "
                          "addresses, length, their count, LDL/STL")
+    ap.add_argument("--same-as", metavar="OTHER_LIB", type=pathlib.Path,
+                    help="also say whether OTHER_LIB's kernel of the same name has the same code")
     args = ap.parse_args(argv)
     pattern = re.compile(args.kernels)
-    for fn in ffma_yield.disassemble(args.lib):
-        if pattern.search(fn.name):
-            s = stats(fn, args.count, args.gaps)
-            cells = " ".join(f"{k}={v}" for k, v in s.items() if v is not None)
-            print(f"{fn.arch} {fn.name[:100]}: {cells}")
-            for first, last, length, n, local, *counts in (
-                    loops(fn, args.loops, args.count) if args.loops else ()):
-                inside = "".join(f", {k}={v}" for k, v in counts[0].items()) if counts else ""
-                print(f"  loop {first:#x}-{last:#x}: {length} instructions, {n} {args.loops}, "
-                      f"{local} LDL/STL{inside}")
+    fns = [fn for fn in ffma_yield.disassemble(args.lib) if pattern.search(fn.name)]
+    same = same_code(fns, ffma_yield.disassemble(args.same_as)) if args.same_as else {}
+    for fn in fns:
+        s = stats(fn, args.count, args.gaps)
+        cells = " ".join(f"{k}={v}" for k, v in s.items() if v is not None)
+        if same:
+            cells += " " + {True: "same", False: "differs", None: "absent"}[
+                same[(fn.arch, fn.name)]] + f" as {args.same_as.name}"
+        print(f"{fn.arch} {fn.name[:100]}: {cells}")
+        for first, last, length, n, local, *counts in (
+                loops(fn, args.loops, args.count) if args.loops else ()):
+            inside = "".join(f", {k}={v}" for k, v in counts[0].items()) if counts else ""
+            print(f"  loop {first:#x}-{last:#x}: {length} instructions, {n} {args.loops}, "
+                  f"{local} LDL/STL{inside}")
+    if same:
+        v = list(same.values())
+        print(f"{len(v)} kernels: {v.count(True)} same as {args.same_as.name}, "
+              f"{v.count(False)} differ, {v.count(None)} absent there")
     return 0
 
 

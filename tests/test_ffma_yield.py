@@ -221,3 +221,18 @@ def test_sass_stats_loops():
     assert ss.loops(fn, "IADD3") == [(0x10, 0x50, 5, 1, 1), (0x60, 0x70, 2, 1, 0)]
     # --count inside each loop: where its loads come from
     assert ss.loops(fn, "QGMMA", ["LDL", "LDG"]) == [(0x10, 0x50, 5, 1, 1, {"LDL": 1, "LDG": 0})]
+
+
+def test_sass_stats_same_code():
+    """--same-as: same code when every instruction's two words match, whatever the listing's
+    other text; a changed word or instruction differs; a kernel the other build lacks is absent."""
+    mine = _parsed()
+    same = fy.parse_sass(_listing([(GEMM, GEMM_BODY), (OTHER, OTHER_BODY)]))
+    assert ss.same_code(mine, same) == {("sm_90a", GEMM): True, ("sm_90a", OTHER): True}
+    # one control word changed (a stall count) in the GEMM; the other kernel gone
+    text, lo, hi = GEMM_BODY[5]
+    changed = GEMM_BODY[:5] + [(text, lo, hi ^ (1 << 41))] + GEMM_BODY[6:]
+    theirs = fy.parse_sass(_listing([(GEMM, changed)]))
+    assert ss.same_code(mine, theirs) == {("sm_90a", GEMM): False, ("sm_90a", OTHER): None}
+    shorter = fy.parse_sass(_listing([(GEMM, GEMM_BODY[:-2] + GEMM_BODY[-1:])]))
+    assert ss.same_code(mine, shorter)[("sm_90a", GEMM)] is False
