@@ -80,12 +80,21 @@ def loops(fn, prefix, count=()) -> list:
     return out
 
 
+def _keyed(fns) -> list:
+    """[((arch, name, n), fn)]: n counts the earlier functions of the same arch and name (a
+    library holds a kernel once per translation unit that instantiates it)."""
+    seen, out = {}, []
+    for f in fns:
+        n = seen[(f.arch, f.name)] = seen.get((f.arch, f.name), -1) + 1
+        out.append(((f.arch, f.name, n), f))
+    return out
+
+
 def same_code(fns, others) -> dict:
-    """{(arch, name): True / False (same machine code or not) / None (absent from `others`)}
-    for each function of `fns`."""
-    theirs = {(f.arch, f.name): f.code() for f in others}
-    return {(f.arch, f.name): (None if (f.arch, f.name) not in theirs
-                               else theirs[(f.arch, f.name)] == f.code()) for f in fns}
+    """{(arch, name, n): True / False (same machine code or not) / None (absent from `others`)}
+    for each function of `fns`, the n-th of its name matched with the n-th in `others`."""
+    theirs = {k: f.code() for k, f in _keyed(others)}
+    return {k: None if k not in theirs else theirs[k] == f.code() for k, f in _keyed(fns)}
 
 
 def main(argv=None) -> int:
@@ -103,12 +112,12 @@ def main(argv=None) -> int:
     pattern = re.compile(args.kernels)
     fns = [fn for fn in ffma_yield.disassemble(args.lib) if pattern.search(fn.name)]
     same = same_code(fns, ffma_yield.disassemble(args.same_as)) if args.same_as else {}
-    for fn in fns:
+    for key, fn in _keyed(fns):
         s = stats(fn, args.count, args.gaps)
         cells = " ".join(f"{k}={v}" for k, v in s.items() if v is not None)
         if same:
-            cells += " " + {True: "same", False: "differs", None: "absent"}[
-                same[(fn.arch, fn.name)]] + f" as {args.same_as.name}"
+            cells += " " + {True: "same", False: "differs", None: "absent"}[same[key]] + \
+                f" as {args.same_as.name}"
         print(f"{fn.arch} {fn.name[:100]}: {cells}")
         for first, last, length, n, local, *counts in (
                 loops(fn, args.loops, args.count) if args.loops else ()):

@@ -228,11 +228,17 @@ def test_sass_stats_same_code():
     other text; a changed word or instruction differs; a kernel the other build lacks is absent."""
     mine = _parsed()
     same = fy.parse_sass(_listing([(GEMM, GEMM_BODY), (OTHER, OTHER_BODY)]))
-    assert ss.same_code(mine, same) == {("sm_90a", GEMM): True, ("sm_90a", OTHER): True}
+    g, o = ("sm_90a", GEMM, 0), ("sm_90a", OTHER, 0)
+    assert ss.same_code(mine, same) == {g: True, o: True}
     # one control word changed (a stall count) in the GEMM; the other kernel gone
     text, lo, hi = GEMM_BODY[5]
     changed = GEMM_BODY[:5] + [(text, lo, hi ^ (1 << 41))] + GEMM_BODY[6:]
     theirs = fy.parse_sass(_listing([(GEMM, changed)]))
-    assert ss.same_code(mine, theirs) == {("sm_90a", GEMM): False, ("sm_90a", OTHER): None}
+    assert ss.same_code(mine, theirs) == {g: False, o: None}
     shorter = fy.parse_sass(_listing([(GEMM, GEMM_BODY[:-2] + GEMM_BODY[-1:])]))
-    assert ss.same_code(mine, shorter)[("sm_90a", GEMM)] is False
+    assert ss.same_code(mine, shorter)[g] is False
+    # a name held twice (two translation units): the n-th against the n-th
+    twice = fy.parse_sass(_listing([(GEMM, GEMM_BODY), (GEMM, changed)]))
+    assert ss.same_code(twice, twice) == {g: True, ("sm_90a", GEMM, 1): True}
+    swapped = fy.parse_sass(_listing([(GEMM, changed), (GEMM, GEMM_BODY)]))
+    assert ss.same_code(twice, swapped) == {g: False, ("sm_90a", GEMM, 1): False}
