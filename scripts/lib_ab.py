@@ -266,13 +266,13 @@ def main(argv=None) -> int:
             try:
                 out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=v,
                                      timeout=args.child_timeout)
-            except subprocess.TimeoutExpired as e:  # run() has killed the child
-                err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr
-                sys.stderr.write((err or "")[-4000:])
-                why = f"no result within {args.child_timeout:g} s (a hung kernel?)"
-            else:
-                sys.stderr.write(out.stderr[-4000:])
+                err = out.stderr
                 why = f"the child process failed (exit {out.returncode})" if out.returncode else ""
+            except subprocess.TimeoutExpired as e:  # run() has killed the child
+                # (its captured output comes as bytes even with text=True)
+                err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr
+                why = f"no result within {args.child_timeout:g} s (a hung kernel?)"
+            sys.stderr.write((err or "")[-4000:])
             if why:
                 if v == args.variants[0]:
                     raise SystemExit(f"{v}: {why}; the others are compared with it, run stopped")

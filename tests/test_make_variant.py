@@ -105,7 +105,9 @@ def test_lib_ab_drops_a_variant_that_hangs_or_fails(tmp_path, monkeypatch, capsy
     assert "5 s" in data["dropped"][variants[1]] and "exit 3" in data["dropped"][variants[2]]
     assert len(data["results"][variants[3]]["dense 1x2x3"]) == 3
     assert data["results"][variants[1]] == {}
-    capsys.readouterr()
+    # the children's stderr is echoed, the hung one's (bytes from TimeoutExpired) decoded
+    err = capsys.readouterr().err
+    assert "stuck in a kernel" in err and "a failed check" in err
     assert lib_ab.main(["--show", str(next((tmp_path / "out").glob("lib-ab*.json")))]) == 0
     assert f"{variants[1]}: dropped, no result within 5 s" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="run stopped"):
