@@ -14,10 +14,12 @@ Prints a line per kernel whose mangled name matches --kernels:
   PREFIX instructions: its length, how many, its LDL/STL (spills inside it) and, given --count,
   each counted prefix inside it (e.g. --count LDG LDS: where a K loop's loads come from). The
   GEMM's steady K loop is the shortest one with QGMMAs (a round of the accumulator sets' k
-  blocks).
+  blocks); a closing line counts the kernels whose shortest such loop holds LDL/STL (spills in
+  the steady loop).
 - with --same-as, whether OTHER_LIB's kernel of the same name and architecture has the same
   machine code (both instruction words of every instruction), and a closing count: which kernels
-  a source change touched.
+  a source change touched. Names are the mangled ones, parameters included: a kernel whose
+  parameter list changed is "absent" there.
 cuobjdump as in scripts/ffma_yield.py ($CUOBJDUMP, PATH, CUDA's bin).
 """
 
@@ -112,6 +114,7 @@ def main(argv=None) -> int:
     pattern = re.compile(args.kernels)
     fns = [fn for fn in ffma_yield.disassemble(args.lib) if pattern.search(fn.name)]
     same = same_code(fns, ffma_yield.disassemble(args.same_as)) if args.same_as else {}
+    steady = []  # each kernel's shortest --loops loop
     for key, fn in _keyed(fns):
         s = stats(fn, args.count, args.gaps)
         cells = " ".join(f"{k}={v}" for k, v in s.items() if v is not None)
@@ -119,11 +122,16 @@ def main(argv=None) -> int:
             cells += " " + {True: "same", False: "differs", None: "absent"}[same[key]] + \
                 f" as {args.same_as.name}"
         print(f"{fn.arch} {fn.name[:100]}: {cells}")
-        for first, last, length, n, local, *counts in (
-                loops(fn, args.loops, args.count) if args.loops else ()):
+        found = loops(fn, args.loops, args.count) if args.loops else []
+        for first, last, length, n, local, *counts in found:
             inside = "".join(f", {k}={v}" for k, v in counts[0].items()) if counts else ""
             print(f"  loop {first:#x}-{last:#x}: {length} instructions, {n} {args.loops}, "
                   f"{local} LDL/STL{inside}")
+        if found:
+            steady.append(min(found, key=lambda row: row[2]))
+    if args.loops:
+        print(f"{len(steady)} kernels with {args.loops} loops; the shortest one holds LDL/STL in "
+              f"{sum(1 for row in steady if row[4])}")
     if same:
         v = list(same.values())
         print(f"{len(v)} kernels: {v.count(True)} same as {args.same_as.name}, "

@@ -242,3 +242,21 @@ def test_sass_stats_same_code():
     assert ss.same_code(twice, twice) == {g: True, ("sm_90a", GEMM, 1): True}
     swapped = fy.parse_sass(_listing([(GEMM, changed), (GEMM, GEMM_BODY)]))
     assert ss.same_code(twice, swapped) == {g: False, ("sm_90a", GEMM, 1): False}
+
+
+def test_sass_stats_closing_lines(monkeypatch, capsys):
+    """main's closing lines: the kernels whose shortest --loops loop spills, and the --same-as
+    count (a kernel whose mangled name, parameters included, is not in the other build is
+    absent)."""
+    spills = [_other(0), ("QGMMA.64x128x32.F32.E4M3.E4M3 R24, gdesc[UR4], R24", 0x7, 0x0),
+              ("LDL R5, [R1+0x4]", 0x7, 0x0), ("@P1 BRA 0x10", 0x7, 0x0), _other(1, "EXIT")]
+    clean = [_other(0), ("QGMMA.64x128x32.F32.E4M3.E4M3 R24, gdesc[UR4], R24", 0x7, 0x0),
+             ("@P1 BRA 0x10", 0x7, 0x0), _other(1, "EXIT")]
+    libs = {"a.so": [(GEMM + "a", spills), (GEMM + "b", clean), (OTHER, OTHER_BODY)],
+            "b.so": [(GEMM + "a", spills), (GEMM + "b", spills)]}
+    monkeypatch.setattr(ss.ffma_yield, "disassemble",
+                        lambda path: fy.parse_sass(_listing(libs[pathlib.Path(path).name])))
+    assert ss.main(["a.so", "--loops", "QGMMA", "--same-as", "b.so"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-2] == "2 kernels with QGMMA loops; the shortest one holds LDL/STL in 1"
+    assert out[-1] == "3 kernels: 1 same as b.so, 1 differ, 1 absent there"
