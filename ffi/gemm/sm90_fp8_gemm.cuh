@@ -492,6 +492,10 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT, kBf16>::kThreads, 1)
   // registers for a second accumulator set: its k blocks are issued, waited and promoted one
   // at a time (the other consumer warpgroup's WGMMAs keep the tensor cores busy meanwhile).
   constexpr bool kTwoScales = 128 % BN != 0;
+  // The tile's first column (a multiple of 64) that takes B's next scale row: the scale warp
+  // copies that row as the second B scale (if the tile reaches it before N), the promotion
+  // applies it from there on.
+  auto scale_boundary = [](int n0) { return kTwoScales ? 128 - n0 % 128 : BN; };
   constexpr int kSets = kTileAccSets<BM, BN>;
   constexpr bool kDoubleAcc = kSets >= 2;  // (two or more sets)
   // With one set, a tile's epilogue may run under the next tile's first k block (dense GEMM,
@@ -599,7 +603,7 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT, kBf16>::kThreads, 1)
         if (c.zero) continue;
         const int kb_end = min(c.kb_end, k_blocks);
         const int n0 = c.n_block * BN;
-        const int sb_row = c.sb_row + (kTwoScales && lane == 1 && n0 + 128 - n0 % 128 < N);
+        const int sb_row = c.sb_row + (kTwoScales && lane == 1 && n0 + scale_boundary(n0) < N);
         for (int kb = c.kb_begin; kb < kb_end; ++kb) {
           sm90::mbar_wait(&empty[stage], phase ^ 1);
           float* dst = scales + stage * kScaleFloats;
@@ -729,7 +733,7 @@ __global__ void __launch_bounds__(GemmSmem<BM, BN, OutT, kBf16>::kThreads, 1)
       // kTwoScales: the tile's columns from `boundary` on (a multiple of 64) take the stage's
       // second B scale (the next scale row, or the same one if the tile ends before it).
       const int n0 = c.n_block * BN;
-      const int boundary = kTwoScales ? 128 - n0 % 128 : BN;
+      const int boundary = scale_boundary(n0);
       if constexpr (!kDefer) {
 #pragma unroll
         for (int i = 0; i < kAccRegs; ++i) total[i] = 0.f;
