@@ -18,8 +18,8 @@ Prints a line per kernel whose mangled name matches --kernels:
   the steady loop).
 - with --same-as, whether OTHER_LIB's kernel of the same name and architecture has the same
   machine code (both instruction words of every instruction), and a closing count: which kernels
-  a source change touched. Names are the mangled ones, parameters included: a kernel whose
-  parameter list changed is "absent" there.
+  a source change touched. Names are the mangled ones, parameters included (a kernel whose
+  parameter list changed is "absent" there), anonymous namespaces' per-build hashes left out.
 cuobjdump as in scripts/ffma_yield.py ($CUOBJDUMP, PATH, CUDA's bin).
 """
 
@@ -82,13 +82,31 @@ def loops(fn, prefix, count=()) -> list:
     return out
 
 
+ANON = re.compile(r"(\d+)_GLOBAL__N_")
+
+
+def stable_name(name: str) -> str:
+    """`name` with each anonymous namespace (`<length>_GLOBAL__N__<hash>_<file>_<hash>`, whose
+    hashes change with the build's source paths) as `(anonymous)`, so that the kernels of
+    anonymous namespaces (quantize, routing, MLA) match across builds."""
+    out, i = [], 0
+    while (m := ANON.search(name, i)) is not None:
+        end = m.end(1) + int(m.group(1))
+        if end > len(name):  # not a length prefix after all
+            break
+        out.append(name[i:m.start()] + "(anonymous)")
+        i = end
+    return "".join(out) + name[i:]
+
+
 def _keyed(fns) -> list:
-    """[((arch, name, n), fn)]: n counts the earlier functions of the same arch and name (a
-    library holds a kernel once per translation unit that instantiates it)."""
+    """[((arch, stable name, n), fn)]: n counts the earlier functions of the same arch and name
+    (a library holds a kernel once per translation unit that instantiates it)."""
     seen, out = {}, []
     for f in fns:
-        n = seen[(f.arch, f.name)] = seen.get((f.arch, f.name), -1) + 1
-        out.append(((f.arch, f.name, n), f))
+        key = (f.arch, stable_name(f.name))
+        n = seen[key] = seen.get(key, -1) + 1
+        out.append((key + (n,), f))
     return out
 
 
@@ -113,7 +131,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     pattern = re.compile(args.kernels)
     fns = [fn for fn in ffma_yield.disassemble(args.lib) if pattern.search(fn.name)]
-    same = same_code(fns, ffma_yield.disassemble(args.same_as)) if args.same_as else {}
+    same = same_code(fns, [fn for fn in ffma_yield.disassemble(args.same_as)
+                           if pattern.search(fn.name)]) if args.same_as else {}
     steady = []  # each kernel's shortest --loops loop
     for key, fn in _keyed(fns):
         s = stats(fn, args.count, args.gaps)

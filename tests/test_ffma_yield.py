@@ -242,6 +242,15 @@ def test_sass_stats_same_code():
     assert ss.same_code(twice, twice) == {g: True, ("sm_90a", GEMM, 1): True}
     swapped = fy.parse_sass(_listing([(GEMM, changed), (GEMM, GEMM_BODY)]))
     assert ss.same_code(twice, swapped) == {g: False, ("sm_90a", GEMM, 1): False}
+    # a kernel of an anonymous namespace: its name's hashes differ from build to build
+    anon = "_ZN6jax_ds3moe43_GLOBAL__N__bfa78985_10_routing_cu_bb350ef812count_kernelEPKiliPi"
+    other_build = anon.replace("bfa78985", "0123abcd").replace("bb350ef8", "4567cdef")
+    assert ss.stable_name(anon) == ss.stable_name(other_build) == \
+        "_ZN6jax_ds3moe(anonymous)12count_kernelEPKiliPi"
+    here = fy.parse_sass(_listing([(anon, OTHER_BODY)]))
+    there = fy.parse_sass(_listing([(other_build, OTHER_BODY)]))
+    assert ss.same_code(here, there) == {("sm_90a", ss.stable_name(anon), 0): True}
+    assert ss.stable_name(GEMM) == GEMM  # no anonymous namespace: unchanged
 
 
 def test_sass_stats_closing_lines(monkeypatch, capsys):
