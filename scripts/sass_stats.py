@@ -3,7 +3,7 @@ NOTES-mla quote from `cuobjdump -sass` (instructions, R2UR moves, the spacing of
 length and spills of the loops around them).
 
   python scripts/sass_stats.py LIB [--kernels REGEX] [--count R2UR QGMMA ...] [--gaps PREFIX]
-                               [--loops PREFIX] [--same-as OTHER_LIB]
+                               [--loops PREFIX [--listing]] [--same-as OTHER_LIB]
 
 Prints a line per kernel whose mangled name matches --kernels:
 - its instruction count;
@@ -16,6 +16,9 @@ Prints a line per kernel whose mangled name matches --kernels:
   GEMM's steady K loop is the shortest one with QGMMAs (a round of the accumulator sets' k
   blocks); a closing line counts the kernels whose shortest such loop holds LDL/STL (spills in
   the steady loop).
+- with --loops and --listing, the shortest such loop itself, an instruction a line with its
+  scheduling fields (stall, yield, scoreboards set and waited for): two builds' loops can be
+  compared with diff;
 - with --same-as, whether OTHER_LIB's kernel of the same name and architecture has the same
   machine code (both instruction words of every instruction), and a closing count: which kernels
   a source change touched. Names are the mangled ones, parameters included (a kernel whose
@@ -35,6 +38,29 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ffma_yield  # noqa: E402  (the cuobjdump parser)
 
 STALL_SHIFT, STALL_MASK = 41, 0xF  # stall cycles: bits 41-44 of the high word
+
+
+def control(hi: int) -> dict:
+    """The scheduling fields of an instruction's high word: stall cycles (bits 41-44), yield
+    (45), the scoreboard it sets on write (46-48) and on read (49-51; 7 = none) and the
+    scoreboards it waits for (52-57, a mask)."""
+    return {"stall": (hi >> STALL_SHIFT) & STALL_MASK,
+            "yield": (hi >> ffma_yield.YIELD_BIT) & 1,
+            "write": (hi >> 46) & 7, "read": (hi >> 49) & 7, "wait": (hi >> 52) & 0x3F}
+
+
+def listing(fn, first: int, last: int) -> list:
+    """The instructions at addresses [first, last], a line each: address, stall, yield, the
+    scoreboards set on write and read ("-": none) and waited for, then the text."""
+    out = []
+    for ins in fn.instrs:
+        if first <= ins.addr <= last:
+            c = control(ins.hi)
+            sb = {k: "-" if c[k] == 7 else str(c[k]) for k in ("write", "read")}
+            wait = "".join(str(b) for b in range(6) if c["wait"] >> b & 1) or "-"
+            out.append(f"{ins.addr:6x} s{c['stall']:<2d} y{c['yield']} w{sb['write']} "
+                       f"r{sb['read']} wait {wait:6s} {ins.text}")
+    return out
 
 
 def stats(fn, count, gaps=None) -> dict:
@@ -126,6 +152,9 @@ def main(argv=None) -> int:
     ap.add_argument("--loops", metavar="PREFIX",
                     help="also list the loops holding PREFIX instructions (e.g. QGMMA, HGMMA): "
                          "addresses, length, their count, LDL/STL")
+    ap.add_argument("--listing", action="store_true",
+                    help="with --loops: also print each kernel's shortest such loop, an "
+                         "instruction a line with its stall, yield and scoreboard fields")
     ap.add_argument("--same-as", metavar="OTHER_LIB", type=pathlib.Path,
                     help="also say whether OTHER_LIB's kernel of the same name has the same code")
     args = ap.parse_args(argv)
@@ -148,6 +177,8 @@ def main(argv=None) -> int:
                   f"{local} LDL/STL{inside}")
         if found:
             steady.append(min(found, key=lambda row: row[2]))
+            if args.listing:
+                print("\n".join("    " + line for line in listing(fn, *steady[-1][:2])))
     if args.loops:
         print(f"{len(steady)} kernels with {args.loops} loops; the shortest one holds LDL/STL in "
               f"{sum(1 for row in steady if row[4])}")

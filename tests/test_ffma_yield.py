@@ -223,6 +223,24 @@ def test_sass_stats_loops():
     assert ss.loops(fn, "QGMMA", ["LDL", "LDG"]) == [(0x10, 0x50, 5, 1, 1, {"LDL": 1, "LDG": 0})]
 
 
+def test_sass_stats_listing_decodes_the_scheduling_fields():
+    """--listing: each instruction's stall, yield, write / read scoreboards and wait mask from
+    the high word, for the instructions of the given address range only."""
+    hi = 3 << 41 | YIELD | 2 << 46 | 7 << 49 | 0b100110 << 52
+    body = [_other(0), ("SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR4], R3", 0x7, hi),
+            ("@!P0 BRA 0x10", 0x7, 0xB << 41 | 7 << 46 | 7 << 49 | 0b10 << 52), _other(1, "EXIT")]
+    fn, = fy.parse_sass(_listing([(GEMM, body)]))
+    assert ss.control(hi) == {"stall": 3, "yield": 1, "write": 2, "read": 7, "wait": 0b100110}
+    lines = ss.listing(fn, 0x10, 0x20)
+    assert len(lines) == 2
+    assert lines[0].split()[:6] == ["10", "s3", "y1", "w2", "r-", "wait"]
+    assert lines[0].split()[6] == "125"  # scoreboards 1, 2 and 5
+    assert lines[0].endswith("TRYWAIT P0, [UR4], R3")
+    assert lines[1].split()[:7] == ["20", "s11", "y0", "w-", "r-", "wait", "1"]
+    # the synthetic IADD3 (stall 4, yield, no scoreboards): a dash for each, nothing waited for
+    assert ss.listing(fn, 0, 0)[0].split()[:7] == ["0", "s4", "y1", "w-", "r-", "wait", "-"]
+
+
 def test_sass_stats_same_code():
     """--same-as: same code when every instruction's two words match, whatever the listing's
     other text; a changed word or instruction differs; a kernel the other build lacks is absent."""
