@@ -7,14 +7,15 @@ copy of the tree's `jax_ds/` with a patched library: scripts/ffma_yield.py). Eac
 runs with that directory first on PYTHONPATH, checks that it imported that package's `_C`, and
 times every shape at the op's own pick (`impl="ffi"`). GEMM suites: the benchmark's device-bound
 figure (one executable of many calls, time_jax_launch) and the profiler's kernel time. The mla
-suite: `bench mla`'s per-call and device-bound figures at s_k 4096, in TFLOP/s for h128 and
-GB/s of cache for h16. Prints a table of
+suite: `bench mla`'s per-call and device-bound figures at s_k 4096 (or --mla-shapes), in TFLOP/s
+for h >= 64 and GB/s of cache below. Prints a table of
 medians, writes $OUT/lib-ab-<device>-<date>.json (OUT defaults to .).
 
   python scripts/lib_ab.py DIR_A DIR_B [...] [--rounds 3] [--suite dense grouped] [--quick]
   python scripts/lib_ab.py A B --suite dense --shapes 4096x4096x7168 8192x8192x8192
   python scripts/lib_ab.py A B --suite dense --sets 4 --max-reps 4   # the defaults before 12-06
   python scripts/lib_ab.py A B --suite grouped --grouped-shapes contiguous:32x256:4096x7168
+  python scripts/lib_ab.py A B --suite mla --mla-shapes 128:8192:128:1 128:4096:128:2:var
   python scripts/lib_ab.py A B --impl xla --tiny --rounds 2   # a dry run of the script on CPU
   python scripts/lib_ab.py --show benchmarks/results/lib-ab-h100-2026-12-06-scale-offsets.json
 
@@ -67,7 +68,7 @@ TINY_GROUPED = [("contiguous", 2, 128, 256, 256), ("masked", 2, 64, 256, 256)]
 
 
 def _child(suites, quick, impl, tiny, dense_shapes=None, grouped_shapes=None, num_sets=None,
-           max_reps=32) -> list:
+           max_reps=32, mla_shapes=None) -> list:
     """Runs in the variant's process: [(label, figure, figure)]. GEMM: device-bound and kernel
     TFLOP/s; MLA: per-call and device-bound, in the label's unit."""
     import jax
@@ -119,7 +120,7 @@ def _child(suites, quick, impl, tiny, dense_shapes=None, grouped_shapes=None, nu
         from jax_ds.bench._timing import time_jax
         from jax_ds.bench.mla import inputs, second_set, traffic
         from jax_ds.ops import mla_decode
-        for b, s_k, h, sq, var in shapes(MLA, QUICK_MLA, TINY_MLA):
+        for b, s_k, h, sq, var in mla_shapes or shapes(MLA, QUICK_MLA, TINY_MLA):
             arg, lens = inputs(0, b, s_k, h, sq, var)
             nbytes, flops = traffic(lens, b, h, sq)
             fn = jax.jit(functools.partial(mla_decode, causal=True, impl=impl))
@@ -141,6 +142,19 @@ def _mnk(text: str) -> tuple:
     if min(m, n, k) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: sizes must be >= 1")
     return m, n, k
+
+
+def _mla(text: str) -> tuple:
+    """B:SK:H:SQ[:var] (e.g. 128:8192:128:1, 128:4096:128:2:var) -> (b, s_k, h_q, s_q, var)."""
+    parts = text.lower().split(":")
+    try:
+        b, s_k, h, sq = (int(x) for x in parts[:4])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected B:SK:H:SQ[:var], e.g. 128:8192:128:1")
+    if len(parts) not in (4, 5) or (len(parts) == 5 and parts[4] != "var") or min(b, s_k, h, sq) < 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected B:SK:H:SQ[:var] with sizes >= 1, e.g. 128:4096:128:2:var")
+    return b, s_k, h, sq, len(parts) == 5
 
 
 def _grouped(text: str) -> tuple:
@@ -209,6 +223,8 @@ def main(argv=None) -> int:
                     help="the dense suite's shapes instead of its list (e.g. the ones a knob moves)")
     ap.add_argument("--grouped-shapes", nargs="+", metavar="KIND:GxR:NxK", type=_grouped,
                     help="the grouped suite's shapes instead of its list")
+    ap.add_argument("--mla-shapes", nargs="+", metavar="B:SK:H:SQ[:var]", type=_mla,
+                    help="the mla suite's shapes instead of its list")
     ap.add_argument("--sets", type=int, default=None,
                     help="GEMM suites: input sets the calls rotate over (default: as bench gemm "
                          "per shape, 4-16; grouped as bench moe, 3)")
@@ -229,12 +245,14 @@ def main(argv=None) -> int:
         return 0
     if args.child:
         json.dump(_child(args.suite, args.quick, args.impl, args.tiny, args.shapes,
-                         args.grouped_shapes, args.sets, args.max_reps), sys.stdout)
+                         args.grouped_shapes, args.sets, args.max_reps, args.mla_shapes),
+                  sys.stdout)
         return 0
     if len(args.variants) < 2:
         ap.error("give at least two variant directories")
     for flag, given, suite in (("--shapes", args.shapes, "dense"),
-                               ("--grouped-shapes", args.grouped_shapes, "grouped")):
+                               ("--grouped-shapes", args.grouped_shapes, "grouped"),
+                               ("--mla-shapes", args.mla_shapes, "mla")):
         if given and suite not in args.suite:
             ap.error(f"{flag} sets the {suite} suite's shapes, and --suite leaves it out")
     for v in args.variants:
@@ -263,6 +281,9 @@ def main(argv=None) -> int:
             cmd += (["--grouped-shapes", *(f"{kd}:{g}x{r}:{n}x{k}"
                                            for kd, g, r, n, k in args.grouped_shapes)]
                     if args.grouped_shapes else [])
+            cmd += (["--mla-shapes", *(f"{b}:{sk}:{h}:{sq}" + (":var" if var else "")
+                                       for b, sk, h, sq, var in args.mla_shapes)]
+                    if args.mla_shapes else [])
             try:
                 out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=v,
                                      timeout=args.child_timeout)

@@ -44,6 +44,11 @@ def test_lib_ab_shape_arguments():
     for bad in ("dense:1x2:3x4", "masked:0x2:3x4", "masked:1x2", "masked:1x2:3x4x5", "1x2x3"):
         with pytest.raises(Exception, match="expected|KIND"):
             lib_ab._grouped(bad)
+    assert lib_ab._mla("128:8192:128:1") == (128, 8192, 128, 1, False)
+    assert lib_ab._mla("128:4096:128:2:VAR") == (128, 4096, 128, 2, True)
+    for bad in ("128:4096:128", "128:4096:128:1:fixed", "0:4096:128:1", "128x4096x128x1"):
+        with pytest.raises(Exception, match="expected"):
+            lib_ab._mla(bad)
 
 
 def test_lib_ab_report_against_the_first_variant(tmp_path, capsys):
