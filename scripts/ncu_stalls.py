@@ -6,7 +6,15 @@
     ncu --import mla.ncu-rep --page source --print-source sass,cuda --csv | gzip > mla.csv.gz
     python scripts/ncu_stalls.py mla.csv.gz mla_decode.cu wg0:426-600 wg1:601-662
 
-(build with CMAKE_CUDA_FLAGS=-lineinfo for the source lines). The page lists every SASS
+(build with CMAKE_CUDA_FLAGS=-lineinfo for the source lines).
+
+    python scripts/ncu_stalls.py --sass PAGE.csv.gz [MIN_EXECUTED]
+
+reads the page by SASS instruction alone (a kernel without line information, such as cuBLAS's,
+exported with `--print-source sass`, or any page): the shares of executed instructions and of
+samples by opcode, the stall reasons, and, with MIN_EXECUTED, every instruction executed at
+least that many times (a kernel's hot loops), in address order with its executions, samples and
+two main reasons. The page lists every SASS
 instruction once per source file it is attributed to (inlined helpers appear under the header and
 under the caller); here each instruction counts once, under the line of `source` (the file name)
 it belongs to. Prints the stall reasons over all sampled instructions, the opcodes of the samples
@@ -52,11 +60,68 @@ def read(path, source):
     return insts, text
 
 
+def read_sass(path):
+    """{address: (executed, samples, sass, {reason: samples})}, each address once, from a source
+    page with or without source lines (the columns found by name in its header rows)."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt") as f:
+        rows = list(csv.reader(f))
+    col, insts = None, {}
+    for r in rows:
+        if "Address" in r and "Instructions Executed" in r:
+            a = r.index("Address")
+            col = {"addr": a, "sass": a + 1, "samples": r.index("Warp Stall Sampling (All Samples)"),
+                   "executed": r.index("Instructions Executed"),
+                   "reasons": [(i, h[len("stall_"):]) for i, h in enumerate(r)
+                               if h.startswith("stall_") and "Not Issued" not in h]}
+            continue
+        if col is None or len(r) <= col["addr"] or not r[col["addr"]].startswith("0x"):
+            continue
+        addr = int(r[col["addr"]], 16)
+        if addr in insts:
+            continue
+        num = lambda i: int(r[i]) if r[i].isdigit() else 0  # noqa: E731
+        insts[addr] = (num(col["executed"]), num(col["samples"]), r[col["sass"]].strip(),
+                       {name: num(i) for i, name in col["reasons"] if num(i)})
+    return insts
+
+
+def opcode(sass):
+    """The opcode without predicate and modifiers: '@!P0 BRA 0x10' -> 'BRA'."""
+    words = sass.split()
+    return (words[1] if words[0].startswith("@") else words[0]).split(".")[0]
+
+
+def main_sass(path, min_executed=None):
+    insts = read_sass(path)
+    executed = sum(v[0] for v in insts.values())
+    samples = sum(v[1] for v in insts.values())
+    print(f"{len(insts)} instructions, {executed} executed (warp level), {samples} samples")
+    by_exec, by_samples, reasons = (collections.Counter() for _ in range(3))
+    for e, n, sass, r in insts.values():
+        by_exec[opcode(sass)] += e
+        by_samples[opcode(sass)] += n
+        reasons.update(r)
+    print("executed, by opcode (%):", share(by_exec, executed, 12, 1))
+    print("samples, by opcode (%):", share(by_samples, samples, 12, 1))
+    print("reasons (% of samples):", share(reasons, samples, 10, 1))
+    if min_executed is None:
+        return
+    base = min(insts)
+    for addr in sorted(insts):
+        e, n, sass, r = insts[addr]
+        if e >= min_executed:
+            top = ", ".join(f"{k} {v}" for k, v in collections.Counter(r).most_common(2))
+            print(f"  {addr - base:6x} {e:10d} {n:6d}  {sass[:60]:60s} {top}")
+
+
 def share(counter, total, n, ndigits=None):
     return [(k, round(100 * v / max(total, 1), ndigits)) for k, v in counter.most_common(n)]
 
 
 def main(argv):
+    if argv and argv[0] == "--sass":
+        return main_sass(argv[1], int(argv[2]) if len(argv) > 2 else None)
     path, source, *ranges = argv
     insts, text = read(path, source)
     total = sum(s for s, *_ in insts.values())
