@@ -6,15 +6,7 @@
     ncu --import mla.ncu-rep --page source --print-source sass,cuda --csv | gzip > mla.csv.gz
     python scripts/ncu_stalls.py mla.csv.gz mla_decode.cu wg0:426-600 wg1:601-662
 
-(build with CMAKE_CUDA_FLAGS=-lineinfo for the source lines).
-
-    python scripts/ncu_stalls.py --sass PAGE.csv.gz [MIN_EXECUTED]
-
-reads the page by SASS instruction alone (a kernel without line information, such as cuBLAS's,
-exported with `--print-source sass`, or any page): the shares of executed instructions and of
-samples by opcode, the stall reasons, and, with MIN_EXECUTED, every instruction executed at
-least that many times (a kernel's hot loops), in address order with its executions, samples and
-two main reasons. The page lists every SASS
+(build with CMAKE_CUDA_FLAGS=-lineinfo for the source lines). The page lists every SASS
 instruction once per source file it is attributed to (inlined helpers appear under the header and
 under the caller); here each instruction counts once, under the line of `source` (the file name)
 it belongs to. Prints the stall reasons over all sampled instructions, the opcodes of the samples
@@ -22,6 +14,14 @@ no line of that file holds (code of inlined headers), then per named line range
 [lo, hi] of that file its share of the samples, its reasons and its busiest lines, then the
 busiest lines of the file. Samples are per warp: a warpgroup idle at a barrier shows as much as
 one that works.
+
+    python scripts/ncu_stalls.py --sass PAGE.csv.gz [MIN_EXECUTED]
+
+reads the page by SASS instruction alone (a kernel without line information, such as cuBLAS's,
+exported with `--print-source sass`, or any page): the shares of executed instructions and of
+samples by opcode, the stall reasons, and, with MIN_EXECUTED, every instruction executed at
+least that many times (a kernel's hot loops), in address order with its executions, samples and
+two main reasons.
 """
 import collections
 import csv
@@ -29,11 +29,30 @@ import gzip
 import sys
 
 
-def read(path, source):
-    """{address: (samples, sass, {reason: samples}, line in `source` or None)}."""
+def rows_of(path):
+    """The page's CSV rows (gzipped or not)."""
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt") as f:
-        rows = list(csv.reader(f))
+        return list(csv.reader(f))
+
+
+def reasons_of(header, row):
+    """{reason: samples} of an instruction row: the header's stall_* columns (all samples, not
+    the "(Not Issued)" copies) that hold a count."""
+    return {h[len("stall_"):]: int(v) for h, v in zip(header, row)
+            if h.startswith("stall_") and "Not Issued" not in h and v.isdigit() and int(v)}
+
+
+def opcode(sass, modifiers=True):
+    """The opcode without its predicate: '@!P0 BRA.U 0x10' -> 'BRA.U' ('BRA' without modifiers)."""
+    words = sass.split()
+    op = words[1] if words[0].startswith("@") else words[0]
+    return op if modifiers else op.split(".")[0]
+
+
+def read(path, source):
+    """{address: (samples, sass, {reason: samples}, line in `source` or None)}."""
+    rows = rows_of(path)
     header, current_file, line, insts, text = None, None, None, {}, {}
     for r in rows:
         if not r:
@@ -51,9 +70,7 @@ def read(path, source):
         else:
             addr = r[2]
             samples = int(r[4]) if r[4].isdigit() else 0
-            reasons = {h[len("stall_"):]: int(v) for h, v in zip(header, r)
-                       if h.startswith("stall_") and "Not Issued" not in h and v.isdigit()
-                       and int(v)}
+            reasons = reasons_of(header, r)
             old = insts.get(addr)
             insts[addr] = (samples, r[3].strip(), reasons,
                            line if current_file == source else (old[3] if old else None))
@@ -63,33 +80,21 @@ def read(path, source):
 def read_sass(path):
     """{address: (executed, samples, sass, {reason: samples})}, each address once, from a source
     page with or without source lines (the columns found by name in its header rows)."""
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt") as f:
-        rows = list(csv.reader(f))
-    col, insts = None, {}
-    for r in rows:
+    header, col, insts = None, None, {}
+    for r in rows_of(path):
         if "Address" in r and "Instructions Executed" in r:
-            a = r.index("Address")
+            header, a = r, r.index("Address")
             col = {"addr": a, "sass": a + 1, "samples": r.index("Warp Stall Sampling (All Samples)"),
-                   "executed": r.index("Instructions Executed"),
-                   "reasons": [(i, h[len("stall_"):]) for i, h in enumerate(r)
-                               if h.startswith("stall_") and "Not Issued" not in h]}
+                   "executed": r.index("Instructions Executed")}
             continue
         if col is None or len(r) <= col["addr"] or not r[col["addr"]].startswith("0x"):
             continue
         addr = int(r[col["addr"]], 16)
-        if addr in insts:
-            continue
-        num = lambda i: int(r[i]) if r[i].isdigit() else 0  # noqa: E731
-        insts[addr] = (num(col["executed"]), num(col["samples"]), r[col["sass"]].strip(),
-                       {name: num(i) for i, name in col["reasons"] if num(i)})
+        if addr not in insts:
+            executed, samples = (int(r[col[k]]) if r[col[k]].isdigit() else 0
+                                 for k in ("executed", "samples"))
+            insts[addr] = (executed, samples, r[col["sass"]].strip(), reasons_of(header, r))
     return insts
-
-
-def opcode(sass):
-    """The opcode without predicate and modifiers: '@!P0 BRA 0x10' -> 'BRA'."""
-    words = sass.split()
-    return (words[1] if words[0].startswith("@") else words[0]).split(".")[0]
 
 
 def main_sass(path, min_executed=None):
@@ -99,8 +104,8 @@ def main_sass(path, min_executed=None):
     print(f"{len(insts)} instructions, {executed} executed (warp level), {samples} samples")
     by_exec, by_samples, reasons = (collections.Counter() for _ in range(3))
     for e, n, sass, r in insts.values():
-        by_exec[opcode(sass)] += e
-        by_samples[opcode(sass)] += n
+        by_exec[opcode(sass, False)] += e
+        by_samples[opcode(sass, False)] += n
         reasons.update(r)
     print("executed, by opcode (%):", share(by_exec, executed, 12, 1))
     print("samples, by opcode (%):", share(by_samples, samples, 12, 1))
@@ -135,7 +140,7 @@ def main(argv):
     opcodes = collections.Counter()   # what the unattributed part is (inlined headers' code)
     for s, sass, _, line in insts.values():
         if line is None:
-            opcodes[sass.split()[1] if sass.startswith("@") else sass.split()[0]] += s
+            opcodes[opcode(sass)] += s
     print("not attributed, by opcode (% of samples):", share(opcodes, total, 8, 1))
     by_line = collections.Counter()
     for s, _, _, line in insts.values():
