@@ -1,4 +1,5 @@
-"""Greedy generation from a Hugging Face DeepSeek-V2/V3 checkpoint (bf16, or FP8 kept as FP8).
+"""Generation from a Hugging Face DeepSeek-V2/V3 checkpoint (bf16, or FP8 kept as FP8): greedy, or
+sampled with --temperature (--top-k, --top-p, --seed), through `jax_ds.models.generate`.
 
 The prompt is prefilled into a paged KV cache in one call, then each step decodes one token
 over the cache (MLA with absorbed weights through `jax_ds.ops.mla_decode`: its CUDA kernel on a
@@ -15,18 +16,17 @@ byte-level vocabulary), or give token ids with --prompt-ids.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import time
 
+import jax
 import jax.numpy as jnp
-import numpy as np
-from flax import nnx
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from jax_ds import cli
-from jax_ds.models import kv_cache, load_hf_checkpoint
+from jax_ds.models import load_hf_checkpoint
+from jax_ds.models.generate import generate
 from jax_ds.parallel.mesh import mesh_from_spec, request_cpu_devices
 
 
@@ -42,6 +42,13 @@ def parse_args():
                    help="FP8 checkpoints: keep e4m3 weights (FP8 GEMMs) or dequantize")
     p.add_argument("--fp8-cache", action="store_true",
                    help="KV cache rows in FlashMLA's FP8 layout (656 bytes; needs 512 + 64 rows)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0: greedy; > 0 samples (with --top-k / --top-p, --seed)")
+    p.add_argument("--top-k", type=cli.at_least(1), default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eos-id", type=cli.at_least(0), default=None,
+                   help="stop when this token id is generated")
     p.add_argument("--mesh", default=None, help="e.g. expert=8 (routed experts split over it)")
     p.add_argument("--devices", type=cli.at_least(1), default=8,
                    help="virtual CPU devices (CPU only)")
@@ -96,37 +103,17 @@ def main():
     codec = Codec(args.checkpoint, cfg.vocab_size)
     prompt = [int(i) for i in args.prompt_ids.split(",")] if args.prompt_ids else \
         codec.encode(args.prompt)
-    length = len(prompt) + args.max_new_tokens
-    blocks_per_seq = -(-length // kv_cache.BLOCK_SIZE)
-    try:
-        cache = model.init_cache(num_blocks=blocks_per_seq, max_seqs=1,
-                                 max_blocks_per_seq=blocks_per_seq, fp8=args.fp8_cache)
-    except ValueError as e:  # --fp8-cache on a model whose rows are not 512 + 64 wide
-        raise SystemExit(f"--fp8-cache: {e}") from None
-    seqs = jnp.zeros((1,), jnp.int32)  # one sequence (on a mesh, its tokens are split over it)
-
-    # The cache is donated: each step updates it in place instead of copying every layer's rows.
-    @functools.partial(nnx.jit, donate_argnames="cache")
-    def step(model, tokens_BT, cache):
-        logits_BTV, cache = model.decode(tokens_BT, cache, seqs)
-        return jnp.argmax(logits_BTV[:, -1], axis=-1).astype(jnp.int32), cache
-
-    def batch(ids):
-        return jnp.asarray(np.asarray(ids, np.int32)[None])
-
-    generated, start = [], time.perf_counter()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+    start = time.perf_counter()
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("prefill + generating (first steps compile)",
                                  total=args.max_new_tokens)
-        tokens = batch(prompt)  # prefill: the whole prompt in one decode call
-        for _ in range(args.max_new_tokens):
-            next_B, cache = step(model, tokens, cache)
-            token = int(next_B[0])
-            generated.append(token)
-            tokens = batch([token])
-            progress.update(task, advance=1, description="generating")
-    kv_cache.check(cache)
+        generated = generate(
+            model, [prompt], args.max_new_tokens, temperature=args.temperature,
+            top_k=args.top_k, top_p=args.top_p, key=jax.random.key(args.seed),
+            eos_id=args.eos_id, fp8_cache=args.fp8_cache,
+            callback=lambda step, tokens: progress.update(task, advance=1,
+                                                          description="generating"))[0]
     seconds = time.perf_counter() - start
     console.print(f"[bold]prompt[/]: {codec.decode(prompt)!r}  ids {prompt}")
     console.print(f"[bold]generated[/]: {codec.decode(generated)!r}  ids {generated}")

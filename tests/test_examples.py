@@ -40,10 +40,20 @@ def test_checkpoint_example_takes_a_mesh_of_fewer_devices(mesh_flag, tmp_path):
         assert "no committed checkpoint" in out.stderr, out.stderr[-2000:]
 
 
+def test_decode_example_checks_a_batch_against_the_forward_pass(tmp_path):
+    """Prompts of different lengths (two prefill calls at least), one crossing a 64-row block."""
+    out = run_example("decode.py", "--batch", "3", "--prompt-lens", "2-70", "--max-new-tokens",
+                      "3", "--check", tmp_path=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "check: all 3 sequences equal greedy decoding" in " ".join(out.stdout.split())
+
+
 @pytest.mark.parametrize("name,args,message", [
     ("fp8_demo.py", ("--m", "0"), "argument --m: must be >= 1, got 0"),
     ("fp8_demo.py", ("--lr", "nan"), "argument --lr: must be a finite number > 0"),
     ("rebalance.py", ("--replicas", "10"), "error: rebalance_experts: num_replicas=10"),
+    ("decode.py", ("--prompt-lens", "5-2"), "argument --prompt-lens: need 1 <= LO <= HI"),
+    ("decode.py", ("--check", "--temperature", "1"), "error: --check compares greedy"),
 ])
 def test_examples_report_bad_arguments_in_one_line(name, args, message, tmp_path):
     """Counts out of range are argparse's usage errors; combinations the library rejects are
