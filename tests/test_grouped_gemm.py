@@ -60,6 +60,26 @@ def test_grouped_sum_past_m_is_cut_at_m():
             ops.grouped_fp8_gemm(a8, sa, b8, sb, jnp.array(sizes, jnp.int32))
 
 
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_grouped_non_finite_weight_reaches_its_own_rows_only(bad):
+    """A NaN or Inf in one expert's weight (or its scale) touches only that expert's rows, as in
+    the kernel, which never reads another group's weight: expert 0 has no rows (no token chose
+    it), expert 2 has rows 5..8. XLA's ragged dot gave NaN in every row (0 * NaN)."""
+    (a8, sa, b8, sb), a64, b64 = _operands(KEY, 12, 16, 256, 4)
+    value = float(bad)
+    b8 = b8.at[0].set(jnp.asarray(value, jnp.float32).astype(b8.dtype))
+    sb = sb.at[2, 0, 1].set(value)
+    sizes = (0, 5, 4, 2)
+    out = np.asarray(ops.grouped_fp8_gemm(a8, sa, b8, sb, jnp.array(sizes, jnp.int32),
+                                          out_dtype=jnp.float32, impl="xla"), np.float64)
+    want = np.zeros((12, 16))
+    want[0:5] = a64[0:5] @ b64[1].T
+    want[9:11] = a64[9:11] @ b64[3].T
+    finite = np.r_[0:5, 9:12]
+    assert calc_diff(out[finite], want[finite]) < 1e-9 and np.all(out[11] == 0)
+    assert not np.isfinite(out[5:9]).all()
+
+
 @pytest.mark.parametrize("sizes,ends", [((6, 2**31 - 1, 0), (6, 8, 8)),
                                         ((2**31 - 1, 2**31 - 1, 4), (8, 8, 8)),
                                         ((3, 2**31 - 2, 2**31 - 1), (3, 8, 8))])

@@ -234,13 +234,33 @@ def _clamped_sizes(group_sizes, m: int):
 def _grouped_reference(a, a_scale, b, b_scale, group_sizes, out_dtype):
     a32 = dequantize_fp8(a, a_scale, (1, BLOCK_K))
     b32 = dequantize_fp8(b, b_scale, (BLOCK_K, BLOCK_K))
-    dims = jax.lax.RaggedDotDimensionNumbers(
-        dot_dimension_numbers=(((1,), (2,)), ((), ())),
-        lhs_ragged_dimensions=(0,), rhs_group_dimensions=(0,))
     sizes = _clamped_sizes(group_sizes, a.shape[0])
-    out = _ragged_dot(a32, b32, sizes, dims)
-    valid = jnp.arange(a.shape[0]) < jnp.sum(sizes)
-    return jnp.where(valid[:, None], out, 0.0).astype(out_dtype)
+    return _rows_by_own_group(a32, b32, sizes).astype(out_dtype)
+
+
+def _rows_by_own_group(a32, b32, sizes):
+    """float32 [M, N]: out[r] = a32[r] @ b32[g]^T for the rows r of each group g, zero past the
+    groups, at HIGHEST; each row meets its own group's weight only, as in the kernel.
+
+    XLA's ragged dot (on XLA:CPU at least) is a masked product over every group's weight, so a
+    NaN or Inf in the weight of a group with no rows (an expert no token chose) turned every
+    row's output into NaN through 0 * NaN. Here each window of `_windows` (W = ceil(M / G) rows
+    of one group) is multiplied by its group's weight alone, one window after another
+    (jax.lax.map: about 2 M rows of GEMM, no weight copies), and every row is read back from its
+    own window's product."""
+    m, g = a32.shape[0], b32.shape[0]
+    if m == 0 or g == 0:
+        return jnp.zeros((m, b32.shape[1]), jnp.float32)
+    group, rows = _windows(sizes, m, g)
+
+    def window(args):
+        grp, rws = args  # a spare window (group G, rows of zeros) is never read back
+        return jnp.dot(_take_rows(a32, rws), b32[jnp.minimum(grp, g - 1)].T,
+                       precision=_HIGHEST, preferred_element_type=jnp.float32)
+
+    part = jax.lax.map(window, (group, rows))  # [count, W, N]
+    win, slot, owned = _window_of_rows(sizes, m, g)
+    return jnp.where(owned[:, None], part[win, slot], 0.0)
 
 
 def grouped_fp8_gemm_reference(a, a_scale, b, b_scale, group_sizes, *, out_dtype=jnp.bfloat16):
