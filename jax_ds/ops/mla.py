@@ -22,7 +22,10 @@ Conventions (the reference and the kernel share them; the tests pin them):
                  may hold anything, NaN included).
   NaN in a row   a query that sees a NaN cache row gets NaN out and lse, as in FlashMLA (before
                  2026-12-05 both gave out = 0 and lse = -inf for a part that saw it, and the
-                 kernel merged a split batch's other parts past it).
+                 kernel merged a split batch's other parts past it). A NaN in a value column
+                 (< 512) of a row inside the length that a causal query does not see (one of the
+                 last Sq - 1) still reaches that query's out, not its lse: P V multiplies the
+                 row's zero weight by it (0 * NaN), as in FlashMLA.
   precision      the kernel rounds P to bf16 for P V, as FlashMLA does; for sequences of at most
                  1024 keys it adds a second pass with P's rounding residual (few keys do not
                  average the 2^-9 error out). S, the softmax, lse and O accumulate in float32.
