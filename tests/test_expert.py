@@ -364,6 +364,16 @@ def test_bad_layouts_are_rejected():
     with pytest.raises(ValueError, match="devices is empty"):
         make_mesh(devices=[])
     assert make_mesh(expert=np.int64(8), devices=CPU).shape["expert"] == 8
+    # data left out takes the devices the other axes leave
+    assert dict(make_mesh(expert=4, devices=CPU).shape) == {"data": 2, "expert": 4, "pipe": 1,
+                                                            "tensor": 1}
+    assert make_mesh(devices=CPU).shape["data"] == 8
+    assert dict(make_mesh(pipe=2, tensor=2, devices=CPU).shape)["data"] == 2
+    with pytest.raises(ValueError, match=r"8 devices \(cpu\) do not divide by expert x pipe x "
+                                         r"tensor = 3; give data too"):
+        make_mesh(expert=3, devices=CPU)
+    with pytest.raises(ValueError, match="expert=None must be a positive int"):
+        make_mesh(data=None, expert=None, devices=CPU)
     with pytest.raises(ValueError, match="vocab_size=2.5 must be an int"):
         small_cfg(vocab_size=2.5)
     with pytest.raises(ValueError, match="axis=size"):

@@ -43,7 +43,7 @@ def request_cpu_devices(count: int) -> None:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
 
 
-def make_mesh(*, data: int = 1, expert: int = 1, pipe: int = 1, tensor: int = 1,
+def make_mesh(*, data: int | None = None, expert: int = 1, pipe: int = 1, tensor: int = 1,
               devices=None) -> Mesh:
     """A mesh with axes (data, expert, pipe, tensor), in that order (`tensor` varies fastest).
 
@@ -52,6 +52,8 @@ def make_mesh(*, data: int = 1, expert: int = 1, pipe: int = 1, tensor: int = 1,
 
     Args:
       data, expert, pipe, tensor: axis sizes; their product must equal the number of devices.
+        `data` left out (None) takes the devices the others leave: make_mesh(expert=4) on 8
+        devices is data=2 x expert=4, make_mesh() puts every device on `data`.
       devices: the devices to use (default: all of `jax.devices()`).
 
     Returns:
@@ -59,12 +61,19 @@ def make_mesh(*, data: int = 1, expert: int = 1, pipe: int = 1, tensor: int = 1,
     """
     sizes = {DATA: data, EXPERT: expert, PIPE: pipe, TENSOR: tensor}
     for name, size in sizes.items():
-        if not is_int(size) or size < 1:
+        if (size is not None or name != DATA) and (not is_int(size) or size < 1):
             raise ValueError(f"make_mesh: {name}={size!r} must be a positive int")
-    sizes = {name: int(size) for name, size in sizes.items()}
     devices = list(jax.devices() if devices is None else devices)
     if not devices:
         raise ValueError("make_mesh: devices is empty")
+    if data is None:
+        others = int(expert) * int(pipe) * int(tensor)
+        if len(devices) % others:
+            raise ValueError(f"make_mesh: {len(devices)} devices ({devices[0].platform}) do not "
+                             f"divide by expert x pipe x tensor = {others}; give data too (and "
+                             f"devices=jax.devices()[:N] to use part of them)")
+        sizes[DATA] = len(devices) // others
+    sizes = {name: int(size) for name, size in sizes.items()}
     need = math.prod(sizes.values())
     if need != len(devices):
         shape = " x ".join(f"{k}={v}" for k, v in sizes.items())
