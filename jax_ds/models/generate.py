@@ -127,7 +127,8 @@ def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0,
     fp8_cache: cache rows in FlashMLA's FP8 layout (`kv_cache.init_cache(fp8=True)`).
     cache_dtype: the cache's dtype (default: the model's activation dtype).
     callback(step, tokens_B): called after each step with the new token of every sequence
-        (numpy int32 [B]; step 0 is the prefill's), e.g. to stream text or drive a progress bar.
+        (numpy int32 [B]; step 0 is the prefill's; the entries of sequences finished at an
+        earlier step mean nothing), e.g. to stream text or drive a progress bar.
 
     Raises ValueError / TypeError for bad arguments before anything runs, and kv_cache.check's
     RuntimeError if the cache reports an error (it is sized so that it cannot run out).
