@@ -6,7 +6,8 @@ kernel on a GPU for bf16 caches of 576-wide rows and 16-128 heads, its pure-JAX 
 elsewhere; the `jax_ds` logger says which, once). The model is a Hugging Face checkpoint
 (--checkpoint) or a preset with random weights (--preset). The first run compiles; the timed
 second run gives tokens/s. --check verifies greedy decoding through the cache against one full
-forward pass (no cache) per sequence.
+forward pass (no cache) per sequence: every token its argmax (a 16-bit model: within 2% of the
+logits' range of it, as the two paths round differently).
 
     python examples/decode.py --preset tiny --batch 8 --prompt-lens 8-200 --max-new-tokens 32
     python examples/decode.py --checkpoint tests/data/hf_tiny/bf16 --batch 4 --check
@@ -108,16 +109,24 @@ def main():
                   f"{seconds:.2f}s = {tokens / seconds:.1f} tok/s "
                   f"({seconds / args.max_new_tokens * 1e3:.1f} ms per step incl. prefill)")
     if args.check:
-        bad = []
-        for i, (p, o) in enumerate(zip(prompts, out)):
-            logits = model(jnp.asarray([p + o], jnp.int32))[0, len(p) - 1:-1]
-            if np.argmax(np.asarray(logits), axis=-1).tolist() != o:
-                bad.append(i)
-        if bad:
-            raise RuntimeError(f"check: sequences {bad} differ from the full forward pass")
-        console.print(f"check: all {args.batch} sequences equal greedy decoding of the full "
-                      f"forward pass")
-
+        # Each chosen token against the full forward pass's logits at its position (same
+        # context): 0 gap where greedy took its argmax. A float32 model must match exactly; a
+        # 16-bit one may pick a near-tie differently (the paths round differently), within 2% of
+        # the logits' range.
+        tol = 0.0 if jnp.dtype(cfg.activation_dtype) == jnp.float32 else 0.02
+        worst, exact, total = 0.0, 0, 0
+        for p, o in zip(prompts, out):
+            logits = np.asarray(model(jnp.asarray([p + o], jnp.int32))[0, len(p) - 1:-1],
+                                np.float32)
+            gap = logits.max(-1) - logits[np.arange(len(o)), o]
+            worst = max(worst, float((gap / (logits.max(-1) - logits.min(-1))).max()))
+            exact += int((gap == 0).sum())
+            total += len(o)
+        summary = (f"{exact} of {total} tokens are the full forward pass's argmax; worst gap "
+                   f"{worst:.2g} of the logits' range (tolerance {tol:g})")
+        if worst > tol:
+            raise RuntimeError(f"check failed: {summary}")
+        console.print(f"check: {summary}")
 
 if __name__ == "__main__":
     cli.run(main)
