@@ -372,6 +372,8 @@ def test_bad_layouts_are_rejected():
     with pytest.raises(ValueError, match=r"8 devices \(cpu\) do not divide by expert x pipe x "
                                          r"tensor = 3; give data too"):
         make_mesh(expert=3, devices=CPU)
+    with pytest.raises(ValueError, match="needs 16 devices, have 8 .*device_count=N"):
+        make_mesh(expert=16, devices=CPU)
     with pytest.raises(ValueError, match="expert=None must be a positive int"):
         make_mesh(data=None, expert=None, devices=CPU)
     with pytest.raises(ValueError, match="vocab_size=2.5 must be an int"):

@@ -67,12 +67,14 @@ def make_mesh(*, data: int | None = None, expert: int = 1, pipe: int = 1, tensor
     if not devices:
         raise ValueError("make_mesh: devices is empty")
     if data is None:
+        # The devices the other axes leave; 1 where they need more than there are (the count
+        # check below then says how many, with the CPU hint).
         others = int(expert) * int(pipe) * int(tensor)
-        if len(devices) % others:
+        if others < len(devices) and len(devices) % others:
             raise ValueError(f"make_mesh: {len(devices)} devices ({devices[0].platform}) do not "
                              f"divide by expert x pipe x tensor = {others}; give data too (and "
                              f"devices=jax.devices()[:N] to use part of them)")
-        sizes[DATA] = len(devices) // others
+        sizes[DATA] = max(1, len(devices) // others)
     sizes = {name: int(size) for name, size in sizes.items()}
     need = math.prod(sizes.values())
     if need != len(devices):
