@@ -41,7 +41,7 @@ def sample(logits_BV, key=None, *, temperature: float = 0.0, top_k: int | None =
 
     temperature 0 takes the argmax and needs no key; a positive one needs `key`.
     """
-    _check_sampling("sample", temperature, top_k, top_p, logits_BV.shape[-1])
+    _check_sampling("sample", temperature, top_k, top_p)
     if logits_BV.ndim != 2:
         raise ValueError(f"sample: logits must be [B, V], got shape {tuple(logits_BV.shape)}")
     if temperature == 0:
@@ -64,7 +64,8 @@ def sample(logits_BV, key=None, *, temperature: float = 0.0, top_k: int | None =
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def _check_sampling(op, temperature, top_k, top_p, vocab):
+def _check_sampling(op, temperature, top_k, top_p):
+    """top_k past the vocabulary keeps every token (no error)."""
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or \
             not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"{op}: temperature must be a finite number >= 0, got {temperature!r}")
@@ -73,7 +74,6 @@ def _check_sampling(op, temperature, top_k, top_p, vocab):
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
                               or not 0 < top_p <= 1):
         raise ValueError(f"{op}: top_p must be None or a number in (0, 1], got {top_p!r}")
-    del vocab  # top_k past the vocabulary keeps every token
 
 
 def _prompts(op: str, prompts, vocab: int) -> list[np.ndarray]:
@@ -138,7 +138,7 @@ def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0,
     rows = _prompts(op, prompts, cfg.vocab_size)
     if not is_int(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"{op}: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    _check_sampling(op, temperature, top_k, top_p, cfg.vocab_size)
+    _check_sampling(op, temperature, top_k, top_p)
     if temperature > 0 and key is None:
         raise ValueError(f"{op}: temperature > 0 draws tokens: pass key (a jax.random key)")
     if eos_id is not None and (not is_int(eos_id) or not 0 <= eos_id < cfg.vocab_size):
