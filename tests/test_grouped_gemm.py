@@ -369,16 +369,17 @@ def test_grouped_fp8_linear_wgrad_runs_at_the_operands_dtype(dtype):
 
 
 @pytest.mark.parametrize("transpose_w", [False, True])
-@pytest.mark.parametrize("windows", [True, False])
+@pytest.mark.parametrize("windows,copies", [(True, True), (True, False), (False, True)])
 @pytest.mark.parametrize("sizes,m", [((10, 0, 25, 20), 64), ((0, 0, 300, 0, 1), 301),
                                      ((1, 2, 3, 4, 5, 6, 7, 8, 9), 50), ((0, 0, 0), 8)])
-def test_grouped_matmul_matches_float64(sizes, m, windows, transpose_w):
+def test_grouped_matmul_matches_float64(sizes, m, windows, copies, transpose_w):
     from jax_ds.ops.grouped_gemm import grouped_matmul
     n, k, g = 24, 40, len(sizes)
     kx, kw = jax.random.split(jax.random.fold_in(KEY, m))
     x = jax.random.normal(kx, (m, k))
     w = jax.random.normal(kw, (g, k, n) if transpose_w else (g, n, k))
-    f = functools.partial(grouped_matmul, transpose_w=transpose_w, windows=windows)
+    f = functools.partial(grouped_matmul, transpose_w=transpose_w, windows=windows,
+                          weight_copies=copies)
     got = np.asarray(jax.jit(f)(x, w, jnp.array(sizes, jnp.int32)))
     x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
     want = np.zeros((m, n))

@@ -235,32 +235,8 @@ def _grouped_reference(a, a_scale, b, b_scale, group_sizes, out_dtype):
     a32 = dequantize_fp8(a, a_scale, (1, BLOCK_K))
     b32 = dequantize_fp8(b, b_scale, (BLOCK_K, BLOCK_K))
     sizes = _clamped_sizes(group_sizes, a.shape[0])
-    return _rows_by_own_group(a32, b32, sizes).astype(out_dtype)
-
-
-def _rows_by_own_group(a32, b32, sizes):
-    """float32 [M, N]: out[r] = a32[r] @ b32[g]^T for the rows r of each group g, zero past the
-    groups, at HIGHEST; each row meets its own group's weight only, as in the kernel.
-
-    XLA's ragged dot (on XLA:CPU at least) is a masked product over every group's weight, so a
-    NaN or Inf in the weight of a group with no rows (an expert no token chose) turned every
-    row's output into NaN through 0 * NaN. Here each window of `_windows` (W = ceil(M / G) rows
-    of one group) is multiplied by its group's weight alone, one window after another
-    (jax.lax.map: about 2 M rows of GEMM, no weight copies), and every row is read back from its
-    own window's product."""
-    m, g = a32.shape[0], b32.shape[0]
-    if m == 0 or g == 0:
-        return jnp.zeros((m, b32.shape[1]), jnp.float32)
-    group, rows = _windows(sizes, m, g)
-
-    def window(args):
-        grp, rws = args  # a spare window (group G, rows of zeros) is never read back
-        return jnp.dot(_take_rows(a32, rws), b32[jnp.minimum(grp, g - 1)].T,
-                       precision=_HIGHEST, preferred_element_type=jnp.float32)
-
-    part = jax.lax.map(window, (group, rows))  # [count, W, N]
-    win, slot, owned = _window_of_rows(sizes, m, g)
-    return jnp.where(owned[:, None], part[win, slot], 0.0)
+    out = grouped_matmul(a32, b32, sizes, windows=True, weight_copies=False)
+    return out.astype(out_dtype)
 
 
 def grouped_fp8_gemm_reference(a, a_scale, b, b_scale, group_sizes, *, out_dtype=jnp.bfloat16):
@@ -520,7 +496,8 @@ def grouped_wgrad(dy, x, sizes, windows: bool | None = None):
     return jax.lax.scan(add_chunk, zeros, (group, dy_w, x_w))[0]
 
 
-def grouped_matmul(x, w, sizes, *, transpose_w: bool = False, windows: bool | None = None):
+def grouped_matmul(x, w, sizes, *, transpose_w: bool = False, windows: bool | None = None,
+                   weight_copies: bool = True):
     """float32 [M, N]: out[rows of g] = x[rows of g] @ w[g]^T (w [G, N, K]; with transpose_w,
     x[rows of g] @ w[g] for w [G, K, N]), rows contiguous by group, rows past the sum zero.
     `sizes`: clamped [G]. x and w in one dtype; float32 at HIGHEST, 16-bit with float32
@@ -529,6 +506,13 @@ def grouped_matmul(x, w, sizes, *, transpose_w: bool = False, windows: bool | No
     By windows where `uses_windows("forward", ...)` says they cost less than XLA's ragged dot (as
     `grouped_wgrad`): each window's rows of x and a copy of its group's weight, one batched dot,
     and each row read back from its window's product. `windows` forces one way (tests).
+    Each row meets its own group's weight only; XLA's ragged dot (on XLA:CPU at least) is a
+    masked product over every group's weight, so there a NaN or Inf in the weight of a group
+    with no rows reaches every row (0 * NaN).
+
+    weight_copies=False (with windows): the windows one after another (jax.lax.map), each
+    against its group's weight in place: no [windows, N, K] buffer, for any size (the FP8
+    grouped reference, `grouped_fp8_gemm_reference`).
     """
     m, g = x.shape[0], w.shape[0]
     n, k = (w.shape[2], w.shape[1]) if transpose_w else (w.shape[1], w.shape[2])
@@ -542,10 +526,15 @@ def grouped_matmul(x, w, sizes, *, transpose_w: bool = False, windows: bool | No
             lhs_ragged_dimensions=(0,), rhs_group_dimensions=(0,))
         return _ragged_dot(x, w, sizes, dims, precision=precision)  # vmaps with w shared too
     group, rows = _windows(sizes, m, g)
-    w_w = jnp.take(w, jnp.minimum(group, g - 1), axis=0)   # spare windows: zero rows of x anyway
-    part = _batched_dot("wmk,wkn->wmn" if transpose_w else "wmk,wnk->wmn", _take_rows(x, rows),
-                        w_w, precision)                    # [count, W, N]
-    win, slot, owned = _window_of_rows(sizes, m, g)
+    group = jnp.minimum(group, g - 1)  # spare windows: zero rows of x, never read back
+    if weight_copies:
+        part = _batched_dot("wmk,wkn->wmn" if transpose_w else "wmk,wnk->wmn",
+                            _take_rows(x, rows), jnp.take(w, group, axis=0), precision)
+    else:
+        spec = "mk,kn->mn" if transpose_w else "mk,nk->mn"
+        part = jax.lax.map(lambda gr: _batched_dot(spec, _take_rows(x, gr[1]), w[gr[0]],
+                                                   precision), (group, rows))
+    win, slot, owned = _window_of_rows(sizes, m, g)  # part: [count, W, N]
     return jnp.where(owned[:, None], part[win, slot], 0.0)
 
 
