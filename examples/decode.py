@@ -85,9 +85,11 @@ def main():
     lo, hi = args.prompt_lens
     prompts = [rng.integers(0, cfg.vocab_size, rng.integers(lo, hi + 1)).tolist()
                for _ in range(args.batch)]
-    run = lambda: generate(model, prompts, args.max_new_tokens, temperature=args.temperature,  # noqa: E731
-                           top_k=args.top_k, top_p=args.top_p, key=jax.random.key(args.seed),
-                           fp8_cache=args.fp8_cache)
+    def run():
+        return generate(model, prompts, args.max_new_tokens, temperature=args.temperature,
+                        top_k=args.top_k, top_p=args.top_p, key=jax.random.key(args.seed),
+                        fp8_cache=args.fp8_cache)
+
     t0 = time.perf_counter()
     out = run()
     compile_s = time.perf_counter() - t0

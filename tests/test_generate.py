@@ -81,9 +81,10 @@ def test_zero_new_tokens_and_bad_arguments(model):
     with pytest.raises(ValueError, match=r"prompt 1: token ids must lie in \[0, vocab_size = "
                                          r"256\), got min 0, max 256"):
         generate(model, [[1], [0, 256]], 2)
-    with pytest.raises(ValueError, match="prompt 0 must be a non-empty 1-D sequence"):
+    with pytest.raises(ValueError, match=r"prompt 0: tokens must be \[B, T\] with B, T >= 1, "
+                                         r"got shape \(1, 0\)"):
         generate(model, [[]], 2)
-    with pytest.raises(TypeError, match="prompt 0 must hold integer token ids"):
+    with pytest.raises(TypeError, match="prompt 0: tokens must hold integer ids"):
         generate(model, [[1.5]], 2)
     with pytest.raises(ValueError, match="no prompts"):
         generate(model, [], 2)

@@ -76,7 +76,9 @@ def _check_sampling(op, temperature, top_k, top_p):
         raise ValueError(f"{op}: top_p must be None or a number in (0, 1], got {top_p!r}")
 
 
-def _prompts(op: str, prompts, vocab: int) -> list[np.ndarray]:
+def _prompts(op: str, model, prompts) -> list[np.ndarray]:
+    """The prompts as int32 rows, each checked by the model's own token check (an integer 1-D
+    sequence of >= 1 ids in [0, vocab_size))."""
     if isinstance(prompts, (np.ndarray, jax.Array)):
         arr = np.asarray(prompts)
         if arr.ndim != 2:
@@ -89,19 +91,9 @@ def _prompts(op: str, prompts, vocab: int) -> list[np.ndarray]:
                         f"got {type(prompts).__name__}")
     if not rows:
         raise ValueError(f"{op}: no prompts")
-    out = []
     for i, row in enumerate(rows):
-        if row.ndim != 1 or row.size == 0:
-            raise ValueError(f"{op}: prompt {i} must be a non-empty 1-D sequence of token ids, "
-                             f"got shape {row.shape}")
-        if not np.issubdtype(row.dtype, np.integer):
-            raise TypeError(f"{op}: prompt {i} must hold integer token ids, got dtype "
-                            f"{row.dtype}")
-        if row.min() < 0 or row.max() >= vocab:
-            raise ValueError(f"{op}: prompt {i}: token ids must lie in [0, vocab_size = {vocab}), "
-                             f"got min {row.min()}, max {row.max()}")
-        out.append(row.astype(np.int32))
-    return out
+        model._check_tokens(f"{op}: prompt {i}", row[None])  # [1, T]
+    return [row.astype(np.int32) for row in rows]
 
 
 @functools.partial(nnx.jit, static_argnames=("temperature", "top_k", "top_p"),
@@ -119,7 +111,7 @@ def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0,
              callback: Callable[[int, np.ndarray], None] | None = None) -> list[list[int]]:
     """Generates up to `max_new_tokens` tokens after each prompt; returns them per prompt.
 
-    model: a `jax_ds.models.Transformer` (or anything with its `cfg`, `init_cache` and `decode`).
+    model: a `jax_ds.models.Transformer`.
     prompts: B token id sequences (lengths may differ; each >= 1 id in [0, vocab_size)) or an int
         [B, T] array.
     temperature / top_k / top_p: see `sample`; temperature > 0 needs `key` (a jax.random key).
@@ -135,7 +127,7 @@ def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0,
     """
     op = "generate"
     cfg = model.cfg
-    rows = _prompts(op, prompts, cfg.vocab_size)
+    rows = _prompts(op, model, prompts)
     if not is_int(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"{op}: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     _check_sampling(op, temperature, top_k, top_p)
