@@ -18,6 +18,19 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxDsMoePermuteFp8);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxDsMoeUnpermute);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxDsMlaDecode);
 
+#ifdef JAX_DS_MLA_TRACE
+#include <cuda_runtime_api.h>
+
+#include <stdexcept>
+#include <string>
+
+namespace jax_ds::mla {
+size_t TraceBytes();
+cudaError_t TraceReset();
+cudaError_t TraceRead(void* host);
+}  // namespace jax_ds::mla
+#endif
+
 namespace {
 
 template <typename T>
@@ -46,4 +59,18 @@ NB_MODULE(_C, m) {
   });
   m.def("ffi_api_version",
         []() { return nb::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR); });
+#ifdef JAX_DS_MLA_TRACE
+  // A tracing build (CMake option JAX_DS_MLA_TRACE): the MLA decode kernel's timestamps,
+  // read by scripts/mla_trace.py.
+  m.def("mla_trace_reset", []() {
+    if (cudaError_t e = jax_ds::mla::TraceReset(); e != cudaSuccess)
+      throw std::runtime_error(cudaGetErrorString(e));
+  });
+  m.def("mla_trace_read", []() {
+    std::string buf(jax_ds::mla::TraceBytes(), '\0');
+    if (cudaError_t e = jax_ds::mla::TraceRead(buf.data()); e != cudaSuccess)
+      throw std::runtime_error(cudaGetErrorString(e));
+    return nb::bytes(buf.data(), buf.size());
+  });
+#endif
 }

@@ -113,6 +113,44 @@ __device__ __forceinline__ int ClampedLen(const Params& p, int b) {
   return min(max(p.seqlens[b], 0), p.max_blocks * kPage);
 }
 
+// ---- trace: a build with -DJAX_DS_MLA_TRACE only (CMake option JAX_DS_MLA_TRACE; read by
+// scripts/mla_trace.py). Each decode CTA stamps %globaltimer (ns) at fixed points of its
+// timeline into its own kTraceSlots slots; the combine kernel keeps its first start and last end.
+// The default build compiles none of it.
+#ifdef JAX_DS_MLA_TRACE
+constexpr int kTraceCtas = 1024, kTraceSlots = 64, kTraceSegs = 6;
+enum TraceSlot {
+  kTrEntry = 0, kTrPlanned = 1, kTrProducerDone = 2, kTrWg0End = 3, kTrWg1End = 4,
+  kTrSegments = 5, kTrBlocks = 6, kTrSplitMask = 7,
+  kTrQIssue = 8, kTrQFull = 14, kTrFirstKv = 20, kTrLastS = 26, kTrEpiStart = 32,
+  kTrEpiEnd = 38, kTrWg1FirstP = 44, kTrWg1SegEnd = 50,
+};
+// [0, kTraceCtas * kTraceSlots): the decode CTAs' slots; then the combine kernel's first start,
+// first start after its dependency wait, last start after it, last end.
+__device__ unsigned long long g_trace[kTraceCtas * kTraceSlots + 4];
+__device__ __forceinline__ unsigned long long GlobalTimer() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+__device__ __forceinline__ void TraceAt(int slot, unsigned long long v) {
+  const int cta = blockIdx.y * gridDim.x + blockIdx.x;
+  if (cta < kTraceCtas && slot < kTraceSlots) g_trace[cta * kTraceSlots + slot] = v;
+}
+// Each macro is a whole statement that the default build drops (an empty `if` left behind moved
+// ptxas' register assignment of the decode kernel).
+#define MLA_TRACE_IF(cond, slot) \
+  if (cond) TraceAt((slot), GlobalTimer())
+#define MLA_TRACE_SEG_IF(cond, slot, k) \
+  if ((cond) && (k) < kTraceSegs) TraceAt((slot) + (k), GlobalTimer())
+#define MLA_TRACE_COMBINE_IF(cond, i, op) \
+  if (cond) op(&g_trace[kTraceCtas * kTraceSlots + (i)], GlobalTimer())
+#else
+#define MLA_TRACE_IF(cond, slot)
+#define MLA_TRACE_SEG_IF(cond, slot, k)
+#define MLA_TRACE_COMBINE_IF(cond, i, op)
+#endif
+
 // ---- 1. plan (computed by every decode CTA for its own part) ----------------------------------
 // Batch b costs p.fixed_cost + nb_b blocks and occupies [cum_b, cum_b + cost_b) on a line of total
 // cost; its blocks sit at cum_b + p.fixed_cost + j. Part i owns the positions [i * payload,
@@ -485,6 +523,7 @@ DecodeKernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ 
   const int tid = threadIdx.x;
   const int tile = blockIdx.x;
   const int part = blockIdx.y;
+  MLA_TRACE_IF(tid == 0, kTrEntry);
   if (tid == 0) {
     mbar_init(&bars.full[0], 1);
     mbar_init(&bars.full[1], 1);
@@ -518,6 +557,7 @@ DecodeKernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ 
   PartIter seg;
   // The P tile is free until the first block: the plan's scratch.
   seg.init(PlanPart(p, part, tile == 0 && part == 0, p_tile), part);
+  MLA_TRACE_IF(tid == 0, kTrPlanned);
 
   if (tid >= 256) {  // ---- producer warpgroup: one thread issues every TMA copy --------------------
     regs_dealloc<24>();
@@ -532,6 +572,7 @@ DecodeKernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ 
     int it = 0, nseg = 0;
     while (seg.next(p)) {
       if (nseg > 0) mbar_wait(bars.q_empty, (nseg - 1) & 1);
+      MLA_TRACE_SEG_IF(true, kTrQIssue, nseg);
       mbar_arrive_expect_tx(bars.q_full, q_bytes);
       const int qrow = seg.b * p.rows + tile_row0;
       #pragma unroll 1
@@ -556,6 +597,7 @@ DecodeKernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ 
       }
       ++nseg;
     }
+    MLA_TRACE_IF(true, kTrProducerDone);
     return;
   }
 
@@ -567,6 +609,10 @@ DecodeKernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ 
   const int r0 = warp * 16 + lane / 4;  // this thread's rows: r0 and r0 + 8
   float acc[128];
   int it = 0, handoff = 0, nseg = 0;
+#ifdef JAX_DS_MLA_TRACE
+  int nblocks_traced = 0;
+  unsigned split_mask = 0;
+#endif
 
   while (seg.next(p)) {
     const int len = ClampedLen(p, seg.b);
@@ -595,12 +641,14 @@ DecodeKernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ 
       const int mask_from = min_vis <= 0 ? 0 : min_vis / kPage;  // blocks from here need masking
       float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
       mbar_wait(bars.q_full, nseg & 1);
+      MLA_TRACE_SEG_IF(t == 0, kTrQFull, nseg);
       for (int blk = seg.lo; blk < seg.hi; ++blk, ++it) {
         // The stage from lane 0: the compiler then knows it is warp-uniform (`it` counts blocks
         // of segments read from memory), so its barrier and descriptors live in uniform
         // registers instead of being built per thread and moved over with R2UR per WGMMA.
         const int s = __shfl_sync(0xffffffffu, it & 1, 0);
         mbar_wait(&bars.full[s], (it >> 1) & 1);
+        MLA_TRACE_SEG_IF(t == 0 && blk == seg.lo, kTrFirstKv, nseg);
         float sc[32];
         const uint32_t q_lo = sw128_kmajor_desc_lo(q_tile);
         const uint32_t kv_lo = sw128_kmajor_desc_lo(kv_stage(s));
@@ -618,6 +666,7 @@ DecodeKernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ 
         #pragma unroll
         for (int i = 0; i < 128; ++i) fence_operand(acc[i]);
         if (blk == seg.hi - 1 && t == 0) mbar_arrive(bars.q_empty);
+        MLA_TRACE_SEG_IF(blk == seg.hi - 1 && t == 0, kTrLastS, nseg);
 
         if (blk >= mask_from) {
           #pragma unroll
@@ -726,6 +775,7 @@ DecodeKernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ 
         if (t == 0) mbar_arrive(&bars.empty[s]);
       }
       if (seg.hi == seg.lo && t == 0) mbar_arrive(bars.q_empty);  // nothing read from this Q
+      MLA_TRACE_SEG_IF(t == 0, kTrEpiStart, nseg);
       // Final row stats: 1/l for warpgroup 1, lse for the output.
       float inv[2], lse[2];
       #pragma unroll
@@ -770,6 +820,7 @@ DecodeKernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ 
       } else {
         StoreO<false>(p, acc, inv, seg.b, tile_row0, valid_rows, 0, slot, t);
       }
+      MLA_TRACE_SEG_IF(t == 0, kTrEpiEnd, nseg);
     } else {
       for (int blk = seg.lo; blk < seg.hi; ++blk, ++it) {
         const int s = __shfl_sync(0xffffffffu, it & 1, 0);  // (warp-uniform: see warpgroup 0)
@@ -777,6 +828,7 @@ DecodeKernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ 
         #pragma unroll 1
         for (int pass = 0; pass < passes; ++pass) {
           mbar_wait(bars.p_full, handoff & 1);
+          MLA_TRACE_SEG_IF(t == 0 && pass == 0 && blk == seg.lo, kTrWg1FirstP, nseg);
           const float rs0 = stats[r0], rs1 = stats[r0 + 8];
           RescaleRows(acc, rs0, rs1);
           if (pass == 0 && blk == nb - 1 && tail_valid < kPage) {
@@ -827,16 +879,34 @@ DecodeKernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ 
       } else {
         StoreO<false>(p, acc, inv, seg.b, tile_row0, valid_rows, 256, slot, t);
       }
+      MLA_TRACE_SEG_IF(t == 0, kTrWg1SegEnd, nseg);
     }
+#ifdef JAX_DS_MLA_TRACE
+    if (tid == 0) {
+      nblocks_traced += seg.hi - seg.lo;
+      if (split && nseg < 32) split_mask |= 1u << nseg;
+    }
+#endif
     ++nseg;
   }
+#ifdef JAX_DS_MLA_TRACE
+  MLA_TRACE_IF(t == 0, wg == 0 ? kTrWg0End : kTrWg1End);
+  if (tid == 0) {
+    TraceAt(kTrSegments, nseg);
+    TraceAt(kTrBlocks, nblocks_traced);
+    TraceAt(kTrSplitMask, split_mask);
+  }
+#endif
 }
 
 // ---- 3. combine ---------------------------------------------------------------------------------
 // One warp per (batch, row) of a split batch: lse = log sum_j exp(lse_j), out = sum_j
 // exp(lse_j - lse) o_j.
 __global__ void CombineKernel(Params p) {
+  MLA_TRACE_COMBINE_IF(threadIdx.x == 0, 0, atomicMin);
   grid_dependency_wait();
+  MLA_TRACE_COMBINE_IF(threadIdx.x == 0, 1, atomicMin);
+  MLA_TRACE_COMBINE_IF(threadIdx.x == 0, 2, atomicMax);
   const int b = blockIdx.x;
   const int row = blockIdx.y * 4 + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -884,6 +954,7 @@ __global__ void CombineKernel(Params p) {
     dst[0] = __floats2bfloat162_rn(o[k].x, o[k].y);
     dst[1] = __floats2bfloat162_rn(o[k].z, o[k].w);
   }
+  MLA_TRACE_COMBINE_IF(lane == 0, 3, atomicMax);
 }
 
 // ---- handler ------------------------------------------------------------------------------------
@@ -1004,6 +1075,23 @@ ffi::Error MlaDecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
 }
 
 }  // namespace
+
+#ifdef JAX_DS_MLA_TRACE
+// The trace's size in bytes; reset (decode slots 0, the combine kernel's minima all ones); read.
+size_t TraceBytes() { return sizeof(g_trace); }
+cudaError_t TraceReset() {
+  static unsigned long long host[kTraceCtas * kTraceSlots + 4];
+  std::fill(host, host + kTraceCtas * kTraceSlots, 0ull);
+  host[kTraceCtas * kTraceSlots + 0] = host[kTraceCtas * kTraceSlots + 1] = ~0ull;
+  host[kTraceCtas * kTraceSlots + 2] = host[kTraceCtas * kTraceSlots + 3] = 0ull;
+  if (cudaError_t e = cudaDeviceSynchronize(); e != cudaSuccess) return e;
+  return cudaMemcpyToSymbol(g_trace, host, sizeof(g_trace));
+}
+cudaError_t TraceRead(void* host) {
+  if (cudaError_t e = cudaDeviceSynchronize(); e != cudaSuccess) return e;
+  return cudaMemcpyFromSymbol(host, g_trace, sizeof(g_trace));
+}
+#endif
 }  // namespace jax_ds::mla
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxDsMlaDecode, jax_ds::mla::MlaDecodeImpl,
