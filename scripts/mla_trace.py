@@ -13,6 +13,7 @@ then
     python scripts/mla_trace.py                          # b128 s_k 4096 h128 Sq1, fixed and var
     python scripts/mla_trace.py 128 8192 128 1 [var]     # one shape: b s_k h_q s_q [var]
     python scripts/mla_trace.py --rounds 5 --npz trace.npz ...
+    python scripts/mla_trace.py --summarize trace.npz ...  # again from saved slots (no GPU)
 
 Per shape it prints the means over the CTAs (and rounds) of: the launch spread (a CTA's entry
 after the first), the plan, each segment's parts (Q wait, first KV wait, the body from Q to the
@@ -57,12 +58,15 @@ def read(lib, ctas):
 
 
 def summarize(slots, combine):
-    """{name: microseconds} for one traced call (means over the CTAs)."""
+    """{name: microseconds} for one traced call (means over the CTAs that own a segment; the
+    launch's first entry is time 0)."""
     t0 = slots[:, ENTRY].min()
+    idle = int((slots[:, NSEG] == 0).sum())
+    slots = slots[slots[:, NSEG] > 0]
     ends = np.maximum(slots[:, WG0_END], slots[:, WG1_END])
     nseg = slots[:, NSEG]
     us = lambda x: float(np.mean(x)) / 1e3  # noqa: E731
-    out = {"ctas": len(slots), "segments per CTA": float(nseg.mean()),
+    out = {"ctas": len(slots), "idle ctas": idle, "segments per CTA": float(nseg.mean()),
            "blocks per CTA": float(slots[:, NBLK].mean()),
            "entry spread": us(slots[:, ENTRY] - t0),
            "plan": us(slots[:, PLANNED] - slots[:, ENTRY]),
@@ -103,12 +107,40 @@ def summarize(slots, combine):
     return out
 
 
+def report(title, runs):
+    print(title)
+    for key in runs[0]:
+        vals = [run.get(key, np.nan) for run in runs]
+        print(f"  {key:42s} {np.mean(vals):9.2f}  (min {np.min(vals):.2f}, max {np.max(vals):.2f})")
+
+
+def summarize_files(paths):
+    """The tables again from --npz files (decode slots, and the combine's four values of isolated
+    calls under "<name> combine" keys)."""
+    for path in paths:
+        z = np.load(path)
+        groups = {}
+        for key in z.files:
+            if key.endswith(" combine"):
+                continue
+            groups.setdefault(key.rsplit(" ", 1)[0], []).append(key)
+        for name, keys in groups.items():
+            none = np.array([-1, -1, -1, -1])
+            runs = [summarize(z[k], z[k + " combine"] if k + " combine" in z.files else none)
+                    for k in keys]
+            report(f"{path}: {name} ({len(runs)} calls, us)", runs)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("shape", nargs="*", help="b s_k h_q s_q [var]")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--npz", help="write every round's raw slots here")
+    ap.add_argument("--summarize", nargs="+", metavar="NPZ", help="print saved traces, no GPU")
     args = ap.parse_args()
+    if args.summarize:
+        summarize_files(args.summarize)
+        return
     lib = library()
     if args.shape:
         b, s_k, h, sq = (int(x) for x in args.shape[:4])
@@ -138,13 +170,10 @@ def main():
                 if mode != "isolated":
                     combine = np.array([-1, -1, -1, -1])
                 raw[f"{name} {mode} {r}"] = slots
+                raw[f"{name} {mode} {r} combine"] = combine
                 runs.append(summarize(slots, combine))
-            print(f"{name} ({mode}, {parts} parts per head tile, {ctas} CTAs; means of "
-                  f"{args.rounds} calls, us)")
-            for key in runs[0]:
-                vals = [run.get(key, np.nan) for run in runs]
-                print(f"  {key:42s} {np.mean(vals):9.2f}  (min {np.min(vals):.2f}, "
-                      f"max {np.max(vals):.2f})")
+            report(f"{name} ({mode}, {parts} parts per head tile, {ctas} CTAs; means of "
+                   f"{args.rounds} calls, us)", runs)
     if args.npz:
         np.savez_compressed(args.npz, **raw)
 
