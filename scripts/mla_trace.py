@@ -152,6 +152,8 @@ def main():
         (q, kv, table, lens), _ = inputs(i, b, s_k, h, sq, var)
         parts = mla._num_parts(h * sq)
         ctas = -(-h * sq // 64) * parts
+        if ctas > CTAS:
+            raise SystemExit(f"mla_trace: {ctas} CTAs, the trace keeps {CTAS}")
         fn = jax.jit(functools.partial(mla.ffi_mla_decode, scale=mla.HEAD_DIM_QK ** -0.5,
                                        causal=True, num_parts=parts, fixed_cost=mla.FIXED_COST))
         for _ in range(3):
