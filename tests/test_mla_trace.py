@@ -1,0 +1,87 @@
+"""scripts/mla_trace.py's reading of a decode-kernel trace (synthetic slots; the trace itself needs
+a tracing build on a GPU)."""
+import importlib.util
+import pathlib
+
+import numpy as np
+import pytest
+
+_PATH = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "mla_trace.py"
+_spec = importlib.util.spec_from_file_location("mla_trace", _PATH)
+mla_trace = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(mla_trace)
+m = mla_trace
+
+
+def _cta(start, segments, blocks_per_segment=10, block_ns=2000, epilogue_ns=4000):
+    """One CTA's slots: plan 3 us, then per segment Q 1 us, first KV 0.5 us later, the blocks,
+    the epilogue; warpgroup 1 ends 100 ns after warpgroup 0."""
+    s = np.zeros(m.SLOTS, np.int64)
+    s[m.ENTRY] = start
+    t = s[m.PLANNED] = start + 3000
+    for k in range(segments):
+        if k >= m.SEGS:  # the kernel stamps the first SEGS segments only
+            break
+        s[m.Q_ISSUE + k] = t
+        s[m.Q_FULL + k] = t + 1000
+        s[m.FIRST_KV + k] = t + 1500
+        s[m.WG1_FIRST_P + k] = t + 3000
+        body_end = t + 1000 + blocks_per_segment * block_ns
+        s[m.LAST_S + k] = body_end - 1000
+        s[m.EPI_START + k] = body_end
+        s[m.EPI_END + k] = body_end + epilogue_ns
+        s[m.WG1_SEG_END + k] = body_end + epilogue_ns - 500
+        t = body_end + epilogue_ns
+    t += max(segments - m.SEGS, 0) * (1000 + blocks_per_segment * block_ns + epilogue_ns)
+    s[m.WG0_END] = t
+    s[m.WG1_END] = t + 100
+    s[m.NSEG] = segments
+    s[m.NBLK] = segments * blocks_per_segment
+    return s
+
+
+def test_summary_of_a_synthetic_trace():
+    slots = np.stack([_cta(1000, 3), _cta(1200, 3), _cta(1000, 2), _cta(1000, 0)])
+    ends = [s[m.WG1_END] for s in slots[:3]]
+    combine = np.array([500, max(ends) + 800, max(ends) + 900, max(ends) + 20000])
+    out = m.summarize(slots, combine)
+    assert out["ctas"] == 3 and out["idle ctas"] == 1  # the CTA without a segment is left out
+    assert out["segments per CTA"] == pytest.approx(8 / 3)
+    assert out["plan"] == pytest.approx(3.0)
+    assert out["entry spread"] == pytest.approx(200 / 3 / 1e3)
+    assert out["Q issue -> Q full (per segment)"] == pytest.approx(1.0)
+    assert out["Q full -> first KV (per segment)"] == pytest.approx(0.5)
+    assert out["WG0 epilogue (per segment)"] == pytest.approx(4.0)
+    assert out["WG1 first P after Q full (per segment)"] == pytest.approx(2.0)
+    assert out["WG1 end after WG0's (per segment)"] == pytest.approx(-0.5)
+    # the body runs from Q full to the epilogue: 10 blocks of 2 us a segment
+    assert out["body per KV block"] == pytest.approx(2.0)
+    assert out["epilogues per CTA"] == pytest.approx(4.0 * 8 / 3)
+    assert out["between segments per CTA"] == pytest.approx(1.0 * 5 / 3)  # the next Q's 1 us
+    assert out["entry -> first Q full"] == pytest.approx(4.0)
+    assert out["last epilogue -> CTA end"] == pytest.approx(0.1)
+    assert out["tail (last end - mean end)"] == pytest.approx(
+        (max(ends) - np.mean(ends)) / 1e3)
+    assert out["combine first after wait - decode end"] == pytest.approx(0.8)
+    assert out["combine last end - decode end"] == pytest.approx(20.0)
+
+
+def test_summary_without_the_combine_or_past_the_traced_segments():
+    slots = np.stack([_cta(0, 2), _cta(0, m.SEGS + 1)])
+    out = m.summarize(slots, np.array([-1, -1, -1, -1]))  # not launched, or back-to-back calls
+    assert not any(k.startswith("combine") for k in out)
+    assert "body per KV block" not in out  # a CTA ran segments the trace has no slots for
+    assert out["WG0 epilogue (per segment)"] == pytest.approx(4.0)
+
+
+def test_summarize_saved_traces(tmp_path, capsys):
+    slots = np.stack([_cta(0, 2), _cta(100, 3)])
+    path = tmp_path / "t.npz"
+    np.savez(path, **{"b2 s_k64 h16 sq1 isolated 0": slots,
+                      "b2 s_k64 h16 sq1 isolated 0 combine": np.array([-1, -1, -1, -1]),
+                      "b2 s_k64 h16 sq1 back-to-back 0": slots})
+    mla_trace.summarize_files([str(path)])
+    text = capsys.readouterr().out
+    assert "b2 s_k64 h16 sq1 isolated (1 calls, us)" in text
+    assert "b2 s_k64 h16 sq1 back-to-back (1 calls, us)" in text
+    assert "WG0 epilogue (per segment)" in text
