@@ -16,7 +16,7 @@ then
     python scripts/mla_trace.py --summarize trace.npz ...  # again from saved slots (no GPU)
 
 Per shape it prints the means over the CTAs (and rounds) of: the launch spread (a CTA's entry
-after the first), the plan, each segment's parts (Q wait, first KV wait, the body from Q to the
+after the first), the plan, the segments that wrote split partials, each segment's parts (Q wait, first KV wait, the body from Q to the
 epilogue, warpgroup 0's epilogue, warpgroup 1's wait for the first P), the CTA's end, and the
 grid's tail (the last CTA's end against the mean); the body's time per KV block; the combine
 kernel's start and end against the decode grid's end. "isolated": one call, synchronized before
@@ -73,33 +73,30 @@ def summarize(slots, combine):
            "CTA span": us(ends - slots[:, ENTRY]),
            "grid end": float(ends.max() - t0) / 1e3,
            "tail (last end - mean end)": float(ends.max() - ends.mean()) / 1e3}
+    out["split segments per CTA"] = float(np.mean([bin(int(x)).count("1")
+                                                   for x in slots[:, SPLITS]]))
     parts = {"Q issue -> Q full": (Q_ISSUE, Q_FULL), "Q full -> first KV": (Q_FULL, FIRST_KV),
              "body (Q full -> epilogue)": (Q_FULL, EPI_START),
              "last S -> epilogue": (LAST_S, EPI_START),
              "WG0 epilogue": (EPI_START, EPI_END), "WG1 first P after Q full": (Q_FULL, WG1_FIRST_P),
              "WG1 end after WG0's": (EPI_END, WG1_SEG_END)}
-    body_ns, epi_ns, gap_ns = 0, 0, 0
+    # [CTAs, SEGS]: the segments stamped (the kernel stamps the first SEGS of a CTA's)
+    stamped = np.arange(SEGS)[None, :] < np.minimum(nseg, SEGS)[:, None]
+    span = lambda a, b: slots[:, b:b + SEGS] - slots[:, a:a + SEGS]  # noqa: E731
     for name, (a, b) in parts.items():
-        vals = [slots[i, b + k] - slots[i, a + k]
-                for i in range(len(slots)) for k in range(min(nseg[i], SEGS))]
-        out[name + " (per segment)"] = us(vals) if vals else 0.0
-    for i in range(len(slots)):
-        for k in range(min(nseg[i], SEGS)):
-            body_ns += slots[i, EPI_START + k] - slots[i, Q_FULL + k]
-            epi_ns += slots[i, EPI_END + k] - slots[i, EPI_START + k]
-            if k + 1 < min(nseg[i], SEGS):
-                gap_ns += slots[i, Q_FULL + k + 1] - slots[i, EPI_END + k]
-    traced = all(n <= SEGS for n in nseg)
-    if traced:
-        out["body per KV block"] = float(body_ns) / max(int(slots[:, NBLK].sum()), 1) / 1e3
-        out["epilogues per CTA"] = float(epi_ns) / len(slots) / 1e3
-        out["between segments per CTA"] = float(gap_ns) / len(slots) / 1e3
-        first = slots[:, Q_FULL] - slots[:, ENTRY]
-        last = ends - np.array([slots[i, EPI_END + n - 1] if n else slots[i, PLANNED]
-                                for i, n in enumerate(nseg)])
-        out["entry -> first Q full"] = us(first)
-        out["last epilogue -> CTA end"] = us(last)
-    if combine[0] != np.iinfo(np.int64).max and combine[0] != -1 and combine[3] > 0:
+        vals = span(a, b)[stamped]
+        out[name + " (per segment)"] = us(vals) if vals.size else 0.0
+    if (nseg <= SEGS).all():  # every segment stamped: sums per CTA
+        out["body per KV block"] = (float(span(Q_FULL, EPI_START)[stamped].sum())
+                                    / max(int(slots[:, NBLK].sum()), 1) / 1e3)
+        out["epilogues per CTA"] = float(span(EPI_START, EPI_END)[stamped].sum()) / len(slots) / 1e3
+        # from an epilogue's end to the next segment's Q full
+        gaps = slots[:, Q_FULL + 1:Q_FULL + SEGS] - slots[:, EPI_END:EPI_END + SEGS - 1]
+        out["between segments per CTA"] = float(gaps[stamped[:, 1:]].sum()) / len(slots) / 1e3
+        out["entry -> first Q full"] = us(slots[:, Q_FULL] - slots[:, ENTRY])
+        last_epilogue = slots[np.arange(len(slots)), EPI_END + nseg - 1]
+        out["last epilogue -> CTA end"] = us(ends - last_epilogue)
+    if combine[0] != -1 and combine[3] > 0:  # reset values: the kernel did not run (or was not kept)
         dec_end = ends.max()
         out["combine first start - decode end"] = float(combine[0] - dec_end) / 1e3
         out["combine first after wait - decode end"] = float(combine[1] - dec_end) / 1e3
@@ -154,8 +151,7 @@ def main():
         ctas = -(-h * sq // 64) * parts
         if ctas > CTAS:
             raise SystemExit(f"mla_trace: {ctas} CTAs, the trace keeps {CTAS}")
-        fn = jax.jit(functools.partial(mla.ffi_mla_decode, scale=mla.HEAD_DIM_QK ** -0.5,
-                                       causal=True, num_parts=parts, fixed_cost=mla.FIXED_COST))
+        fn = jax.jit(functools.partial(mla.mla_decode, impl="ffi"))  # the op as users call it
         for _ in range(3):
             jax.block_until_ready(fn(q, kv, table, lens))
         name = f"b{b} s_k{s_k} h{h} sq{sq}{' var' if var else ''}"
@@ -169,10 +165,11 @@ def main():
                     outs = [fn(q, kv, table, lens) for _ in range(8)]
                     jax.block_until_ready(outs)
                 slots, combine = read(lib, ctas)
-                if mode != "isolated":
-                    combine = np.array([-1, -1, -1, -1])
                 raw[f"{name} {mode} {r}"] = slots
-                raw[f"{name} {mode} {r} combine"] = combine
+                if mode == "isolated":  # (over 8 calls the atomics mix the calls)
+                    raw[f"{name} {mode} {r} combine"] = combine
+                else:
+                    combine = np.array([-1, -1, -1, -1])
                 runs.append(summarize(slots, combine))
             report(f"{name} ({mode}, {parts} parts per head tile, {ctas} CTAs; means of "
                    f"{args.rounds} calls, us)", runs)

@@ -1,20 +1,18 @@
 """scripts/mla_fit.py: the per-call cost that does not grow with s_k, on a made-up file whose
 times are exactly 20 us + 70 us per 1024 keys, and on the committed H100 run NOTES-mla quotes."""
-import importlib.util
 import json
 import pathlib
 import subprocess
 import sys
+
+from jax_ds.testing import load_script
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "mla_fit.py"
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("mla_fit", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(SCRIPT)
 
 
 def test_a_straight_line_is_split_exactly():

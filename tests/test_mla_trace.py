@@ -1,16 +1,14 @@
 """scripts/mla_trace.py's reading of a decode-kernel trace (synthetic slots; the trace itself needs
 a tracing build on a GPU)."""
-import importlib.util
 import pathlib
 
 import numpy as np
 import pytest
 
-_PATH = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "mla_trace.py"
-_spec = importlib.util.spec_from_file_location("mla_trace", _PATH)
-mla_trace = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(mla_trace)
-m = mla_trace
+from jax_ds.testing import load_script
+
+mla_trace = m = load_script(pathlib.Path(__file__).resolve().parents[1] / "scripts" /
+                            "mla_trace.py")
 
 
 def _cta(start, segments, blocks_per_segment=10, block_ns=2000, epilogue_ns=4000):
@@ -42,11 +40,13 @@ def _cta(start, segments, blocks_per_segment=10, block_ns=2000, epilogue_ns=4000
 
 def test_summary_of_a_synthetic_trace():
     slots = np.stack([_cta(1000, 3), _cta(1200, 3), _cta(1000, 2), _cta(1000, 0)])
+    slots[:, m.SPLITS] = [0b101, 0b001, 0b000, 0]  # segments that wrote partials
     ends = [s[m.WG1_END] for s in slots[:3]]
     combine = np.array([500, max(ends) + 800, max(ends) + 900, max(ends) + 20000])
     out = m.summarize(slots, combine)
     assert out["ctas"] == 3 and out["idle ctas"] == 1  # the CTA without a segment is left out
     assert out["segments per CTA"] == pytest.approx(8 / 3)
+    assert out["split segments per CTA"] == pytest.approx(1.0)
     assert out["plan"] == pytest.approx(3.0)
     assert out["entry spread"] == pytest.approx(200 / 3 / 1e3)
     assert out["Q issue -> Q full (per segment)"] == pytest.approx(1.0)
