@@ -85,6 +85,7 @@ def main():
     lo, hi = args.prompt_lens
     prompts = [rng.integers(0, cfg.vocab_size, rng.integers(lo, hi + 1)).tolist()
                for _ in range(args.batch)]
+
     def run():
         return generate(model, prompts, args.max_new_tokens, temperature=args.temperature,
                         top_k=args.top_k, top_p=args.top_p, key=jax.random.key(args.seed),
@@ -129,6 +130,7 @@ def main():
         if worst > tol:
             raise RuntimeError(f"check failed: {summary}")
         console.print(f"check: {summary}")
+
 
 if __name__ == "__main__":
     cli.run(main)
