@@ -54,7 +54,9 @@ for s_k in args.s_k:
                                  for f in args.fuse})
                 fns = {key: jax.jit(functools.partial(mla.ffi_mla_decode, scale=SCALE,
                                                       causal=True, num_parts=parts,
-                                                      fixed_cost=cost, fuse_max_splits=f))
+                                                      fixed_cost=cost, fuse_max_splits=f,
+                                                      align_slack_pct=mla._align_slack_pct(
+                                                          s_q, h_q)))
                        for key, (parts, cost, f) in variants.items()}
                 times = {k: [] for k in variants}
                 for _ in range(args.rounds):

@@ -294,6 +294,11 @@ def test_plan_payload():
     assert plan_payload([64] * 256, 132, 5) == (138, 256 * 69)    # 135 -> 138 adds 3 <= 5
     assert plan_payload([10, 20, 30], 4, 2) == (17, 66)           # unequal: never rounded
     assert plan_payload([0] * 40, 132, 2) == (2, 80)              # empty batches still cost 2
+    # a slack in percent of the part: 128 -> 132 adds 4 <= 8% of 128; 253 -> 260 adds 7 <= 20
+    assert plan_payload([64] * 128, 66, 2, 8) == (132, 128 * 66)
+    assert plan_payload([128] * 128, 66, 2, 8) == (260, 128 * 130)
+    assert plan_payload([128] * 128, 66, 2, 2) == (253, 128 * 130)   # 2% of 253 = 5 < 7
+    assert plan_payload([10, 20, 30], 4, 2, 100) == (17, 66)     # unequal: never rounded
 
 
 def _flashmla_fp8_rows(rows):

@@ -196,15 +196,18 @@ def test_kernel_growing_scores(softmax_scale, max_len):
 
 @pytest.mark.parametrize("b,sq,hq,blocks,cuts", [
     (128, 1, 16, 64, True), (130, 1, 16, 64, True), (128, 2, 128, 64, False),
-    (256, 1, 16, 64, False), (64, 1, 16, 64, False), (132, 2, 64, 3, True), (40, 1, 16, 0, True)])
+    (128, 1, 128, 64, True), (96, 1, 128, 64, False), (256, 1, 16, 64, False),
+    (64, 1, 16, 64, False), (132, 2, 64, 3, True), (40, 1, 16, 0, True)])
 def test_kernel_equal_block_counts(b, sq, hq, blocks, cuts):
     """Every sequence with the same block count (lengths differ inside the last block): the plan
-    then cuts at batch boundaries where that costs at most one batch's fixed cost (some parts get
-    no batch), and splits batches as usual where it does not; `cuts` says which the case takes on
-    132 SMs at mla.FIXED_COST (checked there, so a new default cannot leave a path untested)."""
+    then cuts at batch boundaries where that costs at most one batch's fixed cost or the slack
+    (mla._align_slack_pct; some parts get no batch), and splits batches as usual where it does
+    not; `cuts` says which the case takes on 132 SMs at mla.FIXED_COST and mla.ALIGN_SLACK_PCT
+    (checked there, so a new default cannot leave a path untested)."""
     from jax_ds.ops import mla
     if _ffi.num_sms() == 132:
-        payload, _ = mla.plan_payload(np.full(b, blocks), mla._num_parts(sq * hq))
+        payload, _ = mla.plan_payload(np.full(b, blocks), mla._num_parts(sq * hq),
+                                      align_slack_pct=mla._align_slack_pct(sq, hq))
         assert (payload % (blocks + mla.FIXED_COST) == 0) == cuts  # every cut between batches
     rng = np.random.default_rng(b + blocks)
     lens = np.maximum(blocks * 64 - rng.integers(0, 64, b), 0) if blocks else np.zeros(b, int)
@@ -227,6 +230,36 @@ def test_kernel_any_fixed_cost(fixed_cost, equal):
     out, lse = jax.jit(lambda *a: ffi_mla_decode(*a, scale, True, 66, fixed_cost))(
         q, kv, table, lens)
     check(out, lse, *mla_decode(q, kv, table, lens, impl="xla"))
+
+
+@pytest.mark.parametrize("b,sq,hq,blocks,slack", [
+    (128, 1, 128, 64, 8), (128, 1, 128, 128, 8), (40, 1, 128, 64, 100), (100, 2, 64, 10, 50)])
+def test_kernel_align_slack(b, sq, hq, blocks, slack):
+    """Equal block counts with a slack in percent of a part (the `align_slack_pct` attribute):
+    b128 s_k 4096 / 8192 h128 at 8% cut no batch (payload 128 -> 132, 253 -> 260 on 66 parts);
+    at 100% and 50% 26 and 16 of the 66 parts get no batch (40 -> 66, 19 -> 24); against the
+    reference."""
+    from jax_ds.ops import mla
+    parts = 66
+    payload, _ = mla.plan_payload(np.full(b, blocks), parts, 2, slack)
+    assert payload % (blocks + 2) == 0  # the case takes the cuts at batch ends
+    rng = np.random.default_rng(b + blocks + slack)
+    lens = np.maximum(blocks * 64 - rng.integers(0, 64, b), 0)
+    q, kv, table, lens = paged(b + slack, b, sq, hq, lens=lens)
+    scale = 576 ** -0.5
+    for pct, cuts in ((slack, True), (0, False)):  # the kernel's own plan: no batch split at slack
+        out, lse, plan, _ = jax.jit(lambda *a, s=pct: mla.ffi_mla_decode(
+            *a, scale, True, parts, 2, 0, s, workspace=True))(q, kv, table, lens)
+        assert bool((np.asarray(plan)[:b] == 1).all()) == cuts
+        check(out, lse, *mla_decode(q, kv, table, lens, impl="xla"))
+
+
+def test_align_slack_out_of_range_is_an_error():
+    from jax_ds.ops.mla import ffi_mla_decode
+    q, kv, table, lens = paged(5, 2, 1, 16, max_len=100)
+    for slack in (-1, 101):
+        with pytest.raises(Exception, match="align_slack_pct"):
+            jax.block_until_ready(ffi_mla_decode(q, kv, table, lens, 0.05, True, 8, 2, 0, slack))
 
 
 def test_fixed_cost_out_of_range_is_an_error():

@@ -91,6 +91,8 @@ struct Params {
   int batch, sq, hq, rows, max_blocks, num_blocks, num_parts, tiles;
   int fuse_max;        // batches of 2..fuse_max pieces are merged in the decode kernel (0: none)
   int fixed_cost;      // planner: cost of touching a batch, in KV blocks (>= 1)
+  int align_slack_pct; // planner: equal lengths cut at batch ends if parts grow <= this % (or
+                       // fixed_cost blocks)
   int causal;
   int q_box_rows;      // Q rows one TMA box brings (rows < 64: only the batch's rows, rounded to 8)
   float scale, scale_log2;
@@ -157,7 +159,8 @@ __device__ __forceinline__ void TraceAt(int slot, unsigned long long v) {
 // (i + 1) * payload) with payload = ceil(total / parts): a contiguous run of (batch, block), cut
 // evenly by cost (FlashMLA's balancing idea: a fixed price per batch touched, the rest per block).
 // When every batch has the same block count, the payload is rounded up to a multiple of a batch's
-// cost if that adds at most p.fixed_cost: then no batch is split (some parts may get none).
+// cost if that adds at most max(p.fixed_cost, p.align_slack_pct % of the payload): then no batch
+// is split (some parts may get none).
 // An empty batch belongs to the part holding cum_b. Split batches get consecutive partial slots.
 // Each CTA derives its part's batch range from two scans over the batch (a few microseconds less
 // than a separate plan kernel whose results every CTA would wait for); CTA (0, 0) also writes
@@ -240,10 +243,13 @@ __device__ PartPlan PlanPart(const Params& p, int part, bool write_splits, uint8
   if (nb_range[0] == nb_range[1]) {
     // Every batch has the same block count (a uniform decode step): cuts at multiples of one
     // batch's cost split none, so no part pays a second batch's fixed cost and no partials are
-    // written or merged. Taken when it lengthens the parts by at most that fixed cost.
+    // written or merged. Taken when it lengthens the parts by at most that fixed cost, or by
+    // align_slack_pct % of the payload (64-row tiles: a split's partials are 128 KB a piece,
+    // written, read back and merged by the combine kernel).
     const int64_t cost = nb_range[0] + p.fixed_cost;
     const int64_t aligned = (payload + cost - 1) / cost * cost;
-    if (aligned - payload <= p.fixed_cost) payload = aligned;
+    const int64_t slack = max(int64_t(p.fixed_cost), payload * p.align_slack_pct / 100);
+    if (aligned - payload <= slack) payload = aligned;
   }
   int64_t slots = 0, cum = cum0;
   for (int b = b0; b < b1; ++b) {
@@ -966,7 +972,7 @@ ffi::Error MlaDecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
                          ffi::Result<ffi::Buffer<ffi::F32>> lse_acc,
                          ffi::Result<ffi::Buffer<ffi::S32>> counters, float softmax_scale,
                          bool causal, int32_t num_parts, int32_t fixed_cost,
-                         int32_t fuse_max_splits) {
+                         int32_t fuse_max_splits, int32_t align_slack_pct) {
   auto qd = q.dimensions(), kd = kv.dimensions(), td = block_table.dimensions(),
        sd = seqlens.dimensions(), od = out->dimensions(), ld = lse->dimensions();
   JAX_DS_CHECK_ARG(qd.size() == 4 && kd.size() == 4 && td.size() == 2 && sd.size() == 1 &&
@@ -989,6 +995,8 @@ ffi::Error MlaDecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
   JAX_DS_CHECK_ARG(fixed_cost >= 1 && fixed_cost <= kMaxFixedCost,
                    "mla_decode: fixed_cost must be in [1, 64]");
   JAX_DS_CHECK_ARG(fuse_max_splits >= 0, "mla_decode: fuse_max_splits must be >= 0");
+  JAX_DS_CHECK_ARG(align_slack_pct >= 0 && align_slack_pct <= 100,
+                   "mla_decode: align_slack_pct must be in [0, 100]");
   JAX_DS_CHECK_ARG(softmax_scale > 0.f && std::isfinite(softmax_scale),
                    "mla_decode: softmax_scale must be positive and finite");
   const int64_t rows = Sq * Hq;
@@ -1029,6 +1037,7 @@ ffi::Error MlaDecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
   p.num_blocks = static_cast<int>(NB);
   p.num_parts = num_parts;
   p.fixed_cost = fixed_cost;
+  p.align_slack_pct = align_slack_pct;
   p.causal = causal ? 1 : 0;
   // A batch's rows only, when they are fewer than a tile (h16: 16 of 64 rows); 8-row granules.
   p.q_box_rows = rows < kTileRows ? static_cast<int>((rows + 7) / 8 * 8) : kTileRows;
@@ -1111,5 +1120,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxDsMlaDecode, jax_ds::mla::MlaDecodeImpl,
                                   .Attr<bool>("causal")
                                   .Attr<int32_t>("num_parts")
                                   .Attr<int32_t>("fixed_cost")
-                                  .Attr<int32_t>("fuse_max_splits"),
+                                  .Attr<int32_t>("fuse_max_splits")
+                                  .Attr<int32_t>("align_slack_pct"),
                               {xla::ffi::Traits::kCmdBufferCompatible});

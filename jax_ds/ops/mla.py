@@ -336,20 +336,32 @@ FIXED_COST = 2
 # session).
 FUSE_MAX_SPLITS = 0
 
+# With equal lengths the plan cuts parts at batch ends (no batch split) when that lengthens a part
+# by at most FIXED_COST blocks or by this share of it, in percent; taken for one query token per
+# batch (Sq 1) with tiles of 64 query rows (Hq >= 64), whose split batches write 128 KB of f32
+# partials a piece that the combine kernel reads back (~22 us after the decode grid at b128 s_k
+# 4096 h128 on the H100). Measured on the H100 (2026-12-07, benchmarks/NOTES-mla.md), 8% against
+# none at b128 h128: Sq1 s_k 4096 +5%, 8192 +0-3%; Sq2 (not taken) 4096 -2%, 8192 -0-3%.
+ALIGN_SLACK_PCT = 8
 
-def plan_payload(block_counts, num_parts, fixed_cost=FIXED_COST):
+
+def _align_slack_pct(sq, hq):
+    return ALIGN_SLACK_PCT if sq == 1 and hq >= 64 else 0
+
+
+def plan_payload(block_counts, num_parts, fixed_cost=FIXED_COST, align_slack_pct=0):
     """The kernel plan's part size on its cost line (PlanPart in ffi/mla/mla_decode.cu), in KV
     blocks, and the line's total: batch b costs its blocks plus `fixed_cost`; parts get
     ceil(total / num_parts) each, rounded up to whole batches when every batch has the same block
-    count and that adds at most `fixed_cost` (then no batch is split). For tests and
-    scripts/model_mla_plan.py; the kernel computes it on the device."""
+    count and that adds at most max(`fixed_cost`, `align_slack_pct` % of the part) (then no batch
+    is split). For tests and scripts/model_mla_plan.py; the kernel computes it on the device."""
     nbs = np.asarray(block_counts, np.int64)
     total = int((nbs + fixed_cost).sum())
     payload = max(-(-total // num_parts), 1)
     if nbs.size and nbs.min() == nbs.max():
         cost = int(nbs[0]) + fixed_cost
         aligned = -(-payload // cost) * cost
-        if aligned - payload <= fixed_cost:
+        if aligned - payload <= max(fixed_cost, payload * align_slack_pct // 100):
             payload = aligned
     return payload, total
 
@@ -410,15 +422,20 @@ def mla_decode(q, kv_cache, block_table, cache_seqlens, *, softmax_scale=None, c
         return _reference(q, kv_cache, block_table, cache_seqlens, np.float32(scale),
                           bool(causal), HEAD_DIM_V, _chunk_blocks(q, kv_cache, block_table))
     return ffi_mla_decode(q, kv_cache, block_table, cache_seqlens, scale, causal,
-                          _num_parts(sq * hq), FIXED_COST, FUSE_MAX_SPLITS)
+                          _num_parts(sq * hq), FIXED_COST, FUSE_MAX_SPLITS,
+                          _align_slack_pct(sq, hq))
 
 
 def ffi_mla_decode(q, kv_cache, block_table, cache_seqlens, scale, causal, num_parts,
-                   fixed_cost, fuse_max_splits=FUSE_MAX_SPLITS):
+                   fixed_cost, fuse_max_splits=FUSE_MAX_SPLITS, align_slack_pct=0,
+                   workspace=False):
     """The kernel's custom call with an explicit plan (`num_parts` persistent parts per head tile,
     `fixed_cost` KV blocks charged per batch a part touches, in [1, 64]; split batches of at most
-    `fuse_max_splits` pieces merged in the decode kernel, >= 0); no validation (tests, sweeps).
-    Returns (out, lse)."""
+    `fuse_max_splits` pieces merged in the decode kernel, >= 0; equal lengths cut at batch ends
+    when parts grow by at most `align_slack_pct` % of their size, in [0, 100]: `plan_payload`);
+    no validation (tests, sweeps). Returns (out, lse), with `workspace` also the kernel's plan
+    (int32 [2B]: the pieces of each batch, then their first partial slot) and its counters (int32
+    [B, head tiles, 2]; written only by the fused merge)."""
     b, sq, hq, _ = q.shape
     rows = sq * hq  # query rows per batch (heads x Sq), 64 per CTA
     tiles = cdiv(rows, 64)
@@ -432,8 +449,10 @@ def ffi_mla_decode(q, kv_cache, block_table, cache_seqlens, scale, causal, num_p
              jax.ShapeDtypeStruct((2 * num_parts * rows * HEAD_DIM_V,), jnp.float32),
              jax.ShapeDtypeStruct((2 * 2 * num_parts * rows,), jnp.float32),
              jax.ShapeDtypeStruct((2 * b * tiles,), jnp.int32))
-    out, lse, *_ = _ffi.kernel_call(TARGET, types, q, kv_cache, block_table, cache_seqlens,
-                                    softmax_scale=np.float32(scale), causal=bool(causal),
-                                    num_parts=np.int32(num_parts), fixed_cost=np.int32(fixed_cost),
-                                    fuse_max_splits=np.int32(fuse_max_splits))
+    out, lse, plan, _, _, counters = _ffi.kernel_call(
+        TARGET, types, q, kv_cache, block_table, cache_seqlens, softmax_scale=np.float32(scale),
+        causal=bool(causal), num_parts=np.int32(num_parts), fixed_cost=np.int32(fixed_cost),
+        fuse_max_splits=np.int32(fuse_max_splits), align_slack_pct=np.int32(align_slack_pct))
+    if workspace:
+        return out, lse, plan, counters.reshape(b, tiles, 2)
     return out, lse
