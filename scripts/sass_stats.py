@@ -3,7 +3,7 @@ NOTES-mla quote from `cuobjdump -sass` (instructions, R2UR moves, the spacing of
 length and spills of the loops around them).
 
   python scripts/sass_stats.py LIB [--kernels REGEX] [--count R2UR QGMMA ...] [--gaps PREFIX]
-                               [--loops PREFIX [--listing]] [--same-as OTHER_LIB]
+                               [--loops PREFIX [--at-least N] [--listing]] [--same-as OTHER_LIB]
 
 Prints a line per kernel whose mangled name matches --kernels:
 - its instruction count;
@@ -15,13 +15,17 @@ Prints a line per kernel whose mangled name matches --kernels:
   each counted prefix inside it (e.g. --count LDG LDS: where a K loop's loads come from). The
   GEMM's steady K loop is the shortest one with QGMMAs (a round of the accumulator sets' k
   blocks); a closing line counts the kernels whose shortest such loop holds LDL/STL (spills in
-  the steady loop).
+  the steady loop). With --at-least N the steady loop is the shortest one holding N or more
+  PREFIX instructions (MLA's decode kernel: `--loops HGMMA --at-least 40` is warpgroup 0's
+  per-block loop, S's 36 and P V's 4, where the shortest is warpgroup 1's P V loop);
 - with --loops and --listing, the shortest such loop itself, an instruction a line with its
   scheduling fields (stall, yield, scoreboards set and waited for): two builds' loops can be
   compared with diff;
 - with --same-as, whether OTHER_LIB's kernel of the same name and architecture has the same
   machine code (both instruction words of every instruction), and a closing count: which kernels
-  a source change touched. Names are the mangled ones, parameters included (a kernel whose
+  a source change touched. With --loops too, whether the two steady loops hold the same opcodes
+  in the same order (registers aside) and, where not, difflib's similarity ratio of the two
+  opcode sequences: whether a change elsewhere in a kernel reached its hot loop. Names are the mangled ones, parameters included (a kernel whose
   parameter list changed is "absent" there), anonymous namespaces' per-build hashes left out.
 cuobjdump as in scripts/ffma_yield.py ($CUOBJDUMP, PATH, CUDA's bin).
 """
@@ -29,6 +33,7 @@ cuobjdump as in scripts/ffma_yield.py ($CUOBJDUMP, PATH, CUDA's bin).
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import pathlib
 import re
@@ -111,6 +116,23 @@ def loops(fn, prefix, count=()) -> list:
 ANON = re.compile(r"(\d+)_GLOBAL__N_")
 
 
+def steady_loop(found: list, at_least: int = 1):
+    """The shortest of `loops`' rows holding at least `at_least` of the prefix; None if none."""
+    rows = [row for row in found if row[3] >= at_least]
+    return min(rows, key=lambda row: row[2]) if rows else None
+
+
+def loop_opcodes(fn, first: int, last: int) -> list:
+    """The opcodes (first word of each instruction's text, predicate and registers left out) at
+    addresses [first, last]."""
+    return [t.split()[0] for i, t in zip(fn.instrs, _opcodes(fn)) if first <= i.addr <= last]
+
+
+def same_opcodes(a: list, b: list) -> tuple:
+    """(a == b, difflib's similarity ratio of the two sequences: 1.0 when equal)."""
+    return a == b, difflib.SequenceMatcher(None, a, b, autojunk=False).ratio()
+
+
 def stable_name(name: str) -> str:
     """`name` with each anonymous namespace (`<length>_GLOBAL__N__<hash>_<file>_<hash>`, whose
     hashes change with the build's source paths) as `(anonymous)`, so that the kernels of
@@ -152,6 +174,8 @@ def main(argv=None) -> int:
     ap.add_argument("--loops", metavar="PREFIX",
                     help="also list the loops holding PREFIX instructions (e.g. QGMMA, HGMMA): "
                          "addresses, length, their count, LDL/STL")
+    ap.add_argument("--at-least", type=int, default=1, metavar="N",
+                    help="with --loops: the steady loop is the shortest holding >= N PREFIX")
     ap.add_argument("--listing", action="store_true",
                     help="with --loops: also print each kernel's shortest such loop, an "
                          "instruction a line with its stall, yield and scoreboard fields")
@@ -160,9 +184,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     pattern = re.compile(args.kernels)
     fns = [fn for fn in ffma_yield.disassemble(args.lib) if pattern.search(fn.name)]
-    same = same_code(fns, [fn for fn in ffma_yield.disassemble(args.same_as)
-                           if pattern.search(fn.name)]) if args.same_as else {}
-    steady = []  # each kernel's shortest --loops loop
+    others = [fn for fn in ffma_yield.disassemble(args.same_as)
+              if pattern.search(fn.name)] if args.same_as else []
+    same = same_code(fns, others) if args.same_as else {}
+    theirs = dict(_keyed(others))
+    steady = []  # each kernel's steady --loops loop
     for key, fn in _keyed(fns):
         s = stats(fn, args.count, args.gaps)
         cells = " ".join(f"{k}={v}" for k, v in s.items() if v is not None)
@@ -175,12 +201,27 @@ def main(argv=None) -> int:
             inside = "".join(f", {k}={v}" for k, v in counts[0].items()) if counts else ""
             print(f"  loop {first:#x}-{last:#x}: {length} instructions, {n} {args.loops}, "
                   f"{local} LDL/STL{inside}")
-        if found:
-            steady.append(min(found, key=lambda row: row[2]))
-            if args.listing:
-                print("\n".join("    " + line for line in listing(fn, *steady[-1][:2])))
+        row = steady_loop(found, args.at_least)
+        if row is None:
+            continue
+        steady.append(row)
+        if args.listing:
+            print("\n".join("    " + line for line in listing(fn, *row[:2])))
+        if same.get(key) is False:  # the kernels differ: does the difference reach this loop?
+            other = steady_loop(loops(theirs[key], args.loops), args.at_least)
+            if other is None:
+                print(f"  steady loop: none in {args.same_as.name}")
+            else:
+                equal, ratio = same_opcodes(loop_opcodes(fn, *row[:2]),
+                                            loop_opcodes(theirs[key], *other[:2]))
+                verdict = "same opcodes" if equal else f"opcodes differ (similarity {ratio:.2f})"
+                print(f"  steady loop {row[0]:#x}-{row[1]:#x} ({row[2]} instructions, {row[4]} "
+                      f"LDL/STL): {verdict} against {args.same_as.name}'s ({other[2]} "
+                      f"instructions, {other[4]} LDL/STL)")
     if args.loops:
-        print(f"{len(steady)} kernels with {args.loops} loops; the shortest one holds LDL/STL in "
+        which = "the shortest one" if args.at_least <= 1 else \
+            f"the shortest one with >= {args.at_least}"
+        print(f"{len(steady)} kernels with {args.loops} loops; {which} holds LDL/STL in "
               f"{sum(1 for row in steady if row[4])}")
     if same:
         v = list(same.values())

@@ -287,3 +287,46 @@ def test_sass_stats_closing_lines(monkeypatch, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[-2] == "2 kernels with QGMMA loops; the shortest one holds LDL/STL in 1"
     assert out[-1] == "3 kernels: 1 same as b.so, 1 differ, 1 absent there"
+
+
+def test_sass_stats_steady_loop_at_least_and_its_opcodes(monkeypatch, capsys):
+    """--at-least N: the steady loop is the shortest holding N or more of the prefix (MLA's
+    warpgroup 0 loop, not warpgroup 1's shorter one); with --same-as, whether two builds' steady
+    loops hold the same opcodes in order (registers aside) and how similar they are."""
+    hg = ("HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24", 0x7, 0x0)
+    # a short loop with one HGMMA (0x10-0x30), then a longer one with two (0x40-0x80)
+    body = [_other(0), hg, _other(1), ("@P1 BRA 0x10", 0x7, 0x0),
+            hg, ("FMUL R2, R2, R3", 0x7, 0x0), hg, ("LDL R5, [R1+0x4]", 0x7, 0x0),
+            ("@P2 BRA 0x40", 0x7, 0x0), _other(2, "EXIT")]
+    fn, = fy.parse_sass(_listing([(GEMM, body)]))
+    found = ss.loops(fn, "HGMMA")
+    assert ss.steady_loop(found) == (0x10, 0x30, 3, 1, 0)
+    assert ss.steady_loop(found, 2) == (0x40, 0x80, 5, 2, 1)
+    assert ss.steady_loop(found, 3) is None
+    assert ss.loop_opcodes(fn, 0x40, 0x80) == ["HGMMA.64x64x16.F32.BF16", "FMUL",
+                                                "HGMMA.64x64x16.F32.BF16", "LDL", "BRA"]
+    assert ss.same_opcodes(["A", "B"], ["A", "B"]) == (True, 1.0)
+    assert ss.same_opcodes(["A", "B", "C", "D"], ["A", "B", "X", "D"]) == (False, 0.75)
+    # the other build: the FMUL's registers changed (same opcodes), then the FMUL gone
+    regs = body[:5] + [("FMUL R7, R7, R3", 0x8, 0x0)] + body[6:]
+    gone = body[:5] + body[6:]
+    libs = {"a.so": [(GEMM, body)], "b.so": [(GEMM, regs)], "c.so": [(GEMM, gone)],
+            "d.so": [(GEMM, [_other(0), _other(1, "EXIT")])]}
+    monkeypatch.setattr(ss.ffma_yield, "disassemble",
+                        lambda path: fy.parse_sass(_listing(libs[pathlib.Path(path).name])))
+
+    def run(other):
+        assert ss.main(["a.so", "--loops", "HGMMA", "--at-least", "2", "--same-as", other]) == 0
+        return capsys.readouterr().out.splitlines()
+
+    out = run("b.so")
+    assert out[-3] == ("  steady loop 0x40-0x80 (5 instructions, 1 LDL/STL): same opcodes "
+                       "against b.so's (5 instructions, 1 LDL/STL)")
+    assert out[-2] == "1 kernels with HGMMA loops; the shortest one with >= 2 holds LDL/STL in 1"
+    assert "opcodes differ (similarity 0.89) against c.so's (4 instructions" in run("c.so")[-3]
+    assert run("d.so")[-3] == "  steady loop: none in d.so"
+    assert ss.main(["a.so", "--loops", "HGMMA", "--at-least", "3"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == \
+        "0 kernels with HGMMA loops; the shortest one with >= 3 holds LDL/STL in 0"
+    # the same code: no steady-loop line
+    assert not any("steady loop" in line for line in run("a.so"))
