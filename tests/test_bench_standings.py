@@ -43,6 +43,15 @@ def test_mla_without_the_reference_column():
     assert (passed, measured, short, len(missing)) == (0, 0, [], 48)
 
 
+def test_h100_mla_h128_with_the_slack_of_2026_12_07():
+    """The counts NOTES-mla quotes for main with the align slack (h128 only, no XLA column)."""
+    mla = standings.summary(standings.standings(
+        _load("mla-nvidia-h100-2026-12-07-h128-slack-sq1.json")))
+    assert mla["h128 TFLOP/s >= 500"][:3] == (8, 12, [
+        "b128 s4096 h128 sq1 fixed", "b128 s4096 h128 sq1 var", "b128 s4096 h128 sq2 var",
+        "b128 s8192 h128 sq1 var"])
+
+
 def test_every_committed_result_reads():
     files = [p for p in sorted(RESULTS.glob("*.json"))
              if isinstance(d := json.loads(p.read_text()), dict)
