@@ -16,11 +16,12 @@ then
     python scripts/mla_trace.py --summarize trace.npz ...  # again from saved slots (no GPU)
 
 Per shape it prints the means over the CTAs (and rounds) of: the launch spread (a CTA's entry
-after the first), the plan, the segments that wrote split partials, each segment's parts (Q wait, first KV wait, the body from Q to the
-epilogue, warpgroup 0's epilogue, warpgroup 1's wait for the first P), the CTA's end, and the
-grid's tail (the last CTA's end against the mean); the body's time per KV block; the combine
-kernel's start and end against the decode grid's end. "isolated": one call, synchronized before
-and after; "back-to-back": the last of 8 calls dispatched together (its decode slots only).
+after the first), the plan, the segments that wrote split partials, each segment's parts (Q
+wait, first KV wait, the body from Q to the epilogue, warpgroup 0's epilogue, warpgroup 1's wait
+for the first P), the CTA's end, and the grid's tail (the last CTA's end against the mean); the
+body's time per KV block; the combine kernel's start and end against the decode grid's end.
+"isolated": one call, synchronized before and after; "back-to-back": the last of 8 calls
+dispatched together (its decode slots only).
 A stamp after a store (the epilogue's end) marks when the stores were issued, not when they
 reached memory. The tracing build's own stores are a few per segment; its ptxas spills differ
 slightly from the default build's (40 / 60 B against 32 / 56), so time the default build for
@@ -42,6 +43,7 @@ CTAS, SLOTS, SEGS = 1024, 64, 6
 ENTRY, PLANNED, PRODUCER_DONE, WG0_END, WG1_END, NSEG, NBLK, SPLITS = range(8)
 Q_ISSUE, Q_FULL, FIRST_KV, LAST_S, EPI_START, EPI_END, WG1_FIRST_P, WG1_SEG_END = (
     8, 14, 20, 26, 32, 38, 44, 50)
+NO_COMBINE = np.array([-1, -1, -1, -1])  # the combine kernel's values where none were kept
 
 
 def library():
@@ -53,6 +55,9 @@ def library():
 
 def read(lib, ctas):
     raw = np.frombuffer(lib.mla_trace_read(), np.uint64)
+    if raw.size != CTAS * SLOTS + 4:  # g_trace in ffi/mla/mla_decode.cu
+        raise SystemExit(f"mla_trace: the library's trace holds {raw.size} values, this script "
+                         f"reads {CTAS * SLOTS + 4}: its slots (TraceSlot) changed")
     slots = raw[:CTAS * SLOTS].reshape(CTAS, SLOTS)[:ctas].astype(np.int64)
     return slots, raw[CTAS * SLOTS:].astype(np.int64)
 
@@ -78,7 +83,8 @@ def summarize(slots, combine):
     parts = {"Q issue -> Q full": (Q_ISSUE, Q_FULL), "Q full -> first KV": (Q_FULL, FIRST_KV),
              "body (Q full -> epilogue)": (Q_FULL, EPI_START),
              "last S -> epilogue": (LAST_S, EPI_START),
-             "WG0 epilogue": (EPI_START, EPI_END), "WG1 first P after Q full": (Q_FULL, WG1_FIRST_P),
+             "WG0 epilogue": (EPI_START, EPI_END),
+             "WG1 first P after Q full": (Q_FULL, WG1_FIRST_P),
              "WG1 end after WG0's": (EPI_END, WG1_SEG_END)}
     # [CTAs, SEGS]: the segments stamped (the kernel stamps the first SEGS of a CTA's)
     stamped = np.arange(SEGS)[None, :] < np.minimum(nseg, SEGS)[:, None]
@@ -96,7 +102,8 @@ def summarize(slots, combine):
         out["entry -> first Q full"] = us(slots[:, Q_FULL] - slots[:, ENTRY])
         last_epilogue = slots[np.arange(len(slots)), EPI_END + nseg - 1]
         out["last epilogue -> CTA end"] = us(ends - last_epilogue)
-    if combine[0] != -1 and combine[3] > 0:  # reset values: the kernel did not run (or was not kept)
+    # reset values (or NO_COMBINE): the combine kernel did not run, or its values were not kept
+    if combine[0] != -1 and combine[3] > 0:
         dec_end = ends.max()
         out["combine first start - decode end"] = float(combine[0] - dec_end) / 1e3
         out["combine first after wait - decode end"] = float(combine[1] - dec_end) / 1e3
@@ -122,8 +129,7 @@ def summarize_files(paths):
                 continue
             groups.setdefault(key.rsplit(" ", 1)[0], []).append(key)
         for name, keys in groups.items():
-            none = np.array([-1, -1, -1, -1])
-            runs = [summarize(z[k], z[k + " combine"] if k + " combine" in z.files else none)
+            runs = [summarize(z[k], z[k + " combine"] if k + " combine" in z.files else NO_COMBINE)
                     for k in keys]
             report(f"{path}: {name} ({len(runs)} calls, us)", runs)
 
@@ -155,6 +161,7 @@ def main():
         for _ in range(3):
             jax.block_until_ready(fn(q, kv, table, lens))
         name = f"b{b} s_k{s_k} h{h} sq{sq}{' var' if var else ''}"
+        reports = []
         for mode in ("isolated", "back-to-back"):
             runs = []
             for r in range(args.rounds):
@@ -169,12 +176,14 @@ def main():
                 if mode == "isolated":  # (over 8 calls the atomics mix the calls)
                     raw[f"{name} {mode} {r} combine"] = combine
                 else:
-                    combine = np.array([-1, -1, -1, -1])
+                    combine = NO_COMBINE
                 runs.append(summarize(slots, combine))
-            report(f"{name} ({mode}, {parts} parts per head tile, {ctas} CTAs; means of "
-                   f"{args.rounds} calls, us)", runs)
-    if args.npz:
-        np.savez_compressed(args.npz, **raw)
+            reports.append((f"{name} ({mode}, {parts} parts per head tile, {ctas} CTAs; means of "
+                            f"{args.rounds} calls, us)", runs))
+        if args.npz:  # the slots so far, before printing (a reader that stops early, `| head`,
+            np.savez_compressed(args.npz, **raw)  # ends the script at its next print)
+        for title, runs in reports:
+            report(title, runs)
 
 
 if __name__ == "__main__":

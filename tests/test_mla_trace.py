@@ -85,3 +85,21 @@ def test_summarize_saved_traces(tmp_path, capsys):
     assert "b2 s_k64 h16 sq1 isolated (1 calls, us)" in text
     assert "b2 s_k64 h16 sq1 back-to-back (1 calls, us)" in text
     assert "WG0 epilogue (per segment)" in text
+
+
+def test_read_checks_the_library_trace_size():
+    """read(): the library's g_trace as [CTAs, slots] (the first `ctas` rows) and the combine
+    kernel's four values; a trace of another size (the kernel's slots changed, the script's
+    constants not) is refused instead of misread."""
+    class TracingBuild:  # stands in for jax_ds._C built with -DJAX_DS_MLA_TRACE
+        def __init__(self, n):
+            self.raw = np.arange(n, dtype=np.uint64)
+
+        def mla_trace_read(self):
+            return self.raw.tobytes()
+
+    slots, combine = m.read(TracingBuild(m.CTAS * m.SLOTS + 4), 3)
+    assert slots.shape == (3, m.SLOTS) and slots[1, 0] == m.SLOTS
+    assert combine.tolist() == [m.CTAS * m.SLOTS + i for i in range(4)]
+    with pytest.raises(SystemExit, match="its slots"):
+        m.read(TracingBuild(m.CTAS * m.SLOTS * 2 + 4), 3)
