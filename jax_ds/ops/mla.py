@@ -341,7 +341,7 @@ FUSE_MAX_SPLITS = 0
 # batch (Sq 1) with tiles of 64 query rows (Hq >= 64), whose split batches write 128 KB of f32
 # partials a piece that the combine kernel reads back (~22 us after the decode grid at b128 s_k
 # 4096 h128 on the H100). Measured on the H100 (2026-12-07, benchmarks/NOTES-mla.md), 8% against
-# none at b128 h128: Sq1 s_k 4096 +5%, 8192 +0-3%; Sq2 (not taken) 4096 -2%, 8192 -0-3%.
+# none at b128 h128: Sq1 s_k 4096 +4-6%, 8192 +0-6%; Sq2 (not taken) 4096 -1-2%, 8192 -1-3%.
 ALIGN_SLACK_PCT = 8
 
 
