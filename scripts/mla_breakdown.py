@@ -42,11 +42,11 @@ def main(argv):
     for i, (b, s_k, h, sq, var) in enumerate(shapes):
         args, lens = inputs(i, b, s_k, h, sq, var)
         nbytes, flops = traffic(lens, b, h, sq)
-        for p in (mla._num_parts(h * sq) if p is None else p for p in parts):
-            # mla_decode's call with its default scale, cost and slack, at `p` parts per head tile
+        plan = mla.kernel_plan(sq, h)
+        for p in (plan["num_parts"] if p is None else p for p in parts):
+            # mla_decode's call with its default scale and plan, at `p` parts per head tile
             fn = jax.jit(functools.partial(mla.ffi_mla_decode, scale=mla.HEAD_DIM_QK ** -0.5,
-                                           causal=True, num_parts=p, fixed_cost=mla.FIXED_COST,
-                                           align_slack_pct=mla._align_slack_pct(sq, h)))
+                                           causal=True, **{**plan, "num_parts": p}))
             t = _timing.time_jax(fn, [args], budget_s=0.2, repeats=3)
             ks = kernel_times(fn, args)
             print(f"b{b} s_k{s_k} h{h} sq{sq}{' var' if var else ''} parts "

@@ -38,7 +38,7 @@ from jax_ds import _ffi
 from jax_ds.bench.mla import inputs
 from jax_ds.ops import mla
 
-# the kernel's slots (TraceSlot in ffi/mla/mla_decode.cu)
+# the kernel's slots (TraceSlot in ffi/mla/mla_decode.cu; tests/test_mla_trace.py compares them)
 CTAS, SLOTS, SEGS = 1024, 64, 6
 ENTRY, PLANNED, PRODUCER_DONE, WG0_END, WG1_END, NSEG, NBLK, SPLITS = range(8)
 Q_ISSUE, Q_FULL, FIRST_KV, LAST_S, EPI_START, EPI_END, WG1_FIRST_P, WG1_SEG_END = (
@@ -153,7 +153,7 @@ def main():
     raw = {}
     for i, (b, s_k, h, sq, var) in enumerate(shapes):
         (q, kv, table, lens), _ = inputs(i, b, s_k, h, sq, var)
-        parts = mla._num_parts(h * sq)
+        parts = mla.kernel_plan(sq, h)["num_parts"]
         ctas = -(-h * sq // 64) * parts
         if ctas > CTAS:
             raise SystemExit(f"mla_trace: {ctas} CTAs, the trace keeps {CTAS}")

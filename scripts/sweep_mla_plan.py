@@ -46,8 +46,8 @@ for s_k in args.s_k:
             for varlen in (False, True):
                 arg, lens = inputs(0, 128, s_k, h_q, s_q, varlen)
                 nbytes, flops = traffic(lens, 128, h_q, s_q)
-                default_parts = mla._num_parts(s_q * h_q)
-                fuse = mla.FUSE_MAX_SPLITS
+                plan = mla.kernel_plan(s_q, h_q)
+                default_parts, fuse = plan["num_parts"], plan["fuse_max_splits"]
                 variants = {f"cost{c}": (default_parts, c, fuse) for c in args.costs}
                 variants.update({f"parts{p}": (p, mla.FIXED_COST, fuse) for p in args.parts})
                 variants.update({f"fuse{f}": (default_parts, mla.FIXED_COST, f)
@@ -55,8 +55,7 @@ for s_k in args.s_k:
                 fns = {key: jax.jit(functools.partial(mla.ffi_mla_decode, scale=SCALE,
                                                       causal=True, num_parts=parts,
                                                       fixed_cost=cost, fuse_max_splits=f,
-                                                      align_slack_pct=mla._align_slack_pct(
-                                                          s_q, h_q)))
+                                                      align_slack_pct=plan["align_slack_pct"]))
                        for key, (parts, cost, f) in variants.items()}
                 times = {k: [] for k in variants}
                 for _ in range(args.rounds):

@@ -301,6 +301,21 @@ def test_plan_payload():
     assert plan_payload([10, 20, 30], 4, 2, 100) == (17, 66)     # unequal: never rounded
 
 
+def test_kernel_plan():
+    """The plan mla_decode hands the kernel: one wave of parts per 64-row head tile, the slack for
+    Sq 1 with Hq >= 64 only, the module's fixed cost and fused-merge bound."""
+    plan = mla_mod.kernel_plan
+    common = dict(fixed_cost=mla_mod.FIXED_COST, fuse_max_splits=mla_mod.FUSE_MAX_SPLITS)
+    slack = mla_mod.ALIGN_SLACK_PCT
+    assert plan(1, 128, 132) == dict(num_parts=66, align_slack_pct=slack, **common)
+    assert plan(2, 128, 132) == dict(num_parts=33, align_slack_pct=0, **common)   # 4 tiles
+    assert plan(1, 64, 132) == dict(num_parts=132, align_slack_pct=slack, **common)
+    assert plan(1, 16, 132) == dict(num_parts=132, align_slack_pct=0, **common)
+    assert plan(2, 16, 132) == dict(num_parts=132, align_slack_pct=0, **common)   # 32 rows
+    assert plan(3, 128, 132)["num_parts"] == 22                  # 384 rows: 6 tiles
+    assert plan(1, 128, 1)["num_parts"] == 1                     # never 0
+
+
 def _flashmla_fp8_rows(rows):
     """numpy statement of FlashMLA's FP8 cache row (its tests' quantize_k_cache, V32 layout):
     per 128 latent values scale = 2 ** ceil(log2(max(amax / 448, 1e-4))), e4m3(x / scale); the

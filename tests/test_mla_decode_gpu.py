@@ -201,13 +201,14 @@ def test_kernel_growing_scores(softmax_scale, max_len):
 def test_kernel_equal_block_counts(b, sq, hq, blocks, cuts):
     """Every sequence with the same block count (lengths differ inside the last block): the plan
     then cuts at batch boundaries where that costs at most one batch's fixed cost or the slack
-    (mla._align_slack_pct; some parts get no batch), and splits batches as usual where it does
+    (mla.kernel_plan; some parts get no batch), and splits batches as usual where it does
     not; `cuts` says which the case takes on 132 SMs at mla.FIXED_COST and mla.ALIGN_SLACK_PCT
     (checked there, so a new default cannot leave a path untested)."""
     from jax_ds.ops import mla
     if _ffi.num_sms() == 132:
-        payload, _ = mla.plan_payload(np.full(b, blocks), mla._num_parts(sq * hq),
-                                      align_slack_pct=mla._align_slack_pct(sq, hq))
+        plan = mla.kernel_plan(sq, hq)
+        payload, _ = mla.plan_payload(np.full(b, blocks), plan["num_parts"],
+                                      align_slack_pct=plan["align_slack_pct"])
         assert (payload % (blocks + mla.FIXED_COST) == 0) == cuts  # every cut between batches
     rng = np.random.default_rng(b + blocks)
     lens = np.maximum(blocks * 64 - rng.integers(0, 64, b), 0) if blocks else np.zeros(b, int)

@@ -103,3 +103,26 @@ def test_read_checks_the_library_trace_size():
     assert combine.tolist() == [m.CTAS * m.SLOTS + i for i in range(4)]
     with pytest.raises(SystemExit, match="its slots"):
         m.read(TracingBuild(m.CTAS * m.SLOTS * 2 + 4), 3)
+
+
+def test_slot_constants_match_the_kernel():
+    """The script's slot numbers are the kernel's TraceSlot enum and trace sizes, read from
+    ffi/mla/mla_decode.cu (a slot moved there and not here would misread every trace)."""
+    import re
+    root = pathlib.Path(__file__).resolve().parents[1]
+    src = (root / "ffi" / "mla" / "mla_decode.cu").read_text()
+    sizes = re.search(r"kTraceCtas = (\d+), kTraceSlots = (\d+), kTraceSegs = (\d+);", src)
+    assert sizes, "ffi/mla/mla_decode.cu: the trace sizes' line moved"
+    assert tuple(int(x) for x in sizes.groups()) == (m.CTAS, m.SLOTS, m.SEGS)
+    body = re.search(r"enum TraceSlot \{(.*?)\};", src, re.S)
+    assert body, "ffi/mla/mla_decode.cu: no TraceSlot enum"
+    slots = {name: int(v) for name, v in re.findall(r"(kTr\w+) = (\d+)", body.group(1))}
+    ours = dict(kTrEntry=m.ENTRY, kTrPlanned=m.PLANNED, kTrProducerDone=m.PRODUCER_DONE,
+                kTrWg0End=m.WG0_END, kTrWg1End=m.WG1_END, kTrSegments=m.NSEG, kTrBlocks=m.NBLK,
+                kTrSplitMask=m.SPLITS, kTrQIssue=m.Q_ISSUE, kTrQFull=m.Q_FULL,
+                kTrFirstKv=m.FIRST_KV, kTrLastS=m.LAST_S, kTrEpiStart=m.EPI_START,
+                kTrEpiEnd=m.EPI_END, kTrWg1FirstP=m.WG1_FIRST_P, kTrWg1SegEnd=m.WG1_SEG_END)
+    assert slots == ours
+    per_segment = sorted(v for k, v in slots.items() if v >= m.Q_ISSUE)
+    assert all(b - a == m.SEGS for a, b in zip(per_segment, per_segment[1:]))  # no overlap
+    assert per_segment[-1] + m.SEGS <= m.SLOTS

@@ -512,7 +512,8 @@ def grouped_matmul(x, w, sizes, *, transpose_w: bool = False, windows: bool | No
 
     weight_copies=False (with windows): the windows one after another (jax.lax.map), each
     against its group's weight in place: no [windows, N, K] buffer, for any size (the FP8
-    grouped reference, `grouped_fp8_gemm_reference`).
+    grouped reference, `grouped_fp8_gemm_reference`). The ragged dot copies no weight, so the
+    flag changes nothing there.
     """
     m, g = x.shape[0], w.shape[0]
     n, k = (w.shape[2], w.shape[1]) if transpose_w else (w.shape[1], w.shape[2])

@@ -345,8 +345,16 @@ FUSE_MAX_SPLITS = 0
 ALIGN_SLACK_PCT = 8
 
 
-def _align_slack_pct(sq, hq):
-    return ALIGN_SLACK_PCT if sq == 1 and hq >= 64 else 0
+def kernel_plan(sq, hq, num_sms=None):
+    """The plan arguments `mla_decode` passes to `ffi_mla_decode` for Sq query tokens and Hq heads
+    on a GPU of `num_sms` SMs (None: the default device's), as a dict: num_parts (parts per head
+    tile of 64 query rows: one wave over the SMs), fixed_cost, fuse_max_splits and
+    align_slack_pct (ALIGN_SLACK_PCT for Sq 1 with Hq >= 64, else 0). Scripts that time or sweep
+    the plan start from it."""
+    sms = _ffi.num_sms() if num_sms is None else num_sms
+    return dict(num_parts=max(1, sms // cdiv(sq * hq, 64)), fixed_cost=FIXED_COST,
+                fuse_max_splits=FUSE_MAX_SPLITS,
+                align_slack_pct=ALIGN_SLACK_PCT if sq == 1 and hq >= 64 else 0)
 
 
 def plan_payload(block_counts, num_parts, fixed_cost=FIXED_COST, align_slack_pct=0):
@@ -364,11 +372,6 @@ def plan_payload(block_counts, num_parts, fixed_cost=FIXED_COST, align_slack_pct
         if aligned - payload <= max(fixed_cost, payload * align_slack_pct // 100):
             payload = aligned
     return payload, total
-
-
-def _num_parts(rows):
-    """Persistent parts per head tile (of 64 query rows): one wave over the SMs."""
-    return max(1, _ffi.num_sms() // cdiv(rows, 64))
 
 
 def mla_decode(q, kv_cache, block_table, cache_seqlens, *, softmax_scale=None, causal=True,
@@ -422,8 +425,7 @@ def mla_decode(q, kv_cache, block_table, cache_seqlens, *, softmax_scale=None, c
         return _reference(q, kv_cache, block_table, cache_seqlens, np.float32(scale),
                           bool(causal), HEAD_DIM_V, _chunk_blocks(q, kv_cache, block_table))
     return ffi_mla_decode(q, kv_cache, block_table, cache_seqlens, scale, causal,
-                          _num_parts(sq * hq), FIXED_COST, FUSE_MAX_SPLITS,
-                          _align_slack_pct(sq, hq))
+                          **kernel_plan(sq, hq))
 
 
 def ffi_mla_decode(q, kv_cache, block_table, cache_seqlens, scale, causal, num_parts,
