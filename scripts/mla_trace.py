@@ -107,6 +107,8 @@ def summarize(slots, combine):
         dec_end = ends.max()
         out["combine first start - decode end"] = float(combine[0] - dec_end) / 1e3
         out["combine first after wait - decode end"] = float(combine[1] - dec_end) / 1e3
+        # its last CTA to get an SM: a grid of many small CTAs is still being scheduled then
+        out["combine last after wait - decode end"] = float(combine[2] - dec_end) / 1e3
         out["combine last end - decode end"] = float(combine[3] - dec_end) / 1e3
     return out
 

@@ -63,6 +63,7 @@ def test_summary_of_a_synthetic_trace():
     assert out["tail (last end - mean end)"] == pytest.approx(
         (max(ends) - np.mean(ends)) / 1e3)
     assert out["combine first after wait - decode end"] == pytest.approx(0.8)
+    assert out["combine last after wait - decode end"] == pytest.approx(0.9)
     assert out["combine last end - decode end"] == pytest.approx(20.0)
 
 
