@@ -124,6 +124,24 @@ def test_loss_params_and_input_grads():
         assert calc_diff(out.input_grads, g_inputs) < 1e-12
 
 
+def test_bfloat16_everywhere():
+    """A bf16 model, head and loss on pipe x data: the loss, the head's and the inputs'
+    gradients (the sums over the pipe axis; XLA:CPU aborted compiling them in bf16) come back
+    in bf16 and match the float32 run."""
+    schedule = make_schedule("1f1b", 2, 4)
+    mesh = make_mesh(pipe=2, data=4)
+    params, batch, head = mlp_problem(2, 4, jnp.bfloat16, seed=2)
+    out = execute(schedule, mlp_stage, params, split_batch(batch, mesh, DATA), head_mse, mesh,
+                  loss_params=head, input_grads=True)
+    f32 = jax.tree.map(lambda a: a.astype(jnp.float32), (params, batch, head))
+    ref = execute(schedule, mlp_stage, f32[0], split_batch(f32[1], mesh, DATA), head_mse, mesh,
+                  loss_params=f32[2], input_grads=True)
+    for got, want in ((out.loss, ref.loss), (out.grads, ref.grads),
+                      (out.loss_grads, ref.loss_grads), (out.input_grads, ref.input_grads)):
+        assert all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(got))
+        assert_close(jax.tree.map(lambda a: a.astype(jnp.float32), got), want, 1e-3)
+
+
 def test_integer_loss_parameters():
     """loss_params may hold integer leaves (which output columns the loss reads, say): zero
     gradients of their own dtype, the float leaves their exact ones."""

@@ -546,6 +546,22 @@ def test_odd_leaves_round_trip(tmp_path):
     assert got["x"].sharding.spec == P("expert", "data")
 
 
+def test_wide_integers_never_wrap_around(tmp_path):
+    """int64 numpy leaves (x64 off: JAX holds them as int32) restore into a target as int32
+    when every value fits, and raise naming the leaf when one does not; without a target they
+    come back as saved."""
+    fits = {"k": np.array([7, -(2 ** 31)], np.int64)}
+    wide = {"k": np.array([2 ** 40, -1], np.int64)}
+    with CheckpointManager(tmp_path / "c", backend="posix", async_save=False) as mngr:
+        mngr.save(1, fits)
+        mngr.save(2, wide, force=True)
+        got = mngr.restore(1, target=fits).state["k"]
+        assert got.dtype == jnp.int32 and np.asarray(got).tolist() == [7, -(2 ** 31)]
+        with pytest.raises(ValueError, match=r"\['k'\].*int64.*do not fit"):
+            mngr.restore(2, target=wide)
+        assert np.asarray(mngr.restore(2).state["k"]).tolist() == [2 ** 40, -1]
+
+
 def _nested_state():
     rng = np.random.default_rng(1)
     return {"model": {"layers": [{"w": jnp.asarray(rng.standard_normal((4, 3)), jnp.float32)},

@@ -202,6 +202,11 @@ class CheckpointManager:
         target_mesh: place every array on this mesh (same PartitionSpecs, any axis sizes):
           a checkpoint saved at expert=8 restores at expert=4 or on one device.
 
+        A target leaf gets JAX's form of its dtype: with jax_enable_x64 off, a leaf saved as
+        int64 comes back as int32. The shard backends (posix, usrbio) raise a ValueError naming
+        the leaf when a saved value does not fit; with backend="orbax", Orbax's cast wraps it
+        around without an error.
+
         Raises `CorruptCheckpointError` (shard backends) naming the file when a shard file is
         missing, truncated or fails its checksum.
         """

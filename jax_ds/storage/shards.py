@@ -125,6 +125,21 @@ def _host_view(data) -> np.ndarray:
     return np.array(data, copy=True)   # a numpy leaf may be changed in place after save()
 
 
+def _cast(array, dtype, key):
+    """`array` (as saved) in the dtype a target leaf gets on the device: JAX's canonical form of
+    `dtype` (int64 is int32 while jax_enable_x64 is off). An integer value that the narrower
+    type cannot hold raises instead of wrapping around."""
+    want = np.dtype(jax.dtypes.canonicalize_dtype(dtype))
+    out = array.astype(want, copy=False)
+    if (np.issubdtype(array.dtype, np.integer) and np.issubdtype(want, np.integer)
+            and not np.can_cast(array.dtype, want) and not np.array_equal(out, array)):
+        raise ValueError(f"checkpoint {key}: saved as {array.dtype.name}, restored as "
+                         f"{want.name}, and some values do not fit (jax_enable_x64 is off: JAX "
+                         f"holds 64-bit integers as 32-bit); restore without a target for the "
+                         f"saved values, or enable x64")
+    return out
+
+
 class ShardHandler(ocp.AsyncCheckpointHandler):
     """Saves and restores a pytree of arrays as raw shard files through a `threefs` backend."""
 
@@ -334,10 +349,11 @@ class ShardHandler(ocp.AsyncCheckpointHandler):
         puts = [{} for _ in plans]  # per leaf: {device: single-device array}
         data = {}
 
+        keys = [jax.tree_util.keystr(path) for path, _ in leaves]
+
         def on_shard(entry, shard, array):
             for i, device in exact.get(_key(shard), ()):
-                puts[i][device] = jax.device_put(
-                    array.astype(plans[i][1].dtype, copy=False), device)
+                puts[i][device] = jax.device_put(_cast(array, plans[i][1].dtype, keys[i]), device)
             if _key(shard) in keep:
                 data[_key(shard)] = array
 
@@ -348,7 +364,7 @@ class ShardHandler(ocp.AsyncCheckpointHandler):
             entry, t, _ = plans[i]
             index = tuple(slice(a, b) for a, b in zip(*box))
             puts[i][device] = jax.device_put(
-                _assemble(entry, data, index).astype(t.dtype, copy=False), device)
+                _cast(_assemble(entry, data, index), t.dtype, keys[i]), device)
 
         with self._pool() as pool:
             list(pool.map(assemble_one, assembled))

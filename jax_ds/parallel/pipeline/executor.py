@@ -194,11 +194,22 @@ def _body(tables: Tables, stage_fn, loss_fn, num_mb: int, axis: str, input_grads
         # The loss (and its parameters' and inputs' gradients) live on the ranks holding the
         # last (first) stage, zeros elsewhere: a sum over the pipe axis gathers them.
         if input_grads:
-            dxs = jax.lax.psum(jax.tree.map(lambda a: a[:num_mb], dxs), axis)
-        return (jax.lax.psum(loss, axis), jax.tree.map(lambda g: g[None], grads),
-                jax.lax.psum(lp_grads, axis), dxs)
+            dxs = _psum(jax.tree.map(lambda a: a[:num_mb], dxs), axis)
+        return (_psum(loss, axis), jax.tree.map(lambda g: g[None], grads),
+                _psum(lp_grads, axis), dxs)
 
     return body
+
+
+def _psum(tree, axis):
+    """psum over `axis`, with 16-bit floats summed in float32 and cast back (one rank holds each
+    value, zeros the others: the same result). XLA:CPU (jax 0.12) aborts the process compiling
+    a bf16 all-reduce inside a shard_map manual over some mesh axes only."""
+    def one(a):
+        if jnp.issubdtype(a.dtype, jnp.floating) and jnp.dtype(a.dtype).itemsize < 4:
+            return jax.lax.psum(a.astype(jnp.float32), axis).astype(a.dtype)
+        return jax.lax.psum(a, axis)
+    return jax.tree.map(one, tree)
 
 
 @functools.lru_cache(maxsize=64)
