@@ -103,3 +103,24 @@ def test_load_failure_is_recorded(monkeypatch):
     status = _ffi._load()
     assert status.built and not status.loaded
     assert "RuntimeError: no CUDA driver" in status.error
+
+
+def test_package_surface():
+    """`import jax_ds` alone reaches every name DESIGN.md lists: the ops at the top, the model,
+    parallel and storage packages (and parallel's eplb / pipeline modules) on first use, without
+    importing Flax or Orbax before then (checked in a fresh interpreter)."""
+    import subprocess
+    import sys
+    code = ("import sys, jax_ds\n"
+            "assert 'flax' not in sys.modules and 'orbax' not in sys.modules\n"
+            "assert set(jax_ds.ops.__all__) <= set(jax_ds.__all__)\n"
+            "for name in jax_ds.__all__: getattr(jax_ds, name)\n"
+            "jax_ds.parallel.eplb.rebalance_experts, jax_ds.parallel.pipeline.run\n"
+            "jax_ds.parallel.pipeline.dualpipe, jax_ds.storage.CheckpointManager\n"
+            "jax_ds.models.load_hf_checkpoint, jax_ds.parallel.expert.ep_dispatch\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    import jax_ds
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        jax_ds.nope
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        jax_ds.parallel.nope
