@@ -86,12 +86,13 @@ def split_corpus(data: bytes, val_fraction: float = 0.05) -> tuple[np.ndarray, n
 def batches(tokens: np.ndarray, batch_size: int, seq_len: int, *, seed: int = 0
             ) -> Iterator[np.ndarray]:
     """Endless random windows: int32 [batch_size, seq_len + 1] (inputs and shifted targets)."""
-    if len(tokens) <= seq_len + 1:
-        raise ValueError(f"corpus of {len(tokens)} tokens is too short for seq_len={seq_len}")
+    if len(tokens) < seq_len + 1:
+        raise ValueError(f"corpus of {len(tokens)} tokens is too short for seq_len={seq_len} "
+                         f"(a window is seq_len + 1 tokens)")
     rng = np.random.default_rng(seed)
     offsets = np.arange(seq_len + 1)
-    while True:
-        starts = rng.integers(0, len(tokens) - seq_len - 1, size=batch_size)
+    while True:  # every start whose window fits: [0, len - seq_len - 1]
+        starts = rng.integers(0, len(tokens) - seq_len, size=batch_size)
         yield tokens[starts[:, None] + offsets].astype(np.int32)
 
 

@@ -7,6 +7,8 @@ path every op takes under impl="auto".
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 
 import jax
@@ -58,8 +60,18 @@ def collect() -> dict:
     }
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m jax_ds.info",
+        description="jax/jaxlib versions, backend and devices, whether jax_ds's CUDA library "
+                    "loaded (and its FFI API against jaxlib's), and which path each op takes "
+                    'under impl="auto".')
+    parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    args = parser.parse_args(argv)
     info = collect()
+    if args.json:
+        print(json.dumps(info, indent=1, default=str))
+        return
     devices = info["devices"]
     shown = ", ".join(devices[:4]) + (", ..." if len(devices) > 4 else "")
     print(f"jax-ds {info['jax_ds']}   jax {info['jax']}   jaxlib {info['jaxlib']}")

@@ -78,8 +78,8 @@ def test_sample_top_k_and_top_p_cut_the_distribution():
 
 def test_zero_new_tokens_and_bad_arguments(model):
     assert generate(model, [[1], [2, 3]], 0) == [[], []]
-    with pytest.raises(ValueError, match=r"prompt 1: token ids must lie in \[0, vocab_size = "
-                                         r"256\), got min 0, max 256"):
+    with pytest.raises(ValueError, match=r"^generate: prompt 1: token ids must lie in \[0, "
+                                         r"vocab_size = 256\), got min 0, max 256"):
         generate(model, [[1], [0, 256]], 2)
     with pytest.raises(ValueError, match=r"prompt 0: tokens must be \[B, T\] with B, T >= 1, "
                                          r"got shape \(1, 0\)"):

@@ -1,6 +1,7 @@
 """jax_ds.info and the library status in _ffi, on a machine without the CUDA kernels."""
 
 import importlib.machinery
+import json
 import subprocess
 import sys
 import types
@@ -19,6 +20,10 @@ def test_info_module_runs():
     assert "XLA FFI API" in out
     for op in ("quantize_fp8", "fp8_gemm", "fp8_linear"):
         assert op in out
+    report = json.loads(subprocess.run([sys.executable, "-m", "jax_ds.info", "--json"],
+                                       capture_output=True, text=True, check=True,
+                                       timeout=120).stdout)
+    assert report["jax"] == jax.__version__ and "fp8_gemm" in report["ops"]
 
 
 def test_collect_reports_every_op():

@@ -323,3 +323,16 @@ def test_microbatches_must_divide_the_batch(microbatches, match):
     optimizer = nnx.Optimizer(model, optax.sgd(1.0), wrt=nnx.Param)
     with pytest.raises(ValueError, match=match):
         train_step(model, optimizer, jnp.zeros((4, 9), jnp.int32), microbatches=microbatches)
+
+
+def test_batches_draw_every_window():
+    """data.batches: windows of seq_len + 1 tokens from every start that fits (the corpus's last
+    token is a target too); a corpus of exactly one window is enough, one token less is not."""
+    tokens = np.arange(10, dtype=np.uint8)
+    gen = data.batches(tokens, 64, 5, seed=1)
+    starts = {int(s) for _ in range(20) for s in next(gen)[:, 0]}
+    assert starts == set(range(5))   # 0 .. len - seq_len - 1
+    one = next(data.batches(tokens, 2, 9))
+    assert one.dtype == np.int32 and one.tolist() == [list(range(10))] * 2
+    with pytest.raises(ValueError, match="too short for seq_len=10"):
+        next(data.batches(tokens, 2, 10))

@@ -65,7 +65,8 @@ def test_bf16_model_decodes_on_cpu():
 
 def test_tokens_are_checked():
     model = Transformer(DeepSeekConfig.tiny(), rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match=r"token ids must lie in \[0, vocab_size = 256\)"):
+    with pytest.raises(ValueError, match=r"^Transformer.forward: token ids must lie in \[0, "
+                                         r"vocab_size = 256\)"):
         model(jnp.array([[256, 3]]))
     with pytest.raises(TypeError, match="tokens must hold integer ids, got dtype float32"):
         model(jnp.array([[1.0, 3.0]]))

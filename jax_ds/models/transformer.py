@@ -113,27 +113,28 @@ class Transformer(nnx.Module):
 
     def _check_tokens(self, op: str, tokens_BT) -> tuple[int, int]:
         """tokens must be an integer [B, T] array, B, T >= 1, ids in [0, vocab_size) (checked
-        when concrete; traced ids outside it are clamped by the gather, as jnp indexing does)."""
+        when concrete; traced ids outside it are clamped by the gather, as jnp indexing does).
+        `op` begins each error message ("Transformer.forward", "generate: prompt 2")."""
         if not hasattr(tokens_BT, "shape") or not hasattr(tokens_BT, "dtype"):
-            raise TypeError(f"Transformer.{op}: tokens must be an integer array [B, T], got "
+            raise TypeError(f"{op}: tokens must be an integer array [B, T], got "
                             f"{type(tokens_BT).__name__}")
         if len(tokens_BT.shape) != 2 or min(tokens_BT.shape) < 1:
-            raise ValueError(f"Transformer.{op}: tokens must be [B, T] with B, T >= 1, got shape "
+            raise ValueError(f"{op}: tokens must be [B, T] with B, T >= 1, got shape "
                              f"{tuple(tokens_BT.shape)}")
         if not jnp.issubdtype(tokens_BT.dtype, jnp.integer):
-            raise TypeError(f"Transformer.{op}: tokens must hold integer ids, got dtype "
+            raise TypeError(f"{op}: tokens must hold integer ids, got dtype "
                             f"{np.dtype(tokens_BT.dtype).name}")
         ids = concrete(tokens_BT)
         if ids is not None:
             v = self.cfg.vocab_size
             if ids.min() < 0 or ids.max() >= v:
-                raise ValueError(f"Transformer.{op}: token ids must lie in [0, vocab_size = {v}), "
+                raise ValueError(f"{op}: token ids must lie in [0, vocab_size = {v}), "
                                  f"got min {ids.min()}, max {ids.max()}")
         return tuple(tokens_BT.shape)
 
     def forward(self, tokens_BT, positions_BT=None):
         """tokens [B, T] int -> (logits [B, T, V] float32, ModelAux)."""
-        b, t = self._check_tokens("forward", tokens_BT)
+        b, t = self._check_tokens("Transformer.forward", tokens_BT)
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         elif tuple(getattr(positions_BT, "shape", ())) != (b, t):
@@ -188,7 +189,7 @@ class Transformer(nnx.Module):
         (eagerly too: no error is raised; the logits of tokens whose rows were dropped are then
         meaningless).
         """
-        b, t = self._check_tokens("decode", tokens_BT)
+        b, t = self._check_tokens("Transformer.decode", tokens_BT)
         seqs_B = jnp.asarray(seqs_B, jnp.int32)
         if seqs_B.shape != (b,):
             raise ValueError(f"Transformer.decode: seqs must be [B] = ({b},) cache slots, one per "
