@@ -25,8 +25,9 @@ Prints a line per kernel whose mangled name matches --kernels:
   machine code (both instruction words of every instruction), and a closing count: which kernels
   a source change touched. With --loops too, whether the two steady loops hold the same opcodes
   in the same order (registers aside) and, where not, difflib's similarity ratio of the two
-  opcode sequences: whether a change elsewhere in a kernel reached its hot loop. Names are the mangled ones, parameters included (a kernel whose
-  parameter list changed is "absent" there), anonymous namespaces' per-build hashes left out.
+  opcode sequences: whether a change elsewhere in a kernel reached its hot loop. Names are the
+  mangled ones, parameters included (a kernel whose parameter list changed is "absent" there),
+  anonymous namespaces' per-build hashes left out.
 cuobjdump as in scripts/ffma_yield.py ($CUOBJDUMP, PATH, CUDA's bin).
 """
 

@@ -47,10 +47,11 @@ for s_k in args.s_k:
                 arg, lens = inputs(0, 128, s_k, h_q, s_q, varlen)
                 nbytes, flops = traffic(lens, 128, h_q, s_q)
                 plan = mla.kernel_plan(s_q, h_q)
-                default_parts, fuse = plan["num_parts"], plan["fuse_max_splits"]
+                default_parts, cost0, fuse = (plan["num_parts"], plan["fixed_cost"],
+                                              plan["fuse_max_splits"])
                 variants = {f"cost{c}": (default_parts, c, fuse) for c in args.costs}
-                variants.update({f"parts{p}": (p, mla.FIXED_COST, fuse) for p in args.parts})
-                variants.update({f"fuse{f}": (default_parts, mla.FIXED_COST, f)
+                variants.update({f"parts{p}": (p, cost0, fuse) for p in args.parts})
+                variants.update({f"fuse{f}": (default_parts, cost0, f)
                                  for f in args.fuse})
                 fns = {key: jax.jit(functools.partial(mla.ffi_mla_decode, scale=SCALE,
                                                       causal=True, num_parts=parts,

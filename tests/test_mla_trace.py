@@ -69,7 +69,7 @@ def test_summary_of_a_synthetic_trace():
 
 def test_summary_without_the_combine_or_past_the_traced_segments():
     slots = np.stack([_cta(0, 2), _cta(0, m.SEGS + 1)])
-    out = m.summarize(slots, np.array([-1, -1, -1, -1]))  # not launched, or back-to-back calls
+    out = m.summarize(slots, m.NO_COMBINE)  # not launched, or back-to-back calls
     assert not any(k.startswith("combine") for k in out)
     assert "body per KV block" not in out  # a CTA ran segments the trace has no slots for
     assert out["WG0 epilogue (per segment)"] == pytest.approx(4.0)
@@ -79,7 +79,7 @@ def test_summarize_saved_traces(tmp_path, capsys):
     slots = np.stack([_cta(0, 2), _cta(100, 3)])
     path = tmp_path / "t.npz"
     np.savez(path, **{"b2 s_k64 h16 sq1 isolated 0": slots,
-                      "b2 s_k64 h16 sq1 isolated 0 combine": np.array([-1, -1, -1, -1]),
+                      "b2 s_k64 h16 sq1 isolated 0 combine": m.NO_COMBINE,
                       "b2 s_k64 h16 sq1 back-to-back 0": slots})
     mla_trace.summarize_files([str(path)])
     text = capsys.readouterr().out
